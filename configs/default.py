@@ -1,0 +1,109 @@
+"""Default configuration: DOLG R50 with the paper's recipe (Yang et al., ICCV 2021).
+
+Override configs (r50.py, r101.py, ablations, tiny.py, demo.py) start from `get_config()` here and
+change only what differs. Every field is documented where it is declared.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---------------------------------------------------------------- model (dolg_jax.models)
+  m = c.model = ml_collections.ConfigDict()
+  m.depth = 50                     # ResNet depth: 50 or 101 (pycls / torchvision v1.5 form).
+  m.width = 64                     # Stem width (64 for the standard ResNets; smaller for tiny configs).
+  m.stage_depths = ()              # Blocks per stage overriding `depth` (e.g. (1, 1, 1, 1) for tests).
+  m.local_stage = 'res3'           # Stage feeding the local branch: 'res3' | 'res4' | 'both'.
+  m.use_local_branch = True        # Ablation: False = global branch only.
+  m.use_multi_atrous = True        # Paper: True. Released checkpoints: False.
+  m.atrous_rates = (6, 12, 18)     # Dilations of the three 3x3 multi-atrous convolutions.
+  m.atrous_dim = 512               # Channels of each multi-atrous branch.
+  m.local_dim = 1024               # Channels of the local features f_l.
+  m.use_self_attention = True      # Ablation: False = local features are the multi-atrous output.
+  m.fusion = 'orthogonal'          # 'orthogonal' | 'concat' | 'hadamard'.
+  m.global_pool = 'gem'            # 'gem' | 'gap'.
+  m.gem_p = 3.0                    # GeM power (paper: 3, fixed).
+  m.gem_p_learnable = False        # Released code: learnable p (param `pool_g/p`, shape (1,)).
+  m.global_dim = 1024              # Width of f_g (Dense after pooling).
+  m.embedding_dim = 512            # Final descriptor width.
+  m.fusion_eps = 1e-6              # Added to |f_g|^2 in the orthogonal projection.
+  m.bn_momentum = 0.9              # Flax momentum (= torch momentum 0.1).
+  m.bn_epsilon = 1e-5
+
+  # ---------------------------------------------------------------- margin head (dolg_jax.models.margins)
+  h = c.head = ml_collections.ConfigDict()
+  h.type = 'arcface'               # 'arcface' (paper) | 'curricularface' (released code).
+  h.margin = 0.15
+  h.scale = 30.0
+  h.num_classes = 81313            # GLDv2-clean; overwritten from the dataset when they differ.
+  h.t_momentum = 0.01              # CurricularFace EMA momentum for t.
+
+  # ---------------------------------------------------------------- numerics
+  c.compute_dtype = 'bfloat16'     # Activations/matmuls; params, BN stats and the loss stay float32.
+
+  # ---------------------------------------------------------------- data (dolg_jax.data)
+  d = c.data = ml_collections.ConfigDict()
+  d.dataset = 'gldv2/clean'        # TFDS name/config.
+  d.data_dir = ''                  # TFDS data_dir holding the prepared dataset.
+  d.image_size = 512
+  d.crop_scale = (0.25, 1.0)       # Random-resized-crop area range.
+  d.crop_ratio = (3 / 4, 4 / 3)    # Random-resized-crop aspect range (aspect distortion).
+  d.random_flip = True
+  d.num_workers = 8                # grain worker processes per host (0 = in-process).
+  d.prefetch_buffer_size = 2
+  d.read_threads = 2               # Decode threads inside each worker (grain ReadOptions).
+  d.worker_buffer_size = 2         # Batches buffered per worker process.
+
+  # ---------------------------------------------------------------- training (dolg_jax.training)
+  t = c.train = ml_collections.ConfigDict()
+  t.global_batch_size = 128
+  t.grad_accum_steps = 1
+  t.num_epochs = 100
+  t.num_train_steps = -1           # -1: derived from num_epochs.
+  t.base_learning_rate = 0.05      # Per 128 images; scaled linearly with the global batch.
+  t.warmup_epochs = 5
+  t.momentum = 0.9
+  t.nesterov = False
+  t.weight_decay = 1e-4
+  t.weight_decay_mask = 'all'      # 'all' (pycls reference) | 'kernels' (no BN/bias/GeM p).
+  t.bn_mode = 'global'             # BN stats: 'global' batch | 'per_device' (reference: per GPU).
+  t.log_every_steps = 50
+  t.checkpoint_every_steps = 1000
+  t.keep_checkpoints = 3
+  t.async_checkpointing = True
+  t.preemption_sync_every_steps = 10  # Multi-process: how often SIGTERM flags are OR-reduced.
+  t.eval_every_steps = 5000        # Validation accuracy (0 = never); also at the last step.
+  t.eval_retrieval = False         # Also run dolg_jax.eval (retrieval mAP, config.eval) then.
+  t.backbone_init = ''             # ImageNet backbone checkpoint (pycls .pyth / torchvision .pth).
+  t.deterministic = False          # GPU: XLA deterministic ops (slower; see training/determinism.py).
+  t.init_on_one_device = True      # Init on one device then reshard (False: jit(init, out_shardings)).
+
+  # ---------------------------------------------------------------- mesh (dolg_jax.sharding)
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # Data-parallel axis size (-1: all devices / model).
+  c.mesh.model = 1                 # Splits the margin head's class dimension.
+
+  # ---------------------------------------------------------------- evaluation (dolg_jax.eval)
+  e = c.eval = ml_collections.ConfigDict()
+  e.datasets = ('roxford5k', 'rparis6k')
+  e.data_dir = ''
+  e.scales = (0.7071, 1.0, 1.4142)
+  e.max_side = 0                   # Long-side cap before scaling (0 = none; DELG: 1024).
+  e.use_distractors = False        # Add revisitop1m.
+  e.batch_size = 16
+  e.crop_rounding = 'trunc'        # Query box -> pixels: 'trunc' (official int()) | 'round' | 'expand'.
+  e.bucket = 32                    # Snap scaled sides to multiples of this (bounds compiles); 0 = exact.
+  e.compute_dtype = 'float32'      # Extraction dtype for our checkpoints ('bfloat16' is faster).
+  e.distractors = 'revisitop1m'    # TFDS name of the +1M distractor set (with use_distractors).
+  e.qe_k = 0                       # alpha-QE neighbours (0 = off).
+  e.qe_alpha = 3.0
+  e.dba_k = 0                      # Database-side augmentation neighbours (0 = off; base sets only).
+  e.dba_alpha = 3.0
+  e.search_chunk_size = 65536      # Database rows per similarity chunk on device.
+  e.report_queries = 10            # Queries shown in report.html / report.png (0 = no report).
+  e.output_dir = ''                # '' = WORKDIR/eval or <checkpoint>_eval.
+  e.xla_cache_dir = '~/.cache/dolg_jax/xla'  # Persistent compilation cache of dolg_jax.eval ('' = off).
+  return c

@@ -1,0 +1,166 @@
+"""Decode + crop + resize throughput per core, fast path vs naive Pillow, on GLDv2-like JPEGs.
+
+  python -m dolg_jax.bench_data [--num_images=32] [--rounds=5] [--size=512] [--height=600 --width=800]
+      [--pipeline_workers=0,2]
+
+Makes textured JPEGs (quality 90) of about the GLDv2 train size, draws the training pipeline's
+random-resized crops (scale 0.25-1, ratio 3/4-4/3), and times in ONE process (so images/s = per core):
+  naive:            Pillow full decode, crop, resize (Pillow's default filter, bicubic)
+  naive_bilinear:   the same with a bilinear resize
+  fast:             dolg_jax.data.decode.decode_crop_resize (libjpeg-turbo via simplejpeg with
+                    DCT downscaling when the crop allows, OpenCV bilinear resize)
+  alternatives:     Pillow with draft() DCT scaling and a box resize; OpenCV imdecode + resize
+Rounds alternate between methods and the median round is reported, so a busy machine biases all
+methods alike. Also times the parts of the fast path (decode only, resize only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+from PIL import Image
+
+from dolg_jax.data import decode
+
+
+def make_jpegs(n: int, height: int, width: int, seed: int = 0, quality: int = 90) -> List[bytes]:
+  """Photo-like JPEGs: smooth colour fields plus fine noise (size close to real photos)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    coarse = rng.integers(0, 256, size=(height // 8, width // 8, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.float32)
+    noisy = base + rng.normal(0.0, 10.0, size=base.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, 'JPEG', quality=quality)
+    out.append(buf.getvalue())
+  return out
+
+
+def _time_round(fn: Callable[[int], object], n: int) -> float:
+  start = time.perf_counter()
+  for i in range(n):
+    fn(i)
+  return n / (time.perf_counter() - start)
+
+
+def run(num_images: int = 32, rounds: int = 5, size: int = 512, height: int = 600,
+        width: int = 800, seed: int = 0) -> Dict[str, float]:
+  """Median images/s of each method (single thread)."""
+  jpegs = make_jpegs(num_images, height, width, seed)
+  rng = np.random.default_rng(seed + 1)
+  boxes = [decode.random_resized_crop_box(rng, (height, width), (0.25, 1.0), (3 / 4, 4 / 3))
+           for _ in jpegs]
+  out = (size, size)
+  decoded = [decode.decode_rgb(j) for j in jpegs]
+
+  def crop(i):
+    t, l, h, w = boxes[i]
+    return decoded[i][t:t + h, l:l + w]
+
+  def naive_bilinear(i):
+    t, l, h, w = boxes[i]
+    with Image.open(io.BytesIO(jpegs[i])) as im:
+      return np.asarray(im.convert('RGB').crop((l, t, l + w, t + h)).resize(
+          (size, size), Image.BILINEAR))
+
+  def pil_draft(i):
+    t, l, h, w = boxes[i]
+    with Image.open(io.BytesIO(jpegs[i])) as im:
+      im.draft('RGB', (-(-width * size // w), -(-height * size // h)))  # DCT scaling in Pillow.
+      sx, sy = im.size[0] / width, im.size[1] / height
+      return np.asarray(im.convert('RGB').resize(
+          (size, size), Image.BILINEAR, box=(l * sx, t * sy, (l + w) * sx, (t + h) * sy)))
+
+  def cv2_only(i):
+    t, l, h, w = boxes[i]
+    img = decode.cv2.imdecode(np.frombuffer(jpegs[i], np.uint8), decode.cv2.IMREAD_COLOR_RGB)
+    return decode.cv2.resize(img[t:t + h, l:l + w], (size, size),
+                             interpolation=decode.cv2.INTER_LINEAR)
+
+  methods: Dict[str, Callable[[int], object]] = {
+      'naive (Pillow decode+crop+bicubic resize)': lambda i: decode.naive_crop_resize(
+          jpegs[i], boxes[i], out),
+      'naive_bilinear (Pillow decode+crop+bilinear)': naive_bilinear,
+      'fast (simplejpeg+DCT scaling, cv2 bilinear)': lambda i: decode.decode_crop_resize(
+          jpegs[i], boxes[i], out),
+      'alt: Pillow draft (DCT scaling) + box resize': pil_draft,
+      'alt: OpenCV imdecode + resize': cv2_only,
+      '  part: simplejpeg decode only': lambda i: decode.decode_rgb(jpegs[i]),
+      '  part: Pillow decode only': lambda i: np.asarray(
+          Image.open(io.BytesIO(jpegs[i])).convert('RGB')),
+      '  part: resize only (fast path)': lambda i: decode.resize(crop(i), size, size),
+  }
+  if decode.cv2 is None:
+    del methods['alt: OpenCV imdecode + resize']
+  for fn in methods.values():  # Warm-up.
+    fn(0)
+  results: Dict[str, List[float]] = {name: [] for name in methods}
+  for _ in range(rounds):
+    for name, fn in methods.items():
+      results[name].append(_time_round(fn, num_images))
+  return {name: statistics.median(v) for name, v in results.items()}
+
+
+def run_pipeline(workers: Sequence[int], num_images: int = 64, size: int = 512, height: int = 600,
+                 width: int = 800, batch: int = 16, seconds: float = 5.0) -> Dict[int, float]:
+  """Images/s of the full training pipeline (make_train_iterator) per worker count."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dolg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  source = [{'image': j, 'label': i} for i, j in enumerate(make_jpegs(num_images, height, width))]
+  cfg = ml_collections.ConfigDict(dict(
+      image_size=size, crop_scale=(0.25, 1.0), crop_ratio=(3 / 4, 4 / 3), random_flip=True,
+      read_threads=1, prefetch_buffer_size=2, worker_buffer_size=2))
+  out = {}
+  for w in workers:
+    it = pipeline.make_train_iterator(cfg, source, seed=0, process_index=0, process_count=1,
+                                      per_host_batch=batch, num_workers=w)
+    try:
+      next(it)  # Start-up (worker spawn) is not timed.
+      n, start = 0, time.perf_counter()
+      while time.perf_counter() - start < seconds:
+        n += len(next(it)['label'])
+      out[w] = n / (time.perf_counter() - start)
+    finally:
+      it.close()
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m dolg_jax.bench_data', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--num_images', type=int, default=32)
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--size', type=int, default=512)
+  parser.add_argument('--height', type=int, default=600)
+  parser.add_argument('--width', type=int, default=800)
+  parser.add_argument('--pipeline_workers', default='',
+                      help='also time make_train_iterator end to end with these worker counts, '
+                      'e.g. "0,2" (1 read thread per process)')
+  args = parser.parse_args(argv)
+  sample = make_jpegs(1, args.height, args.width)[0]
+  print(f'{args.num_images} JPEGs {args.width}x{args.height} q90 (~{len(sample) // 1024} KiB), '
+        f'random-resized crop -> {args.size}x{args.size}, 1 thread, median of {args.rounds} '
+        'rounds')
+  res = run(args.num_images, args.rounds, args.size, args.height, args.width)
+  naive = next(v for k, v in res.items() if k.startswith('naive ('))
+  naive_bl = next(v for k, v in res.items() if k.startswith('naive_bilinear'))
+  for name, value in res.items():
+    print(f'{name:48s} {value:8.1f} images/s/core')
+  fast = next(v for k, v in res.items() if k.startswith('fast'))
+  print(f'speed-up of fast over naive: {fast / naive:.2f}x (over naive_bilinear: '
+        f'{fast / naive_bl:.2f}x)')
+  if args.pipeline_workers:
+    workers = [int(w) for w in args.pipeline_workers.split(',')]
+    for w, value in run_pipeline(workers, size=args.size, height=args.height,
+                                 width=args.width).items():
+      print(f'pipeline, {w} worker(s): {value:8.1f} images/s (whole process tree)')
+
+
+if __name__ == '__main__':
+  main()

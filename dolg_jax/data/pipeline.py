@@ -1,0 +1,292 @@
+"""Deterministic, resumable, per-process-sharded grain input pipelines for GLDv2.
+
+Training (`make_train_iterator`):
+  source (N records) -> global shuffle, reshuffled every epoch from `seed` -> per-example augmentation
+  with an RNG derived from (seed, epoch, position in the epoch) -> the first N - N % process_count
+  positions of the epoch, every process_count-th from process_index -> batches of per_host_batch
+  (last partial batch of each epoch dropped) -> repeated for num_epochs (None: forever) -> optional
+  prefetch worker processes.
+  Everything is a function of indices, so the batches are identical for any number of workers or
+  read threads, and every process reads a disjoint 1/process_count of each epoch.
+
+State: the returned `TrainIterator` (a `grain.DatasetIterator`) has `get_state()` /
+`set_state(state)`: a small JSON-able dict holding the step; restoring it into a freshly built
+iterator (same data arguments; any num_workers) continues with exactly the next batch. With
+orbax, save `grain.checkpoint.CheckpointSave(iterator)` and restore with
+`grain.checkpoint.CheckpointRestore(iterator)` inside `ocp.args.Composite` (the file is
+per-process: process_{i}-of-{n}.json).
+
+Evaluation (`make_eval_iterator`): records in source order, every process_count-th from
+process_index, central square crop resized to image_size; all processes yield the same number of
+batches, the last ones padded with zero images whose `mask` is False.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from absl import flags
+import grain
+import numpy as np
+
+from dolg_jax.data import decode
+
+_U32 = 2**32
+
+
+def _data_config(config):
+  """Accepts the full config (uses config.data) or the data section itself."""
+  return config.data if 'data' in config else config
+
+
+def _get(cfg, name: str, default):
+  return cfg.get(name, default) if hasattr(cfg, 'get') else getattr(cfg, name, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform:
+  """record -> {'image': uint8 (S, S, 3), 'label': int32}; random-resized crop + flip.
+
+  Called with the GLOBAL index of the element in the repeated, shuffled stream; its RNG is
+  Philox seeded from (seed, epoch, index in epoch), so it does not depend on workers or threads.
+  """
+  image_size: int
+  scale: Tuple[float, float]
+  ratio: Tuple[float, float]
+  flip: bool
+  seed: int
+  epoch_length: int
+
+  def rng(self, index: int) -> np.random.Generator:
+    epoch, position = divmod(int(index), self.epoch_length)
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence(
+        [self.seed % _U32, epoch, position])))
+
+  def __call__(self, index: int, record: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    rng = self.rng(index)
+    data = record['image']
+    hw = decode.image_size(data)
+    box = decode.random_resized_crop_box(rng, hw, self.scale, self.ratio)
+    flip = bool(self.flip and rng.random() < 0.5)
+    image = decode.decode_crop_resize(data, box, (self.image_size, self.image_size),
+                                      image_hw=hw, flip=flip)
+    return {'image': image, 'label': np.int32(record['label'])}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform:
+  """record -> {'image': uint8 (S, S, 3) central square resized, 'label': int32, 'mask': bool}."""
+  image_size: int
+
+  def __call__(self, record: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    size = self.image_size
+    if not record:  # Padding element (an empty dict: grain drops None elements).
+      return {'image': np.zeros((size, size, 3), np.uint8), 'label': np.int32(-1),
+              'mask': np.bool_(False)}
+    data = record['image']
+    hw = decode.image_size(data)
+    image = decode.decode_crop_resize(data, decode.center_square_box(hw), (size, size),
+                                      image_hw=hw)
+    return {'image': image, 'label': np.int32(record['label']), 'mask': np.bool_(True)}
+
+
+class _ShardedPaddedSource:
+  """Records process_index::process_count of `source`, then {} up to `length` (picklable)."""
+
+  def __init__(self, source, process_index: int, process_count: int, length: int):
+    self._source = source
+    self._indices = range(process_index, len(source), process_count)
+    self._length = length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, i: int):
+    if i < len(self._indices):
+      return self._source[self._indices[i]]
+    return {}
+
+
+def _check_process(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, process_count={process_count})')
+  return int(process_index), int(process_count)
+
+
+def _to_iterator(ds: grain.MapDataset, cfg, num_workers: Optional[int],
+                 read_threads: Optional[int]) -> grain.DatasetIterator:
+  num_workers = int(_get(cfg, 'num_workers', 0) if num_workers is None else num_workers)
+  read_threads = int(_get(cfg, 'read_threads', 4) if read_threads is None else read_threads)
+  buffer = max(int(_get(cfg, 'prefetch_buffer_size', 2)), read_threads)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                               prefetch_buffer_size=buffer))
+  if num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use
+      flags.FLAGS.mark_as_parsed()   # their defaults.
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=int(_get(cfg, 'worker_buffer_size', 2))))
+  return iter(it_ds)
+
+
+def train_dataset(config, data_source, *, seed: int, process_index: int, process_count: int,
+                  per_host_batch: int, num_epochs: Optional[int] = None) -> grain.MapDataset:
+  """The training pipeline as a grain MapDataset of batches (random access by step)."""
+  cfg = _data_config(config)
+  n = len(data_source)
+  usable = n - n % process_count
+  per_process = usable // process_count
+  if per_process < per_host_batch:
+    raise ValueError(f'{n} training records over {process_count} process(es) give {per_process} '
+                     f'per process: fewer than one batch of {per_host_batch}')
+  transform = TrainTransform(
+      image_size=int(cfg.image_size), scale=tuple(float(x) for x in cfg.crop_scale),
+      ratio=tuple(float(x) for x in cfg.crop_ratio), flip=bool(cfg.random_flip),
+      seed=int(seed), epoch_length=n)
+  ds = grain.MapDataset.source(data_source)
+  ds = ds.shuffle(seed=int(seed) % _U32)                     # Reshuffled each epoch (seed + epoch).
+  ds = ds.map_with_index(transform)                          # Index = global position in the stream.
+  ds = ds[:usable][process_index::process_count]
+  ds = ds.batch(per_host_batch, drop_remainder=True)
+  return ds.repeat(num_epochs)
+
+
+class TrainIterator(grain.DatasetIterator):
+  """Iterator over the training batches whose state is just the step (portable, exact).
+
+  `get_state()` -> {'next_step': n, plus the arguments that define the stream}; `set_state` (on an
+  iterator built with the same arguments) resumes at batch n by random access into the batched
+  MapDataset, so the state does not depend on num_workers or read_threads and a restore spawns
+  workers only from the next batch on. A state saved with different stream arguments (seed,
+  process_index/count, per_host_batch, dataset size, image_size) is refused with a ValueError.
+  """
+
+  def __init__(self, ds: grain.MapDataset, make_iter, stream: Dict[str, Any]):
+    super().__init__()
+    self._ds = ds
+    self._make_iter = make_iter
+    self._stream = dict(stream)
+    self._next_step = 0
+    self._inner: Optional[grain.DatasetIterator] = None
+
+  @property
+  def next_step(self) -> int:
+    """Index of the batch the next `next()` returns (batches consumed so far)."""
+    return self._next_step
+
+  def _ensure_inner(self) -> grain.DatasetIterator:
+    if self._inner is None:
+      self._inner = self._make_iter(self._ds[self._next_step:])
+    return self._inner
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    self._assert_not_closed()
+    batch = next(self._ensure_inner())
+    self._next_step += 1
+    return batch
+
+  def get_state(self) -> Dict[str, Any]:
+    return {'next_step': self._next_step, **self._stream}
+
+  def set_state(self, state: Dict[str, Any]) -> None:
+    diffs = [f'{k}: saved {state.get(k)!r}, now {v!r}' for k, v in self._stream.items()
+             if state.get(k) != v]
+    if diffs:
+      raise ValueError('the saved input-pipeline state belongs to a different stream ('
+                       + '; '.join(diffs) + '); restore with the same data arguments or start '
+                       'the data iterator afresh')
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+    self._next_step = int(state['next_step'])
+
+  def start_prefetch(self) -> None:
+    self._ensure_inner().start_prefetch()
+
+  def close(self) -> None:
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+    super().close()
+
+  def __str__(self) -> str:
+    return f'TrainIterator(next_step={self._next_step}, {self._stream})'
+
+
+def make_train_iterator(config, data_source, *, seed: int, process_index: Optional[int] = None,
+                        process_count: Optional[int] = None, per_host_batch: int,
+                        num_epochs: Optional[int] = None, num_workers: Optional[int] = None,
+                        read_threads: Optional[int] = None) -> TrainIterator:
+  """Iterator of {'image': uint8 (B, S, S, 3), 'label': int32 (B,)} for this process.
+
+  Args:
+    config: full config (uses config.data) or its data section: image_size, crop_scale,
+      crop_ratio, random_flip, num_workers, read_threads, prefetch_buffer_size, worker_buffer_size.
+    data_source: random-access source of records with 'image' (encoded bytes) and 'label'
+      (e.g. `gldv2.data_sources(dataset, data_dir)['train']`).
+    seed: shuffle and augmentation seed (the same on every process).
+    process_index, process_count: this process's shard (default: jax.process_index/count()).
+    per_host_batch: global batch // process_count.
+    num_epochs: None repeats forever; an epoch is (N // process_count) // per_host_batch steps.
+    num_workers, read_threads: override config (0 workers = in-process; output is identical).
+
+  Returns:
+    A `TrainIterator` (a grain DatasetIterator): `next(it)`, `it.get_state()`,
+    `it.set_state(state)`, `it.close()`; orbax: `grain.checkpoint.CheckpointSave(it)` /
+    `grain.checkpoint.CheckpointRestore(it)`.
+  """
+  process_index, process_count = _check_process(process_index, process_count)
+  cfg = _data_config(config)
+  ds = train_dataset(config, data_source, seed=seed, process_index=process_index,
+                     process_count=process_count, per_host_batch=per_host_batch,
+                     num_epochs=num_epochs)
+  stream = {'seed': int(seed), 'process_index': process_index, 'process_count': process_count,
+            'per_host_batch': int(per_host_batch), 'num_records': len(data_source),
+            'image_size': int(cfg.image_size)}
+  make_iter = functools.partial(_to_iterator, cfg=cfg, num_workers=num_workers,
+                                read_threads=read_threads)
+  return TrainIterator(ds, make_iter, stream)
+
+
+def steps_per_epoch(num_records: int, *, process_count: int, per_host_batch: int) -> int:
+  """Training steps in one epoch of `make_train_iterator`."""
+  return (num_records - num_records % process_count) // process_count // per_host_batch
+
+
+def eval_dataset(config, data_source, *, process_index: int, process_count: int,
+                 per_host_batch: int) -> grain.MapDataset:
+  cfg = _data_config(config)
+  n = len(data_source)
+  per_process = math.ceil(n / process_count)
+  num_batches = math.ceil(per_process / per_host_batch)
+  source = _ShardedPaddedSource(data_source, process_index, process_count,
+                                num_batches * per_host_batch)
+  ds = grain.MapDataset.source(source).map(EvalTransform(int(cfg.image_size)))
+  return ds.batch(per_host_batch, drop_remainder=False)
+
+
+def make_eval_iterator(config, data_source, *, process_index: Optional[int] = None,
+                       process_count: Optional[int] = None, per_host_batch: int,
+                       num_workers: Optional[int] = None,
+                       read_threads: Optional[int] = None) -> grain.DatasetIterator:
+  """One pass over `data_source` (e.g. the 'validation' split), this process's share.
+
+  Yields {'image': uint8 (B, S, S, 3), 'label': int32 (B,), 'mask': bool (B,)}; every process
+  yields ceil(ceil(N / process_count) / per_host_batch) batches; padding has mask False and
+  label -1.
+  """
+  process_index, process_count = _check_process(process_index, process_count)
+  ds = eval_dataset(config, data_source, process_index=process_index,
+                    process_count=process_count, per_host_batch=per_host_batch)
+  return _to_iterator(ds, _data_config(config), num_workers, read_threads)
+
+
+def first_batches(iterator, n: int) -> Sequence[Dict[str, np.ndarray]]:
+  """The next n batches (copies), for tests and debugging."""
+  return [{k: np.array(v) for k, v in next(iterator).items()} for _ in range(n)]

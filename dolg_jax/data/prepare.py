@@ -1,0 +1,54 @@
+"""Builds a dataset from its manual download into a TFDS data dir (ArrayRecord, no TensorFlow).
+
+  python -m dolg_jax.data.prepare --dataset=gldv2/clean --manual_dir=M --data_dir=D \
+      [--allow_missing] [--verify_md5]
+
+Prints the summary (listed = written + skipped + missing, per split, and the skipped ids with
+their reason); label_map.csv, skipped.csv, missing.csv and summary.json are written next to the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from dolg_jax.data import gldv2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m dolg_jax.data.prepare', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--dataset', default='gldv2/clean', help='gldv2/clean or gldv2/full')
+  parser.add_argument('--manual_dir', required=True, help='directory holding the official files')
+  parser.add_argument('--data_dir', required=True, help='TFDS data dir to write into')
+  parser.add_argument('--allow_missing', action='store_true',
+                      help='build even if listed images are absent (listed in missing.csv)')
+  parser.add_argument('--verify_md5', action='store_true',
+                      help='check every tar shard against its md5.images_NNN.txt first')
+  args = parser.parse_args(argv)
+  if not args.dataset.startswith('gldv2'):
+    parser.error(f'unsupported --dataset {args.dataset!r} (this command builds gldv2/clean and '
+                 'gldv2/full)')
+  try:
+    builder = gldv2.prepare(args.dataset, args.manual_dir, args.data_dir,
+                            allow_missing=args.allow_missing, verify_md5=args.verify_md5)
+  except (gldv2.MissingImagesError, gldv2.TruncatedShardError, gldv2.ChecksumError,
+          FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  summary_path = os.path.join(os.fspath(builder.data_path), 'summary.json')
+  summary = getattr(builder, 'summary', None)
+  if summary is None:  # Already built earlier: report what that build recorded.
+    print(f'{args.dataset} is already prepared in {builder.data_path}')
+    with open(summary_path) as f:
+      summary = json.load(f)
+  print(gldv2.format_summary(summary))
+  print(f'data: {builder.data_path} (label_map.csv, skipped.csv, missing.csv, summary.json)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

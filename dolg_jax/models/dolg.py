@@ -1,0 +1,317 @@
+"""DOLG: deep orthogonal fusion of local and global features (Yang et al., ICCV 2021).
+
+Flax Linen, NHWC. `DOLG.__call__(images, train=False)` returns the (N, embedding_dim) float32
+descriptor BEFORE L2 normalisation (the official `global_feature`). Images are RGB in [0, 255]
+(float32 or uint8); normalisation happens inside the model.
+
+Parameter tree (`variables['params']`; `variables['batch_stats']` mirrors every `*bn*` entry with
+`mean`, `var`). Conv kernels are HWIO (torch OIHW -> transpose(2, 3, 1, 0)); Dense kernels are
+(in, out) (torch (out, in) -> .T). Torch key on the right (official DOLG checkpoint):
+
+  globalmodel/                                   globalmodel.
+    stem/conv/kernel        (7, 7, 3, w)           stem.conv.weight   (stem input channels RGB;
+                                                                       torch's are BGR: reverse axis 2)
+    stem/bn/{scale,bias}                           stem.bn.{weight,bias}   (+ running_mean/var)
+    s{i}/b{k}/a/kernel      (1, 1, cin, wb)        s{i}.b{k}.f.a.weight
+    s{i}/b{k}/a_bn/{scale,bias}                    s{i}.b{k}.f.a_bn.*
+    s{i}/b{k}/b/kernel      (3, 3, wb, wb)         s{i}.b{k}.f.b.weight    (stride on this conv)
+    s{i}/b{k}/b_bn/...                             s{i}.b{k}.f.b_bn.*
+    s{i}/b{k}/c/kernel      (1, 1, wb, 4 wb)       s{i}.b{k}.f.c.weight
+    s{i}/b{k}/c_bn/...                             s{i}.b{k}.f.c_bn.*
+    s{i}/b1/proj/kernel     (1, 1, cin, 4 wb)      s{i}.b1.proj.weight     (first block only)
+    s{i}/b1/bn/...                                 s{i}.b1.bn.*
+  pool_g/p                  (1,)                   pool_g.p        (only gem + gem_p_learnable)
+  fc_t/{kernel (2048, 1024), bias}                 fc_t.{weight,bias}
+  fc/{kernel (D_in, 512), bias}                    fc.{weight,bias}   D_in = 2048 (orthogonal, concat),
+                                                                      1024 (hadamard, no local branch)
+  localmodel/                                    localmodel.        (only use_local_branch)
+    aspp/                                          aspp.            (only use_multi_atrous)
+      im_pool/{kernel (1, 1, cin, 512), bias}        aspp.im_pool.1.*
+      aspp_0/{kernel (1, 1, cin, 512), bias}         aspp.aspp.0.*
+      aspp_{j}/{kernel (3, 3, cin, 512), bias}       aspp.aspp.{j}.*   j = 1..len(atrous_rates)
+      conv_after/{kernel (1, 1, 512 (R+2), 1024), bias}  aspp.conv_after.0.*
+    conv1/{kernel (1, 1, c, 1024), bias}           conv1.*          (only use_self_attention)
+    bn/{scale,bias}                                bn.*             (only use_self_attention)
+    conv2/{kernel (1, 1, 1024, 1), bias}           conv2.*          (only use_self_attention)
+  localmodel_res4/ ...  same layout as localmodel, fed by res4 (only local_stage='both'; no torch
+                        counterpart)
+
+Here w = model.width (64), wb = w * 2**(i-1) (stage i inner width), cin = 1024 for the res3 local
+branch and 2048 for res4, c = cin without multi-atrous and local_dim (1024) with it.
+No margin-head weights live in this tree: the margin head is a pure function of the descriptor and
+a separate (num_classes, dim) weight (see margins.py; torch `desc_cls.weight`, `desc_cls.t`).
+
+Ablations (config fields of `c.model`, see configs/default.py):
+  use_local_branch=False: descriptor = fc(f_g), fc is 1024 -> 512; no `localmodel`.
+  use_multi_atrous=False: the local branch takes the backbone map directly (no `aspp`).
+  use_self_attention=False: f_l = the multi-atrous output (or the backbone map itself when multi-atrous
+    is off; that map must then have local_dim channels, i.e. res3 with local_dim 1024).
+  fusion='orthogonal': fc(concat[f_g, avgpool(f_l - proj_{f_g} f_l)])           (paper / release)
+  fusion='concat':     fc(concat[f_g, avgpool(f_l)])                             fc 2048 -> 512
+  fusion='hadamard':   fc(f_g * avgpool(f_l))                                    fc 1024 -> 512
+  global_pool='gem' | 'gap': GeM (p = gem_p, learnable param `pool_g/p` if gem_p_learnable) or mean.
+  local_stage='res3' (paper) | 'res4' (local branch on the stride-32 2048-channel map) | 'both'
+    (two local branches, `localmodel` on res3 and `localmodel_res4` on res4; their pooled local
+    vectors avgpool(f_l) -- after the orthogonal projection when fusion='orthogonal' -- are averaged,
+    so fc keeps its width).
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dolg_jax.models import resnet
+
+Dtype = Any
+
+# ImageNet statistics in RGB order (the official model: the same numbers in BGR order, BGR input).
+RGB_MEAN = (0.485, 0.456, 0.406)
+RGB_STD = (0.229, 0.224, 0.225)
+
+FUSIONS = ('orthogonal', 'concat', 'hadamard')
+GLOBAL_POOLS = ('gem', 'gap')
+LOCAL_STAGES = ('res3', 'res4', 'both')
+
+# pycls Linear init (normal std 0.01, zero bias); used for fc_t and fc.
+dense_kernel_init = nn.initializers.normal(0.01)
+
+
+# ------------------------------------------------------------------------------ pure functions
+def normalize_images(images: jax.Array) -> jax.Array:
+  """RGB [0, 255] (float or uint8) -> ImageNet-normalised float32, as the official BGR pipeline."""
+  x = images.astype(jnp.float32) / 255.0
+  mean = jnp.asarray(RGB_MEAN, jnp.float32)
+  std = jnp.asarray(RGB_STD, jnp.float32)
+  return (x - mean) / std
+
+
+def gem_pool(x: jax.Array, p: jax.Array | float, eps: float = 1e-6) -> jax.Array:
+  """Generalised-mean pooling over H, W of an NHWC map: mean(clamp(x, eps)^p)^(1/p), float32."""
+  x = x.astype(jnp.float32)
+  return jnp.mean(jnp.maximum(x, eps) ** p, axis=(1, 2)) ** (1.0 / p)
+
+
+def avg_pool(x: jax.Array) -> jax.Array:
+  """Global average pooling over H, W of an NHWC map, float32."""
+  return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """torch.nn.functional.normalize: x / max(|x|, eps)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def orthogonal_component(f_l: jax.Array, f_g: jax.Array, eps: float) -> jax.Array:
+  """f_l minus its projection on f_g: f_l - (f_l . f_g) / (|f_g|^2 + eps) * f_g.
+
+  f_l: (N, ..., C) local vectors (a map (N, H, W, C) or pooled (N, C)); f_g: (N, C).
+  """
+  f_l = f_l.astype(jnp.float32)
+  f_g = f_g.astype(jnp.float32)
+  g = f_g.reshape(f_g.shape[:1] + (1,) * (f_l.ndim - 2) + f_g.shape[1:])
+  dot = jnp.sum(f_l * g, axis=-1, keepdims=True)
+  sq_norm = jnp.sum(jnp.square(g), axis=-1, keepdims=True)
+  return f_l - dot / (sq_norm + eps) * g
+
+
+def orthogonal_fusion(f_l: jax.Array, f_g: jax.Array, eps: float) -> jax.Array:
+  """The official fusion: concat[f_g, avgpool(f_l - proj_{f_g}(f_l))] -> (N, 2C).
+
+  f_l: (N, H, W, C) map. Pooling is linear and the projection is linear in f_l, so this equals
+  projecting the pooled vector once (`orthogonal_fusion_pooled`), which the model uses.
+  """
+  f_o = avg_pool(orthogonal_component(f_l, f_g, eps))
+  return jnp.concatenate([f_g.astype(jnp.float32), f_o], axis=-1)
+
+
+def orthogonal_fusion_pooled(f_l_pooled: jax.Array, f_g: jax.Array, eps: float) -> jax.Array:
+  """Same as `orthogonal_fusion` given avgpool(f_l) (N, C) instead of the map."""
+  f_o = orthogonal_component(f_l_pooled, f_g, eps)
+  return jnp.concatenate([f_g.astype(jnp.float32), f_o], axis=-1)
+
+
+def concat_fusion(f_l_pooled: jax.Array, f_g: jax.Array) -> jax.Array:
+  """Ablation: concat[f_g, avgpool(f_l)] -> (N, C_g + C_l)."""
+  return jnp.concatenate([f_g.astype(jnp.float32), f_l_pooled.astype(jnp.float32)], axis=-1)
+
+
+def hadamard_fusion(f_l_pooled: jax.Array, f_g: jax.Array) -> jax.Array:
+  """Ablation: element-wise product f_g * avgpool(f_l) -> (N, C)."""
+  return f_g.astype(jnp.float32) * f_l_pooled.astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------ modules
+class GeM(nn.Module):
+  """GeM pooling; with `learnable`, p is the param `p` of shape (1,) (torch `pool_g.p`)."""
+  p: float = 3.0
+  learnable: bool = False
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.p
+    if self.learnable:
+      p = self.param('p', nn.initializers.constant(self.p), (1,), jnp.float32)
+    return gem_pool(x, p, self.eps)
+
+
+def _conv_bias(features: int, kernel_size: int, name: str, dtype: Dtype,
+               dilation: int = 1) -> nn.Conv:
+  return resnet.conv(features, kernel_size, dilation=dilation, use_bias=True, dtype=dtype,
+                     name=name)
+
+
+class MultiAtrous(nn.Module):
+  """The official `ASPP`: image-pool branch FIRST, a 1x1 branch, 3x3 branches with dilations
+  `rates` (padding = dilation), concat -> 1x1 conv -> ReLU. All convs have a bias; no BN."""
+  rates: Sequence[int] = (6, 12, 18)
+  branch_dim: int = 512
+  out_dim: int = 1024
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, h, w, _ = x.shape
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+    im = nn.relu(_conv_bias(self.branch_dim, 1, 'im_pool', self.dtype)(pooled))
+    # Bilinear upsampling of a 1x1 map (align_corners=False) is a broadcast.
+    outs = [jnp.broadcast_to(im, (n, h, w, self.branch_dim))]
+    outs.append(_conv_bias(self.branch_dim, 1, 'aspp_0', self.dtype)(x))
+    for j, r in enumerate(self.rates):
+      outs.append(_conv_bias(self.branch_dim, 3, f'aspp_{j + 1}', self.dtype, dilation=int(r))(x))
+    y = jnp.concatenate(outs, axis=-1)
+    return nn.relu(_conv_bias(self.out_dim, 1, 'conv_after', self.dtype)(y))
+
+
+class LocalBranch(nn.Module):
+  """The official `localmodel`: optional multi-atrous block, then the self-attention
+  (conv1 -> bn; f = L2norm_c(bn); att = softplus(conv2(relu(bn))); f_l = att * f).
+
+  Returns f_l as a float32 (N, H, W, local_dim) map.
+  """
+  use_multi_atrous: bool = True
+  atrous_rates: Sequence[int] = (6, 12, 18)
+  atrous_dim: int = 512
+  local_dim: int = 1024
+  use_self_attention: bool = True
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.use_multi_atrous:
+      x = MultiAtrous(self.atrous_rates, self.atrous_dim, self.local_dim, self.dtype,
+                      name='aspp')(x)
+    if not self.use_self_attention:
+      if x.shape[-1] != self.local_dim:
+        raise ValueError(
+            f'model.use_self_attention=False without multi-atrous uses the backbone map as f_l, '
+            f'which has {x.shape[-1]} channels but model.local_dim={self.local_dim}; use '
+            f"local_stage='res3' with local_dim=1024 or enable use_multi_atrous.")
+      return x.astype(jnp.float32)
+    x = _conv_bias(self.local_dim, 1, 'conv1', self.dtype)(x)
+    x = resnet.batch_norm('bn', momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                          dtype=self.dtype)(x, use_running_average=not train)
+    features = l2_normalize(x.astype(jnp.float32), axis=-1)
+    att = nn.softplus(_conv_bias(1, 1, 'conv2', self.dtype)(nn.relu(x)).astype(jnp.float32))
+    return att * features
+
+
+class DOLG(nn.Module):
+  """DOLG retrieval model: ResNet trunk + local branch + GeM global branch + fusion + fc.
+
+  See the module docstring for the parameter tree and the ablation semantics. Call with RGB images
+  in [0, 255], NHWC; returns the float32 descriptor before L2 normalisation. With
+  `return_features=True` returns (descriptor, dict of intermediates) for tests and analysis:
+    'res3', 'res4'   backbone maps (compute dtype), NHWC, strides 16 and 32;
+    'pooled_g'       GeM / average pool of res4 (N, 2048), float32;
+    'f_g'            fc_t(pooled_g) (N, global_dim);
+    'f_l/<branch>'   float32 local map of each branch ('f_l/localmodel', 'f_l/localmodel_res4');
+    'local_vec'      f_o (orthogonal) or avgpool(f_l) (concat, hadamard), mean over branches;
+    'fused'          the input of fc.
+  """
+  depth: int = 50
+  width: int = 64
+  stage_depths: Sequence[int] = ()
+  local_stage: str = 'res3'
+  use_local_branch: bool = True
+  use_multi_atrous: bool = True
+  atrous_rates: Sequence[int] = (6, 12, 18)
+  atrous_dim: int = 512
+  local_dim: int = 1024
+  use_self_attention: bool = True
+  fusion: str = 'orthogonal'
+  global_pool: str = 'gem'
+  gem_p: float = 3.0
+  gem_p_learnable: bool = False
+  global_dim: int = 1024
+  embedding_dim: int = 512
+  fusion_eps: float = 1e-6
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  def check(self) -> None:
+    """Raises ValueError naming the config field when the configuration is inconsistent."""
+    if self.fusion not in FUSIONS:
+      raise ValueError(f'model.fusion must be one of {FUSIONS}, got {self.fusion!r}')
+    if self.global_pool not in GLOBAL_POOLS:
+      raise ValueError(f'model.global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}')
+    if self.local_stage not in LOCAL_STAGES:
+      raise ValueError(f'model.local_stage must be one of {LOCAL_STAGES}, got {self.local_stage!r}')
+    if (self.use_local_branch and self.fusion in ('orthogonal', 'hadamard')
+        and self.local_dim != self.global_dim):
+      raise ValueError(f'model.fusion={self.fusion!r} needs model.local_dim == model.global_dim, '
+                       f'got {self.local_dim} and {self.global_dim}')
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False, return_features: bool = False):
+    self.check()
+    feats = {}
+    x = normalize_images(images).astype(self.dtype)
+    res3, res4 = resnet.ResNet(self.depth, self.width, tuple(self.stage_depths),
+                               self.bn_momentum, self.bn_epsilon, self.dtype,
+                               name='globalmodel')(x, train)
+    feats['res3'], feats['res4'] = res3, res4
+
+    # Global branch (float32 from the pooling on).
+    if self.global_pool == 'gem':
+      pooled_g = GeM(self.gem_p, self.gem_p_learnable, name='pool_g')(res4)
+    else:
+      pooled_g = avg_pool(res4)
+    f_g = self._dense(self.global_dim, 'fc_t')(pooled_g)
+    feats['pooled_g'], feats['f_g'] = pooled_g, f_g
+
+    if not self.use_local_branch:
+      fused = f_g
+    else:
+      inputs = {'res3': [('localmodel', res3)], 'res4': [('localmodel', res4)],
+                'both': [('localmodel', res3), ('localmodel_res4', res4)]}[self.local_stage]
+      local_vecs = []
+      for name, fmap in inputs:
+        f_l = LocalBranch(self.use_multi_atrous, tuple(self.atrous_rates), self.atrous_dim,
+                          self.local_dim, self.use_self_attention, self.bn_momentum,
+                          self.bn_epsilon, self.dtype, name=name)(fmap, train)
+        feats[f'f_l/{name}'] = f_l
+        v = avg_pool(f_l)
+        if self.fusion == 'orthogonal':
+          v = orthogonal_component(v, f_g, self.fusion_eps)
+        local_vecs.append(v)
+      local_vec = sum(local_vecs) / len(local_vecs)
+      feats['local_vec'] = local_vec  # f_o for orthogonal fusion, avgpool(f_l) otherwise.
+      if self.fusion == 'hadamard':
+        fused = hadamard_fusion(local_vec, f_g)
+      else:  # orthogonal (local_vec is already f_o) or concat.
+        fused = concat_fusion(local_vec, f_g)
+    feats['fused'] = fused
+    desc = self._dense(self.embedding_dim, 'fc')(fused)
+    return (desc, feats) if return_features else desc
+
+  def _dense(self, features: int, name: str) -> nn.Dense:
+    # The head runs in float32 whatever `dtype` is: it is tiny and feeds the loss.
+    return nn.Dense(features, dtype=jnp.float32, param_dtype=jnp.float32,
+                    kernel_init=dense_kernel_init, name=name)

@@ -1,0 +1,102 @@
+"""Margin heads as pure functions: ArcFace (paper) and CurricularFace (released DOLG code).
+
+Both L2-normalise the embeddings and the rows of `weight` (shape (num_classes, dim), torch layout,
+class dimension first so it can be sharded over a 'model' mesh axis) and compute in float32.
+
+ArcFace (Deng et al. 2019, insightface with easy_margin=False): for the target class
+  phi = cos(theta + m) where cos(theta) > cos(pi - m), else cos(theta) - m sin(pi - m)
+(keeps the target logit monotonic in theta when theta + m would pass pi); other classes keep
+cos(theta); logits = s * (...).
+
+CurricularFace (Huang et al. 2020, official code; what DOLG's released `Arcface` class computes):
+target logit as ArcFace; with c_t = cos(theta_y + m) (before the fallback), every logit with
+cos > c_t ("hard negative") becomes cos * (t + cos), where t is first updated as
+  t <- t_momentum * mean(cos(theta_y)) + (1 - t_momentum) * t      (t starts at 0, no gradient).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+HEAD_INIT_STD = 0.01
+
+
+def init_head_weight(rng: jax.Array, num_classes: int, dim: int,
+                     dtype=jnp.float32) -> jax.Array:
+  """(num_classes, dim) weight, normal(0, 0.01) as the official CurricularFace code initialises it.
+
+  (DOLG's released head was never initialised explicitly; rows are L2-normalised in the forward
+  pass so only their directions matter.)
+  """
+  return HEAD_INIT_STD * jax.random.normal(rng, (num_classes, dim), dtype)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(|x|, eps) in float32 (torch F.normalize)."""
+  x = x.astype(jnp.float32)
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def cosine_logits(embeddings: jax.Array, weight: jax.Array) -> jax.Array:
+  """cos(theta) (N, num_classes) between L2-normalised embeddings and weight rows, float32."""
+  e = l2_normalize(embeddings)
+  w = l2_normalize(weight)
+  cos = jnp.einsum('nd,cd->nc', e, w, precision=jax.lax.Precision.HIGHEST)
+  return jnp.clip(cos, -1.0, 1.0)
+
+
+def _margin_target(cos_y: jax.Array, margin: float) -> tuple[jax.Array, jax.Array]:
+  """(cos(theta + m), cos(theta + m) with the easy_margin=False fallback) for target cosines."""
+  cos_m, sin_m = math.cos(margin), math.sin(margin)
+  th = math.cos(math.pi - margin)
+  mm = math.sin(math.pi - margin) * margin
+  # max(., tiny) keeps the gradient finite at |cos| = 1 (changes the value by < 1e-6).
+  sin_y = jnp.sqrt(jnp.maximum(1.0 - cos_y * cos_y, 1e-12))
+  cos_ym = cos_y * cos_m - sin_y * sin_m
+  return cos_ym, jnp.where(cos_y > th, cos_ym, cos_y - mm)
+
+
+def arcface_logits(embeddings: jax.Array, weight: jax.Array, labels: jax.Array, *,
+                   margin: float = 0.15, scale: float = 30.0) -> jax.Array:
+  """ArcFace logits (N, num_classes), float32. labels: int (N,) class indices."""
+  cos = cosine_logits(embeddings, weight)
+  onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=jnp.bool_)
+  cos_y = jnp.sum(jnp.where(onehot, cos, 0.0), axis=-1, keepdims=True)
+  _, phi = _margin_target(cos_y, margin)
+  return scale * jnp.where(onehot, phi, cos)
+
+
+def curricularface_logits(embeddings: jax.Array, weight: jax.Array, labels: jax.Array,
+                          t: jax.Array, *, margin: float = 0.15, scale: float = 30.0,
+                          t_momentum: float = 0.01) -> tuple[jax.Array, jax.Array]:
+  """CurricularFace logits (N, num_classes) float32 and the updated t (same shape as `t`).
+
+  `t` is the EMA state (torch buffer `desc_cls.t`, shape (1,) or ()); it carries no gradient.
+  The mean target cosine is taken over the whole (global) batch.
+  """
+  cos = cosine_logits(embeddings, weight)
+  onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=jnp.bool_)
+  cos_y = jnp.sum(jnp.where(onehot, cos, 0.0), axis=-1, keepdims=True)
+  cos_ym, target = _margin_target(cos_y, margin)
+  t = jnp.asarray(t, jnp.float32)
+  new_t = jax.lax.stop_gradient(
+      t_momentum * jnp.mean(cos_y) + (1.0 - t_momentum) * t)
+  hard = cos > cos_ym
+  t_b = jnp.reshape(new_t, ())
+  logits = jnp.where(hard, cos * (t_b + cos), cos)
+  logits = jnp.where(onehot, target, logits)
+  return scale * logits, new_t
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy of float32 logits (N, C) against int labels (N,)."""
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Top-1 accuracy (fraction) of logits (N, C) against labels (N,)."""
+  return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))

@@ -1,0 +1,152 @@
+"""ResNet-50/101 in the pycls form (stride on the 3x3 conv `b`), with torch-equivalent padding.
+
+Flax's 'SAME' padding is asymmetric on even inputs with stride 2 (it pads more at the end), while
+torch pads k // 2 on both sides; every conv and the max-pool here use explicit symmetric padding so
+that converted torch weights give the same numbers. Module names mirror the pycls keys (see
+dolg.py's docstring for the full tree): `stem` {conv, bn}, stages `s1..s4`, blocks `b1..bK`, in a
+block `a, a_bn, b, b_bn, c, c_bn` and the projection shortcut `proj, bn` (first block of a stage).
+
+Initialisation follows pycls: conv kernels normal(0, sqrt(2 / fan_out)), BN scale 1 and bias 0.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+# pycls init: normal(0, sqrt(2 / fan_out)) where fan_out = kh * kw * out_channels.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def torch_padding(kernel_size: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Symmetric padding used by torch for a `kernel_size` conv: dilation * (k // 2) on each side."""
+  p = dilation * (kernel_size // 2)
+  return ((p, p), (p, p))
+
+
+def conv(features: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
+         use_bias: bool = False, dtype: Dtype = jnp.float32, name: str | None = None,
+         kernel_init=conv_kernel_init) -> nn.Conv:
+  """A torch-padded 2-D convolution (float32 params, `dtype` compute)."""
+  return nn.Conv(
+      features, (kernel_size, kernel_size), strides=(stride, stride),
+      padding=torch_padding(kernel_size, dilation), kernel_dilation=(dilation, dilation),
+      use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+      name=name)
+
+
+def max_pool_torch(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
+  """torch.nn.MaxPool2d(window, stride, padding=window // 2): pads with -inf on both sides."""
+  p = window // 2
+  init = jnp.array(-jnp.inf, x.dtype)
+  return jax.lax.reduce_window(
+      x, init, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
+      ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+def batch_norm(name: str, *, momentum: float, epsilon: float, dtype: Dtype) -> nn.BatchNorm:
+  return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+class ResStem(nn.Module):
+  """pycls ResStemIN: 7x7/2 conv (pad 3), BN, ReLU, 3x3/2 max-pool (pad 1)."""
+  width: int
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = conv(self.width, 7, stride=2, dtype=self.dtype, name='conv')(x)
+    x = batch_norm('bn', momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)(
+        x, use_running_average=not train)
+    x = nn.relu(x)
+    return max_pool_torch(x, 3, 2)
+
+
+class ResBottleneckBlock(nn.Module):
+  """pycls ResBottleneckBlock: 1x1 -> 3x3 (stride) -> 1x1, each with BN; projection if needed."""
+  inner_width: int
+  out_width: int
+  stride: int = 1
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def bn(name):
+      return batch_norm(name, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                        dtype=self.dtype)
+
+    ura = not train
+    shortcut = x
+    if x.shape[-1] != self.out_width or self.stride != 1:
+      shortcut = conv(self.out_width, 1, stride=self.stride, dtype=self.dtype, name='proj')(x)
+      shortcut = bn('bn')(shortcut, use_running_average=ura)
+    y = conv(self.inner_width, 1, dtype=self.dtype, name='a')(x)
+    y = nn.relu(bn('a_bn')(y, use_running_average=ura))
+    y = conv(self.inner_width, 3, stride=self.stride, dtype=self.dtype, name='b')(y)
+    y = nn.relu(bn('b_bn')(y, use_running_average=ura))
+    y = conv(self.out_width, 1, dtype=self.dtype, name='c')(y)
+    y = bn('c_bn')(y, use_running_average=ura)
+    return nn.relu(shortcut + y)
+
+
+class ResStage(nn.Module):
+  """A stage of `num_blocks` bottleneck blocks `b1..bK`; the first one strides and projects."""
+  inner_width: int
+  num_blocks: int
+  stride: int
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for k in range(self.num_blocks):
+      x = ResBottleneckBlock(
+          self.inner_width, 4 * self.inner_width, self.stride if k == 0 else 1,
+          self.bn_momentum, self.bn_epsilon, self.dtype, name=f'b{k + 1}')(x, train)
+    return x
+
+
+class ResNet(nn.Module):
+  """pycls ResNet trunk (no head). Returns the res3 (stride 16) and res4 (stride 32) maps.
+
+  Attributes:
+    depth: 50 or 101 (or 152); ignored when `stage_depths` is given.
+    width: stem width; stage i (1-based) has inner width width * 2**(i-1) and output 4x that.
+    stage_depths: optional explicit block counts per stage (e.g. (1, 1, 1, 1) for tiny tests).
+  """
+  depth: int = 50
+  width: int = 64
+  stage_depths: Sequence[int] = ()
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  def block_counts(self) -> tuple[int, ...]:
+    if self.stage_depths:
+      if len(self.stage_depths) != 4:
+        raise ValueError(f'model.stage_depths must have 4 entries, got {self.stage_depths!r}')
+      return tuple(int(d) for d in self.stage_depths)
+    if self.depth not in STAGE_DEPTHS:
+      raise ValueError(f'model.depth must be one of {sorted(STAGE_DEPTHS)}, got {self.depth!r}')
+    return STAGE_DEPTHS[self.depth]
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    x = ResStem(self.width, self.bn_momentum, self.bn_epsilon, self.dtype, name='stem')(x, train)
+    feats = []
+    for i, n_blocks in enumerate(self.block_counts()):
+      x = ResStage(self.width * 2**i, n_blocks, 1 if i == 0 else 2, self.bn_momentum,
+                   self.bn_epsilon, self.dtype, name=f's{i + 1}')(x, train)
+      feats.append(x)
+    return feats[2], feats[3]
