@@ -495,3 +495,21 @@ def test_repository_configs_build(name):
   out = jax.eval_shape(lambda: model.init_with_output(
       jax.random.PRNGKey(0), jnp.zeros((1, 96, 128, 3), jnp.uint8))[0])
   assert out.shape == (1, cfg.model.embedding_dim) and out.dtype == jnp.float32
+
+
+def test_gradients_flow_through_every_parameter_in_train_mode():
+  """The whole model is differentiable (max-pool included) and every parameter gets a gradient."""
+  model = build_model(tiny_cfg(gem_p_learnable=True))
+  x = images(2)
+  variables = fill_variables(model, x)
+
+  def loss(params):
+    desc, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                          train=True, mutable=['batch_stats'])
+    return jnp.sum(desc ** 2)
+
+  grads = jax.jit(jax.grad(loss))(variables['params'])
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(grads))
+  assert all(np.isfinite(np.asarray(g)).all() for g in flat.values())
+  zero = ['/'.join(k) for k, g in flat.items() if not np.any(np.asarray(g))]
+  assert not zero, f'parameters without gradient: {zero}'

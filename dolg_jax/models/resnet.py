@@ -43,10 +43,8 @@ def conv(features: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
 def max_pool_torch(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
   """torch.nn.MaxPool2d(window, stride, padding=window // 2): pads with -inf on both sides."""
   p = window // 2
-  init = jnp.array(-jnp.inf, x.dtype)
-  return jax.lax.reduce_window(
-      x, init, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
-      ((0, 0), (p, p), (p, p), (0, 0)))
+  # nn.max_pool pads with -inf and lowers to the differentiable max reduce-window.
+  return nn.max_pool(x, (window, window), strides=(stride, stride), padding=((p, p), (p, p)))
 
 
 def batch_norm(name: str, *, momentum: float, epsilon: float, dtype: Dtype) -> nn.BatchNorm:
