@@ -95,7 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
   e.use_distractors = False        # Add revisitop1m.
   e.batch_size = 16
   e.crop_rounding = 'trunc'        # Query box -> pixels: 'trunc' (official int()) | 'round' | 'expand'.
-  e.bucket = 32                    # Snap scaled sides to multiples of this (bounds compiles); 0 = exact.
+  e.pad = True                     # Exact-size images in padded canvases, padding masked (bounds compiles).
+  e.bucket = 32                    # Without pad: snap scaled sides to multiples of this; 0 = exact.
   e.compute_dtype = 'float32'      # Extraction dtype for our checkpoints ('bfloat16' is faster).
   e.distractors = 'revisitop1m'    # TFDS name of the +1M distractor set (with use_distractors).
   e.qe_k = 0                       # alpha-QE neighbours (0 = off).

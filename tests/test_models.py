@@ -513,3 +513,30 @@ def test_gradients_flow_through_every_parameter_in_train_mode():
   assert all(np.isfinite(np.asarray(g)).all() for g in flat.values())
   zero = ['/'.join(k) for k, g in flat.items() if not np.any(np.asarray(g))]
   assert not zero, f'parameters without gradient: {zero}'
+
+
+@pytest.mark.parametrize('overrides', [
+    {},  # multi-atrous + self-attention, orthogonal, GeM on res3
+    {'use_multi_atrous': False, 'gem_p_learnable': True, 'local_dim': 64, 'global_dim': 64},
+    {'local_stage': 'both', 'global_pool': 'gap'},
+])
+def test_padded_canvas_with_valid_hw_equals_each_image_alone(overrides):
+  """valid_hw masks the padding: a batch of padded canvases gives each unpadded image's result."""
+  model = build_model(tiny_cfg(**overrides))
+  sizes = [(67, 93), (96, 64), (81, 81)]
+  canvas = (128, 128)
+  rng = np.random.default_rng(3)
+  singles = [rng.integers(0, 256, (1, h, w, 3)).astype(np.float32) for h, w in sizes]
+  variables = fill_variables(model, jnp.asarray(singles[0]))
+  batch = rng.integers(0, 256, (len(sizes),) + canvas + (3,)).astype(np.float32)  # junk padding
+  for k, img in enumerate(singles):
+    batch[k, :img.shape[1], :img.shape[2]] = img[0]
+  valid = jnp.asarray(sizes, jnp.int32)
+  padded = jax.jit(lambda v, x, hw: model.apply(v, x, valid_hw=hw))(variables, batch, valid)
+  for k, img in enumerate(singles):
+    alone = apply(model, variables, jnp.asarray(img))
+    assert_close(np.asarray(padded[k:k + 1]), np.asarray(alone), 1e-4, 1e-5)
+  unmasked = apply(model, variables, jnp.asarray(batch))  # what the mask protects against
+  assert not np.allclose(np.asarray(unmasked), np.asarray(padded), rtol=1e-3, atol=1e-4)
+  with pytest.raises(ValueError, match='inference'):
+    model.apply(variables, batch, train=True, valid_hw=valid, mutable=['batch_stats'])

@@ -56,7 +56,7 @@ Ablations (config fields of `c.model`, see configs/default.py):
     so fc keeps its width).
 """
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -87,15 +87,26 @@ def normalize_images(images: jax.Array) -> jax.Array:
   return (x - mean) / std
 
 
-def gem_pool(x: jax.Array, p: jax.Array | float, eps: float = 1e-6) -> jax.Array:
-  """Generalised-mean pooling over H, W of an NHWC map: mean(clamp(x, eps)^p)^(1/p), float32."""
+def masked_mean(x: jax.Array, mask: Optional[jax.Array] = None, keepdims: bool = False
+                ) -> jax.Array:
+  """Mean over H, W of an NHWC map, float32; with an (N, H, W, 1) 0/1 mask, over its cells only."""
   x = x.astype(jnp.float32)
-  return jnp.mean(jnp.maximum(x, eps) ** p, axis=(1, 2)) ** (1.0 / p)
+  if mask is None:
+    return jnp.mean(x, axis=(1, 2), keepdims=keepdims)
+  mask = mask.astype(jnp.float32)
+  return (jnp.sum(x * mask, axis=(1, 2), keepdims=keepdims)
+          / jnp.sum(mask, axis=(1, 2), keepdims=keepdims))
 
 
-def avg_pool(x: jax.Array) -> jax.Array:
-  """Global average pooling over H, W of an NHWC map, float32."""
-  return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+def gem_pool(x: jax.Array, p: jax.Array | float, eps: float = 1e-6,
+             mask: Optional[jax.Array] = None) -> jax.Array:
+  """Generalised-mean pooling over H, W of an NHWC map: mean(clamp(x, eps)^p)^(1/p), float32."""
+  return masked_mean(jnp.maximum(x.astype(jnp.float32), eps) ** p, mask) ** (1.0 / p)
+
+
+def avg_pool(x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+  """Global average pooling over H, W of an NHWC map (the mask's cells only), float32."""
+  return masked_mean(x, mask)
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -151,11 +162,11 @@ class GeM(nn.Module):
   eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     p = self.p
     if self.learnable:
       p = self.param('p', nn.initializers.constant(self.p), (1,), jnp.float32)
-    return gem_pool(x, p, self.eps)
+    return gem_pool(x, p, self.eps, mask)
 
 
 def _conv_bias(features: int, kernel_size: int, name: str, dtype: Dtype,
@@ -173,9 +184,10 @@ class MultiAtrous(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    """mask: optional (N, H, W, 1) cells of x that the image covers (x is zero elsewhere)."""
     n, h, w, _ = x.shape
-    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+    pooled = masked_mean(x, mask, keepdims=True).astype(self.dtype)
     im = nn.relu(_conv_bias(self.branch_dim, 1, 'im_pool', self.dtype)(pooled))
     # Bilinear upsampling of a 1x1 map (align_corners=False) is a broadcast.
     outs = [jnp.broadcast_to(im, (n, h, w, self.branch_dim))]
@@ -202,10 +214,10 @@ class LocalBranch(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None) -> jax.Array:
     if self.use_multi_atrous:
       x = MultiAtrous(self.atrous_rates, self.atrous_dim, self.local_dim, self.dtype,
-                      name='aspp')(x)
+                      name='aspp')(resnet.apply_mask(x, mask), mask)
     if not self.use_self_attention:
       if x.shape[-1] != self.local_dim:
         raise ValueError(
@@ -269,35 +281,46 @@ class DOLG(nn.Module):
                        f'got {self.local_dim} and {self.global_dim}')
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False, return_features: bool = False):
+  def __call__(self, images: jax.Array, train: bool = False, return_features: bool = False,
+               valid_hw: Optional[jax.Array] = None):
+    """valid_hw: optional (N, 2) int (height, width) of each image inside `images`, a batch of
+    top-left anchored canvases padded with anything: the result is then what each unpadded image
+    alone gives (up to float rounding), so images of different sizes share one compiled shape.
+    Inference only (BatchNorm batch statistics would see the padding)."""
     self.check()
+    if valid_hw is not None and train:
+      raise ValueError('valid_hw (padded canvases) is for inference; train=True would let the '
+                       'padding into the BatchNorm batch statistics')
     feats = {}
     x = normalize_images(images).astype(self.dtype)
     res3, res4 = resnet.ResNet(self.depth, self.width, tuple(self.stage_depths),
                                self.bn_momentum, self.bn_epsilon, self.dtype,
-                               name='globalmodel')(x, train)
+                               name='globalmodel')(x, train, valid_hw)
     feats['res3'], feats['res4'] = res3, res4
+    masks = {'res3': resnet.valid_mask(valid_hw, 16, res3),
+             'res4': resnet.valid_mask(valid_hw, 32, res4)}
 
     # Global branch (float32 from the pooling on).
     if self.global_pool == 'gem':
-      pooled_g = GeM(self.gem_p, self.gem_p_learnable, name='pool_g')(res4)
+      pooled_g = GeM(self.gem_p, self.gem_p_learnable, name='pool_g')(res4, masks['res4'])
     else:
-      pooled_g = avg_pool(res4)
+      pooled_g = avg_pool(res4, masks['res4'])
     f_g = self._dense(self.global_dim, 'fc_t')(pooled_g)
     feats['pooled_g'], feats['f_g'] = pooled_g, f_g
 
     if not self.use_local_branch:
       fused = f_g
     else:
-      inputs = {'res3': [('localmodel', res3)], 'res4': [('localmodel', res4)],
-                'both': [('localmodel', res3), ('localmodel_res4', res4)]}[self.local_stage]
+      inputs = {'res3': [('localmodel', 'res3')], 'res4': [('localmodel', 'res4')],
+                'both': [('localmodel', 'res3'), ('localmodel_res4', 'res4')]}[self.local_stage]
       local_vecs = []
-      for name, fmap in inputs:
+      for name, stage in inputs:
         f_l = LocalBranch(self.use_multi_atrous, tuple(self.atrous_rates), self.atrous_dim,
                           self.local_dim, self.use_self_attention, self.bn_momentum,
-                          self.bn_epsilon, self.dtype, name=name)(fmap, train)
+                          self.bn_epsilon, self.dtype, name=name)(
+                              feats[stage], train, masks[stage])
         feats[f'f_l/{name}'] = f_l
-        v = avg_pool(f_l)
+        v = avg_pool(f_l, masks[stage])
         if self.fusion == 'orthogonal':
           v = orthogonal_component(v, f_g, self.fusion_eps)
         local_vecs.append(v)

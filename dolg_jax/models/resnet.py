@@ -9,7 +9,7 @@ block `a, a_bn, b, b_bn, c, c_bn` and the projection shortcut `proj, bn` (first 
 Initialisation follows pycls: conv kernels normal(0, sqrt(2 / fan_out)), BN scale 1 and bias 0.
 """
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -52,6 +52,27 @@ def batch_norm(name: str, *, momentum: float, epsilon: float, dtype: Dtype) -> n
                       param_dtype=jnp.float32, name=name)
 
 
+def valid_mask(valid_hw: Optional[jax.Array], stride: int, x: jax.Array) -> Optional[jax.Array]:
+  """(N, h, w, 1) 0/1 mask of the cells of the stride-`stride` map `x` that the image covers.
+
+  valid_hw: (N, 2) int heights and widths of the images inside a larger, top-left anchored,
+  zero-padded canvas (None: no padding). With torch padding every stride-2 layer maps a side n to
+  ceil(n / 2), so the image covers the first ceil(n / stride) cells of each side.
+  """
+  if valid_hw is None:
+    return None
+  vh = -(-valid_hw[:, 0] // stride)
+  vw = -(-valid_hw[:, 1] // stride)
+  rows = jnp.arange(x.shape[1])[None, :, None] < vh[:, None, None]
+  cols = jnp.arange(x.shape[2])[None, None, :] < vw[:, None, None]
+  return (rows & cols)[..., None].astype(x.dtype)
+
+
+def apply_mask(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+  """Zeroes the padding so that a following spatial conv sees torch's zero padding there."""
+  return x if mask is None else x * mask
+
+
 class ResStem(nn.Module):
   """pycls ResStemIN: 7x7/2 conv (pad 3), BN, ReLU, 3x3/2 max-pool (pad 1)."""
   width: int
@@ -60,11 +81,14 @@ class ResStem(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None
+               ) -> jax.Array:
+    x = apply_mask(x, valid_mask(valid_hw, 1, x))
     x = conv(self.width, 7, stride=2, dtype=self.dtype, name='conv')(x)
     x = batch_norm('bn', momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)(
         x, use_running_average=not train)
-    x = nn.relu(x)
+    # After the ReLU every value is >= 0, so zeros in the padding act as the pool's -inf padding.
+    x = apply_mask(nn.relu(x), valid_mask(valid_hw, 2, x))
     return max_pool_torch(x, 3, 2)
 
 
@@ -78,7 +102,9 @@ class ResBottleneckBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None,
+               in_stride: int = 1) -> jax.Array:
+    """valid_hw / in_stride: image sizes in a padded canvas and the stride of `x` (see valid_mask)."""
     def bn(name):
       return batch_norm(name, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                         dtype=self.dtype)
@@ -90,6 +116,7 @@ class ResBottleneckBlock(nn.Module):
       shortcut = bn('bn')(shortcut, use_running_average=ura)
     y = conv(self.inner_width, 1, dtype=self.dtype, name='a')(x)
     y = nn.relu(bn('a_bn')(y, use_running_average=ura))
+    y = apply_mask(y, valid_mask(valid_hw, in_stride, y))
     y = conv(self.inner_width, 3, stride=self.stride, dtype=self.dtype, name='b')(y)
     y = nn.relu(bn('b_bn')(y, use_running_average=ura))
     y = conv(self.out_width, 1, dtype=self.dtype, name='c')(y)
@@ -107,11 +134,13 @@ class ResStage(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None,
+               in_stride: int = 1) -> jax.Array:
     for k in range(self.num_blocks):
       x = ResBottleneckBlock(
           self.inner_width, 4 * self.inner_width, self.stride if k == 0 else 1,
-          self.bn_momentum, self.bn_epsilon, self.dtype, name=f'b{k + 1}')(x, train)
+          self.bn_momentum, self.bn_epsilon, self.dtype, name=f'b{k + 1}')(
+              x, train, valid_hw, in_stride if k == 0 else in_stride * self.stride)
     return x
 
 
@@ -140,11 +169,18 @@ class ResNet(nn.Module):
     return STAGE_DEPTHS[self.depth]
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    x = ResStem(self.width, self.bn_momentum, self.bn_epsilon, self.dtype, name='stem')(x, train)
+  def __call__(self, x: jax.Array, train: bool = False, valid_hw: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """valid_hw: optional (N, 2) image sizes inside a zero-padded canvas (see valid_mask); the
+    cells the images cover then hold exactly what unpadded images would give."""
+    x = ResStem(self.width, self.bn_momentum, self.bn_epsilon, self.dtype, name='stem')(
+        x, train, valid_hw)
     feats = []
+    stride = 4
     for i, n_blocks in enumerate(self.block_counts()):
-      x = ResStage(self.width * 2**i, n_blocks, 1 if i == 0 else 2, self.bn_momentum,
-                   self.bn_epsilon, self.dtype, name=f's{i + 1}')(x, train)
+      stage_stride = 1 if i == 0 else 2
+      x = ResStage(self.width * 2**i, n_blocks, stage_stride, self.bn_momentum,
+                   self.bn_epsilon, self.dtype, name=f's{i + 1}')(x, train, valid_hw, stride)
+      stride *= stage_stride
       feats.append(x)
     return feats[2], feats[3]

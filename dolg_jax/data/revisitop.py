@@ -1,0 +1,250 @@
+"""TFDS builders for revisited Oxford / Paris and the R1M distractors (no TensorFlow needed).
+
+Manual dirs in the official revisitop layout (github.com/filipradenovic/revisitop):
+
+  roxford5k/  jpg/<name>.jpg  gnd_roxford5k.pkl     (imlist: 4,993 index images, qimlist: 70)
+  rparis6k/   jpg/<name>.jpg  gnd_rparis6k.pkl      (6,322 + 70)
+  revisitop1m/ revisitop1m.txt  jpg/<line>          (one relative path per line, extension included)
+
+`gnd_<name>.pkl` holds {'imlist', 'qimlist', 'gnd': [{'bbx': [x1, y1, x2, y2], 'easy', 'hard',
+'junk'}]}. The builders store the ORIGINAL JPEG bytes and write ArrayRecord:
+
+  split 'index' (all three): image (bytes), id (text), index (int64: position in imlist / the list),
+                             height, width (int64), bbx (float32 [0, 0, width, height])
+  split 'query' (roxford5k, rparis6k): the same with index = position in qimlist and bbx = the
+                             query box from the ground truth (original pixels, x1 y1 x2 y2).
+
+Examples are stored in key order, not list order: use the `index` feature to place results.
+The ground truth pickle is copied next to the data (`load_gnd`). Listed images that are absent stop
+the build with `MissingImagesError` naming how many and the first few (allow_missing=True skips
+them and records them in summary.json). The counts are checked against the ground truth lists
+(and, for the real datasets, the official sizes are reported in summary.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from typing import Iterator, Optional, Sequence
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from dolg_jax.data import decode
+
+OFFICIAL_COUNTS = {'roxford5k': (4993, 70), 'rparis6k': (6322, 70), 'revisitop1m': (1001001, 0)}
+NAMES = tuple(OFFICIAL_COUNTS)
+_MAX_IN_MESSAGE = 5
+
+
+class MissingImagesError(RuntimeError):
+  """Images listed by the ground truth / list file are absent from the manual dir."""
+
+
+def _missing_message(name: str, root: str, missing: Sequence[str], total: int) -> str:
+  first = ', '.join(missing[:_MAX_IN_MESSAGE])
+  return (f'{name}: {len(missing)} of {total} listed images are missing under {root} '
+          f'(first: {first}). Download/extract them into that directory, or pass '
+          'allow_missing=True.')
+
+
+def read_gnd_file(path: str) -> dict:
+  """Reads and checks gnd_<name>.pkl; returns the dict."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: the manual dir must hold the revisitop ground '
+                            'truth')
+  with open(path, 'rb') as f:
+    cfg = pickle.load(f)
+  for key in ('imlist', 'qimlist', 'gnd'):
+    if key not in cfg:
+      raise ValueError(f'{path}: missing key {key!r} (found {sorted(cfg)})')
+  if len(cfg['gnd']) != len(cfg['qimlist']):
+    raise ValueError(f'{path}: {len(cfg["gnd"])} gnd entries but {len(cfg["qimlist"])} queries')
+  for i, g in enumerate(cfg['gnd']):
+    for key in ('bbx', 'easy', 'hard', 'junk'):
+      if key not in g:
+        raise ValueError(f'{path}: gnd[{i}] lacks {key!r}')
+  return cfg
+
+
+def read_r1m_list(path: str) -> list[str]:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: the manual dir must hold revisitop1m.txt')
+  with open(path) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def _check_present(name, root, relpaths, allow_missing):
+  missing = [p for p in relpaths if not os.path.isfile(os.path.join(root, p))]
+  if missing and not allow_missing:
+    raise MissingImagesError(_missing_message(name, root, missing, len(relpaths)))
+  return missing
+
+
+class _RevisitopBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared logic; subclasses set the name via their class name."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  SPLITS: tuple[str, ...] = ('index', 'query')
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
+
+  def __init__(self, *, allow_missing: bool = False, **kwargs):
+    self._allow_missing = allow_missing
+    self._summary: dict = {}
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+            'id': tfds.features.Text(),
+            'index': tfds.features.Scalar(dtype=np.int64),
+            'height': tfds.features.Scalar(dtype=np.int64),
+            'width': tfds.features.Scalar(dtype=np.int64),
+            'bbx': tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        }),
+        homepage='https://github.com/filipradenovic/revisitop',
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _example(self, path: str, image_id: str, index: int, bbx=None) -> dict:
+    with open(path, 'rb') as f:
+      data = f.read()
+    h, w = decode.image_size(data)
+    box = np.array(bbx if bbx is not None else (0, 0, w, h), np.float32)
+    return {'image': data, 'id': image_id, 'index': index, 'height': h, 'width': w, 'bbx': box}
+
+  def _download_and_prepare(self, dl_manager, download_config):
+    super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+    out = os.fspath(self.data_path)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'summary.json'), 'w') as f:
+      json.dump(self._summary, f, indent=1)
+    self.info.metadata.update({k: v for k, v in self._summary.items() if k != 'missing'})
+
+
+class _GndBuilder(_RevisitopBuilder, skip_registration=True):
+  """roxford5k / rparis6k."""
+
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Put the revisitop files in the manual dir: jpg/<name>.jpg for every image and gnd_<name>.pkl
+  (see https://github.com/filipradenovic/revisitop, python/download.py).
+  """
+
+  def _split_generators(self, dl_manager):
+    root = os.fspath(dl_manager.manual_dir)
+    gnd_path = os.path.join(root, f'gnd_{self.name}.pkl')
+    cfg = read_gnd_file(gnd_path)
+    self._gnd_path = gnd_path
+    rel = [os.path.join('jpg', n + '.jpg') for n in list(cfg['imlist']) + list(cfg['qimlist'])]
+    missing = _check_present(self.name, root, sorted(set(rel)), self._allow_missing)
+    official = OFFICIAL_COUNTS[self.name]
+    self._summary = {
+        'name': self.name, 'num_index': len(cfg['imlist']), 'num_query': len(cfg['qimlist']),
+        'official_counts': list(official),
+        'matches_official_counts': (len(cfg['imlist']), len(cfg['qimlist'])) == official,
+        'num_missing': len(missing), 'missing': missing,
+    }
+    self._root, self._cfg, self._missing = root, cfg, set(missing)
+    return {'index': self._generate_examples('index'), 'query': self._generate_examples('query')}
+
+  def _generate_examples(self, split):
+    names = self._cfg['imlist'] if split == 'index' else self._cfg['qimlist']
+    for i, n in enumerate(names):
+      rel = os.path.join('jpg', n + '.jpg')
+      if rel in self._missing:
+        continue
+      bbx = self._cfg['gnd'][i]['bbx'] if split == 'query' else None
+      yield f'{split}_{i:08d}', self._example(os.path.join(self._root, rel), n, i, bbx)
+
+  def _download_and_prepare(self, dl_manager, download_config):
+    super()._download_and_prepare(dl_manager, download_config)
+    shutil.copyfile(self._gnd_path, os.path.join(os.fspath(self.data_path), f'gnd_{self.name}.pkl'))
+
+
+class Roxford5k(_GndBuilder):
+  """Revisited Oxford 5k (4,993 index images, 70 queries with boxes)."""
+
+
+class Rparis6k(_GndBuilder):
+  """Revisited Paris 6k (6,322 index images, 70 queries with boxes)."""
+
+
+class Revisitop1m(_RevisitopBuilder):
+  """R1M distractors (1,001,001 images listed in revisitop1m.txt)."""
+
+  SPLITS = ('index',)
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Put revisitop1m.txt and the extracted jpg/ tree (revisitop1m.N.tar.gz) in the manual dir.
+  """
+
+  def _split_generators(self, dl_manager):
+    root = os.fspath(dl_manager.manual_dir)
+    names = read_r1m_list(os.path.join(root, 'revisitop1m.txt'))
+    missing = _check_present(self.name, root, [os.path.join('jpg', n) for n in names],
+                             self._allow_missing)
+    self._summary = {'name': self.name, 'num_index': len(names), 'num_query': 0,
+                     'official_counts': list(OFFICIAL_COUNTS[self.name]),
+                     'matches_official_counts': len(names) == OFFICIAL_COUNTS[self.name][0],
+                     'num_missing': len(missing), 'missing': missing}
+    self._root, self._names, self._missing = root, names, set(missing)
+    return {'index': self._generate_examples('index')}
+
+  def _generate_examples(self, split):
+    for i, n in enumerate(self._names):
+      rel = os.path.join('jpg', n)
+      if rel in self._missing:
+        continue
+      yield f'{split}_{i:08d}', self._example(os.path.join(self._root, rel), n, i)
+
+
+_BUILDERS = {'roxford5k': Roxford5k, 'rparis6k': Rparis6k, 'revisitop1m': Revisitop1m}
+
+
+def builder(name: str, data_dir: Optional[str] = None, **kwargs) -> _RevisitopBuilder:
+  """Builder for 'roxford5k' | 'rparis6k' | 'revisitop1m' (kwargs: allow_missing)."""
+  if name not in _BUILDERS:
+    raise ValueError(f'unknown revisitop dataset {name!r}; expected one of {NAMES}')
+  kwargs.setdefault('file_format', 'array_record')
+  return _BUILDERS[name](data_dir=data_dir, **kwargs)
+
+
+def prepare(name: str, manual_dir: str, data_dir: str, *, allow_missing: bool = False):
+  """Builds the dataset from `manual_dir` (no-op if already prepared); returns the builder."""
+  b = builder(name, data_dir, allow_missing=allow_missing)
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return b
+
+
+def data_source(name: str, data_dir: str, split: str):
+  """Random-access source of a prepared split ('index' or 'query')."""
+  b = builder(name, data_dir)
+  if not b.is_prepared():
+    raise FileNotFoundError(f'{name} is not prepared under {data_dir}; run '
+                            f'dolg_jax.data.revisitop.prepare({name!r}, MANUAL_DIR, {data_dir!r})')
+  return b.as_data_source()[split]
+
+
+def load_gnd(name: str, data_dir: str) -> dict:
+  """The ground truth pickle copied next to the prepared data (roxford5k / rparis6k)."""
+  path = os.path.join(os.fspath(builder(name, data_dir).data_path), f'gnd_{name}.pkl')
+  return read_gnd_file(path)
+
+
+def load_summary(name: str, data_dir: str) -> dict:
+  with open(os.path.join(os.fspath(builder(name, data_dir).data_path), 'summary.json')) as f:
+    return json.load(f)
+
+
+def iter_examples(source) -> Iterator[dict]:
+  """All examples of a data source, in storage order (use ex['index'] to place them)."""
+  for i in range(len(source)):
+    yield source[i]

@@ -1,0 +1,405 @@
+"""Multi-scale global descriptors for retrieval evaluation, sharded over devices, bounded compiles.
+
+Per image (the official DOLG / DELG test protocol):
+  1. decode to RGB; a query is cropped to its box [x1, y1, x2, y2] first (`crop_rounding`:
+     'trunc' = official int() truncation, rows int(y1):int(y2), cols int(x1):int(x2); 'round';
+     'expand' = floor of the start, ceil of the end);
+  2. optional long-side cap `max_side` (DELG: 1024), preserving the aspect ratio;
+  3. for every scale s: bilinear resize to (round(h s), round(w s)) -> model -> L2 normalise;
+  4. mean over scales -> L2 normalise.
+
+Bounded compilation: every distinct input shape is one XLA compilation, and query crops come in all
+sizes. With `pad` (the eval default, for models that take `valid_hw`, as DOLG does) each image is
+resized to its EXACT scaled size and placed top-left in a zero canvas whose sides come from a fixed
+ladder (`canvas_sides`: multiples of 32 up to 256, then 2**(1/`canvas_steps_per_octave`) steps);
+query crops, which come in every size, use a coarser ladder (`crop_canvas_steps_per_octave`);
+the model masks the padding (see dolg_jax.models.resnet.valid_mask), so descriptors equal
+exact-size extraction up to float rounding; batches are always padded to `batch_size`, so there is
+one compilation per canvas used, at most the ladder's length squared whatever the dataset. Without `pad`, with `bucket` > 0, each scaled side is snapped to the nearest allowed length instead of the
+exact one, so the image is resized straight to a bucketed size (a slight aspect change, no
+padding: padding would change GeM/average pooling). Allowed lengths are multiples of `bucket`
+(default 32); optionally, beyond `geometric_from`, a geometric progression with ratio
+2**(1/`steps_per_octave`) rounded to multiples of `bucket` (fewer compilations, larger aspect
+changes). Batches are padded (with dropped rows) to a power of two between the device count and
+`batch_size`. Measured effects on descriptors and compile counts: see bench_eval.py.
+
+Sharding: the batch axis is split over a 1-D mesh of this process's devices ('data'); variables
+are replicated. With several processes, each takes every process_count-th image and the
+descriptors are all-gathered at the end, so every process returns the full array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dolg_jax.data import decode
+
+try:
+  import cv2  # Bilinear resize (half-pixel centres, like the official cv2-based loaders).
+except ImportError:  # pragma: no cover
+  cv2 = None
+
+OFFICIAL_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
+DEFAULT_SCALES = (0.7071, 1.0, 1.4142)
+MIN_SIDE = 64  # the model needs H, W >= 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+  scales: tuple[float, ...] = DEFAULT_SCALES
+  max_side: int = 0                 # long-side cap before scaling (0 = none; DELG 1024)
+  crop_rounding: str = 'trunc'      # 'trunc' | 'round' | 'expand'
+  bucket: int = 32                  # 0 = exact sizes (one compile per shape)
+  geometric_from: int = 0           # > 0: beyond this side, geometric buckets (0 = never)
+  steps_per_octave: int = 8         # geometric bucket density (ratio 2**(1/8) ~ 9%)
+  batch_size: int = 16              # per process; padded to powers of two >= device count
+  num_workers: int = 4              # host threads decoding / cropping / resizing (0 = inline)
+  min_side: int = MIN_SIDE
+  pad: bool = False                 # exact sizes in padded canvases; apply_fn takes valid_hw
+  canvas_steps_per_octave: int = 4  # canvas ladder density above 256 (ratio 2**(1/4) ~ 19%)
+  crop_canvas_steps_per_octave: int = 1  # for query crops, which come in every size: 512, 1024, ...
+
+  def key(self) -> dict:
+    """What determines the descriptors (for caching)."""
+    d = dataclasses.asdict(self) | {'scales': [float(s) for s in self.scales]}
+    d.pop('num_workers')
+    return d
+
+
+def from_config(eval_cfg: Mapping[str, Any]) -> ExtractConfig:
+  """ExtractConfig from a `c.eval` ConfigDict (missing fields keep their defaults)."""
+  fields = {f.name for f in dataclasses.fields(ExtractConfig)}
+  kwargs = {k: eval_cfg[k] for k in fields if k in eval_cfg}
+  if 'scales' in kwargs:
+    kwargs['scales'] = tuple(float(s) for s in kwargs['scales'])
+  return ExtractConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def crop_box(bbx: Sequence[float], height: int, width: int, rounding: str = 'trunc'
+             ) -> tuple[int, int, int, int]:
+  """(y0, y1, x0, x1) pixel bounds (end exclusive) of box [x1, y1, x2, y2], clipped to the image."""
+  x1, y1, x2, y2 = (float(v) for v in bbx)
+  if rounding == 'trunc':
+    c = [int(y1), int(y2), int(x1), int(x2)]
+  elif rounding == 'round':
+    c = [int(round(y1)), int(round(y2)), int(round(x1)), int(round(x2))]
+  elif rounding == 'expand':
+    c = [math.floor(y1), math.ceil(y2), math.floor(x1), math.ceil(x2)]
+  else:
+    raise ValueError(f"crop_rounding must be 'trunc', 'round' or 'expand'; got {rounding!r}")
+  y0, y1_, x0, x1_ = c
+  y0, x0 = max(0, y0), max(0, x0)
+  y1_, x1_ = min(height, y1_), min(width, x1_)
+  if y1_ <= y0 or x1_ <= x0:
+    raise ValueError(f'box {list(bbx)} is empty inside a {height}x{width} image')
+  return y0, y1_, x0, x1_
+
+
+def capped_size(h: int, w: int, max_side: int) -> tuple[int, int]:
+  if max_side and max(h, w) > max_side:
+    s = max_side / max(h, w)
+    return max(1, int(round(h * s))), max(1, int(round(w * s)))
+  return h, w
+
+
+def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
+  """Exact target size at `scale` (cv2's fx/fy rounding)."""
+  return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def allowed_sides(cfg: ExtractConfig, limit: int = 8192) -> np.ndarray:
+  """Sorted side lengths the buckets snap to."""
+  b = cfg.bucket
+  if not b:
+    return np.zeros(0, np.int64)
+  if not cfg.geometric_from:
+    return np.arange(b, limit + 1, b, dtype=np.int64)
+  sides = list(range(b, max(cfg.geometric_from, b) + 1, b))
+  x = float(cfg.geometric_from)
+  ratio = 2.0 ** (1.0 / cfg.steps_per_octave)
+  while x < limit:
+    x *= ratio
+    v = int(round(x / b)) * b
+    if v > sides[-1]:
+      sides.append(v)
+  return np.array(sides, np.int64)
+
+
+def bucket_side(n: int, cfg: ExtractConfig, sides: Optional[np.ndarray] = None) -> int:
+  """Nearest allowed side (in log space); exact `n` when bucketing is off. At least min_side."""
+  n = max(int(n), cfg.min_side)
+  if not cfg.bucket:
+    return n
+  sides = allowed_sides(cfg) if sides is None else sides
+  sides = sides[sides >= cfg.min_side]
+  j = int(np.argmin(np.abs(np.log(sides / n))))
+  return int(sides[j])
+
+
+def target_size(h: int, w: int, scale: float, cfg: ExtractConfig, sides=None) -> tuple[int, int]:
+  th, tw = scaled_size(h, w, scale)
+  if cfg.pad:
+    return max(th, cfg.min_side), max(tw, cfg.min_side)
+  return bucket_side(th, cfg, sides), bucket_side(tw, cfg, sides)
+
+
+def canvas_sides(cfg: ExtractConfig, limit: int = 8192, crops: bool = False) -> np.ndarray:
+  """The canvas side ladder of `pad` mode: multiples of 32 up to 256, then geometric steps
+  (`crop_canvas_steps_per_octave` per octave for query crops, else `canvas_steps_per_octave`)."""
+  sides = list(range(32, 257, 32))
+  steps = cfg.crop_canvas_steps_per_octave if crops else cfg.canvas_steps_per_octave
+  ratio = 2.0 ** (1.0 / steps)
+  x = 256.0
+  while sides[-1] < limit:
+    x *= ratio
+    sides.append(max(sides[-1] + 32, int(math.ceil(x / 32)) * 32))
+  return np.array(sides, np.int64)
+
+
+def canvas_side(n: int, sides: np.ndarray) -> int:
+  """Smallest ladder side >= n."""
+  j = int(np.searchsorted(sides, n))
+  if j == len(sides):
+    raise ValueError(f'image side {n} exceeds the largest canvas {int(sides[-1])}')
+  return int(sides[j])
+
+
+def batch_key(th: int, tw: int, cfg: ExtractConfig, sides: np.ndarray) -> tuple[int, int]:
+  """The spatial shape an image resized to (th, tw) is run at (its canvas in pad mode)."""
+  if cfg.pad:
+    return canvas_side(th, sides), canvas_side(tw, sides)
+  return th, tw
+
+
+def resize_bilinear(img: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bilinear resize of (H, W, 3) uint8 (OpenCV INTER_LINEAR; Pillow if OpenCV is absent)."""
+  if img.shape[0] == height and img.shape[1] == width:
+    return np.ascontiguousarray(img)
+  if cv2 is not None:
+    return cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=cv2.INTER_LINEAR)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR))
+
+
+def prepare_image(image: np.ndarray | bytes, bbx: Optional[Sequence[float]],
+                  cfg: ExtractConfig) -> np.ndarray:
+  """Decoded (and cropped, capped) uint8 RGB image before scaling."""
+  img = decode.decode_rgb(image) if isinstance(image, (bytes, bytearray)) else np.asarray(image)
+  if img.dtype != np.uint8:
+    img = np.clip(img, 0, 255).astype(np.uint8)
+  if bbx is not None:
+    y0, y1, x0, x1 = crop_box(bbx, img.shape[0], img.shape[1], cfg.crop_rounding)
+    img = img[y0:y1, x0:x1]
+  h, w = capped_size(img.shape[0], img.shape[1], cfg.max_side)
+  return resize_bilinear(img, h, w)
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def local_mesh() -> Mesh:
+  return Mesh(np.array(jax.local_devices()), ('data',))
+
+
+def _ordered_map(fn, items, workers: int, window: int = 64):
+  """map(fn, items) on a thread pool (decoders and cv2 release the GIL), in order, bounded."""
+  if workers <= 0:
+    yield from map(fn, items)
+    return
+  import collections  # pylint: disable=g-import-not-at-top
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  with futures.ThreadPoolExecutor(workers) as pool:
+    queue = collections.deque()
+    for item in items:
+      queue.append(pool.submit(fn, item))
+      if len(queue) >= window:
+        yield queue.popleft().result()
+    while queue:
+      yield queue.popleft().result()
+
+
+class Extractor:
+  """Holds the jitted, sharded forward pass; counts compilations."""
+
+  def __init__(self, apply_fn: Callable[..., jax.Array], variables: Any,
+               cfg: ExtractConfig = ExtractConfig(), mesh: Optional[Mesh] = None):
+    self.cfg = cfg
+    self.mesh = mesh or local_mesh()
+    self.n_dev = self.mesh.devices.size
+    rep = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P('data'))
+    self.variables = jax.device_put(variables, rep)
+
+    def forward(variables, images, valid_hw):
+      if valid_hw is None:
+        d = apply_fn(variables, images)
+      else:
+        d = apply_fn(variables, images, valid_hw=valid_hw)
+      d = d.astype(jnp.float32)
+      return d / jnp.maximum(jnp.linalg.norm(d, axis=-1, keepdims=True), 1e-12)
+
+    self._forward = jax.jit(forward, out_shardings=self.batch_sharding)
+    self.shapes_seen: set[tuple[int, ...]] = set()
+    self.sides = allowed_sides(cfg)
+    self.canvas = canvas_sides(cfg)
+    self.crop_canvas = canvas_sides(cfg, crops=True)
+
+  @property
+  def compile_count(self) -> int:
+    """Distinct input shapes run so far (= XLA compilations of the forward pass)."""
+    return len(self.shapes_seen)
+
+  def _padded_batch(self, n: int) -> int:
+    b = max(self.n_dev, 1)
+    while b < n:
+      b *= 2
+    cap = max(self.cfg.batch_size, self.n_dev)
+    cap = int(math.ceil(cap / self.n_dev) * self.n_dev)
+    if self.cfg.pad and n <= cap:
+      return cap  # one batch size: the compile count is the number of canvases used
+    return min(b, cap) if n <= cap else b
+
+  def run_batch(self, images: list[np.ndarray], canvas: Optional[tuple[int, int]] = None
+                ) -> jax.Array:
+    """Unit-norm descriptors (len(images), D) of uint8 images (async).
+
+    Without `canvas` the images share one shape; with it (pad mode) each is placed top-left in a
+    zero canvas of that (H, W) and the model gets their sizes as valid_hw.
+    """
+    n = len(images)
+    b = self._padded_batch(n)
+    shape = images[0].shape if canvas is None else tuple(canvas) + images[0].shape[2:]
+    batch = np.zeros((b,) + shape, np.uint8)
+    valid_hw = None
+    if canvas is None:
+      batch[:n] = np.stack(images)
+    else:
+      valid_hw = np.full((b, 2), min(shape[0], shape[1]), np.int32)  # padding rows: any size
+      for k, im in enumerate(images):
+        batch[k, :im.shape[0], :im.shape[1]] = im
+        valid_hw[k] = im.shape[:2]
+      valid_hw = jax.device_put(valid_hw, self.batch_sharding)
+    self.shapes_seen.add(batch.shape)
+    out = self._forward(self.variables, jax.device_put(batch, self.batch_sharding), valid_hw)
+    return out[:n]
+
+  def extract(self, examples: Iterable[Mapping[str, Any]], num: int,
+              progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """Descriptors (num, D) float32, row ex['index'] for each example.
+
+    examples: dicts with 'index' (int), 'image' (encoded bytes or uint8 HWC array) and optionally
+      'bbx' ([x1, y1, x2, y2], queries only: the crop).
+    """
+    cfg = self.cfg
+    pid, nproc = jax.process_index(), jax.process_count()
+    sums: dict[int, np.ndarray] = {}
+    pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    inflight: list[tuple[list[int], jax.Array]] = []
+    done = 0
+
+    def collect(limit):
+      nonlocal done
+      while len(inflight) > limit:
+        idx, out = inflight.pop(0)
+        arr = np.asarray(out)
+        for i, v in zip(idx, arr):
+          sums[i] = sums[i] + v if i in sums else v.astype(np.float32).copy()
+        done += len(idx)
+        if progress:
+          progress(done)
+
+    def flush(shape):
+      items = pending.pop(shape)
+      canvas = shape if cfg.pad else None
+      inflight.append(([i for i, _ in items], self.run_batch([im for _, im in items], canvas)))
+      collect(2)
+
+    def mine():
+      for k, ex in enumerate(examples):
+        if k % nproc == pid:
+          idx = int(ex['index'])
+          if not 0 <= idx < num:
+            raise ValueError(f'example index {idx} outside [0, {num})')
+          yield idx, ex
+
+    def prepare(item):
+      idx, ex = item
+      img = prepare_image(ex['image'], ex.get('bbx', None), cfg)
+      out = []
+      ladder = self.canvas if ex.get('bbx', None) is None else self.crop_canvas
+      for s in cfg.scales:
+        th, tw = target_size(img.shape[0], img.shape[1], s, cfg, self.sides)
+        out.append((batch_key(th, tw, cfg, ladder), resize_bilinear(img, th, tw)))
+      return idx, out
+
+    for idx, scaled in _ordered_map(prepare, mine(), cfg.num_workers):
+      for shape, im in scaled:
+        pending.setdefault(shape, []).append((idx, im))
+        if len(pending[shape]) >= cfg.batch_size:
+          flush(shape)
+    for shape in list(pending):
+      flush(shape)
+    collect(0)
+    dim = next(iter(sums.values())).shape[0] if sums else 0
+    out = np.zeros((num, dim), np.float32)
+    have = np.zeros(num, bool)
+    for i, v in sums.items():
+      v = v / len(cfg.scales)
+      out[i] = v / max(np.linalg.norm(v), 1e-12)
+      have[i] = True
+    if nproc > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      outs = multihost_utils.process_allgather(out)
+      haves = multihost_utils.process_allgather(have)
+      out = (outs * haves[..., None]).sum(0).astype(np.float32)
+      have = haves.any(0)
+    if not have.all():
+      missing = np.flatnonzero(~have)
+      raise ValueError(f'{missing.size} of {num} indices got no example (first: '
+                       f'{missing[:5].tolist()})')
+    return out
+
+
+def simulate_shapes(sizes: Sequence[tuple[int, int]], boxes: Sequence[Optional[Sequence[float]]],
+                    cfg: ExtractConfig, n_dev: int = 1) -> set[tuple[int, int, int]]:
+  """The (batch, H, W) inputs Extractor.extract would compile for images of these (H, W) sizes
+  (boxes: query crops or None), without running anything. len() = the compile count."""
+  sides = allowed_sides(cfg)
+  canvas, crop_canvas = canvas_sides(cfg), canvas_sides(cfg, crops=True)
+  counts: dict[tuple[int, int], int] = {}
+  for (h, w), bbx in zip(sizes, boxes):
+    if bbx is not None:
+      y0, y1, x0, x1 = crop_box(bbx, h, w, cfg.crop_rounding)
+      h, w = y1 - y0, x1 - x0
+    h, w = capped_size(h, w, cfg.max_side)
+    for s in cfg.scales:
+      t = batch_key(*target_size(h, w, s, cfg, sides), cfg, canvas if bbx is None else crop_canvas)
+      counts[t] = counts.get(t, 0) + 1
+  probe = Extractor.__new__(Extractor)
+  probe.cfg, probe.n_dev = cfg, n_dev
+  shapes = set()
+  padded = probe._padded_batch  # pylint: disable=protected-access
+  for (th, tw), c in counts.items():
+    if c >= cfg.batch_size:
+      shapes.add((padded(cfg.batch_size), th, tw))
+    if c % cfg.batch_size:
+      shapes.add((padded(c % cfg.batch_size), th, tw))
+  return shapes
+
+
+def extract_descriptors(apply_fn, variables, images_iter, scales=DEFAULT_SCALES, *, num: int,
+                        cfg: Optional[ExtractConfig] = None, **cfg_overrides) -> np.ndarray:
+  """Functional form: (num, D) unit-norm multi-scale descriptors (see Extractor.extract)."""
+  cfg = cfg or ExtractConfig()
+  cfg = dataclasses.replace(cfg, scales=tuple(scales), **cfg_overrides)
+  return Extractor(apply_fn, variables, cfg).extract(images_iter, num)

@@ -1,0 +1,195 @@
+"""End to end: fixtures in the official layout -> extraction -> table vs hand-computed values."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import default
+from dolg_jax import eval as eval_lib
+from dolg_jax.data import revisitop
+from dolg_jax.data import revisitop_fixture as fx
+
+RED = fx.PALETTE[0]
+GREY = fx.GREY
+
+
+def mean_colour_apply(variables, images, valid_hw=None):
+  """Stand-in model: the mean RGB colour (times a learnable-looking scale) of the valid pixels."""
+  x = images.astype(jnp.float32)
+  if valid_hw is None:
+    return x.mean((1, 2)) * variables['scale']
+  rows = jnp.arange(x.shape[1])[None, :, None] < valid_hw[:, 0, None, None]
+  cols = jnp.arange(x.shape[2])[None, None, :] < valid_hw[:, 1, None, None]
+  m = (rows & cols)[..., None].astype(jnp.float32)
+  return (x * m).sum((1, 2)) / m.sum((1, 2)) * variables['scale']
+
+
+VARIABLES = {'scale': jnp.ones((), jnp.float32)}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('eval')
+  manual = os.path.join(root, 'manual')
+  # Landmark 0 (red) gets a near-red distractor in the base set: it ranks after the two easy
+  # images and before the hard one. R1M gets an even redder one (ranks before it).
+  fx.write_gnd_fixture(os.path.join(manual, 'roxford5k'), 'roxford5k',
+                       extra_index=[('other_twist', 0.8 * RED + 0.2 * GREY)])
+  fx.write_r1m_fixture(os.path.join(manual, 'revisitop1m'), 5, colours=[0.9 * RED + 0.1 * GREY])
+  out = os.path.join(root, 'data')
+  revisitop.prepare('roxford5k', os.path.join(manual, 'roxford5k'), out)
+  revisitop.prepare('revisitop1m', os.path.join(manual, 'revisitop1m'), out)
+  return out
+
+
+def _config(data_dir, **overrides):
+  c = default.get_config()
+  e = c.eval
+  e.datasets = ('roxford5k',)
+  e.data_dir = data_dir
+  e.use_distractors = True
+  e.batch_size = 4
+  e.report_queries = 3
+  for k, v in overrides.items():
+    setattr(e, k, v)
+  return c
+
+
+# Hand-computed (see the fixture): q0 ranks E, E, D, H, J (+1M: E, E, R, D, H, J); q1, q2 perfect.
+AP_M0 = (1 + 1 + (2 / 3 + 3 / 4) / 2) / 3          # positives at 0, 1, 3
+AP_H0 = (0 / 1 + 1 / 2) / 2                         # hard at 3, two junk (easy) before -> 1
+AP_M0_1M = (1 + 1 + (2 / 4 + 3 / 5) / 2) / 3        # positives at 0, 1, 4
+AP_H0_1M = (0 / 2 + 1 / 3) / 2                      # hard at 4 - 2 junk -> 2
+EXPECTED = {
+    'base': {'easy': (1.0, 1.0, 1.0, 1.0),
+             'medium': ((AP_M0 + 2) / 3, 1.0, (3 / 4 + 2) / 3, (3 / 4 + 2) / 3),
+             'hard': ((AP_H0 + 2) / 3, 2 / 3, (1 / 2 + 2) / 3, (1 / 2 + 2) / 3)},
+    '+1m': {'easy': (1.0, 1.0, 1.0, 1.0),
+            'medium': ((AP_M0_1M + 2) / 3, 1.0, (3 / 5 + 2) / 3, (3 / 5 + 2) / 3),
+            'hard': ((AP_H0_1M + 2) / 3, 2 / 3, (1 / 3 + 2) / 3, (1 / 3 + 2) / 3)},
+}
+
+
+def _check_table(results):
+  for setting, protos in EXPECTED.items():
+    for p, (m, p1, p5, p10) in protos.items():
+      got = results['roxford5k'][setting][p]
+      np.testing.assert_allclose([got['map'], got['mp@1'], got['mp@5'], got['mp@10']],
+                                 [m, p1, p5, p10], rtol=0, atol=1e-9, err_msg=f'{setting} {p}')
+
+
+def test_end_to_end_table_matches_hand_computed_values(data_dir, tmp_path):
+  out_dir = os.path.join(tmp_path, 'out')
+  out = eval_lib.evaluate_variables(_config(data_dir), mean_colour_apply, VARIABLES, out_dir)
+  _check_table(out['results'])
+  with open(os.path.join(out_dir, 'results.json')) as f:
+    saved = json.load(f)
+  _check_table(saved['results'])
+  aps = saved['results']['roxford5k']['base']['medium']['aps']
+  assert aps[0] == pytest.approx(AP_M0, abs=1e-12)
+  assert 'roxford5k+1M' in out['table'] and 'M mAP' in out['table']
+  # The report: HTML + PNG grid, first result of each query framed green (positive).
+  html_path, png = saved['reports']['roxford5k']
+  assert os.path.exists(html_path) and 'other_twist' in open(html_path).read()
+  grid = np.asarray(Image.open(png).convert('RGB'))
+  assert grid.shape[0] > 3 * 96
+  greens = np.all(np.abs(grid.astype(int) - [40, 170, 60]) < 3, axis=-1).sum()
+  reds = np.all(np.abs(grid.astype(int) - [210, 40, 40]) < 3, axis=-1).sum()
+  assert greens > 0 and reds > 0
+
+  # Cached descriptors: a model that cannot run still evaluates (same variables -> cache hit),
+  # and other search settings re-score from the cache.
+  def broken(v, x):
+    raise AssertionError('extraction should have come from the cache')
+  again = eval_lib.evaluate_variables(_config(data_dir, qe_k=1, report_queries=0), broken,
+                                      VARIABLES, out_dir)
+  assert again['results']['roxford5k']['base']['easy']['map'] == pytest.approx(1.0)
+
+
+def test_query_crop_matters(data_dir, tmp_path):
+  # Without the crop (rounding to a box covering the whole image) the grey frame dilutes the
+  # query colour: same positives first here, but the descriptors differ.
+  from dolg_jax.retrieval import extract as ex
+  src = revisitop.data_source('roxford5k', data_dir, 'query')
+  e = ex.Extractor(mean_colour_apply, VARIABLES, ex.ExtractConfig(scales=(1.0,)))
+  exs = list(revisitop.iter_examples(src))
+  crop = e.extract([{'index': int(x['index']), 'image': x['image'], 'bbx': x['bbx']}
+                    for x in exs], 3)
+  full = e.extract([{'index': int(x['index']), 'image': x['image']} for x in exs], 3)
+  assert (crop * full).sum(1).max() < 0.999
+  red = RED / np.linalg.norm(RED)
+  q0 = [int(x['index']) for x in exs if x['id'] == b'query_lm0_0'][0]
+  assert float(crop[q0] @ red) > 0.9999
+
+
+def test_cli_with_a_converted_checkpoint(data_dir, tmp_path):
+  """python -m dolg_jax.eval on a converted (pretrained.save_converted) tiny model."""
+  from configs import tiny
+  from dolg_jax import models, pretrained
+  cfg = tiny.get_config()
+  model = models.build_model(cfg.model)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  ckpt = os.path.join(tmp_path, 'tiny_converted')
+  pretrained.save_converted(ckpt, cfg.model, variables)
+  out_dir = os.path.join(tmp_path, 'cli_out')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, '-m', 'dolg_jax.eval', '--config=configs/tiny.py', f'--checkpoint={ckpt}',
+         f'--output_dir={out_dir}', f'--config.eval.data_dir={data_dir}',
+         "--config.eval.datasets=('roxford5k',)", '--config.eval.scales=(1.0,)',
+         '--config.eval.report_queries=2',
+         f'--config.eval.xla_cache_dir={tmp_path}/xla']
+  res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert 'roxford5k' in res.stdout and 'E mAP' in res.stdout
+  with open(os.path.join(out_dir, 'results.json')) as f:
+    saved = json.load(f)
+  assert saved['source'].startswith('released:')
+  # Padded canvases (the default): 96x128 and 128x96 hold every index image and query crop, each
+  # with full and partial batches.
+  assert saved['compile_count'] <= 4
+  for p in ('easy', 'medium', 'hard'):
+    assert 0.0 <= saved['results']['roxford5k']['base'][p]['map'] <= 1.0
+
+
+def test_load_model_dispatch(tmp_path, monkeypatch):
+  """--workdir / step dirs go through training.checkpointing.load_variables and config.model;
+  files and converted dirs through pretrained.load; exactly one of the two flags."""
+  from configs import tiny
+  from dolg_jax import models, pretrained
+  from dolg_jax.training import checkpointing
+  cfg = tiny.get_config()
+  model = models.build_model(cfg.model)
+  variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 64, 64, 3)), train=False)
+  calls = []
+
+  def fake_load_variables(path):
+    calls.append(path)
+    return jax.tree.map(np.asarray, variables)
+
+  monkeypatch.setattr(checkpointing, 'load_variables', fake_load_variables)
+  workdir = os.path.join(tmp_path, 'wd')
+  os.makedirs(workdir)
+  apply_fn, v, source = eval_lib.load_model(cfg, workdir=workdir)
+  assert calls == [workdir] and source.startswith('ours:')
+  assert callable(apply_fn)
+  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), v, variables))
+  conv = os.path.join(tmp_path, 'conv')
+  pretrained.save_converted(conv, cfg.model, variables)
+  _, _, source = eval_lib.load_model(cfg, checkpoint=conv)
+  assert source.startswith('released:')
+  with pytest.raises(ValueError, match='exactly one'):
+    eval_lib.load_model(cfg, workdir=workdir, checkpoint=conv)
+  with pytest.raises(FileNotFoundError):
+    eval_lib.load_model(cfg, checkpoint=os.path.join(tmp_path, 'nope.pyth'))
+  assert eval_lib.variables_hash(variables) == eval_lib.variables_hash(
+      jax.tree.map(np.asarray, variables))
+  assert eval_lib.variables_hash(variables) != eval_lib.variables_hash(
+      jax.tree.map(lambda a: a + 1, variables))
