@@ -65,7 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.num_train_steps = -1           # -1: derived from num_epochs.
   t.base_learning_rate = 0.05      # Per 128 images; scaled linearly with the global batch.
   t.warmup_epochs = 5
+  t.optimizer = 'sgd'              # 'sgd' (paper) | 'adamw' (the CPU demo trains from scratch).
   t.momentum = 0.9
+  t.adam_b1 = 0.9                  # 'adamw' only.
+  t.adam_b2 = 0.999
   t.nesterov = False
   t.weight_decay = 1e-4
   t.weight_decay_mask = 'all'      # 'all' (pycls reference) | 'kernels' (no BN/bias/GeM p).
@@ -76,6 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.async_checkpointing = True
   t.preemption_sync_every_steps = 10  # Multi-process: how often SIGTERM flags are OR-reduced.
   t.eval_every_steps = 5000        # Validation accuracy (0 = never); also at the last step.
+  t.eval_batches = 100             # Validation batches (global batch size) per evaluation; 0 = all.
   t.eval_retrieval = False         # Also run dolg_jax.eval (retrieval mAP, config.eval) then.
   t.backbone_init = ''             # ImageNet backbone checkpoint (pycls .pyth / torchvision .pth).
   t.deterministic = False          # GPU: XLA deterministic ops (slower; see training/determinism.py).

@@ -48,10 +48,25 @@ def _is_released(path: str) -> bool:
   return pretrained.is_converted_dir(path)
 
 
+def model_apply_fn(model) -> Callable:
+  """The extraction apply function of a DOLG module: (variables, images, valid_hw=None) -> desc."""
+
+  def apply_fn(v, images, valid_hw=None):
+    return model.apply(v, images, train=False, valid_hw=valid_hw)
+
+  return apply_fn
+
+
+def make_apply_fn(config: ml_collections.ConfigDict) -> Callable:
+  """`model_apply_fn` of the model `config.model` describes, in the eval compute dtype."""
+  from dolg_jax import models  # pylint: disable=g-import-not-at-top
+  dtype = config.eval.get('compute_dtype', '') or config.get('compute_dtype', 'float32')
+  return model_apply_fn(models.build_model(config.model, dtype=dtype))
+
+
 def load_model(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
                checkpoint: Optional[str] = None) -> tuple[Callable, Any, str]:
   """(apply_fn, variables, source description) from --workdir or --checkpoint."""
-  from dolg_jax import models  # pylint: disable=g-import-not-at-top
   if bool(workdir) == bool(checkpoint):
     raise ValueError('give exactly one of --workdir and --checkpoint')
   path = os.fspath(workdir or checkpoint)
@@ -60,18 +75,10 @@ def load_model(config: ml_collections.ConfigDict, *, workdir: Optional[str] = No
   if checkpoint and _is_released(path):
     from dolg_jax import pretrained  # pylint: disable=g-import-not-at-top
     model, variables = pretrained.load(path)
-    source = f'released:{os.path.abspath(path)}'
-  else:
-    from dolg_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
-    variables = checkpointing.load_variables(path)
-    dtype = config.eval.get('compute_dtype', '') or config.get('compute_dtype', 'float32')
-    model = models.build_model(config.model, dtype=dtype)
-    source = f'ours:{os.path.abspath(path)}'
-
-  def apply_fn(v, images, valid_hw=None):
-    return model.apply(v, images, train=False, valid_hw=valid_hw)
-
-  return apply_fn, variables, source
+    return model_apply_fn(model), variables, f'released:{os.path.abspath(path)}'
+  from dolg_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  variables = checkpointing.load_variables(path)
+  return make_apply_fn(config), variables, f'ours:{os.path.abspath(path)}'
 
 
 def variables_hash(variables: Any) -> str:

@@ -36,7 +36,8 @@ import tensorflow_datasets as tfds
 from dolg_jax.data import decode
 
 OFFICIAL_COUNTS = {'roxford5k': (4993, 70), 'rparis6k': (6322, 70), 'revisitop1m': (1001001, 0)}
-NAMES = tuple(OFFICIAL_COUNTS)
+# 'rdemo': the embedded demo's benchmark (dolg_jax.demo), same layout, no official size.
+NAMES = tuple(OFFICIAL_COUNTS) + ('rdemo',)
 _MAX_IN_MESSAGE = 5
 
 
@@ -146,10 +147,10 @@ class _GndBuilder(_RevisitopBuilder, skip_registration=True):
     self._gnd_path = gnd_path
     rel = [os.path.join('jpg', n + '.jpg') for n in list(cfg['imlist']) + list(cfg['qimlist'])]
     missing = _check_present(self.name, root, sorted(set(rel)), self._allow_missing)
-    official = OFFICIAL_COUNTS[self.name]
+    official = OFFICIAL_COUNTS.get(self.name)
     self._summary = {
         'name': self.name, 'num_index': len(cfg['imlist']), 'num_query': len(cfg['qimlist']),
-        'official_counts': list(official),
+        'official_counts': list(official) if official else None,
         'matches_official_counts': (len(cfg['imlist']), len(cfg['qimlist'])) == official,
         'num_missing': len(missing), 'missing': missing,
     }
@@ -176,6 +177,10 @@ class Roxford5k(_GndBuilder):
 
 class Rparis6k(_GndBuilder):
   """Revisited Paris 6k (6,322 index images, 70 queries with boxes)."""
+
+
+class Rdemo(_GndBuilder):
+  """The embedded demo's benchmark (procedural places; dolg_jax.data.demo_data) in this layout."""
 
 
 class Revisitop1m(_RevisitopBuilder):
@@ -206,7 +211,8 @@ class Revisitop1m(_RevisitopBuilder):
       yield f'{split}_{i:08d}', self._example(os.path.join(self._root, rel), n, i)
 
 
-_BUILDERS = {'roxford5k': Roxford5k, 'rparis6k': Rparis6k, 'revisitop1m': Revisitop1m}
+_BUILDERS = {'roxford5k': Roxford5k, 'rparis6k': Rparis6k, 'revisitop1m': Revisitop1m,
+             'rdemo': Rdemo}
 
 
 def builder(name: str, data_dir: Optional[str] = None, **kwargs) -> _RevisitopBuilder:

@@ -1,0 +1,126 @@
+"""Train-step benchmark: images/s, step time, achieved TFLOP/s and (GPU/TPU) fraction of peak.
+
+  python -m dolg_jax.bench --config=configs/r50.py --batch=128 [--steps=20] [--warmup=3]
+      [--config.compute_dtype=bfloat16] [--config.train.grad_accum_steps=1] [--config.mesh.model=1]
+
+Times the real jitted train step (same code as training: sharded on the config's mesh, donation,
+gradient accumulation, margin head over `config.head.num_classes` classes) on a fixed random
+batch already on the devices, so the input pipeline is excluded. FLOPs come from XLA's cost
+analysis of the compiled step (per device for a partitioned program; multiplied by the device
+count). Peak: dense bf16 tensor-core FLOP/s of the device kind (table below; --peak_tflops to
+override).
+"""
+
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+from dolg_jax import models
+from dolg_jax import sharding as shd
+from dolg_jax.training import determinism
+from dolg_jax.training import state as state_lib
+from dolg_jax.training import step as step_lib
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file('config', 'configs/r50.py', 'Training config.', lock_config=True)
+  flags.DEFINE_integer('batch', None, 'Global batch (default: config.train.global_batch_size).')
+  flags.DEFINE_integer('steps', 20, 'Timed steps.')
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+  flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device (default: table).')
+
+
+# Dense bf16 peak TFLOP/s per device (vendor figures, no sparsity).
+PEAK_TFLOPS = {
+    'H100': 989.0, 'H200': 989.0, 'GH200': 989.0, 'B200': 2250.0, 'A100': 312.0, 'A10': 125.0,
+    'L4': 121.0, 'L40': 181.0, 'V100': 125.0, 'RTX 4090': 165.0,
+    'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0, 'TPU v5p': 459.0, 'TPU v6 lite': 918.0,
+}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """Longest table key contained in the device kind (e.g. 'NVIDIA H100 80GB HBM3' -> H100)."""
+  matches = [k for k in PEAK_TFLOPS if k.lower() in device_kind.lower()]
+  return PEAK_TFLOPS[max(matches, key=len)] if matches else None
+
+
+def benchmark(config, batch: int, steps: int, warmup: int,
+              peak_override: float | None = None) -> dict:
+  """Compiles and times the train step; returns the figures."""
+  config.train.global_batch_size = batch
+  mesh = shd.make_mesh(config.mesh)
+  model = models.build_model(config.model, config.compute_dtype)
+  tx = state_lib.create_optimizer(config.train)
+  n_classes = config.head.num_classes
+  state, sh = state_lib.create_train_state(config, model, models.margins.init_head_weight, tx,
+                                           mesh, jax.random.key(0), n_classes)
+  train_step = step_lib.make_train_step(config, model, models.margins, tx, mesh, sh, n_classes)
+  rng = np.random.default_rng(0)
+  size = config.data.image_size
+  local = batch // jax.process_count()
+  images = shd.global_batch(mesh, {
+      'image': rng.integers(0, 256, (local, size, size, 3), dtype=np.uint8),
+      'label': rng.integers(0, n_classes, (local,), dtype=np.int32)})
+  lr = np.float32(1e-4)
+
+  t0 = time.perf_counter()
+  compiled = train_step.lower(state, images, lr).compile()
+  compile_s = time.perf_counter() - t0
+  flops = step_lib.train_flops_per_step(compiled)
+  for _ in range(warmup):
+    state, metrics = compiled(state, images, lr)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, images, lr)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  step_s = float(np.median(times))
+  n_dev = jax.device_count()
+  out = {'device_kind': jax.devices()[0].device_kind, 'devices': n_dev, 'batch': batch,
+         'image_size': size, 'compute_dtype': config.compute_dtype,
+         'grad_accum_steps': config.train.grad_accum_steps, 'compile_s': compile_s,
+         'step_time_s': step_s, 'step_time_min_s': float(np.min(times)),
+         'images_per_sec': batch / step_s, 'loss': float(metrics['loss'])}
+  if flops:
+    total = flops * n_dev
+    out.update({'gflop_per_step': total / 1e9, 'tflops_per_sec': total / step_s / 1e12})
+    peak = peak_override or peak_tflops(out['device_kind'])
+    if peak and jax.devices()[0].platform != 'cpu':
+      out['peak_tflops_per_device'] = peak
+      out['fraction_of_peak'] = out['tflops_per_sec'] / (peak * n_dev)
+  return out
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  determinism.apply(config.train.deterministic)   # Before the XLA backend starts.
+  res = benchmark(config, FLAGS.batch or config.train.global_batch_size, FLAGS.steps,
+                  FLAGS.warmup, FLAGS.peak_tflops)
+  print(f"{res['device_kind']} x{res['devices']}  batch {res['batch']}  {res['image_size']}px  "
+        f"{res['compute_dtype']}  accum {res['grad_accum_steps']}")
+  print(f"compile {res['compile_s']:.1f} s")
+  print(f"train: {res['images_per_sec']:.2f} images/s, step {1e3 * res['step_time_s']:.1f} ms "
+        f"(median of {FLAGS.steps}; min {1e3 * res['step_time_min_s']:.1f} ms)")
+  if 'tflops_per_sec' in res:
+    line = (f"XLA cost analysis: {res['gflop_per_step']:.1f} GFLOP/step -> "
+            f"{res['tflops_per_sec']:.3f} TFLOP/s achieved")
+    if 'fraction_of_peak' in res:
+      line += (f", {100 * res['fraction_of_peak']:.1f}% of peak "
+               f"({res['peak_tflops_per_device']:.0f} TFLOP/s/device)")
+    print(line)
+  else:
+    print('XLA cost analysis unavailable on this backend.')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,107 @@
+"""Train DOLG: python -m dolg_jax.main --config=configs/r101.py --workdir=DIR [--config.a.b=v ...]
+
+Parses flags, starts multi-host JAX when needed and calls `train_and_evaluate(config, workdir)`.
+The config is locked: overriding a field that does not exist is an error naming it.
+
+Multi-host: on SLURM (srun with several tasks) and on Cloud TPU pods `jax.distributed.initialize()`
+detects the cluster itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I on every process (see launch/).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (at entry only, so importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py, '
+                                  'optionally file.py:name).', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl, TensorBoard, manifest.json. '
+                      'Training resumes from it automatically.')
+  flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process runs '
+                      'outside SLURM/TPU).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+  flags.DEFINE_integer('process_id', None, 'This process index.')
+  flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                    "'auto': initialise on SLURM/TPU clusters or with the explicit flags; 'on': "
+                    "always call jax.distributed.initialize(); 'off': never.")
+
+
+def cluster_detected(env=os.environ) -> bool:
+  """True under a multi-task SLURM step or on a multi-host Cloud TPU slice."""
+  if int(env.get('SLURM_NTASKS', env.get('SLURM_NPROCS', '1'))) > 1 and 'SLURM_STEP_ID' in env:
+    return True
+  return ',' in env.get('TPU_WORKER_HOSTNAMES', '') or 'MEGASCALE_COORDINATOR_ADDRESS' in env
+
+
+def initialize_distributed(mode: str, coordinator: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Calls jax.distributed.initialize when this is (or is asked to be) a multi-process run."""
+  import jax  # pylint: disable=g-import-not-at-top  # After XLA_FLAGS are final.
+  explicit = (coordinator, num_processes, process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError('--coordinator_address, --num_processes and --process_id go together.')
+    # Only affects CPU devices (tests, local multi-process runs): cross-process collectives.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif mode == 'on' or (mode == 'auto' and cluster_detected()):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('JAX distributed: process %d of %d, %d local / %d global devices.',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; a --config.<path> override of a missing field exits naming the field."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    message = e
+    while isinstance(message, BaseException) and message.args:
+      message = message.args[0]
+    message = str(message)
+    for arg in argv[1:]:
+      if arg.startswith('--config.'):
+        path = arg[len('--config.'):].split('=', 1)[0]
+        if any(f"'{part}'" in message for part in path.split('.')):
+          hint = message.split('\n', 1)[1] if '\n' in message else ''
+          sys.exit(f'ERROR: unknown config field {path!r} in {arg!r}: the config is locked, '
+                   f'so overrides must name existing fields. {hint}'.rstrip())
+    raise
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.workdir is None or FLAGS.config is None:
+    raise app.UsageError('--config and --workdir are required.')
+  config = FLAGS.config
+  from dolg_jax.training import determinism  # pylint: disable=g-import-not-at-top
+  determinism.apply(config.train.deterministic)   # Before the XLA backend starts.
+  initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id)
+  from dolg_jax.training import loop  # pylint: disable=g-import-not-at-top
+  try:
+    loop.train_and_evaluate(config, FLAGS.workdir)
+  except loop.NonFiniteLossError as e:
+    logging.error('%s', e)
+    sys.exit(f'ERROR: {e}')
+
+
+def run() -> None:
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  run()

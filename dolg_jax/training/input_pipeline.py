@@ -1,0 +1,141 @@
+"""Training inputs: opens the configured dataset and builds per-process batch iterators.
+
+`config.data.dataset`:
+- a TFDS name such as 'gldv2/clean' (prepared ArrayRecord, read with grain through
+  `dolg_jax.data.pipeline`); with `config.data.make_fixture` (tiny-style configs only) the dataset
+  is the small GLDv2-format fixture, written and prepared under `data_dir` on first use.
+- 'synthetic': random images with learnable class structure, for benchmarks and smoke tests.
+
+Every iterator yields host-local batches {'image': uint8 (B, S, S, 3), 'label': int32 (B,)} and
+has `get_state()` / `set_state()` (JSON-serialisable) for exact resume.
+"""
+
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+@dataclasses.dataclass
+class Data:
+  """An opened dataset."""
+  train_source: Any
+  val_source: Any
+  num_train_examples: int
+  num_classes: int
+  manifest: dict
+
+
+def data_seed(config: ml_collections.ConfigDict) -> int:
+  return int(config.seed) + 1
+
+
+# --------------------------------------------------------------------------- synthetic
+class SyntheticIterator:
+  """Deterministic synthetic batches: example i of class i % C is a class colour plus noise.
+
+  Process p of P yields rows [p*B/P, (p+1)*B/P) of each global batch, so the union over processes
+  is independent of the process count.
+  """
+
+  def __init__(self, *, image_size: int, num_classes: int, global_batch: int, seed: int,
+               process_index: int, process_count: int):
+    self.image_size, self.num_classes = image_size, num_classes
+    self.global_batch, self.seed = global_batch, seed
+    self.local = global_batch // process_count
+    self.offset = process_index * self.local
+    self.step = 0
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def _example(self, i: int) -> tuple[np.ndarray, int]:
+    label = i % self.num_classes
+    rng = np.random.default_rng([self.seed, i])
+    colour = np.random.default_rng([self.seed, 10**9 + label]).integers(0, 256, 3)
+    noise = rng.normal(0.0, 40.0, (self.image_size, self.image_size, 3))
+    return np.clip(colour + noise, 0, 255).astype(np.uint8), label
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    base = self.step * self.global_batch + self.offset
+    examples = [self._example(base + j) for j in range(self.local)]
+    self.step += 1
+    return {'image': np.stack([e[0] for e in examples]),
+            'label': np.array([e[1] for e in examples], np.int32)}
+
+  def get_state(self) -> dict[str, Any]:
+    return {'step': self.step}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.step = int(state['step'])
+
+
+SYNTHETIC_TRAIN_EXAMPLES = 1 << 20
+SYNTHETIC_CLASSES = 1000
+
+
+# --------------------------------------------------------------------------- public
+def open_data(config: ml_collections.ConfigDict) -> Data:
+  """Opens the training dataset named by `config.data.dataset`."""
+  d = config.data
+  if d.dataset == 'synthetic':
+    n_classes = config.head.num_classes or SYNTHETIC_CLASSES
+    return Data(None, None, SYNTHETIC_TRAIN_EXAMPLES, n_classes,
+                {'name': 'synthetic', 'num_classes': n_classes})
+  return _open_tfds(config)
+
+
+def train_iterator(config: ml_collections.ConfigDict, data: Data, *, per_host_batch: int):
+  """This process's training iterator (state restorable with `set_state`)."""
+  if config.data.dataset == 'synthetic':
+    return SyntheticIterator(
+        image_size=config.data.image_size, num_classes=data.num_classes,
+        global_batch=config.train.global_batch_size, seed=data_seed(config),
+        process_index=jax.process_index(), process_count=jax.process_count())
+  from dolg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.make_train_iterator(
+      config, data.train_source, seed=data_seed(config), process_index=jax.process_index(),
+      process_count=jax.process_count(), per_host_batch=per_host_batch)
+
+
+def eval_batches(config: ml_collections.ConfigDict, data: Data, per_host_batch: int):
+  """Validation batches for this process (each with a 'mask'); empty without a validation split."""
+  if data.val_source is None:
+    return iter(())
+  from dolg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.make_eval_iterator(
+      config, data.val_source, process_index=jax.process_index(),
+      process_count=jax.process_count(), per_host_batch=per_host_batch)
+
+
+def _open_tfds(config: ml_collections.ConfigDict) -> Data:
+  """Opens a prepared GLDv2 TFDS dataset (building the fixture first when configured)."""
+  from dolg_jax.data import gldv2  # pylint: disable=g-import-not-at-top
+  from dolg_jax.training import manifest  # pylint: disable=g-import-not-at-top
+  d = config.data
+  data_dir = os.path.expanduser(d.data_dir) if d.data_dir else None
+  if d.get('make_fixture', False):
+    if not data_dir:
+      raise ValueError('config.data.make_fixture needs config.data.data_dir.')
+    if jax.process_index() == 0:
+      gldv2.ensure_fixture_dataset(data_dir, dataset=d.dataset)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('dolg_jax fixture dataset ready')
+  builder = gldv2.builder(d.dataset, data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'config.data.dataset={d.dataset!r} is not prepared under config.data.data_dir='
+        f'{d.data_dir!r} ({builder.data_path}); run `python -m dolg_jax.data.prepare` first.')
+  sources = builder.as_data_source()
+  info = builder.info
+  splits = {name: int(split.num_examples) for name, split in info.splits.items()}
+  n_classes = int(info.metadata['num_classes'])
+  record = {'name': d.dataset, 'version': str(info.version),
+            'data_path': os.fspath(builder.data_path),
+            'splits': splits, 'num_classes': n_classes,
+            'fingerprint': manifest.directory_fingerprint(os.fspath(builder.data_path))}
+  return Data(sources['train'], sources.get('validation'), len(sources['train']), n_classes, record)

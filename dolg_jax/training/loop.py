@@ -1,0 +1,218 @@
+"""`train_and_evaluate(config, workdir)`: the training loop.
+
+One pass per step: next host batch -> global sharded batch -> jitted train step (async dispatch).
+Metrics are fetched from the device only at log / checkpoint / eval boundaries. A checkpoint is
+written only after every loss since the previous check was verified finite, so a NaN/inf loss
+stops the run (NonFiniteLossError) with the last good checkpoint intact.
+"""
+
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dolg_jax import models
+from dolg_jax import sharding as shd
+from dolg_jax.training import checkpointing
+from dolg_jax.training import determinism
+from dolg_jax.training import input_pipeline
+from dolg_jax.training import manifest as manifest_lib
+from dolg_jax.training import metric_logging
+from dolg_jax.training import preemption
+from dolg_jax.training import schedule
+from dolg_jax.training import state as state_lib
+from dolg_jax.training import step as step_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+def _check_finite(records: list[dict[str, Any]], first_step: int, workdir: str,
+                  last_saved: int | None) -> None:
+  """Raises NonFiniteLossError at the first step whose loss, gradient or parameters are not finite.
+
+  Parameters are checked too: a finite loss with a NaN gradient yields NaN weights that must not
+  be checkpointed.
+  """
+  for i, r in enumerate(records):
+    if not all(np.isfinite(r[k]) for k in ('loss', 'grad_norm', 'param_norm')):
+      where = (f'step {last_saved} in {checkpointing.checkpoint_dir(workdir)}'
+               if last_saved is not None else 'none yet')
+      raise NonFiniteLossError(
+          f'Non-finite training values at step {first_step + i}: loss {r["loss"]}, grad_norm '
+          f'{r["grad_norm"]}, param_norm {r["param_norm"]}. Stopping without saving this state; '
+          f'last good checkpoint: {where}. Lower config.train.base_learning_rate or check the '
+          f'input data, then rerun the same command to resume from that checkpoint.')
+
+
+def _mean_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+  return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+
+
+def evaluate(eval_step, state, batches, mesh, max_batches: int = 0) -> dict[str, float]:
+  """Validation loss and top-1 accuracy (nearest class centre) over `batches` (the first
+  `max_batches` when > 0; every process yields the same number, so all stop together)."""
+  totals = {'correct': 0.0, 'count': 0.0, 'loss_sum': 0.0}
+  for i, batch in enumerate(batches):
+    if 0 < max_batches <= i:
+      break
+    out = jax.device_get(eval_step(state, shd.global_batch(mesh, batch)))
+    for k in totals:
+      totals[k] += float(out[k])
+  if hasattr(batches, 'close'):   # grain iterators: stop their worker processes.
+    batches.close()
+  n = max(totals['count'], 1.0)
+  return {'val_accuracy': totals['correct'] / n, 'val_loss': totals['loss_sum'] / n,
+          'val_examples': totals['count']}
+
+
+def retrieval_eval(config: ml_collections.ConfigDict, state, workdir: str, step: int) -> dict:
+  """Retrieval mAP of the current weights through dolg_jax.eval (config.eval datasets)."""
+  from dolg_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  variables = shd.host_replicated({'params': state.params['model'],
+                                'batch_stats': state.batch_stats})
+  out = eval_lib.evaluate_variables(
+      config, eval_lib.make_apply_fn(config), variables,
+      os.path.join(workdir, 'eval', f'step_{step}'), source=f'train:{workdir}@{step}')
+  flat = {}
+  for name, res in out['results'].items():
+    for setting, table in res.items():
+      for protocol, r in table.items():
+        flat[f'map/{name}/{setting}/{protocol}'] = r['map']
+  return flat
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics."""
+  t_cfg = config.train
+  determinism.apply(t_cfg.deterministic)
+  os.makedirs(workdir, exist_ok=True)
+  is_primary = jax.process_index() == 0
+  mesh = shd.make_mesh(config.mesh)
+  logging.info('Mesh %s over %d devices (%d processes).', dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+  if t_cfg.global_batch_size % jax.process_count():
+    raise ValueError(f'config.train.global_batch_size={t_cfg.global_batch_size} must be divisible '
+                     f'by the process count {jax.process_count()}.')
+  per_host_batch = t_cfg.global_batch_size // jax.process_count()
+
+  data = input_pipeline.open_data(config)
+  if config.head.num_classes != data.num_classes:
+    logging.info('config.head.num_classes %d -> %d (from the dataset).', config.head.num_classes,
+                 data.num_classes)
+    config.head.num_classes = data.num_classes
+  steps_per_epoch = schedule.steps_per_epoch(data.num_train_examples, t_cfg.global_batch_size)
+  total_steps = schedule.num_train_steps(t_cfg, data.num_train_examples)
+  lr_fn = schedule.create_learning_rate_fn(t_cfg, steps_per_epoch, total_steps)
+  tx = state_lib.create_optimizer(t_cfg)
+  model = models.build_model(config.model, config.compute_dtype)
+
+  manager = checkpointing.make_manager(workdir, keep=t_cfg.keep_checkpoints,
+                                       async_save=t_cfg.async_checkpointing)
+  latest = manager.latest_step()
+  iterator = input_pipeline.train_iterator(config, data, per_host_batch=per_host_batch)
+  if latest is None:
+    state, state_sh = state_lib.create_train_state(
+        config, model, models.margins.init_head_weight, tx, mesh,
+        jax.random.key(config.seed), data.num_classes)
+    if t_cfg.backbone_init:
+      state = state_lib.load_backbone(state, state_sh, t_cfg.backbone_init)
+      logging.info('Backbone initialised from %s.', t_cfg.backbone_init)
+  else:
+    target, state_sh = state_lib.abstract_train_state(
+        config, model, models.margins.init_head_weight, tx, mesh, data.num_classes)
+    state, iter_state = checkpointing.restore(manager, latest, target)
+    iterator.set_state(iter_state)
+    logging.info('Resumed from step %d of %s.', latest, checkpointing.checkpoint_dir(workdir))
+  start_step = int(jax.device_get(state.step))
+
+  jsonl = metric_logging.JsonlWriter(workdir, enabled=is_primary)
+  jsonl.truncate_after(start_step)
+  writer = metric_logging.create_writer(workdir, is_primary)
+  if is_primary:
+    manifest_lib.write_manifest(workdir, manifest_lib.build_manifest(
+        config, seeds={'seed': config.seed, 'data_seed': input_pipeline.data_seed(config)},
+        dataset=data.manifest, extra={'start_step': start_step, 'total_steps': total_steps,
+                                      'steps_per_epoch': steps_per_epoch,
+                                      'mesh': dict(mesh.shape)}))
+    if start_step == 0:
+      writer.write_hparams(config.to_dict())
+
+  train_step = step_lib.make_train_step(config, model, models.margins, tx, mesh, state_sh,
+                                        data.num_classes)
+  eval_step = None
+  progress = metric_logging.Progress(total_steps, start_step, t_cfg.global_batch_size)
+  pending: list[Any] = []          # Device metrics of steps not yet fetched.
+  fetched: list[dict] = []         # Host metrics since the last log line.
+  first_fetched = start_step + 1
+  last_saved = latest
+  last_logged: dict[str, Any] = {}
+
+  def fetch():
+    nonlocal pending, first_fetched
+    new = jax.device_get(pending)
+    _check_finite(new, first_fetched + len(fetched), workdir, last_saved)
+    fetched.extend(new)
+    pending = []
+
+  try:
+    with preemption.PreemptionHandler(t_cfg.preemption_sync_every_steps) as preempt:
+      step = start_step
+      while step < total_steps:
+        batch = next(iterator)
+        state, metrics = train_step(state, shd.global_batch(mesh, batch), lr_fn(step))
+        pending.append(metrics)
+        step += 1
+        if step == start_step + 1:  # Throughput/ETA exclude compilation.
+          jax.block_until_ready(metrics)
+          progress.restart(step)
+        stop = preempt.should_stop(step)
+        do_log = step % t_cfg.log_every_steps == 0 or step == total_steps
+        do_ckpt = (step % t_cfg.checkpoint_every_steps == 0 or step == total_steps or stop)
+        do_eval = t_cfg.eval_every_steps > 0 and (step % t_cfg.eval_every_steps == 0
+                                                  or step == total_steps)
+        if do_log or do_ckpt or do_eval:
+          fetch()
+        if do_log:
+          record = {'step': step, 'epoch': step / steps_per_epoch, **_mean_metrics(fetched),
+                    **progress.update(step)}
+          fetched, first_fetched = [], step + 1
+          writer.write_scalars(step, {k: v for k, v in record.items() if k != 'step'})
+          jsonl.write(record)
+          last_logged = record
+          if is_primary:
+            print(progress.line(step, record), flush=True)
+        if do_eval:
+          if eval_step is None:
+            eval_step = step_lib.make_eval_step(config, model, mesh, state_sh, data.num_classes)
+          t0 = time.perf_counter()
+          batches = input_pipeline.eval_batches(config, data, per_host_batch)
+          val = evaluate(eval_step, state, batches, mesh, t_cfg.eval_batches)
+          if t_cfg.eval_retrieval:
+            val.update(retrieval_eval(config, state, workdir, step))
+          writer.write_scalars(step, val)
+          jsonl.write({'step': step, **val, 'eval_time_s': time.perf_counter() - t0})
+          last_logged = {**last_logged, **val}
+        if do_ckpt:
+          checkpointing.save(manager, step, state, iterator.get_state())
+          last_saved = step
+        if stop:
+          logging.warning('SIGTERM: saved step %d, exiting.', step)
+          print(f'Preempted: checkpoint of step {step} saved in '
+                f'{checkpointing.checkpoint_dir(workdir)}; rerun the same command to resume.',
+                flush=True)
+          break
+  finally:
+    # Pending async saves complete (also when stopping on a NaN loss: they hold good states).
+    manager.wait_until_finished()
+    manager.close()
+    if hasattr(iterator, 'close'):
+      iterator.close()
+    writer.flush()
+    writer.close()
+  return last_logged

@@ -1,0 +1,147 @@
+"""Metric outputs: `WORKDIR/metrics.jsonl`, TensorBoard event files and a progress line.
+
+clu 0.0.12's `clu.metric_writers` package cannot be imported without TensorFlow (its __init__
+imports the TF summary writer unconditionally), and we do not install TensorFlow. So the writers
+here follow clu's MetricWriter method names (write_scalars, write_texts, write_hparams, flush,
+close) but are our own: `TensorBoardXWriter` writes event files with tensorboardX and
+`MultiWriter` fans out to it and to absl logging. Only process 0 writes files.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import numpy as np
+from absl import logging
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+class TensorBoardXWriter:
+  """Writes TensorBoard event files with tensorboardX (no TensorFlow)."""
+
+  def __init__(self, logdir: str):
+    import tensorboardX  # pylint: disable=g-import-not-at-top  # Only needed when writing events.
+    self._writer = tensorboardX.SummaryWriter(logdir=logdir)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for key, value in scalars.items():
+      self._writer.add_scalar(key, float(value), global_step=step)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    for key, value in texts.items():
+      self._writer.add_text(key, value, global_step=step)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    self._writer.add_text('hparams', json.dumps(dict(hparams), indent=1, default=str))
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+class JsonlWriter:
+  """Appends one JSON object per logged step to `WORKDIR/metrics.jsonl`."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.enabled = enabled
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records of steps > `step` (written after the checkpoint we resume from)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= step]
+    with open(self.path, 'w') as f:
+      f.writelines(lines)
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + '\n')
+
+
+def _jsonable(v: Any) -> Any:
+  if isinstance(v, (np.generic, np.ndarray)):
+    v = v.item() if np.ndim(v) == 0 else v.tolist()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+class LoggingWriter:
+  """Logs scalars with absl (every process)."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()))
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    for key, value in texts.items():
+      logging.info('[%d] %s: %s', step, key, value)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    del hparams
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+class MultiWriter:
+  """Sends every call to each of `writers`."""
+
+  def __init__(self, writers):
+    self._writers = list(writers)
+
+  def __getattr__(self, name):
+    def call(*args, **kwargs):
+      for w in self._writers:
+        getattr(w, name)(*args, **kwargs)
+    return call
+
+
+def create_writer(workdir: str, is_primary: bool) -> MultiWriter:
+  """Logging (every process) + TensorBoard (process 0 only) writer."""
+  writers = [LoggingWriter()]
+  if is_primary:
+    writers.append(TensorBoardXWriter(os.path.join(workdir, 'tensorboard')))
+  return MultiWriter(writers)
+
+
+class Progress:
+  """Throughput and ETA over the steps since the last report."""
+
+  def __init__(self, total_steps: int, start_step: int, images_per_step: int):
+    self.total = total_steps
+    self.images_per_step = images_per_step
+    self._t0 = self._t = time.perf_counter()
+    self._step0 = self._step = start_step
+
+  def restart(self, step: int) -> None:
+    """Restarts the clocks at `step` (call after the first, compiling, step)."""
+    self._t0 = self._t = time.perf_counter()
+    self._step0 = self._step = step
+
+  def update(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    dt, ds = now - self._t, step - self._step
+    self._t, self._step = now, step
+    step_time = dt / max(ds, 1)
+    avg = (now - self._t0) / max(step - self._step0, 1)
+    return {'step_time_s': step_time, 'images_per_sec': self.images_per_step / step_time,
+            'eta_s': avg * (self.total - step)}
+
+  def line(self, step: int, metrics: Mapping[str, Any]) -> str:
+    eta = int(metrics.get('eta_s', 0))
+    return (f'step {step}/{self.total} ({100.0 * step / self.total:.1f}%) '
+            f'loss {metrics["loss"]:.4f} acc {metrics["accuracy"]:.3f} '
+            f'lr {metrics["learning_rate"]:.5f} {metrics["images_per_sec"]:.1f} img/s '
+            f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')

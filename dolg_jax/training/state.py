@@ -1,0 +1,171 @@
+"""Train state and optimizer: created already sharded on the mesh.
+
+State layout (a pytree, saved as one orbax item):
+  step         int32 scalar: optimizer updates done.
+  params       {'model': DOLG params, 'head': {'weight': (C_pad, 512)}}; float32 master weights.
+  batch_stats  DOLG BatchNorm running statistics (float32).
+  opt_state    optax SGD(+momentum) state, same sharding as params.
+  head_t       float32 scalar: CurricularFace's EMA `t` (unused and 0 for ArcFace).
+
+The head's class count is padded up to a multiple of the mesh's `model` axis so the class dimension
+can be split evenly; padded classes are masked out of the softmax by the train step.
+"""
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from dolg_jax import sharding as shd
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  head_t: jax.Array
+
+
+def padded_num_classes(num_classes: int, mesh: Mesh) -> int:
+  m = mesh.shape[shd.MODEL]
+  return -(-num_classes // m) * m
+
+
+def weight_decay_mask(kind: str) -> Callable[[Any], Any] | None:
+  """Which parameters get weight decay.
+
+  'all' (pycls/DOLG reference: every parameter), 'kernels' (only arrays with ndim >= 2: conv and
+  dense kernels and the margin head; no BN scale/bias, biases or GeM p).
+  """
+  if kind == 'all':
+    return None
+  if kind == 'kernels':
+    return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  raise ValueError(f"config.train.weight_decay_mask must be 'all' or 'kernels', got {kind!r}")
+
+
+OPTIMIZERS = ('sgd', 'adamw')
+
+
+def create_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optimizer at unit learning rate (`train.optimizer`).
+
+  'sgd' (the paper): SGD with momentum, coupled L2 weight decay as in torch.optim.SGD.
+  'adamw': Adam with decoupled weight decay (equals optax.adamw / torch.optim.AdamW); used by the
+  CPU demo, which trains from scratch in minutes.
+
+  The train step multiplies the update by the step's learning rate, which it receives as an
+  argument: torch.optim.SGD applies lr after momentum (also with Nesterov) and AdamW scales both
+  the Adam step and the decay by lr, so this equals `optax.sgd(schedule, ...)` /
+  `optax.adamw(schedule, ...)`, and the compiled step does not depend on the schedule's constants
+  (changing num_train_steps or the lr does not recompile it).
+  """
+  kind = train_cfg.get('optimizer', 'sgd')
+  decay = optax.add_decayed_weights(train_cfg.weight_decay,
+                                    mask=weight_decay_mask(train_cfg.weight_decay_mask))
+  if kind == 'sgd':
+    return optax.chain(decay, optax.sgd(1.0, momentum=train_cfg.momentum,
+                                        nesterov=train_cfg.nesterov))
+  if kind == 'adamw':
+    return optax.chain(optax.scale_by_adam(b1=train_cfg.get('adam_b1', 0.9),
+                                           b2=train_cfg.get('adam_b2', 0.999)),
+                       decay, optax.scale(-1.0))
+  raise ValueError(f'config.train.optimizer must be one of {OPTIMIZERS}, got {kind!r}')
+
+
+def init_variables(model: nn.Module, head_init: Callable, rng: jax.Array, image_size: int,
+                   num_classes_padded: int, embedding_dim: int) -> dict:
+  """Model and head variables from `rng` (pure; jit it with out_shardings)."""
+  model_rng, head_rng = jax.random.split(rng)
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = model.init(model_rng, dummy, train=False)
+  weight = head_init(head_rng, num_classes_padded, embedding_dim)
+  return {'params': {'model': variables['params'], 'head': {'weight': weight}},
+          'batch_stats': variables.get('batch_stats', {})}
+
+
+def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
+  """Shardings of the train state: head weight (and its momentum) split over `model`."""
+  param_sh = shd.param_shardings(mesh, abstract_state.params)
+  rep = shd.replicated(mesh)
+
+  def opt_spec(path, leaf):
+    keys = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+    # Optimizer leaves mirroring params end with the param path, e.g. (..., 'head', 'weight').
+    if len(keys) >= 2 and keys[-2:] == ['head', 'weight'] and leaf.ndim == 2:
+      return param_sh['head']['weight']
+    return rep
+
+  return TrainState(
+      step=rep,
+      params=param_sh,
+      batch_stats=jax.tree.map(lambda _: rep, abstract_state.batch_stats),
+      opt_state=jax.tree_util.tree_map_with_path(opt_spec, abstract_state.opt_state),
+      head_t=rep,
+  )
+
+
+def _state_init_fn(config, model, head_init, tx, mesh, num_classes) -> Callable:
+  c_pad = padded_num_classes(num_classes, mesh)
+
+  def init(rng):
+    v = init_variables(model, head_init, rng, config.data.image_size, c_pad,
+                       config.model.embedding_dim)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
+                      batch_stats=v['batch_stats'], opt_state=tx.init(v['params']),
+                      head_t=jnp.zeros((), jnp.float32))
+  return init
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, head_init: Callable,
+                       tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
+                       num_classes: int) -> tuple[TrainState, TrainState]:
+  """Initialises the state and places it in its mesh shardings. Returns (state, shardings).
+
+  `config.train.init_on_one_device` (default True) runs the jitted initialiser on this process's
+  first device and then reshards (every process computes the same values from the same key): one
+  initialiser program for every mesh layout, compiled once (initialisers dominate compile time
+  on CPU). DOLG's state is small (R101 with the 81,313-class head and momentum: < 1 GB). False:
+  `jax.jit(init, out_shardings=...)` creates every shard in place.
+  """
+  init = _state_init_fn(config, model, head_init, tx, mesh, num_classes)
+  shardings = state_shardings(mesh, jax.eval_shape(init, rng))
+  if not config.train.init_on_one_device:
+    return jax.jit(init, out_shardings=shardings)(rng), shardings
+  first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  local = jax.jit(init, out_shardings=first_device)(rng)
+  if jax.process_count() == 1:
+    return jax.device_put(local, shardings, donate=True), shardings
+  return shd.place(jax.device_get(local), shardings), shardings
+
+
+def load_backbone(state: TrainState, shardings: TrainState, path: str) -> TrainState:
+  """Replaces the backbone (`globalmodel`) params and BN statistics with an ImageNet checkpoint.
+
+  `path`: pycls .pyth, torchvision .pth, a DOLG checkpoint or a converted directory
+  (dolg_jax.pretrained.load_backbone). Shapes must match the configured depth and width.
+  """
+  from dolg_jax import pretrained  # pylint: disable=g-import-not-at-top
+  current = {'params': state.params['model'], 'batch_stats': state.batch_stats}
+  merged = pretrained.merge_backbone(shd.host_replicated(current), pretrained.load_backbone(path))
+  target = {'params': shardings.params['model'], 'batch_stats': shardings.batch_stats}
+  placed = shd.place(merged, {k: target[k] for k in merged})
+  return state.replace(params={**state.params, 'model': placed['params']},
+                       batch_stats=placed.get('batch_stats', state.batch_stats))
+
+
+def abstract_train_state(config, model, head_init, tx, mesh,
+                         num_classes) -> tuple[TrainState, TrainState]:
+  """Shape/dtype/sharding of the state without allocating it (target for restoring)."""
+  init = _state_init_fn(config, model, head_init, tx, mesh, num_classes)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  shardings = state_shardings(mesh, abstract)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings), shardings

@@ -1,0 +1,191 @@
+"""The pure train step (and eval step), jitted once with explicit shardings on the mesh.
+
+Numerics: the model computes in `config.compute_dtype` (bf16 by default) from float32 master
+weights; descriptors, margin logits, the loss and the optimizer update are float32.
+
+BatchNorm: `config.train.bn_mode`
+- 'global' (default): statistics over the whole global (micro)batch; under `jax.jit` the batch mean
+  of a `data`-sharded array is a cross-device reduction inserted by the compiler.
+- 'per_device': statistics over each device's shard only (what the PyTorch reference did with one
+  BN per GPU), via `jax.shard_map` around the model; running statistics are averaged over devices.
+
+Gradient accumulation: `config.train.grad_accum_steps` = k splits the global batch into k
+microbatches (each still spread over all devices), sums their gradients in float32 in a
+`lax.scan`, and applies one update. BN statistics are per microbatch, threaded through the scan.
+"""
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dolg_jax import sharding as shd
+from dolg_jax.training.state import TrainState
+
+_MASK_VALUE = -1e9
+
+
+def head_logits(head_cfg: ml_collections.ConfigDict, margins, embeddings, weight, labels, t,
+                num_classes: int):
+  """Margin logits (float32) and the new CurricularFace `t`; padded classes masked out."""
+  if head_cfg.type == 'arcface':
+    logits = margins.arcface_logits(embeddings, weight, labels, margin=head_cfg.margin,
+                                    scale=head_cfg.scale)
+    new_t = t
+  elif head_cfg.type == 'curricularface':
+    logits, new_t = margins.curricularface_logits(
+        embeddings, weight, labels, t, margin=head_cfg.margin, scale=head_cfg.scale,
+        t_momentum=head_cfg.t_momentum)
+  else:
+    raise ValueError("config.head.type must be 'arcface' or 'curricularface', got "
+                     f'{head_cfg.type!r}')
+  logits = logits.astype(jnp.float32)
+  if weight.shape[0] != num_classes:
+    valid = jnp.arange(weight.shape[0]) < num_classes
+    logits = jnp.where(valid[None, :], logits, _MASK_VALUE)
+  return logits, new_t
+
+
+def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str) -> Callable:
+  """(model_params, batch_stats, images) -> (embeddings float32, new batch_stats)."""
+
+  def forward(params, batch_stats, images):
+    emb, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
+                               mutable=['batch_stats'])
+    return emb.astype(jnp.float32), updates['batch_stats']
+
+  if bn_mode == 'global':
+    return forward
+  if bn_mode != 'per_device':
+    raise ValueError(f"config.train.bn_mode must be 'global' or 'per_device', got {bn_mode!r}")
+
+  def local_forward(params, batch_stats, images):
+    emb, new_stats = forward(params, batch_stats, images)
+    return emb, jax.lax.pmean(new_stats, shd.DATA)
+
+  return jax.shard_map(local_forward, mesh=mesh, in_specs=(P(), P(), P(shd.DATA)),
+                       out_specs=(P(shd.DATA), P()), check_vma=False)
+
+
+def _split_microbatches(x: jax.Array, k: int, mesh: Mesh) -> jax.Array:
+  """(B, ...) -> (k, B/k, ...) such that every microbatch is spread over all `data` devices."""
+  b = x.shape[0]
+  x = x.reshape((b // k, k) + x.shape[1:])
+  x = jnp.swapaxes(x, 0, 1)
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, P(None, shd.DATA)))
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, margins, tx:
+                    optax.GradientTransformation, mesh: Mesh, state_sharding: TrainState,
+                    num_classes: int) -> Callable:
+  """Returns jitted `train_step(state, batch, learning_rate) -> (state, metrics)`.
+
+  `state` is donated. `tx` is the unit-learning-rate optimizer of `state.create_optimizer`;
+  `learning_rate` (float32 scalar) scales its update.
+  """
+  t_cfg = config.train
+  k = int(t_cfg.grad_accum_steps)
+  if t_cfg.global_batch_size % (k * mesh.shape[shd.DATA]):
+    raise ValueError(f'config.train.global_batch_size={t_cfg.global_batch_size} must be divisible '
+                     f'by grad_accum_steps ({k}) x data devices ({mesh.shape[shd.DATA]}).')
+  forward = _forward_fn(model, mesh, t_cfg.bn_mode)
+
+  def loss_fn(params, batch_stats, head_t, images, labels):
+    emb, new_stats = forward(params['model'], batch_stats, images)
+    logits, new_t = head_logits(config.head, margins, emb, params['head']['weight'], labels,
+                                head_t, num_classes)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    loss = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+    # Accuracy of the nearest class centre (no margin: the margin lowers only the target logit,
+    # so argmax of the margin logits would under-count). XLA shares the cosine matmul with the head.
+    cos = margins.cosine_logits(emb, params['head']['weight'])
+    cos = jnp.where(jnp.arange(cos.shape[-1])[None, :] < num_classes, cos, _MASK_VALUE)
+    correct = jnp.sum(jnp.argmax(cos, axis=-1) == labels)
+    return loss, (new_stats, new_t, correct)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array], learning_rate: jax.Array):
+    images, labels = batch['image'], batch['label'].astype(jnp.int32)
+    if k == 1:
+      (loss, (stats, head_t, correct)), grads = grad_fn(
+          state.params, state.batch_stats, state.head_t, images, labels)
+    else:
+      micro = (_split_microbatches(images, k, mesh), _split_microbatches(labels, k, mesh))
+
+      def body(carry, mb):
+        stats, head_t, grads, loss, correct = carry
+        (l, (stats, head_t, c)), g = grad_fn(state.params, stats, head_t, *mb)
+        grads = jax.tree.map(jnp.add, grads, g)
+        return (stats, head_t, grads, loss + l, correct + c), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      init = (state.batch_stats, state.head_t, zeros, jnp.zeros((), jnp.float32),
+              jnp.zeros((), jnp.int32))
+      (stats, head_t, grads, loss, correct), _ = jax.lax.scan(body, init, micro)
+      grads = jax.tree.map(lambda g: g / k, grads)
+      loss = loss / k
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: learning_rate * u, updates)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': loss,
+        'accuracy': correct.astype(jnp.float32) / labels.shape[0],
+        'learning_rate': learning_rate,
+        'grad_norm': optax.tree.norm(grads),
+        'param_norm': optax.tree.norm(params),
+        'head_t': head_t,
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                              opt_state=opt_state, head_t=head_t)
+    return new_state, metrics
+
+  batch_sh = {'image': shd.batch_sharding(mesh), 'label': shd.batch_sharding(mesh)}
+  return jax.jit(train_step, in_shardings=(state_sharding, batch_sh, shd.replicated(mesh)),
+                 out_shardings=(state_sharding, shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh,
+                   state_sharding: TrainState, num_classes: int) -> Callable:
+  """Jitted `eval_step(state, batch) -> {'correct', 'count', 'loss_sum'}` with plain cosine logits.
+
+  Validation accuracy uses the nearest class centre (cosine logits without the margin), the
+  metric that measures the descriptor; `batch['mask']` (optional) marks padding examples.
+  """
+
+  def eval_step(state: TrainState, batch):
+    emb = model.apply({'params': state.params['model'], 'batch_stats': state.batch_stats},
+                      batch['image'], train=False).astype(jnp.float32)
+    emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    w = state.params['head']['weight']
+    w = w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
+    logits = config.head.scale * (emb @ w.T)
+    if w.shape[0] != num_classes:
+      logits = jnp.where(jnp.arange(w.shape[0])[None] < num_classes, logits, _MASK_VALUE)
+    labels = batch['label'].astype(jnp.int32)
+    mask = batch.get('mask', jnp.ones_like(labels)).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    return {'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            'count': jnp.sum(mask), 'loss_sum': jnp.sum(nll * mask)}
+
+  return jax.jit(eval_step, in_shardings=(state_sharding, shd.batch_sharding(mesh)),
+                 out_shardings=shd.replicated(mesh))
+
+
+def train_flops_per_step(compiled) -> float | None:
+  """FLOPs of one compiled step from XLA's cost analysis (None when unavailable)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # Some backends do not implement it.
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost:
+    return None
+  return float(cost.get('flops', 0.0)) or None

@@ -1,0 +1,27 @@
+"""dolg_jax.bench prints throughput, step time and XLA-cost-analysis TFLOP/s."""
+
+import re
+import subprocess
+import sys
+
+import train_testlib as tl
+
+from dolg_jax import bench
+
+
+def test_peak_table_lookup():
+  assert bench.peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
+  assert bench.peak_tflops('NVIDIA A100-SXM4-40GB') == 312.0
+  assert bench.peak_tflops('TPU v5 lite') == 197.0
+  assert bench.peak_tflops('cpu') is None
+
+
+def test_bench_tiny_cpu():
+  proc = subprocess.run([sys.executable, '-m', 'dolg_jax.bench', '--config=configs/tiny.py',
+                         '--batch=8', '--steps=2', '--warmup=1'], cwd=tl.REPO, env=tl.env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, tl.explain(proc)
+  m = re.search(r'train: ([\d.]+) images/s, step ([\d.]+) ms', proc.stdout)
+  assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, proc.stdout
+  m = re.search(r'([\d.]+) GFLOP/step -> ([\d.]+) TFLOP/s achieved', proc.stdout)
+  assert m and float(m.group(1)) > 0, proc.stdout

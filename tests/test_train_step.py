@@ -1,0 +1,238 @@
+"""The train step's mechanics on small stand-in models (fast to compile on CPU).
+
+The tiny DOLG itself is trained by tests/test_train_loop.py and tests/test_multihost.py.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import tiny
+from dolg_jax import sharding as shd
+from dolg_jax.models import margins
+from dolg_jax.training import state as state_lib
+from dolg_jax.training import step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class DenseEmbed(nn.Module):
+  """No BatchNorm: gradient accumulation must equal one big batch."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = x.astype(jnp.float32).reshape(x.shape[0], -1) / 255.0
+    return nn.Dense(16)(nn.relu(nn.Dense(32)(x)))
+
+
+def _config(**train):
+  c = tiny.get_config()
+  c.data.image_size = 8
+  c.train.global_batch_size = 8
+  c.head.num_classes = 6
+  c.model.embedding_dim = 16
+  c.train.update(train)
+  return c
+
+
+def _setup(config, model, num_classes=6):
+  mesh = shd.make_mesh(config.mesh)
+  tx = state_lib.create_optimizer(config.train)
+  state, sh = state_lib.create_train_state(config, model, margins.init_head_weight, tx, mesh,
+                                           jax.random.key(0), num_classes)
+  step = step_lib.make_train_step(config, model, margins, tx, mesh, sh, num_classes)
+  return mesh, state, step
+
+
+def _batch(n=8, size=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return {'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+          'label': rng.integers(0, 6, (n,), dtype=np.int32)}
+
+
+def test_one_step_updates_params_and_reports_metrics():
+  config = _config()
+  mesh, state, step = _setup(config, DenseEmbed())
+  before = jax.device_get(state.params)
+  new, metrics = step(state, shd.global_batch(mesh, _batch()), np.float32(0.1))
+  metrics = jax.device_get(metrics)
+  assert int(new.step) == 1
+  assert np.isfinite(metrics['loss']) and metrics['loss'] > 0
+  assert 0.0 <= metrics['accuracy'] <= 1.0 and metrics['learning_rate'] == pytest.approx(0.1)
+  assert metrics['grad_norm'] > 0
+  after = jax.device_get(new.params)
+  assert not np.allclose(before['head']['weight'], after['head']['weight'])
+  for a in jax.tree.leaves(after):
+    assert a.dtype == np.float32
+
+
+def test_gradient_accumulation_equals_full_batch():
+  batch = _batch()
+  results = []
+  for k in (1, 2, 4):
+    config = _config(grad_accum_steps=k)
+    mesh, state, step = _setup(config, DenseEmbed())
+    new, metrics = step(state, shd.global_batch(mesh, batch), np.float32(0.5))
+    results.append((jax.device_get(new.params), jax.device_get(metrics)))
+  for params, metrics in results[1:]:
+    assert metrics['loss'] == pytest.approx(results[0][1]['loss'], rel=1e-5)
+    assert metrics['accuracy'] == results[0][1]['accuracy']
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params, results[0][0])
+
+
+def test_optimizer_matches_torch_sgd():
+  torch = pytest.importorskip('torch')
+  for nesterov in (False, True):
+    cfg = ml_collections.ConfigDict(dict(weight_decay=1e-2, weight_decay_mask='all', momentum=0.9,
+                                         nesterov=nesterov))
+    tx = state_lib.create_optimizer(cfg)
+    w0 = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
+    params = {'w': jnp.asarray(w0)}
+    opt = tx.init(params)
+    tw = torch.tensor(w0, requires_grad=True)
+    topt = torch.optim.SGD([tw], lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
+    for i, lr in enumerate((0.1, 0.05, 0.2)):
+      g = np.full_like(w0, 0.3) * (i + 1) + w0
+      updates, opt = tx.update({'w': jnp.asarray(g)}, opt, params)
+      params = jax.tree.map(lambda p, u: p + lr * u, params, updates)
+      for group in topt.param_groups:
+        group['lr'] = lr
+      tw.grad = torch.tensor(g)
+      topt.step()
+    np.testing.assert_allclose(np.asarray(params['w']), tw.detach().numpy(), rtol=1e-6)
+
+
+def test_adamw_matches_torch_adamw_with_a_changing_learning_rate():
+  torch = pytest.importorskip('torch')
+  cfg = ml_collections.ConfigDict(dict(optimizer='adamw', weight_decay=1e-2,
+                                       weight_decay_mask='all', momentum=0.9, nesterov=False))
+  tx = state_lib.create_optimizer(cfg)
+  w0 = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
+  params = {'w': jnp.asarray(w0)}
+  opt = tx.init(params)
+  tw = torch.tensor(w0, requires_grad=True)
+  topt = torch.optim.AdamW([tw], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+  for i, lr in enumerate((0.1, 0.05, 0.2, 0.01)):
+    g = np.full_like(w0, 0.3) * (i + 1) - w0 * (i % 2)
+    updates, opt = tx.update({'w': jnp.asarray(g)}, opt, params)
+    params = jax.tree.map(lambda p, u: p + lr * u, params, updates)
+    for group in topt.param_groups:
+      group['lr'] = lr
+    tw.grad = torch.tensor(g)
+    topt.step()
+  np.testing.assert_allclose(np.asarray(params['w']), tw.detach().numpy(), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='optimizer'):
+    state_lib.create_optimizer(ml_collections.ConfigDict(dict(optimizer='lamb', weight_decay=0.0,
+                                                              weight_decay_mask='all')))
+
+
+def test_weight_decay_mask():
+  params = {'conv': {'kernel': jnp.ones((3, 3, 2, 2)), 'bias': jnp.ones((2,))},
+            'bn': {'scale': jnp.ones((2,))}, 'head': {'weight': jnp.ones((4, 2))}}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for kind, decayed in (('all', {'kernel', 'bias', 'scale', 'weight'}),
+                        ('kernels', {'kernel', 'weight'})):
+    cfg = ml_collections.ConfigDict(dict(weight_decay=0.5, weight_decay_mask=kind, momentum=0.0,
+                                         nesterov=False))
+    tx = state_lib.create_optimizer(cfg)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+    for path, u in flat:
+      name = path[-1].key
+      assert np.all(np.asarray(u) == (-0.5 if name in decayed else 0.0)), (kind, name)
+  with pytest.raises(ValueError, match='weight_decay_mask'):
+    state_lib.weight_decay_mask('bn')
+
+
+def test_padded_head_classes_are_masked_out():
+  rng = np.random.default_rng(0)
+  emb = jnp.asarray(rng.normal(size=(4, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)
+  w_pad = jnp.concatenate([w, jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)])
+  labels = jnp.array([0, 5, 2, 3])
+  head = ml_collections.ConfigDict(dict(type='arcface', margin=0.15, scale=30.0, t_momentum=0.01))
+  logits, _ = step_lib.head_logits(head, margins, emb, w, labels, 0.0, 6)
+  logits_pad, _ = step_lib.head_logits(head, margins, emb, w_pad, labels, 0.0, 6)
+  np.testing.assert_allclose(logits_pad[:, :6], logits)
+  loss = margins.softmax_cross_entropy(logits, labels)
+  assert float(margins.softmax_cross_entropy(logits_pad, labels)) == pytest.approx(float(loss))
+  mesh = shd.make_mesh(ml_collections.ConfigDict(dict(data=-1, model=1)))
+  assert state_lib.padded_num_classes(81313, mesh) == 81313
+
+
+def test_mesh_config_errors():
+  with pytest.raises(ValueError, match='config.mesh'):
+    shd.make_mesh(ml_collections.ConfigDict(dict(data=2, model=1)))   # 1 CPU device here
+  with pytest.raises(ValueError, match='config.train.bn_mode'):
+    _setup(_config(bn_mode='per_gpu'), DenseEmbed())
+
+
+_BN_SCRIPT = textwrap.dedent('''
+  import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+  from test_train_step import _config, _setup, _batch
+  from dolg_jax import sharding as shd
+
+  class BNEmbed(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = x.astype(jnp.float32).reshape(x.shape[0], -1) / 255.0
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.0)(nn.Dense(16)(x))
+      return x
+
+  batch = _batch()
+  out = {}
+  for mode in ('global', 'per_device'):
+    config = _config(bn_mode=mode)
+    mesh, state, step = _setup(config, BNEmbed())
+    params = jax.device_get(state.params['model'])   # Before the step (the state is donated).
+    new, m = step(state, shd.global_batch(mesh, batch), np.float32(0.0))
+    out[mode] = jax.device_get(new.batch_stats['BatchNorm_0'])
+  pre = np.asarray(batch['image'], np.float32).reshape(8, -1) / 255.0
+  h = pre @ params['Dense_0']['kernel'] + params['Dense_0']['bias']
+  # momentum 0: running stats = this batch's stats; per-device: mean over the 2 devices' halves.
+  np.testing.assert_allclose(out['global']['mean'], h.mean(0), rtol=1e-4, atol=1e-6)
+  halves = [h[:4], h[4:]]
+  np.testing.assert_allclose(out['per_device']['mean'], np.mean([x.mean(0) for x in halves], 0),
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(out['per_device']['var'], np.mean([x.var(0) for x in halves], 0),
+                             rtol=1e-3, atol=1e-6)
+  assert not np.allclose(out['per_device']['var'], out['global']['var'], rtol=1e-3)
+  print('BN_OK')
+''')
+
+
+def test_bn_modes_on_two_devices():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests'),
+                                         os.environ.get('PYTHONPATH', '')]))
+  proc = subprocess.run([sys.executable, '-c', _BN_SCRIPT], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and 'BN_OK' in proc.stdout, proc.stderr[-4000:]
+
+
+def test_load_backbone_replaces_only_given_leaves(monkeypatch):
+  from dolg_jax import pretrained
+  config = _config()
+  mesh, state, _ = _setup(config, DenseEmbed())
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  kernel = np.full((8 * 8 * 3, 32), 0.5, np.float32)
+  monkeypatch.setattr(pretrained, 'load_backbone',
+                      lambda path: {'params': {'Dense_1': {'kernel': kernel}}})
+  before = jax.device_get(state.params)
+  new = state_lib.load_backbone(state, shardings, 'fake.pyth')
+  after = jax.device_get(new.params)
+  np.testing.assert_array_equal(after['model']['Dense_1']['kernel'], kernel)
+  np.testing.assert_array_equal(after['model']['Dense_0']['kernel'],
+                                before['model']['Dense_0']['kernel'])
+  np.testing.assert_array_equal(after['head']['weight'], before['head']['weight'])
+  placed = new.params['model']['Dense_1']['kernel']
+  assert placed.sharding == shardings.params['model']['Dense_1']['kernel']
