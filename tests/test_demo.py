@@ -19,6 +19,11 @@ def test_short_demo_learns_a_transferable_descriptor(tmp_path):
   config.train.num_train_steps = 300
   config.train.checkpoint_every_steps = 300
   config.eval.report_queries = 2
+  # Periodic evaluation inside the training loop, at the last step: validation accuracy and
+  # retrieval mAP through the eval code (train.eval_retrieval).
+  config.train.eval_every_steps = 300
+  config.train.eval_batches = 4
+  config.train.eval_retrieval = True
   workdir = str(tmp_path / 'workdir')
 
   out = demo.run_demo(config, workdir)
@@ -32,4 +37,10 @@ def test_short_demo_learns_a_transferable_descriptor(tmp_path):
     saved = json.load(f)
   assert saved['trained']['rdemo']['base']['medium']['map'] == after['medium']['map']
   assert os.path.exists(os.path.join(workdir, 'eval', 'results.json'))
-  assert os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  in_training = [r for r in records if 'map/rdemo/base/medium' in r]
+  assert [r['step'] for r in in_training] == [300]
+  # The loop evaluated the same weights as the final checkpoint with the same code.
+  assert in_training[0]['map/rdemo/base/medium'] == after['medium']['map']
+  assert 0.0 < in_training[0]['val_accuracy'] <= 1.0
