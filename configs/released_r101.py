@@ -16,4 +16,6 @@ def get_config():
   c.model.gem_p_learnable = True
   c.head.type = 'curricularface'
   c.train.bn_mode = 'per_device'
+  # Evaluation as reported for the released weights: query crops, five scales.
+  c.eval.scales = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
   return c

@@ -99,6 +99,13 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   untrained = eval_lib.evaluate_variables(config, apply_fn, initial_variables(config),
                                           os.path.join(workdir, 'eval_untrained'),
                                           source='untrained')
+  from dolg_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  saved = sorted(int(p.name) for p in ckpt_dir.iterdir()
+                 if p.name.isdigit()) if ckpt_dir.exists() else []
+  if saved:
+    _say(f'{workdir} holds a checkpoint of step {saved[-1]}: resuming from it (pass a new '
+         '--workdir to train from scratch)')
   _say(f'training {config.train.num_train_steps} steps of {config.train.global_batch_size} '
        f'images ({config.data.image_size}x{config.data.image_size})')
   t1 = time.time()

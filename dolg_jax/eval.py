@@ -57,11 +57,15 @@ def model_apply_fn(model) -> Callable:
   return apply_fn
 
 
+def eval_dtype(config: ml_collections.ConfigDict) -> str:
+  """The extraction compute dtype: config.eval.compute_dtype, else config.compute_dtype."""
+  return config.eval.get('compute_dtype', '') or config.get('compute_dtype', 'float32')
+
+
 def make_apply_fn(config: ml_collections.ConfigDict) -> Callable:
   """`model_apply_fn` of the model `config.model` describes, in the eval compute dtype."""
   from dolg_jax import models  # pylint: disable=g-import-not-at-top
-  dtype = config.eval.get('compute_dtype', '') or config.get('compute_dtype', 'float32')
-  return model_apply_fn(models.build_model(config.model, dtype=dtype))
+  return model_apply_fn(models.build_model(config.model, dtype=eval_dtype(config)))
 
 
 def load_model(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
@@ -74,7 +78,7 @@ def load_model(config: ml_collections.ConfigDict, *, workdir: Optional[str] = No
     raise FileNotFoundError(f'{path} does not exist')
   if checkpoint and _is_released(path):
     from dolg_jax import pretrained  # pylint: disable=g-import-not-at-top
-    model, variables = pretrained.load(path)
+    model, variables = pretrained.load(path, dtype=eval_dtype(config))
     return model_apply_fn(model), variables, f'released:{os.path.abspath(path)}'
   from dolg_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   variables = checkpointing.load_variables(path)
@@ -240,7 +244,8 @@ def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, va
   data_dir = os.path.expanduser(e.data_dir)
   cfg = extract_lib.from_config(e)
   extractor = extract_lib.Extractor(apply_fn, variables, cfg)
-  model_key = variables_hash(variables)
+  # The cache key names the weights and the dtype the descriptors were computed in.
+  model_key = f'{variables_hash(variables)}-{eval_dtype(config)}'
   cache_dir = os.path.join(output_dir, 'cache') if e.get('cache', True) else None
   t_start = time.perf_counter()
   distractors = None

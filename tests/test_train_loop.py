@@ -27,7 +27,10 @@ def straight():
 
 def test_straight_run_outputs(straight):
   workdir, stdout = straight
-  records = [r for r in tl.read_metrics(workdir) if 'loss' in r]
+  records = tl.read_metrics(workdir)
+  # The public contract: one object per logged step, each with step, loss and learning_rate
+  # (validation results join the line of their step).
+  assert all('loss' in r and 'learning_rate' in r for r in records), records
   assert [r['step'] for r in records] == [1, 2, 3, 4]
   val = [r for r in tl.read_metrics(workdir) if 'val_accuracy' in r]
   assert len(val) == 1 and val[0]['step'] == 4 and val[0]['val_examples'] == 7   # fixture split

@@ -137,5 +137,7 @@ def _open_tfds(config: ml_collections.ConfigDict) -> Data:
   record = {'name': d.dataset, 'version': str(info.version),
             'data_path': os.fspath(builder.data_path),
             'splits': splits, 'num_classes': n_classes,
-            'fingerprint': manifest.directory_fingerprint(os.fspath(builder.data_path))}
+            # Only process 0 writes the manifest: the others skip reading every shard.
+            'fingerprint': (manifest.directory_fingerprint(os.fspath(builder.data_path))
+                            if jax.process_index() == 0 else None)}
   return Data(sources['train'], sources.get('validation'), len(sources['train']), n_classes, record)

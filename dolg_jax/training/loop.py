@@ -152,6 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   first_fetched = start_step + 1
   last_saved = latest
   last_logged: dict[str, Any] = {}
+  warned_no_validation = False
 
   def fetch():
     nonlocal pending, first_fetched
@@ -172,35 +173,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           jax.block_until_ready(metrics)
           progress.restart(step)
         stop = preempt.should_stop(step)
-        do_log = step % t_cfg.log_every_steps == 0 or step == total_steps
         do_ckpt = (step % t_cfg.checkpoint_every_steps == 0 or step == total_steps or stop)
-        do_eval = t_cfg.eval_every_steps > 0 and (step % t_cfg.eval_every_steps == 0
-                                                  or step == total_steps)
-        if do_log or do_ckpt or do_eval:
+        # No evaluation when preempted: the grace period is for the checkpoint.
+        do_eval = t_cfg.eval_every_steps > 0 and not stop and (
+            step % t_cfg.eval_every_steps == 0 or step == total_steps)
+        # Evaluation results go into the step's metrics.jsonl line (every line has the step's
+        # loss and learning rate).
+        do_log = step % t_cfg.log_every_steps == 0 or step == total_steps or do_eval
+        if do_log or do_ckpt:
           fetch()
+        timing = progress.update(step) if do_log else {}  # Throughput without save/eval time.
+        if do_ckpt:  # Before evaluating: a failing evaluation must not cost the checkpoint.
+          checkpointing.save(manager, step, state, iterator.get_state())
+          last_saved = step
+        val = {}
+        if do_eval:
+          t0 = time.perf_counter()
+          if data.val_source is not None:
+            if eval_step is None:
+              eval_step = step_lib.make_eval_step(config, model, mesh, state_sh, data.num_classes)
+            batches = input_pipeline.eval_batches(config, data, per_host_batch)
+            val = evaluate(eval_step, state, batches, mesh, t_cfg.eval_batches)
+          elif not warned_no_validation:
+            logging.warning('config.data.dataset=%r has no validation split: no validation '
+                            'accuracy is logged.', config.data.dataset)
+            warned_no_validation = True
+          if t_cfg.eval_retrieval:
+            val.update(retrieval_eval(config, state, workdir, step))
+          eval_time = time.perf_counter() - t0
+          progress.exclude(eval_time)
+          if val:
+            val['eval_time_s'] = eval_time
         if do_log:
           record = {'step': step, 'epoch': step / steps_per_epoch, **_mean_metrics(fetched),
-                    **progress.update(step)}
+                    **timing, **val}
           fetched, first_fetched = [], step + 1
           writer.write_scalars(step, {k: v for k, v in record.items() if k != 'step'})
           jsonl.write(record)
           last_logged = record
           if is_primary:
             print(progress.line(step, record), flush=True)
-        if do_eval:
-          if eval_step is None:
-            eval_step = step_lib.make_eval_step(config, model, mesh, state_sh, data.num_classes)
-          t0 = time.perf_counter()
-          batches = input_pipeline.eval_batches(config, data, per_host_batch)
-          val = evaluate(eval_step, state, batches, mesh, t_cfg.eval_batches)
-          if t_cfg.eval_retrieval:
-            val.update(retrieval_eval(config, state, workdir, step))
-          writer.write_scalars(step, val)
-          jsonl.write({'step': step, **val, 'eval_time_s': time.perf_counter() - t0})
-          last_logged = {**last_logged, **val}
-        if do_ckpt:
-          checkpointing.save(manager, step, state, iterator.get_state())
-          last_saved = step
         if stop:
           logging.warning('SIGTERM: saved step %d, exiting.', step)
           print(f'Preempted: checkpoint of step {step} saved in '

@@ -130,6 +130,11 @@ class Progress:
     self._t0 = self._t = time.perf_counter()
     self._step0 = self._step = step
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation, say) out of the throughput and the ETA."""
+    self._t += seconds
+    self._t0 += seconds
+
   def update(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
     dt, ds = now - self._t, step - self._step
