@@ -293,27 +293,13 @@ def infer_backbone(sd: Mapping[str, np.ndarray], source: Any, prefix: str = ''
 
 
 def default_model_config() -> ml_collections.ConfigDict:
-  """The released-checkpoint architecture (R50, no multi-atrous, learnable p) with paper widths."""
-  m = ml_collections.ConfigDict()
-  m.depth = 50
-  m.width = 64
-  m.stage_depths = ()
-  m.local_stage = 'res3'
-  m.use_local_branch = True
+  """The released-checkpoint architecture (R50, no multi-atrous, learnable p) with paper widths:
+  the DOLG module's defaults (the paper's), which configs/default.py repeats, with those two changes."""
+  from dolg_jax import models  # pylint: disable=g-import-not-at-top
+  fields = {f: getattr(models.DOLG, f) for f in models.MODEL_FIELDS}
+  m = ml_collections.ConfigDict(fields)
   m.use_multi_atrous = False
-  m.atrous_rates = (6, 12, 18)
-  m.atrous_dim = 512
-  m.local_dim = 1024
-  m.use_self_attention = True
-  m.fusion = 'orthogonal'
-  m.global_pool = 'gem'
-  m.gem_p = 3.0
   m.gem_p_learnable = True
-  m.global_dim = 1024
-  m.embedding_dim = 512
-  m.fusion_eps = 1e-6
-  m.bn_momentum = 0.9
-  m.bn_epsilon = 1e-5
   return m
 
 
