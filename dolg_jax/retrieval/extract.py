@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dolg_jax.data import decode
@@ -351,6 +352,8 @@ class Extractor:
       flush(shape)
     collect(0)
     dim = next(iter(sums.values())).shape[0] if sums else 0
+    if nproc > 1:  # A process given no image must still join the gathers with the right shape.
+      dim = int(np.max(multihost_utils.process_allgather(np.int32(dim))))
     out = np.zeros((num, dim), np.float32)
     have = np.zeros(num, bool)
     for i, v in sums.items():
@@ -358,7 +361,6 @@ class Extractor:
       out[i] = v / max(np.linalg.norm(v), 1e-12)
       have[i] = True
     if nproc > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       outs = multihost_utils.process_allgather(out)
       haves = multihost_utils.process_allgather(have)
       out = (outs * haves[..., None]).sum(0).astype(np.float32)

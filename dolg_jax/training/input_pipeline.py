@@ -121,10 +121,20 @@ def _open_tfds(config: ml_collections.ConfigDict) -> Data:
   if d.get('make_fixture', False):
     if not data_dir:
       raise ValueError('config.data.make_fixture needs config.data.data_dir.')
+    error = None
     if jax.process_index() == 0:
-      gldv2.ensure_fixture_dataset(data_dir, dataset=d.dataset)
+      try:
+        gldv2.ensure_fixture_dataset(data_dir, dataset=d.dataset)
+      except Exception as e:  # pylint: disable=broad-except  # re-raised below, after telling the others
+        error = e
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('dolg_jax fixture dataset ready')
+      # Every process learns whether process 0 succeeded (instead of waiting for it forever).
+      ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+      if not ok and error is None:
+        raise RuntimeError(f'process 0 failed to build the fixture dataset in {data_dir}; see '
+                           'its log')
+    if error is not None:
+      raise error
   builder = gldv2.builder(d.dataset, data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(
