@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -134,5 +133,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, os.getcwd())  # configs/ is imported relative to the repository root.
   app.run(main)
