@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1                 # Data-parallel axis size (-1: all devices / model).
   c.mesh.model = 1                 # Splits the margin head's class dimension.
 
-  # ---------------------------------------------------------------- evaluation (dolg_jax.eval)
+  # ---------------------------------------------------------------- evaluation (dolg_jax.retrieval)
   e = c.eval = ml_collections.ConfigDict()
   e.datasets = ('roxford5k', 'rparis6k')
   e.data_dir = ''
@@ -101,6 +101,12 @@ def get_config() -> ml_collections.ConfigDict:
   e.crop_rounding = 'trunc'        # Query box -> pixels: 'trunc' (official int()) | 'round' | 'expand'.
   e.pad = True                     # Exact-size images in padded canvases, padding masked (bounds compiles).
   e.bucket = 32                    # Without pad: snap scaled sides to multiples of this; 0 = exact.
+  e.geometric_from = 0             # Without pad, > 0: beyond this side, geometric buckets (0 = never).
+  e.steps_per_octave = 8           # Geometric bucket density (ratio 2**(1/8) ~ 9%).
+  e.canvas_steps_per_octave = 4    # With pad: canvas side ladder density above 256 (2**(1/4) ~ 19%).
+  e.crop_canvas_steps_per_octave = 1  # The same for query crops (every size occurs): 512, 1024, ...
+  e.min_side = 64                  # Scaled sides below this are raised to it (the model needs >= 64).
+  e.num_workers = 4                # Host threads decoding / cropping / resizing (0 = inline).
   e.compute_dtype = 'float32'      # Extraction dtype for our checkpoints ('bfloat16' is faster).
   e.distractors = 'revisitop1m'    # TFDS name of the +1M distractor set (with use_distractors).
   e.qe_k = 0                       # alpha-QE neighbours (0 = off).
@@ -109,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.dba_alpha = 3.0
   e.search_chunk_size = 65536      # Database rows per similarity chunk on device.
   e.report_queries = 10            # Queries shown in report.html / report.png (0 = no report).
+  e.cache = True                   # Cache descriptors in OUTPUT_DIR/cache (keyed by weights + settings).
   e.output_dir = ''                # '' = WORKDIR/eval or <checkpoint>_eval.
   e.xla_cache_dir = '~/.cache/dolg_jax/xla'  # Persistent compilation cache of dolg_jax.eval ('' = off).
   return c

@@ -2,7 +2,7 @@
 
   python -m dolg_jax.demo                     # about 10 minutes on 2 CPU cores, no downloads
 
-Data (procedural landmark-like places, dolg_jax.data.demo_scenes) is written in the real GLDv2
+Data (procedural landmark-like places, dolg_jax.data.synthetic.demo_scenes) is written in the real GLDv2
 layout for training and in the revisited-Oxford layout ('rdemo') for evaluation, then converted with
 the real builders. Training and evaluation places are disjoint.
 
@@ -55,7 +55,7 @@ def get_config():
   e.batch_size = 16
   e.report_queries = 10
 
-  # The demo data (dolg_jax.data.demo_data.DemoSpec fields).
+  # The demo data (dolg_jax.data.synthetic.demo_data.DemoSpec fields).
   c.demo = ml_collections.ConfigDict()
   c.demo.root = '~/.cache/dolg_jax/demo'
   c.demo.num_train_places = 120

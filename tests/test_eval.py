@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 from configs import default
-from dolg_jax import eval as eval_lib
+from dolg_jax.retrieval import descriptor_cache
+from dolg_jax.retrieval import evaluate as eval_lib
 from dolg_jax.data import revisitop
-from dolg_jax.data import revisitop_fixture as fx
+from dolg_jax.data.synthetic import revisitop_fixture as fx
+from tests.helpers.eval_config import extract_config
 
 RED = fx.PALETTE[0]
 GREY = fx.GREY
@@ -118,7 +120,7 @@ def test_query_crop_matters(data_dir, tmp_path):
   # query colour: same positives first here, but the descriptors differ.
   from dolg_jax.retrieval import extract as ex
   src = revisitop.data_source('roxford5k', data_dir, 'query')
-  e = ex.Extractor(mean_colour_apply, VARIABLES, ex.ExtractConfig(scales=(1.0,)))
+  e = ex.Extractor(mean_colour_apply, VARIABLES, extract_config(scales=(1.0,)))
   exs = list(revisitop.iter_examples(src))
   crop = e.extract([{'index': int(x['index']), 'image': x['image'], 'bbx': x['bbx']}
                     for x in exs], 3)
@@ -160,11 +162,11 @@ def test_cli_with_a_converted_checkpoint(data_dir, tmp_path):
 
 
 def test_load_model_dispatch(tmp_path, monkeypatch):
-  """--workdir / step dirs go through training.checkpointing.load_variables and config.model;
+  """--workdir / step dirs go through weights.checkpoint.load_variables and config.model;
   files and converted dirs through pretrained.load; exactly one of the two flags."""
   from configs import tiny
   from dolg_jax import models, pretrained
-  from dolg_jax.training import checkpointing
+  from dolg_jax.weights import checkpoint as ckpt_lib
   cfg = tiny.get_config()
   model = models.build_model(cfg.model)
   variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 64, 64, 3)), train=False)
@@ -174,7 +176,7 @@ def test_load_model_dispatch(tmp_path, monkeypatch):
     calls.append(path)
     return jax.tree.map(np.asarray, variables)
 
-  monkeypatch.setattr(checkpointing, 'load_variables', fake_load_variables)
+  monkeypatch.setattr(ckpt_lib, 'load_variables', fake_load_variables)
   workdir = os.path.join(tmp_path, 'wd')
   os.makedirs(workdir)
   apply_fn, v, source = eval_lib.load_model(cfg, workdir=workdir)
@@ -189,7 +191,7 @@ def test_load_model_dispatch(tmp_path, monkeypatch):
     eval_lib.load_model(cfg, workdir=workdir, checkpoint=conv)
   with pytest.raises(FileNotFoundError):
     eval_lib.load_model(cfg, checkpoint=os.path.join(tmp_path, 'nope.pyth'))
-  assert eval_lib.variables_hash(variables) == eval_lib.variables_hash(
+  assert descriptor_cache.variables_hash(variables) == descriptor_cache.variables_hash(
       jax.tree.map(np.asarray, variables))
-  assert eval_lib.variables_hash(variables) != eval_lib.variables_hash(
+  assert descriptor_cache.variables_hash(variables) != descriptor_cache.variables_hash(
       jax.tree.map(lambda a: a + 1, variables))

@@ -12,7 +12,7 @@ import pytest
 
 from dolg_jax.data import decode
 from dolg_jax.data import gldv2
-from dolg_jax.data import gldv2_fixture
+from dolg_jax.data.synthetic import gldv2_fixture
 from dolg_jax.data import prepare
 
 
@@ -183,8 +183,8 @@ def test_full_config_and_extracted_tree(fixture, tmp_path):
 
 
 def test_ensure_fixture_dataset_is_idempotent(tmp_path):
-  b = gldv2.ensure_fixture_dataset(str(tmp_path), num_classes=3, images_per_class=5)
+  b = gldv2_fixture.ensure_fixture_dataset(str(tmp_path), num_classes=3, images_per_class=5)
   assert b.is_prepared()
   n = len(b.as_data_source()['train'])
-  b2 = gldv2.ensure_fixture_dataset(str(tmp_path), num_classes=3, images_per_class=5)
+  b2 = gldv2_fixture.ensure_fixture_dataset(str(tmp_path), num_classes=3, images_per_class=5)
   assert len(b2.as_data_source()['train']) == n > 0

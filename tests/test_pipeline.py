@@ -9,7 +9,8 @@ from PIL import Image
 import pytest
 
 from dolg_jax.data import gldv2
-from dolg_jax.data import pipeline
+from dolg_jax.data import grain_pipeline as pipeline
+from dolg_jax.data.synthetic import gldv2_fixture
 
 N = 37  # Records in the synthetic source (label = record index, so batches identify records).
 
@@ -130,7 +131,7 @@ def test_per_process_sharding_partitions_each_epoch(source):
 
 def test_same_batches_and_portable_state_with_zero_and_two_workers(tmp_path):
   """Real TFDS/ArrayRecord source, pickled into 2 worker processes; state moves between counts."""
-  b = gldv2.ensure_fixture_dataset(str(tmp_path), num_classes=4, images_per_class=6)
+  b = gldv2_fixture.ensure_fixture_dataset(str(tmp_path), num_classes=4, images_per_class=6)
   src = b.as_data_source()['train']
   cfg = _config(24)
   kwargs = dict(seed=11, process_index=0, process_count=1, per_host_batch=3)

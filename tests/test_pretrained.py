@@ -18,13 +18,10 @@ import torch
 from dolg_jax import convert
 from dolg_jax import models
 from dolg_jax import pretrained
+from dolg_jax.weights import released
+from tests.helpers import torch_reference as ref_lib
+from tests.helpers.paths import REPO
 
-try:
-  import torch_reference as ref_lib
-except ImportError:  # tests/ imported as a package
-  from tests import torch_reference as ref_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH = 8  # res3 128 channels, res4 256
 TINY_DEPTHS = (1, 1, 2, 1)  # blocks per stage of the small test models (inferred on import)
 
@@ -194,7 +191,7 @@ def test_error_head_shape_mismatch(tiny, tmp_path):
 # -------------------------------------------------------------------------------------- convert
 def test_convert_round_trip_without_torch(tiny, tmp_path):
   out = str(tmp_path / 'converted')
-  assert convert.main(['--input', tiny['pyth'], '--output', out]) == 0
+  assert convert.main(['convert', '--input', tiny['pyth'], '--output', out]) == 0
   meta = json.load(open(os.path.join(out, 'config.json')))
   assert meta['model']['width'] == WIDTH and meta['has_head']
   # Same model and variables as reading the torch file directly.
@@ -226,26 +223,26 @@ print('ok')
 
 def test_convert_no_head_and_overwrite(tiny, tmp_path):
   out = str(tmp_path / 'c')
-  assert convert.main(['--input', tiny['pth'], '--output', out, '--no-head']) == 0
+  assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--nohead']) == 0
   assert pretrained.load_head(out) is None
   assert not os.path.exists(os.path.join(out, pretrained.HEAD_FILE))
-  assert convert.main(['--input', tiny['pth'], '--output', out]) == 1  # exists, no --overwrite
-  assert convert.main(['--input', tiny['pth'], '--output', out, '--overwrite']) == 0
+  assert convert.main(['convert', '--input', tiny['pth'], '--output', out]) == 1  # exists, no --overwrite
+  assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--overwrite']) == 0
   assert pretrained.load_head(out)['weight'].shape == (7, 512)
-  assert convert.main(['--input', tiny['pth'], '--output', out, '--overwrite', '--no-head']) == 0
+  assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--overwrite', '--nohead']) == 0
   assert not os.path.exists(os.path.join(out, pretrained.HEAD_FILE))
 
 
 def test_convert_bad_input_exit_code(tmp_path, capsys):
   bad = tmp_path / 'bad.pyth'
   bad.write_bytes(b'\x00' * 100)
-  assert convert.main(['--input', str(bad), '--output', str(tmp_path / 'o')]) == 1
+  assert convert.main(['convert', '--input', str(bad), '--output', str(tmp_path / 'o')]) == 1
   assert 'bad.pyth' in capsys.readouterr().err
 
 
 def test_converted_dir_errors(tiny, tmp_path):
   out = tmp_path / 'c'
-  convert.convert(tiny['pth'], str(out), include_head=False)
+  released.convert_file(tiny['pth'], str(out), include_head=False)
   with pytest.raises(pretrained.CheckpointError, match='config.json'):
     pretrained.load(str(tmp_path))  # a directory, but not a conversion
   data = (out / pretrained.VARIABLES_FILE).read_bytes()

@@ -1,6 +1,6 @@
 """Image decoding for the input pipelines: any stored bytes -> RGB uint8, fast.
 
-Fast path (chosen by measurement, see `dolg_jax.bench_data`): JPEG bytes are decoded by libjpeg-turbo
+Fast path (chosen by measurement, see `dolg_jax.tools.bench_data`): JPEG bytes are decoded by libjpeg-turbo
 through `simplejpeg`, with decode-time DCT downscaling (1/2, 1/4, 1/8) whenever the crop that will be
 kept is at least twice the output size, then the crop is resized with OpenCV's bilinear `resize`
 (about 10x faster than Pillow's at 512x512). Whatever simplejpeg cannot read (PNG bytes under a .jpg

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import fcntl
 import glob
 import hashlib
 import json
@@ -501,26 +500,3 @@ def read_label_map(dataset: str, data_dir: str) -> List[int]:
   path = os.path.join(os.fspath(builder(dataset, data_dir).data_path), 'label_map.csv')
   with open(path, newline='') as f:
     return [int(row['landmark_id']) for row in csv.DictReader(f)]
-
-
-def ensure_fixture_dataset(data_dir: str, *, dataset: str = 'gldv2/clean',
-                           manual_dir: Optional[str] = None, **fixture_kwargs) -> Gldv2:
-  """Writes the small fixture (if absent) and prepares it (if absent); returns the builder.
-
-  For tests and configs/tiny.py. The fixture's planted missing images are allowed. Safe to call
-  from several processes at once (they serialise on a lock file in data_dir).
-  """
-  from dolg_jax.data import gldv2_fixture  # pylint: disable=g-import-not-at-top
-  os.makedirs(data_dir, exist_ok=True)
-  with open(os.path.join(data_dir, '.gldv2_fixture.lock'), 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      b = builder(dataset, data_dir)
-      if b.is_prepared():
-        return b
-      manual_dir = manual_dir or os.path.join(data_dir, 'gldv2_manual')
-      if not os.path.exists(os.path.join(manual_dir, 'train.csv')):
-        gldv2_fixture.write_fixture(manual_dir, **fixture_kwargs)
-      return prepare(dataset, manual_dir, data_dir, allow_missing=True)
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from dolg_jax.models import resnet
+from dolg_jax.models.normalize import l2_normalize
 
 Dtype = Any
 
@@ -107,12 +108,6 @@ def gem_pool(x: jax.Array, p: jax.Array | float, eps: float = 1e-6,
 def avg_pool(x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
   """Global average pooling over H, W of an NHWC map (the mask's cells only), float32."""
   return masked_mean(x, mask)
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """torch.nn.functional.normalize: x / max(|x|, eps)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
 
 
 def orthogonal_component(f_l: jax.Array, f_g: jax.Array, eps: float) -> jax.Array:

@@ -30,10 +30,13 @@ descriptors are all-gathered at the end, so every process returns the full array
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+from concurrent import futures
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+import cv2  # Bilinear resize (half-pixel centres, like the official cv2-based loaders).
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,31 +44,28 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dolg_jax.data import decode
+from dolg_jax.models.normalize import l2_normalize
 
-try:
-  import cv2  # Bilinear resize (half-pixel centres, like the official cv2-based loaders).
-except ImportError:  # pragma: no cover
-  cv2 = None
 
 OFFICIAL_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
-DEFAULT_SCALES = (0.7071, 1.0, 1.4142)
-MIN_SIDE = 64  # the model needs H, W >= 64
 
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
-  scales: tuple[float, ...] = DEFAULT_SCALES
-  max_side: int = 0                 # long-side cap before scaling (0 = none; DELG 1024)
-  crop_rounding: str = 'trunc'      # 'trunc' | 'round' | 'expand'
-  bucket: int = 32                  # 0 = exact sizes (one compile per shape)
-  geometric_from: int = 0           # > 0: beyond this side, geometric buckets (0 = never)
-  steps_per_octave: int = 8         # geometric bucket density (ratio 2**(1/8) ~ 9%)
-  batch_size: int = 16              # per process; padded to powers of two >= device count
-  num_workers: int = 4              # host threads decoding / cropping / resizing (0 = inline)
-  min_side: int = MIN_SIDE
-  pad: bool = False                 # exact sizes in padded canvases; apply_fn takes valid_hw
-  canvas_steps_per_octave: int = 4  # canvas ladder density above 256 (ratio 2**(1/4) ~ 19%)
-  crop_canvas_steps_per_octave: int = 1  # for query crops, which come in every size: 512, 1024, ...
+  """Extraction settings; built from the `c.eval` config section (`from_config`), which holds
+  every default and documents each field (configs/default.py)."""
+  scales: tuple[float, ...]
+  max_side: int                      # long-side cap before scaling (0 = none; DELG 1024)
+  crop_rounding: str                 # 'trunc' | 'round' | 'expand'
+  bucket: int                        # 0 = exact sizes (one compile per shape)
+  geometric_from: int                # > 0: beyond this side, geometric buckets (0 = never)
+  steps_per_octave: int              # geometric bucket density
+  batch_size: int                    # per process; padded to powers of two >= device count
+  num_workers: int                   # host threads decoding / cropping / resizing (0 = inline)
+  min_side: int                      # the model needs H, W >= this
+  pad: bool                          # exact sizes in padded canvases; apply_fn takes valid_hw
+  canvas_steps_per_octave: int       # canvas ladder density above 256
+  crop_canvas_steps_per_octave: int  # the same for query crops, which come in every size
 
   def key(self) -> dict:
     """What determines the descriptors (for caching)."""
@@ -74,12 +74,15 @@ class ExtractConfig:
     return d
 
 
-def from_config(eval_cfg: Mapping[str, Any]) -> ExtractConfig:
-  """ExtractConfig from a `c.eval` ConfigDict (missing fields keep their defaults)."""
-  fields = {f.name for f in dataclasses.fields(ExtractConfig)}
-  kwargs = {k: eval_cfg[k] for k in fields if k in eval_cfg}
-  if 'scales' in kwargs:
-    kwargs['scales'] = tuple(float(s) for s in kwargs['scales'])
+def from_config(eval_cfg: Mapping[str, Any], **overrides: Any) -> ExtractConfig:
+  """ExtractConfig from a `c.eval` ConfigDict (every field must be there), then `overrides`."""
+  fields = [f.name for f in dataclasses.fields(ExtractConfig)]
+  missing = [k for k in fields if k not in eval_cfg and k not in overrides]
+  if missing:
+    raise KeyError(f'config.eval lacks the extraction field(s) {missing}; start the config from '
+                   'configs/default.py')
+  kwargs = {k: eval_cfg[k] for k in fields if k in eval_cfg} | overrides
+  kwargs['scales'] = tuple(float(s) for s in kwargs['scales'])
   return ExtractConfig(**kwargs)
 
 
@@ -183,13 +186,10 @@ def batch_key(th: int, tw: int, cfg: ExtractConfig, sides: np.ndarray) -> tuple[
 
 
 def resize_bilinear(img: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear resize of (H, W, 3) uint8 (OpenCV INTER_LINEAR; Pillow if OpenCV is absent)."""
+  """Bilinear resize of (H, W, 3) uint8 (OpenCV INTER_LINEAR, half-pixel centres)."""
   if img.shape[0] == height and img.shape[1] == width:
     return np.ascontiguousarray(img)
-  if cv2 is not None:
-    return cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=cv2.INTER_LINEAR)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  return np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR))
+  return cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def prepare_image(image: np.ndarray | bytes, bbx: Optional[Sequence[float]],
@@ -217,8 +217,6 @@ def _ordered_map(fn, items, workers: int, window: int = 64):
   if workers <= 0:
     yield from map(fn, items)
     return
-  import collections  # pylint: disable=g-import-not-at-top
-  from concurrent import futures  # pylint: disable=g-import-not-at-top
   with futures.ThreadPoolExecutor(workers) as pool:
     queue = collections.deque()
     for item in items:
@@ -233,7 +231,7 @@ class Extractor:
   """Holds the jitted, sharded forward pass; counts compilations."""
 
   def __init__(self, apply_fn: Callable[..., jax.Array], variables: Any,
-               cfg: ExtractConfig = ExtractConfig(), mesh: Optional[Mesh] = None):
+               cfg: ExtractConfig, mesh: Optional[Mesh] = None):
     self.cfg = cfg
     self.mesh = mesh or local_mesh()
     self.n_dev = self.mesh.devices.size
@@ -247,7 +245,7 @@ class Extractor:
       else:
         d = apply_fn(variables, images, valid_hw=valid_hw)
       d = d.astype(jnp.float32)
-      return d / jnp.maximum(jnp.linalg.norm(d, axis=-1, keepdims=True), 1e-12)
+      return l2_normalize(d)
 
     self._forward = jax.jit(forward, out_shardings=self.batch_sharding)
     self.shapes_seen: set[tuple[int, ...]] = set()
@@ -358,7 +356,7 @@ class Extractor:
     have = np.zeros(num, bool)
     for i, v in sums.items():
       v = v / len(cfg.scales)
-      out[i] = v / max(np.linalg.norm(v), 1e-12)
+      out[i] = l2_normalize(v)
       have[i] = True
     if nproc > 1:
       outs = multihost_utils.process_allgather(out)
@@ -399,9 +397,8 @@ def simulate_shapes(sizes: Sequence[tuple[int, int]], boxes: Sequence[Optional[S
   return shapes
 
 
-def extract_descriptors(apply_fn, variables, images_iter, scales=DEFAULT_SCALES, *, num: int,
-                        cfg: Optional[ExtractConfig] = None, **cfg_overrides) -> np.ndarray:
+def extract_descriptors(apply_fn, variables, images_iter, *, num: int, cfg: ExtractConfig,
+                        **cfg_overrides) -> np.ndarray:
   """Functional form: (num, D) unit-norm multi-scale descriptors (see Extractor.extract)."""
-  cfg = cfg or ExtractConfig()
-  cfg = dataclasses.replace(cfg, scales=tuple(scales), **cfg_overrides)
+  cfg = dataclasses.replace(cfg, **cfg_overrides)
   return Extractor(apply_fn, variables, cfg).extract(images_iter, num)

@@ -4,8 +4,8 @@ Layout: `WORKDIR/checkpoints/<step>/state` (the TrainState pytree, sharded array
 `WORKDIR/checkpoints/<step>/data_iter/process_<i>-of-<n>.json` (each process's grain iterator state,
 captured when the save is requested, so it matches the model state of that step exactly).
 
-`load_variables(path)` gives `{'params', 'batch_stats'}` of the DOLG model for evaluation; it reads
-any checkpoint written here without needing the config or the same device count.
+Reading the model variables back for evaluation (and the layout's names) live one layer below, in
+dolg_jax.weights.checkpoint.
 """
 
 import dataclasses
@@ -13,13 +13,16 @@ import json
 from typing import Any, Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-CHECKPOINT_DIR = 'checkpoints'
-STATE = 'state'
-DATA_ITER = 'data_iter'
+from dolg_jax.weights import checkpoint as layout
+
+CHECKPOINT_DIR = layout.CHECKPOINT_DIR
+STATE = layout.STATE
+DATA_ITER = layout.DATA_ITER
+checkpoint_dir = layout.checkpoint_dir
+list_steps = layout.list_steps
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
@@ -62,10 +65,6 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
   pass
 
 
-def checkpoint_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / CHECKPOINT_DIR
-
-
 def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager for `workdir`; every save is requested explicitly by the loop."""
   options = ocp.CheckpointManagerOptions(
@@ -88,42 +87,3 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
       STATE: ocp.args.StandardRestore(abstract_state),
       DATA_ITER: IteratorStateRestore()}))
   return out[STATE], out[DATA_ITER]
-
-
-def _resolve_state_dir(path: str) -> epath.Path:
-  """Workdir, checkpoints dir, step dir or state dir -> the `state` item directory."""
-  p = epath.Path(path)
-  if (p / STATE).is_dir():
-    return p / STATE
-  if p.name == STATE and p.is_dir():
-    return p
-  for root in (p / CHECKPOINT_DIR, p):
-    if root.is_dir():
-      steps = sorted(int(c.name) for c in root.iterdir()
-                     if c.name.isdigit() and (c / STATE).is_dir())
-      if steps:
-        return root / str(steps[-1]) / STATE
-  raise FileNotFoundError(f'No checkpoint found at {path} (expected a workdir with '
-                          f'{CHECKPOINT_DIR}/<step>/{STATE}, or a step directory).')
-
-
-def _get(tree: Any, key: str) -> Any:
-  return tree[key] if isinstance(tree, dict) else getattr(tree, key)
-
-
-def load_variables(path: str) -> dict[str, Any]:
-  """{'params', 'batch_stats'} of the DOLG model (numpy, host memory) from a checkpoint.
-
-  `path`: a workdir (its latest step), `WORKDIR/checkpoints`, or one step directory.
-  The margin head is not part of the result (evaluation does not use it).
-  """
-  state_dir = _resolve_state_dir(path)
-  ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(state_dir)
-  tree = getattr(meta, 'item_metadata', meta)
-  tree = getattr(tree, 'tree', tree)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  restored = ocp.PyTreeCheckpointer().restore(
-      state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  return {'params': _get(_get(restored, 'params'), 'model'),
-          'batch_stats': _get(restored, 'batch_stats')}

@@ -15,11 +15,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dolg_jax import models
 from dolg_jax import sharding as shd
+from dolg_jax.retrieval import evaluate as evaluate_lib
+from dolg_jax.retrieval import scoring
 from dolg_jax.training import checkpointing
 from dolg_jax.training import determinism
-from dolg_jax.training import input_pipeline
+from dolg_jax.training import inputs
 from dolg_jax.training import manifest as manifest_lib
 from dolg_jax.training import metric_logging
 from dolg_jax.training import preemption
@@ -72,19 +73,13 @@ def evaluate(eval_step, state, batches, mesh, max_batches: int = 0) -> dict[str,
 
 
 def retrieval_eval(config: ml_collections.ConfigDict, state, workdir: str, step: int) -> dict:
-  """Retrieval mAP of the current weights through dolg_jax.eval (config.eval datasets)."""
-  from dolg_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  """Retrieval mAP of the current weights (config.eval datasets), through the evaluation library."""
   variables = shd.host_replicated({'params': state.params['model'],
-                                'batch_stats': state.batch_stats})
-  out = eval_lib.evaluate_variables(
-      config, eval_lib.make_apply_fn(config), variables,
+                                   'batch_stats': state.batch_stats})
+  out = evaluate_lib.evaluate_variables(
+      config, evaluate_lib.make_apply_fn(config), variables,
       os.path.join(workdir, 'eval', f'step_{step}'), source=f'train:{workdir}@{step}')
-  flat = {}
-  for name, res in out['results'].items():
-    for setting, table in res.items():
-      for protocol, r in table.items():
-        flat[f'map/{name}/{setting}/{protocol}'] = r['map']
-  return flat
+  return scoring.flat_maps(out['results'])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -101,31 +96,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f'by the process count {jax.process_count()}.')
   per_host_batch = t_cfg.global_batch_size // jax.process_count()
 
-  data = input_pipeline.open_data(config)
+  data = inputs.open_data(config)
   if config.head.num_classes != data.num_classes:
     logging.info('config.head.num_classes %d -> %d (from the dataset).', config.head.num_classes,
                  data.num_classes)
-    config.head.num_classes = data.num_classes
+  setup = state_lib.make_setup(config, mesh, data.num_classes)
+  config = setup.config
+  t_cfg = config.train
   steps_per_epoch = schedule.steps_per_epoch(data.num_train_examples, t_cfg.global_batch_size)
   total_steps = schedule.num_train_steps(t_cfg, data.num_train_examples)
   lr_fn = schedule.create_learning_rate_fn(t_cfg, steps_per_epoch, total_steps)
-  tx = state_lib.create_optimizer(t_cfg)
-  model = models.build_model(config.model, config.compute_dtype)
 
   manager = checkpointing.make_manager(workdir, keep=t_cfg.keep_checkpoints,
                                        async_save=t_cfg.async_checkpointing)
   latest = manager.latest_step()
-  iterator = input_pipeline.train_iterator(config, data, per_host_batch=per_host_batch)
+  iterator = inputs.train_iterator(config, data, per_host_batch=per_host_batch)
   if latest is None:
-    state, state_sh = state_lib.create_train_state(
-        config, model, models.margins.init_head_weight, tx, mesh,
-        jax.random.key(config.seed), data.num_classes)
+    state, state_sh = state_lib.create_train_state(setup, jax.random.key(config.seed))
     if t_cfg.backbone_init:
       state = state_lib.load_backbone(state, state_sh, t_cfg.backbone_init)
       logging.info('Backbone initialised from %s.', t_cfg.backbone_init)
   else:
-    target, state_sh = state_lib.abstract_train_state(
-        config, model, models.margins.init_head_weight, tx, mesh, data.num_classes)
+    target, state_sh = state_lib.abstract_train_state(setup)
     state, iter_state = checkpointing.restore(manager, latest, target)
     iterator.set_state(iter_state)
     logging.info('Resumed from step %d of %s.', latest, checkpointing.checkpoint_dir(workdir))
@@ -136,15 +128,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metric_logging.create_writer(workdir, is_primary)
   if is_primary:
     manifest_lib.write_manifest(workdir, manifest_lib.build_manifest(
-        config, seeds={'seed': config.seed, 'data_seed': input_pipeline.data_seed(config)},
+        config, seeds={'seed': config.seed, 'data_seed': inputs.data_seed(config)},
         dataset=data.manifest, extra={'start_step': start_step, 'total_steps': total_steps,
                                       'steps_per_epoch': steps_per_epoch,
                                       'mesh': dict(mesh.shape)}))
     if start_step == 0:
       writer.write_hparams(config.to_dict())
 
-  train_step = step_lib.make_train_step(config, model, models.margins, tx, mesh, state_sh,
-                                        data.num_classes)
+  train_step = step_lib.make_train_step(setup, state_sh)
   eval_step = None
   progress = metric_logging.Progress(total_steps, start_step, t_cfg.global_batch_size)
   pending: list[Any] = []          # Device metrics of steps not yet fetched.
@@ -191,8 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           t0 = time.perf_counter()
           if data.val_source is not None:
             if eval_step is None:
-              eval_step = step_lib.make_eval_step(config, model, mesh, state_sh, data.num_classes)
-            batches = input_pipeline.eval_batches(config, data, per_host_batch)
+              eval_step = step_lib.make_eval_step(setup, state_sh)
+            batches = inputs.eval_batches(config, data, per_host_batch)
             val = evaluate(eval_step, state, batches, mesh, t_cfg.eval_batches)
           elif not warned_no_validation:
             logging.warning('config.data.dataset=%r has no validation split: no validation '

@@ -12,6 +12,8 @@ from typing import Any, Callable
 import numpy as np
 import ml_collections
 
+from dolg_jax.data import grain_pipeline
+
 REFERENCE_BATCH = 128
 
 
@@ -21,7 +23,9 @@ def peak_learning_rate(train_cfg: ml_collections.ConfigDict) -> float:
 
 
 def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
-  return max(1, num_train_examples // global_batch_size)
+  """Steps of one epoch of the training iterator (at least 1), whatever the process count."""
+  return max(1, grain_pipeline.steps_per_epoch(num_train_examples, process_count=1,
+                                               per_host_batch=global_batch_size))
 
 
 def num_train_steps(train_cfg: ml_collections.ConfigDict, num_train_examples: int) -> int:

@@ -24,12 +24,15 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dolg_jax import sharding as shd
+from dolg_jax.models.normalize import l2_normalize
+from dolg_jax.models import margins
+from dolg_jax.training.state import TrainSetup
 from dolg_jax.training.state import TrainState
 
 _MASK_VALUE = -1e9
 
 
-def head_logits(head_cfg: ml_collections.ConfigDict, margins, embeddings, weight, labels, t,
+def head_logits(head_cfg: ml_collections.ConfigDict, embeddings, weight, labels, t,
                 num_classes: int):
   """Margin logits (float32) and the new CurricularFace `t`; padded classes masked out."""
   if head_cfg.type == 'arcface':
@@ -80,14 +83,14 @@ def _split_microbatches(x: jax.Array, k: int, mesh: Mesh) -> jax.Array:
       x, NamedSharding(mesh, P(None, shd.DATA)))
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, margins, tx:
-                    optax.GradientTransformation, mesh: Mesh, state_sharding: TrainState,
-                    num_classes: int) -> Callable:
+def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
   """Returns jitted `train_step(state, batch, learning_rate) -> (state, metrics)`.
 
   `state` is donated. `tx` is the unit-learning-rate optimizer of `state.create_optimizer`;
   `learning_rate` (float32 scalar) scales its update.
   """
+  config, model, tx, mesh = setup.config, setup.model, setup.tx, setup.mesh
+  num_classes = setup.num_classes
   t_cfg = config.train
   k = int(t_cfg.grad_accum_steps)
   if t_cfg.global_batch_size % (k * mesh.shape[shd.DATA]):
@@ -97,7 +100,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, margins
 
   def loss_fn(params, batch_stats, head_t, images, labels):
     emb, new_stats = forward(params['model'], batch_stats, images)
-    logits, new_t = head_logits(config.head, margins, emb, params['head']['weight'], labels,
+    logits, new_t = head_logits(config.head, emb, params['head']['weight'], labels,
                                 head_t, num_classes)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     loss = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
@@ -150,20 +153,20 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, margins
                  out_shardings=(state_sharding, shd.replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh,
-                   state_sharding: TrainState, num_classes: int) -> Callable:
+def make_eval_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
   """Jitted `eval_step(state, batch) -> {'correct', 'count', 'loss_sum'}` with plain cosine logits.
 
   Validation accuracy uses the nearest class centre (cosine logits without the margin), the
   metric that measures the descriptor; `batch['mask']` (optional) marks padding examples.
   """
+  config, model, mesh, num_classes = setup.config, setup.model, setup.mesh, setup.num_classes
 
   def eval_step(state: TrainState, batch):
     emb = model.apply({'params': state.params['model'], 'batch_stats': state.batch_stats},
                       batch['image'], train=False).astype(jnp.float32)
-    emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    emb = l2_normalize(emb)
     w = state.params['head']['weight']
-    w = w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
+    w = l2_normalize(w)
     logits = config.head.scale * (emb @ w.T)
     if w.shape[0] != num_classes:
       logits = jnp.where(jnp.arange(w.shape[0])[None] < num_classes, logits, _MASK_VALUE)

@@ -12,16 +12,19 @@ smooth random colour fields of varied sizes, so decoded pixels can be compared w
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import io
 import os
 import shutil
 import tarfile
 import tempfile
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
+
+from dolg_jax.data import gldv2
 
 DEFAULT_IMAGES_PER_CLASS = (2, 4, 5, 6, 7, 9, 10, 12)
 
@@ -194,7 +197,7 @@ def write_layout(manual_dir: str, *, full: Dict[int, List[str]], clean: Dict[int
     with open(os.path.join(manual_dir, f'md5.images_{s:03d}.txt'), 'w') as f:
       f.write(f'{digest}  {name}\n')
     shards.append(path)
-  # The CSVs last: their presence marks a complete fixture (see gldv2.ensure_fixture_dataset).
+  # The CSVs last: their presence marks a complete fixture (see gldv2_fixture.ensure_fixture_dataset).
   with open(os.path.join(manual_dir, 'train_clean.csv'), 'w', newline='') as f:
     f.write('landmark_id,images\n')
     for landmark, ids in clean.items():
@@ -205,3 +208,25 @@ def write_layout(manual_dir: str, *, full: Dict[int, List[str]], clean: Dict[int
     for image_id, landmark in all_ids:
       f.write(f'{image_id},https://example.invalid/{image_id}.jpg,{landmark}\n')
   return shards
+
+
+def ensure_fixture_dataset(data_dir: str, *, dataset: str = 'gldv2/clean',
+                           manual_dir: Optional[str] = None, **fixture_kwargs) -> gldv2.Gldv2:
+  """Writes the small fixture (if absent) and prepares it (if absent); returns the builder.
+
+  For tests and configs/tiny.py. The fixture's planted missing images are allowed. Safe to call
+  from several processes at once (they serialise on a lock file in data_dir).
+  """
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, '.gldv2_fixture.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      b = gldv2.builder(dataset, data_dir)
+      if b.is_prepared():
+        return b
+      manual_dir = manual_dir or os.path.join(data_dir, 'gldv2_manual')
+      if not os.path.exists(os.path.join(manual_dir, 'train.csv')):
+        write_fixture(manual_dir, **fixture_kwargs)
+      return gldv2.prepare(dataset, manual_dir, data_dir, allow_missing=True)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)

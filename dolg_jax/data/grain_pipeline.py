@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import flags
 import grain
+import jax
 import numpy as np
 
 from dolg_jax.data import decode
@@ -40,10 +41,6 @@ _U32 = 2**32
 def _data_config(config):
   """Accepts the full config (uses config.data) or the data section itself."""
   return config.data if 'data' in config else config
-
-
-def _get(cfg, name: str, default):
-  return cfg.get(name, default) if hasattr(cfg, 'get') else getattr(cfg, name, default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +109,6 @@ class _ShardedPaddedSource:
 
 def _check_process(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -122,16 +118,16 @@ def _check_process(process_index: Optional[int], process_count: Optional[int]) -
 
 def _to_iterator(ds: grain.MapDataset, cfg, num_workers: Optional[int],
                  read_threads: Optional[int]) -> grain.DatasetIterator:
-  num_workers = int(_get(cfg, 'num_workers', 0) if num_workers is None else num_workers)
-  read_threads = int(_get(cfg, 'read_threads', 4) if read_threads is None else read_threads)
-  buffer = max(int(_get(cfg, 'prefetch_buffer_size', 2)), read_threads)
+  num_workers = int(cfg.num_workers if num_workers is None else num_workers)
+  read_threads = int(cfg.read_threads if read_threads is None else read_threads)
+  buffer = max(int(cfg.prefetch_buffer_size), read_threads)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=buffer))
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use
       flags.FLAGS.mark_as_parsed()   # their defaults.
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=int(_get(cfg, 'worker_buffer_size', 2))))
+        num_workers=num_workers, per_worker_buffer_size=int(cfg.worker_buffer_size)))
   return iter(it_ds)
 
 
@@ -255,7 +251,8 @@ def make_train_iterator(config, data_source, *, seed: int, process_index: Option
 
 
 def steps_per_epoch(num_records: int, *, process_count: int, per_host_batch: int) -> int:
-  """Training steps in one epoch of `make_train_iterator`."""
+  """Training steps in one epoch of `make_train_iterator` (the one place this is computed; equal
+  to num_records // (process_count * per_host_batch) since floor(floor(n/p)/b) = floor(n/(p b)))."""
   return (num_records - num_records % process_count) // process_count // per_host_batch
 
 
