@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   d.crop_scale = (0.25, 1.0)       # Random-resized-crop area range.
   d.crop_ratio = (3 / 4, 4 / 3)    # Random-resized-crop aspect range (aspect distortion).
   d.random_flip = True
+  d.decode = 'exact'               # 'exact': cv2.imread's pixels, EXIF orientation applied (official
+                                   # reader) | 'fast': libjpeg-turbo fast DCT with DCT downscaling
+                                   # (also oriented). Training and validation only: retrieval
+                                   # evaluation always decodes exactly.
   d.num_workers = 8                # grain worker processes per host (0 = in-process).
   d.prefetch_buffer_size = 2
   d.read_threads = 2               # Decode threads inside each worker (grain ReadOptions).
