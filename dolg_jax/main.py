@@ -16,6 +16,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dolg_jax.weights import imagenet
+
 FLAGS = flags.FLAGS
 
 
@@ -93,7 +95,7 @@ def main(argv):
   from dolg_jax.training import loop  # pylint: disable=g-import-not-at-top
   try:
     loop.train_and_evaluate(config, FLAGS.workdir)
-  except loop.NonFiniteLossError as e:
+  except (loop.NonFiniteLossError, imagenet.WeightsError) as e:
     logging.error('%s', e)
     sys.exit(f'ERROR: {e}')
 
