@@ -6,7 +6,9 @@ Two routes, both returning (H, W, 3) uint8 RGB with the EXIF orientation applied
   pixel for pixel what the official DOLG code reads with `cv2.imread(path)[..., ::-1]`: libjpeg-turbo's
   accurate integer DCT and smooth chroma upsampling, EXIF orientations 2-8 applied, grayscale and
   CMYK JPEGs converted by OpenCV, PNG alpha dropped (not composited), 16-bit PNGs reduced to their
-  high byte. Evaluation always uses this route.
+  high byte. A truncated JPEG gives the decoded part with the missing blocks grey, as `cv2.imread`
+  returns it (`cv2.imdecode` refuses it; libjpeg-turbo's accurate decode through simplejpeg gives
+  the same pixels). Evaluation always uses this route.
 * fast (`fast=True`, training's `config.data.decode` = 'fast'; chosen by measurement, see
   `dolg_jax.bench_data`): JPEG bytes are decoded by libjpeg-turbo through `simplejpeg` with the fast
   DCT and upsampling and decode-time DCT downscaling (1/2, 1/4, 1/8) whenever the crop that will be
@@ -28,8 +30,8 @@ import io
 import math
 from typing import Optional, Tuple
 
-import numpy as np
 import cv2
+import numpy as np
 from PIL import Image
 from PIL import ImageOps
 import simplejpeg
