@@ -11,6 +11,7 @@ import io
 import json
 import os
 import socket
+import struct
 import threading
 
 import jax
@@ -77,7 +78,7 @@ def checkpoints():
 # ----------------------------------------------------------------------------------- the server
 class _Handler(http.server.BaseHTTPRequestHandler):
   files: dict = {}        # path -> bytes
-  modes: dict = {}        # path -> 'truncate' (close mid-body) | 'nolength'
+  modes: dict = {}        # path -> 'truncate' (close mid-body) | 'reset' (RST mid-body) | 'nolength'
   hits: dict = {}
 
   def do_GET(self):  # pylint: disable=invalid-name
@@ -92,9 +93,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if mode != 'nolength':
       self.send_header('Content-Length', str(len(data)))
     self.end_headers()
-    self.wfile.write(data[:len(data) // 2] if mode == 'truncate' else data)
+    self.wfile.write(data[:len(data) // 2] if mode in ('truncate', 'reset') else data)
     self.wfile.flush()
     self.close_connection = True
+    if mode == 'reset':  # Abort the connection: the client sees ECONNRESET.
+      self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+      self.connection.close()
 
   def log_message(self, *args):
     pass
@@ -103,6 +107,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope='module')
 def server():
   httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
+  httpd.handle_error = lambda request, address: None   # The 'reset' mode's closed socket.
   thread = threading.Thread(target=httpd.serve_forever, daemon=True)
   thread.start()
   base = f'http://127.0.0.1:{httpd.server_address[1]}'
@@ -224,6 +229,10 @@ def test_interrupted_transfer_leaves_nothing_and_a_stale_part_is_never_used(serv
   with pytest.raises(imagenet.DownloadError,
                      match=rf'interrupted: received {len(data) // 2} of {len(data)} bytes; '
                            r'nothing was kept'):
+    imagenet.resolve(url, cache_dir=str(cache), progress=False)
+  assert _listing(cache) == []
+  server.serve(path, data, mode='reset')
+  with pytest.raises(imagenet.DownloadError, match=r'interrupted.*nothing was kept'):
     imagenet.resolve(url, cache_dir=str(cache), progress=False)
   assert _listing(cache) == []
   # No Content-Length (and not chunked): a cut could not be detected, so it is refused.
