@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   d.crop_scale = (0.25, 1.0)       # Random-resized-crop area range.
   d.crop_ratio = (3 / 4, 4 / 3)    # Random-resized-crop aspect range (aspect distortion).
   d.random_flip = True
+  d.decode = 'exact'               # 'exact': cv2.imread's pixels, EXIF orientation applied (official
+                                   # reader) | 'fast': libjpeg-turbo fast DCT with DCT downscaling
+                                   # (also oriented). Training and validation only: retrieval
+                                   # evaluation always decodes exactly.
   d.num_workers = 8                # grain worker processes per host (0 = in-process).
   d.prefetch_buffer_size = 2
   d.read_threads = 2               # Decode threads inside each worker (grain ReadOptions).
@@ -81,7 +85,11 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_every_steps = 5000        # Validation accuracy (0 = never); also at the last step.
   t.eval_batches = 100             # Validation batches (global batch size) per evaluation; 0 = all.
   t.eval_retrieval = False         # Also run dolg_jax.eval (retrieval mAP, config.eval) then.
-  t.backbone_init = ''             # ImageNet backbone checkpoint (pycls .pyth / torchvision .pth).
+  t.backbone_init = 'pycls_r50'    # ImageNet start (dolg_jax.weights.imagenet): 'pycls_r50' |
+                                   # 'pycls_r101' (official) | 'torchvision_r50' | 'torchvision_r101'
+                                   # | an http(s) URL | a local .pyth/.pth file | 'none' (random).
+  t.backbone_cache_dir = ''        # Downloaded backbones; '' = $DOLG_JAX_WEIGHTS_CACHE, else
+                                   # ~/.cache/dolg_jax/weights.
   t.deterministic = False          # GPU: XLA deterministic ops (slower; see training/determinism.py).
   t.init_on_one_device = True      # Init on one device then reshard (False: jit(init, out_shardings)).
 

@@ -47,6 +47,7 @@ def get_config():
   t.checkpoint_every_steps = 500
   t.keep_checkpoints = 1
   t.eval_every_steps = 0          # the demo evaluates retrieval itself, before and after training
+  t.backbone_init = 'none'        # trains from scratch (no download; see the docstring)
 
   e = c.eval
   e.datasets = ('rdemo',)

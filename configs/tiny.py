@@ -39,4 +39,5 @@ def get_config():
   t.checkpoint_every_steps = 10
   t.keep_checkpoints = 2
   t.eval_every_steps = 10
+  t.backbone_init = 'none'         # Random start: no ImageNet backbone has this width (offline).
   return c

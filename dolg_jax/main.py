@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from dolg_jax.training import determinism
 from dolg_jax.training import loop
+from dolg_jax.weights import imagenet
 
 FLAGS = flags.FLAGS
 
@@ -94,7 +95,7 @@ def main(argv):
                          FLAGS.process_id)
   try:
     loop.train_and_evaluate(config, FLAGS.workdir)
-  except loop.NonFiniteLossError as e:
+  except (loop.NonFiniteLossError, imagenet.WeightsError) as e:
     logging.error('%s', e)
     sys.exit(f'ERROR: {e}')
 

@@ -19,6 +19,11 @@ per-process: process_{i}-of-{n}.json).
 Evaluation (`make_eval_iterator`): records in source order, every process_count-th from
 process_index, central square crop resized to image_size; all processes yield the same number of
 batches, the last ones padded with zero images whose `mask` is False.
+
+Decoding (`config.data.decode`, both pipelines): 'exact' reads every image as the official code's
+`cv2.imread` does (full-size accurate decode, EXIF orientation applied); 'fast' uses the fast JPEG
+route of `dolg_jax.data.decode` (fast DCT, DCT-domain downscaling, EXIF orientation applied too).
+Retrieval evaluation (dolg_jax.retrieval.extract) always decodes exactly.
 """
 
 from __future__ import annotations
@@ -36,11 +41,20 @@ import numpy as np
 from dolg_jax.data import decode
 
 _U32 = 2**32
+DECODE_ROUTES = ('exact', 'fast')
 
 
 def _data_config(config):
   """Accepts the full config (uses config.data) or the data section itself."""
   return config.data if 'data' in config else config
+
+
+def fast_decode(cfg) -> bool:
+  """True for `config.data.decode` = 'fast', False for 'exact'; anything else is an error."""
+  route = cfg.decode
+  if route not in DECODE_ROUTES:
+    raise ValueError(f'config.data.decode must be one of {DECODE_ROUTES}, got {route!r}')
+  return route == 'fast'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +70,7 @@ class TrainTransform:
   flip: bool
   seed: int
   epoch_length: int
+  fast_decode: bool
 
   def rng(self, index: int) -> np.random.Generator:
     epoch, position = divmod(int(index), self.epoch_length)
@@ -69,7 +84,7 @@ class TrainTransform:
     box = decode.random_resized_crop_box(rng, hw, self.scale, self.ratio)
     flip = bool(self.flip and rng.random() < 0.5)
     image = decode.decode_crop_resize(data, box, (self.image_size, self.image_size),
-                                      image_hw=hw, flip=flip)
+                                      image_hw=hw, flip=flip, fast=self.fast_decode)
     return {'image': image, 'label': np.int32(record['label'])}
 
 
@@ -77,6 +92,7 @@ class TrainTransform:
 class EvalTransform:
   """record -> {'image': uint8 (S, S, 3) central square resized, 'label': int32, 'mask': bool}."""
   image_size: int
+  fast_decode: bool
 
   def __call__(self, record: Dict[str, Any]) -> Dict[str, np.ndarray]:
     size = self.image_size
@@ -86,7 +102,7 @@ class EvalTransform:
     data = record['image']
     hw = decode.image_size(data)
     image = decode.decode_crop_resize(data, decode.center_square_box(hw), (size, size),
-                                      image_hw=hw)
+                                      image_hw=hw, fast=self.fast_decode)
     return {'image': image, 'label': np.int32(record['label']), 'mask': np.bool_(True)}
 
 
@@ -144,7 +160,7 @@ def train_dataset(config, data_source, *, seed: int, process_index: int, process
   transform = TrainTransform(
       image_size=int(cfg.image_size), scale=tuple(float(x) for x in cfg.crop_scale),
       ratio=tuple(float(x) for x in cfg.crop_ratio), flip=bool(cfg.random_flip),
-      seed=int(seed), epoch_length=n)
+      seed=int(seed), epoch_length=n, fast_decode=fast_decode(cfg))
   ds = grain.MapDataset.source(data_source)
   ds = ds.shuffle(seed=int(seed) % _U32)                     # Reshuffled each epoch (seed + epoch).
   ds = ds.map_with_index(transform)                          # Index = global position in the stream.
@@ -223,7 +239,7 @@ def make_train_iterator(config, data_source, *, seed: int, process_index: Option
 
   Args:
     config: full config (uses config.data) or its data section: image_size, crop_scale,
-      crop_ratio, random_flip, num_workers, read_threads, prefetch_buffer_size, worker_buffer_size.
+      crop_ratio, random_flip, decode, num_workers, read_threads, prefetch_buffer_size, worker_buffer_size.
     data_source: random-access source of records with 'image' (encoded bytes) and 'label'
       (e.g. `gldv2.data_sources(dataset, data_dir)['train']`).
     seed: shuffle and augmentation seed (the same on every process).
@@ -264,7 +280,7 @@ def eval_dataset(config, data_source, *, process_index: int, process_count: int,
   num_batches = math.ceil(per_process / per_host_batch)
   source = _ShardedPaddedSource(data_source, process_index, process_count,
                                 num_batches * per_host_batch)
-  ds = grain.MapDataset.source(source).map(EvalTransform(int(cfg.image_size)))
+  ds = grain.MapDataset.source(source).map(EvalTransform(int(cfg.image_size), fast_decode(cfg)))
   return ds.batch(per_host_batch, drop_remainder=False)
 
 

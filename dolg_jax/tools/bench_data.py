@@ -7,8 +7,10 @@ Makes textured JPEGs (quality 90) of about the GLDv2 train size, draws the train
 random-resized crops (scale 0.25-1, ratio 3/4-4/3), and times in ONE process (so images/s = per core):
   naive:            Pillow full decode, crop, resize (Pillow's default filter, bicubic)
   naive_bilinear:   the same with a bilinear resize
-  fast:             dolg_jax.data.decode.decode_crop_resize (libjpeg-turbo via simplejpeg with
-                    DCT downscaling when the crop allows, OpenCV bilinear resize)
+  fast:             dolg_jax.data.decode.decode_crop_resize(fast=True) (libjpeg-turbo via
+                    simplejpeg with DCT downscaling when the crop allows, OpenCV bilinear resize)
+  exact:            decode_crop_resize's default (config.data.decode='exact'): cv2.imread's
+                    pixels (full accurate decode, EXIF orientation), crop, OpenCV resize
   alternatives:     Pillow with draft() DCT scaling and a box resize; OpenCV imdecode + resize
 Rounds alternate between methods and the median round is reported, so a busy machine biases all
 methods alike. Also times the parts of the fast path (decode only, resize only).
@@ -91,10 +93,13 @@ def time_methods(num_images: int = 32, rounds: int = 5, size: int = 512, height:
           jpegs[i], boxes[i], out),
       'naive_bilinear (Pillow decode+crop+bilinear)': naive_bilinear,
       'fast (simplejpeg+DCT scaling, cv2 bilinear)': lambda i: decode.decode_crop_resize(
+          jpegs[i], boxes[i], out, fast=True),
+      'exact (= cv2.imread, full decode, cv2 resize)': lambda i: decode.decode_crop_resize(
           jpegs[i], boxes[i], out),
       'alt: Pillow draft (DCT scaling) + box resize': pil_draft,
       'alt: OpenCV imdecode + resize': cv2_only,
-      '  part: simplejpeg decode only': lambda i: decode.decode_rgb(jpegs[i]),
+      '  part: simplejpeg decode only': lambda i: decode.decode_rgb(jpegs[i], fast=True),
+      '  part: exact decode only': lambda i: decode.decode_rgb(jpegs[i]),
       '  part: Pillow decode only': lambda i: np.asarray(
           Image.open(io.BytesIO(jpegs[i])).convert('RGB')),
       '  part: resize only (fast path)': lambda i: decode.resize(crop(i), size, size),

@@ -27,6 +27,7 @@ from dolg_jax.training import preemption
 from dolg_jax.training import schedule
 from dolg_jax.training import state as state_lib
 from dolg_jax.training import step as step_lib
+from dolg_jax.weights import imagenet
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -110,12 +111,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager = checkpointing.make_manager(workdir, keep=t_cfg.keep_checkpoints,
                                        async_save=t_cfg.async_checkpointing)
   latest = manager.latest_step()
+  if latest is None:  # Resolved (downloaded, verified) before anything is compiled.
+    backbone = imagenet.resolve(t_cfg.backbone_init, cache_dir=t_cfg.backbone_cache_dir,
+                                model=config.model, progress=is_primary)
+    backbone_record = backbone.record()
+    logging.info('Backbone: %s', backbone.describe())
+  else:
+    backbone_record = {'spec': t_cfg.backbone_init, 'source': f'checkpoint of step {latest}',
+                       'note': 'resumed: the backbone init was not read'}
   iterator = inputs.train_iterator(config, data, per_host_batch=per_host_batch)
   if latest is None:
     state, state_sh = state_lib.create_train_state(setup, jax.random.key(config.seed))
-    if t_cfg.backbone_init:
-      state = state_lib.load_backbone(state, state_sh, t_cfg.backbone_init)
-      logging.info('Backbone initialised from %s.', t_cfg.backbone_init)
+    if backbone.path is not None:
+      state = state_lib.load_backbone(state, state_sh, backbone.path)
+      logging.info('Backbone initialised from %s.', backbone.path)
   else:
     target, state_sh = state_lib.abstract_train_state(setup)
     state, iter_state = checkpointing.restore(manager, latest, target)
@@ -131,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, seeds={'seed': config.seed, 'data_seed': inputs.data_seed(config)},
         dataset=data.manifest, extra={'start_step': start_step, 'total_steps': total_steps,
                                       'steps_per_epoch': steps_per_epoch,
-                                      'mesh': dict(mesh.shape)}))
+                                      'mesh': dict(mesh.shape), 'backbone': backbone_record}))
     if start_step == 0:
       writer.write_hparams(config.to_dict())
 

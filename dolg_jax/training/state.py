@@ -172,15 +172,29 @@ def create_train_state(setup: TrainSetup, rng: jax.Array) -> tuple[TrainState, T
   return shd.place(jax.device_get(local), shardings), shardings
 
 
+def uncovered_backbone_leaves(variables: Any, backbone: Any) -> list[str]:
+  """The model's `globalmodel` leaves (key strings) that `backbone` does not provide."""
+  given = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(backbone)}
+  return [k for k in (jax.tree_util.keystr(p) for p, _ in
+                      jax.tree_util.tree_leaves_with_path(variables))
+          if "'globalmodel'" in k and k not in given]
+
+
 def load_backbone(state: TrainState, shardings: TrainState, path: str) -> TrainState:
   """Replaces the backbone (`globalmodel`) params and BN statistics with an ImageNet checkpoint.
 
   `path`: pycls .pyth, torchvision .pth, a DOLG checkpoint or a converted directory
-  (dolg_jax.weights.backbone.load_backbone). Shapes must match the configured depth and width.
+  (dolg_jax.weights.backbone.load_backbone). Shapes must match the configured depth and width, and
+  the file must provide every backbone variable of the model (a ValueError names the file).
   """
   current = {'params': state.params['model'], 'batch_stats': state.batch_stats}
-  merged = backbone_lib.merge_backbone(shd.host_replicated(current),
-                                       backbone_lib.load_backbone(path))
+  backbone = backbone_lib.load_backbone(path)
+  missing = uncovered_backbone_leaves(current, backbone)
+  if missing:  # E.g. a ResNet-50 file for a ResNet-101 model: its blocks are a subset.
+    raise ValueError(f'{path}: the backbone lacks {len(missing)} of the model\'s backbone '
+                     f'variables (first: {missing[:3]}); it does not match config.model (depth, '
+                     f'stage_depths, width)')
+  merged = backbone_lib.merge_backbone(shd.host_replicated(current), backbone)
   target = {'params': shardings.params['model'], 'batch_stats': shardings.batch_stats}
   placed = shd.place(merged, {k: target[k] for k in merged})
   return state.replace(params={**state.params, 'model': placed['params']},

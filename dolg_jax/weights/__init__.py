@@ -5,6 +5,7 @@
   converted      directories written by `python -m dolg_jax.convert` (read without torch)
   released       `load(path) -> (model, variables)`, `load_config`, `load_head`
   backbone       ImageNet backbones (pycls, torchvision): `load_backbone`, `merge_backbone`
+  imagenet       backbone names -> public URLs; download once into a cache, verify checksums
   checkpoint     model variables of our own orbax training checkpoints (for evaluation)
 
 Importing this package imports none of them; `dolg_jax.pretrained` re-exports the public API.
