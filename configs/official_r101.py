@@ -19,7 +19,8 @@ BatchNorm, 5-scale evaluation) this sets:
 Variants (`--config=configs/official_r101.py:VARIANT`):
 - '' (default): the yaml's 224 x 224 crops, global batch 64.
 - 'paper_size': the paper's 512 x 512 crops and batch 128 (lr scaled linearly: 0.02), everything
-  else official. The released weights' paper numbers come from this size, not the yaml's.
+  else official. Which of the two sizes produced the released weights is not published: the
+  paper states 512 / 128, the public yaml 224 / 64; the default follows the code.
 
   python -m dolg_jax.main --config=configs/official_r101.py --workdir=DIR --config.data.data_dir=TFDS_DIR
 """

@@ -240,7 +240,8 @@ def test_official_yaml_schedule_values():
   lr = schedule.create_learning_rate_fn(cfg, 10, schedule.num_train_steps(cfg, 640))
   assert float(lr(0)) == pytest.approx(0.001, rel=1e-6)
   assert float(lr(9)) == pytest.approx(0.001, rel=1e-6)          # constant within the epoch
-  assert float(lr(10)) == pytest.approx(0.01 * (0.1 * 0.8 + 0.2) * 0.5 * (1 + math.cos(math.pi / 100)),
+  warm = 0.1 * 0.8 + 0.2   # epoch 1 of 5
+  assert float(lr(10)) == pytest.approx(0.01 * warm * 0.5 * (1 + math.cos(math.pi / 100)),
                                         rel=1e-6)
   assert float(lr(50)) == pytest.approx(0.005 * (1 + math.cos(math.pi * 5 / 100)), rel=1e-6)
   assert float(lr(999)) == pytest.approx(0.005 * (1 + math.cos(math.pi * 99 / 100)), rel=1e-5)

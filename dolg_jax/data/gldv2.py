@@ -326,7 +326,8 @@ def read_md5_file(path: str) -> str:
 
 
 def verify_md5(shard_path: str, manual_dir: Optional[str] = None) -> None:
-  """Compares the shard with its md5.images_NNN.txt (see `md5_file_for`); ChecksumError if not equal."""
+  """Compares the shard with its md5.images_NNN.txt (see `md5_file_for`); raises ChecksumError
+  when they differ."""
   name = os.path.basename(shard_path)
   md5_path = md5_file_for(shard_path, manual_dir)
   if md5_path is None:
@@ -699,7 +700,8 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, allow_missing: bool
             exclude: Optional[str] = None) -> Gldv2:
   """Builds the dataset (no-op if already built); returns the builder (`.summary` when built).
 
-  The dataset's full name (to put in config.data.dataset) is `'gldv2/' + builder.builder_config.name`.
+  The dataset's full name (to put in config.data.dataset) is
+  `'gldv2/' + builder.builder_config.name`.
   """
   b = builder(dataset, data_dir, allow_missing=allow_missing, verify_md5=verify_md5,
               val_fraction=val_fraction, exclude=exclude)

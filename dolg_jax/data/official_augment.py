@@ -111,7 +111,8 @@ def lighting_offset(rng, alpha_std: float = LIGHTING_STD) -> np.ndarray:
 def augment_rgb(rgb: np.ndarray, size: int, rng, *, area_frac: float = 0.08,
                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
                 lighting_std: float = LIGHTING_STD) -> np.ndarray:
-  """Crop, flip and lighting of a decoded (H, W, 3) RGB image -> float32 (size, size, 3) [0, 255]."""
+  """Crop, flip and lighting of a decoded (H, W, 3) RGB image -> float32 (size, size, 3), [0, 255]
+  scale."""
   im = random_sized_crop(np.asarray(rgb, np.float32), size, rng, area_frac, ratio)
   if flip:
     im = horizontal_flip(im, rng)

@@ -259,7 +259,8 @@ def make_train_iterator(config, data_source, *, seed: int, process_index: Option
 
   Args:
     config: full config (uses config.data) or its data section: image_size, augmentation,
-      crop_scale, crop_ratio, random_flip, lighting_std, num_workers, read_threads, prefetch_buffer_size, worker_buffer_size.
+      crop_scale, crop_ratio, random_flip, lighting_std, num_workers, read_threads,
+      prefetch_buffer_size, worker_buffer_size.
     data_source: random-access source of records with 'image' (encoded bytes) and 'label'
       (e.g. `gldv2.data_sources(dataset, data_dir)['train']`).
     seed: shuffle and augmentation seed (the same on every process).

@@ -65,8 +65,9 @@ def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str, bn_group_size: int =
   def forward_grouped(params, batch_stats, images):
     n, g = images.shape[0], bn_group_size
     if n % g:
-      raise ValueError(f'config.train.bn_group_size={g} must divide the batch each BatchNorm '
-                       f'sees ({n} images per device and microbatch)')
+      raise ValueError(f'config.train.bn_group_size={g} must divide the batch it splits: {n} '
+                       'images (the per-device (micro)batch with bn_mode=per_device, else the '
+                       'global (micro)batch)')
     groups = images.reshape((n // g, g) + images.shape[1:])
     emb, stats = jax.vmap(forward_all, in_axes=(None, None, 0))(params, batch_stats, groups)
     return (emb.reshape((n,) + emb.shape[2:]),
