@@ -175,3 +175,25 @@ def test_published_data_has_sources_and_the_verified_numbers():
     assert all(r['map'][d]['+1m'][p] is None for d in ('roxford5k', 'rparis6k')
                for p in ('easy', 'medium', 'hard'))
     assert r['source'] in data['sources']
+
+
+def test_other_protocol_is_its_own_row_and_runs_without_manifest_are_marked(runs, tmp_path):
+  src = runs['full_s0'][0]
+  qe = tmp_path / 'full_s0_qe'
+  (qe / 'eval').mkdir(parents=True)
+  with open(os.path.join(src, 'manifest.json')) as f:
+    (qe / 'manifest.json').write_text(f.read())
+  results = dict(runs['full_s0'][1], search={'qe_k': 2, 'qe_alpha': 3.0, 'dba_k': 0,
+                                             'dba_alpha': 3.0})
+  (qe / 'eval' / 'results.json').write_text(json.dumps(results))
+  released = tmp_path / 'released_eval'          # `dolg_jax.eval --checkpoint=...` output only.
+  released.mkdir()
+  (released / 'results.json').write_text(json.dumps(runs['full_s0'][1]))
+  out = study.write_study([src, runs['full_s1'][0], str(qe), str(released)],
+                          str(tmp_path / 'o'))
+  ours = [r for r in out['rows'] if r.kind == 'ours']
+  assert [r.label for r in ours] == ['full_s0+full_s1', 'full_s0_qe', 'released_eval']
+  assert 'search qe_k=2 dba_k=0 vs none' in ours[1].flags
+  assert ours[2].fields == 'no manifest.json: config unknown'
+  assert ours[2].flags == 'no published row of this depth/variant' and not ours[2].compared_to
+  assert out['fields'] == []
