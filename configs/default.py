@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.fusion_eps = 1e-6              # Added to |f_g|^2 in the orthogonal projection.
   m.bn_momentum = 0.9              # Flax momentum (= torch momentum 0.1).
   m.bn_epsilon = 1e-5
+  m.zero_init_final_gamma = False  # Official yaml: True (each block's last BN scale starts at 0;
+                                   # an ImageNet backbone init overwrites it).
+  m.dense_init = 'pycls'           # fc_t/fc init: 'pycls' normal(0.01) | 'torch' (official: torch's
+                                   # default Linear init, U(+-1/sqrt(fan_in))).
 
   # ---------------------------------------------------------------- margin head (dolg_jax.models.margins)
   h = c.head = ml_collections.ConfigDict()
@@ -49,13 +53,17 @@ def get_config() -> ml_collections.ConfigDict:
   d.dataset = 'gldv2/clean'        # TFDS name/config.
   d.data_dir = ''                  # TFDS data_dir holding the prepared dataset.
   d.image_size = 512
-  d.crop_scale = (0.25, 1.0)       # Random-resized-crop area range.
+  d.augmentation = 'paper'         # 'paper' (uint8, log-uniform aspect) | 'official' (pycls/DOLG:
+                                   # float32, uniform aspect with w/h swap, PCA lighting; see
+                                   # dolg_jax/data/official_augment.py).
+  d.crop_scale = (0.25, 1.0)       # Random-resized-crop area range (official: (0.08, 1.0)).
   d.crop_ratio = (3 / 4, 4 / 3)    # Random-resized-crop aspect range (aspect distortion).
   d.random_flip = True
   d.decode = 'exact'               # 'exact': cv2.imread's pixels, EXIF orientation applied (official
                                    # reader) | 'fast': libjpeg-turbo fast DCT with DCT downscaling
                                    # (also oriented). Training and validation only: retrieval
                                    # evaluation always decodes exactly.
+  d.lighting_std = 0.0             # PCA lighting noise std ('official' only; official: 0.1).
   d.num_workers = 8                # grain worker processes per host (0 = in-process).
   d.prefetch_buffer_size = 2
   d.read_threads = 2               # Decode threads inside each worker (grain ReadOptions).
@@ -69,14 +77,18 @@ def get_config() -> ml_collections.ConfigDict:
   t.num_train_steps = -1           # -1: derived from num_epochs.
   t.base_learning_rate = 0.05      # Per 128 images; scaled linearly with the global batch.
   t.warmup_epochs = 5
+  t.lr_schedule = 'per_step'       # 'per_step' (paper) | 'per_epoch' (official pycls get_epoch_lr).
+  t.warmup_factor = 0.0            # Warm-up starts at this fraction of the lr (official: 0.1).
   t.optimizer = 'sgd'              # 'sgd' (paper) | 'adamw' (the CPU demo trains from scratch).
   t.momentum = 0.9
   t.adam_b1 = 0.9                  # 'adamw' only.
   t.adam_b2 = 0.999
-  t.nesterov = False
+  t.nesterov = False               # Official config: True.
   t.weight_decay = 1e-4
   t.weight_decay_mask = 'all'      # 'all' (pycls reference) | 'kernels' (no BN/bias/GeM p).
   t.bn_mode = 'global'             # BN stats: 'global' batch | 'per_device' (reference: per GPU).
+  t.bn_group_size = 0              # > 0: BN stats over groups of this many images (official: 8
+                                   # per GPU); 0: as bn_mode says.
   t.log_every_steps = 50
   t.checkpoint_every_steps = 1000
   t.keep_checkpoints = 3

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from dolg_jax.data import decode
+from dolg_jax.data import official_augment
 
 _U32 = 2**32
 DECODE_ROUTES = ('exact', 'fast')
@@ -57,9 +58,19 @@ def fast_decode(cfg) -> bool:
   return route == 'fast'
 
 
+AUGMENTATIONS = ('paper', 'official')
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-  """record -> {'image': uint8 (S, S, 3), 'label': int32}; random-resized crop + flip.
+  """record -> {'image': (S, S, 3), 'label': int32}.
+
+  `augmentation` (config.data.augmentation):
+  - 'paper' (default): uint8 image; random-resized crop (area in `scale`, log-uniform aspect in
+    `ratio`, decoded at the smallest DCT scale that keeps the crop's resolution) + flip.
+  - 'official': float32 image, the official pycls/DOLG recipe (dolg_jax.data.official_augment):
+    full decode, random-sized crop (area from scale[0] to 1, uniform aspect in `ratio` with the
+    width/height swap), flip, PCA lighting noise of std `lighting_std`.
 
   Called with the GLOBAL index of the element in the repeated, shuffled stream; its RNG is
   Philox seeded from (seed, epoch, index in epoch), so it does not depend on workers or threads.
@@ -71,6 +82,19 @@ class TrainTransform:
   seed: int
   epoch_length: int
   fast_decode: bool
+  augmentation: str
+  lighting_std: float
+
+  def __post_init__(self):
+    if self.augmentation not in AUGMENTATIONS:
+      raise ValueError(f'config.data.augmentation must be one of {AUGMENTATIONS}, got '
+                       f'{self.augmentation!r}')
+    if self.augmentation == 'official' and self.scale[1] != 1.0:
+      raise ValueError(f"config.data.crop_scale={self.scale}: augmentation='official' draws the "
+                       'area fraction from crop_scale[0] to 1; set crop_scale[1] to 1.0')
+    if self.augmentation == 'paper' and self.lighting_std:
+      raise ValueError(f'config.data.lighting_std={self.lighting_std}: lighting noise is part of '
+                       "augmentation='official' only; set it to 0 or use the official recipe")
 
   def rng(self, index: int) -> np.random.Generator:
     epoch, position = divmod(int(index), self.epoch_length)
@@ -80,6 +104,11 @@ class TrainTransform:
   def __call__(self, index: int, record: Dict[str, Any]) -> Dict[str, np.ndarray]:
     rng = self.rng(index)
     data = record['image']
+    if self.augmentation == 'official':
+      image = official_augment.official_train_image(
+          data, self.image_size, rng, area_frac=self.scale[0], ratio=self.ratio, flip=self.flip,
+          lighting_std=self.lighting_std)
+      return {'image': image, 'label': np.int32(record['label'])}
     hw = decode.image_size(data)
     box = decode.random_resized_crop_box(rng, hw, self.scale, self.ratio)
     flip = bool(self.flip and rng.random() < 0.5)
@@ -160,7 +189,8 @@ def train_dataset(config, data_source, *, seed: int, process_index: int, process
   transform = TrainTransform(
       image_size=int(cfg.image_size), scale=tuple(float(x) for x in cfg.crop_scale),
       ratio=tuple(float(x) for x in cfg.crop_ratio), flip=bool(cfg.random_flip),
-      seed=int(seed), epoch_length=n, fast_decode=fast_decode(cfg))
+      seed=int(seed), epoch_length=n, fast_decode=fast_decode(cfg),
+      augmentation=str(cfg.augmentation), lighting_std=float(cfg.lighting_std))
   ds = grain.MapDataset.source(data_source)
   ds = ds.shuffle(seed=int(seed) % _U32)                     # Reshuffled each epoch (seed + epoch).
   ds = ds.map_with_index(transform)                          # Index = global position in the stream.
@@ -235,11 +265,14 @@ def make_train_iterator(config, data_source, *, seed: int, process_index: Option
                         process_count: Optional[int] = None, per_host_batch: int,
                         num_epochs: Optional[int] = None, num_workers: Optional[int] = None,
                         read_threads: Optional[int] = None) -> TrainIterator:
-  """Iterator of {'image': uint8 (B, S, S, 3), 'label': int32 (B,)} for this process.
+  """Iterator of {'image': (B, S, S, 3), 'label': int32 (B,)} for this process.
+
+  Images are uint8, or float32 with `augmentation='official'` (lighting noise is not rounded).
 
   Args:
-    config: full config (uses config.data) or its data section: image_size, crop_scale,
-      crop_ratio, random_flip, decode, num_workers, read_threads, prefetch_buffer_size, worker_buffer_size.
+    config: full config (uses config.data) or its data section: image_size, augmentation,
+      crop_scale, crop_ratio, random_flip, lighting_std, decode, num_workers, read_threads,
+      prefetch_buffer_size, worker_buffer_size.
     data_source: random-access source of records with 'image' (encoded bytes) and 'label'
       (e.g. `gldv2.data_sources(dataset, data_dir)['train']`).
     seed: shuffle and augmentation seed (the same on every process).

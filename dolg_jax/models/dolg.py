@@ -56,6 +56,7 @@ Ablations (config fields of `c.model`, see configs/default.py):
     so fc keeps its width).
 """
 
+import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -75,8 +76,32 @@ FUSIONS = ('orthogonal', 'concat', 'hadamard')
 GLOBAL_POOLS = ('gem', 'gap')
 LOCAL_STAGES = ('res3', 'res4', 'both')
 
-# pycls Linear init (normal std 0.01, zero bias); used for fc_t and fc.
+# pycls Linear init (normal std 0.01, zero bias); used for fc_t and fc with dense_init='pycls'.
 dense_kernel_init = nn.initializers.normal(0.01)
+DENSE_INITS = ('pycls', 'torch')
+
+
+def torch_linear_inits(fan_in: int):
+  """torch.nn.Linear's default init: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  (kaiming_uniform with a = sqrt(5) for the weight gives exactly this bound.) What fc_t and fc of the
+  official DOLG model start from: its init_weights is applied to the ResNet trunk only.
+  """
+  bound = 1.0 / math.sqrt(fan_in)
+  uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(  # pylint: disable=g-long-lambda
+      key, shape, dtype, -bound, bound)
+  return uniform, uniform
+
+
+def head_dense(features: int, fan_in: int, dense_init: str = 'pycls',
+               name: Optional[str] = None) -> nn.Dense:
+  """fc_t / fc: float32 whatever the compute dtype (tiny, feeds the loss); init by `dense_init`."""
+  if dense_init == 'torch':
+    kernel_init, bias_init = torch_linear_inits(fan_in)
+  else:
+    kernel_init, bias_init = dense_kernel_init, nn.initializers.zeros
+  return nn.Dense(features, dtype=jnp.float32, param_dtype=jnp.float32,
+                  kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -260,12 +285,16 @@ class DOLG(nn.Module):
   fusion_eps: float = 1e-6
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  zero_init_final_gamma: bool = False  # pycls BN.ZERO_INIT_FINAL_GAMMA (official yaml: True).
+  dense_init: str = 'pycls'            # fc_t / fc init: 'pycls' normal(0.01) | 'torch' (official).
   dtype: Dtype = jnp.float32
 
   def check(self) -> None:
     """Raises ValueError naming the config field when the configuration is inconsistent."""
     if self.fusion not in FUSIONS:
       raise ValueError(f'model.fusion must be one of {FUSIONS}, got {self.fusion!r}')
+    if self.dense_init not in DENSE_INITS:
+      raise ValueError(f'model.dense_init must be one of {DENSE_INITS}, got {self.dense_init!r}')
     if self.global_pool not in GLOBAL_POOLS:
       raise ValueError(f'model.global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}')
     if self.local_stage not in LOCAL_STAGES:
@@ -290,6 +319,7 @@ class DOLG(nn.Module):
     x = normalize_images(images).astype(self.dtype)
     res3, res4 = resnet.ResNet(self.depth, self.width, tuple(self.stage_depths),
                                self.bn_momentum, self.bn_epsilon, self.dtype,
+                               zero_init_final_gamma=self.zero_init_final_gamma,
                                name='globalmodel')(x, train, valid_hw)
     feats['res3'], feats['res4'] = res3, res4
     masks = {'res3': resnet.valid_mask(valid_hw, 16, res3),
@@ -300,7 +330,7 @@ class DOLG(nn.Module):
       pooled_g = GeM(self.gem_p, self.gem_p_learnable, name='pool_g')(res4, masks['res4'])
     else:
       pooled_g = avg_pool(res4, masks['res4'])
-    f_g = self._dense(self.global_dim, 'fc_t')(pooled_g)
+    f_g = self._dense(self.global_dim, 'fc_t', pooled_g.shape[-1])(pooled_g)
     feats['pooled_g'], feats['f_g'] = pooled_g, f_g
 
     if not self.use_local_branch:
@@ -326,10 +356,8 @@ class DOLG(nn.Module):
       else:  # orthogonal (local_vec is already f_o) or concat.
         fused = concat_fusion(local_vec, f_g)
     feats['fused'] = fused
-    desc = self._dense(self.embedding_dim, 'fc')(fused)
+    desc = self._dense(self.embedding_dim, 'fc', fused.shape[-1])(fused)
     return (desc, feats) if return_features else desc
 
-  def _dense(self, features: int, name: str) -> nn.Dense:
-    # The head runs in float32 whatever `dtype` is: it is tiny and feeds the loss.
-    return nn.Dense(features, dtype=jnp.float32, param_dtype=jnp.float32,
-                    kernel_init=dense_kernel_init, name=name)
+  def _dense(self, features: int, name: str, fan_in: int) -> nn.Dense:
+    return head_dense(features, fan_in, self.dense_init, name=name)

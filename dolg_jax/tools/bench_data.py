@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Sequence
 from absl import app
 from absl import flags
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
@@ -115,13 +116,14 @@ def time_methods(num_images: int = 32, rounds: int = 5, size: int = 512, height:
   return {name: statistics.median(v) for name, v in results.items()}
 
 
-def run_pipeline(workers: Sequence[int], num_images: int = 64, size: int = 512, height: int = 600,
-                 width: int = 800, batch: int = 16, seconds: float = 5.0) -> Dict[int, float]:
-  """Images/s of the full training pipeline (make_train_iterator) per worker count."""
+def run_pipeline(data_cfg: ml_collections.ConfigDict, workers: Sequence[int], num_images: int = 64,
+                 size: int = 512, height: int = 600, width: int = 800, batch: int = 16,
+                 seconds: float = 5.0) -> Dict[int, float]:
+  """Images/s of the full training pipeline (make_train_iterator) per worker count, with the
+  augmentation and decode settings of `data_cfg` (a c.data section) at `size`, 1 read thread."""
   source = [{'image': j, 'label': i} for i, j in enumerate(make_jpegs(num_images, height, width))]
-  cfg = ml_collections.ConfigDict(dict(
-      image_size=size, crop_scale=(0.25, 1.0), crop_ratio=(3 / 4, 4 / 3), random_flip=True,
-      num_workers=0, read_threads=1, prefetch_buffer_size=2, worker_buffer_size=2))
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.image_size, cfg.read_threads = size, 1
   out = {}
   for w in workers:
     it = grain_pipeline.make_train_iterator(cfg, source, seed=0, process_index=0, process_count=1,
@@ -142,6 +144,8 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config whose c.data settings '
+                                  'the pipeline part uses.', lock_config=True)
   flags.DEFINE_integer('num_images', 32, 'JPEGs per round.')
   flags.DEFINE_integer('rounds', 5, 'Timed rounds (the median is reported).')
   flags.DEFINE_integer('size', 512, 'Crop output side.')
@@ -168,7 +172,7 @@ def main(argv) -> None:
         f'{fast / naive_bl:.2f}x)')
   if FLAGS.pipeline_workers:
     workers = [int(w) for w in FLAGS.pipeline_workers]
-    for w, value in run_pipeline(workers, size=FLAGS.size, height=FLAGS.height,
+    for w, value in run_pipeline(FLAGS.config.data, workers, size=FLAGS.size, height=FLAGS.height,
                                  width=FLAGS.width).items():
       print(f'pipeline, {w} worker(s): {value:8.1f} images/s (whole process tree)')
 

@@ -148,6 +148,8 @@ def _open_tfds(config: ml_collections.ConfigDict) -> Data:
   record = {'name': d.dataset, 'version': str(info.version),
             'data_path': os.fspath(builder.data_path),
             'splits': splits, 'num_classes': n_classes,
+            # gldv2 build options: listing, validation fraction, exclusion list (file + sha256).
+            'build_options': info.metadata.get('build_options'),
             # Only process 0 writes the manifest: the others skip reading every shard.
             'fingerprint': (manifest.directory_fingerprint(os.fspath(builder.data_path))
                             if jax.process_index() == 0 else None)}

@@ -8,6 +8,10 @@ BatchNorm: `config.train.bn_mode`
   of a `data`-sharded array is a cross-device reduction inserted by the compiler.
 - 'per_device': statistics over each device's shard only (what the PyTorch reference did with one
   BN per GPU), via `jax.shard_map` around the model; running statistics are averaged over devices.
+`config.train.bn_group_size` = g > 0 (either mode): statistics over each group of g consecutive
+images of the (device's) batch, via `jax.vmap` over the groups; running statistics are averaged over
+the groups. The official run had 8 images per GPU (batch 64 on 8 GPUs): g = 8 gives those
+statistics on any number of devices. (PyTorch DDP keeps rank 0's running statistics; we average.)
 
 Gradient accumulation: `config.train.grad_accum_steps` = k splits the global batch into k
 microbatches (each still spread over all devices), sums their gradients in float32 in a
@@ -53,13 +57,28 @@ def head_logits(head_cfg: ml_collections.ConfigDict, embeddings, weight, labels,
   return logits, new_t
 
 
-def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str) -> Callable:
+def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str, bn_group_size: int = 0) -> Callable:
   """(model_params, batch_stats, images) -> (embeddings float32, new batch_stats)."""
 
-  def forward(params, batch_stats, images):
+  def forward_all(params, batch_stats, images):
     emb, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
                                mutable=['batch_stats'])
     return emb.astype(jnp.float32), updates['batch_stats']
+
+  def forward_grouped(params, batch_stats, images):
+    n, g = images.shape[0], bn_group_size
+    if n % g:
+      raise ValueError(f'config.train.bn_group_size={g} must divide the batch it splits: {n} '
+                       'images (the per-device (micro)batch with bn_mode=per_device, else the '
+                       'global (micro)batch)')
+    groups = images.reshape((n // g, g) + images.shape[1:])
+    emb, stats = jax.vmap(forward_all, in_axes=(None, None, 0))(params, batch_stats, groups)
+    return (emb.reshape((n,) + emb.shape[2:]),
+            jax.tree.map(lambda x: jnp.mean(x, axis=0), stats))
+
+  if bn_group_size < 0:
+    raise ValueError(f'config.train.bn_group_size must be >= 0, got {bn_group_size}')
+  forward = forward_grouped if bn_group_size else forward_all
 
   if bn_mode == 'global':
     return forward
@@ -96,7 +115,7 @@ def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
   if t_cfg.global_batch_size % (k * mesh.shape[shd.DATA]):
     raise ValueError(f'config.train.global_batch_size={t_cfg.global_batch_size} must be divisible '
                      f'by grad_accum_steps ({k}) x data devices ({mesh.shape[shd.DATA]}).')
-  forward = _forward_fn(model, mesh, t_cfg.bn_mode)
+  forward = _forward_fn(model, mesh, t_cfg.bn_mode, int(t_cfg.get('bn_group_size', 0)))
 
   def loss_fn(params, batch_stats, head_t, images, labels):
     emb, new_stats = forward(params['model'], batch_stats, images)
