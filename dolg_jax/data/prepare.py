@@ -2,6 +2,7 @@
 
   python -m dolg_jax.data.prepare --dataset=gldv2/clean --manual_dir=M --data_dir=D \
       [--allow_missing] [--verify_md5]
+  python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir=D
 
 Prints the summary (listed = written + skipped + missing, per split, and the skipped ids with
 their reason); label_map.csv, skipped.csv, missing.csv and summary.json are written next to the data.
@@ -16,12 +17,14 @@ import sys
 from typing import Optional, Sequence
 
 from dolg_jax.data import gldv2
+from dolg_jax.data import gldv2_retrieval
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m dolg_jax.data.prepare', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--dataset', default='gldv2/clean', help='gldv2/clean or gldv2/full')
+  parser.add_argument('--dataset', default='gldv2/clean',
+                      help='gldv2/clean, gldv2/full or gldv2_retrieval (index + test sets)')
   parser.add_argument('--manual_dir', required=True, help='directory holding the official files')
   parser.add_argument('--data_dir', required=True, help='TFDS data dir to write into')
   parser.add_argument('--allow_missing', action='store_true',
@@ -29,6 +32,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--verify_md5', action='store_true',
                       help='check every tar shard against its md5.images_NNN.txt first')
   args = parser.parse_args(argv)
+  if args.dataset == 'gldv2_retrieval':
+    try:
+      b = gldv2_retrieval.prepare(args.manual_dir, args.data_dir, allow_missing=args.allow_missing,
+                                  verify_md5=args.verify_md5)
+    except (gldv2.MissingImagesError, gldv2.TruncatedShardError, gldv2.ChecksumError,
+            FileNotFoundError, ValueError) as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
+    print(json.dumps(b.summary or gldv2_retrieval.load_summary(args.data_dir), indent=1))
+    print(f'data: {b.data_path} (retrieval_solution_v2.1.csv, skipped.csv, missing.csv, '
+          'summary.json)')
+    return 0
   if not args.dataset.startswith('gldv2'):
     parser.error(f'unsupported --dataset {args.dataset!r} (this command builds gldv2/clean and '
                  'gldv2/full)')
