@@ -71,6 +71,10 @@ def test_matches_loop_reference(data, with_distractors):
   assert not np.array_equal(got[:m], initial[:m])       # and the head really moved
   for c in range(q.shape[0]):
     assert sorted(got[:m, c]) == sorted(initial[:m, c])
+  # The sort-free path (device top-k) gives the same heads.
+  top, head = rerank.superglobal_topm(q, segs, M=m, K=k, beta=beta, chunk_size=256, query_chunk=4)
+  np.testing.assert_array_equal(top, initial[:m].T)
+  np.testing.assert_array_equal(head, got[:m].T)
 
 
 def test_m_at_least_db(data):

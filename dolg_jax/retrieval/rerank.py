@@ -8,9 +8,9 @@ RerankwMDA.py, called from test/test_model.py), and what this module computes, p
 L2-normalised descriptors:
 
 1. Initial ranking: dot products, decreasing; `top` = the first M database indices (M is clipped
-   to n_db). Here the top M come from the chunked device top-k of `search.topk` and the full order
-   follows the ranking rule of `dolg_jax.retrieval.search` (float32 scores of `iter_score_chunks`,
-   ties to the lower index). The released code uses torch.argsort (no tie rule).
+   to n_db). Here the order follows the ranking rule of `dolg_jax.retrieval.search` (float32
+   scores of `iter_score_chunks`, ties to the lower index); the released code uses torch.argsort
+   (no tie rule).
 2. MDescAug: X = db[top] (M, d); S = X X^T (M, M). For every candidate m, its K+1 best entries of
    S[m] (decreasing; normally the first is m itself) with weights w = (1, beta s_1, ..., beta s_K)
    (weight 1 for the best, whatever its similarity; beta times the similarity for the others) give
@@ -39,11 +39,15 @@ Tie rule: every sort is stable (top-k with lower index first), on float32 device
 HIGHEST matmul precision. The re-ranking runs in jitted chunks of `query_chunk` queries; only
 (query_chunk, M, d) candidate descriptors and (query_chunk, M, M) similarities live on device.
 
-`superglobal_topm` returns only the re-ranked top M (n_queries, M): seconds even with +1M
-distractors. `superglobal` additionally needs the full initial order of the tail, i.e. one stable
-sort of the (n_queries, n_db) scores (host numpy, like `search.full_ranks`); that is what dominates
-its time with 1M distractors. `superglobal_positions` gives exact positions of chosen items in the
-re-ranked full ranking without that sort (the +1M fast path for `compute_map`).
+Entry points:
+* `superglobal_topm`: the initial top M from the chunked device top-k (`search.topk`, no sort of
+  the database) and their re-ranking (n_queries, M): seconds even with +1M distractors.
+* `superglobal`: the full (n_db, n_queries) ranks. The tail's initial order needs one stable sort
+  of the (n_queries, n_db) scores (host numpy, `search.full_ranks`, per query chunk); its first M
+  rows are the initial top M, re-ranked in place. The sort dominates its time with 1M distractors.
+* `superglobal_positions` / `fast_compute_protocols`: exact positions of chosen items in the
+  `superglobal` ranking without that sort (the +1M fast path for revisitop's mAP, same numbers).
+* `rerank_heads`: the re-ranking of given initial heads.
 
 Timing: `python -m dolg_jax.bench_rerank --queries=70 --db=1000000 --dim=512` (`benchmark` here) (see
 NOTES_FOR_README.md for measured figures).
@@ -121,17 +125,13 @@ def _check(queries, db, M, K, beta) -> tuple[np.ndarray, int]:
   return queries, min(int(M), n)
 
 
-def superglobal_topm(queries, db: search.DbLike, M: int = 400, K: int = 9, beta: float = 0.15,
-                     chunk_size: int = 65536, query_chunk: int = 16
-                     ) -> tuple[np.ndarray, np.ndarray]:
-  """Re-ranked top M: (initial top-M indices (nq, M), re-ranked top-M indices (nq, M)).
-
-  Both best first. M is clipped to the database size.
-  """
-  queries, m = _check(queries, db, M, K, beta)
-  _, top = search.topk(queries, db, m, chunk_size)
+def rerank_heads(queries: np.ndarray, db: search.DbLike, top: np.ndarray, K: int = 9,
+                 beta: float = 0.15, query_chunk: int = 16) -> np.ndarray:
+  """Re-ranks given initial heads: top (nq, M) database indices, best first -> (nq, M)."""
+  queries = np.asarray(queries, np.float32)
+  top = np.asarray(top, np.int64)
+  nq, m = top.shape
   out = np.empty_like(top)
-  nq = queries.shape[0]
   for a in range(0, nq, query_chunk):
     b = min(nq, a + query_chunk)
     qb = np.zeros((query_chunk, queries.shape[1]), np.float32)
@@ -140,22 +140,38 @@ def superglobal_topm(queries, db: search.DbLike, M: int = 400, K: int = 9, beta:
     tb[:b - a] = top[a:b]
     order, _ = _rerank_chunk(jnp.asarray(qb), jnp.asarray(take_rows(db, tb)), int(K), float(beta))
     out[a:b] = np.take_along_axis(tb, np.asarray(order), axis=1)[:b - a]
-  return top, out
+  return out
+
+
+def superglobal_topm(queries, db: search.DbLike, M: int = 400, K: int = 9, beta: float = 0.15,
+                     chunk_size: int = 65536, query_chunk: int = 16
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Re-ranked top M without any full sort: (initial top-M (nq, M), re-ranked top-M (nq, M)).
+
+  Both best first; the initial top M come from the chunked device top-k (`search.topk`). M is
+  clipped to the database size.
+  """
+  queries, m = _check(queries, db, M, K, beta)
+  _, top = search.topk(queries, db, m, chunk_size)
+  return top, rerank_heads(queries, db, top, K, beta, query_chunk)
 
 
 def superglobal(queries, db: search.DbLike, M: int = 400, K: int = 9, beta: float = 0.15,
                 chunk_size: int = 65536, query_chunk: int = 16) -> np.ndarray:
-  """Full ranks (n_db, n_queries), revisitop convention: re-ranked top M, then the initial order."""
+  """Full ranks (n_db, n_queries), revisitop convention: re-ranked top M, then the initial order.
+
+  The tail's order needs the full initial ranking anyway, so here each chunk of queries is scored
+  (`search.similarity_matrix`) and stably sorted once on the host (`search.full_ranks`); its first
+  M rows are the initial top M (the same as `search.topk` would give) and are re-ranked.
+  """
   queries, m = _check(queries, db, M, K, beta)
-  top, new = superglobal_topm(queries, db, m, K, beta, chunk_size, query_chunk)
   n = search.db_size(db)
   ranks = np.empty((n, queries.shape[0]), np.int64)
   for a in range(0, queries.shape[0], query_chunk):
     b = min(queries.shape[0], a + query_chunk)
-    ranks[:, a:b] = search.full_ranks(search.similarity_matrix(queries[a:b], db, chunk_size))
-  if not np.array_equal(ranks[:m], top.T):
-    raise AssertionError('device top-M differs from the host stable ranking (report this bug).')
-  ranks[:m] = new.T
+    r = search.full_ranks(search.similarity_matrix(queries[a:b], db, chunk_size))
+    r[:m] = rerank_heads(queries[a:b], db, r[:m].T, K, beta, query_chunk).T
+    ranks[:, a:b] = r
   return ranks
 
 
