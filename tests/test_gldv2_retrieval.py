@@ -10,7 +10,7 @@ from dolg_jax.data import gldv2
 from dolg_jax.data import gldv2_retrieval
 from dolg_jax.data import gldv2_retrieval_fixture
 from dolg_jax.data import prepare
-from dolg_jax.retrieval import gldv2_eval
+from dolg_jax.retrieval import gldv2_eval, rerank, search
 
 
 @pytest.fixture(scope='module')
@@ -94,9 +94,25 @@ def test_known_map_with_and_without_rerank(fixture, built):
   miss = fixture.missing_test[0]
   want = {'public': (4 - (miss in public)) / 4, 'private': (4 - (miss in private)) / 4}
   for rr in (None, {'M': 400, 'K': 9, 'beta': 0.15}, {'M': 5, 'K': 2, 'beta': 0.15}):
-    res = gldv2_eval.evaluate(q, test_ids, x, index_ids, public, private, rerank=rr)
+    res = gldv2_eval.evaluate(q, test_ids, x, index_ids, public, private, rerank=rr,
+                              chunk_size=5, query_chunk=3)
     assert res['num_index'] == 16
     for name in ('public', 'private'):
       assert res[name]['map@100'] == pytest.approx(want[name], abs=1e-12)
       # 3 relevant among 100: P@100 = 3/100 for a present query.
       assert res[name]['mp@100'] == pytest.approx(want[name] * 0.03, abs=1e-12)
+
+
+def test_ranked_lists_are_the_heads_of_the_full_rankings():
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((300, 16)).astype(np.float32)
+  q = rng.standard_normal((7, 16)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  plain = gldv2_eval.ranked_lists(q, x, k=20, chunk_size=64, query_chunk=3)
+  np.testing.assert_array_equal(plain, search.full_ranks(search.similarity_matrix(q, x, 64))[:20].T)
+  for m in (8, 40):  # re-ranked heads shorter and longer than k
+    got = gldv2_eval.ranked_lists(q, x, k=20, rerank={'M': m, 'K': 3, 'beta': 0.15},
+                                  chunk_size=64, query_chunk=3)
+    full = rerank.superglobal(q, x, M=m, K=3, beta=0.15, chunk_size=64)
+    np.testing.assert_array_equal(got, full[:20].T)
