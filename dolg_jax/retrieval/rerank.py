@@ -96,8 +96,8 @@ def _rerank_chunk(q: jax.Array, x: jax.Array, k: int, beta: float) -> tuple[jax.
   sim = jnp.einsum('bmd,bnd->bmn', x, x, precision=_HI)
   nn_s, nn_i = jax.lax.top_k(sim, kk)  # (b, M, kk), decreasing, ties to the lower index
   w = jnp.concatenate([jnp.ones_like(nn_s[..., :1]), beta * nn_s[..., 1:]], axis=-1)
-  weights = jnp.einsum('bmk,bmkn->bmn', w, jax.nn.one_hot(nn_i, m, dtype=x.dtype), precision=_HI)
-  refined = jnp.einsum('bmn,bnd->bmd', weights, x, precision=_HI) / jnp.sum(w, -1)[..., None]
+  neighbours = jax.vmap(lambda xb, ib: xb[ib])(x, nn_i)  # (b, M, kk, d)
+  refined = jnp.einsum('bmk,bmkd->bmd', w, neighbours, precision=_HI) / jnp.sum(w, -1)[..., None]
   r = jnp.einsum('bd,bmd->bm', q, refined, precision=_HI)
   r_sorted, pre = jax.lax.top_k(r, m)  # pre-order
   refined_pre = jnp.take_along_axis(refined, pre[..., None], axis=1)
