@@ -58,6 +58,11 @@ def test_build(fixture, built):
   assert [i for i in listed if i is not None] == [t for t in fixture.test_ids
                                                   if t not in fixture.missing_test]
   assert gldv2_retrieval.load_solution(data_dir)[0] == fixture.public
+  ids = []
+  num, examples = gldv2_retrieval.extraction_examples(data_dir, 'index', ids)
+  rows = [ex['index'] for ex in examples]
+  assert num == 16 and rows == list(range(16))
+  assert sorted(ids) == sorted(set(fixture.index_ids) - set(fixture.corrupt_index))
 
 
 def test_missing_and_bad_files_are_errors(fixture, tmp_path):
@@ -116,3 +121,30 @@ def test_ranked_lists_are_the_heads_of_the_full_rankings():
                                   chunk_size=64, query_chunk=3)
     full = rerank.superglobal(q, x, M=m, K=3, beta=0.15, chunk_size=64)
     np.testing.assert_array_equal(got, full[:20].T)
+
+
+def test_evaluate_prepared_end_to_end(built):
+  """Extraction from the stored images (stand-in model) + scoring equals a brute-force ranking
+  of the same descriptors scored by the official-semantics metric."""
+  import jax.numpy as jnp
+  from dolg_jax.retrieval import extract, metrics
+  data_dir, _ = built
+  w = jnp.asarray(np.random.default_rng(5).standard_normal((6, 8)), jnp.float32)
+
+  def apply(v, images):
+    x = images.astype(jnp.float32) / 255.0
+    ramp = jnp.linspace(-1.0, 1.0, images.shape[2])[None, None, :, None]
+    return jnp.concatenate([x.mean((1, 2)), (x * ramp).mean((1, 2))], -1) @ v
+
+  extractor = extract.Extractor(apply, w, extract.ExtractConfig(scales=(1.0,), batch_size=4))
+  res = gldv2_eval.evaluate_prepared(extractor, data_dir)
+  q, q_ids = gldv2_eval.split_descriptors(extractor, data_dir, 'test')
+  x, x_ids = gldv2_eval.split_descriptors(extractor, data_dir, 'index')
+  public, private, _ = gldv2_retrieval.load_solution(data_dir)
+  order = np.argsort(-(q.astype(np.float64) @ x.T.astype(np.float64)), axis=1, kind='stable')
+  preds = {t: [x_ids[j] for j in row] for t, row in zip(q_ids, order)}
+  for name, sol in (('public', public), ('private', private)):
+    p = {t: v for t, v in preds.items() if t in sol}
+    assert res[name]['map@100'] == pytest.approx(metrics.gldv2_map_at_k(p, sol), abs=1e-12)
+    assert res[name]['num_predicted'] == len(p) and res[name]['num_queries'] == 4
+  assert 0 < res['public']['map@100'] + res['private']['map@100'] < 2

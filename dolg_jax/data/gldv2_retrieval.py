@@ -280,3 +280,18 @@ def listed_ids(data_dir: str, split: str) -> List[str]:
     ex = src[i]
     out[int(ex['index'])] = ex['id'].decode() if isinstance(ex['id'], bytes) else str(ex['id'])
   return out
+
+
+def extraction_examples(data_dir: str, split: str, ids_out: List[str]):
+  """(num, generator) for `Extractor.extract`: every stored example as {'index': i, 'image'} with
+  i its storage position, while the generator appends each example's id to `ids_out` (so
+  descriptor row i belongs to ids_out[i], in one pass over the images)."""
+  src = data_source(data_dir, split)
+
+  def gen():
+    for i in range(len(src)):
+      ex = src[i]
+      ids_out.append(ex['id'].decode() if isinstance(ex['id'], bytes) else str(ex['id']))
+      yield {'index': i, 'image': ex['image']}
+
+  return len(src), gen()

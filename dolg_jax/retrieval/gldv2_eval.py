@@ -13,8 +13,12 @@
   `metrics.gldv2_mean_precisions` (DELF's compute_retrieval_metrics: each subset's predictions
   against its own solution; ignored queries are in neither).
 
-Returns {'public': {'map@k', 'mp@k', 'num_queries'}, 'private': {...}, 'num_index', 'k',
-'rerank'} with the metrics as fractions (x100 for the usual percentages).
+Returns {'public': {'map@k', 'mp@k', 'num_queries', 'num_predicted'}, 'private': {...},
+'num_index', 'k', 'rerank'} with the metrics as fractions (x100 for the usual percentages).
+
+From a prepared dataset: `split_descriptors(extractor, data_dir, split)` -> (descriptors, ids) in
+one pass over the stored images (cache these), then `evaluate(q, q_ids, x, x_ids,
+*gldv2_retrieval.load_solution(data_dir)[:2], rerank=...)`; `evaluate_prepared` does both.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from dolg_jax.data import gldv2_retrieval
+from dolg_jax.retrieval import extract as extract_lib
 from dolg_jax.retrieval import metrics
 from dolg_jax.retrieval import rerank as rerank_lib
 from dolg_jax.retrieval import search
@@ -85,3 +91,23 @@ def evaluate(query_desc, query_ids: Sequence[Optional[str]], index_desc,
         'num_predicted': len(preds),
     }
   return out
+
+
+def split_descriptors(extractor: extract_lib.Extractor, data_dir: str, split: str
+                      ) -> tuple[np.ndarray, list[str]]:
+  """(descriptors (n, D), ids) of the stored images of one split ('index' or 'test')."""
+  ids: list[str] = []
+  num, examples = gldv2_retrieval.extraction_examples(data_dir, split, ids)
+  desc = extractor.extract(examples, num)
+  if len(ids) != num:
+    raise AssertionError(f'gldv2_retrieval/{split}: {len(ids)} ids for {num} descriptors')
+  return desc, ids
+
+
+def evaluate_prepared(extractor: extract_lib.Extractor, data_dir: str, k: int = 100,
+                      rerank: Optional[Mapping] = None, chunk_size: int = 65536) -> dict:
+  """Extracts both splits of the prepared gldv2_retrieval and evaluates them (no cache)."""
+  q, q_ids = split_descriptors(extractor, data_dir, 'test')
+  x, x_ids = split_descriptors(extractor, data_dir, 'index')
+  public, private, _ = gldv2_retrieval.load_solution(data_dir)
+  return evaluate(q, q_ids, x, x_ids, public, private, k, rerank, chunk_size)

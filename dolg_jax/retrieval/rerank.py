@@ -23,17 +23,20 @@ L2-normalised descriptors:
    by it (decreasing; ties keep the pre-order). The database items beyond the first M keep their
    initial order.
 
-Where the code and the paper differ, this module follows the code:
-* Paper (Sec. 3.3): the refined descriptors are combined with weights beta * similarity for all
-  neighbours; code: weight 1 for the nearest one (the candidate itself) regardless of its
-  similarity, and the weighted sum is divided by the sum of the weights (a weighted mean), without
-  L2 normalisation.
-* Paper: the expanded query is built by max-pooling including the query; code: max over the K+1
-  best refined database descriptors only.
-* The code also multiplies the K+1 best refined scores by beta into a tensor that is never used
-  (RerankwMDA `ranks_value_trans`); it has no effect and is not reproduced.
-* K means K neighbours plus the candidate itself (K+1 in total), as the code's `self.K = K + 1`;
-  when M < K + 1 all M are used.
+This module follows the released code. Its points that a reading of the method alone could get
+wrong (the paper's method section was not available to check against here; where it differs, the
+code is what we reproduce):
+* weight 1 for the nearest entry (normally the candidate itself) whatever its similarity, and
+  beta * similarity for the K others; the sum is divided by the sum of the weights (a weighted
+  mean) and the refined descriptor is not L2-normalised again;
+* the expanded query is the max over the K+1 best refined database descriptors only; the query
+  descriptor is not part of it;
+* RerankwMDA also multiplies the K+1 best refined scores by beta into a tensor that is never used
+  (`ranks_value_trans`); it has no effect and is not reproduced;
+* K counts the neighbours besides the candidate (K+1 in total, the code's `self.K = K + 1`); when
+  M < K + 1 all M are used;
+* the final sort is over the refined-score order (pre-order), so equal final scores keep the
+  refined-score order; torch.argsort itself has no tie rule, we use stable sorts throughout.
 
 Tie rule: every sort is stable (top-k with lower index first), on float32 device arithmetic with
 HIGHEST matmul precision. The re-ranking runs in jitted chunks of `query_chunk` queries; only
