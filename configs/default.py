@@ -115,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.datasets = ('roxford5k', 'rparis6k')
   e.data_dir = ''
   e.scales = (0.7071, 1.0, 1.4142)
+  e.scale_pool = 'mean'            # Over scales: 'mean' (official) | 'max' (SuperGlobal scale-GeM).
   e.max_side = 0                   # Long-side cap before scaling (0 = none; DELG: 1024).
   e.use_distractors = False        # Add revisitop1m.
   e.batch_size = 16

@@ -6,7 +6,9 @@ Per image (the official DOLG / DELG test protocol):
      'expand' = floor of the start, ceil of the end);
   2. optional long-side cap `max_side` (DELG: 1024), preserving the aspect ratio;
   3. for every scale s: bilinear resize to (round(h s), round(w s)) -> model -> L2 normalise;
-  4. mean over scales -> L2 normalise.
+  4. mean over scales -> L2 normalise (`scale_pool='max'`: SuperGlobal's scale-GeM, the
+     element-wise max of the L2-normalised per-scale descriptors, then L2 normalise; its
+     `sgem` module with the default infinity=True).
 
 Bounded compilation: every distinct input shape is one XLA compilation, and query crops come in all
 sizes. With `pad` (the eval default, for models that take `valid_hw`, as DOLG does) each image is
@@ -48,6 +50,7 @@ from dolg_jax.models.normalize import l2_normalize
 
 
 OFFICIAL_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
+SCALE_POOLS = ('mean', 'max')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +69,14 @@ class ExtractConfig:
   pad: bool                          # exact sizes in padded canvases; apply_fn takes valid_hw
   canvas_steps_per_octave: int       # canvas ladder density above 256
   crop_canvas_steps_per_octave: int  # the same for query crops, which come in every size
+  scale_pool: str                    # 'mean' (official) | 'max' (SuperGlobal scale-GeM)
 
   def key(self) -> dict:
     """What determines the descriptors (for caching)."""
     d = dataclasses.asdict(self) | {'scales': [float(s) for s in self.scales]}
     d.pop('num_workers')
+    if d['scale_pool'] == 'mean':
+      d.pop('scale_pool')  # keys of caches written before the field existed stay valid
     return d
 
 
@@ -300,8 +306,11 @@ class Extractor:
       'bbx' ([x1, y1, x2, y2], queries only: the crop).
     """
     cfg = self.cfg
+    if cfg.scale_pool not in SCALE_POOLS:
+      raise ValueError(f'eval.scale_pool must be one of {SCALE_POOLS}; got {cfg.scale_pool!r}')
+    use_max = cfg.scale_pool == 'max'
     pid, nproc = jax.process_index(), jax.process_count()
-    sums: dict[int, np.ndarray] = {}
+    sums: dict[int, np.ndarray] = {}  # per-scale sum (mean) or running max (max)
     pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     inflight: list[tuple[list[int], jax.Array]] = []
     done = 0
@@ -312,7 +321,12 @@ class Extractor:
         idx, out = inflight.pop(0)
         arr = np.asarray(out)
         for i, v in zip(idx, arr):
-          sums[i] = sums[i] + v if i in sums else v.astype(np.float32).copy()
+          if i not in sums:
+            sums[i] = v.astype(np.float32).copy()
+          elif use_max:
+            sums[i] = np.maximum(sums[i], v)
+          else:
+            sums[i] = sums[i] + v
         done += len(idx)
         if progress:
           progress(done)
@@ -355,7 +369,8 @@ class Extractor:
     out = np.zeros((num, dim), np.float32)
     have = np.zeros(num, bool)
     for i, v in sums.items():
-      v = v / len(cfg.scales)
+      if not use_max:
+        v = v / len(cfg.scales)
       out[i] = l2_normalize(v)
       have[i] = True
     if nproc > 1:
