@@ -209,8 +209,8 @@ def read_record(step_dir: epath.Path) -> dict:
   except (OSError, ValueError) as e:
     raise CheckpointCorruptError(os.fspath(path), 'unreadable-record',
                                  f'cannot read the run record: {_first_line(e)}') from e
-  if not isinstance(record, dict) or record.get('format') != RECORD_FORMAT or not isinstance(
-      record.get('state_digests'), dict):
+  if not isinstance(record, dict) or record.get('format') != RECORD_FORMAT or not all(
+      isinstance(record.get(k), dict) for k in ('state_digests', 'state_shapes', 'config')):
     raise CheckpointCorruptError(os.fspath(path), 'unreadable-record',
                                  'the run record is not a dolg_jax record of format '
                                  f'{RECORD_FORMAT}')

@@ -25,6 +25,7 @@ from dolg_jax.training import input_pipeline
 from dolg_jax.training import manifest as manifest_lib
 from dolg_jax.training import metric_logging
 from dolg_jax.training import preemption
+from dolg_jax.training import resume_check
 from dolg_jax.training import schedule
 from dolg_jax.training import state as state_lib
 from dolg_jax.training import step as step_lib
@@ -98,7 +99,8 @@ def retrieval_eval(config: ml_collections.ConfigDict, state, workdir: str, step:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics."""
+  """Trains (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics,
+  plus 'preempted': True when SIGTERM stopped the run after saving its checkpoint."""
   t_cfg = config.train
   # Before anything is written: a bad field fails here, naming itself.
   config_check.validate(config, device_count=jax.device_count(),
@@ -129,7 +131,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   iterator = input_pipeline.train_iterator(config, data, per_host_batch=per_host_batch)
   target, state_sh = state_lib.abstract_train_state(
       config, model, models.margins.init_head_weight, tx, mesh, data.num_classes)
-  restored = checkpointing.restore_verified(manager, target, mesh)
+
+  def check_resume(record):
+    changes = resume_check.check(
+        record.get('config') or {}, config_json,
+        allow_recipe_change=t_cfg.allow_recipe_change_on_resume,
+        where=f'checkpoint step {record.get("step")} in {checkpointing.checkpoint_dir(workdir)}')
+    manifest_extra['config_changes'] = changes
+    if changes:
+      logging.warning('Resuming with a changed recipe (allowed by '
+                      'train.allow_recipe_change_on_resume): %s', changes)
+
+  restored = checkpointing.restore_verified(manager, target, mesh, check_record=check_resume)
   latest = None if restored is None else restored[0]
   if restored is None:
     state, state_sh = state_lib.create_train_state(
@@ -177,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     fetched.extend(new)
     pending = []
 
-  completed = False
+  completed = preempted = False
   try:
     with preemption.PreemptionHandler(t_cfg.preemption_sync_every_steps) as preempt:
       step = start_step
@@ -238,6 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           print(f'Preempted: checkpoint of step {step} saved in '
                 f'{checkpointing.checkpoint_dir(workdir)}; rerun the same command to resume.',
                 flush=True)
+          preempted = True
           break
     completed = True
   finally:
@@ -255,4 +269,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         iterator.close()
       writer.flush()
       writer.close()
+  if preempted:   # dolg_jax.main exits with failures.EXIT_PREEMPTED.
+    return {**last_logged, 'preempted': True}
   return last_logged
