@@ -100,6 +100,7 @@ def main(argv):
                          FLAGS.process_id)
   from dolg_jax.training import failures  # pylint: disable=g-import-not-at-top
   from dolg_jax.training import loop  # pylint: disable=g-import-not-at-top
+  failures.quiet_library_tracebacks()
   try:
     result = loop.train_and_evaluate(config, FLAGS.workdir)
   except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line

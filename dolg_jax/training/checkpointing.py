@@ -18,6 +18,7 @@ any checkpoint written here without needing the config or the same device count.
 """
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from dolg_jax.training import checksums
+from dolg_jax.training import failures
 
 CHECKPOINT_DIR = 'checkpoints'
 STATE = 'state'
@@ -148,21 +150,14 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator_state: 
   Raises CheckpointWriteError naming the step whose write failed: a failure of the previous async
   save surfaces here (orbax reports it at the next request) and is attributed to that step.
   """
-  pending = getattr(manager, '_dolg_pending_step', None)
-  try:
-    manager.wait_until_finished()
-  except Exception as e:  # pylint: disable=broad-except  # re-raised with the step and path
-    raise CheckpointWriteError(
-        f'writing checkpoint step {pending} to {manager.directory} failed: {_first_line(e)}'
-    ) from e
+  finish(manager)
   try:
     manager.save(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state),
         DATA_ITER: IteratorStateSave(iterator_state),
         RECORD: RunRecordSave(record)}), force=True)
   except Exception as e:  # pylint: disable=broad-except  # re-raised with the step and path
-    raise CheckpointWriteError(
-        f'writing checkpoint step {step} to {manager.directory} failed: {_first_line(e)}') from e
+    raise _write_error(manager, step, e) from e
   manager._dolg_pending_step = step  # pylint: disable=protected-access
 
 
@@ -172,14 +167,25 @@ def finish(manager: ocp.CheckpointManager) -> None:
   try:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except  # re-raised with the step and path
-    raise CheckpointWriteError(
-        f'writing checkpoint step {pending} to {manager.directory} failed: {_first_line(e)}'
-    ) from e
+    raise _write_error(manager, pending, e) from e
 
 
-def remove_unfinished(workdir: str) -> list[str]:
-  """Deletes orbax's temporary directories of saves that never completed (process 0 only)."""
-  root = checkpoint_dir(workdir)
+def _write_error(manager: ocp.CheckpointManager, step, e: BaseException) -> CheckpointWriteError:
+  """The error for a failed save of `step`; the save's temporary directory is removed."""
+  removed = remove_unfinished(manager.directory)
+  detail = 'No space left on device' if failures.is_disk_full(e) else _first_line(e)
+  err = CheckpointWriteError(
+      f'writing checkpoint step {step} to {manager.directory} failed: {detail}'
+      + (f' (its unfinished files were removed)' if removed else ''))
+  if failures.is_disk_full(e):
+    err.errno = errno.ENOSPC
+  return err
+
+
+def remove_unfinished(directory) -> list[str]:
+  """Deletes orbax's temporary directories of saves that never completed (process 0 only).
+  `directory`: the checkpoints directory."""
+  root = epath.Path(directory)
   removed = []
   if jax.process_index() == 0 and root.is_dir():
     for p in root.iterdir():

@@ -14,8 +14,11 @@ was raised, and its traceback is printed above the line.
 """
 
 import errno
+import logging
 import os
 import traceback
+
+from absl import logging as absl_logging
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -61,11 +64,37 @@ def is_expected(error: BaseException) -> bool:
 def describe(error: BaseException, workdir: str) -> str:
   """The last line a user sees for `error` (one line, no traceback)."""
   if is_disk_full(error):
-    return (f'FAILED: no space left on the device: {_first_line(error)}. Free space on the '
-            f'filesystem holding {workdir} (or choose a workdir elsewhere), then rerun the same '
-            'command: it resumes from the last complete checkpoint.')
+    message = _first_line(error)
+    if 'No space left' not in message and 'quota' not in message:
+      message = f'no space left on the device: {message}'
+    return (f'FAILED: {message}. Free space on the filesystem holding {workdir} (or choose a '
+            'workdir elsewhere), then rerun the same command: it resumes from the last complete '
+            'checkpoint.')
   if is_expected(error):
     return f'FAILED: {_first_line(error)}'
   return (f'FAILED: unexpected {type(error).__name__}: {_first_line(error)} (raised at '
           f'{_origin(error)}); the traceback is above. Rerun the same command to resume from the '
           'last checkpoint; if it fails the same way, report it with that traceback.')
+
+
+# Libraries whose background threads log each failure with its traceback before the main thread
+# raises it: their records keep their message, without the traceback.
+_QUIET_LIBRARIES = ('orbax', 'grain', 'tensorstore')
+
+
+class _NoLibraryTracebacks(logging.Filter):
+  """Drops the traceback (not the message) of error records logged inside _QUIET_LIBRARIES."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and any(f'{os.sep}{name}{os.sep}' in record.pathname
+                               for name in _QUIET_LIBRARIES):
+      record.exc_info = None
+      record.exc_text = None
+    return True
+
+
+def quiet_library_tracebacks() -> None:
+  """Installs the filter on absl's log handler (entry points call it once)."""
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _NoLibraryTracebacks) for f in handler.filters):
+    handler.addFilter(_NoLibraryTracebacks())

@@ -259,7 +259,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
       checkpointing.finish(manager)
     except checkpointing.CheckpointWriteError as e:
-      checkpointing.remove_unfinished(workdir)
       if completed:
         raise
       logging.error('Also: %s', e)   # Secondary to the error already propagating.
