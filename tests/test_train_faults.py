@@ -198,3 +198,19 @@ def test_local_launcher_forwards_sigterm_and_waits(tmp_path):
   assert proc.wait(timeout=30) == failures.EXIT_PREEMPTED
   with open(log) as f:   # every process had exited (1 s after its SIGTERM) before the launcher
     assert sorted(f.read().split()) == ['0', '1', '2']
+
+
+def test_eval_loader_verifies_the_model_arrays(workdir):
+  from dolg_jax.training import checkpointing
+  record = os.path.join(workdir, 'checkpoints', '4', 'record', 'process_0-of-1.json')
+  with open(record) as f:
+    data = json.load(f)
+  key = ".params['model']['fc']['kernel']"
+  assert key in data['state_digests']
+  data['state_digests'][key] = '0' * 16       # as if the array's bytes had changed
+  with open(record, 'w') as f:
+    json.dump(data, f)
+  with pytest.raises(checkpointing.CheckpointCorruptError, match=r"1 model arrays differ .*"
+                     r"\['fc'\]\['kernel'\]"):
+    checkpointing.load_variables(workdir)
+  assert checkpointing.load_variables(os.path.join(workdir, 'checkpoints', '2'))['params']

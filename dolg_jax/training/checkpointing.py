@@ -246,14 +246,17 @@ def _check_shapes(step_dir: epath.Path, record: dict, abstract_state: Any) -> No
         + '; '.join(diffs[:5]) + '); resume with the config that wrote it or use a new workdir')
 
 
-def restore_and_verify(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-                       mesh) -> tuple[Any, Any, dict]:
-  """(state, iterator_state, record) of `step`, checked against the step's record.
+def _restore_local(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                   check_record=None) -> tuple[Any, Any, dict]:
+  """(state, iterator_state, record) of `step`; checks everything but the array digests.
 
-  Raises CheckpointCorruptError (path, reason) or IncompatibleCheckpointError (the model differs).
+  Raises CheckpointCorruptError (path, reason), IncompatibleCheckpointError (the model differs) or
+  what `check_record` raises.
   """
   step_dir = epath.Path(manager.directory) / str(step)
   record = read_record(step_dir)
+  if check_record is not None:
+    check_record(record)
   _check_shapes(step_dir, record, abstract_state)
   try:
     out = manager.restore(step, args=ocp.args.Composite(**{
@@ -266,6 +269,11 @@ def restore_and_verify(manager: ocp.CheckpointManager, step: int, abstract_state
   if _json_sha256(iter_state) != record.get('data_iter_sha256'):
     raise CheckpointCorruptError(os.fspath(step_dir / DATA_ITER), 'checksum',
                                  'the input-pipeline state does not match its sha256')
+  return state, iter_state, record
+
+
+def _verify_digests(step_dir: epath.Path, state: Any, record: dict, mesh) -> None:
+  """CheckpointCorruptError when a restored array differs from its digest (collective)."""
   digests = checksums.tree_digests(state, mesh)
   saved = record['state_digests']
   bad = sorted(k for k in set(digests) | set(saved) if digests.get(k) != saved.get(k))
@@ -274,7 +282,6 @@ def restore_and_verify(manager: ocp.CheckpointManager, step: int, abstract_state
         os.fspath(step_dir / STATE), 'checksum',
         f'{len(bad)} of {len(saved)} arrays differ from the digests written at save '
         f'(first: {", ".join(bad[:3])})')
-  return state, iter_state, record
 
 
 def _agree(ok: bool) -> bool:
@@ -318,30 +325,34 @@ def restore_verified(manager: ocp.CheckpointManager, abstract_state: Any, mesh,
   bad: list[str] = []
   for step in steps:
     step_dir = epath.Path(manager.directory) / str(step)
+    # Two stages, each agreed on by every process before the next: local reads, then the
+    # collective digest computation (a process must not enter it alone).
     problem: Optional[CheckpointCorruptError] = None
     result = None
     try:
-      if check_record is not None:
-        check_record(read_record(step_dir))
-      result = restore_and_verify(manager, step, abstract_state, mesh)
+      result = _restore_local(manager, step, abstract_state, check_record)
     except CheckpointCorruptError as e:
       problem = e
-    if not _agree(problem is None):
-      if problem is None:
-        problem = CheckpointCorruptError(os.fspath(step_dir), 'other-process',
-                                         'failed verification on another process')
-      moved = move_aside(step_dir, problem.reason)
-      line = f'step {step}: {problem} -> moved to {moved}'
-      logging.error('Checkpoint %s', line)
-      print(f'Checkpoint {line}', flush=True)
-      bad.append(line)
-      manager.reload()
-      continue
-    if bad:
-      print(f'Fell back to checkpoint step {step} (the newest that verifies; {len(bad)} newer '
-            f'step(s) failed verification and were moved aside).', flush=True)
-    state, iter_state, record = result
-    return step, state, iter_state, record
+    if _agree(problem is None):
+      try:
+        _verify_digests(step_dir, result[0], result[2], mesh)
+      except CheckpointCorruptError as e:
+        problem = e
+      if _agree(problem is None):
+        if bad:
+          print(f'Fell back to checkpoint step {step} (the newest that verifies; {len(bad)} '
+                'newer step(s) failed verification and were moved aside).', flush=True)
+        state, iter_state, record = result
+        return step, state, iter_state, record
+    if problem is None:
+      problem = CheckpointCorruptError(os.fspath(step_dir), 'other-process',
+                                       'failed verification on another process')
+    moved = move_aside(step_dir, problem.reason)
+    line = f'step {step}: {problem} -> moved to {moved}'
+    logging.error('Checkpoint %s', line)
+    print(f'Checkpoint {line}', flush=True)
+    bad.append(line)
+    manager.reload()
   raise NoValidCheckpointError(
       f'no checkpoint in {manager.directory} verifies ({len(bad)} found, each moved aside: '
       + ' | '.join(bad) + '); restore a copy of the workdir or start again in a new workdir')
@@ -382,5 +393,34 @@ def load_variables(path: str) -> dict[str, Any]:
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   restored = ocp.PyTreeCheckpointer().restore(
       state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  return {'params': _get(_get(restored, 'params'), 'model'),
-          'batch_stats': _get(restored, 'batch_stats')}
+  out = {'params': _get(_get(restored, 'params'), 'model'),
+         'batch_stats': _get(restored, 'batch_stats')}
+  _verify_host_variables(state_dir.parent, out)
+  return out
+
+
+def _verify_host_variables(step_dir: epath.Path, variables: dict[str, Any]) -> None:
+  """Checks the model's params and batch stats (host arrays) against the step's record."""
+  files = sorted((step_dir / RECORD).glob('process_*.json')) if (step_dir / RECORD).is_dir() else []
+  if not files:
+    raise CheckpointCorruptError(os.fspath(step_dir), 'no-record',
+                                 f'{step_dir} has no {RECORD}/ (digests), so its contents cannot '
+                                 'be verified; evaluate a step written by this version')
+  try:
+    saved = json.loads(files[0].read_text())['state_digests']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointCorruptError(os.fspath(files[0]), 'unreadable-record',
+                                 f'cannot read the run record: {_first_line(e)}') from e
+  prefixes = {'params': ".params['model']", 'batch_stats': '.batch_stats'}
+  bad = []
+  for name, tree in variables.items():
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      key = prefixes[name] + jax.tree_util.keystr(path)
+      if saved.get(key) != checksums.numpy_digest(np.asarray(leaf)):
+        bad.append(key)
+  if bad:
+    raise CheckpointCorruptError(
+        os.fspath(step_dir / STATE), 'checksum',
+        f'{len(bad)} model arrays differ from the digests written at save (first: '
+        f'{", ".join(bad[:3])}); the checkpoint is damaged: evaluate another step '
+        f'({step_dir.parent}/<step>)')
