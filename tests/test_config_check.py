@@ -3,7 +3,7 @@
 
 import pytest
 
-from configs import default, tiny
+from configs import default, demo, r101, released_r101, tiny
 from dolg_jax.training import config_check
 from dolg_jax.training import resume_check
 
@@ -20,7 +20,7 @@ def _validate(overrides, devices=1, processes=1, base=tiny):
   config_check.validate(c, device_count=devices, process_count=processes)
 
 
-@pytest.mark.parametrize('base', [default, tiny])
+@pytest.mark.parametrize('base', [default, tiny, demo, r101, released_r101])
 def test_shipped_configs_pass(base):
   _validate({}, base=base)
   _validate({}, devices=8, base=base)
@@ -101,3 +101,9 @@ def test_unknown_field_counts_as_recipe():
   assert resume_check.kind('train.some_new_field') == 'recipe'
   assert resume_check.kind('model.anything') == 'state'
   assert resume_check.kind('eval.scales') == 'operational'
+
+
+def test_ablation_configs_pass():
+  from configs import ablation
+  for name in ablation.VARIANTS:
+    config_check.validate(ablation.get_config(name), device_count=8, process_count=1)

@@ -214,3 +214,19 @@ def test_eval_loader_verifies_the_model_arrays(workdir):
                      r"\['fc'\]\['kernel'\]"):
     checkpointing.load_variables(workdir)
   assert checkpointing.load_variables(os.path.join(workdir, 'checkpoints', '2'))['params']
+
+
+def test_non_finite_advice_right_after_a_restore():
+  from dolg_jax.training import loop
+  nan = [{'loss': float('nan'), 'grad_norm': 1.0, 'param_norm': 1.0}]
+  with pytest.raises(loop.NonFiniteLossError) as fresh:
+    loop._check_finite(nan, 7, '/w', last_saved=6, restored=None)
+  assert 'Lower config.train.base_learning_rate' in str(fresh.value)
+  with pytest.raises(loop.NonFiniteLossError) as resumed:
+    loop._check_finite(nan, 5, '/w', last_saved=4, restored=4)
+  msg = str(resumed.value)
+  assert 'learning_rate' not in msg and 'within 1 step(s) of resuming from step 4' in msg
+  assert 'prepare --verify' in msg
+  with pytest.raises(loop.NonFiniteLossError) as later:   # saved since the restore: usual advice
+    loop._check_finite(nan, 9, '/w', last_saved=8, restored=4)
+  assert 'Lower config.train.base_learning_rate' in str(later.value)
