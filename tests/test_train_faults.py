@@ -230,3 +230,23 @@ def test_non_finite_advice_right_after_a_restore():
   with pytest.raises(loop.NonFiniteLossError) as later:   # saved since the restore: usual advice
     loop._check_finite(nan, 9, '/w', last_saved=8, restored=4)
   assert 'Lower config.train.base_learning_rate' in str(later.value)
+
+
+def test_closing_line_classification():
+  def raise_(e):
+    raise e
+  try:
+    raise_(ValueError('config.x=1: bad'))   # raised in this package's tests: not dolg_jax code
+  except ValueError as e:
+    unexpected = e
+  assert failures.describe(unexpected, '/w').startswith('FAILED: unexpected ValueError: config.x=1')
+  from dolg_jax.training import config_check
+  try:
+    config_check._fail('train.x', 0, 'must be >= 1')
+  except ValueError as e:
+    ours = e
+  assert failures.is_expected(ours)
+  assert failures.describe(ours, '/w') == 'FAILED: config.train.x=0: must be >= 1'
+  full = OSError(28, 'No space left on device')
+  assert 'No space left on device. Free space on the filesystem holding /w' in failures.describe(
+      full, '/w')

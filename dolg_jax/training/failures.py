@@ -7,10 +7,10 @@ Exit codes of `python -m dolg_jax.main` (for schedulers and job scripts):
   75  preempted (SIGTERM): a checkpoint of the current step was saved; rerun the same command to
       resume (EX_TEMPFAIL of sysexits.h; launch/slurm_gpu.sbatch requeues the job on it).
 
-`describe(error)` builds the closing line. Errors this project raises on purpose (bad config,
+`describe(error)` builds the closing line. Errors raised by this package's code (bad config,
 damaged checkpoint or input file, non-finite loss, ...) carry their own message naming the field or
-file and the remedy; a full disk is named as such; anything else is 'unexpected', with the place it
-was raised, and its traceback is printed above the line.
+file and the remedy; OS errors name their file; a full disk is named as such; anything else is
+'unexpected', with the place it was raised, and its traceback is printed above the line.
 """
 
 import errno
@@ -24,8 +24,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 75
 
-# Messages of these types already say what and where; their traceback is noise for a user.
-_EXPECTED = (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, OSError, KeyError)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _origin(error: BaseException) -> str:
@@ -58,7 +57,14 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def is_expected(error: BaseException) -> bool:
-  return isinstance(error, _EXPECTED) and bool(str(error).strip())
+  """True for errors this project raises on purpose (their message names the field or file and
+  the remedy, so the traceback is noise) and for OS errors (which name their file)."""
+  if not str(error).strip():
+    return False
+  if isinstance(error, OSError):
+    return True
+  tb = traceback.extract_tb(error.__traceback__)
+  return bool(tb) and os.path.abspath(tb[-1].filename).startswith(_PACKAGE_DIR + os.sep)
 
 
 def describe(error: BaseException, workdir: str) -> str:
