@@ -250,3 +250,29 @@ def test_closing_line_classification():
   full = OSError(28, 'No space left on device')
   assert 'No space left on device. Free space on the filesystem holding /w' in failures.describe(
       full, '/w')
+
+
+@pytest.mark.parametrize('python_rc, requeued', [(75, True), (0, False), (1, False)])
+def test_slurm_script_requeues_a_preempted_job(tmp_path, python_rc, requeued):
+  """launch/slurm_gpu.sbatch with stand-ins for srun, scontrol and python on PATH."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  scripts = {
+      'srun': '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+      'scontrol': '#!/usr/bin/env bash\necho "$@" >> "$FAKE_LOG"\n',
+      'python': f'#!/usr/bin/env bash\necho "python $*" >> "$FAKE_LOG"\nexit {python_rc}\n',
+  }
+  for name, text in scripts.items():
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  log = tmp_path / 'calls'
+  env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', FAKE_LOG=str(log),
+             SLURM_JOB_ID='4242', SLURM_SUBMIT_DIR=tl.REPO)
+  proc = subprocess.run(['bash', os.path.join(tl.REPO, 'launch', 'slurm_gpu.sbatch'),
+                         'configs/tiny.py', str(tmp_path / 'w'), '--config.seed=1'],
+                        env=env, capture_output=True, text=True, timeout=30)
+  assert proc.returncode == python_rc, proc.stderr
+  calls = log.read_text().splitlines()
+  assert calls[0] == (f'python -m dolg_jax.main --config=configs/tiny.py '
+                      f'--workdir={tmp_path / "w"} --config.seed=1')
+  assert (calls[1:] == ['requeue 4242']) == requeued, calls
