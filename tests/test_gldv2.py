@@ -24,7 +24,7 @@ def fixture(tmp_path_factory):
 @pytest.fixture(scope='module')
 def built(fixture, tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('data'))
-  rc = prepare.main(['--dataset=gldv2/clean', f'--manual_dir={fixture.manual_dir}',
+  rc = prepare.main(['prepare', '--dataset=gldv2/clean', f'--manual_dir={fixture.manual_dir}',
                      f'--data_dir={data_dir}', '--allow_missing', '--verify_md5'])
   assert rc == 0
   return data_dir
@@ -130,7 +130,7 @@ def test_modes_decode_to_rgb_from_the_dataset(fixture, built):
 
 
 def test_missing_images_stop_the_build(fixture, tmp_path, capsys):
-  rc = prepare.main(['--dataset=gldv2/clean', f'--manual_dir={fixture.manual_dir}',
+  rc = prepare.main(['prepare', '--dataset=gldv2/clean', f'--manual_dir={fixture.manual_dir}',
                      f'--data_dir={tmp_path}'])
   err = capsys.readouterr().err
   assert rc == 1

@@ -134,7 +134,7 @@ def _read(data_dir, dataset, split):
 def test_all_images_in_train_on_the_official_layout(layouts, tmp_path, capsys):
   info = layouts['official']
   data_dir = str(tmp_path / 'data')
-  rc = prepare.main(['--dataset=gldv2/clean_all', f'--manual_dir={info.manual_dir}',
+  rc = prepare.main(['prepare', '--dataset=gldv2/clean_all', f'--manual_dir={info.manual_dir}',
                      f'--data_dir={data_dir}', '--allow_missing', '--verify_md5'])
   assert rc == 0 and 'dataset: gldv2/clean_all' in capsys.readouterr().out
   sources = gldv2.data_sources('gldv2/clean_all', data_dir)
@@ -156,7 +156,7 @@ def test_exclusion_and_val_fraction_build_recorded_in_metadata_and_manifest(layo
   excl = _write_exclusion(tmp_path / 'shared.csv', [dropped_landmark, 999999999], [dropped_image])
   tag = gldv2.read_exclusion(excl).tag
   data_dir = str(tmp_path / 'data')
-  rc = prepare.main(['--dataset=gldv2/clean', f'--manual_dir={info.manual_dir}',
+  rc = prepare.main(['prepare', '--dataset=gldv2/clean', f'--manual_dir={info.manual_dir}',
                      f'--data_dir={data_dir}', '--allow_missing', '--val_fraction=0.5',
                      f'--exclude={excl}'])
   name = f'gldv2/clean-val0.5-ex{tag}'

@@ -22,7 +22,7 @@ def fixture(tmp_path_factory):
 @pytest.fixture(scope='module')
 def built(fixture, tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('data'))
-  rc = prepare.main(['--dataset=gldv2_retrieval', f'--manual_dir={fixture.manual_dir}',
+  rc = prepare.main(['prepare', '--dataset=gldv2_retrieval', f'--manual_dir={fixture.manual_dir}',
                      f'--data_dir={data_dir}', '--allow_missing', '--verify_md5'])
   assert rc == 0
   return data_dir, gldv2_retrieval.load_summary(data_dir)

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from dolg_jax.data import gldv2
 from dolg_jax.data import grain_pipeline
+from dolg_jax.data import record_check
 from dolg_jax.data.synthetic import gldv2_fixture
 from dolg_jax.training import manifest
 
@@ -153,4 +154,5 @@ def _open_tfds(config: ml_collections.ConfigDict) -> Data:
             # Only process 0 writes the manifest: the others skip reading every shard.
             'fingerprint': (manifest.directory_fingerprint(os.fspath(builder.data_path))
                             if jax.process_index() == 0 else None)}
-  return Data(sources['train'], sources.get('validation'), len(sources['train']), n_classes, record)
+  named = {k: record_check.NamedSource(v, d.dataset, data_dir or '') for k, v in sources.items()}
+  return Data(named['train'], named.get('validation'), len(sources['train']), n_classes, record)
