@@ -347,7 +347,7 @@ def test_training_logs_and_records_the_backbone(server, checkpoints, tmp_path):
                      f'--config.train.backbone_cache_dir={empty}')
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith(f'ERROR: cannot download {missing} (HTTP 404'), tl.explain(proc)
+  assert last.startswith(f'FAILED: cannot download {missing} (HTTP 404'), tl.explain(proc)
   assert f'put it at {empty / "R-tiny-1x8d.pyth"}' in last and 'Traceback' not in proc.stderr
   assert not os.listdir(empty)
 

@@ -65,16 +65,16 @@ def is_expected(error: BaseException) -> bool:
 def describe(error: BaseException, workdir: str) -> str:
   """The last line a user sees for `error` (one line, no traceback)."""
   if is_disk_full(error):
-    message = errors.first_line(error, with_type=False)
+    message = errors.first_line(error, with_type=False, limit=None)
     if 'No space left' not in message and 'quota' not in message:
       message = f'no space left on the device: {message}'
     return (f'FAILED: {message}. Free space on the filesystem holding {workdir} (or choose a '
             'workdir elsewhere), then rerun the same command: it resumes from the last complete '
             'checkpoint.')
   if is_expected(error):
-    return f'FAILED: {errors.first_line(error, with_type=False)}'
+    return f'FAILED: {errors.first_line(error, with_type=False, limit=None)}'
   return (f'FAILED: unexpected {type(error).__name__}: '
-          f'{errors.first_line(error, with_type=False)} (raised at {_origin(error)}); the '
+          f"{errors.first_line(error, with_type=False, limit=None)} (raised at {_origin(error)}); the "
           'traceback is above. Rerun the same command to resume from the '
           'last checkpoint; if it fails the same way, report it with that traceback.')
 
