@@ -8,11 +8,15 @@ import shutil
 
 import pytest
 
+from configs import default
 from dolg_jax.data import csv_metadata
 from dolg_jax.data import gldv2
+from dolg_jax.data import gldv2_retrieval
 from dolg_jax.data import prepare
 from dolg_jax.data import record_check
 from dolg_jax.data import revisitop
+from dolg_jax.data.synthetic import revisitop_fixture as fx
+from dolg_jax.retrieval import evaluate
 
 A, B, C = 'a1b2c3d4e5f60718', '0123456789abcdef', 'fedcba9876543210'
 
@@ -134,3 +138,52 @@ def test_verify_finds_damaged_array_record(prepared, tmp_path, capsys):
     for i in range(len(source)):
       source[i]
   assert path in str(e.value) and 'python -m dolg_jax.data.prepare --verify' in str(e.value)
+
+
+# ------------------------------------------------------------------------ datasets not prepared
+def test_eval_names_unprepared_datasets_and_the_command(tmp_path):
+  """An evaluation over datasets not prepared under eval.data_dir stops before loading the model,
+  naming every missing dataset and the command that prepares each; prepared, it passes."""
+  config = default.get_config()
+  data_dir = str(tmp_path / 'tfds')
+  config.eval.data_dir = data_dir
+  config.eval.use_distractors = True
+  with pytest.raises(revisitop.NotPreparedError) as e:
+    evaluate.run(config, checkpoint=str(tmp_path / 'never_read.pyth'))
+  command = f'python -m dolg_jax.data.prepare --dataset={{}} --manual_dir=M --data_dir={data_dir}'
+  assert str(e.value) == (
+      f'roxford5k, rparis6k, revisitop1m are not prepared under {data_dir}: prepare with '
+      f'`{command.format("roxford5k")}` with M holding the official revisitop files '
+      '(jpg/<name>.jpg and gnd_roxford5k.pkl; github.com/filipradenovic/revisitop); '
+      f'`{command.format("rparis6k")}` with M holding the official revisitop files '
+      '(jpg/<name>.jpg and gnd_rparis6k.pkl; github.com/filipradenovic/revisitop); '
+      f'`{command.format("revisitop1m")}` with M holding the official revisitop files '
+      '(revisitop1m.txt and the jpg/ tree of revisitop1m.N.tar.gz; '
+      'github.com/filipradenovic/revisitop) '
+      '(or set --config.eval.data_dir to the TFDS data dir holding them)')
+  # The command it names works, and then only the others are reported.
+  manual = str(tmp_path / 'manual')
+  fx.write_gnd_fixture(manual, 'rparis6k', num_landmarks=1)
+  assert prepare.main(['prepare', '--dataset=rparis6k', f'--manual_dir={manual}',
+                       f'--data_dir={data_dir}']) == 0
+  assert prepare.main(['prepare', '--verify', '--dataset=rparis6k', f'--data_dir={data_dir}']) == 0
+  config.eval.use_distractors = False
+  with pytest.raises(revisitop.NotPreparedError, match=r'^roxford5k is not prepared under .*'
+                     r'--dataset=roxford5k --manual_dir=M'):
+    evaluate.check_datasets(config)
+  config.eval.datasets = ('rparis6k',)
+  evaluate.check_datasets(config)
+  assert revisitop.load_gnd('rparis6k', data_dir)['qimlist'] == ['query_lm0_0']
+
+
+def test_gldv2_retrieval_not_prepared_names_the_command(tmp_path):
+  data_dir = str(tmp_path / 'tfds')
+  for read in (lambda: gldv2_retrieval.data_source(data_dir, 'test'),
+               lambda: gldv2_retrieval.load_solution(data_dir)):
+    with pytest.raises(gldv2_retrieval.NotPreparedError) as e:
+      read()
+    assert str(e.value) == (
+        f'gldv2_retrieval is not prepared under {data_dir}: prepare with `python -m '
+        f'dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir={data_dir}` '
+        'with M holding the official index.csv, test.csv, retrieval_solution_v2.1.csv and the '
+        'index/ and test/ images_NNN.tar (github.com/cvdfoundation/google-landmark)')

@@ -20,6 +20,8 @@ Bad input: listed-but-absent images raise gldv2.MissingImagesError (count, shard
 ids) unless allow_missing=True; a truncated tar raises gldv2.TruncatedShardError; md5 mismatches
 gldv2.ChecksumError (verify_md5=True); malformed CSV rows a ValueError naming file and line.
 The tar indexing, md5 check and byte reading are those of dolg_jax.data.gldv2.
+Reading a dataset that is not prepared raises `NotPreparedError` naming the command that prepares
+it (`python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir=D`).
 """
 
 from __future__ import annotations
@@ -249,12 +251,30 @@ def prepare(manual_dir: str, data_dir: str, *, allow_missing: bool = False,
   return b
 
 
-def data_source(data_dir: str, split: str):
-  """Random-access source of a prepared split ('index' or 'test')."""
+class NotPreparedError(FileNotFoundError):
+  """gldv2_retrieval is not prepared under the data dir; the message says how to prepare it."""
+
+
+def prepare_command(data_dir: str) -> str:
+  return (f'python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M '
+          f'--data_dir={data_dir or "DATA_DIR"}')
+
+
+def require_prepared(data_dir: str) -> Gldv2Retrieval:
+  """The builder of the prepared dataset; NotPreparedError with the command that prepares it."""
   b = builder(data_dir)
   if not b.is_prepared():
-    raise FileNotFoundError(f'gldv2_retrieval is not prepared under {data_dir}; run '
-                            f'dolg_jax.data.gldv2_retrieval.prepare(MANUAL_DIR, {data_dir!r})')
+    where = data_dir or 'the current directory (the data dir is empty)'
+    raise NotPreparedError(
+        f'gldv2_retrieval is not prepared under {where}: prepare with `{prepare_command(data_dir)}` with M holding the official '
+        'index.csv, test.csv, retrieval_solution_v2.1.csv and the index/ and test/ images_NNN.tar '
+        '(github.com/cvdfoundation/google-landmark)')
+  return b
+
+
+def data_source(data_dir: str, split: str):
+  """Random-access source of a prepared split ('index' or 'test')."""
+  b = require_prepared(data_dir)
   if split not in SPLITS:
     raise ValueError(f'gldv2_retrieval has splits {SPLITS}; got {split!r}')
   return b.as_data_source()[split]
@@ -262,11 +282,12 @@ def data_source(data_dir: str, split: str):
 
 def load_solution(data_dir: str):
   """(public, private, ignored) from the solution copied next to the prepared data."""
-  return read_solution(os.path.join(os.fspath(builder(data_dir).data_path), SOLUTION_FILE))
+  return read_solution(os.path.join(os.fspath(require_prepared(data_dir).data_path),
+                                    SOLUTION_FILE))
 
 
 def load_summary(data_dir: str) -> dict:
-  with open(os.path.join(os.fspath(builder(data_dir).data_path), 'summary.json')) as f:
+  with open(os.path.join(os.fspath(require_prepared(data_dir).data_path), 'summary.json')) as f:
     return json.load(f)
 
 
