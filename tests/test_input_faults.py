@@ -19,6 +19,7 @@ from dolg_jax.data.synthetic import revisitop_fixture as fx
 from dolg_jax.retrieval import evaluate
 
 A, B, C = 'a1b2c3d4e5f60718', '0123456789abcdef', 'fedcba9876543210'
+D, E = '00000000000000d0', '00000000000000e0'
 
 
 def _write(tmp_path, name, data):
@@ -187,3 +188,61 @@ def test_gldv2_retrieval_not_prepared_names_the_command(tmp_path):
         f'dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir={data_dir}` '
         'with M holding the official index.csv, test.csv, retrieval_solution_v2.1.csv and the '
         'index/ and test/ images_NNN.tar (github.com/cvdfoundation/google-landmark)')
+
+
+# ------------------------------------------------- GLDv2 retrieval metadata and exclusion lists
+def test_retrieval_metadata_parses(tmp_path):
+  index = _write(tmp_path, 'index.csv', f'id\n{A}\n{B}\n')
+  assert gldv2_retrieval.read_ids(index) == [A, B]
+  solution = _write(tmp_path, 'retrieval_solution_v2.1.csv',
+                    f'id,images,Usage\n{C},{A} {B},Public\n{D},{B},Private\n{E},None,Ignored\n')
+  assert gldv2_retrieval.read_solution(solution) == ({C: [A, B]}, {D: [B]}, [E])
+  excl = _write(tmp_path, 'exclude.csv', f'landmark_id,id\n7,\n, {A}\n')
+  exclusion = gldv2.read_exclusion(excl)
+  assert (exclusion.landmark_ids, exclusion.image_ids) == (frozenset({7}), frozenset({A}))
+
+
+@pytest.mark.parametrize('name, text, expected', [
+    ('index.csv', f'id\n{A}\n{A},{B}\n', ':3: 2 fields, the header has 1'),
+    ('index.csv', f'id\n{A}\n"{B}\n', ':3: malformed CSV'),
+    ('index.csv', f'id\n{A}\n{B}"\n', f":3: image id '{B}\"' is not 16 lowercase hex digits"),
+    ('index.csv', f'id\n{A}\n{B}\n{A}\n', f':4: image id {A} is listed again (first at line 2)'),
+    ('index.csv', b'id\n' + A.encode() + b'\n\xff' + B[1:].encode() + b'\n',
+     ':3: not UTF-8 (byte 0xff at column 1)'),
+    ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},{A},{B},Public\n',
+     ':2: 4 fields, the header has 3 (a comma where a space belongs?'),
+    ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},"{A} {B},Public\n', ':2: malformed CSV'),
+    ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},{A}  {B},Public\n', ':2: empty image id'),
+    ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},{A},Public\n{C},{B},Private\n',
+     f':3: test id {C} is listed again (first at line 2)'),
+    ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},,Private\n',
+     f':2: Private test id {C} lists no images'),
+    ('retrieval_solution_v2.1.csv',
+     f'id,images,Usage\n{C},{A},Public\n{D},{B},Privé\n'.encode('latin-1'),
+     ':3: not UTF-8 (byte 0xe9 at column 39)'),
+    ('exclude.csv', 'landmark_id,id\n7,x1\n', ":2: image id 'x1' is not 16 lowercase hex digits; "
+     'fix the exclusion list exclude.csv'),
+    ('exclude.csv', 'landmark_id\n7\n"8\n', ':3: malformed CSV'),
+    ('exclude.csv', b'landmark_id\n7\n\xe98\n', ':3: not UTF-8 (byte 0xe9 at column 1); the file is '
+     'damaged or was re-encoded: fix the exclusion list exclude.csv'),
+])
+def test_retrieval_and_exclusion_faults(tmp_path, name, text, expected):
+  """Comma, quote, encoding and id faults in index.csv, the solution file and exclusion lists are
+  named with file and line, through the readers the builders use."""
+  path = _write(tmp_path, name, text)
+  read = {'index.csv': gldv2_retrieval.read_ids, 'exclude.csv': gldv2.read_exclusion,
+          'retrieval_solution_v2.1.csv': gldv2_retrieval.read_solution}[name]
+  with pytest.raises(csv_metadata.MetadataError) as e:
+    read(path)
+  assert str(e.value).startswith(path + ':') and expected in str(e.value), str(e.value)
+
+
+def test_prepare_retrieval_reports_solution_fault(tmp_path, capsys):
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  (manual / 'retrieval_solution_v2.1.csv').write_text(f'id,images,Usage\n{C},{A},{B},Public\n')
+  rc = prepare.main(['prepare', '--dataset=gldv2_retrieval', '--manual_dir', str(manual),
+                     '--data_dir', str(tmp_path / 'out')])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 1 and err[-1].startswith(
+      f'error: {manual}/retrieval_solution_v2.1.csv:2: 4 fields, the header has 3'), err

@@ -18,7 +18,8 @@ listed = written + skipped (undecodable, skipped.csv) + missing (missing.csv) pe
 
 Bad input: listed-but-absent images raise gldv2.MissingImagesError (count, shards searched, first
 ids) unless allow_missing=True; a truncated tar raises gldv2.TruncatedShardError; md5 mismatches
-gldv2.ChecksumError (verify_md5=True); malformed CSV rows a ValueError naming file and line.
+gldv2.ChecksumError (verify_md5=True); malformed CSV rows a csv_metadata.MetadataError (a
+ValueError) naming file and line.
 The tar indexing, md5 check and byte reading are those of dolg_jax.data.gldv2.
 Reading a dataset that is not prepared raises `NotPreparedError` naming the command that prepares
 it (`python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir=D`).
@@ -36,29 +37,22 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dolg_jax.data import csv_metadata
 from dolg_jax.data import decode
 from dolg_jax.data import gldv2
 
 SPLITS = ('index', 'test')
 SOLUTION_FILE = 'retrieval_solution_v2.1.csv'
 OFFICIAL_COUNTS = {'index': 761757, 'test': 117577}
-USAGES = ('Public', 'Private', 'Ignored')
 
 
 def read_ids(path: str) -> List[str]:
-  """The `id` column of index.csv / test.csv, in file order (duplicates are an error)."""
+  """The `id` column of index.csv / test.csv, in file order (csv_metadata.read_image_ids: 16-hex
+  ids, no repeats; errors name the file and line)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
                             f'{os.path.basename(path)} (column id)')
-  ids, seen = [], set()
-  for line_no, row in enumerate(gldv2._open_csv(path), start=2):  # pylint: disable=protected-access
-    gldv2._require_columns(path, row, ('id',))  # pylint: disable=protected-access
-    image_id = (row['id'] or '').strip()
-    if not image_id or image_id in seen:
-      raise ValueError(f'{path}:{line_no}: empty or repeated id {image_id!r}')
-    seen.add(image_id)
-    ids.append(image_id)
-  return ids
+  return csv_metadata.read_image_ids(path)
 
 
 def read_solution(path: str) -> Tuple[Dict[str, List[str]], Dict[str, List[str]], List[str]]:
@@ -66,27 +60,12 @@ def read_solution(path: str) -> Tuple[Dict[str, List[str]], Dict[str, List[str]]
 
   public / private map a test id to its relevant index ids; `ignored` lists the test ids with
   Usage 'Ignored' (their images column is 'None'). For `metrics.gldv2_map_at_k`, pass `public` or
-  `private` (or a dict with None for ignored ids).
+  `private` (or a dict with None for ignored ids). Parsed by csv_metadata.read_retrieval_solution.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
                             f'{SOLUTION_FILE} (id,images,Usage)')
-  public, private, ignored = {}, {}, []
-  for line_no, row in enumerate(gldv2._open_csv(path), start=2):  # pylint: disable=protected-access
-    gldv2._require_columns(path, row, ('id', 'images', 'Usage'))  # pylint: disable=protected-access
-    test_id, usage, images = row['id'], row['Usage'], (row['images'] or '').split()
-    if usage not in USAGES:
-      raise ValueError(f'{path}:{line_no}: Usage {usage!r} of {test_id} is not one of {USAGES}')
-    if test_id in public or test_id in private or test_id in ignored:
-      raise ValueError(f'{path}:{line_no}: test id {test_id} is repeated')
-    if usage == 'Ignored':
-      ignored.append(test_id)
-      continue
-    if not images or images == ['None']:
-      raise ValueError(f'{path}:{line_no}: {usage} test id {test_id} has no relevant images '
-                       f'({row["images"]!r}); only Usage Ignored rows may have None')
-    (public if usage == 'Public' else private)[test_id] = images
-  return public, private, ignored
+  return csv_metadata.read_retrieval_solution(path)
 
 
 def _locate(manual_dir: str, split: str, ids: Sequence[str], check_md5: bool
