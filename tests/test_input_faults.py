@@ -246,3 +246,10 @@ def test_prepare_retrieval_reports_solution_fault(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 1 and err[-1].startswith(
       f'error: {manual}/retrieval_solution_v2.1.csv:2: 4 fields, the header has 3'), err
+
+
+def test_r1m_list_encoding_fault(tmp_path):
+  path = _write(tmp_path, 'revisitop1m.txt', b'a/1.jpg\nb/2.jpg\nc/\xe93.jpg\n')
+  with pytest.raises(csv_metadata.MetadataError, match=r'revisitop1m\.txt:3: not UTF-8 \(byte '
+                     r'0xe9 at column 3\)'):
+    revisitop.read_r1m_list(path)
