@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from configs import default
+from configs import tiny
 from dolg_jax.data import csv_metadata
 from dolg_jax.data import gldv2
 from dolg_jax.data import gldv2_retrieval
@@ -17,6 +18,8 @@ from dolg_jax.data import record_check
 from dolg_jax.data import revisitop
 from dolg_jax.data.synthetic import revisitop_fixture as fx
 from dolg_jax.retrieval import evaluate
+from dolg_jax.training import failures
+from dolg_jax.training import loop
 
 A, B, C = 'a1b2c3d4e5f60718', '0123456789abcdef', 'fedcba9876543210'
 D, E = '00000000000000d0', '00000000000000e0'
@@ -144,23 +147,18 @@ def test_verify_finds_damaged_array_record(prepared, tmp_path, capsys):
 # ------------------------------------------------------------------------ datasets not prepared
 def test_eval_names_unprepared_datasets_and_the_command(tmp_path):
   """An evaluation over datasets not prepared under eval.data_dir stops before loading the model,
-  naming every missing dataset and the command that prepares each; prepared, it passes."""
+  naming every missing dataset and the command that prepares them; prepared, it passes."""
   config = default.get_config()
   data_dir = str(tmp_path / 'tfds')
   config.eval.data_dir = data_dir
   config.eval.use_distractors = True
   with pytest.raises(revisitop.NotPreparedError) as e:
     evaluate.run(config, checkpoint=str(tmp_path / 'never_read.pyth'))
-  command = f'python -m dolg_jax.data.prepare --dataset={{}} --manual_dir=M --data_dir={data_dir}'
   assert str(e.value) == (
-      f'roxford5k, rparis6k, revisitop1m are not prepared under {data_dir}: prepare with '
-      f'`{command.format("roxford5k")}` with M holding the official revisitop files '
-      '(jpg/<name>.jpg and gnd_roxford5k.pkl; github.com/filipradenovic/revisitop); '
-      f'`{command.format("rparis6k")}` with M holding the official revisitop files '
-      '(jpg/<name>.jpg and gnd_rparis6k.pkl; github.com/filipradenovic/revisitop); '
-      f'`{command.format("revisitop1m")}` with M holding the official revisitop files '
-      '(revisitop1m.txt and the jpg/ tree of revisitop1m.N.tar.gz; '
-      'github.com/filipradenovic/revisitop) '
+      f'roxford5k, rparis6k, revisitop1m are not prepared under {data_dir}: prepare each with '
+      f'`python -m dolg_jax.data.prepare --dataset=NAME --manual_dir=M --data_dir={data_dir}`, M '
+      'holding its revisitop files (roxford5k: jpg/, gnd_roxford5k.pkl; rparis6k: jpg/, '
+      'gnd_rparis6k.pkl; revisitop1m: revisitop1m.txt, jpg/; github.com/filipradenovic/revisitop) '
       '(or set --config.eval.data_dir to the TFDS data dir holding them)')
   # The command it names works, and then only the others are reported.
   manual = str(tmp_path / 'manual')
@@ -169,12 +167,31 @@ def test_eval_names_unprepared_datasets_and_the_command(tmp_path):
                        f'--data_dir={data_dir}']) == 0
   assert prepare.main(['prepare', '--verify', '--dataset=rparis6k', f'--data_dir={data_dir}']) == 0
   config.eval.use_distractors = False
-  with pytest.raises(revisitop.NotPreparedError, match=r'^roxford5k is not prepared under .*'
-                     r'--dataset=roxford5k --manual_dir=M'):
+  with pytest.raises(revisitop.NotPreparedError) as e:
     evaluate.check_datasets(config)
+  assert str(e.value).startswith(
+      f'roxford5k is not prepared under {data_dir}: prepare it with `python -m '
+      f'dolg_jax.data.prepare --dataset=roxford5k --manual_dir=M --data_dir={data_dir}`, M holding '
+      'its revisitop files (jpg/, gnd_roxford5k.pkl; github.com/filipradenovic/revisitop)')
   config.eval.datasets = ('rparis6k',)
   evaluate.check_datasets(config)
   assert revisitop.load_gnd('rparis6k', data_dir)['qimlist'] == ['query_lm0_0']
+
+
+def test_training_checks_eval_datasets_before_writing(tmp_path):
+  """With retrieval evaluation during training, unprepared eval datasets stop the run at its start
+  (not hours in, at the first evaluation), before the workdir is written; the closing line is
+  whole."""
+  config = tiny.get_config()
+  config.train.eval_retrieval, config.train.eval_every_steps = True, 2
+  config.eval.data_dir = str(tmp_path / 'tfds')
+  workdir = str(tmp_path / 'w')
+  with pytest.raises(revisitop.NotPreparedError) as e:
+    loop.train_and_evaluate(config, workdir)
+  line = failures.describe(e.value, workdir)
+  assert line.startswith('FAILED: roxford5k, rparis6k are not prepared under ')
+  assert line.endswith('(or set --config.eval.data_dir to the TFDS data dir holding them)'), line
+  assert not os.path.exists(workdir)
 
 
 def test_gldv2_retrieval_not_prepared_names_the_command(tmp_path):

@@ -8,8 +8,8 @@
 
 Datasets: gldv2/clean, gldv2/full (validation fraction 0.2), gldv2/clean_all, gldv2/full_all (every
 image in train), gldv2_retrieval (the index and test sets of the GLDv2 retrieval benchmark),
-roxford5k, rparis6k, revisitop1m (revisitop layout: jpg/ and gnd_<name>.pkl, or revisitop1m.txt and
-jpg/; see dolg_jax.data.revisitop).
+roxford5k, rparis6k, revisitop1m, rdemo (revisitop layout: jpg/ and gnd_<name>.pkl, or
+revisitop1m.txt and jpg/; see dolg_jax.data.revisitop).
 --val_fraction and --exclude (CSV with a landmark_id and/or id column) build a variant whose name
 (printed; put it in config.data.dataset) records them, e.g. gldv2/clean_all-ex0123456789ab.
 --verify reads back every record of the prepared dataset and names each damaged file (exit 1 if
@@ -35,14 +35,14 @@ from dolg_jax.data import revisitop
 
 _BUILD_ERRORS = (gldv2.MissingImagesError, gldv2.TruncatedShardError, gldv2.ChecksumError,
                  revisitop.MissingImagesError, FileNotFoundError, ValueError)
-REVISITOP = tuple(n for n in revisitop.NAMES if n != 'rdemo')
+REVISITOP = revisitop.NAMES
 
 
 def define_flags(fv: flags.FlagValues) -> None:
   """Defines the command-line flags on `fv` (at entry only)."""
   flags.DEFINE_string('dataset', 'gldv2/clean', 'gldv2/clean, gldv2/full, gldv2/clean_all, '
-                      'gldv2/full_all, gldv2_retrieval (index + test sets), roxford5k, rparis6k '
-                      'or revisitop1m.', flag_values=fv)
+                      'gldv2/full_all, gldv2_retrieval (index + test sets), roxford5k, rparis6k, '
+                      'revisitop1m or rdemo (the demo benchmark, same layout).', flag_values=fv)
   flags.DEFINE_string('manual_dir', None, 'Directory holding the official files (to prepare).',
                       flag_values=fv)
   flags.DEFINE_string('data_dir', None, 'TFDS data dir to write into.', flag_values=fv)

@@ -48,9 +48,10 @@ _MAX_IN_MESSAGE = 5
 
 # What the manual dir of each dataset holds (for messages; the module docstring has the details).
 MANUAL_LAYOUT = {
-    'roxford5k': 'jpg/<name>.jpg and gnd_roxford5k.pkl',
-    'rparis6k': 'jpg/<name>.jpg and gnd_rparis6k.pkl',
-    'revisitop1m': 'revisitop1m.txt and the jpg/ tree of revisitop1m.N.tar.gz',
+    'roxford5k': 'jpg/, gnd_roxford5k.pkl',
+    'rparis6k': 'jpg/, gnd_rparis6k.pkl',
+    'revisitop1m': 'revisitop1m.txt, jpg/',
+    'rdemo': 'jpg/, gnd_rdemo.pkl, as python -m dolg_jax.demo writes them',
 }
 
 
@@ -63,23 +64,22 @@ class NotPreparedError(FileNotFoundError):
 
 
 def prepare_command(name: str, data_dir: str) -> str:
-  """The command that prepares `name` into `data_dir` (rdemo: the demo writes it)."""
-  if name == 'rdemo':
-    return 'python -m dolg_jax.demo (it writes rdemo and prepares it under its eval.data_dir)'
+  """The command that prepares `name` (or NAME) into `data_dir`."""
   return (f'python -m dolg_jax.data.prepare --dataset={name} --manual_dir=M '
           f'--data_dir={data_dir or "DATA_DIR"}')
 
 
 def not_prepared_message(names: Sequence[str], data_dir: str) -> str:
-  """One line: which of `names` are not prepared under `data_dir` and the commands to do it."""
+  """One line: which of `names` are not prepared under `data_dir` and the command to do it."""
   where = data_dir or 'the current directory (the data dir is empty)'
-  steps = '; '.join(
-      f'`{prepare_command(n, data_dir)}`' +
-      (f' with M holding the official revisitop files ({MANUAL_LAYOUT[n]}; '
-       'github.com/filipradenovic/revisitop)' if n in MANUAL_LAYOUT else '')
-      for n in names)
-  verb = 'is' if len(names) == 1 else 'are'
-  return f'{", ".join(names)} {verb} not prepared under {where}: prepare with {steps}'
+  if len(names) == 1:
+    return (f'{names[0]} is not prepared under {where}: prepare it with '
+            f'`{prepare_command(names[0], data_dir)}`, M holding its revisitop files '
+            f'({MANUAL_LAYOUT[names[0]]}; github.com/filipradenovic/revisitop)')
+  layouts = '; '.join(f'{n}: {MANUAL_LAYOUT[n]}' for n in names)
+  return (f'{", ".join(names)} are not prepared under {where}: prepare each with '
+          f'`{prepare_command("NAME", data_dir)}`, M holding its revisitop files ({layouts}; '
+          'github.com/filipradenovic/revisitop)')
 
 
 def require_prepared(names: Sequence[str], data_dir: str) -> None:

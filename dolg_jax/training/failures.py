@@ -71,8 +71,8 @@ def describe(error: BaseException, workdir: str) -> str:
     return (f'FAILED: {message}. Free space on the filesystem holding {workdir} (or choose a '
             'workdir elsewhere), then rerun the same command: it resumes from the last complete '
             'checkpoint.')
-  if is_expected(error):
-    return f'FAILED: {errors.first_line(error, with_type=False)}'
+  if is_expected(error):  # written as one line with its remedy: not cut at the usual limit
+    return f'FAILED: {errors.first_line(error, with_type=False, limit=2000)}'
   return (f'FAILED: unexpected {type(error).__name__}: '
           f'{errors.first_line(error, with_type=False)} (raised at {_origin(error)}); the '
           'traceback is above. Rerun the same command to resume from the '
