@@ -70,11 +70,11 @@ def test_missing_and_bad_files_are_errors(fixture, tmp_path):
   with pytest.raises(gldv2.MissingImagesError, match='1 of 9 images listed in test.csv'):
     gldv2_retrieval.prepare(fixture.manual_dir, str(tmp_path / 'd1'))
   bad = tmp_path / 'bad.csv'
-  bad.write_text('id,images,Usage\nabc,None,Public\n')
-  with pytest.raises(ValueError, match='only Usage Ignored rows may have None'):
+  bad.write_text('id,images,Usage\n0123456789abcdef,None,Public\n')
+  with pytest.raises(ValueError, match=r'bad.csv:2: .* has images None \(only Ignored rows may\)'):
     gldv2_retrieval.read_solution(str(bad))
-  bad.write_text('id,images,Usage\nabc,x,Secret\n')
-  with pytest.raises(ValueError, match="Usage 'Secret'"):
+  bad.write_text('id,images,Usage\n0123456789abcdef,x,Secret\n')
+  with pytest.raises(ValueError, match="bad.csv:2: Usage 'Secret'"):
     gldv2_retrieval.read_solution(str(bad))
 
 

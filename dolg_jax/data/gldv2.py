@@ -45,7 +45,7 @@ import math
 import os
 import re
 import tarfile
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from etils import epath
 import numpy as np
@@ -121,20 +121,6 @@ class Exclusion:
 # ------------------------------------------------------------------------------------ CSV parsing
 
 
-def _open_csv(path: str) -> Iterator[Dict[str, str]]:
-  with open(path, newline='') as f:
-    reader = csv.DictReader(f)
-    if reader.fieldnames is None:
-      raise ValueError(f'{path}: empty file (expected a CSV header)')
-    yield from reader
-
-
-def _require_columns(path: str, row: Dict[str, str], columns: Sequence[str]) -> None:
-  missing = [c for c in columns if c not in row]
-  if missing:
-    raise ValueError(f'{path}: missing column(s) {missing}; found {sorted(row)}')
-
-
 def read_listing(manual_dir: str, subset: str) -> List[Tuple[str, int]]:
   """(image id, landmark id) pairs of the `clean` or `full` listing, in file order."""
   if subset == 'clean':
@@ -183,31 +169,14 @@ def split_per_class(pairs: Sequence[Tuple[str, int]], val_fraction: float, seed:
 
 
 def read_exclusion(path: str) -> Exclusion:
-  """Reads an exclusion list: a CSV with a `landmark_id` and/or an `id` (image id) column."""
+  """Reads an exclusion list: a CSV with a `landmark_id` and/or an `id` (image id) column
+  (parsed strictly by csv_metadata.read_exclusion; errors name the file and line)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'exclusion list {path} not found')
   with open(path, 'rb') as f:
-    raw = f.read()
-  text = raw.decode('utf-8-sig')
-  reader = csv.DictReader(text.splitlines())
-  columns = [c.strip() for c in (reader.fieldnames or [])]
-  if not {'landmark_id', 'id'} & set(columns):
-    raise ValueError(f'{path}: an exclusion list needs a header with a landmark_id and/or an id '
-                     f'column; found {columns or "no header"}')
-  landmarks, images = set(), set()
-  for line_no, row in enumerate(reader, start=2):
-    row = {(k or '').strip(): (v or '').strip() for k, v in row.items()}
-    if row.get('landmark_id'):
-      try:
-        landmarks.add(int(row['landmark_id']))
-      except ValueError as e:
-        raise ValueError(f'{path}:{line_no}: bad landmark_id {row["landmark_id"]!r} (expected an '
-                         'integer)') from e
-    if row.get('id'):
-      images.add(row['id'])
-  if not landmarks and not images:
-    raise ValueError(f'{path}: the exclusion list names no landmark_id and no id')
-  return Exclusion(path, hashlib.sha256(raw).hexdigest(), frozenset(landmarks), frozenset(images))
+    digest = hashlib.sha256(f.read()).hexdigest()
+  landmarks, images = csv_metadata.read_exclusion(path)
+  return Exclusion(path, digest, landmarks, images)
 
 
 def exclude_pairs(pairs: Sequence[Tuple[str, int]], exclusion: Exclusion

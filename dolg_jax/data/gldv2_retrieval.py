@@ -18,8 +18,11 @@ listed = written + skipped (undecodable, skipped.csv) + missing (missing.csv) pe
 
 Bad input: listed-but-absent images raise gldv2.MissingImagesError (count, shards searched, first
 ids) unless allow_missing=True; a truncated tar raises gldv2.TruncatedShardError; md5 mismatches
-gldv2.ChecksumError (verify_md5=True); malformed CSV rows a ValueError naming file and line.
+gldv2.ChecksumError (verify_md5=True); malformed CSV rows a csv_metadata.MetadataError (a
+ValueError) naming file and line.
 The tar indexing, md5 check and byte reading are those of dolg_jax.data.gldv2.
+Reading a dataset that is not prepared raises `NotPreparedError` naming the command that prepares
+it (`python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir=D`).
 """
 
 from __future__ import annotations
@@ -34,29 +37,22 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dolg_jax.data import csv_metadata
 from dolg_jax.data import decode
 from dolg_jax.data import gldv2
 
 SPLITS = ('index', 'test')
 SOLUTION_FILE = 'retrieval_solution_v2.1.csv'
 OFFICIAL_COUNTS = {'index': 761757, 'test': 117577}
-USAGES = ('Public', 'Private', 'Ignored')
 
 
 def read_ids(path: str) -> List[str]:
-  """The `id` column of index.csv / test.csv, in file order (duplicates are an error)."""
+  """The `id` column of index.csv / test.csv, in file order (csv_metadata.read_image_ids: 16-hex
+  ids, no repeats; errors name the file and line)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
                             f'{os.path.basename(path)} (column id)')
-  ids, seen = [], set()
-  for line_no, row in enumerate(gldv2._open_csv(path), start=2):  # pylint: disable=protected-access
-    gldv2._require_columns(path, row, ('id',))  # pylint: disable=protected-access
-    image_id = (row['id'] or '').strip()
-    if not image_id or image_id in seen:
-      raise ValueError(f'{path}:{line_no}: empty or repeated id {image_id!r}')
-    seen.add(image_id)
-    ids.append(image_id)
-  return ids
+  return csv_metadata.read_image_ids(path)
 
 
 def read_solution(path: str) -> Tuple[Dict[str, List[str]], Dict[str, List[str]], List[str]]:
@@ -64,27 +60,12 @@ def read_solution(path: str) -> Tuple[Dict[str, List[str]], Dict[str, List[str]]
 
   public / private map a test id to its relevant index ids; `ignored` lists the test ids with
   Usage 'Ignored' (their images column is 'None'). For `metrics.gldv2_map_at_k`, pass `public` or
-  `private` (or a dict with None for ignored ids).
+  `private` (or a dict with None for ignored ids). Parsed by csv_metadata.read_retrieval_solution.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
                             f'{SOLUTION_FILE} (id,images,Usage)')
-  public, private, ignored = {}, {}, []
-  for line_no, row in enumerate(gldv2._open_csv(path), start=2):  # pylint: disable=protected-access
-    gldv2._require_columns(path, row, ('id', 'images', 'Usage'))  # pylint: disable=protected-access
-    test_id, usage, images = row['id'], row['Usage'], (row['images'] or '').split()
-    if usage not in USAGES:
-      raise ValueError(f'{path}:{line_no}: Usage {usage!r} of {test_id} is not one of {USAGES}')
-    if test_id in public or test_id in private or test_id in ignored:
-      raise ValueError(f'{path}:{line_no}: test id {test_id} is repeated')
-    if usage == 'Ignored':
-      ignored.append(test_id)
-      continue
-    if not images or images == ['None']:
-      raise ValueError(f'{path}:{line_no}: {usage} test id {test_id} has no relevant images '
-                       f'({row["images"]!r}); only Usage Ignored rows may have None')
-    (public if usage == 'Public' else private)[test_id] = images
-  return public, private, ignored
+  return csv_metadata.read_retrieval_solution(path)
 
 
 def _locate(manual_dir: str, split: str, ids: Sequence[str], check_md5: bool
@@ -249,12 +230,30 @@ def prepare(manual_dir: str, data_dir: str, *, allow_missing: bool = False,
   return b
 
 
-def data_source(data_dir: str, split: str):
-  """Random-access source of a prepared split ('index' or 'test')."""
+class NotPreparedError(FileNotFoundError):
+  """gldv2_retrieval is not prepared under the data dir; the message says how to prepare it."""
+
+
+def prepare_command(data_dir: str) -> str:
+  return (f'python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M '
+          f'--data_dir={data_dir or "DATA_DIR"}')
+
+
+def require_prepared(data_dir: str) -> Gldv2Retrieval:
+  """The builder of the prepared dataset; NotPreparedError with the command that prepares it."""
   b = builder(data_dir)
   if not b.is_prepared():
-    raise FileNotFoundError(f'gldv2_retrieval is not prepared under {data_dir}; run '
-                            f'dolg_jax.data.gldv2_retrieval.prepare(MANUAL_DIR, {data_dir!r})')
+    where = data_dir or 'the current directory (the data dir is empty)'
+    raise NotPreparedError(
+        f'gldv2_retrieval is not prepared under {where}: prepare with `{prepare_command(data_dir)}` with M holding the official '
+        'index.csv, test.csv, retrieval_solution_v2.1.csv and the index/ and test/ images_NNN.tar '
+        '(github.com/cvdfoundation/google-landmark)')
+  return b
+
+
+def data_source(data_dir: str, split: str):
+  """Random-access source of a prepared split ('index' or 'test')."""
+  b = require_prepared(data_dir)
   if split not in SPLITS:
     raise ValueError(f'gldv2_retrieval has splits {SPLITS}; got {split!r}')
   return b.as_data_source()[split]
@@ -262,11 +261,12 @@ def data_source(data_dir: str, split: str):
 
 def load_solution(data_dir: str):
   """(public, private, ignored) from the solution copied next to the prepared data."""
-  return read_solution(os.path.join(os.fspath(builder(data_dir).data_path), SOLUTION_FILE))
+  return read_solution(os.path.join(os.fspath(require_prepared(data_dir).data_path),
+                                    SOLUTION_FILE))
 
 
 def load_summary(data_dir: str) -> dict:
-  with open(os.path.join(os.fspath(builder(data_dir).data_path), 'summary.json')) as f:
+  with open(os.path.join(os.fspath(require_prepared(data_dir).data_path), 'summary.json')) as f:
     return json.load(f)
 
 

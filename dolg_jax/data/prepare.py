@@ -3,10 +3,13 @@
   python -m dolg_jax.data.prepare --dataset=gldv2/clean --manual_dir=M --data_dir=D \
       [--allow_missing] [--verify_md5] [--val_fraction=F] [--exclude=FILE]
   python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir=D
+  python -m dolg_jax.data.prepare --dataset=roxford5k --manual_dir=M --data_dir=D [--allow_missing]
   python -m dolg_jax.data.prepare --verify --dataset=gldv2/clean --data_dir=D
 
 Datasets: gldv2/clean, gldv2/full (validation fraction 0.2), gldv2/clean_all, gldv2/full_all (every
-image in train), gldv2_retrieval (the index and test sets of the GLDv2 retrieval benchmark).
+image in train), gldv2_retrieval (the index and test sets of the GLDv2 retrieval benchmark),
+roxford5k, rparis6k, revisitop1m, rdemo (revisitop layout: jpg/ and gnd_<name>.pkl, or
+revisitop1m.txt and jpg/; see dolg_jax.data.revisitop).
 --val_fraction and --exclude (CSV with a landmark_id and/or id column) build a variant whose name
 (printed; put it in config.data.dataset) records them, e.g. gldv2/clean_all-ex0123456789ab.
 --verify reads back every record of the prepared dataset and names each damaged file (exit 1 if
@@ -28,15 +31,18 @@ from absl import flags
 from dolg_jax.data import gldv2
 from dolg_jax.data import gldv2_retrieval
 from dolg_jax.data import record_check
+from dolg_jax.data import revisitop
 
 _BUILD_ERRORS = (gldv2.MissingImagesError, gldv2.TruncatedShardError, gldv2.ChecksumError,
-                 FileNotFoundError, ValueError)
+                 revisitop.MissingImagesError, FileNotFoundError, ValueError)
+REVISITOP = revisitop.NAMES
 
 
 def define_flags(fv: flags.FlagValues) -> None:
   """Defines the command-line flags on `fv` (at entry only)."""
   flags.DEFINE_string('dataset', 'gldv2/clean', 'gldv2/clean, gldv2/full, gldv2/clean_all, '
-                      'gldv2/full_all or gldv2_retrieval (index + test sets).', flag_values=fv)
+                      'gldv2/full_all, gldv2_retrieval (index + test sets), roxford5k, rparis6k, '
+                      'revisitop1m or rdemo (the demo benchmark, same layout).', flag_values=fv)
   flags.DEFINE_string('manual_dir', None, 'Directory holding the official files (to prepare).',
                       flag_values=fv)
   flags.DEFINE_string('data_dir', None, 'TFDS data dir to write into.', flag_values=fv)
@@ -62,10 +68,16 @@ def main(argv: list[str]) -> int:
     fv(argv)
     if not fv.verify and not fv.manual_dir:
       raise flags.ValidationError('--manual_dir is required (except with --verify)')
-    if not fv.dataset.startswith('gldv2'):
+    if not fv.dataset.startswith('gldv2') and fv.dataset not in REVISITOP:
       raise flags.ValidationError(f'unsupported --dataset {fv.dataset!r} (this command builds '
-                                  'gldv2/clean, gldv2/full, gldv2/clean_all, gldv2/full_all and '
-                                  'gldv2_retrieval)')
+                                  'gldv2/clean, gldv2/full, gldv2/clean_all, gldv2/full_all, '
+                                  f'gldv2_retrieval, {", ".join(REVISITOP)})')
+    if fv.dataset in REVISITOP + ('gldv2_retrieval',) and (fv.val_fraction is not None or
+                                                           fv.exclude):
+      raise flags.ValidationError(f'--val_fraction and --exclude apply to gldv2/* only, not to '
+                                  f'{fv.dataset}')
+    if fv.dataset in REVISITOP and fv.verify_md5:
+      raise flags.ValidationError(f'--verify_md5: {fv.dataset} has no md5 files (gldv2* only)')
   except flags.Error as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -74,6 +86,8 @@ def main(argv: list[str]) -> int:
   try:
     if fv.dataset == 'gldv2_retrieval':
       return _prepare_retrieval(fv)
+    if fv.dataset in REVISITOP:
+      return _prepare_revisitop(fv)
     builder = gldv2.prepare(fv.dataset, fv.manual_dir, fv.data_dir,
                             allow_missing=fv.allow_missing, verify_md5=fv.verify_md5,
                             val_fraction=fv.val_fraction, exclude=fv.exclude)
@@ -101,9 +115,24 @@ def _prepare_retrieval(fv: flags.FlagValues) -> int:
   return 0
 
 
+def _prepare_revisitop(fv: flags.FlagValues) -> int:
+  b = revisitop.prepare(fv.dataset, fv.manual_dir, fv.data_dir, allow_missing=fv.allow_missing)
+  print(json.dumps(revisitop.load_summary(fv.dataset, fv.data_dir), indent=1))
+  print(f'data: {b.data_path} (summary.json)')
+  return 0
+
+
+def _builder(dataset: str, data_dir: str):
+  if dataset == 'gldv2_retrieval':
+    return gldv2_retrieval.builder(data_dir)
+  if dataset in REVISITOP:
+    return revisitop.builder(dataset, data_dir)
+  return gldv2.builder(dataset, data_dir)
+
+
 def verify(dataset: str, data_dir: str) -> int:
   """Reads every record of the prepared `dataset`; prints the damaged files; 0 when none."""
-  builder = gldv2.builder(dataset, data_dir)
+  builder = _builder(dataset, data_dir)
   if not builder.is_prepared():
     print(f'error: {dataset} is not prepared in {builder.data_path}', file=sys.stderr)
     return 1

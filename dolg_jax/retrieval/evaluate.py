@@ -83,11 +83,24 @@ def output_dir_for(config: ml_collections.ConfigDict, workdir: Optional[str],
   return os.path.abspath(checkpoint).rstrip('/') + '_eval'
 
 
+def check_datasets(config: ml_collections.ConfigDict) -> None:
+  """NotPreparedError naming every dataset of config.eval (and its distractors) not prepared
+  under config.eval.data_dir, with the commands that prepare them."""
+  e = config.eval
+  needed = list(e.datasets) + ([e.distractors] if e.use_distractors else [])
+  try:
+    revisitop.require_prepared(needed, os.path.expanduser(e.data_dir))
+  except revisitop.NotPreparedError as error:
+    raise revisitop.NotPreparedError(
+        f'{error} (or set --config.eval.data_dir to the TFDS data dir holding them)') from None
+
+
 def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, variables: Any,
                        output_dir: str, *, source: str = '') -> dict:
   """Evaluates (apply_fn, variables) on config.eval.datasets; writes results.json and reports."""
   e = config.eval
   data_dir = os.path.expanduser(e.data_dir)
+  check_datasets(config)
   cfg = extract_lib.from_config(e)
   extractor = extract_lib.Extractor(apply_fn, variables, cfg)
   # The cache key names the weights and the dtype the descriptors were computed in.
@@ -133,6 +146,7 @@ def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, va
 def run(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
         checkpoint: Optional[str] = None, output_dir: Optional[str] = None) -> dict:
   """Loads the model (workdir or checkpoint) and evaluates it; see `evaluate_variables`."""
+  check_datasets(config)  # before loading the model
   apply_fn, variables, source = load_model(config, workdir=workdir, checkpoint=checkpoint)
   return evaluate_variables(config, apply_fn, variables,
                             output_dir_for(config, workdir, checkpoint, output_dir), source=source)

@@ -101,6 +101,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Before anything is written: a bad field fails here, naming itself.
   config_check.validate(config, device_count=jax.device_count(),
                         process_count=jax.process_count())
+  if t_cfg.eval_retrieval and t_cfg.eval_every_steps > 0:  # now, not at the first evaluation
+    evaluate_lib.check_datasets(config)
   determinism.apply(t_cfg.deterministic)
   os.makedirs(workdir, exist_ok=True)
   is_primary = jax.process_index() == 0

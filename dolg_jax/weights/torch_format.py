@@ -9,6 +9,9 @@ expected path -> shape map.
 
 Every failure raises a `CheckpointError` (a ValueError) naming the file and, where it applies, the
 keys: unreadable/truncated file, not a state dict, unknown keys, missing keys, shape mismatches.
+When torch refuses a file, `weights.torch_inspect` (which runs nothing from the file) tells a
+damaged or non-torch file (named with its size) from a torch file holding Python objects besides
+tensors (named, with the `python -m dolg_jax.convert ... --allow_pickle` command for trusted files).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from dolg_jax.weights import torch_inspect
 
 # Keys present in torch checkpoints that carry no information for our variables.
 _IGNORED_SUFFIXES = ('num_batches_tracked',)
@@ -84,12 +89,7 @@ def read_torch_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False
   try:
     obj = torch.load(path, map_location='cpu', weights_only=not allow_pickle)
   except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-    if 'weights only load failed' in str(e).lower() and not allow_pickle:
-      raise CheckpointError(path, 'it holds Python objects besides tensors and cannot be read '
-                            'safely; if you trust the file, pass allow_pickle=True '
-                            f'(convert: --allow-pickle). torch said: {str(e)[:500]}') from e
-    raise CheckpointError(path, f'cannot read it as a torch checkpoint (truncated or not a '
-                          f'torch file?): {type(e).__name__}: {str(e)[:500]}') from e
+    raise CheckpointError(path, _load_failure(path, e, allow_pickle)) from e
   if isinstance(obj, Mapping) and 'model_state' in obj:
     obj = obj['model_state']
   elif isinstance(obj, Mapping) and 'state_dict' in obj and isinstance(obj['state_dict'], Mapping):
@@ -106,6 +106,22 @@ def read_torch_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False
     keys = [k[len('module.'):] for k in keys]
   return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
           for k, v in zip(keys, obj.values())}
+
+
+def _load_failure(path: str, error: Exception, allow_pickle: bool) -> str:
+  """Why torch.load failed: a damaged / non-torch file, or a torch file holding Python objects."""
+  found = torch_inspect.inspect_file(path)
+  if found.damage is not None:
+    return (f'not a torch checkpoint, or a truncated / damaged one ({found.size:,} bytes: '
+            f'{found.damage}); copy or download it again and compare its size and checksum with '
+            'the source')
+  if found.objects and not allow_pickle:
+    return (f'a torch checkpoint holding Python objects besides tensors '
+            f'({format_keys(list(found.objects), 3)}); unpickling them can run code, so they are '
+            'not read. If you trust the file, convert it once with `python -m dolg_jax.convert '
+            f'--input {path} --output DIR --allow_pickle` and load DIR')
+  return (f'torch cannot read it ({found.size:,} bytes; truncated?): {type(error).__name__}: '
+          f'{str(error).splitlines()[0][:300] if str(error) else ""}')
 
 
 # ---------------------------------------------------------------------------- key/layout mapping
