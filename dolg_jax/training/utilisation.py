@@ -21,6 +21,8 @@ wall time includes input waits and checkpoint saves and excludes evaluations):
                                 dispatched asynchronously, so this is time the devices may idle)
   checkpoint_time_s, checkpoint_fraction   time spent in checkpoint saves (async saves: the
                                 blocking part)
+  profiler_time_s               time spent writing a profiler trace (on the line whose interval
+                                holds the end of train.profile_steps' window)
 The evaluation's time is the loop's `eval_time_s` on the evaluation step's line (it is left out
 of Progress's wall time, so out of the fractions above).
 
@@ -83,7 +85,10 @@ class Utilisation:
     self.profile.before(step)
 
   def after_step(self, step: int, outputs: Any) -> None:
-    self.profile.after(step - 1, outputs)
+    if self.profile.active:   # Writing the trace takes time: reported as profiler_time_s.
+      t0 = time.perf_counter()
+      self.profile.after(step - 1, outputs)
+      self._add('profiler', time.perf_counter() - t0)
 
   def close(self) -> None:
     self.profile.stop()
@@ -131,6 +136,8 @@ class Utilisation:
            'checkpoint_time_s': totals.get('checkpoint', 0.0)}
     out['input_wait_fraction'] = out['input_wait_s'] / wall if wall > 0 else 0.0
     out['checkpoint_fraction'] = out['checkpoint_time_s'] / wall if wall > 0 else 0.0
+    if 'profiler' in totals:
+      out['profiler_time_s'] = totals['profiler']
     if self.flops_per_step:
       out['tflops_per_sec'] = self.flops_per_step / step_time / 1e12
       out['tflops_per_sec_per_device'] = out['tflops_per_sec'] / self.n_devices
