@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
+
+from configs import tiny
+from dolg_jax.training import plan as plan_lib
 
 from tests.helpers import train_testlib as tl
 
@@ -26,7 +30,7 @@ def _plan(*flags, check=True):
 
 
 def test_plan_tiny_on_cpu():
-  out = _plan()
+  out = _plan('--max_batch')
   assert all(k in out for k in KEYS), out
   assert out['device_kind'] == 'cpu' and out['device_memory_bytes'] is None and out['fits'] is None
   assert out['flops_per_step'] > 0 and out['peak_memory_bytes_per_device'] > 0
@@ -38,24 +42,37 @@ def test_plan_tiny_on_cpu():
   assert out['argument_bytes_per_device'] >= 2 * out['params_bytes_per_device']
   assert out['peak_memory_bytes_per_device'] > out['argument_bytes_per_device']
   assert out['batch_bytes_per_device'] == 8 * 64 * 64 * 3 + 8 * 4
-
-
-def test_max_batch_bisects_to_the_memory_budget():
-  """A budget between the peaks of batch 8 and 16: doubling from 8 fails at 16, bisection finds
-  the largest batch in between whose compiled peak fits, and the probes agree with it."""
-  out = _plan('--max_batch', '--device_memory_bytes=14000000', '--max_batch_limit=64')
-  best, probes = out['max_batch_per_device'], out['max_batch_probes']
-  assert out['fits'] is True and 8 <= best < 16, out
-  fitting = [p['batch_per_device'] for p in probes if p['fits']]
-  failing = [p['batch_per_device'] for p in probes if not p['fits']]
-  assert max(fitting) == best and min(failing) == best + 1, probes
-  for p in probes:   # Peak memory grows with the batch.
-    assert p['fits'] == (p['peak_memory_bytes_per_device'] <= 14000000)
-
-
-def test_max_batch_says_why_without_device_memory():
-  out = _plan('--max_batch')
+  # --max_batch without a known device memory says why instead of guessing.
   assert out['max_batch_per_device'] is None and 'unknown' in out['max_batch_note']
+
+
+@pytest.mark.parametrize('budget, accum, expected', [
+    (50_000, 1, 45),     # above the configured batch: doubling 8, 16, 32, 64 then bisection
+    (12_000, 1, 7),      # the configured batch does not fit: halving, then bisection
+    (4_500, 1, 0),       # nothing fits
+    (50_000, 4, 44),     # multiples of grad_accum_steps only
+    (10**9, 1, 100),     # everything up to the limit fits
+])
+def test_max_batch_bisection(monkeypatch, budget, accum, expected):
+  """The search on a stand-in plan whose peak is 5,000 + 1,000 x batch bytes; batches above 60
+  per device fail to compile with XLA's out-of-memory error, as TPU compiles do."""
+  calls = []
+
+  def fake_plan(config, devices, *, global_batch, memory_bytes):
+    calls.append(global_batch)
+    if global_batch > 60 and memory_bytes < 10**9:
+      raise RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm')
+    peak = 5_000 + 1_000 * global_batch
+    return {'fits': peak <= memory_bytes, 'peak_memory_bytes_per_device': peak}
+
+  monkeypatch.setattr(plan_lib, 'plan', fake_plan)
+  config = tiny.get_config()
+  config.train.grad_accum_steps = accum
+  out = plan_lib.max_batch(config, jax.devices()[:1], memory_bytes=budget, limit=100)
+  assert out['max_batch_per_device'] == expected, out
+  assert len(calls) == len(set(calls)) <= 12           # each batch compiled at most once
+  assert all(c % accum == 0 for c in calls)
+  assert [p['batch_per_device'] for p in out['max_batch_probes']] == calls
 
 
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is not None, reason='libtpu installed')
