@@ -43,6 +43,8 @@ else
   "$PY" -c "import jax; print('JAX', jax.__version__, jax.devices())"
   TORCH_ARGS=()
   JAX_ARGS=(--config=configs/default.py)
+  # The PyTorch process has exited: JAX may take most of the GPU (default 75%).
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
   # Reruns reuse compiled programs.
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/dolg_jax/xla}
 fi

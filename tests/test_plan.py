@@ -34,7 +34,7 @@ def test_plan_tiny_on_cpu():
   assert all(k in out for k in KEYS), out
   assert out['device_kind'] == 'cpu' and out['device_memory_bytes'] is None and out['fits'] is None
   assert out['flops_per_step'] > 0 and out['peak_memory_bytes_per_device'] > 0
-  # The loop logs the unoptimised program's FLOPs: within a few percent of the compiled ones.
+  # The global pre-optimisation program's FLOPs: within a few percent of the compiled ones.
   assert out['flops_per_step_unoptimised'] == pytest.approx(out['flops_per_step'], rel=0.1)
   # Params + optimizer state: float32 params and one SGD momentum buffer the same size.
   assert out['params_bytes_per_device'] == 4 * out['num_params']

@@ -167,8 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         util.after_step(step, metrics)
         if step == start_step + 1:  # Throughput/ETA exclude compilation.
           jax.block_until_ready(metrics)
-          progress.restart(step)
           util.restart(step, utilisation.train_step_flops(train_step, state, batch, lr_fn(step)))
+          progress.restart(step)
         stop = preempt.should_stop(step)
         do_ckpt = (step % t_cfg.checkpoint_every_steps == 0 or step == total_steps or stop)
         # No evaluation when preempted: the grace period is for the checkpoint.

@@ -8,8 +8,8 @@ head over `config.head.num_classes`) and reads XLA's analyses:
 
   flops_per_step                 compiled cost analysis, FLOPs per device x devices
   flops_per_device_step
-  flops_per_step_unoptimised     the lowered (pre-optimisation) program's FLOPs, which the training
-                                 loop logs as achieved TFLOP/s (no second compilation there)
+  flops_per_step_unoptimised     the lowered (pre-optimisation, global) program's FLOPs (None on
+                                 backends without that analysis, e.g. TPU)
   peak_memory_bytes_per_device   compiled memory analysis: the larger of XLA's peak and arguments
                                  + outputs + temporaries with donated buffers counted once
   argument_bytes_per_device      the train state's shard on one device: params + optimizer state
