@@ -105,6 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
                                    # ~/.cache/dolg_jax/weights.
   t.deterministic = False          # GPU: XLA deterministic ops (slower; see training/determinism.py).
   t.init_on_one_device = True      # Init on one device then reshard (False: jit(init, out_shardings)).
+  t.profile_steps = (0, 0)         # (start, num): profiler trace of steps start+1..start+num on
+                                   # process 0 -> WORKDIR/profile (TensorBoard Profile tab); (0, 0) = off.
 
   # ---------------------------------------------------------------- mesh (dolg_jax.sharding)
   c.mesh = ml_collections.ConfigDict()
@@ -140,4 +142,6 @@ def get_config() -> ml_collections.ConfigDict:
   e.cache = True                   # Cache descriptors in OUTPUT_DIR/cache (keyed by weights + settings).
   e.output_dir = ''                # '' = WORKDIR/eval or <checkpoint>_eval.
   e.xla_cache_dir = '~/.cache/dolg_jax/xla'  # Persistent compilation cache of dolg_jax.eval ('' = off).
+  e.profile_batches = (0, 0)       # (start, num): profiler trace of extraction batches start..start+num-1
+                                   # on process 0 -> OUTPUT_DIR/profile; (0, 0) = off.
   return c

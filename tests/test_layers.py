@@ -10,13 +10,14 @@ from tests.helpers.paths import REPO
 
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = (
-    ('dolg_jax.sharding', 'dolg_jax.models', 'dolg_jax.checksums', 'dolg_jax.errors'),
+    ('dolg_jax.sharding', 'dolg_jax.models', 'dolg_jax.checksums', 'dolg_jax.errors',
+     'dolg_jax.profiling'),
     ('dolg_jax.weights', 'dolg_jax.data'),
     ('dolg_jax.data.synthetic', 'dolg_jax.pretrained'),
     ('dolg_jax.retrieval',),
     ('dolg_jax.training',),
-    ('dolg_jax.main', 'dolg_jax.eval', 'dolg_jax.convert', 'dolg_jax.demo', 'dolg_jax.study',
-     'dolg_jax.tools'),
+    ('dolg_jax.main', 'dolg_jax.eval', 'dolg_jax.convert', 'dolg_jax.demo', 'dolg_jax.plan',
+     'dolg_jax.study', 'dolg_jax.tools'),
 )
 # Function-level imports that remain, with the reason (see ARCHITECTURE.md).
 ALLOWED_LOCAL_IMPORTS = {

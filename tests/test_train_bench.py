@@ -10,7 +10,7 @@ from dolg_jax.training import peaks
 
 
 def test_peak_table_lookup():
-  assert peaks.peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
+  assert peaks.peak_tflops('NVIDIA H100 80GB HBM3') == 989.4
   assert peaks.peak_tflops('NVIDIA A100-SXM4-40GB') == 312.0
   assert peaks.peak_tflops('TPU v5 lite') == 197.0
   assert peaks.peak_tflops('cpu') is None

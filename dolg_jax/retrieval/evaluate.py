@@ -25,6 +25,7 @@ import jax
 import ml_collections
 
 from dolg_jax import models
+from dolg_jax import profiling
 from dolg_jax.data import revisitop
 from dolg_jax.retrieval import descriptor_cache
 from dolg_jax.retrieval import extract as extract_lib
@@ -102,7 +103,9 @@ def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, va
   data_dir = os.path.expanduser(e.data_dir)
   check_datasets(config)
   cfg = extract_lib.from_config(e)
-  extractor = extract_lib.Extractor(apply_fn, variables, cfg)
+  profile = profiling.Window(os.path.join(output_dir, 'profile'), *e.profile_batches,
+                             enabled=jax.process_index() == 0)
+  extractor = extract_lib.Extractor(apply_fn, variables, cfg, profile=profile)
   # The cache key names the weights and the dtype the descriptors were computed in.
   model_key = f'{descriptor_cache.variables_hash(variables)}-{eval_dtype(config)}'
   cache_dir = os.path.join(output_dir, 'cache') if e.cache else None
@@ -128,6 +131,7 @@ def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, va
       reports[name] = report.write_dataset_report(output_dir, name, data_dir, gnd_cfg, topk,
                                                   res['base'], int(e.report_queries),
                                                   cfg.crop_rounding)
+  profile.stop()   # A window longer than the batches run ends here.
   out = {'source': source, 'model_hash': model_key, 'extraction': cfg.key(),
          'search': {k: e[k] for k in ('qe_k', 'qe_alpha', 'dba_k', 'dba_alpha')},
          'use_distractors': bool(e.use_distractors), 'results': results,

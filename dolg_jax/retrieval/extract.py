@@ -45,6 +45,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dolg_jax import profiling
 from dolg_jax.data import decode
 from dolg_jax.models.normalize import l2_normalize
 
@@ -237,8 +238,12 @@ class Extractor:
   """Holds the jitted, sharded forward pass; counts compilations."""
 
   def __init__(self, apply_fn: Callable[..., jax.Array], variables: Any,
-               cfg: ExtractConfig, mesh: Optional[Mesh] = None):
+               cfg: ExtractConfig, mesh: Optional[Mesh] = None,
+               profile: Optional[profiling.Window] = None):
+    """`profile`: a profiler window over the batches run (counted from 0 across calls)."""
     self.cfg = cfg
+    self.profile = profile
+    self.batches_run = 0
     self.mesh = mesh or local_mesh()
     self.n_dev = self.mesh.devices.size
     rep = NamedSharding(self.mesh, P())
@@ -295,7 +300,14 @@ class Extractor:
         valid_hw[k] = im.shape[:2]
       valid_hw = jax.device_put(valid_hw, self.batch_sharding)
     self.shapes_seen.add(batch.shape)
-    out = self._forward(self.variables, jax.device_put(batch, self.batch_sharding), valid_hw)
+    i = self.batches_run
+    self.batches_run += 1
+    if self.profile is not None:
+      self.profile.before(i)
+    with profiling.step_region('extract', i):
+      out = self._forward(self.variables, jax.device_put(batch, self.batch_sharding), valid_hw)
+    if self.profile is not None:
+      self.profile.after(i, out)
     return out[:n]
 
   def extract(self, examples: Iterable[Mapping[str, Any]], num: int,

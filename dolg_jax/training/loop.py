@@ -8,7 +8,6 @@ stops the run (NonFiniteLossError) with the last good checkpoint intact.
 
 import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -30,6 +29,7 @@ from dolg_jax.training import resume_check
 from dolg_jax.training import schedule
 from dolg_jax.training import state as state_lib
 from dolg_jax.training import step as step_lib
+from dolg_jax.training import utilisation
 from dolg_jax.weights import imagenet
 
 
@@ -178,6 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = step_lib.make_train_step(setup, state_sh)
   eval_step = None
   progress = metric_logging.Progress(total_steps, start_step, t_cfg.global_batch_size)
+  util = utilisation.Utilisation(workdir, t_cfg.profile_steps, t_cfg.global_batch_size, is_primary)
   pending: list[Any] = []          # Device metrics of steps not yet fetched.
   fetched: list[dict] = []         # Host metrics since the last log line.
   first_fetched = start_step + 1
@@ -197,12 +198,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with preemption.PreemptionHandler(t_cfg.preemption_sync_every_steps) as preempt:
       step = start_step
       while step < total_steps:
-        batch = next(iterator)
-        state, metrics = train_step(state, shd.global_batch(mesh, batch), lr_fn(step))
+        util.before_step(step)
+        with util.step_region(step + 1):
+          with util.region('input_wait'):
+            batch = shd.global_batch(mesh, next(iterator))
+          state, metrics = train_step(state, batch, lr_fn(step))
         pending.append(metrics)
         step += 1
+        util.after_step(step, metrics)
         if step == start_step + 1:  # Throughput/ETA exclude compilation.
           jax.block_until_ready(metrics)
+          util.restart(step, utilisation.train_step_flops(train_step, state, batch, lr_fn(step)))
           progress.restart(step)
           write_manifest()
         stop = preempt.should_stop(step)
@@ -216,14 +222,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if do_log or do_ckpt:
           fetch()
         timing = progress.update(step) if do_log else {}  # Throughput without save/eval time.
+        timing.update(util.fields(step, timing) if do_log else {})
         if do_ckpt:  # Before evaluating: a failing evaluation must not cost the checkpoint.
-          iter_state = iterator.get_state()
-          checkpointing.save(manager, step, state, iter_state, checkpointing.make_record(
-              step, state, iter_state, mesh, config_json))
+          with util.region('checkpoint'):
+            iter_state = iterator.get_state()
+            checkpointing.save(manager, step, state, iter_state, checkpointing.make_record(
+                step, state, iter_state, mesh, config_json))
           last_saved = step
         val = {}
         if do_eval:
-          t0 = time.perf_counter()
+          util.begin('evaluation')
           if data.val_source is not None:
             if eval_step is None:
               eval_step = step_lib.make_eval_step(setup, state_sh)
@@ -235,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             warned_no_validation = True
           if t_cfg.eval_retrieval:
             val.update(retrieval_eval(config, state, workdir, step))
-          eval_time = time.perf_counter() - t0
+          eval_time = util.end('evaluation')
           progress.exclude(eval_time)
           if val:
             val['eval_time_s'] = eval_time
@@ -257,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           break
     completed = True
   finally:
+    util.close()   # Stops a profiler trace still open (a run that ended inside its window).
     # Pending async saves complete (also when stopping on a NaN loss: they hold good states).
     try:
       checkpointing.finish(manager)
