@@ -30,6 +30,15 @@ def step_region(name: str, step: int) -> jax.profiler.StepTraceAnnotation:
   return jax.profiler.StepTraceAnnotation(name, step_num=int(step))
 
 
+def _options() -> jax.profiler.ProfileOptions:
+  """Host and device activity with our named regions; no Python-function tracer: it records every
+  interpreter call, so a step that traces or compiles something (e.g. the first checkpoint's
+  digest program) fills the profiler's 1M-event buffer and later steps vanish from the trace."""
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  return options
+
+
 class Window:
   """Traces iterations [start, start + num) of a loop; `num <= 0` turns it off."""
 
@@ -48,7 +57,7 @@ class Window:
     if self.enabled and not self.active and not self.done and (
         self.start <= i < self.start + self.num):
       try:
-        jax.profiler.start_trace(self.log_dir)
+        jax.profiler.start_trace(self.log_dir, profiler_options=_options())
       except RuntimeError as e:   # Another window's trace is running (one trace at a time).
         logging.warning('No profiler trace for %s: %s (windows must not overlap).', self.log_dir, e)
         self.done = True
