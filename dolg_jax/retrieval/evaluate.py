@@ -68,11 +68,15 @@ def with_overrides(model: models.DOLG, config: ml_collections.ConfigDict) -> mod
 
 
 def model_apply_fn(model) -> Callable:
-  """The extraction apply function of a DOLG module: (variables, images, valid_hw=None) -> desc."""
+  """The extraction apply function of a DOLG module: (variables, images, valid_hw=None) -> desc.
+
+  The module is its attribute `model` (for inspection).
+  """
 
   def apply_fn(v, images, valid_hw=None):
     return model.apply(v, images, train=False, valid_hw=valid_hw)
 
+  apply_fn.model = model
   return apply_fn
 
 
