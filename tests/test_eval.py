@@ -263,6 +263,7 @@ def test_superglobal_end_to_end(data_dir, tmp_path):
   on = eval_lib.evaluate_variables(_config(data_dir, gem_plus_p=4.6, report_queries=0),
                                    mean_colour_apply, VARIABLES, out_dir)
   assert on['compile_count'] > 0 and on['model_hash'].endswith('-gem_plus_p=4.6')
+  assert on['table'].endswith('extraction: scale_pool=mean, gem_plus_p=4.6')
   assert len(glob.glob(os.path.join(out_dir, 'cache', 'roxford5k_query_*.json'))) == 2
   with pytest.raises(ValueError, match='qe_k=1 are both set'):
     eval_lib.evaluate_variables(_config(data_dir, rerank='superglobal', qe_k=1), _no_extraction,

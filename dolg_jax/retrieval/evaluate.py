@@ -180,6 +180,9 @@ def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, va
     with open(os.path.join(output_dir, 'results.json'), 'w') as f:
       json.dump(out, f, indent=1)
   out['table'] = scoring.format_table(results, search_cfg)
+  if overrides or cfg.scale_pool != 'mean':  # SuperGlobal's extraction modules: say they are on
+    out['table'] += ('\nextraction: scale_pool=' + cfg.scale_pool
+                     + ''.join(f', {k}={v}' for k, v in overrides.items()))
   out['output_dir'] = output_dir
   return out
 
