@@ -115,7 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- evaluation (dolg_jax.retrieval)
   e = c.eval = ml_collections.ConfigDict()
-  e.datasets = ('roxford5k', 'rparis6k')
+  e.datasets = ('roxford5k', 'rparis6k')  # Prepared revisitop names | 'gldv2_retrieval'.
   e.data_dir = ''
   e.scales = (0.7071, 1.0, 1.4142)
   e.scale_pool = 'mean'            # Over scales: 'mean' (official) | 'max' (SuperGlobal scale-GeM).
@@ -138,6 +138,16 @@ def get_config() -> ml_collections.ConfigDict:
   e.dba_k = 0                      # Database-side augmentation neighbours (0 = off; base sets only).
   e.dba_alpha = 3.0
   e.search_chunk_size = 65536      # Database rows per similarity chunk on device.
+  e.rerank = ''                    # '' (off) | 'superglobal' (SuperGlobal re-ranking of the top M;
+                                   # base sets, +1M and gldv2_retrieval; not with qe_k > 0).
+  e.rerank_m = 400                 # SuperGlobal: candidates re-ranked per query (M).
+  e.rerank_k = 9                   # SuperGlobal: neighbours averaged into each candidate (K).
+  e.rerank_beta = 0.15             # SuperGlobal: neighbour weight factor (beta).
+  # SuperGlobal's extraction modules, applied to the model at evaluation (our checkpoints and
+  # released weights alike; part of the descriptor-cache key). See dolg_jax.models.dolg.DOLG.
+  e.gem_plus_p = 0.0               # GeM+: global GeM power at test time (0 = off; SuperGlobal: 4.6).
+  e.regional_gem = False           # Regional-GeM on res4 before the global pooling.
+  e.relu_plus = 0.0                # ReLU+: backbone activation floor (0 = ReLU; SuperGlobal: 0.014).
   e.report_queries = 10            # Queries shown in report.html / report.png (0 = no report).
   e.cache = True                   # Cache descriptors in OUTPUT_DIR/cache (keyed by weights + settings).
   e.output_dir = ''                # '' = WORKDIR/eval or <checkpoint>_eval.

@@ -4,10 +4,15 @@
   python -m dolg_jax.eval --config=configs/r50.py --checkpoint=PATH      # .pyth/.pth, converted
                                                                          # dir, or a step dir
   [--output_dir=DIR] [--config.eval.use_distractors=True] [--config.eval.qe_k=2] ...
+  [--config.eval.rerank=superglobal]                 # SuperGlobal re-ranking (M/K/beta fields)
+  [--config.eval.gem_plus_p=4.6 --config.eval.regional_gem=True --config.eval.relu_plus=0.014
+   --config.eval.scale_pool=max]                     # SuperGlobal's extraction modules
+  ["--config.eval.datasets=('roxford5k','gldv2_retrieval')"]  # + GLDv2 mAP@100 / mP@100
 
 Parses flags and calls `dolg_jax.retrieval.evaluate.run` (the evaluation library the training loop
 also uses); prints the table and where results.json and the reports went. Descriptors are cached in
-OUTPUT_DIR/cache/, so re-running with other search settings (QE, DBA, distractors) takes seconds.
+OUTPUT_DIR/cache/, so re-running with other search settings (QE, DBA, distractors, re-ranking)
+takes seconds; the extraction modules are part of the cache key (they re-extract).
 """
 
 import os

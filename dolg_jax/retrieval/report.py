@@ -101,8 +101,10 @@ def _images_by_index(src, wanted: set[int]) -> dict[int, dict]:
 
 
 def write_dataset_report(out_dir: str, name: str, data_dir: str, gnd_cfg: dict, topk,
-                         table: dict, n_queries: int, crop_rounding: str) -> tuple[str, str]:
-  """report_<name>.html/.png of the first `n_queries` queries with their top-k (`topk`)."""
+                         table: dict, n_queries: int, crop_rounding: str,
+                         search_cfg: dict) -> tuple[str, str]:
+  """report_<name>.html/.png of the first `n_queries` queries with their top-k (`topk`, in the
+  final order: re-ranked when `search_cfg` says so, which the summary line states)."""
   scores, idx = topk
   nq = min(n_queries, idx.shape[0])
   queries = _images_by_index(revisitop.data_source(name, data_dir, 'query'), set(range(nq)))
@@ -121,5 +123,5 @@ def write_dataset_report(out_dir: str, name: str, data_dir: str, gnd_cfg: dict, 
       meta.append((ex['id'].decode() if isinstance(ex['id'], bytes) else ex['id'], float(s)))
     rows.append({'query': img[y0:y1, x0:x1], 'results': results, 'result_meta': meta,
                  'query_name': gnd_cfg['qimlist'][qi], 'ap': table['medium']['aps'][qi]})
-  summary = scoring.format_table({name: {'base': table}})
+  summary = scoring.format_table({name: {'base': table}}, search_cfg)
   return write_report(out_dir, f'report_{name}', rows, summary)

@@ -106,7 +106,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   _say('evaluating the trained checkpoint (the evaluation library, as dolg_jax.eval runs it)')
   trained = evaluate_lib.run(config, workdir=workdir, output_dir=os.path.join(workdir, 'eval'))
-  rows = {'untrained': untrained['results'], 'trained': trained['results']}
+  sg = ' SG' if config.eval.rerank else ''   # re-ranked rows say so (as in scoring.format_table)
+  rows = {f'untrained{sg}': untrained['results'], f'trained{sg}': trained['results']}
   out = {'untrained': untrained['results'], 'trained': trained['results'],
          'seconds': {'data': t_data, 'train': t_train, 'total': time.time() - t0},
          'num_train_steps': config.train.num_train_steps}

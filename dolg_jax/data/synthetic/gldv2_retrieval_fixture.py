@@ -25,6 +25,7 @@ from typing import Dict, List
 import numpy as np
 
 from dolg_jax.data.synthetic import gldv2_fixture
+from dolg_jax.data.synthetic import revisitop_fixture
 
 
 @dataclasses.dataclass
@@ -63,8 +64,15 @@ def _write_shards(folder: str, ids: List[str], payload: Dict[str, bytes], num_sh
 def write_fixture(manual_dir: str, *, num_landmarks: int = 4, index_per_landmark: int = 3,
                   num_unrelated: int = 5, queries_per_landmark: int = 2, num_ignored: int = 1,
                   num_missing_test: int = 1, num_index_shards: int = 3, num_test_shards: int = 2,
-                  size_range=(40, 72), seed: int = 0) -> FixtureInfo:
-  """Writes the fixture (deterministic in its arguments) and returns what is where."""
+                  size_range=(40, 72), seed: int = 0,
+                  landmark_colours: bool = False) -> FixtureInfo:
+  """Writes the fixture (deterministic in its arguments) and returns what is where.
+
+  Images are random smooth textures; with `landmark_colours` each shows its landmark's colour
+  (revisitop_fixture.PALETTE, unrelated images and ignored queries grey) plus pixel noise, so a
+  mean-colour descriptor retrieves every query's relevant images first (mAP@100 = 1 per present
+  query).
+  """
   rng = np.random.default_rng(seed)
   used = set()
 
@@ -75,8 +83,12 @@ def write_fixture(manual_dir: str, *, num_landmarks: int = 4, index_per_landmark
         used.add(image_id)
         return image_id
 
-  def image() -> bytes:
+  def image(lm: int) -> bytes:
     h, w = (int(x) for x in rng.integers(size_range[0], size_range[1] + 1, size=2))
+    if landmark_colours:
+      palette = revisitop_fixture.PALETTE
+      colour = palette[lm % len(palette)] if lm >= 0 else revisitop_fixture.GREY
+      return revisitop_fixture.jpeg_bytes(colour + rng.normal(0, 8.0, (h, w, 3)), 90)
     return gldv2_fixture._encode(gldv2_fixture._smooth_image(rng, h, w), 'rgb', 90)  # pylint: disable=protected-access
 
   index_landmark = {}
@@ -96,7 +108,8 @@ def write_fixture(manual_dir: str, *, num_landmarks: int = 4, index_per_landmark
   test_ids = list(test_landmark)
   test_ids = [test_ids[i] for i in rng.permutation(len(test_ids))]
 
-  payload = {i: image() for i in index_ids + test_ids}
+  landmark_of = {**index_landmark, **test_landmark}
+  payload = {i: image(landmark_of[i]) for i in index_ids + test_ids}
   corrupt = [next(i for i in index_ids if index_landmark[i] == -1)]
   payload[corrupt[0]] = payload[corrupt[0]][:40]
   scored = [t for t in test_ids if test_landmark[t] >= 0]
