@@ -18,8 +18,8 @@ KEYS = ('flops_per_step', 'peak_memory_bytes_per_device', 'argument_bytes_per_de
         'device_kind', 'device_memory_bytes', 'fits')
 
 
-def _plan(*flags, check=True):
-  proc = subprocess.run([sys.executable, '-m', 'dolg_jax.plan', '--config=configs/tiny.py', *flags],
+def _plan(*flags, check=True, config='configs/tiny.py'):
+  proc = subprocess.run([sys.executable, '-m', 'dolg_jax.plan', f'--config={config}', *flags],
                         cwd=tl.REPO, env=tl.env(), capture_output=True, text=True, timeout=600)
   if check:
     assert proc.returncode == 0, tl.explain(proc)
@@ -44,6 +44,18 @@ def test_plan_tiny_on_cpu():
   assert out['batch_bytes_per_device'] == 8 * 64 * 64 * 3 + 8 * 4
   # --max_batch without a known device memory says why instead of guessing.
   assert out['max_batch_per_device'] is None and 'unknown' in out['max_batch_note']
+
+
+def test_plan_r50_at_a_reduced_size_on_cpu():
+  """The paper's R50 (multi-atrous, the 81,313-class head) at 64 px, batch 2: the JSON's FLOPs
+  grow with the image area and the state holds R50's parameters."""
+  out = _plan('--config.data.image_size=64', '--config.train.global_batch_size=2',
+              config='configs/r50.py')
+  assert all(k in out for k in KEYS), out
+  assert 87_000_000 < out['num_params'] < 88_000_000   # R50 DOLG + multi-atrous + 81,313 x 512 head
+  assert out['optimizer_bytes_per_device'] == out['params_bytes_per_device'] == 4 * out['num_params']
+  # Forward + backward of R50-DOLG at 64 px: about 3 x 64^2/512^2 x 203 GFLOP per image.
+  assert 2e9 < out['flops_per_step'] / 2 < 8e9, out['flops_per_step']
 
 
 @pytest.mark.parametrize('budget, accum, expected', [

@@ -159,15 +159,18 @@ def extraction_part(config: ml_collections.ConfigDict, hw: tuple[int, int], n_im
   return out
 
 
-def pipeline_part(image_size: int, workers: int, seconds: float, budget: Budget) -> dict:
-  """The training input pipeline's images/s with `workers` processes on this host."""
+def pipeline_part(config: ml_collections.ConfigDict, image_size: int, workers: int, seconds: float,
+                  budget: Budget) -> dict:
+  """The training input pipeline's images/s with `workers` processes on this host (config.data's
+  augmentation and decode settings)."""
   entry: dict[str, Any] = {'workers': workers, 'image_size': image_size,
                            'host_cores': os.cpu_count()}
   if budget.left() <= 0:
     entry['skipped'] = 'time budget spent'
     return entry
   try:
-    ips = bench_data.run_pipeline([workers], size=image_size, seconds=seconds)[workers]
+    ips = bench_data.run_pipeline(config.data, [workers], size=image_size,
+                                 seconds=seconds)[workers]
     cores = max(workers, 1)
     entry.update({'images_per_sec': ips, 'images_per_sec_per_core': ips / cores,
                   'cores_per_1000_images_per_sec': 1000.0 * cores / ips})
@@ -227,7 +230,8 @@ def run_check(config: ml_collections.ConfigDict, output: str, *, torch_result: s
   part_budget = Budget(budget.left() - 0.10 * budget_s)
   result['extraction'] = extraction_part(config, extract_hw, extract_images, extract_dtypes,
                                          part_budget, save)
-  result['pipeline'] = pipeline_part(image_size, pipeline_workers, pipeline_seconds, budget)
+  result['pipeline'] = pipeline_part(config, image_size, pipeline_workers, pipeline_seconds,
+                                     budget)
   if isinstance(result.get('torch'), dict) and 'train' in result['torch']:
     result['jax_over_torch'] = torch_ratios(result['train'], result['torch'])
   save()
