@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from dolg_jax.training import determinism
 from dolg_jax.training import failures
 from dolg_jax.training import loop
+from dolg_jax.training import preemption
 
 FLAGS = flags.FLAGS
 
@@ -97,6 +98,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.workdir is None or FLAGS.config is None:
     raise app.UsageError('--config and --workdir are required.')
+  preemption.catch_early_sigterm()   # A SIGTERM while starting still saves and exits 75.
   config = FLAGS.config
   determinism.apply(config.train.deterministic)   # Before the XLA backend starts.
   initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,

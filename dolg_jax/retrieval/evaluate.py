@@ -127,12 +127,22 @@ def check_datasets(config: ml_collections.ConfigDict) -> None:
   """NotPreparedError naming every dataset of config.eval (and its distractors) not prepared
   under config.eval.data_dir, with the commands that prepare them."""
   e = config.eval
-  needed = list(e.datasets) + ([e.distractors] if e.use_distractors else [])
+  data_dir = os.path.expanduser(e.data_dir)
+  needed = [n for n in e.datasets if n != scoring.GLDV2]
+  needed += [e.distractors] if e.use_distractors and needed else []
+  messages = []
   try:
-    revisitop.require_prepared(needed, os.path.expanduser(e.data_dir))
+    revisitop.require_prepared(needed, data_dir)
   except revisitop.NotPreparedError as error:
+    messages.append(str(error))
+  if scoring.GLDV2 in e.datasets:
+    try:
+      gldv2_retrieval.require_prepared(data_dir)
+    except gldv2_retrieval.NotPreparedError as error:
+      messages.append(str(error))
+  if messages:
     raise revisitop.NotPreparedError(
-        f'{error} (or set --config.eval.data_dir to the TFDS data dir holding them)') from None
+        '; '.join(messages) + ' (or set --config.eval.data_dir to the TFDS data dir holding them)')
 
 
 def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, variables: Any,

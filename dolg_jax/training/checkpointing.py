@@ -168,9 +168,13 @@ def _write_error(manager: ocp.CheckpointManager, step, e: BaseException) -> Chec
   """The error for a failed save of `step`; the save's temporary directory is removed."""
   removed = remove_unfinished(manager.directory)
   detail = 'No space left on device' if failures.is_disk_full(e) else errors.first_line(e)
+  peer = jax.process_count() > 1 and any(
+      k in detail for k in ('Gloo', 'AllGather', 'collective', 'DEADLINE_EXCEEDED', 'barrier'))
   err = CheckpointWriteError(
       f'writing checkpoint step {step} to {manager.directory} failed: {detail}'
-      + (' (its unfinished files were removed)' if removed else ''))
+      + (' (its unfinished files were removed)' if removed else '')
+      + ('; the save waits for every process, so another process of this run probably stopped: '
+         'see its log' if peer else ''))
   if failures.is_disk_full(e):
     err.errno = errno.ENOSPC
   return err

@@ -16,6 +16,8 @@ file and the remedy; OS errors name their file; a full disk is named as such; an
 import errno
 import logging
 import os
+import sys
+import threading
 import traceback
 
 from absl import logging as absl_logging
@@ -95,8 +97,36 @@ class _NoLibraryTracebacks(logging.Filter):
     return True
 
 
+def _is_secondary(error: BaseException | None) -> bool:
+  """An async save's callback that ran after its event loop was closed: TensorStore reports it
+  through Python's hooks once the real error (e.g. ENOSPC) has already stopped the save."""
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
 def quiet_library_tracebacks() -> None:
-  """Installs the filter on absl's log handler (entry points call it once)."""
+  """Installs the filter on absl's log handler and drops the secondary 'Event loop is closed'
+  tracebacks that background threads print through sys.excepthook, sys.unraisablehook or
+  threading.excepthook (entry points call it once)."""
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _NoLibraryTracebacks) for f in handler.filters):
     handler.addFilter(_NoLibraryTracebacks())
+  if getattr(sys.excepthook, '_dolg_quiet', False):
+    return
+  excepthook, unraisablehook, thread_hook = (sys.excepthook, sys.unraisablehook,
+                                             threading.excepthook)
+
+  def quiet_excepthook(exc_type, exc, tb):
+    if not _is_secondary(exc):
+      excepthook(exc_type, exc, tb)
+
+  def quiet_unraisablehook(unraisable):
+    if not _is_secondary(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  def quiet_thread_hook(args):
+    if not _is_secondary(args.exc_value):
+      thread_hook(args)
+
+  quiet_excepthook._dolg_quiet = True  # pylint: disable=protected-access
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+  threading.excepthook = quiet_thread_hook

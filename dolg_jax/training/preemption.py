@@ -2,6 +2,10 @@
 
 All processes must stop at the same step (the checkpoint is collective), so with several processes
 the flag is OR-reduced across processes every `sync_every` steps.
+
+`catch_early_sigterm()` (called by dolg_jax.main before anything slow) remembers a SIGTERM that
+arrives while the run is still starting (imports, restore, compilation): the loop then stops after
+its first step with a checkpoint and the preempted exit code, instead of dying unsaved with 143.
 """
 
 import signal
@@ -10,6 +14,20 @@ import threading
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+
+_EARLY = threading.Event()
+
+
+def _on_early_signal(signum, frame) -> None:
+  del signum, frame
+  _EARLY.set()
+
+
+def catch_early_sigterm() -> None:
+  """Remembers a SIGTERM received before the training loop installs its handler."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _on_early_signal)
 
 
 class PreemptionHandler:
@@ -23,6 +41,8 @@ class PreemptionHandler:
   def __enter__(self) -> 'PreemptionHandler':
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    if _EARLY.is_set():   # Received while the run was starting.
+      self._event.set()
     return self
 
   def __exit__(self, *exc) -> None:
