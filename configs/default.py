@@ -75,7 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.bn_mode = 'global'             # BN stats: 'global' batch | 'per_device' (reference: per GPU).
   t.log_every_steps = 50
   t.checkpoint_every_steps = 1000
-  t.keep_checkpoints = 3
+  t.keep_checkpoints = 3            # Newest checkpoints kept (>= 1).
+  t.allow_recipe_change_on_resume = False  # Resume with a changed recipe (lr, steps, margin...).
   t.async_checkpointing = True
   t.preemption_sync_every_steps = 10  # Multi-process: how often SIGTERM flags are OR-reduced.
   t.eval_every_steps = 5000        # Validation accuracy (0 = never); also at the last step.

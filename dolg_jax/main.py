@@ -1,7 +1,12 @@
 """Train DOLG: python -m dolg_jax.main --config=configs/r101.py --workdir=DIR [--config.a.b=v ...]
 
 Parses flags, starts multi-host JAX when needed and calls `train_and_evaluate(config, workdir)`.
-The config is locked: overriding a field that does not exist is an error naming it.
+The config is locked: overriding a field that does not exist, or with a value of the wrong type,
+is an error naming it.
+
+Exit codes: 0 finished; 1 failed (the last line printed starts with 'FAILED:' and says what failed,
+where and what to do); 75 preempted by SIGTERM after saving a checkpoint (rerun to resume; see
+dolg_jax.training.failures).
 
 Multi-host: on SLURM (srun with several tasks) and on Cloud TPU pods `jax.distributed.initialize()`
 detects the cluster itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N
@@ -10,6 +15,7 @@ detects the cluster itself; elsewhere pass --coordinator_address=HOST:PORT --num
 
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -65,6 +71,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing; a --config.<path> override of a missing field exits naming the field."""
   try:
     return flags.FLAGS(argv)
+  except flags.IllegalFlagValueError as e:
+    sys.exit(f'FAILED: {str(e).splitlines()[0]} (check the value\'s type against the config)')
   except (KeyError, AttributeError) as e:
     message = e
     while isinstance(message, BaseException) and message.args:
@@ -75,7 +83,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         path = arg[len('--config.'):].split('=', 1)[0]
         if any(f"'{part}'" in message for part in path.split('.')):
           hint = message.split('\n', 1)[1] if '\n' in message else ''
-          sys.exit(f'ERROR: unknown config field {path!r} in {arg!r}: the config is locked, '
+          sys.exit(f'FAILED: unknown config field {path!r} in {arg!r}: the config is locked, '
                    f'so overrides must name existing fields. {hint}'.rstrip())
     raise
 
@@ -90,12 +98,30 @@ def main(argv):
   determinism.apply(config.train.deterministic)   # Before the XLA backend starts.
   initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
+  from dolg_jax.training import failures  # pylint: disable=g-import-not-at-top
   from dolg_jax.training import loop  # pylint: disable=g-import-not-at-top
+  failures.quiet_library_tracebacks()
   try:
-    loop.train_and_evaluate(config, FLAGS.workdir)
-  except loop.NonFiniteLossError as e:
-    logging.error('%s', e)
-    sys.exit(f'ERROR: {e}')
+    result = loop.train_and_evaluate(config, FLAGS.workdir)
+  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+    if failures.is_expected(e) or failures.is_disk_full(e):
+      logging.debug('%s', ''.join(traceback.format_exception(e)))
+    else:
+      traceback.print_exception(e)
+    _exit(failures.describe(e, FLAGS.workdir), failures.EXIT_FAILED)
+  if result.get('preempted'):
+    _exit(None, failures.EXIT_PREEMPTED)
+
+
+def _exit(line: str | None, code: int) -> None:
+  """Prints `line` last and exits at once: background threads of libraries (orbax's async
+  machinery, grain) get no chance to print secondary tracebacks during interpreter shutdown."""
+  logging.flush()
+  sys.stdout.flush()
+  if line:
+    print(line, file=sys.stderr)
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def run() -> None:

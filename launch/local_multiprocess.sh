@@ -5,25 +5,49 @@
 # collectives via gloo).
 #
 #   launch/local_multiprocess.sh 2 configs/tiny.py /tmp/tiny_2proc [--config.x=y ...]
-set -euo pipefail
+#
+# SIGTERM / SIGINT sent to this script are forwarded to every process, and the script waits until
+# all of them have exited. Exit code: the first failing process's code (not 0 and not 75); else 75
+# when a process was preempted (checkpoint saved; rerun to resume); else 0. Override the
+# interpreter with PYTHON=... .
+set -uo pipefail
 N=${1:?usage: launch/local_multiprocess.sh NUM_PROCESSES CONFIG WORKDIR [--config.x=y ...]}
 CONFIG=${2:?config}
 WORKDIR=${3:?workdir}
 shift 3
 PORT=${PORT:-$((20000 + RANDOM % 20000))}
+PYTHON=${PYTHON:-python}
+EXIT_PREEMPTED=75   # dolg_jax.training.failures.EXIT_PREEMPTED
 cd "$(dirname "$0")/.."
 
 NUM_GPUS=$(command -v nvidia-smi >/dev/null && nvidia-smi -L | wc -l || echo 0)
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; }
-trap cleanup INT TERM
+forward() { for pid in "${pids[@]}"; do kill -"$1" "$pid" 2>/dev/null || true; done; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
 for ((i = 0; i < N; i++)); do
   if [[ "$NUM_GPUS" -gt 0 ]]; then export CUDA_VISIBLE_DEVICES=$((i % NUM_GPUS)); fi
-  python -m dolg_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
+  "$PYTHON" -m dolg_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
     --coordinator_address="127.0.0.1:${PORT}" --num_processes="$N" --process_id="$i" "$@" \
     > >(sed "s/^/[p$i] /") 2>&1 &
   pids+=($!)
 done
+
 rc=0
-for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
-exit $rc
+preempted=0
+for pid in "${pids[@]}"; do
+  # A trapped signal interrupts `wait`; wait again until this process has really exited, then
+  # read its status (bash keeps it for the reaped child).
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
+  wait "$pid"
+  status=$?
+  if [[ $status -eq $EXIT_PREEMPTED ]]; then
+    preempted=1
+  elif [[ $status -ne 0 && $rc -eq 0 ]]; then
+    rc=$status
+  fi
+done
+wait   # the output filters
+if [[ $rc -ne 0 ]]; then exit "$rc"; fi
+if [[ $preempted -eq 1 ]]; then exit "$EXIT_PREEMPTED"; fi
+exit 0

@@ -6,7 +6,8 @@
 #       --config.data.data_dir=gs://bucket/tensorflow_datasets
 #
 # The workdir must be on storage every worker can reach (GCS). Rerunning resumes. On maintenance
-# events the workers get SIGTERM: the run saves and exits 0.
+# events the workers get SIGTERM: the run saves a checkpoint and exits with code 75 (preempted;
+# rerun the same command to resume).
 set -euo pipefail
 TPU=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.x=y ...]}
 ZONE=${2:?zone}

@@ -4,7 +4,7 @@
   load_variables for the eval binary;
 - exact resume: killed (SIGKILL) after step 3 with a checkpoint at step 2, then rerun: the
   losses of all 4 steps equal the straight run's exactly;
-- SIGTERM: saves a checkpoint and exits 0; the rerun resumes from it and matches exactly;
+- SIGTERM: saves a checkpoint and exits 75 (preempted); the rerun resumes from it and matches exactly;
 - a NaN/inf loss stops with a clear message and leaves the last good checkpoint intact.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import train_testlib as tl
+from dolg_jax.training import failures
 
 STEPS = tl.STEPS
 
@@ -96,7 +97,7 @@ def test_sigterm_saves_and_resumes(straight, tmp_path):
                        DOLG_TEST_SLOW_AFTER=1)
   tl.sigterm_when_logged(proc, workdir, 1)
   out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, f'{out}\n{err}'
+  assert proc.returncode == failures.EXIT_PREEMPTED == 75, f'{out}\n{err}'   # scheduler: requeue
   assert 'Preempted: checkpoint of step' in out
   saved = tl.checkpoint_steps(workdir)
   assert len(saved) == 1 and 1 <= saved[0] < 4, saved

@@ -40,6 +40,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dolg_jax.data import csv_metadata
 from dolg_jax.data import decode
 
 SPLITS = ('train', 'validation')
@@ -112,28 +113,13 @@ def read_listing(manual_dir: str, subset: str) -> List[Tuple[str, int]]:
     if not os.path.exists(path):
       raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
                               'train_clean.csv (landmark_id,images)')
-    pairs = []
-    for line_no, row in enumerate(_open_csv(path), start=2):
-      _require_columns(path, row, ('landmark_id', 'images'))
-      try:
-        landmark = int(row['landmark_id'])
-      except ValueError as e:
-        raise ValueError(f'{path}:{line_no}: bad landmark_id {row["landmark_id"]!r}') from e
-      pairs.extend((image_id, landmark) for image_id in (row['images'] or '').split())
-    return pairs
+    return csv_metadata.read_train_clean(path)
   if subset == 'full':
     path = os.path.join(manual_dir, 'train.csv')
     if not os.path.exists(path):
       raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
                               'train.csv (id,url,landmark_id)')
-    pairs = []
-    for line_no, row in enumerate(_open_csv(path), start=2):
-      _require_columns(path, row, ('id', 'landmark_id'))
-      try:
-        pairs.append((row['id'], int(row['landmark_id'])))
-      except ValueError as e:
-        raise ValueError(f'{path}:{line_no}: bad landmark_id {row["landmark_id"]!r}') from e
-    return pairs
+    return csv_metadata.read_train(path)
   raise ValueError(f'unknown GLDv2 subset {subset!r} (expected clean or full)')
 
 

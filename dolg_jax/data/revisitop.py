@@ -33,6 +33,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dolg_jax.data import csv_metadata
 from dolg_jax.data import decode
 
 OFFICIAL_COUNTS = {'roxford5k': (4993, 70), 'rparis6k': (6322, 70), 'revisitop1m': (1001001, 0)}
@@ -57,25 +58,21 @@ def read_gnd_file(path: str) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: the manual dir must hold the revisitop ground '
                             'truth')
-  with open(path, 'rb') as f:
-    cfg = pickle.load(f)
-  for key in ('imlist', 'qimlist', 'gnd'):
-    if key not in cfg:
-      raise ValueError(f'{path}: missing key {key!r} (found {sorted(cfg)})')
-  if len(cfg['gnd']) != len(cfg['qimlist']):
-    raise ValueError(f'{path}: {len(cfg["gnd"])} gnd entries but {len(cfg["qimlist"])} queries')
-  for i, g in enumerate(cfg['gnd']):
-    for key in ('bbx', 'easy', 'hard', 'junk'):
-      if key not in g:
-        raise ValueError(f'{path}: gnd[{i}] lacks {key!r}')
-  return cfg
+  try:
+    with open(path, 'rb') as f:
+      cfg = pickle.load(f)
+  except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError,
+          AttributeError, ImportError, IndexError) as e:
+    raise csv_metadata.MetadataError(
+        f'{path}: not a readable ground-truth pickle ({type(e).__name__}: {e}); re-download '
+        'it') from None
+  return csv_metadata.check_gnd(cfg, path)
 
 
 def read_r1m_list(path: str) -> list[str]:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: the manual dir must hold revisitop1m.txt')
-  with open(path) as f:
-    return [line.strip() for line in f if line.strip()]
+  return csv_metadata.read_lines(path)
 
 
 def _check_present(name, root, relpaths, allow_missing):

@@ -1,25 +1,64 @@
-"""Orbax checkpoints: train state + per-process input-iterator state, async, keep-N, resume.
+"""Orbax checkpoints: train state + per-process input-iterator state, async, keep-N, verified resume.
 
-Layout: `WORKDIR/checkpoints/<step>/state` (the TrainState pytree, sharded arrays) and
+Layout: `WORKDIR/checkpoints/<step>/state` (the TrainState pytree, sharded arrays),
 `WORKDIR/checkpoints/<step>/data_iter/process_<i>-of-<n>.json` (each process's grain iterator state,
-captured when the save is requested, so it matches the model state of that step exactly).
+captured when the save is requested, so it matches the model state of that step exactly) and
+`WORKDIR/checkpoints/<step>/record/process_<i>-of-<n>.json`: the step, a digest of every state leaf
+(`dolg_jax.training.checksums`, computed from the arrays in device memory at save), the sha256 of
+this process's iterator state and the run's config.
+
+`restore_verified` restores the newest step whose contents match its record. A step that does not
+(flipped bits, truncated or unreadable files, damaged metadata, no record) is reported with its path
+and the reason, renamed to `<step>.corrupt-<reason>` (kept for inspection, never deleted; orbax no
+longer sees it), and the next older step is tried; the run says in one line which step it fell back
+to. When no step verifies, `NoValidCheckpointError` lists what was found.
 
 `load_variables(path)` gives `{'params', 'batch_stats'}` of the DOLG model for evaluation; it reads
 any checkpoint written here without needing the config or the same device count.
 """
 
 import dataclasses
+import errno
+import hashlib
 import json
+import os
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
+
+from dolg_jax.training import checksums
+from dolg_jax.training import failures
 
 CHECKPOINT_DIR = 'checkpoints'
 STATE = 'state'
 DATA_ITER = 'data_iter'
+RECORD = 'record'
+RECORD_FORMAT = 1
+
+
+class CheckpointCorruptError(RuntimeError):
+  """A saved step does not match its record, or cannot be read."""
+
+  def __init__(self, path: str, reason: str, detail: str):
+    super().__init__(f'{path}: {detail}')
+    self.path, self.reason, self.detail = path, reason, detail
+
+
+class NoValidCheckpointError(RuntimeError):
+  """The workdir holds checkpoints, but none verifies."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A readable checkpoint whose state does not fit the configured model (not corruption)."""
+
+
+class CheckpointWriteError(OSError):
+  """Writing a checkpoint failed (e.g. no space left on the device)."""
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
@@ -50,6 +89,22 @@ class IteratorStateHandler(ocp.CheckpointHandler):
     pass
 
 
+class RunRecordHandler(IteratorStateHandler):
+  """The per-process run record (digests, iterator-state sha256, config) of a step."""
+
+
+@ocp.args.register_with_handler(RunRecordHandler, for_save=True)
+@dataclasses.dataclass
+class RunRecordSave(ocp.args.CheckpointArgs):
+  state: Any
+
+
+@ocp.args.register_with_handler(RunRecordHandler, for_restore=True)
+@dataclasses.dataclass
+class RunRecordRestore(ocp.args.CheckpointArgs):
+  pass
+
+
 @ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
 @dataclasses.dataclass
 class IteratorStateSave(ocp.args.CheckpointArgs):
@@ -68,26 +123,239 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager for `workdir`; every save is requested explicitly by the loop."""
+  if keep < 1:   # orbax would delete every step, the newest included.
+    raise ValueError(f'config.train.keep_checkpoints={keep}: must be >= 1 (checkpoints kept)')
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir).resolve(), options=options,
-                               item_names=(STATE, DATA_ITER))
+                               item_names=(STATE, DATA_ITER, RECORD))
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator_state: Any) -> None:
-  """Requests an (async) save of `state` and the already-captured `iterator_state` at `step`."""
-  manager.save(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardSave(state),
-      DATA_ITER: IteratorStateSave(iterator_state)}), force=True)
+def _json_sha256(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, Any]:
-  """Restores (state, iterator_state) of `step` into the shardings of `abstract_state`."""
-  out = manager.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardRestore(abstract_state),
-      DATA_ITER: IteratorStateRestore()}))
-  return out[STATE], out[DATA_ITER]
+def make_record(step: int, state: Any, iterator_state: Any, mesh, config_json: Any) -> dict:
+  """This process's run record of `step` (collective: digests are computed on the global state)."""
+  return {'format': RECORD_FORMAT, 'step': int(step),
+          'state_digests': checksums.tree_digests(state, mesh), 'state_shapes': _shapes(state),
+          'data_iter_sha256': _json_sha256(iterator_state), 'config': config_json}
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator_state: Any,
+         record: dict) -> None:
+  """Requests an (async) save of `state`, the already-captured `iterator_state` and `record`.
+
+  Raises CheckpointWriteError naming the step whose write failed: a failure of the previous async
+  save surfaces here (orbax reports it at the next request) and is attributed to that step.
+  """
+  finish(manager)
+  try:
+    manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        DATA_ITER: IteratorStateSave(iterator_state),
+        RECORD: RunRecordSave(record)}), force=True)
+  except Exception as e:  # pylint: disable=broad-except  # re-raised with the step and path
+    raise _write_error(manager, step, e) from e
+  manager._dolg_pending_step = step  # pylint: disable=protected-access
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the pending async save; a failure is a CheckpointWriteError naming its step."""
+  pending = getattr(manager, '_dolg_pending_step', None)
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  # re-raised with the step and path
+    raise _write_error(manager, pending, e) from e
+
+
+def _write_error(manager: ocp.CheckpointManager, step, e: BaseException) -> CheckpointWriteError:
+  """The error for a failed save of `step`; the save's temporary directory is removed."""
+  removed = remove_unfinished(manager.directory)
+  detail = 'No space left on device' if failures.is_disk_full(e) else _first_line(e)
+  err = CheckpointWriteError(
+      f'writing checkpoint step {step} to {manager.directory} failed: {detail}'
+      + (f' (its unfinished files were removed)' if removed else ''))
+  if failures.is_disk_full(e):
+    err.errno = errno.ENOSPC
+  return err
+
+
+def remove_unfinished(directory) -> list[str]:
+  """Deletes orbax's temporary directories of saves that never completed (process 0 only).
+  `directory`: the checkpoints directory."""
+  root = epath.Path(directory)
+  removed = []
+  if jax.process_index() == 0 and root.is_dir():
+    for p in root.iterdir():
+      if '.orbax-checkpoint-tmp' in p.name:
+        p.rmtree(missing_ok=True)
+        removed.append(os.fspath(p))
+  return removed
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip() or type(e).__name__
+  text = text.splitlines()[0].split(' See full TensorStore details')[0]
+  return f'{type(e).__name__}: {text[:400]}'
+
+
+
+def read_record(step_dir: epath.Path) -> dict:
+  """This process's run record of a step directory (CheckpointCorruptError if unusable)."""
+  path = step_dir / RECORD / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  if not (step_dir / RECORD).is_dir():
+    raise CheckpointCorruptError(
+        os.fspath(step_dir), 'no-record',
+        f'no {RECORD}/ (digests) in the step: written before verified checkpoints existed, or '
+        'removed')
+  try:
+    record = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointCorruptError(os.fspath(path), 'unreadable-record',
+                                 f'cannot read the run record: {_first_line(e)}') from e
+  if not isinstance(record, dict) or record.get('format') != RECORD_FORMAT or not all(
+      isinstance(record.get(k), dict) for k in ('state_digests', 'state_shapes', 'config')):
+    raise CheckpointCorruptError(os.fspath(path), 'unreadable-record',
+                                 'the run record is not a dolg_jax record of format '
+                                 f'{RECORD_FORMAT}')
+  return record
+
+
+def _shapes(tree: Any) -> dict[str, list[int]]:
+  return {jax.tree_util.keystr(p): [int(d) for d in x.shape]
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_shapes(step_dir: epath.Path, record: dict, abstract_state: Any) -> None:
+  """IncompatibleCheckpointError when the saved leaves' shapes (from the record) differ from the
+  model's: a config change, not corruption."""
+  saved = record.get('state_shapes')
+  if not isinstance(saved, dict):
+    raise CheckpointCorruptError(os.fspath(step_dir / RECORD), 'unreadable-record',
+                                 'the run record lacks the state shapes')
+  wanted = _shapes(abstract_state)
+  diffs = [f'{k}: saved {tuple(saved[k])}, model {tuple(v)}' for k, v in wanted.items()
+           if k in saved and list(saved[k]) != v]
+  diffs += [f'{k}: missing in the checkpoint' for k in wanted if k not in saved]
+  diffs += [f'{k}: not in the model' for k in saved if k not in wanted]
+  if diffs:
+    raise IncompatibleCheckpointError(
+        f'{step_dir} does not fit the configured model ({len(diffs)} arrays differ: '
+        + '; '.join(diffs[:5]) + '); resume with the config that wrote it or use a new workdir')
+
+
+def _restore_local(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                   check_record=None) -> tuple[Any, Any, dict]:
+  """(state, iterator_state, record) of `step`; checks everything but the array digests.
+
+  Raises CheckpointCorruptError (path, reason), IncompatibleCheckpointError (the model differs) or
+  what `check_record` raises.
+  """
+  step_dir = epath.Path(manager.directory) / str(step)
+  record = read_record(step_dir)
+  if check_record is not None:
+    check_record(record)
+  _check_shapes(step_dir, record, abstract_state)
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract_state),
+        DATA_ITER: IteratorStateRestore()}))
+  except Exception as e:  # pylint: disable=broad-except  # classified as corruption
+    raise CheckpointCorruptError(os.fspath(step_dir), 'unreadable',
+                                 f'restoring failed: {_first_line(e)}') from e
+  state, iter_state = out[STATE], out[DATA_ITER]
+  if _json_sha256(iter_state) != record.get('data_iter_sha256'):
+    raise CheckpointCorruptError(os.fspath(step_dir / DATA_ITER), 'checksum',
+                                 'the input-pipeline state does not match its sha256')
+  return state, iter_state, record
+
+
+def _verify_digests(step_dir: epath.Path, state: Any, record: dict, mesh) -> None:
+  """CheckpointCorruptError when a restored array differs from its digest (collective)."""
+  digests = checksums.tree_digests(state, mesh)
+  saved = record['state_digests']
+  bad = sorted(k for k in set(digests) | set(saved) if digests.get(k) != saved.get(k))
+  if bad:
+    raise CheckpointCorruptError(
+        os.fspath(step_dir / STATE), 'checksum',
+        f'{len(bad)} of {len(saved)} arrays differ from the digests written at save '
+        f'(first: {", ".join(bad[:3])})')
+
+
+def _agree(ok: bool) -> bool:
+  """True when `ok` holds on every process."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.min(multihost_utils.process_allgather(np.array(int(ok), np.int32))))
+
+
+def move_aside(step_dir: epath.Path, reason: str) -> epath.Path:
+  """Renames a bad step directory to `<step>.corrupt-<reason>[-k]` (process 0; all wait)."""
+  target = step_dir.parent / f'{step_dir.name}.corrupt-{reason}'
+  k = 1
+  while target.exists():
+    k += 1
+    target = step_dir.parent / f'{step_dir.name}.corrupt-{reason}-{k}'
+  if jax.process_index() == 0:
+    step_dir.rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'dolg_move_aside_{step_dir.name}')
+  return target
+
+
+def restore_verified(manager: ocp.CheckpointManager, abstract_state: Any, mesh,
+                     check_record=None) -> Optional[tuple[int, Any, Any, dict]]:
+  """(step, state, iterator_state, record) of the newest step that verifies; None without steps.
+
+  `check_record(record)` (optional) runs before a step is restored, e.g. to refuse an incompatible
+  config; its exceptions propagate. Bad steps are moved aside (see the module docstring).
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    root = epath.Path(manager.directory)
+    corrupt = sorted(p.name for p in root.iterdir() if '.corrupt-' in p.name) if root.is_dir() else []
+    if corrupt:   # Never restart from scratch silently over damaged checkpoints.
+      raise NoValidCheckpointError(
+          f'{root} holds only checkpoints that failed verification ({", ".join(corrupt)}); '
+          'move them out of that directory to start this workdir from scratch, or use a new '
+          'workdir')
+    return None
+  bad: list[str] = []
+  for step in steps:
+    step_dir = epath.Path(manager.directory) / str(step)
+    # Two stages, each agreed on by every process before the next: local reads, then the
+    # collective digest computation (a process must not enter it alone).
+    problem: Optional[CheckpointCorruptError] = None
+    result = None
+    try:
+      result = _restore_local(manager, step, abstract_state, check_record)
+    except CheckpointCorruptError as e:
+      problem = e
+    if _agree(problem is None):
+      try:
+        _verify_digests(step_dir, result[0], result[2], mesh)
+      except CheckpointCorruptError as e:
+        problem = e
+      if _agree(problem is None):
+        if bad:
+          print(f'Fell back to checkpoint step {step} (the newest that verifies; {len(bad)} '
+                'newer step(s) failed verification and were moved aside).', flush=True)
+        state, iter_state, record = result
+        return step, state, iter_state, record
+    if problem is None:
+      problem = CheckpointCorruptError(os.fspath(step_dir), 'other-process',
+                                       'failed verification on another process')
+    moved = move_aside(step_dir, problem.reason)
+    line = f'step {step}: {problem} -> moved to {moved}'
+    logging.error('Checkpoint %s', line)
+    print(f'Checkpoint {line}', flush=True)
+    bad.append(line)
+    manager.reload()
+  raise NoValidCheckpointError(
+      f'no checkpoint in {manager.directory} verifies ({len(bad)} found, each moved aside: '
+      + ' | '.join(bad) + '); restore a copy of the workdir or start again in a new workdir')
 
 
 def _resolve_state_dir(path: str) -> epath.Path:
@@ -125,5 +393,34 @@ def load_variables(path: str) -> dict[str, Any]:
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   restored = ocp.PyTreeCheckpointer().restore(
       state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  return {'params': _get(_get(restored, 'params'), 'model'),
-          'batch_stats': _get(restored, 'batch_stats')}
+  out = {'params': _get(_get(restored, 'params'), 'model'),
+         'batch_stats': _get(restored, 'batch_stats')}
+  _verify_host_variables(state_dir.parent, out)
+  return out
+
+
+def _verify_host_variables(step_dir: epath.Path, variables: dict[str, Any]) -> None:
+  """Checks the model's params and batch stats (host arrays) against the step's record."""
+  files = sorted((step_dir / RECORD).glob('process_*.json')) if (step_dir / RECORD).is_dir() else []
+  if not files:
+    raise CheckpointCorruptError(os.fspath(step_dir), 'no-record',
+                                 f'{step_dir} has no {RECORD}/ (digests), so its contents cannot '
+                                 'be verified; evaluate a step written by this version')
+  try:
+    saved = json.loads(files[0].read_text())['state_digests']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointCorruptError(os.fspath(files[0]), 'unreadable-record',
+                                 f'cannot read the run record: {_first_line(e)}') from e
+  prefixes = {'params': ".params['model']", 'batch_stats': '.batch_stats'}
+  bad = []
+  for name, tree in variables.items():
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      key = prefixes[name] + jax.tree_util.keystr(path)
+      if saved.get(key) != checksums.numpy_digest(np.asarray(leaf)):
+        bad.append(key)
+  if bad:
+    raise CheckpointCorruptError(
+        os.fspath(step_dir / STATE), 'checksum',
+        f'{len(bad)} model arrays differ from the digests written at save (first: '
+        f'{", ".join(bad[:3])}); the checkpoint is damaged: evaluate another step '
+        f'({step_dir.parent}/<step>)')

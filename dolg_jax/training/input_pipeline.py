@@ -19,6 +19,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dolg_jax.data import record_check
+
 
 @dataclasses.dataclass
 class Data:
@@ -150,4 +152,5 @@ def _open_tfds(config: ml_collections.ConfigDict) -> Data:
             # Only process 0 writes the manifest: the others skip reading every shard.
             'fingerprint': (manifest.directory_fingerprint(os.fspath(builder.data_path))
                             if jax.process_index() == 0 else None)}
-  return Data(sources['train'], sources.get('validation'), len(sources['train']), n_classes, record)
+  named = {k: record_check.NamedSource(v, d.dataset, data_dir or '') for k, v in sources.items()}
+  return Data(named['train'], named.get('validation'), len(sources['train']), n_classes, record)

@@ -6,6 +6,7 @@ written only after every loss since the previous check was verified finite, so a
 stops the run (NonFiniteLossError) with the last good checkpoint intact.
 """
 
+import json
 import os
 import time
 from typing import Any
@@ -18,11 +19,13 @@ from absl import logging
 from dolg_jax import models
 from dolg_jax import sharding as shd
 from dolg_jax.training import checkpointing
+from dolg_jax.training import config_check
 from dolg_jax.training import determinism
 from dolg_jax.training import input_pipeline
 from dolg_jax.training import manifest as manifest_lib
 from dolg_jax.training import metric_logging
 from dolg_jax.training import preemption
+from dolg_jax.training import resume_check
 from dolg_jax.training import schedule
 from dolg_jax.training import state as state_lib
 from dolg_jax.training import step as step_lib
@@ -33,21 +36,29 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _check_finite(records: list[dict[str, Any]], first_step: int, workdir: str,
-                  last_saved: int | None) -> None:
+                  last_saved: int | None, restored: int | None = None) -> None:
   """Raises NonFiniteLossError at the first step whose loss, gradient or parameters are not finite.
 
   Parameters are checked too: a finite loss with a NaN gradient yields NaN weights that must not
-  be checkpointed.
+  be checkpointed. When nothing was saved since the state was restored (`restored` = its step),
+  the advice is not about the learning rate: the same recipe reached that state finitely.
   """
   for i, r in enumerate(records):
     if not all(np.isfinite(r[k]) for k in ('loss', 'grad_norm', 'param_norm')):
       where = (f'step {last_saved} in {checkpointing.checkpoint_dir(workdir)}'
                if last_saved is not None else 'none yet')
+      head = (f'Non-finite training values at step {first_step + i}: loss {r["loss"]}, grad_norm '
+              f'{r["grad_norm"]}, param_norm {r["param_norm"]}. Stopping without saving this '
+              f'state; last good checkpoint: {where}.')
+      if restored is not None and last_saved == restored:
+        raise NonFiniteLossError(
+            f'{head} This is within {first_step + i - restored} step(s) of resuming from step '
+            f'{restored}, whose contents verified against their checksums: check the input data '
+            '(python -m dolg_jax.data.prepare --verify) and what differs from the original run '
+            '(config, code version, devices; see manifest.json) before rerunning.')
       raise NonFiniteLossError(
-          f'Non-finite training values at step {first_step + i}: loss {r["loss"]}, grad_norm '
-          f'{r["grad_norm"]}, param_norm {r["param_norm"]}. Stopping without saving this state; '
-          f'last good checkpoint: {where}. Lower config.train.base_learning_rate or check the '
-          f'input data, then rerun the same command to resume from that checkpoint.')
+          f'{head} Lower config.train.base_learning_rate or check the input data, then rerun '
+          'the same command to resume from that checkpoint.')
 
 
 def _mean_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -88,17 +99,18 @@ def retrieval_eval(config: ml_collections.ConfigDict, state, workdir: str, step:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics."""
+  """Trains (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics,
+  plus 'preempted': True when SIGTERM stopped the run after saving its checkpoint."""
   t_cfg = config.train
+  # Before anything is written: a bad field fails here, naming itself.
+  config_check.validate(config, device_count=jax.device_count(),
+                        process_count=jax.process_count())
   determinism.apply(t_cfg.deterministic)
   os.makedirs(workdir, exist_ok=True)
   is_primary = jax.process_index() == 0
   mesh = shd.make_mesh(config.mesh)
   logging.info('Mesh %s over %d devices (%d processes).', dict(mesh.shape), jax.device_count(),
                jax.process_count())
-  if t_cfg.global_batch_size % jax.process_count():
-    raise ValueError(f'config.train.global_batch_size={t_cfg.global_batch_size} must be divisible '
-                     f'by the process count {jax.process_count()}.')
   per_host_batch = t_cfg.global_batch_size // jax.process_count()
 
   data = input_pipeline.open_data(config)
@@ -114,9 +126,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   manager = checkpointing.make_manager(workdir, keep=t_cfg.keep_checkpoints,
                                        async_save=t_cfg.async_checkpointing)
-  latest = manager.latest_step()
+  config_json = json.loads(config.to_json_best_effort())
+  manifest_extra: dict[str, Any] = {}
   iterator = input_pipeline.train_iterator(config, data, per_host_batch=per_host_batch)
-  if latest is None:
+  target, state_sh = state_lib.abstract_train_state(
+      config, model, models.margins.init_head_weight, tx, mesh, data.num_classes)
+
+  def check_resume(record):
+    changes = resume_check.check(
+        record.get('config') or {}, config_json,
+        allow_recipe_change=t_cfg.allow_recipe_change_on_resume,
+        where=f'checkpoint step {record.get("step")} in {checkpointing.checkpoint_dir(workdir)}')
+    manifest_extra['config_changes'] = changes
+    if changes:
+      logging.warning('Resuming with a changed recipe (allowed by '
+                      'train.allow_recipe_change_on_resume): %s', changes)
+
+  restored = checkpointing.restore_verified(manager, target, mesh, check_record=check_resume)
+  latest = None if restored is None else restored[0]
+  if restored is None:
     state, state_sh = state_lib.create_train_state(
         config, model, models.margins.init_head_weight, tx, mesh,
         jax.random.key(config.seed), data.num_classes)
@@ -124,9 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = state_lib.load_backbone(state, state_sh, t_cfg.backbone_init)
       logging.info('Backbone initialised from %s.', t_cfg.backbone_init)
   else:
-    target, state_sh = state_lib.abstract_train_state(
-        config, model, models.margins.init_head_weight, tx, mesh, data.num_classes)
-    state, iter_state = checkpointing.restore(manager, latest, target)
+    _, state, iter_state, _ = restored
     iterator.set_state(iter_state)
     logging.info('Resumed from step %d of %s.', latest, checkpointing.checkpoint_dir(workdir))
   start_step = int(jax.device_get(state.step))
@@ -134,14 +160,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   jsonl = metric_logging.JsonlWriter(workdir, enabled=is_primary)
   jsonl.truncate_after(start_step)
   writer = metric_logging.create_writer(workdir, is_primary)
-  if is_primary:
-    manifest_lib.write_manifest(workdir, manifest_lib.build_manifest(
-        config, seeds={'seed': config.seed, 'data_seed': input_pipeline.data_seed(config)},
-        dataset=data.manifest, extra={'start_step': start_step, 'total_steps': total_steps,
-                                      'steps_per_epoch': steps_per_epoch,
-                                      'mesh': dict(mesh.shape)}))
-    if start_step == 0:
-      writer.write_hparams(config.to_dict())
+  if is_primary and start_step == 0:
+    writer.write_hparams(config.to_dict())
+
+  def write_manifest():
+    """Once the first step has run: a start that fails earlier leaves no record of a run."""
+    if is_primary:
+      manifest_lib.write_manifest(workdir, manifest_lib.build_manifest(
+          config, seeds={'seed': config.seed, 'data_seed': input_pipeline.data_seed(config)},
+          dataset=data.manifest, extra={'start_step': start_step, 'total_steps': total_steps,
+                                        'steps_per_epoch': steps_per_epoch,
+                                        'mesh': dict(mesh.shape), **manifest_extra}))
 
   train_step = step_lib.make_train_step(config, model, models.margins, tx, mesh, state_sh,
                                         data.num_classes)
@@ -157,10 +186,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def fetch():
     nonlocal pending, first_fetched
     new = jax.device_get(pending)
-    _check_finite(new, first_fetched + len(fetched), workdir, last_saved)
+    _check_finite(new, first_fetched + len(fetched), workdir, last_saved, latest)
     fetched.extend(new)
     pending = []
 
+  completed = preempted = False
   try:
     with preemption.PreemptionHandler(t_cfg.preemption_sync_every_steps) as preempt:
       step = start_step
@@ -172,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step == start_step + 1:  # Throughput/ETA exclude compilation.
           jax.block_until_ready(metrics)
           progress.restart(step)
+          write_manifest()
         stop = preempt.should_stop(step)
         do_ckpt = (step % t_cfg.checkpoint_every_steps == 0 or step == total_steps or stop)
         # No evaluation when preempted: the grace period is for the checkpoint.
@@ -184,7 +215,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           fetch()
         timing = progress.update(step) if do_log else {}  # Throughput without save/eval time.
         if do_ckpt:  # Before evaluating: a failing evaluation must not cost the checkpoint.
-          checkpointing.save(manager, step, state, iterator.get_state())
+          iter_state = iterator.get_state()
+          checkpointing.save(manager, step, state, iter_state, checkpointing.make_record(
+              step, state, iter_state, mesh, config_json))
           last_saved = step
         val = {}
         if do_eval:
@@ -218,13 +251,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           print(f'Preempted: checkpoint of step {step} saved in '
                 f'{checkpointing.checkpoint_dir(workdir)}; rerun the same command to resume.',
                 flush=True)
+          preempted = True
           break
+    completed = True
   finally:
     # Pending async saves complete (also when stopping on a NaN loss: they hold good states).
-    manager.wait_until_finished()
-    manager.close()
-    if hasattr(iterator, 'close'):
-      iterator.close()
-    writer.flush()
-    writer.close()
+    try:
+      checkpointing.finish(manager)
+    except checkpointing.CheckpointWriteError as e:
+      if completed:
+        raise
+      logging.error('Also: %s', e)   # Secondary to the error already propagating.
+    finally:
+      manager.close()
+      if hasattr(iterator, 'close'):
+        iterator.close()
+      writer.flush()
+      writer.close()
+  if preempted:   # dolg_jax.main exits with failures.EXIT_PREEMPTED.
+    return {**last_logged, 'preempted': True}
   return last_logged

@@ -116,7 +116,12 @@ def write_manifest(workdir: str, manifest: dict) -> str:
     first.setdefault('resumes', []).append(manifest)
     manifest = first
   tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(manifest, f, indent=1, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(manifest, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):   # No half-written temporary file is left behind.
+      os.remove(tmp)
+    raise OSError(e.errno, f'writing {path} failed: {e.strerror or e}', path) from e
   return path

@@ -63,8 +63,11 @@ class JsonlWriter:
   def write(self, record: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + '\n')
+    try:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + '\n')
+    except OSError as e:   # Name the file (a bare ENOSPC names none).
+      raise OSError(e.errno, f'writing {self.path} failed: {e.strerror or e}') from e
 
 
 def _jsonable(v: Any) -> Any:

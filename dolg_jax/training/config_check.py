@@ -1,0 +1,165 @@
+"""Checks a training config before anything is written or compiled.
+
+`validate(config, device_count=..., process_count=...)` raises `ConfigError` with one line naming the
+field, its value and what is allowed, for: wrong types, non-positive sizes and intervals, a global
+batch that the processes / data-parallel devices / accumulation steps cannot split evenly,
+`train.keep_checkpoints < 1` (orbax would delete every checkpoint), unknown choices (optimizer,
+fusion, head type, dtypes, ...), and inconsistent ranges (crop scale / ratio).
+Fields a config does not have (older or partial configs) are not checked.
+"""
+
+from typing import Any, Iterable
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the training code cannot use."""
+
+
+_CHOICES = {
+    'model.depth': (50, 101),
+    'model.local_stage': ('res3', 'res4', 'both'),
+    'model.fusion': ('orthogonal', 'concat', 'hadamard'),
+    'model.global_pool': ('gem', 'gap'),
+    'head.type': ('arcface', 'curricularface'),
+    'compute_dtype': ('float32', 'bfloat16'),
+    'eval.compute_dtype': ('float32', 'bfloat16'),
+    'eval.crop_rounding': ('trunc', 'round', 'expand'),
+    'train.optimizer': ('sgd', 'adamw'),
+    'train.weight_decay_mask': ('all', 'kernels'),
+    'train.bn_mode': ('global', 'per_device'),
+}
+_POSITIVE_INTS = ('model.width', 'model.atrous_dim', 'model.local_dim', 'model.global_dim',
+                  'model.embedding_dim', 'data.image_size',
+                  'train.global_batch_size', 'train.grad_accum_steps', 'train.log_every_steps',
+                  'train.checkpoint_every_steps', 'train.keep_checkpoints',
+                  'train.preemption_sync_every_steps', 'eval.batch_size',
+                  'eval.search_chunk_size')
+_NON_NEGATIVE_INTS = ('data.num_workers', 'data.prefetch_buffer_size', 'data.read_threads',
+                      'data.worker_buffer_size', 'train.eval_every_steps', 'train.eval_batches',
+                      'eval.max_side', 'eval.bucket', 'eval.qe_k', 'eval.dba_k',
+                      'eval.report_queries', 'seed', 'head.num_classes')
+_POSITIVE_FLOATS = ('train.base_learning_rate', 'head.scale', 'model.gem_p', 'model.bn_epsilon')
+_NON_NEGATIVE_FLOATS = ('train.warmup_epochs', 'train.weight_decay', 'train.momentum',
+                        'head.margin', 'model.fusion_eps')
+_UNIT_INTERVAL = ('train.momentum', 'train.adam_b1', 'train.adam_b2', 'model.bn_momentum',
+                  'head.t_momentum')
+_BOOLS = ('model.use_local_branch', 'model.use_multi_atrous', 'model.use_self_attention',
+          'model.gem_p_learnable', 'data.random_flip', 'train.nesterov',
+          'train.async_checkpointing', 'train.eval_retrieval', 'train.deterministic',
+          'train.init_on_one_device', 'eval.use_distractors', 'eval.pad')
+_STRINGS = ('data.dataset', 'data.data_dir', 'train.backbone_init', 'eval.data_dir',
+            'eval.output_dir')
+
+_MISSING = object()
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+  node = config
+  for part in path.split('.'):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+def _fail(path: str, value: Any, allowed: str) -> None:
+  raise ConfigError(f'config.{path}={value!r}: {allowed}')
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _each(config, paths: Iterable[str]):
+  for path in paths:
+    value = _get(config, path)
+    if value is not _MISSING:
+      yield path, value
+
+
+def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int) -> None:
+  """Raises ConfigError at the first field the training run cannot use."""
+  for path, v in _each(config, _BOOLS):
+    if not isinstance(v, bool):
+      _fail(path, v, 'must be True or False')
+  for path, v in _each(config, _STRINGS):
+    if not isinstance(v, str):
+      _fail(path, v, 'must be a string')
+  for path, v in _each(config, _POSITIVE_INTS):
+    if not _is_int(v) or v < 1:
+      _fail(path, v, 'must be an integer >= 1')
+  for path, v in _each(config, _NON_NEGATIVE_INTS):
+    if not _is_int(v) or v < 0:
+      _fail(path, v, 'must be an integer >= 0')
+  for path, v in _each(config, _POSITIVE_FLOATS):
+    if not _is_number(v) or not v > 0:
+      _fail(path, v, 'must be a number > 0')
+  for path, v in _each(config, _NON_NEGATIVE_FLOATS):
+    if not _is_number(v) or not v >= 0:
+      _fail(path, v, 'must be a number >= 0')
+  for path, v in _each(config, _UNIT_INTERVAL):
+    if not _is_number(v) or not 0 <= v < 1:
+      _fail(path, v, 'must be a number in [0, 1)')
+  for path, v in _each(config, _CHOICES):
+    if v not in _CHOICES[path]:
+      _fail(path, v, f'must be one of {", ".join(map(repr, _CHOICES[path]))}')
+
+  t = config.train
+  steps = _get(config, 'train.num_train_steps')
+  if steps is not _MISSING and (not _is_int(steps) or (steps < 1 and steps != -1)):
+    _fail('train.num_train_steps', steps, 'must be an integer >= 1, or -1 (from num_epochs)')
+  epochs = _get(config, 'train.num_epochs')
+  if steps == -1 and epochs is not _MISSING and (not _is_number(epochs) or not epochs > 0):
+    _fail('train.num_epochs', epochs, 'must be a number > 0 when train.num_train_steps is -1')
+
+  depths = _get(config, 'model.stage_depths')
+  if depths is not _MISSING and depths and (
+      not isinstance(depths, (tuple, list)) or len(depths) != 4
+      or not all(_is_int(d) and d >= 1 for d in depths)):
+    _fail('model.stage_depths', depths, 'must be () or four integers >= 1')
+  rates = _get(config, 'model.atrous_rates')
+  if rates is not _MISSING and (not isinstance(rates, (tuple, list))
+                                or not all(_is_int(r) and r >= 1 for r in rates)):
+    _fail('model.atrous_rates', rates, 'must be integers >= 1')
+  for path, low in (('data.crop_scale', 0.0), ('data.crop_ratio', 0.0)):
+    v = _get(config, path)
+    if v is _MISSING:
+      continue
+    if (not isinstance(v, (tuple, list)) or len(v) != 2 or not all(map(_is_number, v))
+        or not low < v[0] <= v[1] or (path == 'data.crop_scale' and v[1] > 1)):
+      allowed = ('must be (min, max) with 0 < min <= max <= 1' if path == 'data.crop_scale'
+                 else 'must be (min, max) with 0 < min <= max')
+      _fail(path, v, allowed)
+  scales = _get(config, 'eval.scales')
+  if scales is not _MISSING and (not isinstance(scales, (tuple, list)) or not scales
+                                 or not all(_is_number(s) and s > 0 for s in scales)):
+    _fail('eval.scales', scales, 'must be one or more numbers > 0')
+
+  # Mesh and batch divisibility.
+  mesh_model = _get(config, 'mesh.model')
+  mesh_data = _get(config, 'mesh.data')
+  if mesh_model is not _MISSING:
+    if not _is_int(mesh_model) or mesh_model < 1 or device_count % mesh_model:
+      _fail('mesh.model', mesh_model, f'must be an integer >= 1 dividing the {device_count} '
+            'devices')
+  model_axis = mesh_model if mesh_model is not _MISSING else 1
+  if mesh_data is not _MISSING:
+    if not _is_int(mesh_data) or (mesh_data != -1 and mesh_data < 1):
+      _fail('mesh.data', mesh_data, 'must be -1 (all devices / mesh.model) or an integer >= 1')
+    if mesh_data != -1 and mesh_data * model_axis != device_count:
+      _fail('mesh.data', mesh_data, f'times mesh.model={model_axis} must equal the '
+            f'{device_count} devices (or use -1)')
+  data_axis = device_count // model_axis if mesh_data in (-1, _MISSING) else mesh_data
+  batch = t.global_batch_size
+  if batch % process_count:
+    _fail('train.global_batch_size', batch, f'must be divisible by the {process_count} processes')
+  accum = t.get('grad_accum_steps', 1)
+  if batch % (accum * data_axis):
+    _fail('train.global_batch_size', batch, f'must be divisible by train.grad_accum_steps={accum} '
+          f'x {data_axis} data-parallel devices')

@@ -1,0 +1,91 @@
+"""Is a resumed run still the run that wrote the checkpoint? Compares the two configs.
+
+Every checkpoint step records the config that wrote it (dolg_jax.training.checkpointing). On
+resume, `check(saved, new, allow_recipe_change=...)` sorts the differing fields into:
+- state / data stream (always an error): the model's architecture (`model.*`, `head.type`,
+  `head.num_classes`, `train.optimizer`: the shapes and structure of the saved state) and what
+  defines the sequence of training batches (`seed`, `data.dataset`, `data.image_size`, the crop and
+  flip augmentation, `train.global_batch_size`: the saved input position counts batches of that
+  size);
+- recipe (an error unless `train.allow_recipe_change_on_resume=True`): everything else that changes
+  the numbers, e.g. the learning rate and schedule, number of steps / epochs, weight decay,
+  momentum, margin and scale, compute dtype. Allowed changes are returned, and the training loop
+  records them in manifest.json's `resumes` entry (`config_changes`);
+- operational (ignored): logging/checkpoint/eval intervals, input workers and buffers, data paths,
+  the mesh layout, evaluation settings.
+Fields not named here count as recipe (a new field is never ignored silently).
+"""
+
+from typing import Any, Mapping
+
+STATE_OR_STREAM_PREFIXES = ('model.',)
+STATE_OR_STREAM = frozenset({
+    'head.type', 'head.num_classes', 'train.optimizer', 'seed', 'data.dataset',
+    'data.image_size', 'data.crop_scale', 'data.crop_ratio', 'data.random_flip',
+    'train.global_batch_size'})
+OPERATIONAL_PREFIXES = ('eval.', 'mesh.', 'demo.')
+OPERATIONAL = frozenset({
+    'data.data_dir', 'data.make_fixture', 'data.num_workers', 'data.prefetch_buffer_size',
+    'data.read_threads', 'data.worker_buffer_size', 'train.log_every_steps',
+    'train.checkpoint_every_steps', 'train.keep_checkpoints', 'train.async_checkpointing',
+    'train.preemption_sync_every_steps', 'train.eval_every_steps', 'train.eval_batches',
+    'train.eval_retrieval', 'train.backbone_init', 'train.deterministic',
+    'train.init_on_one_device', 'train.allow_recipe_change_on_resume', 'train.profile_steps'})
+
+
+class ResumeConfigError(ValueError):
+  """The config differs from the checkpoint's in fields that may not change on resume."""
+
+
+def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  """{'a.b': value} of nested dicts (lists and scalars are values)."""
+  if not isinstance(tree, Mapping):
+    return {prefix[:-1]: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(flatten(v, f'{prefix}{k}.'))
+  return out
+
+
+def kind(field: str) -> str:
+  """'state' (state shapes or data stream), 'operational' or 'recipe'."""
+  if field in STATE_OR_STREAM or field.startswith(STATE_OR_STREAM_PREFIXES):
+    return 'state'
+  if field in OPERATIONAL or field.startswith(OPERATIONAL_PREFIXES):
+    return 'operational'
+  return 'recipe'
+
+
+_ABSENT = '<absent>'
+
+
+def differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved value, new value)} of the fields that differ (JSON forms of the configs)."""
+  a, b = flatten(saved), flatten(new)
+  return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
+          if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+
+
+def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
+  return ', '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in changes.items())
+
+
+def check(saved: Mapping[str, Any], new: Mapping[str, Any], *, allow_recipe_change: bool,
+          where: str) -> dict[str, list[Any]]:
+  """Raises ResumeConfigError for forbidden changes; returns the allowed recipe changes
+  {field: [old, new]} (empty when the run resumes unchanged). `where`: the checkpoint, for the
+  message."""
+  changes = differences(saved, new)
+  state = {k: v for k, v in changes.items() if kind(k) == 'state'}
+  recipe = {k: v for k, v in changes.items() if kind(k) == 'recipe'}
+  if state:
+    raise ResumeConfigError(
+        f'{where} was written with a different model or data stream: {_describe(state)}. These '
+        'cannot change on resume: rerun with the values it was written with, or train in a new '
+        'workdir')
+  if recipe and not allow_recipe_change:
+    raise ResumeConfigError(
+        f'{where} was written with a different recipe: {_describe(recipe)}. Rerun with the '
+        'values it was written with, or pass --config.train.allow_recipe_change_on_resume=True '
+        'to continue with the new values (recorded in manifest.json under resumes)')
+  return {k: [old, new] for k, (old, new) in recipe.items()}

@@ -1,0 +1,103 @@
+"""Config validation (dolg_jax.training.config_check) and resume compatibility
+(dolg_jax.training.resume_check): in-process, no training."""
+
+import pytest
+
+from configs import default, tiny
+from dolg_jax.training import config_check
+from dolg_jax.training import resume_check
+
+
+def _validate(overrides, devices=1, processes=1, base=tiny):
+  c = base.get_config()
+  for path, value in overrides.items():
+    node = c
+    *head, last = path.split('.')
+    for part in head:
+      node = node[part]
+    with node.ignore_type():
+      node[last] = value
+  config_check.validate(c, device_count=devices, process_count=processes)
+
+
+@pytest.mark.parametrize('base', [default, tiny])
+def test_shipped_configs_pass(base):
+  _validate({}, base=base)
+  _validate({}, devices=8, base=base)
+
+
+@pytest.mark.parametrize('overrides, devices, processes, expected', [
+    ({'train.global_batch_size': 0}, 1, 1, 'config.train.global_batch_size=0: must be an integer >= 1'),
+    ({'train.global_batch_size': -8}, 1, 1, 'config.train.global_batch_size=-8: must be an integer >= 1'),
+    ({'train.checkpoint_every_steps': 0}, 1, 1, 'config.train.checkpoint_every_steps=0: must be an integer >= 1'),
+    ({'train.log_every_steps': -1}, 1, 1, 'config.train.log_every_steps=-1'),
+    ({'train.keep_checkpoints': 0}, 1, 1, 'config.train.keep_checkpoints=0: must be an integer >= 1'),
+    ({'train.num_train_steps': 0}, 1, 1, 'config.train.num_train_steps=0: must be an integer >= 1, or -1'),
+    ({'train.num_train_steps': -1, 'train.num_epochs': 0}, 1, 1, 'config.train.num_epochs=0'),
+    ({'train.eval_every_steps': -5}, 1, 1, 'config.train.eval_every_steps=-5: must be an integer >= 0'),
+    ({'data.image_size': 0}, 1, 1, 'config.data.image_size=0'),
+    ({'train.base_learning_rate': 0.0}, 1, 1, 'config.train.base_learning_rate=0.0: must be a number > 0'),
+    ({'train.base_learning_rate': '0.1'}, 1, 1, "config.train.base_learning_rate='0.1': must be a number"),
+    ({'train.global_batch_size': 8.0}, 1, 1, 'config.train.global_batch_size=8.0: must be an integer'),
+    ({'train.nesterov': 1}, 1, 1, 'config.train.nesterov=1: must be True or False'),
+    ({'train.momentum': 1.5}, 1, 1, 'config.train.momentum=1.5: must be a number in [0, 1)'),
+    ({'train.optimizer': 'adam'}, 1, 1, "config.train.optimizer='adam': must be one of 'sgd', 'adamw'"),
+    ({'model.fusion': 'sum'}, 1, 1, "config.model.fusion='sum': must be one of"),
+    ({'head.type': 'cosface'}, 1, 1, "config.head.type='cosface'"),
+    ({'compute_dtype': 'float16'}, 1, 1, "config.compute_dtype='float16'"),
+    ({'data.crop_scale': (0.5, 0.2)}, 1, 1, 'config.data.crop_scale=(0.5, 0.2): must be (min, max)'),
+    ({'model.stage_depths': (1, 0, 1, 1)}, 1, 1, 'config.model.stage_depths'),
+    ({'train.global_batch_size': 12}, 8, 1, 'config.train.global_batch_size=12: must be divisible by train.grad_accum_steps=1 x 8 data-parallel devices'),
+    ({'train.global_batch_size': 9}, 3, 2, 'config.train.global_batch_size=9: must be divisible by the 2 processes'),
+    ({'train.grad_accum_steps': 3}, 1, 1, 'grad_accum_steps=3 x 1 data-parallel'),
+    ({'mesh.model': 3}, 8, 1, 'config.mesh.model=3: must be an integer >= 1 dividing the 8 devices'),
+    ({'mesh.data': 3}, 8, 1, 'config.mesh.data=3: times mesh.model=1 must equal the 8 devices'),
+])
+def test_bad_values_name_field_value_and_allowed(overrides, devices, processes, expected):
+  with pytest.raises(config_check.ConfigError) as e:
+    _validate(overrides, devices, processes)
+  assert expected in str(e.value) and '\n' not in str(e.value)
+
+
+def _json(**changes):
+  c = tiny.get_config()
+  for path, value in changes.items():
+    section, field = path.split('__')
+    c[section][field] = value
+  import json
+  return json.loads(c.to_json_best_effort())
+
+
+def test_resume_unchanged_and_operational_changes_pass():
+  assert resume_check.check(_json(), _json(), allow_recipe_change=False, where='ck') == {}
+  changed = _json(train__log_every_steps=7, data__num_workers=3, train__keep_checkpoints=5,
+                  data__data_dir='/elsewhere', mesh__model=2)
+  assert resume_check.check(_json(), changed, allow_recipe_change=False, where='ck') == {}
+
+
+@pytest.mark.parametrize('field, value', [
+    ('model__width', 16), ('model__use_multi_atrous', False), ('train__optimizer', 'adamw'),
+    ('data__image_size', 96), ('train__global_batch_size', 16), ('head__type', 'curricularface'),
+])
+def test_state_or_stream_change_is_an_error_even_when_recipe_changes_are_allowed(field, value):
+  with pytest.raises(resume_check.ResumeConfigError) as e:
+    resume_check.check(_json(), _json(**{field: value}), allow_recipe_change=True, where='ck')
+  assert 'different model or data stream' in str(e.value)
+  assert field.replace('__', '.') in str(e.value)
+
+
+def test_recipe_change_needs_the_flag_and_is_returned():
+  new = _json(train__base_learning_rate=0.1, head__margin=0.3)
+  with pytest.raises(resume_check.ResumeConfigError) as e:
+    resume_check.check(_json(), new, allow_recipe_change=False, where='ck')
+  msg = str(e.value)
+  assert 'train.base_learning_rate 0.05 -> 0.1' in msg and 'head.margin 0.15 -> 0.3' in msg
+  assert '--config.train.allow_recipe_change_on_resume=True' in msg
+  assert resume_check.check(_json(), new, allow_recipe_change=True, where='ck') == {
+      'train.base_learning_rate': [0.05, 0.1], 'head.margin': [0.15, 0.3]}
+
+
+def test_unknown_field_counts_as_recipe():
+  assert resume_check.kind('train.some_new_field') == 'recipe'
+  assert resume_check.kind('model.anything') == 'state'
+  assert resume_check.kind('eval.scales') == 'operational'
