@@ -10,7 +10,8 @@ daemons by the PIDs this module started (never by name) and the jobs they still 
 root): the tests skip with that reason. Install the packages with
 `apt-get install slurmctld slurmd slurm-client munge` (Debian/Ubuntu; CI's .ci/run does it).
 
-SLURM's time limits and `--signal` lead times are checked by slurmctld every 30 s (a compile-time
+A requeued job may start again REQUEUE_DELAY_S after the requeue (slurm.conf's
+AuthInfo=cred_expire; SLURM's default is 120 s). SLURM's time limits and `--signal` lead times are checked by slurmctld every 30 s (a compile-time
 period), so a job with `--time=1 --signal=TERM@45` gets its signal 15-45 s after it starts.
 """
 
@@ -27,6 +28,7 @@ DAEMONS = {'munged': '/usr/sbin/munged', 'slurmctld': '/usr/sbin/slurmctld',
            'slurmd': '/usr/sbin/slurmd'}
 CLIENTS = ('sbatch', 'scontrol', 'scancel', 'squeue', 'srun', 'munge')
 INSTALL_HINT = 'apt-get install slurmctld slurmd slurm-client munge'
+REQUEUE_DELAY_S = 20
 FINAL_STATES = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'NODE_FAIL', 'OUT_OF_MEMORY',
                 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE')
 
@@ -104,7 +106,9 @@ class Cluster:
         'SlurmdUser=root',
         'AuthType=auth/munge',
         'CredType=cred/munge',
-        f'AuthInfo=socket={munge_socket}',
+        # cred_expire (default 120 s) is also how long a requeued job waits before it may start
+        # again: short here so that the requeue tests take seconds.
+        f'AuthInfo=socket={munge_socket},cred_expire={REQUEUE_DELAY_S}',
         f'StateSaveLocation={self._path("state")}',
         f'SlurmdSpoolDir={self._path("spool")}',
         f'SlurmctldPidFile={self._path("slurmctld.pid")}',
@@ -124,6 +128,7 @@ class Cluster:
         'SelectType=select/cons_tres',
         'SelectTypeParameters=CR_Core',
         'SchedulerType=sched/builtin',
+        'SchedulerParameters=sched_interval=2',   # Pending jobs tested every 2 s (default 60).
         'ReturnToService=2',
         'MinJobAge=3600',          # Finished jobs stay visible to `scontrol show job`.
         'KillWait=10',             # SIGTERM -> SIGKILL at a time limit / scancel.
@@ -281,9 +286,10 @@ class Cluster:
       if not d.isdigit():
         continue
       try:
-        with open(f'/proc/{d}/comm') as f:
-          if not f.read().startswith('python'):
-            continue
+        with open(f'/proc/{d}/cmdline', 'rb') as f:
+          argv0 = f.read().split(b'\0')[0].decode(errors='replace')
+        if not os.path.basename(argv0).startswith('python'):
+          continue
         with open(f'/proc/{d}/environ', 'rb') as f:
           environ = dict(kv.split('=', 1) for kv in f.read().decode(errors='replace').split('\0')
                          if '=' in kv)
