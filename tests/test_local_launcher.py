@@ -6,8 +6,8 @@
 - kill -9 of one process: the launcher ends with a failure code within DEAD_CHILD_BOUND_S and
   leaves no process behind.
 
-The launcher runs `$PYTHON -m dolg_jax.main`: PYTHON is the tests' shim (tests/helpers/python_shim.py)
-so that batches can be slowed to leave a window for the signal.
+The launcher runs `$PYTHON -m dolg_jax.main`: PYTHON is the tests' shim
+(tests/helpers/python_shim.py) so that batches can be slowed to leave a window for the signal.
 """
 
 import os

@@ -10,12 +10,13 @@ checks what a user on a GPU pod relies on:
   losses;
 - a dead task (`kill -9` of one task's Python): srun's --kill-on-bad-exit ends the job FAILED
   within DEAD_TASK_BOUND_S, the last checkpoint is intact and resubmitting resumes from it;
-- a time limit (`--time=1 --signal=TERM@45`): SIGTERM before the limit, checkpoint saved, the job
-  requeues itself (the documented way to continue) and the requeued job finishes.
+- a time limit (`--time=2 --signal=TERM@60`): SIGTERM before the limit, checkpoint saved, the job
+  requeues itself (the documented way to continue) and the requeued job resumes from that step
+  (then the test cancels it).
 
-The job finds `python` on PATH: the tests put a directory first whose `python` runs dolg_jax.main
-under the training tests' wrapper (train_testlib.WRAPPER: DOLG_TEST_SLOW_AFTER slows batches to
-leave a window for signals) with this interpreter. Skipped, with the reason, where SLURM/munge are
+The job finds `python` on PATH: the tests put tests/helpers/python_shim.py's shim first, which
+runs dolg_jax.main under the training tests' wrapper (train_testlib.WRAPPER: DOLG_TEST_SLOW_AFTER
+slows batches to leave a window for signals) with this interpreter. Skipped, with the reason, where SLURM/munge are
 not installed or the tests do not run as root.
 """
 
@@ -35,7 +36,7 @@ from tests.helpers import slurm_cluster
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slurm]
 
 SCRIPT = os.path.join(tl.REPO, 'launch', 'slurm_gpu.sbatch')
-STEPS = tl.STEPS   # 4: checkpoints at steps 2 and 4.
+STEPS = int(tl.STEPS.split('=')[1])   # 4: checkpoints at steps 2 and 4.
 # kill -9 of one task -> job in a final state: srun's --kill-on-bad-exit stops the other task at
 # once; the bound leaves room for a loaded 2-core machine.
 DEAD_TASK_BOUND_S = 30
@@ -95,13 +96,12 @@ def explain(cluster, workdir, job_id) -> str:
   return f'{cluster.job(job_id)}\n--- job log ---\n{log}\n{cluster.logs()}'
 
 
-def wait_for_step(workdir, step, timeout=300):
+def wait_for_step(cluster, job_id, workdir, step, timeout=400):
   deadline = time.time() + timeout
-  while time.time() < deadline:
-    if any(r['step'] >= step for r in tl.read_metrics(workdir)):
-      return
+  while not any(r['step'] >= step for r in tl.read_metrics(workdir)):
+    if time.time() > deadline or cluster.job(job_id).state in slurm_cluster.FINAL_STATES:
+      raise AssertionError(f'step {step} not logged\n{explain(cluster, workdir, job_id)}')
     time.sleep(0.2)
-  raise AssertionError(f'step {step} never logged in {workdir}')
 
 
 def assert_same_losses(losses, reference, rtol=0.0):
@@ -148,7 +148,7 @@ def test_preemption_requeues_and_resumes_exactly(cluster, job_env, uninterrupted
   workdir = os.path.join(cluster.root, 'preempted')
   t0 = time.time()
   job_id = submit(cluster, job_env, workdir, DOLG_TEST_SLOW_AFTER=1)
-  wait_for_step(workdir, 1)
+  wait_for_step(cluster, job_id, workdir, 1)
   # SIGTERM to every task of the job's steps (not to the batch script), as a preemption does.
   cluster.cmd('scancel', '--signal=TERM', job_id)
   requeued = cluster.wait(job_id, lambda j: j.restarts >= 1, 300, 'a requeue')
@@ -176,7 +176,8 @@ def test_dead_task_ends_the_job_and_a_rerun_resumes(cluster, job_env, uninterrup
   workdir = os.path.join(cluster.root, 'dead_task')
   t0 = time.time()
   job_id = submit(cluster, job_env, workdir, DOLG_TEST_SLOW_AFTER=2)
-  wait_for_step(workdir, 3)   # Checkpoint 2 written (committed: its directory renamed), 4 not yet.
+  # Checkpoint 2 written (committed: its directory renamed), 4 not yet.
+  wait_for_step(cluster, job_id, workdir, 3)
   deadline = time.time() + 60
   while tl.checkpoint_steps(workdir) != [2]:
     assert time.time() < deadline, tl.checkpoint_steps(workdir)

@@ -11,8 +11,9 @@ root): the tests skip with that reason. Install the packages with
 `apt-get install slurmctld slurmd slurm-client munge` (Debian/Ubuntu; CI's .ci/run does it).
 
 A requeued job may start again REQUEUE_DELAY_S after the requeue (slurm.conf's
-AuthInfo=cred_expire; SLURM's default is 120 s). SLURM's time limits and `--signal` lead times are checked by slurmctld every 30 s (a compile-time
-period), so a job with `--time=1 --signal=TERM@45` gets its signal 15-45 s after it starts.
+AuthInfo=cred_expire; SLURM's default is 120 s). slurmctld checks time limits and `--signal` lead
+times every 30 s (a compile-time period): a job with `--time=2 --signal=TERM@60` gets its signal
+60-90 s after it starts, and is killed for its time limit at least 30 s after that.
 """
 
 import dataclasses
@@ -263,13 +264,14 @@ class Cluster:
                restarts=int(raw.get('Restarts', 0)), reason=raw.get('Reason', ''), raw=raw)
 
   def wait(self, job_id: str, until, timeout: float, what: str = '') -> Job:
-    """Polls the job until `until(job)` holds; raises naming the last state after `timeout`."""
+    """Polls the job until `until(job)` holds; raises naming the last state after `timeout`, or
+    at once when the job ended without it."""
     deadline = time.time() + timeout
     job = self.job(job_id)
     while not until(job):
-      if time.time() > deadline:
-        raise AssertionError(f'job {job_id}: {what or "condition"} not reached within '
-                             f'{timeout:.0f} s; last state {job.state} (reason {job.reason}, '
+      if time.time() > deadline or job.state in FINAL_STATES:
+        raise AssertionError(f'job {job_id}: {what or "condition"} not reached (waited up to '
+                             f'{timeout:.0f} s); last state {job.state} (reason {job.reason}, '
                              f'exit {job.exit_code}, restarts {job.restarts})\n{self.logs()}')
       time.sleep(0.5)
       job = self.job(job_id)
