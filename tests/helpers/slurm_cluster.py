@@ -4,7 +4,8 @@
 slurmd, all configured by `root/slurm.conf` (the local node with the cores and memory `slurmd -C`
 reports, state, spool and logs under `root`, free TCP ports, no cgroups: proctrack/linuxproc,
 task/none). Clients find the cluster through `Cluster.env` (SLURM_CONF). `stop()` ends the three
-daemons by the PIDs this module started (never by name) and the jobs they still run.
+daemons by the PIDs this module started (never by name) and the jobs they still run. The daemons
+run in the foreground as children of the test process and get SIGTERM if it dies.
 
 `unavailable_reason()` says why a cluster cannot be started here (packages not installed, not
 root): the tests skip with that reason. Install the packages with
@@ -16,6 +17,8 @@ times every 30 s (a compile-time period): a job with `--time=2 --signal=TERM@60`
 60-90 s after it starts, and is killed for its time limit at least 30 s after that.
 """
 
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 import re
@@ -78,7 +81,7 @@ class Cluster:
     self.root = os.path.abspath(root)
     self.conf = os.path.join(self.root, 'slurm.conf')
     self.node = socket.gethostname().split('.')[0]
-    self.pids: dict[str, int] = {}
+    self.procs: dict[str, subprocess.Popen] = {}
 
   @property
   def env(self) -> dict:
@@ -157,30 +160,26 @@ class Cluster:
     with open(key, 'wb') as f:
       f.write(os.urandom(1024))
     os.chmod(key, 0o400)
-    pid_file = os.path.join(mdir, 'munged.pid')
-    self._run([DAEMONS['munged'], f'--socket={mdir}/socket/munge.sock', f'--key-file={key}',
-               f'--pid-file={pid_file}', f'--log-file={mdir}/munged.log',
-               f'--seed-file={mdir}/munged.seed'], 'munged', os.path.join(mdir, 'munged.log'))
-    self.pids['munged'] = self._read_pid(pid_file, 'munged', os.path.join(mdir, 'munged.log'))
+    self._spawn([DAEMONS['munged'], '--foreground', f'--socket={mdir}/socket/munge.sock',
+                 f'--key-file={key}', f'--pid-file={mdir}/munged.pid',
+                 f'--log-file={mdir}/munged.log', f'--seed-file={mdir}/munged.seed'], 'munged',
+                os.path.join(mdir, 'socket', 'munge.sock'), os.path.join(mdir, 'munged.log'))
 
-  def _run(self, cmd: list[str], name: str, log: str) -> None:
-    proc = subprocess.run(cmd, env=self.client_env(), capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-      raise RuntimeError(f'{name} did not start (rc={proc.returncode}): {proc.stderr.strip()}\n'
-                         f'{self._tail(log)}')
-
-  def _read_pid(self, pid_file: str, name: str, log: str, timeout: float = 30) -> int:
+  def _spawn(self, cmd: list[str], name: str, ready_file: str, log: str,
+             timeout: float = 60) -> None:
+    """Starts a daemon in the foreground as a child of this process (it gets SIGTERM if this
+    process dies, so an aborted test session leaves no daemon behind) and waits until it has
+    written `ready_file`."""
+    with open(self._path(f'{name}.out'), 'w') as out:
+      proc = subprocess.Popen(cmd, env=self.client_env(), stdout=out, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    self.procs[name] = proc
     deadline = time.time() + timeout
-    while time.time() < deadline:
-      try:
-        with open(pid_file) as f:
-          pid = int(f.read().strip())
-        os.kill(pid, 0)
-        return pid
-      except (OSError, ValueError):
-        time.sleep(0.1)
-    raise RuntimeError(f'{name} wrote no live PID to {pid_file} within {timeout:.0f} s\n'
-                       f'{self._tail(log)}')
+    while not os.path.exists(ready_file):
+      if proc.poll() is not None or time.time() > deadline:
+        raise RuntimeError(f'{name} did not start (rc={proc.poll()}; no {ready_file})\n'
+                           f'{self._tail(self._path(f"{name}.out"))}\n{self._tail(log)}')
+      time.sleep(0.1)
 
   @staticmethod
   def _tail(path: str, n: int = 4000) -> str:
@@ -195,14 +194,11 @@ class Cluster:
       os.makedirs(self._path(d))
     self._start_munge()
     self._write_config()
-    # -i: ignore state from an earlier cluster (there is none: fresh StateSaveLocation).
-    self._run([DAEMONS['slurmctld'], '-i', '-f', self.conf], 'slurmctld',
-              self._path('slurmctld.log'))
-    self.pids['slurmctld'] = self._read_pid(self._path('slurmctld.pid'), 'slurmctld',
-                                            self._path('slurmctld.log'))
-    self._run([DAEMONS['slurmd'], '-f', self.conf], 'slurmd', self._path('slurmd.log'))
-    self.pids['slurmd'] = self._read_pid(self._path('slurmd.pid'), 'slurmd',
-                                         self._path('slurmd.log'))
+    # -D: foreground; -i: ignore state from an earlier cluster (none: fresh StateSaveLocation).
+    self._spawn([DAEMONS['slurmctld'], '-D', '-i', '-f', self.conf], 'slurmctld',
+                self._path('slurmctld.pid'), self._path('slurmctld.log'))
+    self._spawn([DAEMONS['slurmd'], '-D', '-f', self.conf], 'slurmd', self._path('slurmd.pid'),
+                self._path('slurmd.log'))
     deadline = time.time() + timeout
     state = ''
     while time.time() < deadline:
@@ -219,24 +215,21 @@ class Cluster:
 
   def stop(self) -> None:
     """Cancels the remaining jobs, then ends slurmd, slurmctld and munged by PID."""
-    if 'slurmctld' in self.pids:
+    if 'slurmctld' in self.procs:
       subprocess.run(['scancel', '--full', '--signal=KILL', '--user=root'],
                      env=self.client_env(), capture_output=True, timeout=60, check=False)
       subprocess.run(['scancel', '--user=root'], env=self.client_env(), capture_output=True,
                      timeout=60, check=False)
     for name in ('slurmd', 'slurmctld', 'munged'):
-      pid = self.pids.pop(name, None)
-      if pid is None:
+      proc = self.procs.pop(name, None)
+      if proc is None or proc.poll() is not None:
         continue
+      os.kill(proc.pid, signal.SIGTERM)
       try:
-        os.kill(pid, signal.SIGTERM)
-      except ProcessLookupError:
-        continue
-      deadline = time.time() + 20
-      while time.time() < deadline and _alive(pid):
-        time.sleep(0.1)
-      if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+      except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
 
   # Clients.
 
@@ -303,14 +296,7 @@ class Cluster:
     return found
 
 
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  # A zombie of ours is not running any more.
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().split(')')[-1].split()[0] != 'Z'
-  except OSError:
-    return False
+def _die_with_parent() -> None:
+  """In the child before exec: SIGTERM when the parent (the test process) dies."""
+  libc = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)
+  libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
