@@ -49,6 +49,7 @@ _reason = slurm_cluster.unavailable_reason()
 if _reason:
   pytestmark.append(pytest.mark.skip(reason=f'no local SLURM cluster: {_reason}'))
 
+
 @pytest.fixture(scope='session')
 def cluster():
   tl.ensure_fixture()
