@@ -2,7 +2,7 @@
 
   python -m dolg_jax.demo                     # about 10 minutes on 2 CPU cores, no downloads
 
-Data (procedural landmark-like places, dolg_jax.data.demo_scenes) is written in the real GLDv2
+Data (procedural landmark-like places, dolg_jax.data.synthetic.demo_scenes) is written in the real GLDv2
 layout for training and in the revisited-Oxford layout ('rdemo') for evaluation, then converted with
 the real builders. Training and evaluation places are disjoint.
 
@@ -47,6 +47,7 @@ def get_config():
   t.checkpoint_every_steps = 500
   t.keep_checkpoints = 1
   t.eval_every_steps = 0          # the demo evaluates retrieval itself, before and after training
+  t.backbone_init = 'none'        # trains from scratch (no download; see the docstring)
 
   e = c.eval
   e.datasets = ('rdemo',)
@@ -55,7 +56,7 @@ def get_config():
   e.batch_size = 16
   e.report_queries = 10
 
-  # The demo data (dolg_jax.data.demo_data.DemoSpec fields).
+  # The demo data (dolg_jax.data.synthetic.demo_data.DemoSpec fields).
   c.demo = ml_collections.ConfigDict()
   c.demo.root = '~/.cache/dolg_jax/demo'
   c.demo.num_train_places = 120

@@ -1,7 +1,7 @@
 """Tiny DOLG for CPU tests and smoke runs: width 8, one block per stage, 64x64 images.
 
 Trains on CPU with no preparation step: the GLDv2-format fixture is written and prepared under
-`data.data_dir` on first use (see dolg_jax.training.input_pipeline). Exits after
+`data.data_dir` on first use (see dolg_jax.training.inputs). Exits after
 `train.num_train_steps`.
 
   python -m dolg_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
@@ -39,4 +39,5 @@ def get_config():
   t.checkpoint_every_steps = 10
   t.keep_checkpoints = 2
   t.eval_every_steps = 10
+  t.backbone_init = 'none'         # Random start: no ImageNet backbone has this width (offline).
   return c

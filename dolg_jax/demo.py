@@ -1,136 +1,37 @@
-"""The embedded demo: data in, a trained DOLG out, and a retrieval table that shows it learned.
+"""The embedded demo: python -m dolg_jax.demo [--workdir=/tmp/dolg_demo] [--config=configs/demo.py]
 
-  python -m dolg_jax.demo [--workdir=/tmp/dolg_demo] [--config=configs/demo.py] [--config.x=y ...]
-
-1. Writes procedural places (dolg_jax.data.demo_data) in the official GLDv2 layout (training) and
-   in the revisited-Oxford layout (the 'rdemo' benchmark, disjoint places), then converts both with
-   the real builders (dolg_jax.data.gldv2, dolg_jax.data.revisitop). Done once; cached in
-   `config.demo.root`.
-2. Evaluates the untrained model (the exact initial state of the training run) with the eval code.
-3. Trains with the real training loop (dolg_jax.training.loop; resumes if the workdir has a
-   checkpoint).
-4. Evaluates the trained checkpoint with the eval binary's code path (`dolg_jax.eval.run`), and
-   prints both rows in one Easy / Medium / Hard table. Writes WORKDIR/demo_results.json.
+Writes procedural landmark data in the official layouts, converts it with the real builders,
+evaluates the untrained model, trains with the real training loop, evaluates the checkpoint and
+prints both rows in one table (see dolg_jax.training.demo_run for the steps).
 """
-
-from __future__ import annotations
-
-import json
-import os
-import time
-from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
-import ml_collections
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Demo config.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', '/tmp/dolg_demo', 'Training workdir of the demo.')
+from dolg_jax.training import demo_run
+
+FLAGS = flags.FLAGS
 
 
-def _say(message: str) -> None:
-  print(f'[demo {time.strftime("%H:%M:%S")}] {message}', flush=True)
-
-
-def prepare_data(config: ml_collections.ConfigDict) -> None:
-  """Writes and converts the demo datasets unless the prepared datasets already exist."""
-  from dolg_jax.data import demo_data, gldv2, revisitop  # pylint: disable=g-import-not-at-top
-  root = os.path.expanduser(config.demo.root)
-  train_dir = os.path.expanduser(config.data.data_dir)
-  eval_dir = os.path.expanduser(config.eval.data_dir)
-  spec = demo_data.DemoSpec(**{k: config.demo[k] for k in config.demo if k != 'root'})
-  if not gldv2.builder(config.data.dataset, train_dir).is_prepared():
-    manual = os.path.join(root, 'manual', 'gldv2')
-    _say(f'writing {spec.num_train_places} training places x {spec.train_views} views '
-         f'(GLDv2 layout) to {manual}')
-    demo_data.write_gldv2(manual, spec)
-    _say('converting with the GLDv2 builder')
-    gldv2.prepare(config.data.dataset, manual, train_dir)
-  if not revisitop.builder('rdemo', eval_dir).is_prepared():
-    manual = os.path.join(root, 'manual', 'rdemo')
-    _say(f'writing the rdemo benchmark ({spec.num_query_places} query places, '
-         f'{spec.num_distractor_places} distractor places; revisitop layout) to {manual}')
-    demo_data.write_revisited(manual, 'rdemo', spec)
-    _say('converting with the revisitop builder')
-    revisitop.prepare('rdemo', manual, eval_dir)
-
-
-def initial_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The model variables the training run starts from (same initialiser, same seed)."""
-  from dolg_jax import models  # pylint: disable=g-import-not-at-top
-  from dolg_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  model = models.build_model(config.model, config.compute_dtype)
-  v = jax.jit(lambda rng: state_lib.init_variables(
-      model, models.margins.init_head_weight, rng, config.data.image_size,
-      config.head.num_classes, config.model.embedding_dim))(jax.random.key(config.seed))
-  return {'params': v['params']['model'], 'batch_stats': v['batch_stats']}
-
-
-def format_table(rows: dict[str, dict]) -> str:
-  """One line per model: mAP and mP@10 of each protocol on each dataset (percent)."""
-  lines = []
-  for dataset in next(iter(rows.values())):
-    lines.append(f'{dataset:>24}   {"Easy":>13} {"Medium":>13} {"Hard":>13}')
-    lines.append(f'{"":>24}   ' + ' '.join(f'{"mAP  mP@10":>13}' for _ in range(3)))
-    for label, results in rows.items():
-      base = results[dataset]['base']
-      cells = ' '.join(f'{100 * base[p]["map"]:6.2f} {100 * base[p]["mp@10"]:6.2f}'
-                       for p in ('easy', 'medium', 'hard'))
-      lines.append(f'{label:>24}   {cells}')
-  return '\n'.join(lines)
-
-
-def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Steps 1-4 of the module docstring; returns {'untrained': results, 'trained': results, ...}."""
-  from dolg_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
-  from dolg_jax.training import loop  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
-  prepare_data(config)
-  t_data = time.time() - t0
-  os.makedirs(workdir, exist_ok=True)
-
-  _say('evaluating the untrained model (the training run\'s initial weights)')
-  apply_fn = eval_lib.make_apply_fn(config)
-  untrained = eval_lib.evaluate_variables(config, apply_fn, initial_variables(config),
-                                          os.path.join(workdir, 'eval_untrained'),
-                                          source='untrained')
-  from dolg_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  saved = sorted(int(p.name) for p in ckpt_dir.iterdir()
-                 if p.name.isdigit()) if ckpt_dir.exists() else []
-  if saved:
-    _say(f'{workdir} holds a checkpoint of step {saved[-1]}: resuming from it (pass a new '
-         '--workdir to train from scratch)')
-  _say(f'training {config.train.num_train_steps} steps of {config.train.global_batch_size} '
-       f'images ({config.data.image_size}x{config.data.image_size})')
-  t1 = time.time()
-  loop.train_and_evaluate(config, workdir)
-  t_train = time.time() - t1
-
-  _say('evaluating the trained checkpoint (dolg_jax.eval)')
-  trained = eval_lib.run(config, workdir=workdir, output_dir=os.path.join(workdir, 'eval'))
-  rows = {'untrained': untrained['results'], 'trained': trained['results']}
-  out = {'untrained': untrained['results'], 'trained': trained['results'],
-         'seconds': {'data': t_data, 'train': t_train, 'total': time.time() - t0},
-         'num_train_steps': config.train.num_train_steps}
-  with open(os.path.join(workdir, 'demo_results.json'), 'w') as f:
-    json.dump(out, f, indent=1)
-  print('\n' + format_table(rows) + '\n', flush=True)
-  _say(f'done in {out["seconds"]["total"]:.0f}s (data {t_data:.0f}s, training {t_train:.0f}s); '
-       f'visual report: {os.path.join(workdir, "eval")}')
-  return out
+def define_flags() -> None:
+  """Defines the command-line flags (at entry only, so importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Demo config.', lock_config=True)
+  flags.DEFINE_string('workdir', '/tmp/dolg_demo', 'Training workdir of the demo.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
-  run_demo(_CONFIG.value, _WORKDIR.value)
+  demo_run.run_demo(FLAGS.config, FLAGS.workdir)
+
+
+def run() -> None:
+  define_flags()
+  app.run(main)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run()

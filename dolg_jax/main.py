@@ -20,7 +20,12 @@ import traceback
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
+
+from dolg_jax.training import determinism
+from dolg_jax.training import failures
+from dolg_jax.training import loop
 
 FLAGS = flags.FLAGS
 
@@ -50,7 +55,6 @@ def cluster_detected(env=os.environ) -> bool:
 def initialize_distributed(mode: str, coordinator: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
   """Calls jax.distributed.initialize when this is (or is asked to be) a multi-process run."""
-  import jax  # pylint: disable=g-import-not-at-top  # After XLA_FLAGS are final.
   explicit = (coordinator, num_processes, process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
@@ -94,12 +98,9 @@ def main(argv):
   if FLAGS.workdir is None or FLAGS.config is None:
     raise app.UsageError('--config and --workdir are required.')
   config = FLAGS.config
-  from dolg_jax.training import determinism  # pylint: disable=g-import-not-at-top
   determinism.apply(config.train.deterministic)   # Before the XLA backend starts.
   initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
-  from dolg_jax.training import failures  # pylint: disable=g-import-not-at-top
-  from dolg_jax.training import loop  # pylint: disable=g-import-not-at-top
   failures.quiet_library_tracebacks()
   try:
     result = loop.train_and_evaluate(config, FLAGS.workdir)

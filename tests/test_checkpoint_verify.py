@@ -17,7 +17,7 @@ import pytest
 
 from dolg_jax import sharding as shd
 from dolg_jax.training import checkpointing
-from dolg_jax.training import checksums
+from dolg_jax import checksums
 
 
 def _mesh():
@@ -115,7 +115,7 @@ def test_bit_flip_in_newest_step_falls_back(workdir, fraction, capsys):
   assert moved == ['4.corrupt-checksum'], moved
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', moved[0], 'state'))  # kept, not deleted
   out = capsys.readouterr().out
-  assert f'checkpoints/4' in out and 'moved to' in out
+  assert 'checkpoints/4' in out and 'moved to' in out
   assert 'Fell back to checkpoint step 2' in out.strip().splitlines()[-1]
   print(out)
 

@@ -3,7 +3,7 @@
 
 import pytest
 
-from configs import default, tiny
+from configs import default, demo, r101, released_r101, tiny
 from dolg_jax.training import config_check
 from dolg_jax.training import resume_check
 
@@ -20,7 +20,7 @@ def _validate(overrides, devices=1, processes=1, base=tiny):
   config_check.validate(c, device_count=devices, process_count=processes)
 
 
-@pytest.mark.parametrize('base', [default, tiny])
+@pytest.mark.parametrize('base', [default, tiny, demo, r101, released_r101])
 def test_shipped_configs_pass(base):
   _validate({}, base=base)
   _validate({}, devices=8, base=base)
@@ -52,6 +52,8 @@ def test_shipped_configs_pass(base):
     ({'train.grad_accum_steps': 3}, 1, 1, 'grad_accum_steps=3 x 1 data-parallel'),
     ({'mesh.model': 3}, 8, 1, 'config.mesh.model=3: must be an integer >= 1 dividing the 8 devices'),
     ({'mesh.data': 3}, 8, 1, 'config.mesh.data=3: times mesh.model=1 must equal the 8 devices'),
+    ({'eval.rerank': 'sg'}, 1, 1, "config.eval.rerank='sg': must be one of '', 'superglobal'"),
+    ({'eval.rerank': 'superglobal', 'eval.qe_k': 2}, 1, 1, 'cannot be combined with eval.qe_k=2'),
 ])
 def test_bad_values_name_field_value_and_allowed(overrides, devices, processes, expected):
   with pytest.raises(config_check.ConfigError) as e:
@@ -101,3 +103,9 @@ def test_unknown_field_counts_as_recipe():
   assert resume_check.kind('train.some_new_field') == 'recipe'
   assert resume_check.kind('model.anything') == 'state'
   assert resume_check.kind('eval.scales') == 'operational'
+
+
+def test_ablation_configs_pass():
+  from configs import ablation
+  for name in ablation.VARIANTS:
+    config_check.validate(ablation.get_config(name), device_count=8, process_count=1)

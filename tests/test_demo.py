@@ -4,7 +4,7 @@ import json
 import os
 
 from configs import demo as demo_config
-from dolg_jax import demo
+from dolg_jax.training import demo_run
 
 
 def test_short_demo_learns_a_transferable_descriptor(tmp_path):
@@ -26,7 +26,7 @@ def test_short_demo_learns_a_transferable_descriptor(tmp_path):
   config.train.eval_retrieval = True
   workdir = str(tmp_path / 'workdir')
 
-  out = demo.run_demo(config, workdir)
+  out = demo_run.run_demo(config, workdir)
 
   before = out['untrained']['rdemo']['base']
   after = out['trained']['rdemo']['base']

@@ -1,7 +1,9 @@
 """End to end: fixtures in the official layout -> extraction -> table vs hand-computed values."""
 
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,9 +14,17 @@ import pytest
 from PIL import Image
 
 from configs import default
-from dolg_jax import eval as eval_lib
+from dolg_jax.retrieval import descriptor_cache
+from dolg_jax.retrieval import evaluate as eval_lib
+from dolg_jax.retrieval import metrics
+from dolg_jax.retrieval import rerank
+from dolg_jax.retrieval import scoring
+from dolg_jax.retrieval import search
+from dolg_jax.data import gldv2_retrieval
 from dolg_jax.data import revisitop
-from dolg_jax.data import revisitop_fixture as fx
+from dolg_jax.data.synthetic import gldv2_retrieval_fixture
+from dolg_jax.data.synthetic import revisitop_fixture as fx
+from tests.helpers.eval_config import extract_config
 
 RED = fx.PALETTE[0]
 GREY = fx.GREY
@@ -118,7 +128,7 @@ def test_query_crop_matters(data_dir, tmp_path):
   # query colour: same positives first here, but the descriptors differ.
   from dolg_jax.retrieval import extract as ex
   src = revisitop.data_source('roxford5k', data_dir, 'query')
-  e = ex.Extractor(mean_colour_apply, VARIABLES, ex.ExtractConfig(scales=(1.0,)))
+  e = ex.Extractor(mean_colour_apply, VARIABLES, extract_config(scales=(1.0,)))
   exs = list(revisitop.iter_examples(src))
   crop = e.extract([{'index': int(x['index']), 'image': x['image'], 'bbx': x['bbx']}
                     for x in exs], 3)
@@ -160,11 +170,11 @@ def test_cli_with_a_converted_checkpoint(data_dir, tmp_path):
 
 
 def test_load_model_dispatch(tmp_path, monkeypatch):
-  """--workdir / step dirs go through training.checkpointing.load_variables and config.model;
+  """--workdir / step dirs go through weights.checkpoint.load_variables and config.model;
   files and converted dirs through pretrained.load; exactly one of the two flags."""
   from configs import tiny
   from dolg_jax import models, pretrained
-  from dolg_jax.training import checkpointing
+  from dolg_jax.weights import checkpoint as ckpt_lib
   cfg = tiny.get_config()
   model = models.build_model(cfg.model)
   variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 64, 64, 3)), train=False)
@@ -174,7 +184,7 @@ def test_load_model_dispatch(tmp_path, monkeypatch):
     calls.append(path)
     return jax.tree.map(np.asarray, variables)
 
-  monkeypatch.setattr(checkpointing, 'load_variables', fake_load_variables)
+  monkeypatch.setattr(ckpt_lib, 'load_variables', fake_load_variables)
   workdir = os.path.join(tmp_path, 'wd')
   os.makedirs(workdir)
   apply_fn, v, source = eval_lib.load_model(cfg, workdir=workdir)
@@ -189,7 +199,121 @@ def test_load_model_dispatch(tmp_path, monkeypatch):
     eval_lib.load_model(cfg, workdir=workdir, checkpoint=conv)
   with pytest.raises(FileNotFoundError):
     eval_lib.load_model(cfg, checkpoint=os.path.join(tmp_path, 'nope.pyth'))
-  assert eval_lib.variables_hash(variables) == eval_lib.variables_hash(
+  assert descriptor_cache.variables_hash(variables) == descriptor_cache.variables_hash(
       jax.tree.map(np.asarray, variables))
-  assert eval_lib.variables_hash(variables) != eval_lib.variables_hash(
+  assert descriptor_cache.variables_hash(variables) != descriptor_cache.variables_hash(
       jax.tree.map(lambda a: a + 1, variables))
+
+
+# ------------------------------------------------------------------ SuperGlobal and GLDv2 retrieval
+
+def _cached_split(out_dir, dataset, split):
+  files = [f for f in glob.glob(os.path.join(out_dir, 'cache', f'{dataset}_{split}_*.npy'))
+           if not f.endswith('.ids.npy')]
+  assert len(files) == 1, files
+  return np.load(files[0])
+
+
+def _no_extraction(v, x, valid_hw=None):
+  raise AssertionError('extraction should have come from the cache')
+
+
+def test_superglobal_end_to_end(data_dir, tmp_path):
+  """eval.rerank='superglobal' re-scores from the cache (no extraction) and equals the revisitop
+  metrics of rerank.superglobal on the cached descriptors, base and +1M (full ranks, not the fast
+  path); the table and the report say / show it; extraction modules get their own cache entries."""
+  out_dir = os.path.join(tmp_path, 'out')
+  plain = eval_lib.evaluate_variables(_config(data_dir, report_queries=0), mean_colour_apply,
+                                      VARIABLES, out_dir)
+  _check_table(plain['results'])
+  assert ' SG' not in plain['table'] and plain['search']['rerank'] == ''
+  sg_cfg = _config(data_dir, rerank='superglobal', report_queries=3)  # M, K, beta: 400, 9, 0.15
+  sg = eval_lib.evaluate_variables(sg_cfg, _no_extraction, VARIABLES, out_dir)
+  assert sg['compile_count'] == 0
+  q, db, r1m = (_cached_split(out_dir, 'roxford5k', 'query'),
+                _cached_split(out_dir, 'roxford5k', 'index'),
+                _cached_split(out_dir, 'revisitop1m', 'index'))
+  gnd_cfg = revisitop.load_gnd('roxford5k', data_dir)
+  ranks = rerank.superglobal(q, db, M=400, K=9, beta=0.15)
+  # Here re-ranking changes every query's top 10 (so the report check below tells them apart).
+  assert (ranks[:10] != search.full_ranks(q @ db.T)[:10]).any(axis=0).all()
+  for setting, r in (('base', ranks),
+                     ('+1m', rerank.superglobal(q, np.concatenate([db, r1m]), M=400, K=9,
+                                                beta=0.15))):
+    want = metrics.compute_protocols(r, gnd_cfg['gnd'], (1, 5, 10))
+    for p in metrics.PROTOCOLS:
+      got = sg['results']['roxford5k'][setting][p]
+      np.testing.assert_allclose([got['map'], got['mp@1'], got['mp@5'], got['mp@10']],
+                                 [want[p]['map'], *want[p]['mp']], rtol=0, atol=1e-12)
+  with open(os.path.join(out_dir, 'results.json')) as f:
+    saved = json.load(f)
+  assert saved['search'] | {'rerank': 'superglobal', 'rerank_m': 400, 'rerank_k': 9} == \
+      saved['search'] and saved['search']['qe_k'] == 0
+  assert 'roxford5k SG' in sg['table'] and 'roxford5k+1M SG' in sg['table']
+  assert 'SG: SuperGlobal re-ranking (M=400, K=9, beta=0.15)' in sg['table']
+  # The report lists each query's results in the re-ranked order.
+  page = open(saved['reports']['roxford5k'][0]).read()
+  rows = [r for r in page.split('<tr>') if r.startswith('<td>')]
+  assert len(rows) == 3
+  for qi, row in enumerate(rows):
+    names = re.findall(r'>([^<>]+) \(-?[0-9.]+\)</span>', row)
+    assert names == [gnd_cfg['imlist'][i] for i in ranks[:len(names), qi]] and len(names) >= 3
+
+  # An extraction module on: a new cache key, so the descriptors are extracted again.
+  on = eval_lib.evaluate_variables(_config(data_dir, gem_plus_p=4.6, report_queries=0),
+                                   mean_colour_apply, VARIABLES, out_dir)
+  assert on['compile_count'] > 0 and on['model_hash'].endswith('-gem_plus_p=4.6')
+  assert on['table'].endswith('extraction: scale_pool=mean, gem_plus_p=4.6')
+  assert len(glob.glob(os.path.join(out_dir, 'cache', 'roxford5k_query_*.json'))) == 2
+  with pytest.raises(ValueError, match='qe_k=1 are both set'):
+    eval_lib.evaluate_variables(_config(data_dir, rerank='superglobal', qe_k=1), _no_extraction,
+                                VARIABLES, out_dir)
+
+
+def test_model_overrides_reach_the_model(tmp_path):
+  """eval.gem_plus_p / regional_gem / relu_plus are applied to our model and to released weights
+  (what each module computes is tested in tests/test_models.py)."""
+  from configs import tiny
+  from dolg_jax import models, pretrained
+  cfg = tiny.get_config()
+  shapes = jax.eval_shape(lambda: models.build_model(cfg.model).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  conv = os.path.join(tmp_path, 'conv')
+  pretrained.save_converted(conv, cfg.model, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                                          shapes))
+  assert eval_lib.model_overrides(cfg) == {}
+  on = {'gem_plus_p': 4.6, 'regional_gem': True, 'relu_plus': 0.014}
+  for field, value in on.items():
+    setattr(cfg.eval, field, value)
+  assert eval_lib.model_overrides(cfg) == on
+  released_fn, _, _ = eval_lib.load_model(cfg, checkpoint=conv)
+  for model in (eval_lib.make_apply_fn(cfg).model, released_fn.model):
+    assert {f: getattr(model, f) for f in on} == on
+  cfg.model.global_pool = 'gap'
+  with pytest.raises(ValueError, match='config.eval overrides'):
+    eval_lib.make_apply_fn(cfg)
+
+
+def test_gldv2_retrieval_end_to_end(tmp_path):
+  """gldv2_retrieval in eval.datasets: the official-layout fixture with landmark colours and the
+  mean-colour stand-in model give the known mAP@100 / mP@100, plain and re-ranked (the second
+  from the cached descriptors and ids)."""
+  fix = gldv2_retrieval_fixture.write_fixture(str(tmp_path / 'manual'), landmark_colours=True)
+  data = str(tmp_path / 'data')
+  gldv2_retrieval.prepare(fix.manual_dir, data, allow_missing=True)
+  out_dir = str(tmp_path / 'out')
+  miss = fix.missing_test[0]
+  want = {'public': (4 - (miss in fix.public)) / 4, 'private': (4 - (miss in fix.private)) / 4}
+  runs = ((mean_colour_apply, ''), (_no_extraction, 'superglobal'))
+  for apply_fn, rr in runs:
+    c = _config(data, datasets=('gldv2_retrieval',), rerank=rr, use_distractors=False)
+    out = eval_lib.evaluate_variables(c, apply_fn, VARIABLES, out_dir)
+    res = out['results']['gldv2_retrieval']['base']
+    for subset in ('public', 'private'):
+      assert res[subset]['map@100'] == pytest.approx(want[subset], abs=1e-12)
+      assert res[subset]['mp@100'] == pytest.approx(want[subset] * 0.03, abs=1e-12)
+      assert res[subset]['num_index'] == 16 and res[subset]['num_queries'] == 4
+    assert 'Public mAP@100' in out['table'] and ('gldv2_retrieval SG' in out['table']) == bool(rr)
+  assert out['compile_count'] == 0
+  assert set(scoring.flat_maps(out['results'])) == {'map@100/gldv2_retrieval/public',
+                                                    'map@100/gldv2_retrieval/private'}

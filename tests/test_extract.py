@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dolg_jax.retrieval import extract as ex
+from tests.helpers.eval_config import extract_config
 
 
 def stand_in_apply(variables, images):
@@ -61,26 +62,26 @@ def test_crop_rounding_and_geometry():
   assert ex.capped_size(768, 1365, 1024) == (576, 1024)
   assert ex.capped_size(300, 200, 1024) == (300, 200)
   assert ex.scaled_size(768, 1024, 0.7071) == (543, 724)
-  cfg = ex.ExtractConfig(geometric_from=512)
+  cfg = extract_config(geometric_from=512)
   sides = ex.allowed_sides(cfg)
   assert np.all(np.diff(sides) > 0) and np.all(sides % cfg.bucket == 0)
   for n in range(64, 2000, 7):
     b = ex.bucket_side(n, cfg, sides)
     assert abs(np.log(b / n)) <= np.log(2 ** (1 / cfg.steps_per_octave)) / 2 + 32 / n
-  assert ex.bucket_side(100, ex.ExtractConfig(bucket=0)) == 100
-  assert ex.bucket_side(1000, ex.ExtractConfig()) == 992  # default: nearest multiple of 32
-  assert ex.bucket_side(20, ex.ExtractConfig(bucket=0)) == ex.MIN_SIDE
+  assert ex.bucket_side(100, extract_config(bucket=0)) == 100
+  assert ex.bucket_side(1000, extract_config()) == 992  # default: nearest multiple of 32
+  assert ex.bucket_side(20, extract_config(bucket=0)) == 64
 
 
 def test_exact_extraction_matches_numpy_protocol():
   rng = np.random.default_rng(0)
   imgs = _images(rng, [(90, 120), (120, 90), (100, 100), (77, 130)])
   variables = _vars()
-  cfg = ex.ExtractConfig(bucket=0, batch_size=2, scales=(0.7071, 1.0, 1.4142))
+  cfg = extract_config(bucket=0, batch_size=2, scales=(0.7071, 1.0, 1.4142))
   boxes = [None, [10.6, 8.2, 80.9, 100.5], None, [3.0, 4.0, 120.0, 70.0]]
   examples = [{'index': i, 'image': im, **({'bbx': b} if b is not None else {})}
               for i, (im, b) in reversed(list(enumerate(zip(imgs, boxes))))]
-  got = ex.extract_descriptors(stand_in_apply, variables, examples, cfg.scales, num=4, cfg=cfg)
+  got = ex.extract_descriptors(stand_in_apply, variables, examples, num=4, cfg=cfg)
   for i, (im, b) in enumerate(zip(imgs, boxes)):
     if b is not None:
       y0, y1, x0, x1 = int(b[1]), int(b[3]), int(b[0]), int(b[2])
@@ -92,7 +93,7 @@ def test_exact_extraction_matches_numpy_protocol():
     np.testing.assert_allclose(got[i], _l2(acc / 3), atol=2e-6)
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
   # Bytes and arrays give the same result; missing indices are an error.
-  from dolg_jax.data import revisitop_fixture
+  from dolg_jax.data.synthetic import revisitop_fixture
   data = revisitop_fixture.jpeg_bytes(imgs[0])
   from dolg_jax.data import decode
   a = ex.extract_descriptors(stand_in_apply, variables, [{'index': 0, 'image': data}], num=1,
@@ -112,10 +113,10 @@ def test_buckets_bound_compiles_and_stay_close_to_exact():
   examples = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
   variables = _vars(1)
   exact = ex.Extractor(stand_in_apply, variables,
-                       ex.ExtractConfig(bucket=0, batch_size=4, scales=(1.0,)))
+                       extract_config(bucket=0, batch_size=4, scales=(1.0,)))
   d_exact = exact.extract(examples, len(imgs))
   bucketed = ex.Extractor(stand_in_apply, variables,
-                          ex.ExtractConfig(bucket=32, batch_size=4, scales=(1.0,)))
+                          extract_config(bucket=32, batch_size=4, scales=(1.0,)))
   d_b = bucketed.extract(examples, len(imgs))
   cos = (d_exact * d_b).sum(1)
   assert cos.min() > 0.999, cos.min()
@@ -134,11 +135,12 @@ def test_sharded_over_several_devices_matches_one(tmp_path):
     sys.path.insert(0, os.getcwd())
     from tests.test_extract import stand_in_apply, _vars, _images
     from dolg_jax.retrieval import extract as ex
+    from tests.helpers.eval_config import extract_config
     assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(3)
     imgs = _images(rng, [(90, 120)] * 5 + [(120, 90)] * 2)
     exs = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
-    e = ex.Extractor(stand_in_apply, _vars(), ex.ExtractConfig(batch_size=4))
+    e = ex.Extractor(stand_in_apply, _vars(), extract_config(batch_size=4))
     assert e.n_dev == 4
     np.save(sys.argv[1], e.extract(exs, 7))
   ''')
@@ -149,7 +151,7 @@ def test_sharded_over_several_devices_matches_one(tmp_path):
   rng = np.random.default_rng(3)
   imgs = _images(rng, [(90, 120)] * 5 + [(120, 90)] * 2)
   exs = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
-  one = ex.Extractor(stand_in_apply, _vars(), ex.ExtractConfig(batch_size=4)).extract(exs, 7)
+  one = ex.Extractor(stand_in_apply, _vars(), extract_config(batch_size=4)).extract(exs, 7)
   np.testing.assert_allclose(np.load(out), one, atol=1e-6)
 
 
@@ -169,8 +171,8 @@ def test_pad_mode_matches_exact_sizes_with_the_real_model_and_bounds_compiles():
   imgs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
   examples = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
   scales = (1.0, 1.4142)
-  exact = ex.Extractor(apply, variables, ex.ExtractConfig(bucket=0, batch_size=4, scales=scales))
-  padded = ex.Extractor(apply, variables, ex.ExtractConfig(pad=True, batch_size=4, scales=scales))
+  exact = ex.Extractor(apply, variables, extract_config(bucket=0, batch_size=4, scales=scales))
+  padded = ex.Extractor(apply, variables, extract_config(pad=True, batch_size=4, scales=scales))
   d_exact = exact.extract(examples, len(imgs))
   d_pad = padded.extract(examples, len(imgs))
   cos = np.sum(d_exact * d_pad, axis=1)

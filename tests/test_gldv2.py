@@ -12,7 +12,7 @@ import pytest
 
 from dolg_jax.data import decode
 from dolg_jax.data import gldv2
-from dolg_jax.data import gldv2_fixture
+from dolg_jax.data.synthetic import gldv2_fixture
 from dolg_jax.data import prepare
 
 
@@ -24,7 +24,7 @@ def fixture(tmp_path_factory):
 @pytest.fixture(scope='module')
 def built(fixture, tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('data'))
-  rc = prepare.main(['--dataset=gldv2/clean', f'--manual_dir={fixture.manual_dir}',
+  rc = prepare.main(['prepare', '--dataset=gldv2/clean', f'--manual_dir={fixture.manual_dir}',
                      f'--data_dir={data_dir}', '--allow_missing', '--verify_md5'])
   assert rc == 0
   return data_dir
@@ -130,7 +130,7 @@ def test_modes_decode_to_rgb_from_the_dataset(fixture, built):
 
 
 def test_missing_images_stop_the_build(fixture, tmp_path, capsys):
-  rc = prepare.main(['--dataset=gldv2/clean', f'--manual_dir={fixture.manual_dir}',
+  rc = prepare.main(['prepare', '--dataset=gldv2/clean', f'--manual_dir={fixture.manual_dir}',
                      f'--data_dir={tmp_path}'])
   err = capsys.readouterr().err
   assert rc == 1
@@ -183,8 +183,8 @@ def test_full_config_and_extracted_tree(fixture, tmp_path):
 
 
 def test_ensure_fixture_dataset_is_idempotent(tmp_path):
-  b = gldv2.ensure_fixture_dataset(str(tmp_path), num_classes=3, images_per_class=5)
+  b = gldv2_fixture.ensure_fixture_dataset(str(tmp_path), num_classes=3, images_per_class=5)
   assert b.is_prepared()
   n = len(b.as_data_source()['train'])
-  b2 = gldv2.ensure_fixture_dataset(str(tmp_path), num_classes=3, images_per_class=5)
+  b2 = gldv2_fixture.ensure_fixture_dataset(str(tmp_path), num_classes=3, images_per_class=5)
   assert len(b2.as_data_source()['train']) == n > 0

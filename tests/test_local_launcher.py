@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-import train_testlib as tl
+from tests.helpers import train_testlib as tl
 from dolg_jax.training import failures
 from tests.helpers import python_shim
 

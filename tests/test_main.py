@@ -8,7 +8,7 @@ import pytest
 
 from dolg_jax import main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.paths import REPO
 
 
 def _run(*args):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from dolg_jax.retrieval import metrics
-from tests.revisitop_reference import reference_compute_map, reference_protocol_gnd
+from tests.helpers.revisitop_reference import reference_compute_map, reference_protocol_gnd
 
-GND_DIR = os.environ.get('REVISITOP_GND_DIR', '/work/shared/data/revisitop')
+from tests.helpers.paths import GND_DIR
 KAPPAS = (1, 5, 10)
 
 

@@ -15,7 +15,7 @@ import socket
 import numpy as np
 import pytest
 
-import train_testlib as tl
+from tests.helpers import train_testlib as tl
 
 STEPS = tl.STEPS
 

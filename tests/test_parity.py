@@ -1,4 +1,4 @@
-"""Numerical parity: official DOLG forward (tests/torch_reference.py) vs our Flax model.
+"""Numerical parity: official DOLG forward (tests/helpers/torch_reference.py) vs our Flax model.
 
 Random weights (fixed seeds) with randomised eval-mode BN statistics are saved as torch files,
 imported with `dolg_jax.pretrained.load` and run on float32 RGB images of odd sizes. The torch side
@@ -18,10 +18,7 @@ import torch
 
 from dolg_jax import pretrained
 
-try:
-  import torch_reference as ref_lib
-except ImportError:  # tests/ imported as a package
-  from tests import torch_reference as ref_lib
+from tests.helpers import torch_reference as ref_lib
 
 TOL = 1e-4
 SIZES = ((200, 264), (333, 250))

@@ -2,14 +2,17 @@
 
 import io
 
+import cv2
 import grain
 import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from dolg_jax.data import decode
 from dolg_jax.data import gldv2
-from dolg_jax.data import pipeline
+from dolg_jax.data import grain_pipeline as pipeline
+from dolg_jax.data.synthetic import gldv2_fixture
 
 N = 37  # Records in the synthetic source (label = record index, so batches identify records).
 
@@ -20,6 +23,9 @@ def _config(size=32):
   d.crop_scale = (0.25, 1.0)
   d.crop_ratio = (3 / 4, 4 / 3)
   d.random_flip = True
+  d.decode = 'exact'
+  d.augmentation = 'paper'
+  d.lighting_std = 0.0
   d.num_workers = 0
   d.read_threads = 2
   d.prefetch_buffer_size = 2
@@ -130,7 +136,7 @@ def test_per_process_sharding_partitions_each_epoch(source):
 
 def test_same_batches_and_portable_state_with_zero_and_two_workers(tmp_path):
   """Real TFDS/ArrayRecord source, pickled into 2 worker processes; state moves between counts."""
-  b = gldv2.ensure_fixture_dataset(str(tmp_path), num_classes=4, images_per_class=6)
+  b = gldv2_fixture.ensure_fixture_dataset(str(tmp_path), num_classes=4, images_per_class=6)
   src = b.as_data_source()['train']
   cfg = _config(24)
   kwargs = dict(seed=11, process_index=0, process_count=1, per_host_batch=3)
@@ -177,3 +183,39 @@ def test_eval_iterator_pads_and_covers_every_record_once(source):
   again = list(pipeline.make_eval_iterator(cfg, source, process_index=1, process_count=2,
                                            per_host_batch=5))
   assert _equal(again, batches)                   # Deterministic (p == 1 ran last).
+
+
+def test_decode_route_is_the_config_field_and_both_routes_apply_exif_orientation():
+  rng = np.random.default_rng(3)
+  records = []
+  for i, orientation in enumerate((1, 6, 8, 3)):
+    coarse = rng.integers(0, 256, size=(6, 10, 3), dtype=np.uint8)
+    im = Image.fromarray(coarse).resize((160, 96), Image.BICUBIC)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, 'JPEG', quality=90, exif=exif.tobytes())
+    records.append({'image': buf.getvalue(), 'label': i})
+  # Independent reference: OpenCV's reader (applies EXIF), central square, resize.
+  ref = []
+  for r in records:
+    img = cv2.imdecode(np.frombuffer(r['image'], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    t, l, h, w = decode.center_square_box(img.shape[:2])
+    ref.append(decode.resize(img[t:t + h, l:l + w], 24, 24))
+  images = {}
+  for route in ('exact', 'fast'):
+    cfg = _config(24)
+    cfg.data.decode = route
+    (batch,) = list(pipeline.make_eval_iterator(cfg, records, process_index=0, process_count=1,
+                                                per_host_batch=4))
+    images[route] = batch['image']
+  np.testing.assert_array_equal(images['exact'], np.stack(ref))
+  diff = np.abs(images['fast'].astype(float) - np.stack(ref))
+  assert 0 < diff.mean() < 4.0        # The fast route: different decoder, same oriented picture.
+  cfg = _config(24)
+  cfg.data.decode = 'cv2'
+  with pytest.raises(ValueError, match=r"config.data.decode must be one of \('exact', 'fast'\)"):
+    pipeline.make_eval_iterator(cfg, records, process_index=0, process_count=1, per_host_batch=4)
+  with pytest.raises(ValueError, match='config.data.decode'):
+    pipeline.make_train_iterator(cfg, records, seed=0, process_index=0, process_count=1,
+                                 per_host_batch=2)

@@ -6,7 +6,9 @@ Small widths keep this fast; full-size parity lives in test_parity.py.
 import argparse
 import functools
 import json
+import io
 import os
+import pickle
 import subprocess
 import sys
 
@@ -18,13 +20,10 @@ import torch
 from dolg_jax import convert
 from dolg_jax import models
 from dolg_jax import pretrained
+from dolg_jax.weights import released
+from tests.helpers import torch_reference as ref_lib
+from tests.helpers.paths import REPO
 
-try:
-  import torch_reference as ref_lib
-except ImportError:  # tests/ imported as a package
-  from tests import torch_reference as ref_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH = 8  # res3 128 channels, res4 256
 TINY_DEPTHS = (1, 1, 2, 1)  # blocks per stage of the small test models (inferred on import)
 
@@ -110,14 +109,46 @@ def test_error_truncated_file(tiny, tmp_path):
   path.write_bytes(data[: len(data) // 2])
   with pytest.raises(pretrained.CheckpointError, match='truncated.pyth') as e:
     pretrained.load(str(path))
-  assert 'truncated' in str(e.value)
+  message = str(e.value)
+  assert 'truncated / damaged' in message and f'{len(data) // 2:,} bytes' in message
+  assert 'allow_pickle' not in message
 
 
-def test_error_not_a_torch_file(tmp_path):
-  path = tmp_path / 'notes.txt'
-  path.write_text('hello, I am not a checkpoint')
-  with pytest.raises(pretrained.CheckpointError, match='notes.txt'):
+def _legacy_bytes():
+  """A state dict in torch's legacy (pre-1.6, non-zip) serialization."""
+  buf = io.BytesIO()
+  torch.save({'w': torch.ones(4)}, buf, _use_new_zipfile_serialization=False)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize('name, make, found', [
+    ('random.pth', lambda: np.random.RandomState(0).bytes(4096),
+     'neither the zip archive nor the pickle that torch.save writes'),
+    ('notes.txt', lambda: b'hello, I am not a checkpoint',
+     'neither the zip archive nor the pickle that torch.save writes'),
+    ('empty.pth', lambda: b'', 'an empty file'),
+    ('plain.pkl', lambda: pickle.dumps({'w': 1}),
+     "a pickle without torch's magic number"),
+    ('legacy_cut.pth', lambda: _legacy_bytes()[:150], 'a legacy torch file cut short'),
+])
+def test_error_not_a_torch_file(tmp_path, name, make, found):
+  """Damaged and non-torch files are named as such, with their size, never as 'Python objects'."""
+  path = tmp_path / name
+  path.write_bytes(make())
+  with pytest.raises(pretrained.CheckpointError) as e:
     pretrained.load(str(path))
+  message = str(e.value)
+  assert message.startswith(f'{path}: not a torch checkpoint, or a truncated / damaged one ('
+                            f'{path.stat().st_size:,} bytes: {found}'), message
+  assert 'allow_pickle' not in message and '\n' not in message
+  with pytest.raises(pretrained.CheckpointError, match='truncated / damaged'):  # also when trusted
+    pretrained.load(str(path), allow_pickle=True)
+
+
+def test_intact_legacy_file_reads(tmp_path):
+  path = tmp_path / 'legacy.pth'
+  path.write_bytes(_legacy_bytes())
+  assert released.load_state_dict(str(path))['w'].tolist() == [1.0] * 4
 
 
 @pytest.mark.parametrize('obj', [[1, 2, 3], {'a': 1, 'b': torch.zeros(2)}, {}])
@@ -132,11 +163,41 @@ def test_pickled_objects_need_allow_pickle(tiny, tmp_path):
   """Files with Python objects beyond tensors are refused unless the caller trusts them."""
   path = str(tmp_path / 'objects.pyth')
   torch.save({'model_state': tiny['sd'], 'cfg': argparse.Namespace(depth=50)}, path)
-  with pytest.raises(pretrained.CheckpointError, match='allow_pickle'):
+  with pytest.raises(pretrained.CheckpointError) as e:
     pretrained.load(path)
+  assert str(e.value) == (
+      f"{path}: a torch checkpoint holding Python objects besides tensors ('argparse.Namespace'); "
+      'unpickling them can run code, so they are not read. If you trust the file, convert it '
+      f'once with `python -m dolg_jax.convert --input {path} --output DIR --allow_pickle` and '
+      'load DIR')
+  assert convert.main(['convert', '--input', path, '--output', str(tmp_path / 'conv'),
+                       '--allow_pickle']) == 0
   model, variables = pretrained.load(path, allow_pickle=True, dtype='bfloat16')
   assert model.dtype == jax.numpy.bfloat16
   assert variables['params']['fc']['kernel'].dtype == np.float32
+  converted = pretrained.load(str(tmp_path / 'conv'))[1]
+  np.testing.assert_array_equal(converted['params']['fc']['kernel'],
+                                variables['params']['fc']['kernel'])
+
+
+class _RemovesAFile:
+  """Unpickling this calls os.remove(path): the diagnosis of a refused file must not run it."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return os.remove, (self.path,)
+
+
+def test_diagnosis_runs_nothing_from_the_file(tmp_path):
+  sentinel = tmp_path / 'keep.txt'
+  sentinel.write_text('x')
+  path = str(tmp_path / 'hostile.pth')
+  torch.save({'w': torch.ones(2), 'x': _RemovesAFile(str(sentinel))}, path)
+  with pytest.raises(pretrained.CheckpointError, match=r"objects besides tensors \('posix.remove'"):
+    pretrained.load(path)
+  assert sentinel.exists()
 
 
 def test_error_backbone_given_to_load(tmp_path):
@@ -194,7 +255,7 @@ def test_error_head_shape_mismatch(tiny, tmp_path):
 # -------------------------------------------------------------------------------------- convert
 def test_convert_round_trip_without_torch(tiny, tmp_path):
   out = str(tmp_path / 'converted')
-  assert convert.main(['--input', tiny['pyth'], '--output', out]) == 0
+  assert convert.main(['convert', '--input', tiny['pyth'], '--output', out]) == 0
   meta = json.load(open(os.path.join(out, 'config.json')))
   assert meta['model']['width'] == WIDTH and meta['has_head']
   # Same model and variables as reading the torch file directly.
@@ -226,26 +287,26 @@ print('ok')
 
 def test_convert_no_head_and_overwrite(tiny, tmp_path):
   out = str(tmp_path / 'c')
-  assert convert.main(['--input', tiny['pth'], '--output', out, '--no-head']) == 0
+  assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--nohead']) == 0
   assert pretrained.load_head(out) is None
   assert not os.path.exists(os.path.join(out, pretrained.HEAD_FILE))
-  assert convert.main(['--input', tiny['pth'], '--output', out]) == 1  # exists, no --overwrite
-  assert convert.main(['--input', tiny['pth'], '--output', out, '--overwrite']) == 0
+  assert convert.main(['convert', '--input', tiny['pth'], '--output', out]) == 1  # exists, no --overwrite
+  assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--overwrite']) == 0
   assert pretrained.load_head(out)['weight'].shape == (7, 512)
-  assert convert.main(['--input', tiny['pth'], '--output', out, '--overwrite', '--no-head']) == 0
+  assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--overwrite', '--nohead']) == 0
   assert not os.path.exists(os.path.join(out, pretrained.HEAD_FILE))
 
 
 def test_convert_bad_input_exit_code(tmp_path, capsys):
   bad = tmp_path / 'bad.pyth'
   bad.write_bytes(b'\x00' * 100)
-  assert convert.main(['--input', str(bad), '--output', str(tmp_path / 'o')]) == 1
+  assert convert.main(['convert', '--input', str(bad), '--output', str(tmp_path / 'o')]) == 1
   assert 'bad.pyth' in capsys.readouterr().err
 
 
 def test_converted_dir_errors(tiny, tmp_path):
   out = tmp_path / 'c'
-  convert.convert(tiny['pth'], str(out), include_head=False)
+  released.convert_file(tiny['pth'], str(out), include_head=False)
   with pytest.raises(pretrained.CheckpointError, match='config.json'):
     pretrained.load(str(tmp_path))  # a directory, but not a conversion
   data = (out / pretrained.VARIABLES_FILE).read_bytes()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from dolg_jax.data import decode, revisitop
-from dolg_jax.data import revisitop_fixture as fx
+from dolg_jax.data.synthetic import revisitop_fixture as fx
 
-REAL_GND = os.environ.get('REVISITOP_GND_DIR', '/work/shared/data/revisitop')
+from tests.helpers.paths import GND_DIR as REAL_GND
 
 
 @pytest.fixture(scope='module')

@@ -8,7 +8,7 @@ import pytest
 
 from dolg_jax.retrieval import metrics, search
 
-GND_DIR = os.environ.get('REVISITOP_GND_DIR', '/work/shared/data/revisitop')
+from tests.helpers.paths import GND_DIR
 
 
 def _l2n(x):

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import pytest
 
-import train_testlib as tl
+from tests.helpers import train_testlib as tl
 from tests.helpers import python_shim
 from tests.helpers import slurm_cluster
 

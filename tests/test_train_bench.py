@@ -1,23 +1,23 @@
-"""dolg_jax.bench prints throughput, step time and XLA-cost-analysis TFLOP/s."""
+"""dolg_jax.tools.bench_train prints throughput, step time and XLA-cost-analysis TFLOP/s."""
 
 import re
 import subprocess
 import sys
 
-import train_testlib as tl
+from tests.helpers import train_testlib as tl
 
-from dolg_jax import bench
+from dolg_jax.training import peaks
 
 
 def test_peak_table_lookup():
-  assert bench.peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
-  assert bench.peak_tflops('NVIDIA A100-SXM4-40GB') == 312.0
-  assert bench.peak_tflops('TPU v5 lite') == 197.0
-  assert bench.peak_tflops('cpu') is None
+  assert peaks.peak_tflops('NVIDIA H100 80GB HBM3') == 989.4
+  assert peaks.peak_tflops('NVIDIA A100-SXM4-40GB') == 312.0
+  assert peaks.peak_tflops('TPU v5 lite') == 197.0
+  assert peaks.peak_tflops('cpu') is None
 
 
 def test_bench_tiny_cpu():
-  proc = subprocess.run([sys.executable, '-m', 'dolg_jax.bench', '--config=configs/tiny.py',
+  proc = subprocess.run([sys.executable, '-m', 'dolg_jax.tools.bench_train', '--config=configs/tiny.py',
                          '--batch=8', '--steps=2', '--warmup=1'], cwd=tl.REPO, env=tl.env(),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, tl.explain(proc)

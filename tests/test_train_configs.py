@@ -9,7 +9,8 @@ import pytest
 from configs import ablation
 from dolg_jax import models
 
-CONFIGS = ['r50', 'r101', 'released_r101', 'tiny'] + [f'ablation:{n}' for n in ablation.VARIANTS]
+CONFIGS = (['r50', 'r101', 'released_r101', 'official_r101', 'official_r101:paper_size', 'tiny']
+           + [f'ablation:{n}' for n in ablation.VARIANTS])
 
 
 def _load(spec):

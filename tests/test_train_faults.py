@@ -26,9 +26,10 @@ import uuid
 
 import pytest
 
-import train_testlib as tl
 from dolg_jax.training import failures
 from dolg_jax.training import manifest as manifest_lib
+from dolg_jax.weights import checkpoint as ckpt_lib
+from tests.helpers import train_testlib as tl
 
 STEPS = tl.STEPS
 
@@ -201,7 +202,6 @@ def test_local_launcher_forwards_sigterm_and_waits(tmp_path):
 
 
 def test_eval_loader_verifies_the_model_arrays(workdir):
-  from dolg_jax.training import checkpointing
   record = os.path.join(workdir, 'checkpoints', '4', 'record', 'process_0-of-1.json')
   with open(record) as f:
     data = json.load(f)
@@ -210,7 +210,69 @@ def test_eval_loader_verifies_the_model_arrays(workdir):
   data['state_digests'][key] = '0' * 16       # as if the array's bytes had changed
   with open(record, 'w') as f:
     json.dump(data, f)
-  with pytest.raises(checkpointing.CheckpointCorruptError, match=r"1 model arrays differ .*"
+  with pytest.raises(ckpt_lib.CheckpointCorruptError, match=r"1 model arrays differ .*"
                      r"\['fc'\]\['kernel'\]"):
-    checkpointing.load_variables(workdir)
-  assert checkpointing.load_variables(os.path.join(workdir, 'checkpoints', '2'))['params']
+    ckpt_lib.load_variables(workdir)
+  assert ckpt_lib.load_variables(os.path.join(workdir, 'checkpoints', '2'))['params']
+
+
+def test_non_finite_advice_right_after_a_restore():
+  from dolg_jax.training import loop
+  nan = [{'loss': float('nan'), 'grad_norm': 1.0, 'param_norm': 1.0}]
+  with pytest.raises(loop.NonFiniteLossError) as fresh:
+    loop._check_finite(nan, 7, '/w', last_saved=6, restored=None)
+  assert 'Lower config.train.base_learning_rate' in str(fresh.value)
+  with pytest.raises(loop.NonFiniteLossError) as resumed:
+    loop._check_finite(nan, 5, '/w', last_saved=4, restored=4)
+  msg = str(resumed.value)
+  assert 'learning_rate' not in msg and 'within 1 step(s) of resuming from step 4' in msg
+  assert 'prepare --verify' in msg
+  with pytest.raises(loop.NonFiniteLossError) as later:   # saved since the restore: usual advice
+    loop._check_finite(nan, 9, '/w', last_saved=8, restored=4)
+  assert 'Lower config.train.base_learning_rate' in str(later.value)
+
+
+def test_closing_line_classification():
+  def raise_(e):
+    raise e
+  try:
+    raise_(ValueError('config.x=1: bad'))   # raised in this package's tests: not dolg_jax code
+  except ValueError as e:
+    unexpected = e
+  assert failures.describe(unexpected, '/w').startswith('FAILED: unexpected ValueError: config.x=1')
+  from dolg_jax.training import config_check
+  try:
+    config_check._fail('train.x', 0, 'must be >= 1')
+  except ValueError as e:
+    ours = e
+  assert failures.is_expected(ours)
+  assert failures.describe(ours, '/w') == 'FAILED: config.train.x=0: must be >= 1'
+  full = OSError(28, 'No space left on device')
+  assert 'No space left on device. Free space on the filesystem holding /w' in failures.describe(
+      full, '/w')
+
+
+@pytest.mark.parametrize('python_rc, requeued', [(75, True), (0, False), (1, False)])
+def test_slurm_script_requeues_a_preempted_job(tmp_path, python_rc, requeued):
+  """launch/slurm_gpu.sbatch with stand-ins for srun, scontrol and python on PATH."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  scripts = {
+      'srun': '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+      'scontrol': '#!/usr/bin/env bash\necho "$@" >> "$FAKE_LOG"\n',
+      'python': f'#!/usr/bin/env bash\necho "python $*" >> "$FAKE_LOG"\nexit {python_rc}\n',
+  }
+  for name, text in scripts.items():
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  log = tmp_path / 'calls'
+  env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', FAKE_LOG=str(log),
+             SLURM_JOB_ID='4242', SLURM_SUBMIT_DIR=tl.REPO)
+  proc = subprocess.run(['bash', os.path.join(tl.REPO, 'launch', 'slurm_gpu.sbatch'),
+                         'configs/tiny.py', str(tmp_path / 'w'), '--config.seed=1'],
+                        env=env, capture_output=True, text=True, timeout=30)
+  assert proc.returncode == python_rc, proc.stderr
+  calls = log.read_text().splitlines()
+  assert calls[0] == (f'python -m dolg_jax.main --config=configs/tiny.py '
+                      f'--workdir={tmp_path / "w"} --config.seed=1')
+  assert (calls[1:] == ['requeue 4242']) == requeued, calls

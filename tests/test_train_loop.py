@@ -15,8 +15,9 @@ import signal
 import numpy as np
 import pytest
 
-import train_testlib as tl
 from dolg_jax.training import failures
+from dolg_jax.weights import checkpoint as ckpt_lib
+from tests.helpers import train_testlib as tl
 
 STEPS = tl.STEPS
 
@@ -61,10 +62,9 @@ def test_straight_run_outputs(straight):
 
 
 def test_load_variables_for_eval(straight):
-  from dolg_jax.training import checkpointing
   workdir, _ = straight
-  latest = checkpointing.load_variables(workdir)
-  step2 = checkpointing.load_variables(os.path.join(workdir, 'checkpoints', '2'))
+  latest = ckpt_lib.load_variables(workdir)
+  step2 = ckpt_lib.load_variables(os.path.join(workdir, 'checkpoints', '2'))
   assert set(latest) == {'params', 'batch_stats'}
   assert 'globalmodel' in latest['params'] and 'fc' in latest['params']
   assert 'head' not in latest['params']
@@ -109,7 +109,6 @@ def test_sigterm_saves_and_resumes(straight, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  from dolg_jax.training import checkpointing
   tl.ensure_fixture()
   workdir = str(tmp_path)
   proc = tl.run_main(workdir, STEPS, '--config.train.checkpoint_every_steps=1',
@@ -119,7 +118,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   steps = tl.checkpoint_steps(workdir)
   assert steps and max(steps) < 4
   assert f'last good checkpoint: step {max(steps)}' in proc.stderr
-  variables = checkpointing.load_variables(workdir)
+  variables = ckpt_lib.load_variables(workdir)
   leaves = [np.asarray(x) for x in _leaves(variables)]
   assert all(np.all(np.isfinite(x)) for x in leaves)
 

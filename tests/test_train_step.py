@@ -20,8 +20,9 @@ from dolg_jax import sharding as shd
 from dolg_jax.models import margins
 from dolg_jax.training import state as state_lib
 from dolg_jax.training import step as step_lib
+from dolg_jax.weights import backbone as backbone_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.paths import REPO
 
 
 class DenseEmbed(nn.Module):
@@ -43,12 +44,11 @@ def _config(**train):
   return c
 
 
-def _setup(config, model, num_classes=6):
+def _setup(config, model):
   mesh = shd.make_mesh(config.mesh)
-  tx = state_lib.create_optimizer(config.train)
-  state, sh = state_lib.create_train_state(config, model, margins.init_head_weight, tx, mesh,
-                                           jax.random.key(0), num_classes)
-  step = step_lib.make_train_step(config, model, margins, tx, mesh, sh, num_classes)
+  setup = state_lib.TrainSetup(config, model, state_lib.create_optimizer(config.train), mesh)
+  state, sh = state_lib.create_train_state(setup, jax.random.key(0))
+  step = step_lib.make_train_step(setup, sh)
   return mesh, state, step
 
 
@@ -95,7 +95,8 @@ def test_optimizer_matches_torch_with_a_changing_learning_rate(optimizer, nester
   """Unit-lr optax chain x the step's lr == torch.optim.SGD / AdamW with that lr each step."""
   torch = pytest.importorskip('torch')
   cfg = ml_collections.ConfigDict(dict(optimizer=optimizer, weight_decay=1e-2,
-                                       weight_decay_mask='all', momentum=0.9, nesterov=nesterov))
+                                       weight_decay_mask='all', momentum=0.9, nesterov=nesterov,
+                                       adam_b1=0.9, adam_b2=0.999))
   tx = state_lib.create_optimizer(cfg)
   w0 = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
   params = {'w': jnp.asarray(w0)}
@@ -128,8 +129,8 @@ def test_weight_decay_mask():
   zero = jax.tree.map(jnp.zeros_like, params)
   for kind, decayed in (('all', {'kernel', 'bias', 'scale', 'weight'}),
                         ('kernels', {'kernel', 'weight'})):
-    cfg = ml_collections.ConfigDict(dict(weight_decay=0.5, weight_decay_mask=kind, momentum=0.0,
-                                         nesterov=False))
+    cfg = ml_collections.ConfigDict(dict(optimizer='sgd', weight_decay=0.5,
+                                         weight_decay_mask=kind, momentum=0.0, nesterov=False))
     tx = state_lib.create_optimizer(cfg)
     updates, _ = tx.update(zero, tx.init(params), params)
     flat = jax.tree_util.tree_flatten_with_path(updates)[0]
@@ -147,8 +148,8 @@ def test_padded_head_classes_are_masked_out():
   w_pad = jnp.concatenate([w, jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)])
   labels = jnp.array([0, 5, 2, 3])
   head = ml_collections.ConfigDict(dict(type='arcface', margin=0.15, scale=30.0, t_momentum=0.01))
-  logits, _ = step_lib.head_logits(head, margins, emb, w, labels, 0.0, 6)
-  logits_pad, _ = step_lib.head_logits(head, margins, emb, w_pad, labels, 0.0, 6)
+  logits, _ = step_lib.head_logits(head, emb, w, labels, 0.0, 6)
+  logits_pad, _ = step_lib.head_logits(head, emb, w_pad, labels, 0.0, 6)
   np.testing.assert_allclose(logits_pad[:, :6], logits)
   loss = margins.softmax_cross_entropy(logits, labels)
   assert float(margins.softmax_cross_entropy(logits_pad, labels)) == pytest.approx(float(loss))
@@ -165,7 +166,7 @@ def test_mesh_config_errors():
 
 _BN_SCRIPT = textwrap.dedent('''
   import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
-  from test_train_step import _config, _setup, _batch
+  from tests.test_train_step import _config, _setup, _batch
   from dolg_jax import sharding as shd
 
   class BNEmbed(nn.Module):
@@ -199,20 +200,18 @@ _BN_SCRIPT = textwrap.dedent('''
 
 def test_bn_modes_on_two_devices():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests'),
-                                         os.environ.get('PYTHONPATH', '')]))
+             PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
   proc = subprocess.run([sys.executable, '-c', _BN_SCRIPT], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and 'BN_OK' in proc.stdout, proc.stderr[-4000:]
 
 
 def test_load_backbone_replaces_only_given_leaves(monkeypatch):
-  from dolg_jax import pretrained
   config = _config()
   mesh, state, _ = _setup(config, DenseEmbed())
   shardings = jax.tree.map(lambda x: x.sharding, state)
   kernel = np.full((8 * 8 * 3, 32), 0.5, np.float32)
-  monkeypatch.setattr(pretrained, 'load_backbone',
+  monkeypatch.setattr(backbone_lib, 'load_backbone',
                       lambda path: {'params': {'Dense_1': {'kernel': kernel}}})
   before = jax.device_get(state.params)
   new = state_lib.load_backbone(state, shardings, 'fake.pyth')

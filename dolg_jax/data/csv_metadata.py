@@ -3,11 +3,18 @@ file and line.
 
   train_clean.csv   landmark_id,images        images: 16-hex ids separated by single spaces
   train.csv         id,url,landmark_id        one image per row
+  index.csv, test.csv                  id[,...]          (GLDv2 retrieval) one image per row
+  retrieval_solution_v2.1.csv          id,images,Usage   images: 16-hex ids separated by single
+                                                         spaces; Usage Public / Private, or Ignored
+                                                         (images None, not read)
+  exclusion lists   landmark_id and/or id     (ours: what `gldv2 --exclude` leaves out; a row may
+                                              leave one of the two empty)
 
 Checked: UTF-8 encoding (a byte order mark is accepted), CSV quoting (`csv` strict mode: a stray
 quote is an error, not a silently merged field), the header's columns, the same number of fields
 on every row as in the header (a comma where a space belongs is caught), image ids of exactly 16
-lowercase hex digits, landmark ids that are non-negative integers, and no empty image lists.
+lowercase hex digits, landmark ids that are non-negative integers, no empty image lists, and no
+id listed twice where each row is one image (index.csv, test.csv, the solution's test ids).
 
 `check_gnd(cfg, path)` checks a revisitop `gnd_<name>.pkl` dict: image lists of strings, one entry
 per query with a 4-number `bbx` and `easy` / `hard` / `junk` lists of valid database indices.
@@ -31,11 +38,15 @@ class MetadataError(ValueError):
   """A metadata file is malformed (message: 'PATH:LINE: what is wrong; what to do')."""
 
 
-def _remedy(path: str) -> str:
-  return (f'fix or re-download {os.path.basename(path)} (the official file has no such rows)')
+def _remedy(path: str, own: str = '') -> str:
+  """What to do about a bad file: official downloads are re-downloaded, files of ours (`own`
+  names their kind, e.g. 'exclusion list') fixed."""
+  if own:
+    return f'fix the {own} {os.path.basename(path)}'
+  return f'fix or re-download {os.path.basename(path)} (the official file has no such rows)'
 
 
-def read_text(path: str) -> str:
+def read_text(path: str, own: str = '') -> str:
   """The file decoded as strict UTF-8 (MetadataError naming the line of the first bad byte)."""
   with open(path, 'rb') as f:
     data = f.read()
@@ -48,21 +59,24 @@ def read_text(path: str) -> str:
     column = e.start - (data.rfind(b'\n', 0, e.start) + 1) + 1
     raise MetadataError(
         f'{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at column {column}); the file is '
-        f'damaged or was re-encoded: {_remedy(path)}') from None
+        f'damaged or was re-encoded: {_remedy(path, own)}') from None
 
 
-def rows(path: str, columns: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
-  """(line number, {column: value}) of each data row; the header must hold `columns`."""
-  text = read_text(path)
+def rows(path: str, columns: Sequence[str], *, any_of: bool = False, own: str = ''
+         ) -> Iterator[tuple[int, dict[str, str]]]:
+  """(line number, {column: value}) of each data row; the header must hold `columns` (with
+  `any_of`: at least one of them). `own`: see `_remedy`."""
+  text = read_text(path, own)
   reader = csv.reader(io.StringIO(text, newline=''), strict=True)
+  expected = (' and/or ' if any_of else ',').join(columns)
   try:
     header = next(reader, None)
     if header is None:
-      raise MetadataError(f'{path}:1: empty file (expected the header {",".join(columns)})')
+      raise MetadataError(f'{path}:1: empty file (expected the header {expected})')
     missing = [c for c in columns if c not in header]
-    if missing:
+    if missing and (not any_of or len(missing) == len(columns)):
       raise MetadataError(f'{path}:1: header {",".join(header)!r} lacks column(s) '
-                          f'{", ".join(missing)} (expected {",".join(columns)})')
+                          f'{", ".join(missing)} (expected {expected})')
     while True:
       start = reader.line_num + 1
       try:
@@ -77,27 +91,42 @@ def rows(path: str, columns: Sequence[str]) -> Iterator[tuple[int, dict[str, str
         hint = (' (a comma where a space belongs? image ids are separated by spaces)'
                 if len(row) > len(header) else '')
         raise MetadataError(f'{path}:{start}: {len(row)} fields, the header has {len(header)}'
-                            f'{hint}: {shown!r}; {_remedy(path)}')
+                            f'{hint}: {shown!r}; {_remedy(path, own)}')
       yield start, dict(zip(header, row))
   except csv.Error as e:
-    raise MetadataError(f'{path}:{reader.line_num}: malformed CSV ({e}); {_remedy(path)}') from None
+    raise MetadataError(f'{path}:{reader.line_num}: malformed CSV ({e}); '
+                        f'{_remedy(path, own)}') from None
 
 
-def _landmark(path: str, line: int, value: str) -> int:
+def _landmark(path: str, line: int, value: str, own: str = '') -> int:
   if not LANDMARK_ID.fullmatch(value):
     raise MetadataError(f'{path}:{line}: landmark_id {value!r} is not a non-negative integer; '
-                        f'{_remedy(path)}')
+                        f'{_remedy(path, own)}')
   return int(value)
 
 
-def _image_id(path: str, line: int, value: str) -> str:
+def _image_id(path: str, line: int, value: str, own: str = '') -> str:
   if not value:
     raise MetadataError(f'{path}:{line}: empty image id (two spaces in a row, or a leading or '
-                        f'trailing space); {_remedy(path)}')
+                        f'trailing space); {_remedy(path, own)}')
   if not IMAGE_ID.fullmatch(value):
     raise MetadataError(f'{path}:{line}: image id {value!r} is not 16 lowercase hex digits; '
-                        f'{_remedy(path)}')
+                        f'{_remedy(path, own)}')
   return value
+
+
+def _image_list(path: str, line: int, value: str, what: str) -> list[str]:
+  """Space-separated 16-hex image ids (at least one)."""
+  if not value.strip():
+    raise MetadataError(f'{path}:{line}: {what} lists no images; {_remedy(path)}')
+  return [_image_id(path, line, image_id) for image_id in value.split(' ')]
+
+
+def _first_listing(path: str, line: int, image_id: str, seen: dict[str, int], what: str) -> None:
+  if image_id in seen:
+    raise MetadataError(f'{path}:{line}: {what} {image_id} is listed again (first at line '
+                        f'{seen[image_id]}); {_remedy(path)}')
+  seen[image_id] = line
 
 
 def read_train_clean(path: str) -> list[tuple[str, int]]:
@@ -105,11 +134,8 @@ def read_train_clean(path: str) -> list[tuple[str, int]]:
   pairs = []
   for line, row in rows(path, ('landmark_id', 'images')):
     landmark = _landmark(path, line, row['landmark_id'])
-    images = row['images']
-    if not images.strip():
-      raise MetadataError(f'{path}:{line}: landmark {landmark} lists no images; {_remedy(path)}')
-    for image_id in images.split(' '):
-      pairs.append((_image_id(path, line, image_id), landmark))
+    pairs.extend((image_id, landmark)
+                 for image_id in _image_list(path, line, row['images'], f'landmark {landmark}'))
   return pairs
 
 
@@ -117,6 +143,64 @@ def read_train(path: str) -> list[tuple[str, int]]:
   """(image id, landmark id) pairs of train.csv, in file order."""
   return [(_image_id(path, line, row['id']), _landmark(path, line, row['landmark_id']))
           for line, row in rows(path, ('id', 'url', 'landmark_id'))]
+
+
+def read_image_ids(path: str) -> list[str]:
+  """The `id` column of the GLDv2 retrieval index.csv / test.csv, in file order (no repeats)."""
+  ids: list[str] = []
+  seen: dict[str, int] = {}
+  for line, row in rows(path, ('id',)):
+    image_id = _image_id(path, line, row['id'])
+    _first_listing(path, line, image_id, seen, 'image id')
+    ids.append(image_id)
+  return ids
+
+
+SOLUTION_USAGES = ('Public', 'Private', 'Ignored')
+
+
+def read_retrieval_solution(path: str
+                            ) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+  """(public, private, ignored) of retrieval_solution_v2.1.csv: test id -> relevant index ids for
+  the Public and Private rows; the test ids of the Ignored rows (whose images column is None)."""
+  public: dict[str, list[str]] = {}
+  private: dict[str, list[str]] = {}
+  ignored: list[str] = []
+  seen: dict[str, int] = {}
+  for line, row in rows(path, ('id', 'images', 'Usage')):
+    test_id, usage = _image_id(path, line, row['id']), row['Usage']
+    if usage not in SOLUTION_USAGES:
+      raise MetadataError(f'{path}:{line}: Usage {usage!r} of {test_id} is not one of '
+                          f'{", ".join(SOLUTION_USAGES)}; {_remedy(path)}')
+    _first_listing(path, line, test_id, seen, 'test id')
+    if usage == 'Ignored':
+      ignored.append(test_id)
+      continue
+    if row['images'] == 'None':
+      raise MetadataError(f'{path}:{line}: {usage} test id {test_id} has images None (only '
+                          f'Ignored rows may); {_remedy(path)}')
+    (public if usage == 'Public' else private)[test_id] = _image_list(
+        path, line, row['images'], f'{usage} test id {test_id}')
+  return public, private, ignored
+
+
+def read_exclusion(path: str) -> tuple[frozenset[int], frozenset[str]]:
+  """(landmark ids, image ids) of an exclusion list: a CSV with a landmark_id and/or an id column;
+  a row may leave either empty (spaces around values are ignored). At least one id overall."""
+  own = 'exclusion list'
+  landmarks: set[int] = set()
+  images: set[str] = set()
+  for line, row in rows(path, ('landmark_id', 'id'), any_of=True, own=own):
+    landmark = row.get('landmark_id', '').strip()
+    image_id = row.get('id', '').strip()
+    if landmark:
+      landmarks.add(_landmark(path, line, landmark, own))
+    if image_id:
+      images.add(_image_id(path, line, image_id, own))
+  if not landmarks and not images:
+    raise MetadataError(f'{path}: the exclusion list names no landmark_id and no id; '
+                        f'{_remedy(path, own)}')
+  return frozenset(landmarks), frozenset(images)
 
 
 def read_lines(path: str) -> list[str]:

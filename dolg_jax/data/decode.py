@@ -1,13 +1,27 @@
-"""Image decoding for the input pipelines: any stored bytes -> RGB uint8, fast.
+"""Image decoding for the input pipelines: any stored bytes -> RGB uint8.
 
-Fast path (chosen by measurement, see `dolg_jax.bench_data`): JPEG bytes are decoded by libjpeg-turbo
-through `simplejpeg`, with decode-time DCT downscaling (1/2, 1/4, 1/8) whenever the crop that will be
-kept is at least twice the output size, then the crop is resized with OpenCV's bilinear `resize`
-(about 10x faster than Pillow's at 512x512). Whatever simplejpeg cannot read (PNG bytes under a .jpg
-name, exotic JPEGs) falls back to Pillow, which also handles palette, alpha and 16-bit modes; every
-path returns (H, W, 3) uint8 RGB. Grayscale and CMYK JPEGs are converted to RGB by libjpeg-turbo.
+Two routes, both returning (H, W, 3) uint8 RGB with the EXIF orientation applied:
 
-Boxes are `(top, left, height, width)` in ORIGINAL image pixels, whatever scale the decoder picks.
+* exact (the default, `fast=False`): `cv2.imdecode(bytes, IMREAD_COLOR)` reversed to RGB, i.e.
+  pixel for pixel what the official DOLG code reads with `cv2.imread(path)[..., ::-1]`: libjpeg-turbo's
+  accurate integer DCT and smooth chroma upsampling, EXIF orientations 2-8 applied, grayscale and
+  CMYK JPEGs converted by OpenCV, PNG alpha dropped (not composited), 16-bit PNGs reduced to their
+  high byte. A truncated JPEG gives the decoded part with the missing blocks grey, as `cv2.imread`
+  returns it (`cv2.imdecode` refuses it; libjpeg-turbo's accurate decode through simplejpeg gives
+  the same pixels). Evaluation always uses this route.
+* fast (`fast=True`, training's `config.data.decode` = 'fast'; chosen by measurement, see
+  `dolg_jax.tools.bench_data`): JPEG bytes are decoded by libjpeg-turbo through `simplejpeg` with the fast
+  DCT and upsampling and decode-time DCT downscaling (1/2, 1/4, 1/8) whenever the crop that will be
+  kept is at least twice the output size; the EXIF orientation tag (read with Pillow) is then
+  applied with the same eight transforms OpenCV uses. Pixels differ from the exact route by a few
+  grey levels. Non-JPEG bytes take the exact route.
+
+Bytes OpenCV cannot read (where `cv2.imread` would return None) fall back to Pillow, which also
+handles palette, alpha (composited on white) and 16-bit modes, with `ImageOps.exif_transpose`.
+Crops are resized with OpenCV's bilinear `resize` (about 10x faster than Pillow's at 512x512).
+
+Boxes are `(top, left, height, width)` in ORIGINAL image pixels of the ORIENTED image (the image as
+`image_size` reports it and `decode_rgb` returns it), whatever scale the decoder picks.
 """
 
 from __future__ import annotations
@@ -16,15 +30,13 @@ import io
 import math
 from typing import Optional, Tuple
 
+import cv2
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 import simplejpeg
 
-try:  # OpenCV is the fast resizer; Pillow is the fallback if it is not installed.
-  import cv2
-  cv2.setNumThreads(1)  # One thread per worker process: grain parallelises across processes.
-except ImportError:  # pragma: no cover - exercised only where opencv is absent.
-  cv2 = None
+cv2.setNumThreads(1)  # One thread per worker process: grain parallelises across processes.
 
 Box = Tuple[int, int, int, int]  # (top, left, height, width)
 
@@ -39,20 +51,57 @@ def is_jpeg(data: bytes) -> bool:
   return data[:2] == _JPEG_MAGIC
 
 
+_EXIF_ORIENTATION_TAG = 0x0112
+# Orientations whose transform swaps height and width (EXIF 5-8).
+_TRANSPOSING = (5, 6, 7, 8)
+
+
+def exif_orientation(data: bytes) -> int:
+  """The EXIF orientation tag (1-8) of the encoded image; 1 when absent, unreadable or invalid."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      value = im.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+  except Exception:  # pylint: disable=broad-except  # No readable EXIF: no transform, as OpenCV.
+    return 1
+  try:
+    value = int(value)
+  except (TypeError, ValueError):
+    return 1
+  return value if 1 <= value <= 8 else 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+  """Displays a stored (H, W, C) image as EXIF `orientation` asks (OpenCV's eight transforms).
+
+  2 mirror left-right, 3 rotate 180, 4 mirror top-bottom, 5 transpose, 6 rotate 90 clockwise,
+  7 transverse, 8 rotate 90 counter-clockwise; 1 (and anything else) unchanged.
+  """
+  if orientation in _TRANSPOSING:
+    img = img.transpose(1, 0, *range(2, img.ndim))
+  if orientation in (2, 3, 6, 7):
+    img = img[:, ::-1]
+  if orientation in (3, 4, 7, 8):
+    img = img[::-1]
+  return np.ascontiguousarray(img)
+
+
 def image_size(data: bytes) -> Tuple[int, int]:
-  """(height, width) of the encoded image, reading only its header."""
+  """(height, width) of the image as decoded (EXIF orientation applied), reading only headers."""
   if is_jpeg(data):
     try:
       h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-      return int(h), int(w)
+      h, w = int(h), int(w)
     except ValueError:
       pass
+    else:
+      return (w, h) if exif_orientation(data) in _TRANSPOSING else (h, w)
   try:
     with Image.open(io.BytesIO(data)) as im:
       w, h = im.size
+      orientation = im.getexif().get(_EXIF_ORIENTATION_TAG, 1)
   except Exception as e:  # Pillow raises several types for bad data.
     raise DecodeError(f'cannot read image header: {e}') from e
-  return int(h), int(w)
+  return (int(w), int(h)) if orientation in _TRANSPOSING else (int(h), int(w))
 
 
 def _pil_to_rgb(im: Image.Image) -> np.ndarray:
@@ -67,16 +116,36 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
   return np.asarray(im.convert('RGB'))
 
 
+def _decode_pillow(data: bytes, min_height: int, min_width: int) -> np.ndarray:
+  """Pillow route for bytes OpenCV cannot read (and strict validation); raises on truncation."""
+  with Image.open(io.BytesIO(data)) as im:
+    if im.format == 'JPEG' and (min_height or min_width):
+      im.draft(im.mode, (max(int(min_width), 1), max(int(min_height), 1)))
+    im.load()
+    return _pil_to_rgb(ImageOps.exif_transpose(im))
+
+
+def _reason(e: Exception, data: bytes) -> str:
+  if isinstance(e, Image.UnidentifiedImageError):
+    return f'not a recognised image format (first bytes {bytes(data[:12])!r})'
+  return f'{type(e).__name__}: {e}'
+
+
 def decode_rgb(data: bytes, *, min_height: int = 0, min_width: int = 0,
-               strict: bool = False, fast: bool = True) -> np.ndarray:
-  """Decodes image bytes to (H, W, 3) uint8 RGB.
+               strict: bool = False, fast: bool = False) -> np.ndarray:
+  """Decodes image bytes to (H, W, 3) uint8 RGB with the EXIF orientation applied.
+
+  With the defaults, the result equals `cv2.imread(path)[..., ::-1]` for the same file, pixel for
+  pixel (see the module docstring).
 
   Args:
-    data: encoded image (JPEG of any colour space, or anything Pillow reads).
-    min_height, min_width: the decoder may downscale by 2, 4 or 8 in the DCT domain as long as the
-      result keeps at least this size (0: full size).
-    strict: raise on recoverable JPEG errors (truncated data) instead of returning a partial image.
-    fast: libjpeg-turbo's fast DCT and upsampling (a few % faster, imperceptible difference).
+    data: encoded image (JPEG of any colour space, PNG, or anything OpenCV or Pillow reads).
+    min_height, min_width: the fast route may downscale JPEGs by 2, 4 or 8 in the DCT domain as long
+      as the (oriented) result keeps at least this size (0: full size); the exact route never
+      downscales.
+    strict: raise on recoverable JPEG errors (corrupt or truncated data, checked with
+      libjpeg-turbo's strict mode) instead of returning a partially decoded image.
+    fast: the fast route (simplejpeg, fast DCT and upsampling, DCT downscaling) for JPEGs.
 
   Raises:
     DecodeError: the bytes cannot be decoded (the message gives the reason).
@@ -84,34 +153,52 @@ def decode_rgb(data: bytes, *, min_height: int = 0, min_width: int = 0,
   if not data:
     raise DecodeError('empty file')
   jpeg_error = None
-  if is_jpeg(data):
+  if is_jpeg(data) and (fast or strict):
+    orientation = exif_orientation(data)
+    min_h, min_w = max(int(min_height), 0), max(int(min_width), 0)
+    if orientation in _TRANSPOSING:
+      min_h, min_w = min_w, min_h
     try:
-      return simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=fast, fastupsample=fast,
-                                    min_height=max(int(min_height), 0),
-                                    min_width=max(int(min_width), 0), strict=strict)
+      img = simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=True, fastupsample=True,
+                                   min_height=min_h if fast else 1,
+                                   min_width=min_w if fast else 1, strict=strict)
     except ValueError as e:
-      jpeg_error = e  # Retry with Pillow: it reads some JPEGs that libjpeg-turbo's API rejects.
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      if im.format == 'JPEG' and (min_height or min_width):
-        im.draft(im.mode, (max(int(min_width), 1), max(int(min_height), 1)))
-      if strict:
-        im.load()
-      return _pil_to_rgb(im)
-  except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad data.
-    if isinstance(e, Image.UnidentifiedImageError):
-      reason = f'not a recognised image format (first bytes {bytes(data[:12])!r})'
+      # libjpeg-turbo's simple API rejects some JPEGs that the full one (OpenCV) or Pillow reads.
+      jpeg_error = e
     else:
-      reason = f'{type(e).__name__}: {e}'
+      if fast:
+        return apply_orientation(img, orientation)
+  if jpeg_error is not None and strict:
+    try:  # Pillow decides: it also rejects truncated data.
+      _decode_pillow(data, 1, 1)
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad data.
+      raise DecodeError(f'libjpeg-turbo: {jpeg_error}; Pillow: {_reason(e, data)}') from e
+  bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+  if bgr is not None:
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+  if is_jpeg(data) and not strict:
+    # Truncated JPEG: cv2.imdecode gives up, but cv2.imread returns the decoded part (missing
+    # blocks grey); libjpeg-turbo's accurate route through simplejpeg returns the same pixels.
+    try:
+      img = simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=False, fastupsample=False,
+                                   strict=False)
+    except ValueError as e:
+      jpeg_error = e
+    else:
+      return apply_orientation(img, exif_orientation(data))
+  try:  # Formats (or files) OpenCV cannot read.
+    return _decode_pillow(data, min_height, min_width)
+  except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad data.
+    reason = _reason(e, data)
     if jpeg_error is not None:
       reason = f'libjpeg-turbo: {jpeg_error}; Pillow: {reason}'
-    raise DecodeError(reason) from e
+    raise DecodeError(f'OpenCV cannot decode it; {reason}') from e
 
 
 def check_decodable(data: bytes) -> Optional[str]:
-  """None if `data` decodes cleanly (strict, at 1/8 scale to be quick), else the reason."""
+  """None if `data` decodes cleanly (strict, fast route at 1/8 scale to be quick), else the reason."""
   try:
-    img = decode_rgb(data, min_height=1, min_width=1, strict=True)
+    img = decode_rgb(data, min_height=1, min_width=1, strict=True, fast=True)
   except DecodeError as e:
     return str(e)
   if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] < 1 or img.shape[1] < 1:
@@ -120,23 +207,22 @@ def check_decodable(data: bytes) -> Optional[str]:
 
 
 def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear resize of (H, W, 3) uint8 (OpenCV if available, else Pillow)."""
+  """Bilinear resize of (H, W, 3) uint8 with OpenCV (area averaging when shrinking 2x or more)."""
   if img.shape[0] == height and img.shape[1] == width:
     return np.ascontiguousarray(img)
-  if cv2 is not None:
-    shrink = img.shape[0] >= 2 * height and img.shape[1] >= 2 * width
-    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=interp)
-  return np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR))
+  shrink = img.shape[0] >= 2 * height and img.shape[1] >= 2 * width
+  interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+  return cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=interp)
 
 
 def decode_crop_resize(data: bytes, box: Box, size: Tuple[int, int], *,
-                       image_hw: Optional[Tuple[int, int]] = None, flip: bool = False
-                       ) -> np.ndarray:
+                       image_hw: Optional[Tuple[int, int]] = None, flip: bool = False,
+                       fast: bool = False) -> np.ndarray:
   """Decodes the `box` of the image and resizes it to `size` = (height, width); uint8 RGB.
 
-  The decoder downscales in the DCT domain as far as it can while the crop keeps at least `size`
-  pixels, so large images cost a fraction of a full decode.
+  `fast`: the fast route of `decode_rgb`, which downscales in the DCT domain as far as it can while
+  the crop keeps at least `size` pixels, so large images cost a fraction of a full decode. The
+  default decodes exactly as `cv2.imread` (full size), then crops.
   """
   if image_hw is None:
     image_hw = image_size(data)
@@ -145,7 +231,7 @@ def decode_crop_resize(data: bytes, box: Box, size: Tuple[int, int], *,
   out_h, out_w = size
   min_h = math.ceil(full_h * out_h / max(h, 1))
   min_w = math.ceil(full_w * out_w / max(w, 1))
-  img = decode_rgb(data, min_height=min_h, min_width=min_w)
+  img = decode_rgb(data, min_height=min_h, min_width=min_w, fast=fast)
   sy, sx = img.shape[0] / full_h, img.shape[1] / full_w
   y0 = min(int(round(top * sy)), img.shape[0] - 1)
   x0 = min(int(round(left * sx)), img.shape[1] - 1)

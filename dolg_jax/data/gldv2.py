@@ -1,11 +1,23 @@
 """TFDS builder `gldv2` (Google Landmarks Dataset v2, train set) -> ArrayRecord, without TensorFlow.
 
-Reads the official layout from the manual dir:
-  train.csv                      id,url,landmark_id           (config `full`)
-  train_clean.csv                landmark_id,images           (config `clean`; images space-separated)
-  images_000.tar ... images_499.tar   members a/b/c/<id>.jpg  (a, b, c: first characters of the id)
-  md5.images_000.txt ...         "<md5>  images_000.tar"      (checked with verify_md5=True)
-or, instead of (or besides) the tars, an extracted tree train/a/b/c/<id>.jpg.
+Reads the official files from the manual dir, in any of these layouts:
+  train.csv                      id,url,landmark_id           (configs `full`, `full_all`)
+  train_clean.csv                landmark_id,images           (configs `clean`, `clean_all`)
+  flat:   images_000.tar ... images_499.tar (members a/b/c/<id>.jpg), md5.images_NNN.txt beside them
+  official download script (run inside train/): train/images_NNN.tar, train/md5.images_NNN.txt
+  public bucket: train/images_NNN.tar, md5sum/train/md5.images_NNN.txt
+  extracted: train/a/b/c/<id>.jpg (a, b, c: the id's first characters), instead of or besides tars.
+The md5 files ("<md5>  images_NNN.tar") are checked with verify_md5=True.
+
+Dataset names (`gldv2/<config>`): `clean` / `full` hold out a validation split (val_fraction 0.2);
+`clean_all` / `full_all` put every listed image in train (val_fraction 0, as the official DOLG
+training list). Build options make further configs, named by suffixes so that each has its own
+directory: `-val<F>` (another validation fraction, e.g. `gldv2/clean-val0.1`) and `-ex<sha>` (an
+exclusion list, the first 12 hex digits of its sha256: e.g. landmarks shared with the test sets as
+in the revisited GLDv2-clean). An exclusion list is a CSV with a `landmark_id` column, an `id`
+column (image ids), or both; the excluded images are removed before the split and the labels.
+The options are recorded in the dataset's metadata (`build_options`, also in summary.json) and
+from there in the training run's manifest.
 
 Writes features {image: original file bytes, label: int64 contiguous, landmark_id: int64, id: text}
 and splits 'train' / 'validation' (per class, validation = floor(val_fraction * n) images chosen with
@@ -25,7 +37,6 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import fcntl
 import glob
 import hashlib
 import json
@@ -34,7 +45,7 @@ import math
 import os
 import re
 import tarfile
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from etils import epath
 import numpy as np
@@ -83,27 +94,31 @@ class BuildPlan:
   """Everything decided before a byte of image data is read."""
   records: List[Record]                  # Every listed image, in listing order.
   landmark_ids: List[int]                # label -> landmark_id (sorted).
-  shards: List[str]                      # Tar shards searched (basenames).
+  shards: List[str]                      # Tar shards searched (paths relative to the manual dir).
   extracted_dir: Optional[str]           # Extracted tree searched, if any.
   missing: List[Record]
   duplicates: int = 0                    # CSV rows repeating an id already listed (ignored).
+  excluded: Optional[dict] = None        # Exclusion list applied (see `exclude_pairs`), if any.
+
+
+@dataclasses.dataclass(frozen=True)
+class Exclusion:
+  """An exclusion list: landmark ids and image ids to leave out of the dataset."""
+  path: str
+  sha256: str
+  landmark_ids: frozenset
+  image_ids: frozenset
+
+  @property
+  def tag(self) -> str:
+    return self.sha256[:12]
+
+  def describe(self) -> dict:
+    return {'file': os.path.abspath(self.path), 'sha256': self.sha256,
+            'num_landmark_ids': len(self.landmark_ids), 'num_image_ids': len(self.image_ids)}
 
 
 # ------------------------------------------------------------------------------------ CSV parsing
-
-
-def _open_csv(path: str) -> Iterator[Dict[str, str]]:
-  with open(path, newline='') as f:
-    reader = csv.DictReader(f)
-    if reader.fieldnames is None:
-      raise ValueError(f'{path}: empty file (expected a CSV header)')
-    yield from reader
-
-
-def _require_columns(path: str, row: Dict[str, str], columns: Sequence[str]) -> None:
-  missing = [c for c in columns if c not in row]
-  if missing:
-    raise ValueError(f'{path}: missing column(s) {missing}; found {sorted(row)}')
 
 
 def read_listing(manual_dir: str, subset: str) -> List[Tuple[str, int]]:
@@ -153,14 +168,66 @@ def split_per_class(pairs: Sequence[Tuple[str, int]], val_fraction: float, seed:
   return records, landmark_ids
 
 
+def read_exclusion(path: str) -> Exclusion:
+  """Reads an exclusion list: a CSV with a `landmark_id` and/or an `id` (image id) column
+  (parsed strictly by csv_metadata.read_exclusion; errors name the file and line)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'exclusion list {path} not found')
+  with open(path, 'rb') as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  landmarks, images = csv_metadata.read_exclusion(path)
+  return Exclusion(path, digest, landmarks, images)
+
+
+def exclude_pairs(pairs: Sequence[Tuple[str, int]], exclusion: Exclusion
+                  ) -> Tuple[List[Tuple[str, int]], dict]:
+  """Drops the listed (id, landmark) pairs the exclusion names; returns them and the counts."""
+  kept = [(i, lm) for i, lm in pairs
+          if lm not in exclusion.landmark_ids and i not in exclusion.image_ids]
+  listed_landmarks = {lm for _, lm in pairs}
+  kept_landmarks = {lm for _, lm in kept}
+  counts = {**exclusion.describe(),
+            'images_removed': len(pairs) - len(kept),
+            'landmarks_removed': len(listed_landmarks - kept_landmarks),
+            'excluded_landmarks_not_listed': len(exclusion.landmark_ids - listed_landmarks)}
+  return kept, counts
+
+
 # ------------------------------------------------------------------------------------ shards
 
 
+SHARD_DIRS = ('', 'train')  # Flat layout; official download script and public bucket.
+MD5_DIRS = ('', 'train', os.path.join('md5sum', 'train'))
+
+
 def find_shards(manual_dir: str) -> List[str]:
-  """Sorted paths of images_NNN.tar in the manual dir."""
-  paths = [p for p in glob.glob(os.path.join(manual_dir, 'images_*.tar'))
-           if _SHARD_RE.match(os.path.basename(p))]
-  return sorted(paths, key=lambda p: int(_SHARD_RE.match(os.path.basename(p)).group(1)))
+  """Sorted paths of images_NNN.tar in the manual dir or its train/ directory.
+
+  Raises ValueError when one shard name is in both places (which copy is meant is unclear).
+  """
+  found: Dict[str, str] = {}
+  for sub in SHARD_DIRS:
+    for p in glob.glob(os.path.join(manual_dir, sub, 'images_*.tar')):
+      name = os.path.basename(p)
+      if not _SHARD_RE.match(name):
+        continue
+      if name in found:
+        raise ValueError(f'{manual_dir}: {name} is both at {found[name]} and at {p}; keep one '
+                         '(the official layout has the shards in train/)')
+      found[name] = p
+  return [found[n] for n in sorted(found, key=lambda n: int(_SHARD_RE.match(n).group(1)))]
+
+
+def md5_file_for(shard_path: str, manual_dir: Optional[str] = None) -> Optional[str]:
+  """md5.images_NNN.txt of a shard: beside it, or (manual dir) in train/ or md5sum/train/."""
+  name = 'md5.' + os.path.basename(shard_path)[:-len('.tar')] + '.txt'
+  candidates = [os.path.join(os.path.dirname(shard_path), name)]
+  if manual_dir is not None:
+    candidates += [os.path.join(manual_dir, sub, name) for sub in MD5_DIRS]
+  for path in candidates:
+    if os.path.isfile(path):
+      return path
+  return None
 
 
 def _id_from_member(name: str) -> Optional[str]:
@@ -212,13 +279,17 @@ def read_md5_file(path: str) -> str:
   return text[0].lower()
 
 
-def verify_md5(shard_path: str) -> None:
-  """Compares the shard with md5.images_NNN.txt next to it; raises ChecksumError on mismatch."""
+def verify_md5(shard_path: str, manual_dir: Optional[str] = None) -> None:
+  """Compares the shard with its md5.images_NNN.txt (see `md5_file_for`); raises ChecksumError
+  when they differ."""
   name = os.path.basename(shard_path)
-  md5_path = os.path.join(os.path.dirname(shard_path), 'md5.' + name[:-len('.tar')] + '.txt')
-  if not os.path.exists(md5_path):
-    raise FileNotFoundError(f'{md5_path} not found (needed to verify {name}; build without '
-                            'verify_md5 to skip the check)')
+  md5_path = md5_file_for(shard_path, manual_dir)
+  if md5_path is None:
+    where = [os.path.dirname(shard_path)] + ([os.path.join(manual_dir, d) for d in MD5_DIRS]
+                                             if manual_dir else [])
+    raise FileNotFoundError(f'md5.{name[:-len(".tar")]}.txt not found in {sorted(set(where))} '
+                            f'(needed to verify {name}; build without verify_md5 to skip the '
+                            'check)')
   expected = read_md5_file(md5_path)
   digest = hashlib.md5()
   with open(shard_path, 'rb') as f:
@@ -238,17 +309,24 @@ def _describe_shards(names: Sequence[str]) -> str:
 
 
 def make_plan(manual_dir: str, subset: str, *, val_fraction: float, seed: int,
-              allow_missing: bool = False, check_md5: bool = False) -> BuildPlan:
-  """Parses the listing, splits it, and locates every image (raising on missing unless allowed)."""
+              allow_missing: bool = False, check_md5: bool = False,
+              exclusion: Optional[Exclusion] = None) -> BuildPlan:
+  """Parses the listing, applies the exclusion list, splits it, and locates every image (raising
+  on missing unless allowed)."""
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(f'manual dir {manual_dir} does not exist')
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction}')
   pairs = read_listing(manual_dir, subset)
+  excluded = None
+  if exclusion is not None:
+    pairs, excluded = exclude_pairs(pairs, exclusion)
   records, landmark_ids = split_per_class(pairs, val_fraction, seed)
   shards = find_shards(manual_dir)
   locations: Dict[str, Location] = {}
   for shard in shards:
     if check_md5:
-      verify_md5(shard)
+      verify_md5(shard, manual_dir)
     for image_id, loc in index_shard(shard).items():
       locations.setdefault(image_id, loc)
   extracted = os.path.join(manual_dir, 'train')
@@ -263,7 +341,7 @@ def make_plan(manual_dir: str, subset: str, *, val_fraction: float, seed: int,
     rec.location = loc
     if loc is None:
       missing.append(rec)
-  shard_names = [os.path.basename(s) for s in shards]
+  shard_names = [os.path.relpath(s, manual_dir) for s in shards]
   if missing and not allow_missing:
     searched = _describe_shards(shard_names)
     if extracted_dir:
@@ -274,7 +352,7 @@ def make_plan(manual_dir: str, subset: str, *, val_fraction: float, seed: int,
         f'{manual_dir} (searched {searched}); first ids: {first}. Download the missing shards, '
         'or pass --allow_missing to build without them (they are listed in missing.csv).')
   return BuildPlan(records, landmark_ids, shard_names, extracted_dir, missing,
-                   duplicates=len(pairs) - len(records))
+                   duplicates=len(pairs) - len(records), excluded=excluded)
 
 
 def read_bytes(loc: Location, handles: Dict[str, object]) -> bytes:
@@ -298,13 +376,63 @@ def read_bytes(loc: Location, handles: Dict[str, object]) -> bytes:
 
 
 class Gldv2Config(tfds.core.BuilderConfig):
-  """`clean` (train_clean.csv) or `full` (train.csv)."""
+  """A listing (`clean`: train_clean.csv, `full`: train.csv) with its build options."""
 
-  def __init__(self, *, subset: str, val_fraction: float = 0.2, split_seed: int = 0, **kwargs):
-    super().__init__(name=subset, **kwargs)
+  def __init__(self, *, subset: str, val_fraction: float = 0.2, split_seed: int = 0,
+               name: Optional[str] = None, exclusion: Optional[Exclusion] = None,
+               exclusion_tag: str = '', **kwargs):
+    super().__init__(name=name or subset, **kwargs)
     self.subset = subset
     self.val_fraction = val_fraction
     self.split_seed = split_seed
+    self.exclusion = exclusion
+    self.exclusion_tag = exclusion.tag if exclusion is not None else exclusion_tag
+
+  def build_options(self) -> dict:
+    return {'subset': self.subset, 'val_fraction': self.val_fraction,
+            'split_seed': self.split_seed,
+            'exclusion': self.exclusion.describe() if self.exclusion is not None else None}
+
+
+# Named configs: listing and validation fraction.
+NAMED_CONFIGS = {'clean': ('clean', 0.2), 'full': ('full', 0.2),
+                 'clean_all': ('clean', 0.0), 'full_all': ('full', 0.0)}
+_SUFFIX_RE = re.compile(r'-(val(?P<val>\d+(\.\d+)?)|ex(?P<ex>[0-9a-f]{12}))')
+
+
+def config_name(base: str, *, val_fraction: Optional[float] = None,
+                exclusion: Optional[Exclusion] = None) -> str:
+  """The config name of a named config with build options (see the module docstring)."""
+  if base not in NAMED_CONFIGS:
+    raise ValueError(f'unknown gldv2 config {base!r}; known: {sorted(NAMED_CONFIGS)}')
+  name = base
+  if val_fraction is not None and val_fraction != NAMED_CONFIGS[base][1]:
+    if not 0.0 <= val_fraction < 1.0 or round(val_fraction, 4) != val_fraction:
+      raise ValueError(f'val_fraction must be in [0, 1) with at most 4 decimals, got '
+                       f'{val_fraction}')
+    name += '-val' + f'{val_fraction:.4f}'.rstrip('0').rstrip('.')
+  if exclusion is not None:
+    name += f'-ex{exclusion.tag}'
+  return name
+
+
+def parse_config_name(name: str) -> Tuple[str, float, str]:
+  """'clean_all-ex0123456789ab' -> (base, val_fraction, exclusion tag or '')."""
+  base, _, rest = name.partition('-')
+  if base not in NAMED_CONFIGS:
+    raise ValueError(f'unknown gldv2 config {name!r}: it must start with one of '
+                     f'{sorted(NAMED_CONFIGS)}, optionally followed by -val<F> and -ex<12 hex>')
+  val, tag = NAMED_CONFIGS[base][1], ''
+  rest = '-' + rest if rest else ''
+  for m in _SUFFIX_RE.finditer(rest):
+    if m.group('val') is not None:
+      val = float(m.group('val'))
+    else:
+      tag = m.group('ex')
+  if _SUFFIX_RE.sub('', rest):
+    raise ValueError(f'bad gldv2 config name {name!r}: after {base!r} only -val<F> (e.g. -val0.1) '
+                     'and -ex<first 12 hex digits of the exclusion list sha256> may follow')
+  return base, val, tag
 
 
 class Gldv2(tfds.core.GeneratorBasedBuilder):
@@ -315,6 +443,10 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       Gldv2Config(subset='clean', description='GLDv2-clean: 1,580,470 images, 81,313 landmarks.'),
       Gldv2Config(subset='full', description='GLDv2 train: 4,132,914 images, 203,094 landmarks.'),
+      Gldv2Config(subset='clean', name='clean_all', val_fraction=0.0,
+                  description='GLDv2-clean, every image in train (no validation split).'),
+      Gldv2Config(subset='full', name='full_all', val_fraction=0.0,
+                  description='GLDv2 train, every image in train (no validation split).'),
   ]
   DEFAULT_CONFIG_NAME = 'clean'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -352,12 +484,20 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
+    if cfg.exclusion_tag and cfg.exclusion is None:
+      raise ValueError(f'gldv2/{cfg.name} is not prepared and needs its exclusion list to be '
+                       'built: pass it (prepare --exclude=FILE, whose sha256 starts with '
+                       f'{cfg.exclusion_tag})')
     self._plan = make_plan(os.fspath(dl_manager.manual_dir), cfg.subset,
                            val_fraction=cfg.val_fraction, seed=cfg.split_seed,
-                           allow_missing=self._allow_missing, check_md5=self._verify_md5)
+                           allow_missing=self._allow_missing, check_md5=self._verify_md5,
+                           exclusion=cfg.exclusion)
     self._skipped = []
     self._written = {s: 0 for s in SPLITS}
-    return {split: self._generate_examples(split) for split in SPLITS}
+    splits = {'train': self._generate_examples('train')}
+    if cfg.val_fraction > 0:
+      splits['validation'] = self._generate_examples('validation')
+    return splits
 
   def _generate_examples(self, split: str):
     plan = self._plan
@@ -381,13 +521,15 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
   def _download_and_prepare(self, dl_manager, download_config):
     super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
     summary = write_side_files(os.fspath(self.data_path), self._plan, self._skipped,
-                               self._written, name=f'gldv2/{self.builder_config.name}')
+                               self._written, name=f'gldv2/{self.builder_config.name}',
+                               build_options=self.builder_config.build_options())
     self.info.metadata.update({k: v for k, v in summary.items() if k != 'skipped_examples'})
     self.summary = summary
 
 
 def write_side_files(out_dir: str, plan: BuildPlan, skipped: Sequence[Tuple[Record, str]],
-                     written: Dict[str, int], *, name: str) -> dict:
+                     written: Dict[str, int], *, name: str,
+                     build_options: Optional[dict] = None) -> dict:
   """label_map.csv, skipped.csv, missing.csv, summary.json; returns the summary dict."""
   counts = {s: collections.Counter() for s in SPLITS}
   for rec in plan.records:
@@ -420,6 +562,8 @@ def write_side_files(out_dir: str, plan: BuildPlan, skipped: Sequence[Tuple[Reco
       'missing': len(plan.missing),
       'per_split': {s: {'listed': listed[s], 'written': written[s], 'skipped': n_skipped[s],
                         'missing': n_missing[s]} for s in SPLITS},
+      'build_options': build_options,
+      'excluded': plan.excluded,
       'shards_searched': list(plan.shards),
       'extracted_dir': plan.extracted_dir,
       'skipped_examples': [{'id': r.id, 'reason': why} for r, why in skipped[:20]],
@@ -442,6 +586,10 @@ def format_summary(summary: dict) -> str:
   for s, per in summary['per_split'].items():
     lines.append(f"  {s}: listed {per['listed']}, written {per['written']}, skipped "
                  f"{per['skipped']}, missing {per['missing']}")
+  if summary.get('excluded'):
+    ex = summary['excluded']
+    lines.append(f"  exclusion list {ex['file']} (sha256 {ex['sha256'][:12]}): removed "
+                 f"{ex['images_removed']} listed images, {ex['landmarks_removed']} landmarks")
   if summary.get('duplicate_listings_ignored'):
     lines.append(f"  {summary['duplicate_listings_ignored']} duplicate CSV listings of an id were "
                  'ignored (each id is used once)')
@@ -455,20 +603,62 @@ def format_summary(summary: dict) -> str:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def builder(dataset: str = 'gldv2/clean', data_dir: Optional[str] = None,
-            **kwargs) -> Gldv2:
-  """The builder for 'gldv2/clean' or 'gldv2/full' (kwargs: allow_missing, verify_md5)."""
+def resolve_config(dataset: str, *, val_fraction: Optional[float] = None,
+                   exclude: Optional[str] = None) -> Gldv2Config:
+  """The builder config of a dataset name plus build options (see the module docstring).
+
+  `val_fraction` / `exclude` (a file) may also be given on top of a name; the result's name
+  encodes all of them. A name with `-ex<tag>` given together with `exclude` must match its sha256.
+  """
   name, _, config = dataset.partition('/')
   if name != 'gldv2':
     raise ValueError(f'not a gldv2 dataset name: {dataset!r}')
+  base, named_val, tag = parse_config_name(config or 'clean')
+  if val_fraction is not None and config and '-val' in config and val_fraction != named_val:
+    raise ValueError(f'{dataset!r} names validation fraction {named_val:g} but val_fraction='
+                     f'{val_fraction:g} was given')
+  val = named_val if val_fraction is None else float(val_fraction)
+  if not 0.0 <= val < 1.0:
+    raise ValueError(f'val_fraction must be in [0, 1), got {val}')
+  exclusion = read_exclusion(exclude) if exclude else None
+  if exclusion is not None and tag and tag != exclusion.tag:
+    raise ValueError(f'{dataset!r} was built with an exclusion list whose sha256 starts with '
+                     f'{tag}, but {exclude} has sha256 {exclusion.sha256[:12]}...')
+  full = config_name(base, val_fraction=val, exclusion=exclusion)
+  if exclusion is None and tag:
+    full += f'-ex{tag}'
+  if full == base:
+    return next(c for c in Gldv2.BUILDER_CONFIGS if c.name == base)
+  subset = NAMED_CONFIGS[base][0]
+  return Gldv2Config(subset=subset, name=full, val_fraction=val, exclusion=exclusion,
+                     exclusion_tag=tag, description=f'gldv2/{base} with build options')
+
+
+def builder(dataset: str = 'gldv2/clean', data_dir: Optional[str] = None, *,
+            val_fraction: Optional[float] = None, exclude: Optional[str] = None,
+            **kwargs) -> Gldv2:
+  """The builder of a gldv2 dataset name (kwargs: allow_missing, verify_md5).
+
+  Names: 'gldv2/clean', 'gldv2/full', 'gldv2/clean_all', 'gldv2/full_all', with optional
+  '-val<F>' and '-ex<tag>' suffixes; `val_fraction` and `exclude` add those options.
+  """
+  config = resolve_config(dataset, val_fraction=val_fraction, exclude=exclude)
   kwargs.setdefault('file_format', 'array_record')
-  return Gldv2(config=config or 'clean', data_dir=data_dir, **kwargs)
+  if any(config is c for c in Gldv2.BUILDER_CONFIGS):
+    return Gldv2(config=config.name, data_dir=data_dir, **kwargs)
+  return Gldv2(config=config, data_dir=data_dir, **kwargs)
 
 
 def prepare(dataset: str, manual_dir: str, data_dir: str, *, allow_missing: bool = False,
-            verify_md5: bool = False) -> Gldv2:
-  """Builds the dataset (no-op if already built); returns the builder (`.summary` when built)."""
-  b = builder(dataset, data_dir, allow_missing=allow_missing, verify_md5=verify_md5)
+            verify_md5: bool = False, val_fraction: Optional[float] = None,
+            exclude: Optional[str] = None) -> Gldv2:
+  """Builds the dataset (no-op if already built); returns the builder (`.summary` when built).
+
+  The dataset's full name (to put in config.data.dataset) is
+  `'gldv2/' + builder.builder_config.name`.
+  """
+  b = builder(dataset, data_dir, allow_missing=allow_missing, verify_md5=verify_md5,
+              val_fraction=val_fraction, exclude=exclude)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return b
 
@@ -487,26 +677,3 @@ def read_label_map(dataset: str, data_dir: str) -> List[int]:
   path = os.path.join(os.fspath(builder(dataset, data_dir).data_path), 'label_map.csv')
   with open(path, newline='') as f:
     return [int(row['landmark_id']) for row in csv.DictReader(f)]
-
-
-def ensure_fixture_dataset(data_dir: str, *, dataset: str = 'gldv2/clean',
-                           manual_dir: Optional[str] = None, **fixture_kwargs) -> Gldv2:
-  """Writes the small fixture (if absent) and prepares it (if absent); returns the builder.
-
-  For tests and configs/tiny.py. The fixture's planted missing images are allowed. Safe to call
-  from several processes at once (they serialise on a lock file in data_dir).
-  """
-  from dolg_jax.data import gldv2_fixture  # pylint: disable=g-import-not-at-top
-  os.makedirs(data_dir, exist_ok=True)
-  with open(os.path.join(data_dir, '.gldv2_fixture.lock'), 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      b = builder(dataset, data_dir)
-      if b.is_prepared():
-        return b
-      manual_dir = manual_dir or os.path.join(data_dir, 'gldv2_manual')
-      if not os.path.exists(os.path.join(manual_dir, 'train.csv')):
-        gldv2_fixture.write_fixture(manual_dir, **fixture_kwargs)
-      return prepare(dataset, manual_dir, data_dir, allow_missing=True)
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)

@@ -14,6 +14,8 @@ from typing import Any
 
 from array_record.python import array_record_module
 
+from dolg_jax import errors
+
 _CHUNK = 256
 
 
@@ -25,11 +27,6 @@ def verify_command(dataset: str, data_dir: str) -> str:
   return f'python -m dolg_jax.data.prepare --verify --dataset={dataset} --data_dir={data_dir}'
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return f'{type(e).__name__}: {text.splitlines()[0] if text else ""}'[:300]
-
-
 def verify_file(path: str, expected: int | None, features=None) -> str | None:
   """None if every record of the ArrayRecord file `path` reads (and decodes) and their number is
   `expected`; otherwise what is wrong."""
@@ -38,20 +35,20 @@ def verify_file(path: str, expected: int | None, features=None) -> str | None:
   try:
     reader = array_record_module.ArrayRecordReader(path)
   except Exception as e:  # pylint: disable=broad-except  # reported per file
-    return f'cannot be opened ({_first_line(e)})'
+    return f'cannot be opened ({errors.first_line(e, limit=300)})'
   try:
     n = reader.num_records()
     for start in range(0, n, _CHUNK):
       try:
         records = reader.read(start, min(n, start + _CHUNK))
       except Exception as e:  # pylint: disable=broad-except  # reported per file
-        return f'records {start}..{min(n, start + _CHUNK) - 1} unreadable ({_first_line(e)})'
+        return f'records {start}..{min(n, start + _CHUNK) - 1} unreadable ({errors.first_line(e, limit=300)})'
       if features is not None:
         for k, record in enumerate(records):
           try:
             features.deserialize_example_np(record)
           except Exception as e:  # pylint: disable=broad-except  # reported per file
-            return f'record {start + k} does not decode ({_first_line(e)})'
+            return f'record {start + k} does not decode ({errors.first_line(e, limit=300)})'
   finally:
     reader.close()
   if expected is not None and n != expected:
@@ -99,6 +96,6 @@ class NamedSource:
     except Exception as e:  # pylint: disable=broad-except  # re-raised naming the file
       raise DamagedRecordError(
           f'reading example {int(index)} from {self._where(int(index))} failed: '
-          f'{_first_line(e)}. The prepared data is damaged: run '
+          f'{errors.first_line(e, limit=300)}. The prepared data is damaged: run '
           f'`{verify_command(self._dataset, self._data_dir)}` to list the damaged files, then '
           'prepare the dataset again') from e

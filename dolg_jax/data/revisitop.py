@@ -19,6 +19,10 @@ The ground truth pickle is copied next to the data (`load_gnd`). Listed images t
 the build with `MissingImagesError` naming how many and the first few (allow_missing=True skips
 them and records them in summary.json). The counts are checked against the ground truth lists
 (and, for the real datasets, the official sizes are reported in summary.json).
+
+Build from the command line: `python -m dolg_jax.data.prepare --dataset=roxford5k --manual_dir=M
+--data_dir=D` (also rparis6k, revisitop1m). Reading a dataset that is not prepared under the data
+dir raises `NotPreparedError` with that command (`require_prepared` checks several at once).
 """
 
 from __future__ import annotations
@@ -42,8 +46,47 @@ NAMES = tuple(OFFICIAL_COUNTS) + ('rdemo',)
 _MAX_IN_MESSAGE = 5
 
 
+# What the manual dir of each dataset holds (for messages; the module docstring has the details).
+MANUAL_LAYOUT = {
+    'roxford5k': 'jpg/, gnd_roxford5k.pkl',
+    'rparis6k': 'jpg/, gnd_rparis6k.pkl',
+    'revisitop1m': 'revisitop1m.txt, jpg/',
+    'rdemo': 'jpg/, gnd_rdemo.pkl, as python -m dolg_jax.demo writes them',
+}
+
+
 class MissingImagesError(RuntimeError):
   """Images listed by the ground truth / list file are absent from the manual dir."""
+
+
+class NotPreparedError(FileNotFoundError):
+  """A dataset is not prepared under the data dir; the message says how to prepare it."""
+
+
+def prepare_command(name: str, data_dir: str) -> str:
+  """The command that prepares `name` (or NAME) into `data_dir`."""
+  return (f'python -m dolg_jax.data.prepare --dataset={name} --manual_dir=M '
+          f'--data_dir={data_dir or "DATA_DIR"}')
+
+
+def not_prepared_message(names: Sequence[str], data_dir: str) -> str:
+  """One line: which of `names` are not prepared under `data_dir` and the command to do it."""
+  where = data_dir or 'the current directory (the data dir is empty)'
+  if len(names) == 1:
+    return (f'{names[0]} is not prepared under {where}: prepare it with '
+            f'`{prepare_command(names[0], data_dir)}`, M holding its revisitop files '
+            f'({MANUAL_LAYOUT[names[0]]}; github.com/filipradenovic/revisitop)')
+  layouts = '; '.join(f'{n}: {MANUAL_LAYOUT[n]}' for n in names)
+  return (f'{", ".join(names)} are not prepared under {where}: prepare each with '
+          f'`{prepare_command("NAME", data_dir)}`, M holding its revisitop files ({layouts}; '
+          'github.com/filipradenovic/revisitop)')
+
+
+def require_prepared(names: Sequence[str], data_dir: str) -> None:
+  """Raises NotPreparedError naming every one of `names` not prepared under `data_dir`."""
+  missing = [n for n in dict.fromkeys(names) if not builder(n, data_dir).is_prepared()]
+  if missing:
+    raise NotPreparedError(not_prepared_message(missing, data_dir))
 
 
 def _missing_message(name: str, root: str, missing: Sequence[str], total: int) -> str:
@@ -177,7 +220,7 @@ class Rparis6k(_GndBuilder):
 
 
 class Rdemo(_GndBuilder):
-  """The embedded demo's benchmark (procedural places; dolg_jax.data.demo_data) in this layout."""
+  """The embedded demo's benchmark (procedural places; dolg_jax.data.synthetic.demo_data) in this layout."""
 
 
 class Revisitop1m(_RevisitopBuilder):
@@ -229,20 +272,19 @@ def prepare(name: str, manual_dir: str, data_dir: str, *, allow_missing: bool = 
 
 def data_source(name: str, data_dir: str, split: str):
   """Random-access source of a prepared split ('index' or 'query')."""
-  b = builder(name, data_dir)
-  if not b.is_prepared():
-    raise FileNotFoundError(f'{name} is not prepared under {data_dir}; run '
-                            f'dolg_jax.data.revisitop.prepare({name!r}, MANUAL_DIR, {data_dir!r})')
-  return b.as_data_source()[split]
+  require_prepared([name], data_dir)
+  return builder(name, data_dir).as_data_source()[split]
 
 
 def load_gnd(name: str, data_dir: str) -> dict:
   """The ground truth pickle copied next to the prepared data (roxford5k / rparis6k)."""
+  require_prepared([name], data_dir)
   path = os.path.join(os.fspath(builder(name, data_dir).data_path), f'gnd_{name}.pkl')
   return read_gnd_file(path)
 
 
 def load_summary(name: str, data_dir: str) -> dict:
+  require_prepared([name], data_dir)
   with open(os.path.join(os.fspath(builder(name, data_dir).data_path), 'summary.json')) as f:
     return json.load(f)
 

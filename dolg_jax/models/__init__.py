@@ -14,7 +14,7 @@ MODEL_FIELDS = (
     'depth', 'width', 'stage_depths', 'local_stage', 'use_local_branch', 'use_multi_atrous',
     'atrous_rates', 'atrous_dim', 'local_dim', 'use_self_attention', 'fusion', 'global_pool',
     'gem_p', 'gem_p_learnable', 'global_dim', 'embedding_dim', 'fusion_eps', 'bn_momentum',
-    'bn_epsilon')
+    'bn_epsilon', 'zero_init_final_gamma', 'dense_init')
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 

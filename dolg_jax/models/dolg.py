@@ -50,12 +50,26 @@ Ablations (config fields of `c.model`, see configs/default.py):
   fusion='concat':     fc(concat[f_g, avgpool(f_l)])                             fc 2048 -> 512
   fusion='hadamard':   fc(f_g * avgpool(f_l))                                    fc 1024 -> 512
   global_pool='gem' | 'gap': GeM (p = gem_p, learnable param `pool_g/p` if gem_p_learnable) or mean.
+
+SuperGlobal's extraction modules (Shao et al., ICCV 2023), inference-time, each off by default
+(defaults give exactly the model above):
+  gem_plus_p > 0:   GeM+, the global GeM uses this power (paper 4.6, clamp 1e-8) instead of gem_p /
+                    the learned p (requires global_pool='gem').
+  regional_gem:     regional-GeM on res4 before the global pooling (`regional_gem`: LP-pool
+                    p = regional_gem_p over regional_gem_size^2 windows, reflection padding, mixed
+                    50/50 with the map). The local branch (res3) is unchanged.
+  relu_plus > 0:    ReLU+, the backbone's activations clamped at this floor (0.014) where the released
+                    SuperGlobal ResNet does it (see resnet.ResNet.relu_plus): stages 1-3 block outputs
+                    and stage-1 inner activations, so res3 (the local branch input) changes too;
+                    res4 (GeM input) keeps ReLU.
+  Scale-GeM (max over scales) is in dolg_jax.retrieval.extract (ExtractConfig.scale_pool).
   local_stage='res3' (paper) | 'res4' (local branch on the stride-32 2048-channel map) | 'both'
     (two local branches, `localmodel` on res3 and `localmodel_res4` on res4; their pooled local
     vectors avgpool(f_l) -- after the orthogonal projection when fusion='orthogonal' -- are averaged,
     so fc keeps its width).
 """
 
+import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -63,6 +77,7 @@ import jax
 import jax.numpy as jnp
 
 from dolg_jax.models import resnet
+from dolg_jax.models.normalize import l2_normalize
 
 Dtype = Any
 
@@ -74,8 +89,32 @@ FUSIONS = ('orthogonal', 'concat', 'hadamard')
 GLOBAL_POOLS = ('gem', 'gap')
 LOCAL_STAGES = ('res3', 'res4', 'both')
 
-# pycls Linear init (normal std 0.01, zero bias); used for fc_t and fc.
+# pycls Linear init (normal std 0.01, zero bias); used for fc_t and fc with dense_init='pycls'.
 dense_kernel_init = nn.initializers.normal(0.01)
+DENSE_INITS = ('pycls', 'torch')
+
+
+def torch_linear_inits(fan_in: int):
+  """torch.nn.Linear's default init: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  (kaiming_uniform with a = sqrt(5) for the weight gives exactly this bound.) What fc_t and fc of the
+  official DOLG model start from: its init_weights is applied to the ResNet trunk only.
+  """
+  bound = 1.0 / math.sqrt(fan_in)
+  uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(  # pylint: disable=g-long-lambda
+      key, shape, dtype, -bound, bound)
+  return uniform, uniform
+
+
+def head_dense(features: int, fan_in: int, dense_init: str = 'pycls',
+               name: Optional[str] = None) -> nn.Dense:
+  """fc_t / fc: float32 whatever the compute dtype (tiny, feeds the loss); init by `dense_init`."""
+  if dense_init == 'torch':
+    kernel_init, bias_init = torch_linear_inits(fan_in)
+  else:
+    kernel_init, bias_init = dense_kernel_init, nn.initializers.zeros
+  return nn.Dense(features, dtype=jnp.float32, param_dtype=jnp.float32,
+                  kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -104,15 +143,49 @@ def gem_pool(x: jax.Array, p: jax.Array | float, eps: float = 1e-6,
   return masked_mean(jnp.maximum(x.astype(jnp.float32), eps) ** p, mask) ** (1.0 / p)
 
 
+def _reflect(i: jax.Array, n: jax.Array) -> jax.Array:
+  """Reflection (edge not repeated, period 2 (n - 1)) of indices i into [0, n); n = 1 -> 0."""
+  period = jnp.maximum(2 * (n - 1), 1)
+  j = jnp.mod(i, period)
+  return jnp.where(n > 1, jnp.minimum(j, period - j), 0)
+
+
+def regional_gem(x: jax.Array, p: float = 2.5, size: int = 5,
+                 mask: Optional[jax.Array] = None) -> jax.Array:
+  """SuperGlobal's regional-GeM (`rgem`): 0.5 * LPPool_p(ReflectionPad(x / size^(2/p))) + 0.5 x.
+
+  LP pooling over size x size windows, stride 1, after reflection padding of (size - 1) // 2:
+  (sum_window (x / size^(2/p))^p)^(1/p) = (mean_window x^p)^(1/p), a local GeM. x: NHWC, >= 0
+  (a post-ReLU map). With a mask (padded canvases), each image reflects at its own valid border,
+  so valid cells equal the unpadded computation. Where a side has fewer than size // 2 + 1 cells,
+  torch's ReflectionPad2d refuses; here the reflection repeats (period 2 (n - 1)).
+  """
+  x = x.astype(jnp.float32)
+  n, h, w, _ = x.shape
+  if mask is None:
+    hv = jnp.full((n,), h, jnp.int32)
+    wv = jnp.full((n,), w, jnp.int32)
+  else:
+    hv = jnp.sum(mask[:, :, 0, 0] > 0, axis=1).astype(jnp.int32)
+    wv = jnp.sum(mask[:, 0, :, 0] > 0, axis=1).astype(jnp.int32)
+  y = x ** p
+  r = (size - 1) // 2
+  rows = jnp.arange(h)[None, :]
+  cols = jnp.arange(w)[None, :]
+  acc = jnp.zeros_like(y)
+  for d in range(-r, size - r):  # box sum over rows (reflected per image)
+    idx = _reflect(rows + d, hv[:, None])  # (n, h)
+    acc = acc + jnp.take_along_axis(y, idx[:, :, None, None], axis=1)
+  out = jnp.zeros_like(y)
+  for d in range(-r, size - r):  # then over columns
+    idx = _reflect(cols + d, wv[:, None])  # (n, w)
+    out = out + jnp.take_along_axis(acc, idx[:, None, :, None], axis=2)
+  return 0.5 * (out / (size * size)) ** (1.0 / p) + 0.5 * x
+
+
 def avg_pool(x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
   """Global average pooling over H, W of an NHWC map (the mask's cells only), float32."""
   return masked_mean(x, mask)
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """torch.nn.functional.normalize: x / max(|x|, eps)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
 
 
 def orthogonal_component(f_l: jax.Array, f_g: jax.Array, eps: float) -> jax.Array:
@@ -155,17 +228,27 @@ def hadamard_fusion(f_l_pooled: jax.Array, f_g: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------ modules
+GEM_PLUS_EPS = 1e-8  # SuperGlobal's gemp clamp
+
+
 class GeM(nn.Module):
-  """GeM pooling; with `learnable`, p is the param `p` of shape (1,) (torch `pool_g.p`)."""
+  """GeM pooling; with `learnable`, p is the param `p` of shape (1,) (torch `pool_g.p`).
+
+  test_p > 0: SuperGlobal's GeM+, the power test_p (clamp 1e-8) instead of p (the param, if any,
+  stays in the tree, unused).
+  """
   p: float = 3.0
   learnable: bool = False
   eps: float = 1e-6
+  test_p: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     p = self.p
     if self.learnable:
       p = self.param('p', nn.initializers.constant(self.p), (1,), jnp.float32)
+    if self.test_p > 0:
+      return gem_pool(x, self.test_p, GEM_PLUS_EPS, mask)
     return gem_pool(x, p, self.eps, mask)
 
 
@@ -265,12 +348,21 @@ class DOLG(nn.Module):
   fusion_eps: float = 1e-6
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  zero_init_final_gamma: bool = False  # pycls BN.ZERO_INIT_FINAL_GAMMA (official yaml: True).
+  dense_init: str = 'pycls'            # fc_t / fc init: 'pycls' normal(0.01) | 'torch' (official).
   dtype: Dtype = jnp.float32
+  gem_plus_p: float = 0.0
+  regional_gem: bool = False
+  regional_gem_p: float = 2.5
+  regional_gem_size: int = 5
+  relu_plus: float = 0.0
 
   def check(self) -> None:
     """Raises ValueError naming the config field when the configuration is inconsistent."""
     if self.fusion not in FUSIONS:
       raise ValueError(f'model.fusion must be one of {FUSIONS}, got {self.fusion!r}')
+    if self.dense_init not in DENSE_INITS:
+      raise ValueError(f'model.dense_init must be one of {DENSE_INITS}, got {self.dense_init!r}')
     if self.global_pool not in GLOBAL_POOLS:
       raise ValueError(f'model.global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}')
     if self.local_stage not in LOCAL_STAGES:
@@ -279,6 +371,14 @@ class DOLG(nn.Module):
         and self.local_dim != self.global_dim):
       raise ValueError(f'model.fusion={self.fusion!r} needs model.local_dim == model.global_dim, '
                        f'got {self.local_dim} and {self.global_dim}')
+    if self.gem_plus_p < 0 or (self.gem_plus_p > 0 and self.global_pool != 'gem'):
+      raise ValueError(f'model.gem_plus_p={self.gem_plus_p} needs a value >= 0 and '
+                       f"global_pool='gem' (got {self.global_pool!r}); 0 turns GeM+ off")
+    if self.regional_gem and (self.regional_gem_p <= 0 or self.regional_gem_size < 1):
+      raise ValueError(f'model.regional_gem_p must be > 0 and model.regional_gem_size >= 1; got '
+                       f'{self.regional_gem_p}, {self.regional_gem_size}')
+    if self.relu_plus < 0:
+      raise ValueError(f'model.relu_plus must be >= 0 (0 = ReLU); got {self.relu_plus}')
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False, return_features: bool = False,
@@ -295,17 +395,22 @@ class DOLG(nn.Module):
     x = normalize_images(images).astype(self.dtype)
     res3, res4 = resnet.ResNet(self.depth, self.width, tuple(self.stage_depths),
                                self.bn_momentum, self.bn_epsilon, self.dtype,
-                               name='globalmodel')(x, train, valid_hw)
+                               zero_init_final_gamma=self.zero_init_final_gamma,
+                               relu_plus=self.relu_plus, name='globalmodel')(x, train, valid_hw)
     feats['res3'], feats['res4'] = res3, res4
     masks = {'res3': resnet.valid_mask(valid_hw, 16, res3),
              'res4': resnet.valid_mask(valid_hw, 32, res4)}
 
     # Global branch (float32 from the pooling on).
+    g_map = res4
+    if self.regional_gem:
+      g_map = regional_gem(res4, self.regional_gem_p, self.regional_gem_size, masks['res4'])
     if self.global_pool == 'gem':
-      pooled_g = GeM(self.gem_p, self.gem_p_learnable, name='pool_g')(res4, masks['res4'])
+      pooled_g = GeM(self.gem_p, self.gem_p_learnable, test_p=self.gem_plus_p,
+                     name='pool_g')(g_map, masks['res4'])
     else:
-      pooled_g = avg_pool(res4, masks['res4'])
-    f_g = self._dense(self.global_dim, 'fc_t')(pooled_g)
+      pooled_g = avg_pool(g_map, masks['res4'])
+    f_g = self._dense(self.global_dim, 'fc_t', pooled_g.shape[-1])(pooled_g)
     feats['pooled_g'], feats['f_g'] = pooled_g, f_g
 
     if not self.use_local_branch:
@@ -331,10 +436,8 @@ class DOLG(nn.Module):
       else:  # orthogonal (local_vec is already f_o) or concat.
         fused = concat_fusion(local_vec, f_g)
     feats['fused'] = fused
-    desc = self._dense(self.embedding_dim, 'fc')(fused)
+    desc = self._dense(self.embedding_dim, 'fc', fused.shape[-1])(fused)
     return (desc, feats) if return_features else desc
 
-  def _dense(self, features: int, name: str) -> nn.Dense:
-    # The head runs in float32 whatever `dtype` is: it is tiny and feeds the loss.
-    return nn.Dense(features, dtype=jnp.float32, param_dtype=jnp.float32,
-                    kernel_init=dense_kernel_init, name=name)
+  def _dense(self, features: int, name: str, fan_in: int) -> nn.Dense:
+    return head_dense(features, fan_in, self.dense_init, name=name)

@@ -19,6 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dolg_jax.models.normalize import l2_normalize
+
 HEAD_INIT_STD = 0.01
 
 
@@ -32,17 +34,10 @@ def init_head_weight(rng: jax.Array, num_classes: int, dim: int,
   return HEAD_INIT_STD * jax.random.normal(rng, (num_classes, dim), dtype)
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / max(|x|, eps) in float32 (torch F.normalize)."""
-  x = x.astype(jnp.float32)
-  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
-
-
 def cosine_logits(embeddings: jax.Array, weight: jax.Array) -> jax.Array:
   """cos(theta) (N, num_classes) between L2-normalised embeddings and weight rows, float32."""
-  e = l2_normalize(embeddings)
-  w = l2_normalize(weight)
+  e = l2_normalize(embeddings.astype(jnp.float32))
+  w = l2_normalize(weight.astype(jnp.float32))
   cos = jnp.einsum('nd,cd->nc', e, w, precision=jax.lax.Precision.HIGHEST)
   return jnp.clip(cos, -1.0, 1.0)
 

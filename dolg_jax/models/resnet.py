@@ -6,7 +6,9 @@ that converted torch weights give the same numbers. Module names mirror the pycl
 dolg.py's docstring for the full tree): `stem` {conv, bn}, stages `s1..s4`, blocks `b1..bK`, in a
 block `a, a_bn, b, b_bn, c, c_bn` and the projection shortcut `proj, bn` (first block of a stage).
 
-Initialisation follows pycls: conv kernels normal(0, sqrt(2 / fan_out)), BN scale 1 and bias 0.
+Initialisation follows pycls: conv kernels normal(0, sqrt(2 / fan_out)), BN scale 1 and bias 0;
+with `zero_init_final_gamma` (pycls BN.ZERO_INIT_FINAL_GAMMA, set by the official DOLG yaml) the
+scale of each block's last BN (`c_bn`) starts at 0, so every residual block starts as identity.
 """
 
 from typing import Any, Optional, Sequence
@@ -47,9 +49,10 @@ def max_pool_torch(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=((p, p), (p, p)))
 
 
-def batch_norm(name: str, *, momentum: float, epsilon: float, dtype: Dtype) -> nn.BatchNorm:
+def batch_norm(name: str, *, momentum: float, epsilon: float, dtype: Dtype,
+               scale_init=nn.initializers.ones) -> nn.BatchNorm:
   return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+                      param_dtype=jnp.float32, scale_init=scale_init, name=name)
 
 
 def valid_mask(valid_hw: Optional[jax.Array], stride: int, x: jax.Array) -> Optional[jax.Array]:
@@ -92,22 +95,34 @@ class ResStem(nn.Module):
     return max_pool_torch(x, 3, 2)
 
 
+def relu_floor(x: jax.Array, floor: float = 0.0) -> jax.Array:
+  """ReLU, or with floor > 0 SuperGlobal's ReLU+: x.clamp(min=floor)."""
+  return nn.relu(x) if floor == 0 else jnp.maximum(x, jnp.asarray(floor, x.dtype))
+
+
 class ResBottleneckBlock(nn.Module):
-  """pycls ResBottleneckBlock: 1x1 -> 3x3 (stride) -> 1x1, each with BN; projection if needed."""
+  """pycls ResBottleneckBlock: 1x1 -> 3x3 (stride) -> 1x1, each with BN; projection if needed.
+
+  inner_floor / out_floor: the floor of the two inner activations and of the block output's
+  activation (0 = ReLU; > 0 = ReLU+, see ResNet.relu_plus).
+  """
   inner_width: int
   out_width: int
   stride: int = 1
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  zero_init_final_gamma: bool = False
+  inner_floor: float = 0.0
+  out_floor: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None,
                in_stride: int = 1) -> jax.Array:
     """valid_hw / in_stride: image sizes in a padded canvas and the stride of `x` (see valid_mask)."""
-    def bn(name):
+    def bn(name, scale_init=nn.initializers.ones):
       return batch_norm(name, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                        dtype=self.dtype)
+                        dtype=self.dtype, scale_init=scale_init)
 
     ura = not train
     shortcut = x
@@ -115,13 +130,14 @@ class ResBottleneckBlock(nn.Module):
       shortcut = conv(self.out_width, 1, stride=self.stride, dtype=self.dtype, name='proj')(x)
       shortcut = bn('bn')(shortcut, use_running_average=ura)
     y = conv(self.inner_width, 1, dtype=self.dtype, name='a')(x)
-    y = nn.relu(bn('a_bn')(y, use_running_average=ura))
+    y = relu_floor(bn('a_bn')(y, use_running_average=ura), self.inner_floor)
     y = apply_mask(y, valid_mask(valid_hw, in_stride, y))
     y = conv(self.inner_width, 3, stride=self.stride, dtype=self.dtype, name='b')(y)
-    y = nn.relu(bn('b_bn')(y, use_running_average=ura))
+    y = relu_floor(bn('b_bn')(y, use_running_average=ura), self.inner_floor)
     y = conv(self.out_width, 1, dtype=self.dtype, name='c')(y)
-    y = bn('c_bn')(y, use_running_average=ura)
-    return nn.relu(shortcut + y)
+    y = bn('c_bn', nn.initializers.zeros if self.zero_init_final_gamma
+           else nn.initializers.ones)(y, use_running_average=ura)
+    return relu_floor(shortcut + y, self.out_floor)
 
 
 class ResStage(nn.Module):
@@ -132,6 +148,9 @@ class ResStage(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  zero_init_final_gamma: bool = False
+  inner_floor: float = 0.0
+  out_floor: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None,
@@ -139,7 +158,9 @@ class ResStage(nn.Module):
     for k in range(self.num_blocks):
       x = ResBottleneckBlock(
           self.inner_width, 4 * self.inner_width, self.stride if k == 0 else 1,
-          self.bn_momentum, self.bn_epsilon, self.dtype, name=f'b{k + 1}')(
+          self.bn_momentum, self.bn_epsilon, self.dtype,
+          zero_init_final_gamma=self.zero_init_final_gamma, inner_floor=self.inner_floor,
+          out_floor=self.out_floor, name=f'b{k + 1}')(
               x, train, valid_hw, in_stride if k == 0 else in_stride * self.stride)
     return x
 
@@ -151,6 +172,11 @@ class ResNet(nn.Module):
     depth: 50 or 101 (or 152); ignored when `stage_depths` is given.
     width: stem width; stage i (1-based) has inner width width * 2**(i-1) and output 4x that.
     stage_depths: optional explicit block counts per stage (e.g. (1, 1, 1, 1) for tiny tests).
+    zero_init_final_gamma: each block's last BN scale starts at 0 (pycls option).
+    relu_plus: 0 (ReLU everywhere, pycls) or SuperGlobal's ReLU+ floor (0.014): where the
+      released SuperGlobal ResNet clamps with it, i.e. the block-output activations of stages 1-3
+      (stage 4 keeps ReLU) and the two inner activations of the stage-1 blocks (its code passes
+      the truthy `relup` class as the flag there).
   """
   depth: int = 50
   width: int = 64
@@ -158,6 +184,8 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  zero_init_final_gamma: bool = False
+  relu_plus: float = 0.0
 
   def block_counts(self) -> tuple[int, ...]:
     if self.stage_depths:
@@ -180,7 +208,11 @@ class ResNet(nn.Module):
     for i, n_blocks in enumerate(self.block_counts()):
       stage_stride = 1 if i == 0 else 2
       x = ResStage(self.width * 2**i, n_blocks, stage_stride, self.bn_momentum,
-                   self.bn_epsilon, self.dtype, name=f's{i + 1}')(x, train, valid_hw, stride)
+                   self.bn_epsilon, self.dtype,
+                   zero_init_final_gamma=self.zero_init_final_gamma,
+                   inner_floor=self.relu_plus if i == 0 else 0.0,
+                   out_floor=self.relu_plus if i < 3 else 0.0,
+                   name=f's{i + 1}')(x, train, valid_hw, stride)
       stride *= stage_stride
       feats.append(x)
     return feats[2], feats[3]

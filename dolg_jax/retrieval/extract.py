@@ -6,7 +6,9 @@ Per image (the official DOLG / DELG test protocol):
      'expand' = floor of the start, ceil of the end);
   2. optional long-side cap `max_side` (DELG: 1024), preserving the aspect ratio;
   3. for every scale s: bilinear resize to (round(h s), round(w s)) -> model -> L2 normalise;
-  4. mean over scales -> L2 normalise.
+  4. mean over scales -> L2 normalise (`scale_pool='max'`: SuperGlobal's scale-GeM, the
+     element-wise max of the L2-normalised per-scale descriptors, then L2 normalise; its
+     `sgem` module with the default infinity=True).
 
 Bounded compilation: every distinct input shape is one XLA compilation, and query crops come in all
 sizes. With `pad` (the eval default, for models that take `valid_hw`, as DOLG does) each image is
@@ -30,56 +32,64 @@ descriptors are all-gathered at the end, so every process returns the full array
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+from concurrent import futures
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+import cv2  # Bilinear resize (half-pixel centres, like the official cv2-based loaders).
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dolg_jax import profiling
 from dolg_jax.data import decode
+from dolg_jax.models.normalize import l2_normalize
 
-try:
-  import cv2  # Bilinear resize (half-pixel centres, like the official cv2-based loaders).
-except ImportError:  # pragma: no cover
-  cv2 = None
 
 OFFICIAL_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
-DEFAULT_SCALES = (0.7071, 1.0, 1.4142)
-MIN_SIDE = 64  # the model needs H, W >= 64
+SCALE_POOLS = ('mean', 'max')
 
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
-  scales: tuple[float, ...] = DEFAULT_SCALES
-  max_side: int = 0                 # long-side cap before scaling (0 = none; DELG 1024)
-  crop_rounding: str = 'trunc'      # 'trunc' | 'round' | 'expand'
-  bucket: int = 32                  # 0 = exact sizes (one compile per shape)
-  geometric_from: int = 0           # > 0: beyond this side, geometric buckets (0 = never)
-  steps_per_octave: int = 8         # geometric bucket density (ratio 2**(1/8) ~ 9%)
-  batch_size: int = 16              # per process; padded to powers of two >= device count
-  num_workers: int = 4              # host threads decoding / cropping / resizing (0 = inline)
-  min_side: int = MIN_SIDE
-  pad: bool = False                 # exact sizes in padded canvases; apply_fn takes valid_hw
-  canvas_steps_per_octave: int = 4  # canvas ladder density above 256 (ratio 2**(1/4) ~ 19%)
-  crop_canvas_steps_per_octave: int = 1  # for query crops, which come in every size: 512, 1024, ...
+  """Extraction settings; built from the `c.eval` config section (`from_config`), which holds
+  every default and documents each field (configs/default.py)."""
+  scales: tuple[float, ...]
+  max_side: int                      # long-side cap before scaling (0 = none; DELG 1024)
+  crop_rounding: str                 # 'trunc' | 'round' | 'expand'
+  bucket: int                        # 0 = exact sizes (one compile per shape)
+  geometric_from: int                # > 0: beyond this side, geometric buckets (0 = never)
+  steps_per_octave: int              # geometric bucket density
+  batch_size: int                    # per process; padded to powers of two >= device count
+  num_workers: int                   # host threads decoding / cropping / resizing (0 = inline)
+  min_side: int                      # the model needs H, W >= this
+  pad: bool                          # exact sizes in padded canvases; apply_fn takes valid_hw
+  canvas_steps_per_octave: int       # canvas ladder density above 256
+  crop_canvas_steps_per_octave: int  # the same for query crops, which come in every size
+  scale_pool: str                    # 'mean' (official) | 'max' (SuperGlobal scale-GeM)
 
   def key(self) -> dict:
     """What determines the descriptors (for caching)."""
     d = dataclasses.asdict(self) | {'scales': [float(s) for s in self.scales]}
     d.pop('num_workers')
+    if d['scale_pool'] == 'mean':
+      d.pop('scale_pool')  # keys of caches written before the field existed stay valid
     return d
 
 
-def from_config(eval_cfg: Mapping[str, Any]) -> ExtractConfig:
-  """ExtractConfig from a `c.eval` ConfigDict (missing fields keep their defaults)."""
-  fields = {f.name for f in dataclasses.fields(ExtractConfig)}
-  kwargs = {k: eval_cfg[k] for k in fields if k in eval_cfg}
-  if 'scales' in kwargs:
-    kwargs['scales'] = tuple(float(s) for s in kwargs['scales'])
+def from_config(eval_cfg: Mapping[str, Any], **overrides: Any) -> ExtractConfig:
+  """ExtractConfig from a `c.eval` ConfigDict (every field must be there), then `overrides`."""
+  fields = [f.name for f in dataclasses.fields(ExtractConfig)]
+  missing = [k for k in fields if k not in eval_cfg and k not in overrides]
+  if missing:
+    raise KeyError(f'config.eval lacks the extraction field(s) {missing}; start the config from '
+                   'configs/default.py')
+  kwargs = {k: eval_cfg[k] for k in fields if k in eval_cfg} | overrides
+  kwargs['scales'] = tuple(float(s) for s in kwargs['scales'])
   return ExtractConfig(**kwargs)
 
 
@@ -183,13 +193,10 @@ def batch_key(th: int, tw: int, cfg: ExtractConfig, sides: np.ndarray) -> tuple[
 
 
 def resize_bilinear(img: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear resize of (H, W, 3) uint8 (OpenCV INTER_LINEAR; Pillow if OpenCV is absent)."""
+  """Bilinear resize of (H, W, 3) uint8 (OpenCV INTER_LINEAR, half-pixel centres)."""
   if img.shape[0] == height and img.shape[1] == width:
     return np.ascontiguousarray(img)
-  if cv2 is not None:
-    return cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=cv2.INTER_LINEAR)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  return np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR))
+  return cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def prepare_image(image: np.ndarray | bytes, bbx: Optional[Sequence[float]],
@@ -217,8 +224,6 @@ def _ordered_map(fn, items, workers: int, window: int = 64):
   if workers <= 0:
     yield from map(fn, items)
     return
-  import collections  # pylint: disable=g-import-not-at-top
-  from concurrent import futures  # pylint: disable=g-import-not-at-top
   with futures.ThreadPoolExecutor(workers) as pool:
     queue = collections.deque()
     for item in items:
@@ -233,8 +238,12 @@ class Extractor:
   """Holds the jitted, sharded forward pass; counts compilations."""
 
   def __init__(self, apply_fn: Callable[..., jax.Array], variables: Any,
-               cfg: ExtractConfig = ExtractConfig(), mesh: Optional[Mesh] = None):
+               cfg: ExtractConfig, mesh: Optional[Mesh] = None,
+               profile: Optional[profiling.Window] = None):
+    """`profile`: a profiler window over the batches run (counted from 0 across calls)."""
     self.cfg = cfg
+    self.profile = profile
+    self.batches_run = 0
     self.mesh = mesh or local_mesh()
     self.n_dev = self.mesh.devices.size
     rep = NamedSharding(self.mesh, P())
@@ -247,7 +256,7 @@ class Extractor:
       else:
         d = apply_fn(variables, images, valid_hw=valid_hw)
       d = d.astype(jnp.float32)
-      return d / jnp.maximum(jnp.linalg.norm(d, axis=-1, keepdims=True), 1e-12)
+      return l2_normalize(d)
 
     self._forward = jax.jit(forward, out_shardings=self.batch_sharding)
     self.shapes_seen: set[tuple[int, ...]] = set()
@@ -291,7 +300,14 @@ class Extractor:
         valid_hw[k] = im.shape[:2]
       valid_hw = jax.device_put(valid_hw, self.batch_sharding)
     self.shapes_seen.add(batch.shape)
-    out = self._forward(self.variables, jax.device_put(batch, self.batch_sharding), valid_hw)
+    i = self.batches_run
+    self.batches_run += 1
+    if self.profile is not None:
+      self.profile.before(i)
+    with profiling.step_region('extract', i):
+      out = self._forward(self.variables, jax.device_put(batch, self.batch_sharding), valid_hw)
+    if self.profile is not None:
+      self.profile.after(i, out)
     return out[:n]
 
   def extract(self, examples: Iterable[Mapping[str, Any]], num: int,
@@ -302,8 +318,11 @@ class Extractor:
       'bbx' ([x1, y1, x2, y2], queries only: the crop).
     """
     cfg = self.cfg
+    if cfg.scale_pool not in SCALE_POOLS:
+      raise ValueError(f'eval.scale_pool must be one of {SCALE_POOLS}; got {cfg.scale_pool!r}')
+    use_max = cfg.scale_pool == 'max'
     pid, nproc = jax.process_index(), jax.process_count()
-    sums: dict[int, np.ndarray] = {}
+    sums: dict[int, np.ndarray] = {}  # per-scale sum (mean) or running max (max)
     pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     inflight: list[tuple[list[int], jax.Array]] = []
     done = 0
@@ -314,7 +333,12 @@ class Extractor:
         idx, out = inflight.pop(0)
         arr = np.asarray(out)
         for i, v in zip(idx, arr):
-          sums[i] = sums[i] + v if i in sums else v.astype(np.float32).copy()
+          if i not in sums:
+            sums[i] = v.astype(np.float32).copy()
+          elif use_max:
+            sums[i] = np.maximum(sums[i], v)
+          else:
+            sums[i] = sums[i] + v
         done += len(idx)
         if progress:
           progress(done)
@@ -357,8 +381,9 @@ class Extractor:
     out = np.zeros((num, dim), np.float32)
     have = np.zeros(num, bool)
     for i, v in sums.items():
-      v = v / len(cfg.scales)
-      out[i] = v / max(np.linalg.norm(v), 1e-12)
+      if not use_max:
+        v = v / len(cfg.scales)
+      out[i] = l2_normalize(v)
       have[i] = True
     if nproc > 1:
       outs = multihost_utils.process_allgather(out)
@@ -399,9 +424,8 @@ def simulate_shapes(sizes: Sequence[tuple[int, int]], boxes: Sequence[Optional[S
   return shapes
 
 
-def extract_descriptors(apply_fn, variables, images_iter, scales=DEFAULT_SCALES, *, num: int,
-                        cfg: Optional[ExtractConfig] = None, **cfg_overrides) -> np.ndarray:
+def extract_descriptors(apply_fn, variables, images_iter, *, num: int, cfg: ExtractConfig,
+                        **cfg_overrides) -> np.ndarray:
   """Functional form: (num, D) unit-norm multi-scale descriptors (see Extractor.extract)."""
-  cfg = cfg or ExtractConfig()
-  cfg = dataclasses.replace(cfg, scales=tuple(scales), **cfg_overrides)
+  cfg = dataclasses.replace(cfg, **cfg_overrides)
   return Extractor(apply_fn, variables, cfg).extract(images_iter, num)

@@ -13,7 +13,7 @@ indices (column i is the ranking of query i, best first) and `gnd`, a list of di
 * a query without positives gets NaN AP and NaN mP@k and is left out of the means.
 
 The implementation here is vectorised with numpy within each query (a label table lookup of the
-ranking, positions by flatnonzero, the junk shift by searchsorted); tests/revisitop_reference.py
+ranking, positions by flatnonzero, the junk shift by searchsorted); tests/helpers/revisitop_reference.py
 holds a loop version mirroring the original code and the tests compare both on the real ground
 truth. `summarize` is shared with the +1M fast path in `dolg_jax.retrieval.search`, which produces
 the same junk-free positions without sorting, so both paths give bit-identical numbers.
@@ -178,3 +178,83 @@ def compute_protocols(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1,
     m, aps, pr, prs = compute_map(ranks, protocol_gnd(gnd, p), kappas)
     out[p] = {'map': m, 'aps': aps, 'mp': pr, 'prs': prs, 'kappas': tuple(kappas)}
   return out
+
+
+# ----------------------------------------------------------------------------- GLDv2 retrieval
+
+
+def _gldv2_scored(predictions: Mapping[str, Sequence[str]],
+                  solution: Mapping[str, Sequence[str] | None]) -> dict:
+  """Solution without ignored queries (value None); checks predictions refer to known queries."""
+  scored = {key: list(v) for key, v in solution.items() if v is not None}
+  for key, v in scored.items():
+    if not v:
+      raise ValueError(f'GLDv2 solution: query {key} has an empty list of relevant images (use '
+                       'None for an ignored query).')
+  unknown = [key for key in predictions if key not in solution]
+  if unknown:
+    raise ValueError(f'GLDv2 predictions: {len(unknown)} test ids are not in the solution '
+                     f'(first: {unknown[:5]}); predictions must come from the same test set.')
+  if not scored:
+    raise ValueError('GLDv2 solution has no scored query (all are None/ignored).')
+  return scored
+
+
+def gldv2_map_at_k(predictions: Mapping[str, Sequence[str]],
+                   solution: Mapping[str, Sequence[str] | None], k: int = 100) -> float:
+  """mAP@k of the Google Landmarks v2 retrieval challenge (DELF google_landmarks_dataset/metrics.py
+  MeanAveragePrecision).
+
+  `predictions` maps a test id to its ranked index ids; `solution` a test id to its relevant index
+  ids, or None for a query that is ignored in scoring (Usage 'Ignored' in the official CSV; see
+  dolg_jax.data.gldv2_retrieval.read_solution). Per query: walk the first k predictions; an id
+  already seen is skipped but its position still counts; at each new relevant id
+  AP += hits / (position + 1); AP /= min(#relevant, k). The mean is over all scored queries of the
+  solution (a query without prediction counts 0). Predictions for ids absent from the solution are
+  an error (as in the official code); predictions for ignored queries are not scored.
+  """
+  scored = _gldv2_scored(predictions, solution)
+  mean_ap = 0.0
+  for key, prediction in predictions.items():  # summation order of the official code
+    relevant = scored.get(key)
+    if relevant is None:
+      continue
+    relevant = set(relevant)
+    seen = set()
+    hits = 0
+    ap = 0.0
+    for i, image in enumerate(list(prediction)[:k]):
+      if image in seen:
+        continue
+      if image in relevant:
+        hits += 1
+        ap += hits / (i + 1)
+      seen.add(image)
+    mean_ap += ap / min(len(scored[key]), k)
+  return mean_ap / len(scored)
+
+
+def gldv2_mean_precisions(predictions: Mapping[str, Sequence[str]],
+                          solution: Mapping[str, Sequence[str] | None], k: int = 100
+                          ) -> np.ndarray:
+  """Mean precision at 1..k (array (k,)) as DELF's MeanPrecisions: duplicates skipped, P@i =
+  hits in the first i / i (a short list keeps its hits, so P@i falls as i grows), mean over all
+  scored queries of the solution (a query without prediction has P@i = 0). mP@100 = [99]."""
+  scored = _gldv2_scored(predictions, solution)
+  precisions = np.zeros((len(scored), k))
+  row = 0
+  for key, prediction in predictions.items():
+    if key not in scored:
+      continue
+    relevant = set(scored[key])
+    prediction = list(prediction)
+    seen = set()
+    hits = 0
+    for i in range(k):
+      if i < len(prediction) and prediction[i] not in seen:
+        if prediction[i] in relevant:
+          hits += 1
+        seen.add(prediction[i])
+      precisions[row, i] = hits / (i + 1)
+    row += 1
+  return np.mean(precisions, axis=0)

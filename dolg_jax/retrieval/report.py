@@ -1,6 +1,8 @@
 """Visual retrieval report: an HTML page and a PNG grid (query crop + top-k, framed by label).
 
 Frames: green = positive (easy or hard), red = negative, grey = junk (Medium protocol labels).
+`write_report(out_dir, name, rows, summary)` renders given rows; `write_dataset_report` gathers the
+rows of a prepared revisitop dataset (query crops, their top 10 and labels) and renders them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from dolg_jax.data import decode
+from dolg_jax.data import revisitop
+from dolg_jax.retrieval import extract as extract_lib
+from dolg_jax.retrieval import scoring
 
 COLOURS = {'pos': (40, 170, 60), 'neg': (210, 40, 40), 'junk': (150, 150, 150),
            'query': (40, 90, 220)}
@@ -82,3 +89,39 @@ def write_report(out_dir: str, name: str, rows: Sequence[dict], summary: str = '
   with open(path, 'w') as f:
     f.write('\n'.join(parts))
   return path, png
+
+
+def _images_by_index(src, wanted: set[int]) -> dict[int, dict]:
+  out = {}
+  for ex in revisitop.iter_examples(src):
+    i = int(ex['index'])
+    if i in wanted:
+      out[i] = ex
+  return out
+
+
+def write_dataset_report(out_dir: str, name: str, data_dir: str, gnd_cfg: dict, topk,
+                         table: dict, n_queries: int, crop_rounding: str,
+                         search_cfg: dict) -> tuple[str, str]:
+  """report_<name>.html/.png of the first `n_queries` queries with their top-k (`topk`, in the
+  final order: re-ranked when `search_cfg` says so, which the summary line states)."""
+  scores, idx = topk
+  nq = min(n_queries, idx.shape[0])
+  queries = _images_by_index(revisitop.data_source(name, data_dir, 'query'), set(range(nq)))
+  wanted = {int(i) for i in idx[:nq].ravel()}
+  index = _images_by_index(revisitop.data_source(name, data_dir, 'index'), wanted)
+  rows = []
+  for qi in range(nq):
+    qex = queries[qi]
+    img = decode.decode_rgb(qex['image'])
+    y0, y1, x0, x1 = extract_lib.crop_box(qex['bbx'], img.shape[0], img.shape[1], crop_rounding)
+    g = gnd_cfg['gnd'][qi]
+    results, meta = [], []
+    for s, i in zip(scores[qi], idx[qi]):
+      ex = index[int(i)]
+      results.append((decode.decode_rgb(ex['image']), label_of(int(i), g)))
+      meta.append((ex['id'].decode() if isinstance(ex['id'], bytes) else ex['id'], float(s)))
+    rows.append({'query': img[y0:y1, x0:x1], 'results': results, 'result_meta': meta,
+                 'query_name': gnd_cfg['qimlist'][qi], 'ap': table['medium']['aps'][qi]})
+  summary = scoring.format_table({name: {'base': table}}, search_cfg)
+  return write_report(out_dir, f'report_{name}', rows, summary)

@@ -11,7 +11,7 @@ lower database index first (-0.0 and +0.0 are equal). `scores` are the float32 v
 `iter_score_chunks` for the given chunk size; `similarity_matrix` returns them and `full_ranks`
 sorts them, which is the slow reference.
 
-Measured (python -m dolg_jax.bench_eval, 2 shared CPU cores, 70 queries x 1,004,993 x 512, real
+Measured (python -m dolg_jax.tools.bench_eval, 2 shared CPU cores, 70 queries x 1,004,993 x 512, real
 ROxf gnd): full argsort path 22.7 s (scores 5.9 + stable argsort 14.5 + compute_map x3 2.4) vs the
 fast path 7.2 s including its own scores (~1.3 s beyond them), identical results. On CPU the 'device' counting is slower
 than argsort (XLA gathers); it is meant for accelerators.
@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dolg_jax.models.normalize import l2_normalize
 from dolg_jax.retrieval import metrics
 
 DbLike = np.ndarray | Sequence[np.ndarray]
@@ -382,10 +383,6 @@ def fast_compute_protocols(queries, db: DbLike, gnd_raw: Sequence[Mapping], kapp
 # ----------------------------------------------------------------------------- QE / DBA
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def _weighted_neighbours(vectors, db: DbLike, k: int, alpha: float, chunk_size: int,
                          include_self: bool) -> np.ndarray:
   segs = as_segments(db)
@@ -401,7 +398,7 @@ def _weighted_neighbours(vectors, db: DbLike, k: int, alpha: float, chunk_size: 
     out += w[:, r:r + 1] * rows
   if include_self:
     out += np.asarray(vectors, np.float64)
-  return _l2n(out).astype(np.float32)
+  return l2_normalize(out).astype(np.float32)
 
 
 def alpha_query_expansion(queries, db: DbLike, k: int = 2, alpha: float = 3.0,

@@ -4,7 +4,7 @@ Layout: `WORKDIR/checkpoints/<step>/state` (the TrainState pytree, sharded array
 `WORKDIR/checkpoints/<step>/data_iter/process_<i>-of-<n>.json` (each process's grain iterator state,
 captured when the save is requested, so it matches the model state of that step exactly) and
 `WORKDIR/checkpoints/<step>/record/process_<i>-of-<n>.json`: the step, a digest of every state leaf
-(`dolg_jax.training.checksums`, computed from the arrays in device memory at save), the sha256 of
+(`dolg_jax.checksums`, computed from the arrays in device memory at save), the sha256 of
 this process's iterator state and the run's config.
 
 `restore_verified` restores the newest step whose contents match its record. A step that does not
@@ -13,8 +13,8 @@ and the reason, renamed to `<step>.corrupt-<reason>` (kept for inspection, never
 longer sees it), and the next older step is tried; the run says in one line which step it fell back
 to. When no step verifies, `NoValidCheckpointError` lists what was found.
 
-`load_variables(path)` gives `{'params', 'batch_stats'}` of the DOLG model for evaluation; it reads
-any checkpoint written here without needing the config or the same device count.
+Reading the model variables back for evaluation (and the layout's names) live one layer below, in
+dolg_jax.weights.checkpoint.
 """
 
 import dataclasses
@@ -31,22 +31,20 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from dolg_jax.training import checksums
+from dolg_jax import checksums
+from dolg_jax import errors
 from dolg_jax.training import failures
 
-CHECKPOINT_DIR = 'checkpoints'
-STATE = 'state'
-DATA_ITER = 'data_iter'
-RECORD = 'record'
-RECORD_FORMAT = 1
+from dolg_jax.weights import checkpoint as layout
 
-
-class CheckpointCorruptError(RuntimeError):
-  """A saved step does not match its record, or cannot be read."""
-
-  def __init__(self, path: str, reason: str, detail: str):
-    super().__init__(f'{path}: {detail}')
-    self.path, self.reason, self.detail = path, reason, detail
+CHECKPOINT_DIR = layout.CHECKPOINT_DIR
+STATE = layout.STATE
+DATA_ITER = layout.DATA_ITER
+RECORD = layout.RECORD
+RECORD_FORMAT = layout.RECORD_FORMAT
+checkpoint_dir = layout.checkpoint_dir
+list_steps = layout.list_steps
+CheckpointCorruptError = layout.CheckpointCorruptError
 
 
 class NoValidCheckpointError(RuntimeError):
@@ -117,10 +115,6 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
   pass
 
 
-def checkpoint_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / CHECKPOINT_DIR
-
-
 def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager for `workdir`; every save is requested explicitly by the loop."""
   if keep < 1:   # orbax would delete every step, the newest included.
@@ -173,10 +167,10 @@ def finish(manager: ocp.CheckpointManager) -> None:
 def _write_error(manager: ocp.CheckpointManager, step, e: BaseException) -> CheckpointWriteError:
   """The error for a failed save of `step`; the save's temporary directory is removed."""
   removed = remove_unfinished(manager.directory)
-  detail = 'No space left on device' if failures.is_disk_full(e) else _first_line(e)
+  detail = 'No space left on device' if failures.is_disk_full(e) else errors.first_line(e)
   err = CheckpointWriteError(
       f'writing checkpoint step {step} to {manager.directory} failed: {detail}'
-      + (f' (its unfinished files were removed)' if removed else ''))
+      + (' (its unfinished files were removed)' if removed else ''))
   if failures.is_disk_full(e):
     err.errno = errno.ENOSPC
   return err
@@ -195,13 +189,6 @@ def remove_unfinished(directory) -> list[str]:
   return removed
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip() or type(e).__name__
-  text = text.splitlines()[0].split(' See full TensorStore details')[0]
-  return f'{type(e).__name__}: {text[:400]}'
-
-
-
 def read_record(step_dir: epath.Path) -> dict:
   """This process's run record of a step directory (CheckpointCorruptError if unusable)."""
   path = step_dir / RECORD / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
@@ -214,7 +201,7 @@ def read_record(step_dir: epath.Path) -> dict:
     record = json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise CheckpointCorruptError(os.fspath(path), 'unreadable-record',
-                                 f'cannot read the run record: {_first_line(e)}') from e
+                                 f'cannot read the run record: {errors.first_line(e)}') from e
   if not isinstance(record, dict) or record.get('format') != RECORD_FORMAT or not all(
       isinstance(record.get(k), dict) for k in ('state_digests', 'state_shapes', 'config')):
     raise CheckpointCorruptError(os.fspath(path), 'unreadable-record',
@@ -264,7 +251,7 @@ def _restore_local(manager: ocp.CheckpointManager, step: int, abstract_state: An
         DATA_ITER: IteratorStateRestore()}))
   except Exception as e:  # pylint: disable=broad-except  # classified as corruption
     raise CheckpointCorruptError(os.fspath(step_dir), 'unreadable',
-                                 f'restoring failed: {_first_line(e)}') from e
+                                 f'restoring failed: {errors.first_line(e)}') from e
   state, iter_state = out[STATE], out[DATA_ITER]
   if _json_sha256(iter_state) != record.get('data_iter_sha256'):
     raise CheckpointCorruptError(os.fspath(step_dir / DATA_ITER), 'checksum',
@@ -356,71 +343,3 @@ def restore_verified(manager: ocp.CheckpointManager, abstract_state: Any, mesh,
   raise NoValidCheckpointError(
       f'no checkpoint in {manager.directory} verifies ({len(bad)} found, each moved aside: '
       + ' | '.join(bad) + '); restore a copy of the workdir or start again in a new workdir')
-
-
-def _resolve_state_dir(path: str) -> epath.Path:
-  """Workdir, checkpoints dir, step dir or state dir -> the `state` item directory."""
-  p = epath.Path(path)
-  if (p / STATE).is_dir():
-    return p / STATE
-  if p.name == STATE and p.is_dir():
-    return p
-  for root in (p / CHECKPOINT_DIR, p):
-    if root.is_dir():
-      steps = sorted(int(c.name) for c in root.iterdir()
-                     if c.name.isdigit() and (c / STATE).is_dir())
-      if steps:
-        return root / str(steps[-1]) / STATE
-  raise FileNotFoundError(f'No checkpoint found at {path} (expected a workdir with '
-                          f'{CHECKPOINT_DIR}/<step>/{STATE}, or a step directory).')
-
-
-def _get(tree: Any, key: str) -> Any:
-  return tree[key] if isinstance(tree, dict) else getattr(tree, key)
-
-
-def load_variables(path: str) -> dict[str, Any]:
-  """{'params', 'batch_stats'} of the DOLG model (numpy, host memory) from a checkpoint.
-
-  `path`: a workdir (its latest step), `WORKDIR/checkpoints`, or one step directory.
-  The margin head is not part of the result (evaluation does not use it).
-  """
-  state_dir = _resolve_state_dir(path)
-  ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(state_dir)
-  tree = getattr(meta, 'item_metadata', meta)
-  tree = getattr(tree, 'tree', tree)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  restored = ocp.PyTreeCheckpointer().restore(
-      state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  out = {'params': _get(_get(restored, 'params'), 'model'),
-         'batch_stats': _get(restored, 'batch_stats')}
-  _verify_host_variables(state_dir.parent, out)
-  return out
-
-
-def _verify_host_variables(step_dir: epath.Path, variables: dict[str, Any]) -> None:
-  """Checks the model's params and batch stats (host arrays) against the step's record."""
-  files = sorted((step_dir / RECORD).glob('process_*.json')) if (step_dir / RECORD).is_dir() else []
-  if not files:
-    raise CheckpointCorruptError(os.fspath(step_dir), 'no-record',
-                                 f'{step_dir} has no {RECORD}/ (digests), so its contents cannot '
-                                 'be verified; evaluate a step written by this version')
-  try:
-    saved = json.loads(files[0].read_text())['state_digests']
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointCorruptError(os.fspath(files[0]), 'unreadable-record',
-                                 f'cannot read the run record: {_first_line(e)}') from e
-  prefixes = {'params': ".params['model']", 'batch_stats': '.batch_stats'}
-  bad = []
-  for name, tree in variables.items():
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      key = prefixes[name] + jax.tree_util.keystr(path)
-      if saved.get(key) != checksums.numpy_digest(np.asarray(leaf)):
-        bad.append(key)
-  if bad:
-    raise CheckpointCorruptError(
-        os.fspath(step_dir / STATE), 'checksum',
-        f'{len(bad)} model arrays differ from the digests written at save (first: '
-        f'{", ".join(bad[:3])}); the checkpoint is damaged: evaluate another step '
-        f'({step_dir.parent}/<step>)')

@@ -26,6 +26,7 @@ _CHOICES = {
     'compute_dtype': ('float32', 'bfloat16'),
     'eval.compute_dtype': ('float32', 'bfloat16'),
     'eval.crop_rounding': ('trunc', 'round', 'expand'),
+    'eval.rerank': ('', 'superglobal'),
     'train.optimizer': ('sgd', 'adamw'),
     'train.weight_decay_mask': ('all', 'kernels'),
     'train.bn_mode': ('global', 'per_device'),
@@ -35,20 +36,21 @@ _POSITIVE_INTS = ('model.width', 'model.atrous_dim', 'model.local_dim', 'model.g
                   'train.global_batch_size', 'train.grad_accum_steps', 'train.log_every_steps',
                   'train.checkpoint_every_steps', 'train.keep_checkpoints',
                   'train.preemption_sync_every_steps', 'eval.batch_size',
-                  'eval.search_chunk_size')
+                  'eval.search_chunk_size', 'eval.rerank_m')
 _NON_NEGATIVE_INTS = ('data.num_workers', 'data.prefetch_buffer_size', 'data.read_threads',
                       'data.worker_buffer_size', 'train.eval_every_steps', 'train.eval_batches',
                       'eval.max_side', 'eval.bucket', 'eval.qe_k', 'eval.dba_k',
-                      'eval.report_queries', 'seed', 'head.num_classes')
+                      'eval.report_queries', 'eval.rerank_k', 'seed', 'head.num_classes')
 _POSITIVE_FLOATS = ('train.base_learning_rate', 'head.scale', 'model.gem_p', 'model.bn_epsilon')
 _NON_NEGATIVE_FLOATS = ('train.warmup_epochs', 'train.weight_decay', 'train.momentum',
-                        'head.margin', 'model.fusion_eps')
+                        'head.margin', 'model.fusion_eps', 'eval.rerank_beta', 'eval.gem_plus_p',
+                        'eval.relu_plus')
 _UNIT_INTERVAL = ('train.momentum', 'train.adam_b1', 'train.adam_b2', 'model.bn_momentum',
                   'head.t_momentum')
 _BOOLS = ('model.use_local_branch', 'model.use_multi_atrous', 'model.use_self_attention',
           'model.gem_p_learnable', 'data.random_flip', 'train.nesterov',
           'train.async_checkpointing', 'train.eval_retrieval', 'train.deterministic',
-          'train.init_on_one_device', 'eval.use_distractors', 'eval.pad')
+          'train.init_on_one_device', 'eval.use_distractors', 'eval.pad', 'eval.regional_gem')
 _STRINGS = ('data.dataset', 'data.data_dir', 'train.backbone_init', 'eval.data_dir',
             'eval.output_dir')
 
@@ -140,6 +142,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   if scales is not _MISSING and (not isinstance(scales, (tuple, list)) or not scales
                                  or not all(_is_number(s) and s > 0 for s in scales)):
     _fail('eval.scales', scales, 'must be one or more numbers > 0')
+  rerank, qe_k = _get(config, 'eval.rerank'), _get(config, 'eval.qe_k')
+  if rerank not in (_MISSING, '') and qe_k is not _MISSING and qe_k > 0:
+    _fail('eval.rerank', rerank, f'cannot be combined with eval.qe_k={qe_k} (alpha-QE); set one '
+          'of them off')
 
   # Mesh and batch divisibility.
   mesh_model = _get(config, 'mesh.model')

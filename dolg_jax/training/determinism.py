@@ -5,7 +5,7 @@ differ bit-wise from run to run. `--xla_gpu_deterministic_ops=true` picks determ
 implementations and disables non-deterministic autotuning choices. Cost: the backward pass of
 convolutions and the reductions may be slower; expect roughly 5-30% lower train throughput for
 ResNet-style models (not measured here: no GPU was available). Measure it with
-`python -m dolg_jax.bench --config=configs/r50.py --config.train.deterministic=True` against the
+`python -m dolg_jax.tools.bench_train --config=configs/r50.py --config.train.deterministic=True` against the
 same command without the flag. CPU and TPU runs are deterministic already; the flag changes nothing there.
 
 XLA reads `XLA_FLAGS` when the backend starts: `main.py` applies the switch before any JAX
@@ -15,6 +15,7 @@ computation; applying it later only warns.
 import os
 
 from absl import logging
+from jax._src import xla_bridge
 
 FLAG = '--xla_gpu_deterministic_ops=true'
 
@@ -35,5 +36,4 @@ def apply(deterministic: bool) -> bool:
 
 
 def _backend_started() -> bool:
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   return bool(getattr(xla_bridge, '_backends', None))

@@ -7,10 +7,10 @@ Exit codes of `python -m dolg_jax.main` (for schedulers and job scripts):
   75  preempted (SIGTERM): a checkpoint of the current step was saved; rerun the same command to
       resume (EX_TEMPFAIL of sysexits.h; launch/slurm_gpu.sbatch requeues the job on it).
 
-`describe(error)` builds the closing line. Errors this project raises on purpose (bad config,
+`describe(error)` builds the closing line. Errors raised by this package's code (bad config,
 damaged checkpoint or input file, non-finite loss, ...) carry their own message naming the field or
-file and the remedy; a full disk is named as such; anything else is 'unexpected', with the place it
-was raised, and its traceback is printed above the line.
+file and the remedy; OS errors name their file; a full disk is named as such; anything else is
+'unexpected', with the place it was raised, and its traceback is printed above the line.
 """
 
 import errno
@@ -20,12 +20,13 @@ import traceback
 
 from absl import logging as absl_logging
 
+from dolg_jax import errors
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 75
 
-# Messages of these types already say what and where; their traceback is noise for a user.
-_EXPECTED = (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, OSError, KeyError)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _origin(error: BaseException) -> str:
@@ -34,13 +35,6 @@ def _origin(error: BaseException) -> str:
     return 'unknown place'
   frame = tb[-1]
   return f'{os.path.relpath(frame.filename)}:{frame.lineno} in {frame.name}'
-
-
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  if isinstance(error, KeyError) and error.args:
-    text = str(error.args[0])
-  return text.splitlines()[0] if text else type(error).__name__
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -58,22 +52,30 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def is_expected(error: BaseException) -> bool:
-  return isinstance(error, _EXPECTED) and bool(str(error).strip())
+  """True for errors this project raises on purpose (their message names the field or file and
+  the remedy, so the traceback is noise) and for OS errors (which name their file)."""
+  if not str(error).strip():
+    return False
+  if isinstance(error, OSError):
+    return True
+  tb = traceback.extract_tb(error.__traceback__)
+  return bool(tb) and os.path.abspath(tb[-1].filename).startswith(_PACKAGE_DIR + os.sep)
 
 
 def describe(error: BaseException, workdir: str) -> str:
   """The last line a user sees for `error` (one line, no traceback)."""
   if is_disk_full(error):
-    message = _first_line(error)
+    message = errors.first_line(error, with_type=False, limit=None)
     if 'No space left' not in message and 'quota' not in message:
       message = f'no space left on the device: {message}'
     return (f'FAILED: {message}. Free space on the filesystem holding {workdir} (or choose a '
             'workdir elsewhere), then rerun the same command: it resumes from the last complete '
             'checkpoint.')
   if is_expected(error):
-    return f'FAILED: {_first_line(error)}'
-  return (f'FAILED: unexpected {type(error).__name__}: {_first_line(error)} (raised at '
-          f'{_origin(error)}); the traceback is above. Rerun the same command to resume from the '
+    return f'FAILED: {errors.first_line(error, with_type=False, limit=None)}'
+  return (f'FAILED: unexpected {type(error).__name__}: '
+          f"{errors.first_line(error, with_type=False, limit=None)} (raised at {_origin(error)}); the "
+          'traceback is above. Rerun the same command to resume from the '
           'last checkpoint; if it fails the same way, report it with that traceback.')
 
 

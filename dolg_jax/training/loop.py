@@ -8,7 +8,6 @@ stops the run (NonFiniteLossError) with the last good checkpoint intact.
 
 import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -16,12 +15,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dolg_jax import models
 from dolg_jax import sharding as shd
+from dolg_jax.retrieval import evaluate as evaluate_lib
+from dolg_jax.retrieval import scoring
 from dolg_jax.training import checkpointing
 from dolg_jax.training import config_check
 from dolg_jax.training import determinism
-from dolg_jax.training import input_pipeline
+from dolg_jax.training import inputs
 from dolg_jax.training import manifest as manifest_lib
 from dolg_jax.training import metric_logging
 from dolg_jax.training import preemption
@@ -29,6 +29,8 @@ from dolg_jax.training import resume_check
 from dolg_jax.training import schedule
 from dolg_jax.training import state as state_lib
 from dolg_jax.training import step as step_lib
+from dolg_jax.training import utilisation
+from dolg_jax.weights import imagenet
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -83,19 +85,13 @@ def evaluate(eval_step, state, batches, mesh, max_batches: int = 0) -> dict[str,
 
 
 def retrieval_eval(config: ml_collections.ConfigDict, state, workdir: str, step: int) -> dict:
-  """Retrieval mAP of the current weights through dolg_jax.eval (config.eval datasets)."""
-  from dolg_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  """Retrieval mAP of the current weights (config.eval datasets), through the evaluation library."""
   variables = shd.host_replicated({'params': state.params['model'],
-                                'batch_stats': state.batch_stats})
-  out = eval_lib.evaluate_variables(
-      config, eval_lib.make_apply_fn(config), variables,
+                                   'batch_stats': state.batch_stats})
+  out = evaluate_lib.evaluate_variables(
+      config, evaluate_lib.make_apply_fn(config), variables,
       os.path.join(workdir, 'eval', f'step_{step}'), source=f'train:{workdir}@{step}')
-  flat = {}
-  for name, res in out['results'].items():
-    for setting, table in res.items():
-      for protocol, r in table.items():
-        flat[f'map/{name}/{setting}/{protocol}'] = r['map']
-  return flat
+  return scoring.flat_maps(out['results'])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -105,6 +101,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Before anything is written: a bad field fails here, naming itself.
   config_check.validate(config, device_count=jax.device_count(),
                         process_count=jax.process_count())
+  if t_cfg.eval_retrieval and t_cfg.eval_every_steps > 0:  # now, not at the first evaluation
+    evaluate_lib.check_datasets(config)
   determinism.apply(t_cfg.deterministic)
   os.makedirs(workdir, exist_ok=True)
   is_primary = jax.process_index() == 0
@@ -113,24 +111,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.process_count())
   per_host_batch = t_cfg.global_batch_size // jax.process_count()
 
-  data = input_pipeline.open_data(config)
+  data = inputs.open_data(config)
   if config.head.num_classes != data.num_classes:
     logging.info('config.head.num_classes %d -> %d (from the dataset).', config.head.num_classes,
                  data.num_classes)
-    config.head.num_classes = data.num_classes
+  setup = state_lib.make_setup(config, mesh, data.num_classes)
+  config = setup.config
+  t_cfg = config.train
   steps_per_epoch = schedule.steps_per_epoch(data.num_train_examples, t_cfg.global_batch_size)
   total_steps = schedule.num_train_steps(t_cfg, data.num_train_examples)
   lr_fn = schedule.create_learning_rate_fn(t_cfg, steps_per_epoch, total_steps)
-  tx = state_lib.create_optimizer(t_cfg)
-  model = models.build_model(config.model, config.compute_dtype)
 
   manager = checkpointing.make_manager(workdir, keep=t_cfg.keep_checkpoints,
                                        async_save=t_cfg.async_checkpointing)
   config_json = json.loads(config.to_json_best_effort())
   manifest_extra: dict[str, Any] = {}
-  iterator = input_pipeline.train_iterator(config, data, per_host_batch=per_host_batch)
-  target, state_sh = state_lib.abstract_train_state(
-      config, model, models.margins.init_head_weight, tx, mesh, data.num_classes)
+  iterator = inputs.train_iterator(config, data, per_host_batch=per_host_batch)
+  target, state_sh = state_lib.abstract_train_state(setup)
 
   def check_resume(record):
     changes = resume_check.check(
@@ -145,13 +142,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   restored = checkpointing.restore_verified(manager, target, mesh, check_record=check_resume)
   latest = None if restored is None else restored[0]
   if restored is None:
-    state, state_sh = state_lib.create_train_state(
-        config, model, models.margins.init_head_weight, tx, mesh,
-        jax.random.key(config.seed), data.num_classes)
-    if t_cfg.backbone_init:
-      state = state_lib.load_backbone(state, state_sh, t_cfg.backbone_init)
-      logging.info('Backbone initialised from %s.', t_cfg.backbone_init)
+    # Resolved (downloaded, verified) before anything is compiled.
+    backbone = imagenet.resolve(t_cfg.backbone_init, cache_dir=t_cfg.backbone_cache_dir,
+                                model=config.model, progress=is_primary)
+    manifest_extra['backbone'] = backbone.record()
+    logging.info('Backbone: %s', backbone.describe())
+    state, state_sh = state_lib.create_train_state(setup, jax.random.key(config.seed))
+    if backbone.path is not None:
+      state = state_lib.load_backbone(state, state_sh, backbone.path)
+      logging.info('Backbone initialised from %s.', backbone.path)
   else:
+    manifest_extra['backbone'] = {'spec': t_cfg.backbone_init,
+                                  'source': f'checkpoint of step {latest}',
+                                  'note': 'resumed: the backbone init was not read'}
     _, state, iter_state, _ = restored
     iterator.set_state(iter_state)
     logging.info('Resumed from step %d of %s.', latest, checkpointing.checkpoint_dir(workdir))
@@ -167,15 +170,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Once the first step has run: a start that fails earlier leaves no record of a run."""
     if is_primary:
       manifest_lib.write_manifest(workdir, manifest_lib.build_manifest(
-          config, seeds={'seed': config.seed, 'data_seed': input_pipeline.data_seed(config)},
+          config, seeds={'seed': config.seed, 'data_seed': inputs.data_seed(config)},
           dataset=data.manifest, extra={'start_step': start_step, 'total_steps': total_steps,
                                         'steps_per_epoch': steps_per_epoch,
                                         'mesh': dict(mesh.shape), **manifest_extra}))
 
-  train_step = step_lib.make_train_step(config, model, models.margins, tx, mesh, state_sh,
-                                        data.num_classes)
+  train_step = step_lib.make_train_step(setup, state_sh)
   eval_step = None
   progress = metric_logging.Progress(total_steps, start_step, t_cfg.global_batch_size)
+  util = utilisation.Utilisation(workdir, t_cfg.profile_steps, t_cfg.global_batch_size, is_primary)
   pending: list[Any] = []          # Device metrics of steps not yet fetched.
   fetched: list[dict] = []         # Host metrics since the last log line.
   first_fetched = start_step + 1
@@ -195,12 +198,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with preemption.PreemptionHandler(t_cfg.preemption_sync_every_steps) as preempt:
       step = start_step
       while step < total_steps:
-        batch = next(iterator)
-        state, metrics = train_step(state, shd.global_batch(mesh, batch), lr_fn(step))
+        util.before_step(step)
+        with util.step_region(step + 1):
+          with util.region('input_wait'):
+            batch = shd.global_batch(mesh, next(iterator))
+          state, metrics = train_step(state, batch, lr_fn(step))
         pending.append(metrics)
         step += 1
+        util.after_step(step, metrics)
         if step == start_step + 1:  # Throughput/ETA exclude compilation.
           jax.block_until_ready(metrics)
+          util.restart(step, utilisation.train_step_flops(train_step, state, batch, lr_fn(step)))
           progress.restart(step)
           write_manifest()
         stop = preempt.should_stop(step)
@@ -214,18 +222,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if do_log or do_ckpt:
           fetch()
         timing = progress.update(step) if do_log else {}  # Throughput without save/eval time.
+        timing.update(util.fields(step, timing) if do_log else {})
         if do_ckpt:  # Before evaluating: a failing evaluation must not cost the checkpoint.
-          iter_state = iterator.get_state()
-          checkpointing.save(manager, step, state, iter_state, checkpointing.make_record(
-              step, state, iter_state, mesh, config_json))
+          with util.region('checkpoint'):
+            iter_state = iterator.get_state()
+            checkpointing.save(manager, step, state, iter_state, checkpointing.make_record(
+                step, state, iter_state, mesh, config_json))
           last_saved = step
         val = {}
         if do_eval:
-          t0 = time.perf_counter()
+          util.begin('evaluation')
           if data.val_source is not None:
             if eval_step is None:
-              eval_step = step_lib.make_eval_step(config, model, mesh, state_sh, data.num_classes)
-            batches = input_pipeline.eval_batches(config, data, per_host_batch)
+              eval_step = step_lib.make_eval_step(setup, state_sh)
+            batches = inputs.eval_batches(config, data, per_host_batch)
             val = evaluate(eval_step, state, batches, mesh, t_cfg.eval_batches)
           elif not warned_no_validation:
             logging.warning('config.data.dataset=%r has no validation split: no validation '
@@ -233,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             warned_no_validation = True
           if t_cfg.eval_retrieval:
             val.update(retrieval_eval(config, state, workdir, step))
-          eval_time = time.perf_counter() - t0
+          eval_time = util.end('evaluation')
           progress.exclude(eval_time)
           if val:
             val['eval_time_s'] = eval_time
@@ -255,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           break
     completed = True
   finally:
+    util.close()   # Stops a profiler trace still open (a run that ended inside its window).
     # Pending async saves complete (also when stopping on a NaN loss: they hold good states).
     try:
       checkpointing.finish(manager)

@@ -1,7 +1,10 @@
 """`WORKDIR/manifest.json`: what a run needs to be reproduced.
 
-Resolved config, git commit and dirty flag, package versions, devices, processes, seeds, and the
-dataset's name, version, split sizes and a fingerprint of its files. A resumed run appends its own
+Resolved config, git commit and dirty flag, package versions, devices, processes, seeds, the
+dataset's name, version, split sizes and a fingerprint of its files, and (passed in `extra` by the
+loop) the backbone's source: `backbone` = {spec, source, name, url, path, sha256, verification,
+downloaded} (dolg_jax.weights.imagenet.Resolved.record), source 'random initialisation' for
+`backbone_init='none'`. A resumed run appends its own
 entry under `resumes` instead of overwriting the original record.
 """
 

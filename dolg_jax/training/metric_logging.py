@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from absl import logging
+import tensorboardX
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -23,7 +24,6 @@ class TensorBoardXWriter:
   """Writes TensorBoard event files with tensorboardX (no TensorFlow)."""
 
   def __init__(self, logdir: str):
-    import tensorboardX  # pylint: disable=g-import-not-at-top  # Only needed when writing events.
     self._writer = tensorboardX.SummaryWriter(logdir=logdir)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):

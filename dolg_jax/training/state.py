@@ -11,6 +11,7 @@ The head's class count is padded up to a multiple of the mesh's `model` axis so 
 can be split evenly; padded classes are masked out of the softmax by the train step.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -21,7 +22,9 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from dolg_jax import models
 from dolg_jax import sharding as shd
+from dolg_jax.weights import backbone as backbone_lib
 
 
 @flax.struct.dataclass
@@ -31,6 +34,31 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   head_t: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """The collaborators every train-setup function takes: the run's config (its
+  `head.num_classes` is the dataset's), the DOLG module, the unit-lr optimizer and the mesh."""
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  tx: optax.GradientTransformation
+  mesh: Mesh
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.config.head.num_classes)
+
+
+def make_setup(config: ml_collections.ConfigDict, mesh: Mesh,
+               num_classes: int | None = None) -> TrainSetup:
+  """TrainSetup of `config` on `mesh`; `num_classes` (the dataset's) replaces config.head's in a
+  copy of the config (the caller's config is not modified)."""
+  config = config.copy_and_resolve_references()
+  if num_classes is not None:
+    config.head.num_classes = int(num_classes)
+  return TrainSetup(config, models.build_model(config.model, config.compute_dtype),
+                    create_optimizer(config.train), mesh)
 
 
 def padded_num_classes(num_classes: int, mesh: Mesh) -> int:
@@ -67,15 +95,14 @@ def create_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTran
   `optax.adamw(schedule, ...)`, and the compiled step does not depend on the schedule's constants
   (changing num_train_steps or the lr does not recompile it).
   """
-  kind = train_cfg.get('optimizer', 'sgd')
+  kind = train_cfg.optimizer
   decay = optax.add_decayed_weights(train_cfg.weight_decay,
                                     mask=weight_decay_mask(train_cfg.weight_decay_mask))
   if kind == 'sgd':
     return optax.chain(decay, optax.sgd(1.0, momentum=train_cfg.momentum,
                                         nesterov=train_cfg.nesterov))
   if kind == 'adamw':
-    return optax.chain(optax.scale_by_adam(b1=train_cfg.get('adam_b1', 0.9),
-                                           b2=train_cfg.get('adam_b2', 0.999)),
+    return optax.chain(optax.scale_by_adam(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2),
                        decay, optax.scale(-1.0))
   raise ValueError(f'config.train.optimizer must be one of {OPTIMIZERS}, got {kind!r}')
 
@@ -112,21 +139,20 @@ def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
   )
 
 
-def _state_init_fn(config, model, head_init, tx, mesh, num_classes) -> Callable:
-  c_pad = padded_num_classes(num_classes, mesh)
+def _state_init_fn(setup: TrainSetup) -> Callable:
+  c_pad = padded_num_classes(setup.num_classes, setup.mesh)
+  config, tx = setup.config, setup.tx
 
   def init(rng):
-    v = init_variables(model, head_init, rng, config.data.image_size, c_pad,
-                       config.model.embedding_dim)
+    v = init_variables(setup.model, models.margins.init_head_weight, rng, config.data.image_size,
+                       c_pad, config.model.embedding_dim)
     return TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
                       batch_stats=v['batch_stats'], opt_state=tx.init(v['params']),
                       head_t=jnp.zeros((), jnp.float32))
   return init
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, head_init: Callable,
-                       tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
-                       num_classes: int) -> tuple[TrainState, TrainState]:
+def create_train_state(setup: TrainSetup, rng: jax.Array) -> tuple[TrainState, TrainState]:
   """Initialises the state and places it in its mesh shardings. Returns (state, shardings).
 
   `config.train.init_on_one_device` (default True) runs the jitted initialiser on this process's
@@ -135,9 +161,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, head
   on CPU). DOLG's state is small (R101 with the 81,313-class head and momentum: < 1 GB). False:
   `jax.jit(init, out_shardings=...)` creates every shard in place.
   """
-  init = _state_init_fn(config, model, head_init, tx, mesh, num_classes)
-  shardings = state_shardings(mesh, jax.eval_shape(init, rng))
-  if not config.train.init_on_one_device:
+  init = _state_init_fn(setup)
+  shardings = state_shardings(setup.mesh, jax.eval_shape(init, rng))
+  if not setup.config.train.init_on_one_device:
     return jax.jit(init, out_shardings=shardings)(rng), shardings
   first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   local = jax.jit(init, out_shardings=first_device)(rng)
@@ -146,26 +172,38 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, head
   return shd.place(jax.device_get(local), shardings), shardings
 
 
+def uncovered_backbone_leaves(variables: Any, backbone: Any) -> list[str]:
+  """The model's `globalmodel` leaves (key strings) that `backbone` does not provide."""
+  given = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(backbone)}
+  return [k for k in (jax.tree_util.keystr(p) for p, _ in
+                      jax.tree_util.tree_leaves_with_path(variables))
+          if "'globalmodel'" in k and k not in given]
+
+
 def load_backbone(state: TrainState, shardings: TrainState, path: str) -> TrainState:
   """Replaces the backbone (`globalmodel`) params and BN statistics with an ImageNet checkpoint.
 
   `path`: pycls .pyth, torchvision .pth, a DOLG checkpoint or a converted directory
-  (dolg_jax.pretrained.load_backbone). Shapes must match the configured depth and width.
+  (dolg_jax.weights.backbone.load_backbone). Shapes must match the configured depth and width, and
+  the file must provide every backbone variable of the model (a ValueError names the file).
   """
-  from dolg_jax import pretrained  # pylint: disable=g-import-not-at-top
   current = {'params': state.params['model'], 'batch_stats': state.batch_stats}
-  merged = pretrained.merge_backbone(shd.host_replicated(current), pretrained.load_backbone(path))
+  backbone = backbone_lib.load_backbone(path)
+  missing = uncovered_backbone_leaves(current, backbone)
+  if missing:  # E.g. a ResNet-50 file for a ResNet-101 model: its blocks are a subset.
+    raise ValueError(f'{path}: the backbone lacks {len(missing)} of the model\'s backbone '
+                     f'variables (first: {missing[:3]}); it does not match config.model (depth, '
+                     f'stage_depths, width)')
+  merged = backbone_lib.merge_backbone(shd.host_replicated(current), backbone)
   target = {'params': shardings.params['model'], 'batch_stats': shardings.batch_stats}
   placed = shd.place(merged, {k: target[k] for k in merged})
   return state.replace(params={**state.params, 'model': placed['params']},
                        batch_stats=placed.get('batch_stats', state.batch_stats))
 
 
-def abstract_train_state(config, model, head_init, tx, mesh,
-                         num_classes) -> tuple[TrainState, TrainState]:
+def abstract_train_state(setup: TrainSetup) -> tuple[TrainState, TrainState]:
   """Shape/dtype/sharding of the state without allocating it (target for restoring)."""
-  init = _state_init_fn(config, model, head_init, tx, mesh, num_classes)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  shardings = state_shardings(mesh, abstract)
+  abstract = jax.eval_shape(_state_init_fn(setup), jax.random.key(0))
+  shardings = state_shardings(setup.mesh, abstract)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings), shardings

@@ -8,6 +8,10 @@ BatchNorm: `config.train.bn_mode`
   of a `data`-sharded array is a cross-device reduction inserted by the compiler.
 - 'per_device': statistics over each device's shard only (what the PyTorch reference did with one
   BN per GPU), via `jax.shard_map` around the model; running statistics are averaged over devices.
+`config.train.bn_group_size` = g > 0 (either mode): statistics over each group of g consecutive
+images of the (device's) batch, via `jax.vmap` over the groups; running statistics are averaged over
+the groups. The official run had 8 images per GPU (batch 64 on 8 GPUs): g = 8 gives those
+statistics on any number of devices. (PyTorch DDP keeps rank 0's running statistics; we average.)
 
 Gradient accumulation: `config.train.grad_accum_steps` = k splits the global batch into k
 microbatches (each still spread over all devices), sums their gradients in float32 in a
@@ -24,12 +28,15 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dolg_jax import sharding as shd
+from dolg_jax.models.normalize import l2_normalize
+from dolg_jax.models import margins
+from dolg_jax.training.state import TrainSetup
 from dolg_jax.training.state import TrainState
 
 _MASK_VALUE = -1e9
 
 
-def head_logits(head_cfg: ml_collections.ConfigDict, margins, embeddings, weight, labels, t,
+def head_logits(head_cfg: ml_collections.ConfigDict, embeddings, weight, labels, t,
                 num_classes: int):
   """Margin logits (float32) and the new CurricularFace `t`; padded classes masked out."""
   if head_cfg.type == 'arcface':
@@ -50,13 +57,28 @@ def head_logits(head_cfg: ml_collections.ConfigDict, margins, embeddings, weight
   return logits, new_t
 
 
-def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str) -> Callable:
+def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str, bn_group_size: int = 0) -> Callable:
   """(model_params, batch_stats, images) -> (embeddings float32, new batch_stats)."""
 
-  def forward(params, batch_stats, images):
+  def forward_all(params, batch_stats, images):
     emb, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
                                mutable=['batch_stats'])
     return emb.astype(jnp.float32), updates['batch_stats']
+
+  def forward_grouped(params, batch_stats, images):
+    n, g = images.shape[0], bn_group_size
+    if n % g:
+      raise ValueError(f'config.train.bn_group_size={g} must divide the batch it splits: {n} '
+                       'images (the per-device (micro)batch with bn_mode=per_device, else the '
+                       'global (micro)batch)')
+    groups = images.reshape((n // g, g) + images.shape[1:])
+    emb, stats = jax.vmap(forward_all, in_axes=(None, None, 0))(params, batch_stats, groups)
+    return (emb.reshape((n,) + emb.shape[2:]),
+            jax.tree.map(lambda x: jnp.mean(x, axis=0), stats))
+
+  if bn_group_size < 0:
+    raise ValueError(f'config.train.bn_group_size must be >= 0, got {bn_group_size}')
+  forward = forward_grouped if bn_group_size else forward_all
 
   if bn_mode == 'global':
     return forward
@@ -80,24 +102,24 @@ def _split_microbatches(x: jax.Array, k: int, mesh: Mesh) -> jax.Array:
       x, NamedSharding(mesh, P(None, shd.DATA)))
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, margins, tx:
-                    optax.GradientTransformation, mesh: Mesh, state_sharding: TrainState,
-                    num_classes: int) -> Callable:
+def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
   """Returns jitted `train_step(state, batch, learning_rate) -> (state, metrics)`.
 
   `state` is donated. `tx` is the unit-learning-rate optimizer of `state.create_optimizer`;
   `learning_rate` (float32 scalar) scales its update.
   """
+  config, model, tx, mesh = setup.config, setup.model, setup.tx, setup.mesh
+  num_classes = setup.num_classes
   t_cfg = config.train
   k = int(t_cfg.grad_accum_steps)
   if t_cfg.global_batch_size % (k * mesh.shape[shd.DATA]):
     raise ValueError(f'config.train.global_batch_size={t_cfg.global_batch_size} must be divisible '
                      f'by grad_accum_steps ({k}) x data devices ({mesh.shape[shd.DATA]}).')
-  forward = _forward_fn(model, mesh, t_cfg.bn_mode)
+  forward = _forward_fn(model, mesh, t_cfg.bn_mode, int(t_cfg.get('bn_group_size', 0)))
 
   def loss_fn(params, batch_stats, head_t, images, labels):
     emb, new_stats = forward(params['model'], batch_stats, images)
-    logits, new_t = head_logits(config.head, margins, emb, params['head']['weight'], labels,
+    logits, new_t = head_logits(config.head, emb, params['head']['weight'], labels,
                                 head_t, num_classes)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     loss = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
@@ -150,20 +172,20 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, margins
                  out_shardings=(state_sharding, shd.replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh,
-                   state_sharding: TrainState, num_classes: int) -> Callable:
+def make_eval_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
   """Jitted `eval_step(state, batch) -> {'correct', 'count', 'loss_sum'}` with plain cosine logits.
 
   Validation accuracy uses the nearest class centre (cosine logits without the margin), the
   metric that measures the descriptor; `batch['mask']` (optional) marks padding examples.
   """
+  config, model, mesh, num_classes = setup.config, setup.model, setup.mesh, setup.num_classes
 
   def eval_step(state: TrainState, batch):
     emb = model.apply({'params': state.params['model'], 'batch_stats': state.batch_stats},
                       batch['image'], train=False).astype(jnp.float32)
-    emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    emb = l2_normalize(emb)
     w = state.params['head']['weight']
-    w = w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
+    w = l2_normalize(w)
     logits = config.head.scale * (emb @ w.T)
     if w.shape[0] != num_classes:
       logits = jnp.where(jnp.arange(w.shape[0])[None] < num_classes, logits, _MASK_VALUE)

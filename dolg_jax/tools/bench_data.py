@@ -1,14 +1,16 @@
 """Decode + crop + resize throughput per core, fast path vs naive Pillow, on GLDv2-like JPEGs.
 
-  python -m dolg_jax.bench_data [--num_images=32] [--rounds=5] [--size=512] [--height=600 --width=800]
+  python -m dolg_jax.tools.bench_data [--num_images=32] [--rounds=5] [--size=512] [--height=600 --width=800]
       [--pipeline_workers=0,2]
 
 Makes textured JPEGs (quality 90) of about the GLDv2 train size, draws the training pipeline's
 random-resized crops (scale 0.25-1, ratio 3/4-4/3), and times in ONE process (so images/s = per core):
   naive:            Pillow full decode, crop, resize (Pillow's default filter, bicubic)
   naive_bilinear:   the same with a bilinear resize
-  fast:             dolg_jax.data.decode.decode_crop_resize (libjpeg-turbo via simplejpeg with
-                    DCT downscaling when the crop allows, OpenCV bilinear resize)
+  fast:             dolg_jax.data.decode.decode_crop_resize(fast=True) (libjpeg-turbo via
+                    simplejpeg with DCT downscaling when the crop allows, OpenCV bilinear resize)
+  exact:            decode_crop_resize's default (config.data.decode='exact'): cv2.imread's
+                    pixels (full accurate decode, EXIF orientation), crop, OpenCV resize
   alternatives:     Pillow with draft() DCT scaling and a box resize; OpenCV imdecode + resize
 Rounds alternate between methods and the median round is reported, so a busy machine biases all
 methods alike. Also times the parts of the fast path (decode only, resize only).
@@ -16,16 +18,20 @@ methods alike. Also times the parts of the fast path (decode only, resize only).
 
 from __future__ import annotations
 
-import argparse
 import io
 import statistics
 import time
 from typing import Callable, Dict, List, Sequence
 
+from absl import app
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
 from dolg_jax.data import decode
+from dolg_jax.data import grain_pipeline
 
 
 def make_jpegs(n: int, height: int, width: int, seed: int = 0, quality: int = 90) -> List[bytes]:
@@ -49,7 +55,7 @@ def _time_round(fn: Callable[[int], object], n: int) -> float:
   return n / (time.perf_counter() - start)
 
 
-def run(num_images: int = 32, rounds: int = 5, size: int = 512, height: int = 600,
+def time_methods(num_images: int = 32, rounds: int = 5, size: int = 512, height: int = 600,
         width: int = 800, seed: int = 0) -> Dict[str, float]:
   """Median images/s of each method (single thread)."""
   jpegs = make_jpegs(num_images, height, width, seed)
@@ -88,10 +94,13 @@ def run(num_images: int = 32, rounds: int = 5, size: int = 512, height: int = 60
           jpegs[i], boxes[i], out),
       'naive_bilinear (Pillow decode+crop+bilinear)': naive_bilinear,
       'fast (simplejpeg+DCT scaling, cv2 bilinear)': lambda i: decode.decode_crop_resize(
+          jpegs[i], boxes[i], out, fast=True),
+      'exact (= cv2.imread, full decode, cv2 resize)': lambda i: decode.decode_crop_resize(
           jpegs[i], boxes[i], out),
       'alt: Pillow draft (DCT scaling) + box resize': pil_draft,
       'alt: OpenCV imdecode + resize': cv2_only,
-      '  part: simplejpeg decode only': lambda i: decode.decode_rgb(jpegs[i]),
+      '  part: simplejpeg decode only': lambda i: decode.decode_rgb(jpegs[i], fast=True),
+      '  part: exact decode only': lambda i: decode.decode_rgb(jpegs[i]),
       '  part: Pillow decode only': lambda i: np.asarray(
           Image.open(io.BytesIO(jpegs[i])).convert('RGB')),
       '  part: resize only (fast path)': lambda i: decode.resize(crop(i), size, size),
@@ -107,18 +116,17 @@ def run(num_images: int = 32, rounds: int = 5, size: int = 512, height: int = 60
   return {name: statistics.median(v) for name, v in results.items()}
 
 
-def run_pipeline(workers: Sequence[int], num_images: int = 64, size: int = 512, height: int = 600,
-                 width: int = 800, batch: int = 16, seconds: float = 5.0) -> Dict[int, float]:
-  """Images/s of the full training pipeline (make_train_iterator) per worker count."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from dolg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+def run_pipeline(data_cfg: ml_collections.ConfigDict, workers: Sequence[int], num_images: int = 64,
+                 size: int = 512, height: int = 600, width: int = 800, batch: int = 16,
+                 seconds: float = 5.0) -> Dict[int, float]:
+  """Images/s of the full training pipeline (make_train_iterator) per worker count, with the
+  augmentation and decode settings of `data_cfg` (a c.data section) at `size`, 1 read thread."""
   source = [{'image': j, 'label': i} for i, j in enumerate(make_jpegs(num_images, height, width))]
-  cfg = ml_collections.ConfigDict(dict(
-      image_size=size, crop_scale=(0.25, 1.0), crop_ratio=(3 / 4, 4 / 3), random_flip=True,
-      read_threads=1, prefetch_buffer_size=2, worker_buffer_size=2))
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.image_size, cfg.read_threads = size, 1
   out = {}
   for w in workers:
-    it = pipeline.make_train_iterator(cfg, source, seed=0, process_index=0, process_count=1,
+    it = grain_pipeline.make_train_iterator(cfg, source, seed=0, process_index=0, process_count=1,
                                       per_host_batch=batch, num_workers=w)
     try:
       next(it)  # Start-up (worker spawn) is not timed.
@@ -131,23 +139,30 @@ def run_pipeline(workers: Sequence[int], num_images: int = 64, size: int = 512, 
   return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m dolg_jax.bench_data', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--num_images', type=int, default=32)
-  parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument('--size', type=int, default=512)
-  parser.add_argument('--height', type=int, default=600)
-  parser.add_argument('--width', type=int, default=800)
-  parser.add_argument('--pipeline_workers', default='',
-                      help='also time make_train_iterator end to end with these worker counts, '
-                      'e.g. "0,2" (1 read thread per process)')
-  args = parser.parse_args(argv)
-  sample = make_jpegs(1, args.height, args.width)[0]
-  print(f'{args.num_images} JPEGs {args.width}x{args.height} q90 (~{len(sample) // 1024} KiB), '
-        f'random-resized crop -> {args.size}x{args.size}, 1 thread, median of {args.rounds} '
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (at entry only, so importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config whose c.data settings '
+                                  'the pipeline part uses.', lock_config=True)
+  flags.DEFINE_integer('num_images', 32, 'JPEGs per round.')
+  flags.DEFINE_integer('rounds', 5, 'Timed rounds (the median is reported).')
+  flags.DEFINE_integer('size', 512, 'Crop output side.')
+  flags.DEFINE_integer('height', 600, 'JPEG height.')
+  flags.DEFINE_integer('width', 800, 'JPEG width.')
+  flags.DEFINE_list('pipeline_workers', [], 'Also time make_train_iterator end to end with these '
+                    'worker counts, e.g. 0,2 (1 read thread per process).')
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  sample = make_jpegs(1, FLAGS.height, FLAGS.width)[0]
+  print(f'{FLAGS.num_images} JPEGs {FLAGS.width}x{FLAGS.height} q90 (~{len(sample) // 1024} KiB), '
+        f'random-resized crop -> {FLAGS.size}x{FLAGS.size}, 1 thread, median of {FLAGS.rounds} '
         'rounds')
-  res = run(args.num_images, args.rounds, args.size, args.height, args.width)
+  res = time_methods(FLAGS.num_images, FLAGS.rounds, FLAGS.size, FLAGS.height, FLAGS.width)
   naive = next(v for k, v in res.items() if k.startswith('naive ('))
   naive_bl = next(v for k, v in res.items() if k.startswith('naive_bilinear'))
   for name, value in res.items():
@@ -155,12 +170,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   fast = next(v for k, v in res.items() if k.startswith('fast'))
   print(f'speed-up of fast over naive: {fast / naive:.2f}x (over naive_bilinear: '
         f'{fast / naive_bl:.2f}x)')
-  if args.pipeline_workers:
-    workers = [int(w) for w in args.pipeline_workers.split(',')]
-    for w, value in run_pipeline(workers, size=args.size, height=args.height,
-                                 width=args.width).items():
+  if FLAGS.pipeline_workers:
+    workers = [int(w) for w in FLAGS.pipeline_workers]
+    for w, value in run_pipeline(FLAGS.config.data, workers, size=FLAGS.size, height=FLAGS.height,
+                                 width=FLAGS.width).items():
       print(f'pipeline, {w} worker(s): {value:8.1f} images/s (whole process tree)')
 
 
+def run() -> None:
+  define_flags()
+  app.run(main)
+
+
 if __name__ == '__main__':
-  main()
+  run()

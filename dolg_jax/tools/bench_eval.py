@@ -1,36 +1,69 @@
 """Evaluation benchmark: +1M search (full argsort vs exact fast path), extraction throughput,
 compile counts and bucketed-vs-exact descriptor cosine.
 
-  python -m dolg_jax.bench_eval                        # 70 queries x (4,993 + 1,000,000) x 512
-  python -m dolg_jax.bench_eval --distractors=100000 --extract_model=tiny
-  python -m dolg_jax.bench_eval --checkpoint=r50.pyth         # cosine/throughput with real weights
+  python -m dolg_jax.tools.bench_eval                  # 70 queries x (4,993 + 1,000,000) x 512, R50
+  python -m dolg_jax.tools.bench_eval --distractors=100000 --config=configs/tiny.py
+  python -m dolg_jax.tools.bench_eval --checkpoint=r50.pyth   # cosine/throughput with real weights
+  [--config.eval.batch_size=4] [--config.eval.compute_dtype=bfloat16] [--extract=False]
 
-Search part: real ROxf ground truth (REVISITOP_GND_DIR or /work/shared/data/revisitop) when present,
+Extraction uses the model and the c.eval settings of --config (default configs/default.py, R50).
+Search part: real ROxf ground truth (--gnd_dir, default $REVISITOP_GND_DIR, else
+../shared/data/revisitop beside the repository) when present,
 random unit descriptors with positives pulled towards their query; both paths produce the Easy /
 Medium / Hard tables from the same float32 scores and the run checks they are identical.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import pickle
 import resource
 import time
 
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 
+from dolg_jax import models
 from dolg_jax.retrieval import extract as ex
-from dolg_jax.retrieval import metrics, search
+from dolg_jax.retrieval import metrics
+from dolg_jax.retrieval import search
+from dolg_jax.weights import released
+
+FLAGS = flags.FLAGS
+REPO_GND_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), '..', 'shared', 'data', 'revisitop')
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (at entry only, so importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model and c.eval settings.',
+                                  lock_config=True)
+  flags.DEFINE_string('gnd_dir', os.environ.get('REVISITOP_GND_DIR', REPO_GND_DIR),
+                      'Directory holding gnd_roxford5k.pkl (synthetic ground truth if absent).')
+  flags.DEFINE_integer('distractors', 1_000_000, '+1M distractor count.')
+  flags.DEFINE_integer('dim', 512, 'Descriptor width.')
+  flags.DEFINE_integer('chunk', 131072, 'Database rows per similarity chunk.')
+  flags.DEFINE_bool('search', True, 'Run the search part.')
+  flags.DEFINE_bool('extract', True, 'Run the extraction part.')
+  flags.DEFINE_string('checkpoint', '', 'Released .pyth/.pth or converted dir (else random init '
+                      'of the config\'s model).')
+  flags.DEFINE_integer('extract_images', 2, 'Images timed.')
+  flags.DEFINE_list('extract_hw', ['768', '1024'], 'H,W of the timed images.')
+  flags.DEFINE_string('cosine_sizes', '683,1024;771,1024', "'H,W;H,W' ('' = skip)")
+  flags.DEFINE_list('cosine_buckets', ['32', '64'], 'Bucket sizes compared with exact sizes.')
 
 
 def _rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _gnd(n_db: int, nq: int, rng) -> list:
-  path = os.path.join(os.environ.get('REVISITOP_GND_DIR', '/work/shared/data/revisitop'),
-                      'gnd_roxford5k.pkl')
+def _gnd(n_db: int, nq: int, rng, gnd_dir: str) -> list:
+  path = os.path.join(gnd_dir, 'gnd_roxford5k.pkl')
   if os.path.exists(path):
     with open(path, 'rb') as f:
       return pickle.load(f)['gnd']
@@ -42,10 +75,10 @@ def _gnd(n_db: int, nq: int, rng) -> list:
   return gnd
 
 
-def bench_search(n_distractors: int, dim: int, chunk: int, with_reference: bool) -> None:
+def bench_search(n_distractors: int, dim: int, chunk: int, gnd_dir: str) -> None:
   rng = np.random.default_rng(0)
   n_db = 4993
-  gnd = _gnd(n_db, 70, rng)
+  gnd = _gnd(n_db, 70, rng, gnd_dir)
   nq = len(gnd)
   t = time.perf_counter()
   base = rng.standard_normal((n_db, dim), dtype=np.float32)
@@ -75,15 +108,6 @@ def bench_search(n_distractors: int, dim: int, chunk: int, with_reference: bool)
   t3 = time.perf_counter()
   print(f'[search] full argsort path: scores {t1 - t0:.2f}s + stable argsort {t2 - t1:.2f}s + '
         f'compute_map x3 {t3 - t2:.2f}s = {t3 - t0:.2f}s (peak RSS {_rss_gib():.2f} GiB)')
-  if with_reference:
-    # pylint: disable-next=g-import-not-at-top
-    from tests.revisitop_reference import reference_compute_map, reference_protocol_gnd
-    t4 = time.perf_counter()
-    for p in metrics.PROTOCOLS:
-      ref = reference_compute_map(ranks, reference_protocol_gnd(gnd, p), [1, 5, 10])
-      assert abs(ref[0] - full[p]['map']) < 1e-9
-    print(f'[search]   (revisitop-style loop compute_map x3 on the same ranks: '
-          f'{time.perf_counter() - t4:.2f}s)')
   del ranks, scores
   for method in ('host', 'device'):
     if method == 'device' and n_distractors > 200000:
@@ -122,39 +146,33 @@ def roxf_like_sizes(rng, gnd) -> tuple[list, list]:
   return sizes + qsizes, [None] * len(sizes) + boxes
 
 
-def bench_compiles() -> None:
+def bench_compiles(base: ex.ExtractConfig, gnd_dir: str) -> None:
+  """Compilations of a ROxf-like size mix under several extraction settings (from `base`)."""
   rng = np.random.default_rng(0)
-  gnd = _gnd(4993, 70, rng)
+  gnd = _gnd(4993, 70, rng, gnd_dir)
   sizes, boxes = roxf_like_sizes(rng, gnd)
-  for label, cfg in (('exact sizes', ex.ExtractConfig(bucket=0)),
-                     ('padded canvases (eval default, exact descriptors)', ex.ExtractConfig(pad=True)),
-                     ('resize to bucket 32', ex.ExtractConfig(bucket=32)),
-                     ('bucket 64', ex.ExtractConfig(bucket=64)),
+  nopad = dataclasses.replace(base, pad=False, bucket=32, geometric_from=0)
+  for label, cfg in (('exact sizes', dataclasses.replace(nopad, bucket=0)),
+                     ('padded canvases (eval default, exact descriptors)',
+                      dataclasses.replace(base, pad=True)),
+                     ('resize to bucket 32', nopad),
+                     ('bucket 64', dataclasses.replace(nopad, bucket=64)),
                      ('bucket 32, geometric 2^(1/8) above 512',
-                      ex.ExtractConfig(bucket=32, geometric_from=512)),
-                     ('bucket 32, official 5 scales', ex.ExtractConfig(scales=ex.OFFICIAL_SCALES)),
-                     ('bucket 32, max_side 1024', ex.ExtractConfig(max_side=1024))):
+                      dataclasses.replace(nopad, geometric_from=512, steps_per_octave=8)),
+                     ('bucket 32, official 5 scales',
+                      dataclasses.replace(nopad, scales=ex.OFFICIAL_SCALES)),
+                     ('bucket 32, max_side 1024', dataclasses.replace(nopad, max_side=1024))):
     shapes = ex.simulate_shapes(sizes, boxes, cfg)
     n_q = len(ex.simulate_shapes(sizes[-70:], boxes[-70:], cfg))
     print(f'[compiles] ROxf-like mix (4,993 index + 70 query crops), {label}: {len(shapes)} '
           f'compilations ({n_q} for the queries alone)')
 
 
-def _model(kind: str, checkpoint: str, dtype: str):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dolg_jax import models  # pylint: disable=g-import-not-at-top
+def _model(model_cfg, checkpoint: str, dtype: str):
   if checkpoint:
-    from dolg_jax import pretrained  # pylint: disable=g-import-not-at-top
-    model, variables = pretrained.load(checkpoint)
+    model, variables = released.load(checkpoint, dtype=dtype)
   else:
-    if kind == 'tiny':
-      from configs import tiny  # pylint: disable=g-import-not-at-top
-      cfg = tiny.get_config()
-    else:
-      from configs import default  # pylint: disable=g-import-not-at-top
-      cfg = default.get_config()
-    model = models.build_model(cfg.model, dtype=dtype)
+    model = models.build_model(model_cfg, dtype=dtype)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)
   return (lambda v, x, valid_hw=None: model.apply(v, x, train=False, valid_hw=valid_hw)), variables
 
@@ -168,14 +186,18 @@ def _natural_images(rng, sizes):
   return out
 
 
-def bench_extraction(kind: str, checkpoint: str, n_images: int, hw: tuple[int, int],
-                     cosine_sizes: list, dtype: str, batch: int, buckets=(32, 64)) -> None:
-  apply, variables = _model(kind, checkpoint, dtype)
+def bench_extraction(config, checkpoint: str, n_images: int, hw: tuple[int, int],
+                     cosine_sizes: list, buckets=(32, 64)) -> None:
+  """Extraction images/s, compilations and bucketed-vs-exact cosine (config.model, config.eval)."""
+  dtype = config.eval.compute_dtype or config.compute_dtype
+  batch = config.eval.batch_size
+  base = ex.from_config(config.eval)
+  apply, variables = _model(config.model, checkpoint, dtype)
   rng = np.random.default_rng(1)
-  what = checkpoint or f'{kind} (random init)'
+  what = checkpoint or f'R{config.model.depth} width {config.model.width} (random init)'
   imgs = _natural_images(rng, [hw] * n_images)
   exs = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
-  e = ex.Extractor(apply, variables, ex.ExtractConfig(batch_size=batch, pad=True))
+  e = ex.Extractor(apply, variables, dataclasses.replace(base, pad=True))
   t = time.perf_counter()
   e.extract(exs, n_images)  # compiles the shapes (same batch shapes as the timed run)
   t_compile = time.perf_counter() - t
@@ -188,11 +210,11 @@ def bench_extraction(kind: str, checkpoint: str, n_images: int, hw: tuple[int, i
   if cosine_sizes:
     imgs = _natural_images(rng, cosine_sizes)
     exs = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
-    d0 = ex.Extractor(apply, variables, ex.ExtractConfig(bucket=0, batch_size=batch)).extract(
+    nopad = dataclasses.replace(base, pad=False, geometric_from=0)
+    d0 = ex.Extractor(apply, variables, dataclasses.replace(nopad, bucket=0)).extract(
         exs, len(imgs))
-    variants = [('padded canvas', ex.ExtractConfig(pad=True, batch_size=batch))]
-    variants += [(f'resize to bucket {b}', ex.ExtractConfig(bucket=b, batch_size=batch))
-                 for b in buckets]
+    variants = [('padded canvas', dataclasses.replace(base, pad=True))]
+    variants += [(f'resize to bucket {b}', dataclasses.replace(nopad, bucket=b)) for b in buckets]
     for label, cfg in variants:
       d1 = ex.Extractor(apply, variables, cfg).extract(exs, len(imgs))
       cos = (d0 * d1).sum(1)
@@ -200,32 +222,24 @@ def bench_extraction(kind: str, checkpoint: str, n_images: int, hw: tuple[int, i
             f'min {cos.min():.6f} mean {cos.mean():.6f}')
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument('--distractors', type=int, default=1_000_000)
-  ap.add_argument('--dim', type=int, default=512)
-  ap.add_argument('--chunk', type=int, default=131072)
-  ap.add_argument('--reference', action='store_true', help='also time the loop compute_map')
-  ap.add_argument('--extract_model', default='r50', choices=['r50', 'tiny', 'none'])
-  ap.add_argument('--checkpoint', default='')
-  ap.add_argument('--extract_images', type=int, default=2)
-  ap.add_argument('--extract_hw', default='768,1024')
-  ap.add_argument('--cosine_sizes', default='683,1024;771,1024', help="'H,W;H,W' ('' = skip)")
-  ap.add_argument('--dtype', default='float32')
-  ap.add_argument('--batch', type=int, default=4)
-  ap.add_argument('--cosine_buckets', default='32,64')
-  ap.add_argument('--skip_search', action='store_true')
-  args = ap.parse_args()
-  if not args.skip_search:
-    bench_search(args.distractors, args.dim, args.chunk, args.reference)
-  bench_compiles()
-  if args.extract_model != 'none':
-    hw = tuple(int(v) for v in args.extract_hw.split(','))
-    cos_sizes = [tuple(int(v) for v in s.split(',')) for s in args.cosine_sizes.split(';') if s]
-    bench_extraction(args.extract_model, args.checkpoint, args.extract_images, hw, cos_sizes,
-                     args.dtype, args.batch,
-                     tuple(int(b) for b in args.cosine_buckets.split(',') if b))
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  if FLAGS.search:
+    bench_search(FLAGS.distractors, FLAGS.dim, FLAGS.chunk, FLAGS.gnd_dir)
+  bench_compiles(ex.from_config(config.eval), FLAGS.gnd_dir)
+  if FLAGS.extract:
+    hw = tuple(int(v) for v in FLAGS.extract_hw)
+    cos_sizes = [tuple(int(v) for v in s.split(',')) for s in FLAGS.cosine_sizes.split(';') if s]
+    bench_extraction(config, FLAGS.checkpoint, FLAGS.extract_images, hw, cos_sizes,
+                     tuple(int(b) for b in FLAGS.cosine_buckets))
+
+
+def run() -> None:
+  define_flags()
+  app.run(main)
 
 
 if __name__ == '__main__':
-  main()
+  run()

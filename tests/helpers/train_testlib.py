@@ -14,7 +14,9 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from dolg_jax.data.synthetic import gldv2_fixture
+from dolg_jax.weights import checkpoint as ckpt_layout
+from tests.helpers.paths import REPO
 ROOT = os.path.join(tempfile.gettempdir(), 'dolg_jax_train_tests')
 CACHE_DIR = os.path.join(ROOT, 'xla_cache')
 DATA_DIR = os.path.join(ROOT, 'tiny_gldv2')
@@ -31,8 +33,8 @@ BASE_FLAGS = (
 # (a window for the test to send SIGTERM).
 WRAPPER = r'''
 import os, signal, sys, time
-from dolg_jax.training import input_pipeline
-_make = input_pipeline.train_iterator
+from dolg_jax.training import inputs
+_make = inputs.train_iterator
 
 class _Wrapped:
   def __init__(self, it):
@@ -51,7 +53,7 @@ class _Wrapped:
   def set_state(self, s):
     self.it.set_state(s)
 
-input_pipeline.train_iterator = lambda *a, **k: _Wrapped(_make(*a, **k))
+inputs.train_iterator = lambda *a, **k: _Wrapped(_make(*a, **k))
 from dolg_jax import main
 sys.argv = ['dolg_jax.main'] + sys.argv[1:]
 main.run()
@@ -75,8 +77,7 @@ def env(**extra) -> dict:
 
 def ensure_fixture() -> str:
   """Builds the tiny GLDv2 fixture dataset once (shared by all training tests)."""
-  from dolg_jax.data import gldv2  # pylint: disable=g-import-not-at-top
-  gldv2.ensure_fixture_dataset(DATA_DIR)
+  gldv2_fixture.ensure_fixture_dataset(DATA_DIR)
   return DATA_DIR
 
 
@@ -150,8 +151,7 @@ def train_losses(workdir: str) -> dict[int, float]:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  d = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+  return ckpt_layout.list_steps(ckpt_layout.checkpoint_dir(workdir))
 
 
 def explain(proc) -> str:

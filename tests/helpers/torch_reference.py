@@ -1,6 +1,6 @@
 """PyTorch reference of the official DOLG forward (feymanpriv/DOLG, pycls-based), for parity tests.
 
-Written from /work/shared/DESIGN.md section 3 (not copied). Module names are chosen so that
+Written from the design notes' section 3 (shared/DESIGN.md beside the repository) (not copied). Module names are chosen so that
 `state_dict()` keys are exactly the released checkpoint's:
 
   globalmodel.stem.{conv,bn}.*                    pycls ResStemIN (7x7/2 pad 3, BN, ReLU, maxpool 3/2 pad 1)

@@ -2,7 +2,7 @@
 
 `config.data.dataset`:
 - a TFDS name such as 'gldv2/clean' (prepared ArrayRecord, read with grain through
-  `dolg_jax.data.pipeline`); with `config.data.make_fixture` (tiny-style configs only) the dataset
+  `dolg_jax.data.grain_pipeline`); with `config.data.make_fixture` (tiny-style configs only) the dataset
   is the small GLDv2-format fixture, written and prepared under `data_dir` on first use.
 - 'synthetic': random images with learnable class structure, for benchmarks and smoke tests.
 
@@ -19,7 +19,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dolg_jax.data import gldv2
+from dolg_jax.data import grain_pipeline
 from dolg_jax.data import record_check
+from dolg_jax.data.synthetic import gldv2_fixture
+from dolg_jax.training import manifest
 
 
 @dataclasses.dataclass
@@ -98,8 +102,7 @@ def train_iterator(config: ml_collections.ConfigDict, data: Data, *, per_host_ba
         image_size=config.data.image_size, num_classes=data.num_classes,
         global_batch=config.train.global_batch_size, seed=data_seed(config),
         process_index=jax.process_index(), process_count=jax.process_count())
-  from dolg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.make_train_iterator(
+  return grain_pipeline.make_train_iterator(
       config, data.train_source, seed=data_seed(config), process_index=jax.process_index(),
       process_count=jax.process_count(), per_host_batch=per_host_batch)
 
@@ -108,16 +111,13 @@ def eval_batches(config: ml_collections.ConfigDict, data: Data, per_host_batch: 
   """Validation batches for this process (each with a 'mask'); empty without a validation split."""
   if data.val_source is None:
     return iter(())
-  from dolg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.make_eval_iterator(
+  return grain_pipeline.make_eval_iterator(
       config, data.val_source, process_index=jax.process_index(),
       process_count=jax.process_count(), per_host_batch=per_host_batch)
 
 
 def _open_tfds(config: ml_collections.ConfigDict) -> Data:
   """Opens a prepared GLDv2 TFDS dataset (building the fixture first when configured)."""
-  from dolg_jax.data import gldv2  # pylint: disable=g-import-not-at-top
-  from dolg_jax.training import manifest  # pylint: disable=g-import-not-at-top
   d = config.data
   data_dir = os.path.expanduser(d.data_dir) if d.data_dir else None
   if d.get('make_fixture', False):
@@ -126,7 +126,7 @@ def _open_tfds(config: ml_collections.ConfigDict) -> Data:
     error = None
     if jax.process_index() == 0:
       try:
-        gldv2.ensure_fixture_dataset(data_dir, dataset=d.dataset)
+        gldv2_fixture.ensure_fixture_dataset(data_dir, dataset=d.dataset)
       except Exception as e:  # pylint: disable=broad-except  # re-raised below, after telling the others
         error = e
     if jax.process_count() > 1:
@@ -149,6 +149,8 @@ def _open_tfds(config: ml_collections.ConfigDict) -> Data:
   record = {'name': d.dataset, 'version': str(info.version),
             'data_path': os.fspath(builder.data_path),
             'splits': splits, 'num_classes': n_classes,
+            # gldv2 build options: listing, validation fraction, exclusion list (file + sha256).
+            'build_options': info.metadata.get('build_options'),
             # Only process 0 writes the manifest: the others skip reading every shard.
             'fingerprint': (manifest.directory_fingerprint(os.fspath(builder.data_path))
                             if jax.process_index() == 0 else None)}

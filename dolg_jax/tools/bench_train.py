@@ -1,6 +1,6 @@
 """Train-step benchmark: images/s, step time, achieved TFLOP/s and (GPU/TPU) fraction of peak.
 
-  python -m dolg_jax.bench --config=configs/r50.py --batch=128 [--steps=20] [--warmup=3]
+  python -m dolg_jax.tools.bench_train --config=configs/r50.py --batch=128 [--steps=20] [--warmup=3]
       [--config.compute_dtype=bfloat16] [--config.train.grad_accum_steps=1] [--config.mesh.model=1]
 
 Times the real jitted train step (same code as training: sharded on the config's mesh, donation,
@@ -19,9 +19,9 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from dolg_jax import models
 from dolg_jax import sharding as shd
 from dolg_jax.training import determinism
+from dolg_jax.training import peaks
 from dolg_jax.training import state as state_lib
 from dolg_jax.training import step as step_lib
 
@@ -37,30 +37,15 @@ def define_flags() -> None:
 
 
 # Dense bf16 peak TFLOP/s per device (vendor figures, no sparsity).
-PEAK_TFLOPS = {
-    'H100': 989.0, 'H200': 989.0, 'GH200': 989.0, 'B200': 2250.0, 'A100': 312.0, 'A10': 125.0,
-    'L4': 121.0, 'L40': 181.0, 'V100': 125.0, 'RTX 4090': 165.0,
-    'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0, 'TPU v5p': 459.0, 'TPU v6 lite': 918.0,
-}
-
-
-def peak_tflops(device_kind: str) -> float | None:
-  """Longest table key contained in the device kind (e.g. 'NVIDIA H100 80GB HBM3' -> H100)."""
-  matches = [k for k in PEAK_TFLOPS if k.lower() in device_kind.lower()]
-  return PEAK_TFLOPS[max(matches, key=len)] if matches else None
-
-
 def benchmark(config, batch: int, steps: int, warmup: int,
               peak_override: float | None = None) -> dict:
   """Compiles and times the train step; returns the figures."""
   config.train.global_batch_size = batch
   mesh = shd.make_mesh(config.mesh)
-  model = models.build_model(config.model, config.compute_dtype)
-  tx = state_lib.create_optimizer(config.train)
-  n_classes = config.head.num_classes
-  state, sh = state_lib.create_train_state(config, model, models.margins.init_head_weight, tx,
-                                           mesh, jax.random.key(0), n_classes)
-  train_step = step_lib.make_train_step(config, model, models.margins, tx, mesh, sh, n_classes)
+  setup = state_lib.make_setup(config, mesh)
+  n_classes = setup.num_classes
+  state, sh = state_lib.create_train_state(setup, jax.random.key(0))
+  train_step = step_lib.make_train_step(setup, sh)
   rng = np.random.default_rng(0)
   size = config.data.image_size
   local = batch // jax.process_count()
@@ -92,7 +77,7 @@ def benchmark(config, batch: int, steps: int, warmup: int,
   if flops:
     total = flops * n_dev
     out.update({'gflop_per_step': total / 1e9, 'tflops_per_sec': total / step_s / 1e12})
-    peak = peak_override or peak_tflops(out['device_kind'])
+    peak = peak_override or peaks.peak_tflops(out['device_kind'])
     if peak and jax.devices()[0].platform != 'cpu':
       out['peak_tflops_per_device'] = peak
       out['fraction_of_peak'] = out['tflops_per_sec'] / (peak * n_dev)
@@ -121,6 +106,10 @@ def main(argv):
     print('XLA cost analysis unavailable on this backend.')
 
 
-if __name__ == '__main__':
+def run() -> None:
   define_flags()
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -18,6 +18,7 @@ against storage corruption, not a cryptographic hash.
 a host array (for checkpoints read without devices).
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -74,9 +75,14 @@ def tree_digests(tree: Any, mesh: Mesh) -> dict[str, str]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   paths = [jax.tree_util.keystr(p) for p, _ in flat]
   leaves = [leaf for _, leaf in flat]
-  out = jax.jit(lambda ls: [_leaf_digest(x) for x in ls],
-                out_shardings=NamedSharding(mesh, P()))(leaves)
+  out = _digests_fn(mesh)(leaves)
   return {p: _hex(d) for p, d in zip(paths, jax.device_get(out))}
+
+
+@functools.lru_cache(maxsize=8)
+def _digests_fn(mesh: Mesh):
+  """The jitted digest of a list of arrays (one per mesh: compiled once per state structure)."""
+  return jax.jit(lambda ls: [_leaf_digest(x) for x in ls], out_shardings=NamedSharding(mesh, P()))
 
 
 def numpy_digest(x: np.ndarray) -> str:

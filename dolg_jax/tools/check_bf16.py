@@ -1,6 +1,7 @@
 """Measures bf16-compute vs float32 agreement of DOLG descriptors (random weights).
 
-  python -m dolg_jax.models.check_bf16 [--depth 50] [--size 512] [--batch 2] [--multi_atrous]
+  python -m dolg_jax.tools.check_bf16 [--config=configs/default.py] [--size=512] [--batch=2]
+      [--config.model.depth=101] [--config.model.use_multi_atrous=False]
 
 Prints the per-image cosine between the float32 and the bfloat16 descriptors (before L2
 normalisation), for the model's own initialisation and after calibrating the BN statistics on the
@@ -9,15 +10,27 @@ trained network; with the init statistics mean 0 / var 1 activations grow throug
 Images are smooth random RGB images (bilinearly upsampled 16x16 noise) in [0, 255].
 """
 
-import argparse
 import time
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 
-from configs import default
 from dolg_jax.models import build_model
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (at entry only, so importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config whose c.model is '
+                                  'measured.', lock_config=True)
+  flags.DEFINE_integer('size', 512, 'Image side.')
+  flags.DEFINE_integer('batch', 2, 'Images.')
+  flags.DEFINE_integer('seed', 0, 'Weights and images seed.')
 
 
 def cosine(a: jax.Array, b: jax.Array) -> np.ndarray:
@@ -31,25 +44,13 @@ def smooth_images(batch: int, size: int, seed: int = 0) -> jax.Array:
   return jax.image.resize(jnp.asarray(low), (batch, size, size, 3), 'bilinear')
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--depth', type=int, default=50)
-  parser.add_argument('--size', type=int, default=512)
-  parser.add_argument('--batch', type=int, default=2)
-  parser.add_argument('--multi_atrous', action='store_true',
-                      help='paper model (default: released variant, no multi-atrous)')
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
-
-  cfg = default.get_config().model
-  cfg.depth = args.depth
-  cfg.use_multi_atrous = args.multi_atrous
-  cfg.gem_p_learnable = True
-  images = smooth_images(args.batch, args.size, args.seed)
+def check(cfg, size: int, batch: int, seed: int) -> dict:
+  """Cosines between float32 and bfloat16 descriptors of the model `cfg` (a c.model section)."""
+  images = smooth_images(batch, size, seed)
   m32 = build_model(cfg, jnp.float32)
   m16 = build_model(cfg, jnp.bfloat16)
   t0 = time.time()
-  variables = jax.jit(m32.init)(jax.random.PRNGKey(args.seed), images[:1])
+  variables = jax.jit(m32.init)(jax.random.PRNGKey(seed), images[:1])
   print(f'init {time.time() - t0:.1f}s on {jax.devices()[0].platform}')
 
   fwd32 = jax.jit(m32.apply)
@@ -70,9 +71,9 @@ def main(argv=None) -> dict:
     rel = float(np.linalg.norm(np.asarray(d32) - np.asarray(d16)) / np.linalg.norm(np.asarray(d32)))
     results[label] = cos
     # For scale: how similar the float32 descriptors of different images are.
-    cross = cosine(d32[:-1], d32[1:]) if args.batch > 1 else np.array([np.nan])
-    print(f'R{args.depth} {"with" if args.multi_atrous else "without"} multi-atrous '
-          f'{args.size}x{args.size} batch {args.batch} [{label} BN stats]: bf16 vs float32 '
+    cross = cosine(d32[:-1], d32[1:]) if batch > 1 else np.array([np.nan])
+    print(f'R{cfg.depth} {"with" if cfg.use_multi_atrous else "without"} multi-atrous '
+          f'{size}x{size} batch {batch} [{label} BN stats]: bf16 vs float32 '
           f'descriptor cosine {np.array2string(cos, precision=6)} (min {cos.min():.6f}), '
           f'relative L2 error {rel:.4f}; float32 cosine between different images '
           f'{np.array2string(cross, precision=4)}  '
@@ -80,5 +81,16 @@ def main(argv=None) -> dict:
   return results
 
 
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  check(FLAGS.config.model, FLAGS.size, FLAGS.batch, FLAGS.seed)
+
+
+def run() -> None:
+  define_flags()
+  app.run(main)
+
+
 if __name__ == '__main__':
-  main()
+  run()

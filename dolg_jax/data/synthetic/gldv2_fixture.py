@@ -1,8 +1,11 @@
 """A small, deterministic GLDv2 in the exact official layout, with planted bad files.
 
-Layout written to `manual_dir`:
-  train.csv (id,url,landmark_id), train_clean.csv (landmark_id,images),
-  images_000.tar ... (members a/b/c/<id>.jpg), md5.images_000.txt ... ("<md5>  images_000.tar").
+Layout written to `manual_dir` (`layout`):
+  train.csv (id,url,landmark_id), train_clean.csv (landmark_id,images), and
+  'flat':     images_000.tar ... (members a/b/c/<id>.jpg), md5.images_000.txt ... ("<md5>  images_000.tar");
+  'official': train/images_NNN.tar, train/md5.images_NNN.txt (the official download script);
+  'bucket':   train/images_NNN.tar, md5sum/train/md5.images_NNN.txt (the public bucket's paths).
+`extract_fixture` writes the extracted tree train/a/b/c/<id>.jpg instead.
 
 Planted (all listed in both CSVs): `missing` ids (in no tar), `corrupt` ids (a truncated JPEG and
 non-image bytes), `grayscale` and `cmyk` JPEGs, and `png` ids (PNG bytes named .jpg). Images are
@@ -12,18 +15,23 @@ smooth random colour fields of varied sizes, so decoded pixels can be compared w
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import io
 import os
 import shutil
 import tarfile
 import tempfile
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
+from dolg_jax.data import gldv2
+
 DEFAULT_IMAGES_PER_CLASS = (2, 4, 5, 6, 7, 9, 10, 12)
+LAYOUTS = {'flat': ('', ''), 'official': ('train', 'train'),
+           'bucket': ('train', os.path.join('md5sum', 'train'))}  # (shard dir, md5 dir)
 
 
 @dataclasses.dataclass
@@ -81,7 +89,7 @@ def write_fixture(manual_dir: str, *, num_classes: int = 8,
                   seed: int = 0, num_shards: int = 3, num_missing: int = 2, num_corrupt: int = 2,
                   num_grayscale: int = 2, num_cmyk: int = 2, num_png: int = 2,
                   num_noisy_classes: int = 2, size_range: Tuple[int, int] = (48, 160),
-                  quality: int = 90) -> FixtureInfo:
+                  quality: int = 90, layout: str = 'flat') -> FixtureInfo:
   """Writes the fixture; deterministic in its arguments. Returns what was planted where.
 
   Args:
@@ -92,6 +100,7 @@ def write_fixture(manual_dir: str, *, num_classes: int = 8,
     seed: controls ids, landmark ids, image sizes, pixels and which images are bad.
     num_shards: images_000.tar .. images_{num_shards-1}.tar.
     size_range: min and max image side in pixels.
+    layout: 'flat', 'official' or 'bucket' (see the module docstring); same bytes in each.
   """
   rng = np.random.default_rng(seed)
   counts = ([images_per_class] * num_classes if isinstance(images_per_class, int)
@@ -150,24 +159,27 @@ def write_fixture(manual_dir: str, *, num_classes: int = 8,
     payload[image_id] = _encode(img, kinds.get(image_id, 'rgb'), quality)
 
   shards = write_layout(manual_dir, full=full, clean=clean, payload=payload,
-                        num_shards=num_shards)
+                        num_shards=num_shards, layout=layout)
   return FixtureInfo(manual_dir, clean, full, shards, missing, corrupt, grayscale, cmyk, png,
                      pixels)
 
 
 def extract_fixture(manual_dir: str, out_dir: str) -> None:
-  """Copies the CSVs and extracts the tars into out_dir/train/a/b/c/<id>.jpg (no tars)."""
+  """Copies the CSVs and extracts the tars (of any layout) into out_dir/train/a/b/c/<id>.jpg."""
   os.makedirs(out_dir, exist_ok=True)
   for name in ('train.csv', 'train_clean.csv'):
     shutil.copy(os.path.join(manual_dir, name), os.path.join(out_dir, name))
-  for name in sorted(os.listdir(manual_dir)):
-    if name.startswith('images_') and name.endswith('.tar'):
-      with tarfile.open(os.path.join(manual_dir, name)) as tar:
-        tar.extractall(os.path.join(out_dir, 'train'), filter='data')
+  for shard_dir in sorted({os.path.join(manual_dir, d) for d, _ in LAYOUTS.values()}):
+    if not os.path.isdir(shard_dir):
+      continue
+    for name in sorted(os.listdir(shard_dir)):
+      if name.startswith('images_') and name.endswith('.tar'):
+        with tarfile.open(os.path.join(shard_dir, name)) as tar:
+          tar.extractall(os.path.join(out_dir, 'train'), filter='data')
 
 
 def write_layout(manual_dir: str, *, full: Dict[int, List[str]], clean: Dict[int, List[str]],
-                 payload: Dict[str, bytes], num_shards: int) -> List[str]:
+                 payload: Dict[str, bytes], num_shards: int, layout: str = 'flat') -> List[str]:
   """Writes images and listings in the official GLDv2 layout; returns the shard paths.
 
   full / clean: landmark_id -> image ids for train.csv / train_clean.csv. payload: id -> file bytes
@@ -175,13 +187,17 @@ def write_layout(manual_dir: str, *, full: Dict[int, List[str]], clean: Dict[int
   k % num_shards as a/b/c/<id>.jpg; each shard gets its md5.images_NNN.txt. The CSVs are written
   last: their presence marks a complete layout.
   """
-  os.makedirs(manual_dir, exist_ok=True)
+  if layout not in LAYOUTS:
+    raise ValueError(f'unknown fixture layout {layout!r}; known: {sorted(LAYOUTS)}')
+  shard_dir, md5_dir = (os.path.join(manual_dir, d) for d in LAYOUTS[layout])
+  os.makedirs(shard_dir, exist_ok=True)
+  os.makedirs(md5_dir, exist_ok=True)
   all_ids = [(i, lm) for lm, ids in full.items() for i in ids]
   shards = []
   for s in range(num_shards):
     name = f'images_{s:03d}.tar'
-    path = os.path.join(manual_dir, name)
-    with tempfile.NamedTemporaryFile(dir=manual_dir, delete=False, suffix='.tmp') as tmp:
+    path = os.path.join(shard_dir, name)
+    with tempfile.NamedTemporaryFile(dir=shard_dir, delete=False, suffix='.tmp') as tmp:
       with tarfile.open(fileobj=tmp, mode='w', format=tarfile.USTAR_FORMAT) as tar:
         for k, (image_id, _) in enumerate(all_ids):
           if k % num_shards == s and image_id in payload:
@@ -191,10 +207,10 @@ def write_layout(manual_dir: str, *, full: Dict[int, List[str]], clean: Dict[int
     os.replace(tmp.name, path)
     with open(path, 'rb') as f:
       digest = hashlib.md5(f.read()).hexdigest()
-    with open(os.path.join(manual_dir, f'md5.images_{s:03d}.txt'), 'w') as f:
+    with open(os.path.join(md5_dir, f'md5.images_{s:03d}.txt'), 'w') as f:
       f.write(f'{digest}  {name}\n')
     shards.append(path)
-  # The CSVs last: their presence marks a complete fixture (see gldv2.ensure_fixture_dataset).
+  # The CSVs last: their presence marks a complete fixture (see gldv2_fixture.ensure_fixture_dataset).
   with open(os.path.join(manual_dir, 'train_clean.csv'), 'w', newline='') as f:
     f.write('landmark_id,images\n')
     for landmark, ids in clean.items():
@@ -205,3 +221,25 @@ def write_layout(manual_dir: str, *, full: Dict[int, List[str]], clean: Dict[int
     for image_id, landmark in all_ids:
       f.write(f'{image_id},https://example.invalid/{image_id}.jpg,{landmark}\n')
   return shards
+
+
+def ensure_fixture_dataset(data_dir: str, *, dataset: str = 'gldv2/clean',
+                           manual_dir: Optional[str] = None, **fixture_kwargs) -> gldv2.Gldv2:
+  """Writes the small fixture (if absent) and prepares it (if absent); returns the builder.
+
+  For tests and configs/tiny.py. The fixture's planted missing images are allowed. Safe to call
+  from several processes at once (they serialise on a lock file in data_dir).
+  """
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, '.gldv2_fixture.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      b = gldv2.builder(dataset, data_dir)
+      if b.is_prepared():
+        return b
+      manual_dir = manual_dir or os.path.join(data_dir, 'gldv2_manual')
+      if not os.path.exists(os.path.join(manual_dir, 'train.csv')):
+        write_fixture(manual_dir, **fixture_kwargs)
+      return gldv2.prepare(dataset, manual_dir, data_dir, allow_missing=True)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)

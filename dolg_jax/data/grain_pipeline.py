@@ -19,6 +19,11 @@ per-process: process_{i}-of-{n}.json).
 Evaluation (`make_eval_iterator`): records in source order, every process_count-th from
 process_index, central square crop resized to image_size; all processes yield the same number of
 batches, the last ones padded with zero images whose `mask` is False.
+
+Decoding (`config.data.decode`, both pipelines): 'exact' reads every image as the official code's
+`cv2.imread` does (full-size accurate decode, EXIF orientation applied); 'fast' uses the fast JPEG
+route of `dolg_jax.data.decode` (fast DCT, DCT-domain downscaling, EXIF orientation applied too).
+Retrieval evaluation (dolg_jax.retrieval.extract) always decodes exactly.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import flags
 import grain
+import jax
 import numpy as np
 
 from dolg_jax.data import decode
+from dolg_jax.data import official_augment
 
 _U32 = 2**32
+DECODE_ROUTES = ('exact', 'fast')
 
 
 def _data_config(config):
@@ -42,13 +50,27 @@ def _data_config(config):
   return config.data if 'data' in config else config
 
 
-def _get(cfg, name: str, default):
-  return cfg.get(name, default) if hasattr(cfg, 'get') else getattr(cfg, name, default)
+def fast_decode(cfg) -> bool:
+  """True for `config.data.decode` = 'fast', False for 'exact'; anything else is an error."""
+  route = cfg.decode
+  if route not in DECODE_ROUTES:
+    raise ValueError(f'config.data.decode must be one of {DECODE_ROUTES}, got {route!r}')
+  return route == 'fast'
+
+
+AUGMENTATIONS = ('paper', 'official')
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-  """record -> {'image': uint8 (S, S, 3), 'label': int32}; random-resized crop + flip.
+  """record -> {'image': (S, S, 3), 'label': int32}.
+
+  `augmentation` (config.data.augmentation):
+  - 'paper' (default): uint8 image; random-resized crop (area in `scale`, log-uniform aspect in
+    `ratio`, decoded at the smallest DCT scale that keeps the crop's resolution) + flip.
+  - 'official': float32 image, the official pycls/DOLG recipe (dolg_jax.data.official_augment):
+    full decode, random-sized crop (area from scale[0] to 1, uniform aspect in `ratio` with the
+    width/height swap), flip, PCA lighting noise of std `lighting_std`.
 
   Called with the GLOBAL index of the element in the repeated, shuffled stream; its RNG is
   Philox seeded from (seed, epoch, index in epoch), so it does not depend on workers or threads.
@@ -59,6 +81,20 @@ class TrainTransform:
   flip: bool
   seed: int
   epoch_length: int
+  fast_decode: bool
+  augmentation: str
+  lighting_std: float
+
+  def __post_init__(self):
+    if self.augmentation not in AUGMENTATIONS:
+      raise ValueError(f'config.data.augmentation must be one of {AUGMENTATIONS}, got '
+                       f'{self.augmentation!r}')
+    if self.augmentation == 'official' and self.scale[1] != 1.0:
+      raise ValueError(f"config.data.crop_scale={self.scale}: augmentation='official' draws the "
+                       'area fraction from crop_scale[0] to 1; set crop_scale[1] to 1.0')
+    if self.augmentation == 'paper' and self.lighting_std:
+      raise ValueError(f'config.data.lighting_std={self.lighting_std}: lighting noise is part of '
+                       "augmentation='official' only; set it to 0 or use the official recipe")
 
   def rng(self, index: int) -> np.random.Generator:
     epoch, position = divmod(int(index), self.epoch_length)
@@ -68,11 +104,16 @@ class TrainTransform:
   def __call__(self, index: int, record: Dict[str, Any]) -> Dict[str, np.ndarray]:
     rng = self.rng(index)
     data = record['image']
+    if self.augmentation == 'official':
+      image = official_augment.official_train_image(
+          data, self.image_size, rng, area_frac=self.scale[0], ratio=self.ratio, flip=self.flip,
+          lighting_std=self.lighting_std)
+      return {'image': image, 'label': np.int32(record['label'])}
     hw = decode.image_size(data)
     box = decode.random_resized_crop_box(rng, hw, self.scale, self.ratio)
     flip = bool(self.flip and rng.random() < 0.5)
     image = decode.decode_crop_resize(data, box, (self.image_size, self.image_size),
-                                      image_hw=hw, flip=flip)
+                                      image_hw=hw, flip=flip, fast=self.fast_decode)
     return {'image': image, 'label': np.int32(record['label'])}
 
 
@@ -80,6 +121,7 @@ class TrainTransform:
 class EvalTransform:
   """record -> {'image': uint8 (S, S, 3) central square resized, 'label': int32, 'mask': bool}."""
   image_size: int
+  fast_decode: bool
 
   def __call__(self, record: Dict[str, Any]) -> Dict[str, np.ndarray]:
     size = self.image_size
@@ -89,7 +131,7 @@ class EvalTransform:
     data = record['image']
     hw = decode.image_size(data)
     image = decode.decode_crop_resize(data, decode.center_square_box(hw), (size, size),
-                                      image_hw=hw)
+                                      image_hw=hw, fast=self.fast_decode)
     return {'image': image, 'label': np.int32(record['label']), 'mask': np.bool_(True)}
 
 
@@ -112,7 +154,6 @@ class _ShardedPaddedSource:
 
 def _check_process(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -122,16 +163,16 @@ def _check_process(process_index: Optional[int], process_count: Optional[int]) -
 
 def _to_iterator(ds: grain.MapDataset, cfg, num_workers: Optional[int],
                  read_threads: Optional[int]) -> grain.DatasetIterator:
-  num_workers = int(_get(cfg, 'num_workers', 0) if num_workers is None else num_workers)
-  read_threads = int(_get(cfg, 'read_threads', 4) if read_threads is None else read_threads)
-  buffer = max(int(_get(cfg, 'prefetch_buffer_size', 2)), read_threads)
+  num_workers = int(cfg.num_workers if num_workers is None else num_workers)
+  read_threads = int(cfg.read_threads if read_threads is None else read_threads)
+  buffer = max(int(cfg.prefetch_buffer_size), read_threads)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=buffer))
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use
       flags.FLAGS.mark_as_parsed()   # their defaults.
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=int(_get(cfg, 'worker_buffer_size', 2))))
+        num_workers=num_workers, per_worker_buffer_size=int(cfg.worker_buffer_size)))
   return iter(it_ds)
 
 
@@ -148,7 +189,8 @@ def train_dataset(config, data_source, *, seed: int, process_index: int, process
   transform = TrainTransform(
       image_size=int(cfg.image_size), scale=tuple(float(x) for x in cfg.crop_scale),
       ratio=tuple(float(x) for x in cfg.crop_ratio), flip=bool(cfg.random_flip),
-      seed=int(seed), epoch_length=n)
+      seed=int(seed), epoch_length=n, fast_decode=fast_decode(cfg),
+      augmentation=str(cfg.augmentation), lighting_std=float(cfg.lighting_std))
   ds = grain.MapDataset.source(data_source)
   ds = ds.shuffle(seed=int(seed) % _U32)                     # Reshuffled each epoch (seed + epoch).
   ds = ds.map_with_index(transform)                          # Index = global position in the stream.
@@ -223,11 +265,14 @@ def make_train_iterator(config, data_source, *, seed: int, process_index: Option
                         process_count: Optional[int] = None, per_host_batch: int,
                         num_epochs: Optional[int] = None, num_workers: Optional[int] = None,
                         read_threads: Optional[int] = None) -> TrainIterator:
-  """Iterator of {'image': uint8 (B, S, S, 3), 'label': int32 (B,)} for this process.
+  """Iterator of {'image': (B, S, S, 3), 'label': int32 (B,)} for this process.
+
+  Images are uint8, or float32 with `augmentation='official'` (lighting noise is not rounded).
 
   Args:
-    config: full config (uses config.data) or its data section: image_size, crop_scale,
-      crop_ratio, random_flip, num_workers, read_threads, prefetch_buffer_size, worker_buffer_size.
+    config: full config (uses config.data) or its data section: image_size, augmentation,
+      crop_scale, crop_ratio, random_flip, lighting_std, decode, num_workers, read_threads,
+      prefetch_buffer_size, worker_buffer_size.
     data_source: random-access source of records with 'image' (encoded bytes) and 'label'
       (e.g. `gldv2.data_sources(dataset, data_dir)['train']`).
     seed: shuffle and augmentation seed (the same on every process).
@@ -255,7 +300,8 @@ def make_train_iterator(config, data_source, *, seed: int, process_index: Option
 
 
 def steps_per_epoch(num_records: int, *, process_count: int, per_host_batch: int) -> int:
-  """Training steps in one epoch of `make_train_iterator`."""
+  """Training steps in one epoch of `make_train_iterator` (the one place this is computed; equal
+  to num_records // (process_count * per_host_batch) since floor(floor(n/p)/b) = floor(n/(p b)))."""
   return (num_records - num_records % process_count) // process_count // per_host_batch
 
 
@@ -267,7 +313,7 @@ def eval_dataset(config, data_source, *, process_index: int, process_count: int,
   num_batches = math.ceil(per_process / per_host_batch)
   source = _ShardedPaddedSource(data_source, process_index, process_count,
                                 num_batches * per_host_batch)
-  ds = grain.MapDataset.source(source).map(EvalTransform(int(cfg.image_size)))
+  ds = grain.MapDataset.source(source).map(EvalTransform(int(cfg.image_size), fast_decode(cfg)))
   return ds.batch(per_host_batch, drop_remainder=False)
 
 

@@ -21,7 +21,8 @@ import pickle
 import numpy as np
 from PIL import Image
 
-from dolg_jax.data import demo_scenes, gldv2_fixture
+from dolg_jax.data.synthetic import demo_scenes
+from dolg_jax.data.synthetic import gldv2_fixture
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,128 @@
+"""The official DOLG training augmentation (`config.data.augmentation = 'official'`).
+
+DOLG's training data code is pycls's ImageNet pipeline (pycls `datasets/transforms.py` and
+`datasets/imagenet.py`, 2020): `cv2.imread` -> float32 -> random-sized crop -> horizontal flip ->
+/255 -> AlexNet PCA lighting noise -> colour normalisation. This module reproduces it draw for
+draw on an RGB image, with an explicit random generator instead of numpy's global state:
+
+- `random_sized_crop`: up to 10 tries of target area U(area_frac, 1) x H x W, aspect
+  U(ratio[0], ratio[1]) (uniform, not log-uniform), w = round(sqrt(area * aspect)),
+  h = round(sqrt(area / aspect)), then with probability 1/2 w and h are swapped; a box that fits
+  gets its corner from `integers(0, H - h)` / `integers(0, W - w)` (upper bound EXCLUDED, as numpy's
+  `randint`; 0 when the side fits exactly) and is resized to size x size with OpenCV bilinear on
+  float32 (no rounding). After 10 misses: scale the short side to `size` (floor of the long side)
+  and take the central size x size crop.
+- `horizontal_flip`: flip when U(0, 1) < 1/2.
+- `lighting_offset`: alpha ~ N(0, alpha_std) for each of the 3 eigenvectors, offset =
+  EIG_VECS @ (alpha * EIG_VALS) in [0, 1] units, RGB order (pycls adds `rgb[2 - i]` to BGR channel
+  i, i.e. `rgb[k]` to RGB channel k). No draw when alpha_std == 0.
+
+`official_train_image` returns float32 RGB on the [0, 255] scale with the lighting offset (times
+255) added and NOT clipped or rounded, so that the model's normalisation (x / 255 - mean) / std
+gives the official network input. Differences that remain: the random numbers themselves (a Philox
+stream per example instead of each worker's numpy global state) and the decoder (see
+`dolg_jax.data.decode.decode_rgb`, whose defaults read files as `cv2.imread` does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import cv2
+import numpy as np
+
+from dolg_jax.data import decode
+
+# pycls datasets/imagenet.py: eigenvalues and eigenvectors (rows: R, G, B) of the ImageNet pixel
+# covariance, on the [0, 1] scale.
+EIG_VALS = np.array([0.2175, 0.0188, 0.0045])
+EIG_VECS = np.array([[-0.5675, 0.7192, 0.4009],
+                     [-0.5808, -0.0045, -0.8140],
+                     [-0.5836, -0.6948, 0.4203]])
+LIGHTING_STD = 0.1
+MAX_ITER = 10
+
+
+def _resize_float(im: np.ndarray, height: int, width: int) -> np.ndarray:
+  return cv2.resize(np.ascontiguousarray(im, np.float32), (width, height),
+                    interpolation=cv2.INTER_LINEAR)
+
+
+def scale_short_side(size: int, im: np.ndarray) -> np.ndarray:
+  """pycls `scale`: short side -> size, long side floor(long / short * size); bilinear."""
+  h, w = im.shape[:2]
+  if (w <= h and w == size) or (h <= w and h == size):
+    return im
+  h_new, w_new = size, size
+  if w < h:
+    h_new = int(math.floor(float(h) / w * size))
+  else:
+    w_new = int(math.floor(float(w) / h * size))
+  return _resize_float(im, h_new, w_new)
+
+
+def center_crop(size: int, im: np.ndarray) -> np.ndarray:
+  """pycls `center_crop`: corner at ceil((side - size) / 2)."""
+  h, w = im.shape[:2]
+  y = int(math.ceil((h - size) / 2))
+  x = int(math.ceil((w - size) / 2))
+  return im[y:y + size, x:x + size]
+
+
+def random_sized_crop(im: np.ndarray, size: int, rng, area_frac: float = 0.08,
+                      ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+                      max_iter: int = MAX_ITER) -> np.ndarray:
+  """pycls `random_sized_crop` on an (H, W, C) float32 image (see the module docstring).
+
+  `rng` needs `uniform(low, high)`, `uniform()` and `integers(low, high)` (numpy Generator).
+  """
+  h, w = im.shape[:2]
+  area = h * w
+  for _ in range(max_iter):
+    target_area = rng.uniform(area_frac, 1.0) * area
+    aspect = rng.uniform(ratio[0], ratio[1])
+    w_crop = int(round(math.sqrt(float(target_area) * aspect)))
+    h_crop = int(round(math.sqrt(float(target_area) / aspect)))
+    if rng.uniform() < 0.5:
+      w_crop, h_crop = h_crop, w_crop
+    if h_crop <= h and w_crop <= w:
+      y = 0 if h_crop == h else int(rng.integers(0, h - h_crop))
+      x = 0 if w_crop == w else int(rng.integers(0, w - w_crop))
+      return _resize_float(im[y:y + h_crop, x:x + w_crop], size, size)
+  return np.asarray(center_crop(size, scale_short_side(size, im)), np.float32)
+
+
+def horizontal_flip(im: np.ndarray, rng, p: float = 0.5) -> np.ndarray:
+  """pycls `horizontal_flip` (HWC): flips when U(0, 1) < p."""
+  if rng.uniform() < p:
+    return im[:, ::-1]
+  return im
+
+
+def lighting_offset(rng, alpha_std: float = LIGHTING_STD) -> np.ndarray:
+  """(3,) RGB offset on the [0, 1] scale of pycls `lighting` (zeros, no draw, for alpha_std 0)."""
+  if alpha_std == 0:
+    return np.zeros(3)
+  alpha = rng.normal(0.0, alpha_std, size=(1, 3))
+  return np.sum(EIG_VECS * (alpha * EIG_VALS[None, :]), axis=1)
+
+
+def augment_rgb(rgb: np.ndarray, size: int, rng, *, area_frac: float = 0.08,
+                ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
+                lighting_std: float = LIGHTING_STD) -> np.ndarray:
+  """Crop, flip and lighting of a decoded (H, W, 3) RGB image -> float32 (size, size, 3), [0, 255]
+  scale."""
+  im = random_sized_crop(np.asarray(rgb, np.float32), size, rng, area_frac, ratio)
+  if flip:
+    im = horizontal_flip(im, rng)
+  offset = (255.0 * lighting_offset(rng, lighting_std)).astype(np.float32)
+  return np.ascontiguousarray(im + offset[None, None, :], np.float32)
+
+
+def official_train_image(data: bytes, size: int, rng, *, area_frac: float = 0.08,
+                         ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
+                         lighting_std: float = LIGHTING_STD) -> np.ndarray:
+  """Encoded image bytes -> the official training image (float32 RGB, [0, 255] scale)."""
+  return augment_rgb(decode.decode_rgb(data), size, rng, area_frac=area_frac, ratio=ratio,
+                     flip=flip, lighting_std=lighting_std)

@@ -1,0 +1,140 @@
+"""A small, deterministic GLDv2 retrieval benchmark (index + test) in the exact official layout.
+
+Written to `manual_dir`:
+  index.csv (id), test.csv (id), retrieval_solution_v2.1.csv (id,images,Usage),
+  index/images_000.tar .. (members a/b/c/<id>.jpg) + index/md5.images_NNN.txt,
+  test/images_000.tar .. + test/md5.images_NNN.txt.
+
+Index images belong to `num_landmarks` landmarks (plus unrelated ones); each test query shows one
+landmark and its solution lists that landmark's index images. Queries alternate Public / Private;
+`num_ignored` queries are Usage Ignored with images None (as in the official file). Planted:
+`num_missing_test` test images absent from every tar, one undecodable index image (listed in the
+solution of no query). The returned FixtureInfo says which image shows which landmark, so tests
+can make descriptors with a known mAP@100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tarfile
+import tempfile
+from typing import Dict, List
+
+import numpy as np
+
+from dolg_jax.data.synthetic import gldv2_fixture
+from dolg_jax.data.synthetic import revisitop_fixture
+
+
+@dataclasses.dataclass
+class FixtureInfo:
+  manual_dir: str
+  index_ids: List[str]
+  test_ids: List[str]
+  index_landmark: Dict[str, int]     # index id -> landmark (-1: unrelated)
+  test_landmark: Dict[str, int]      # test id -> landmark (-1: ignored query)
+  public: Dict[str, List[str]]
+  private: Dict[str, List[str]]
+  ignored: List[str]
+  missing_test: List[str]
+  corrupt_index: List[str]
+
+
+def _write_shards(folder: str, ids: List[str], payload: Dict[str, bytes], num_shards: int) -> None:
+  os.makedirs(folder, exist_ok=True)
+  for s in range(num_shards):
+    name = f'images_{s:03d}.tar'
+    with tempfile.NamedTemporaryFile(dir=folder, delete=False, suffix='.tmp') as tmp:
+      with tarfile.open(fileobj=tmp, mode='w', format=tarfile.USTAR_FORMAT) as tar:
+        for k, image_id in enumerate(ids):
+          if k % num_shards == s and image_id in payload:
+            member = f'{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg'
+            gldv2_fixture._add_member(tar, member, payload[image_id])  # pylint: disable=protected-access
+    os.chmod(tmp.name, 0o644)
+    path = os.path.join(folder, name)
+    os.replace(tmp.name, path)
+    with open(path, 'rb') as f:
+      digest = hashlib.md5(f.read()).hexdigest()
+    with open(os.path.join(folder, f'md5.images_{s:03d}.txt'), 'w') as f:
+      f.write(f'{digest}  {name}\n')
+
+
+def write_fixture(manual_dir: str, *, num_landmarks: int = 4, index_per_landmark: int = 3,
+                  num_unrelated: int = 5, queries_per_landmark: int = 2, num_ignored: int = 1,
+                  num_missing_test: int = 1, num_index_shards: int = 3, num_test_shards: int = 2,
+                  size_range=(40, 72), seed: int = 0,
+                  landmark_colours: bool = False) -> FixtureInfo:
+  """Writes the fixture (deterministic in its arguments) and returns what is where.
+
+  Images are random smooth textures; with `landmark_colours` each shows its landmark's colour
+  (revisitop_fixture.PALETTE, unrelated images and ignored queries grey) plus pixel noise, so a
+  mean-colour descriptor retrieves every query's relevant images first (mAP@100 = 1 per present
+  query).
+  """
+  rng = np.random.default_rng(seed)
+  used = set()
+
+  def new_id() -> str:
+    while True:
+      image_id = ''.join('0123456789abcdef'[d] for d in rng.integers(0, 16, size=16))
+      if image_id not in used:
+        used.add(image_id)
+        return image_id
+
+  def image(lm: int) -> bytes:
+    h, w = (int(x) for x in rng.integers(size_range[0], size_range[1] + 1, size=2))
+    if landmark_colours:
+      palette = revisitop_fixture.PALETTE
+      colour = palette[lm % len(palette)] if lm >= 0 else revisitop_fixture.GREY
+      return revisitop_fixture.jpeg_bytes(colour + rng.normal(0, 8.0, (h, w, 3)), 90)
+    return gldv2_fixture._encode(gldv2_fixture._smooth_image(rng, h, w), 'rgb', 90)  # pylint: disable=protected-access
+
+  index_landmark = {}
+  for lm in range(num_landmarks):
+    for _ in range(index_per_landmark):
+      index_landmark[new_id()] = lm
+  for _ in range(num_unrelated):
+    index_landmark[new_id()] = -1
+  index_ids = list(index_landmark)
+  index_ids = [index_ids[i] for i in rng.permutation(len(index_ids))]
+  test_landmark = {}
+  for lm in range(num_landmarks):
+    for _ in range(queries_per_landmark):
+      test_landmark[new_id()] = lm
+  for _ in range(num_ignored):
+    test_landmark[new_id()] = -1
+  test_ids = list(test_landmark)
+  test_ids = [test_ids[i] for i in rng.permutation(len(test_ids))]
+
+  landmark_of = {**index_landmark, **test_landmark}
+  payload = {i: image(landmark_of[i]) for i in index_ids + test_ids}
+  corrupt = [next(i for i in index_ids if index_landmark[i] == -1)]
+  payload[corrupt[0]] = payload[corrupt[0]][:40]
+  scored = [t for t in test_ids if test_landmark[t] >= 0]
+  missing = scored[:num_missing_test]
+  for t in missing:
+    del payload[t]
+
+  public, private, ignored = {}, {}, []
+  os.makedirs(manual_dir, exist_ok=True)
+  _write_shards(os.path.join(manual_dir, 'index'), index_ids, payload, num_index_shards)
+  _write_shards(os.path.join(manual_dir, 'test'), test_ids, payload, num_test_shards)
+  rows = []
+  for k, t in enumerate(test_ids):
+    lm = test_landmark[t]
+    if lm < 0:
+      ignored.append(t)
+      rows.append(f'{t},None,Ignored')
+      continue
+    relevant = [i for i in index_ids if index_landmark[i] == lm]
+    (public if k % 2 == 0 else private)[t] = relevant
+    rows.append(f'{t},{" ".join(relevant)},{"Public" if k % 2 == 0 else "Private"}')
+  with open(os.path.join(manual_dir, 'retrieval_solution_v2.1.csv'), 'w') as f:
+    f.write('id,images,Usage\n' + '\n'.join(rows) + '\n')
+  for name, ids in (('index.csv', index_ids), ('test.csv', test_ids)):
+    with open(os.path.join(manual_dir, name), 'w') as f:
+      f.write('id\n' + ''.join(f'{i}\n' for i in ids))
+  return FixtureInfo(manual_dir, index_ids, test_ids, index_landmark, test_landmark, public,
+                     private, ignored, missing, corrupt)

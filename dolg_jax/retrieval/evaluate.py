@@ -1,0 +1,213 @@
+"""The evaluation library: called by `python -m dolg_jax.eval`, the training loop and the demo.
+
+  apply_fn, variables, source = load_model(config, workdir=... | checkpoint=...)
+  out = evaluate_variables(config, apply_fn, variables, output_dir, source=...)
+
+For every dataset of `config.eval.datasets` (prepared TFDS builders under `config.eval.data_dir`,
+see dolg_jax.data.revisitop): extract multi-scale descriptors of the index and query splits (and of
+`config.eval.distractors` when `use_distractors`), cached (dolg_jax.retrieval.descriptor_cache);
+rank by dot product (optional DBA / alpha-QE, or SuperGlobal re-ranking with `eval.rerank`) and
+score the Easy / Medium / Hard protocols (mAP and mP@1,5,10) without and with the distractors
+(dolg_jax.retrieval.scoring); write OUTPUT_DIR/results.json and a visual report
+(OUTPUT_DIR/report_<dataset>.html + .png, in the final order).
+
+`gldv2_retrieval` in `config.eval.datasets`: the GLDv2 retrieval benchmark prepared under
+`config.eval.data_dir` (dolg_jax.data.gldv2_retrieval): descriptors of its test and index splits
+(cached the same way; no query crops), Public / Private mAP@100 and mP@100 (re-ranked as
+configured; `use_distractors` does not apply: its index is the benchmark's). It has no visual
+report (the report shows revisitop queries with their ground truth).
+
+`load_model` reads our training checkpoints (a workdir or a step directory, with the model `config`
+describes) and released/converted weights (the architecture inferred from the file). Both get the
+evaluation-time model overrides of `config.eval` (`model_overrides`: SuperGlobal's GeM+,
+regional-GeM, ReLU+), which are part of the descriptor-cache key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import ml_collections
+
+from dolg_jax import models
+from dolg_jax import profiling
+from dolg_jax.data import gldv2_retrieval
+from dolg_jax.data import revisitop
+from dolg_jax.retrieval import descriptor_cache
+from dolg_jax.retrieval import extract as extract_lib
+from dolg_jax.retrieval import report
+from dolg_jax.retrieval import scoring
+from dolg_jax.weights import checkpoint as ckpt_lib
+from dolg_jax.weights import converted
+from dolg_jax.weights import released
+
+
+# config.eval fields that override attributes of the DOLG module at evaluation (same names).
+MODEL_OVERRIDES = ('gem_plus_p', 'regional_gem', 'relu_plus')
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{field: value} of the evaluation-time model overrides that are on (0 / False = off)."""
+  return {f: config.eval[f] for f in MODEL_OVERRIDES if config.eval[f]}
+
+
+def with_overrides(model: models.DOLG, config: ml_collections.ConfigDict) -> models.DOLG:
+  """`model` with the overrides of `model_overrides(config)`, checked."""
+  overrides = model_overrides(config)
+  if not overrides:
+    return model
+  out = model.clone(**overrides)
+  try:
+    out.check()
+  except ValueError as err:
+    raise ValueError(f'config.eval overrides {overrides} do not fit this model: {err}') from None
+  return out
+
+
+def model_apply_fn(model) -> Callable:
+  """The extraction apply function of a DOLG module: (variables, images, valid_hw=None) -> desc.
+
+  The module is its attribute `model` (for inspection).
+  """
+
+  def apply_fn(v, images, valid_hw=None):
+    return model.apply(v, images, train=False, valid_hw=valid_hw)
+
+  apply_fn.model = model
+  return apply_fn
+
+
+def eval_dtype(config: ml_collections.ConfigDict) -> str:
+  """The extraction compute dtype: config.eval.compute_dtype, else config.compute_dtype."""
+  return config.eval.compute_dtype or config.compute_dtype
+
+
+def make_apply_fn(config: ml_collections.ConfigDict) -> Callable:
+  """`model_apply_fn` of the model `config.model` describes, in the eval compute dtype, with the
+  evaluation-time model overrides."""
+  return model_apply_fn(with_overrides(models.build_model(config.model, dtype=eval_dtype(config)),
+                                       config))
+
+
+def _is_released(path: str) -> bool:
+  return os.path.isfile(path) or converted.is_converted_dir(path)
+
+
+def load_model(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
+               checkpoint: Optional[str] = None) -> tuple[Callable, Any, str]:
+  """(apply_fn, variables, source description) from a workdir or a checkpoint path."""
+  if bool(workdir) == bool(checkpoint):
+    raise ValueError('give exactly one of --workdir and --checkpoint')
+  path = os.fspath(workdir or checkpoint)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist')
+  if checkpoint and _is_released(path):
+    model, variables = released.load(path, dtype=eval_dtype(config))
+    return (model_apply_fn(with_overrides(model, config)), variables,
+            f'released:{os.path.abspath(path)}')
+  variables = ckpt_lib.load_variables(path)
+  return make_apply_fn(config), variables, f'ours:{os.path.abspath(path)}'
+
+
+def output_dir_for(config: ml_collections.ConfigDict, workdir: Optional[str],
+                   checkpoint: Optional[str], output_dir: Optional[str] = None) -> str:
+  """The explicit `output_dir`, else config.eval.output_dir, else WORKDIR/eval or <ckpt>_eval."""
+  if output_dir or config.eval.output_dir:
+    return output_dir or config.eval.output_dir
+  if workdir:
+    return os.path.join(workdir, 'eval')
+  return os.path.abspath(checkpoint).rstrip('/') + '_eval'
+
+
+def check_datasets(config: ml_collections.ConfigDict) -> None:
+  """NotPreparedError naming every dataset of config.eval (and its distractors) not prepared
+  under config.eval.data_dir, with the commands that prepare them."""
+  e = config.eval
+  needed = list(e.datasets) + ([e.distractors] if e.use_distractors else [])
+  try:
+    revisitop.require_prepared(needed, os.path.expanduser(e.data_dir))
+  except revisitop.NotPreparedError as error:
+    raise revisitop.NotPreparedError(
+        f'{error} (or set --config.eval.data_dir to the TFDS data dir holding them)') from None
+
+
+def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, variables: Any,
+                       output_dir: str, *, source: str = '') -> dict:
+  """Evaluates (apply_fn, variables) on config.eval.datasets; writes results.json and reports.
+
+  `apply_fn` must be the model with `model_overrides(config)` applied (`make_apply_fn`,
+  `load_model`): the overrides name the cached descriptors.
+  """
+  e = config.eval
+  scoring.check_search(e)
+  data_dir = os.path.expanduser(e.data_dir)
+  check_datasets(config)
+  cfg = extract_lib.from_config(e)
+  profile = profiling.Window(os.path.join(output_dir, 'profile'), *e.profile_batches,
+                             enabled=jax.process_index() == 0)
+  extractor = extract_lib.Extractor(apply_fn, variables, cfg, profile=profile)
+  overrides = model_overrides(config)
+  # The cache key names the weights, the dtype the descriptors were computed in and the overrides.
+  model_key = descriptor_cache.model_key(variables, eval_dtype(config), overrides)
+  cache_dir = os.path.join(output_dir, 'cache') if e.cache else None
+  search_cfg = scoring.search_settings(e)
+  t_start = time.perf_counter()
+  distractors = None
+  if e.use_distractors and any(n != scoring.GLDV2 for n in e.datasets):
+    distractors = descriptor_cache.split_descriptors(
+        extractor, e.distractors, data_dir, 'index', cache_dir=cache_dir, model_key=model_key,
+        use_crop=False)
+  results, reports = {}, {}
+  for name in e.datasets:
+    if name == scoring.GLDV2:
+      q, q_ids = descriptor_cache.gldv2_split_descriptors(
+          extractor, data_dir, 'test', cache_dir=cache_dir, model_key=model_key)
+      x, x_ids = descriptor_cache.gldv2_split_descriptors(
+          extractor, data_dir, 'index', cache_dir=cache_dir, model_key=model_key)
+      public, private, _ = gldv2_retrieval.load_solution(data_dir)
+      results[name] = scoring.score_gldv2(q, q_ids, x, x_ids, public, private, e)
+      continue
+    gnd_cfg = revisitop.load_gnd(name, data_dir)
+    db = descriptor_cache.split_descriptors(extractor, name, data_dir, 'index',
+                                            cache_dir=cache_dir, model_key=model_key,
+                                            use_crop=False)
+    q = descriptor_cache.split_descriptors(extractor, name, data_dir, 'query',
+                                           cache_dir=cache_dir, model_key=model_key,
+                                           use_crop=True)
+    res = scoring.score_dataset(q, db, gnd_cfg['gnd'], e, distractors)
+    topk = res.pop('topk')
+    results[name] = res
+    if int(e.report_queries) > 0 and jax.process_index() == 0:
+      reports[name] = report.write_dataset_report(output_dir, name, data_dir, gnd_cfg, topk,
+                                                  res['base'], int(e.report_queries),
+                                                  cfg.crop_rounding, search_cfg)
+  profile.stop()   # A window longer than the batches run ends here.
+  out = {'source': source, 'model_hash': model_key, 'model_overrides': overrides,
+         'extraction': cfg.key(), 'search': search_cfg,
+         'use_distractors': bool(e.use_distractors), 'results': results,
+         'compile_count': extractor.compile_count,
+         'reports': {k: list(v) for k, v in reports.items()},
+         'seconds': time.perf_counter() - t_start}
+  if jax.process_index() == 0:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, 'results.json'), 'w') as f:
+      json.dump(out, f, indent=1)
+  out['table'] = scoring.format_table(results, search_cfg)
+  if overrides or cfg.scale_pool != 'mean':  # SuperGlobal's extraction modules: say they are on
+    out['table'] += ('\nextraction: scale_pool=' + cfg.scale_pool
+                     + ''.join(f', {k}={v}' for k, v in overrides.items()))
+  out['output_dir'] = output_dir
+  return out
+
+
+def run(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
+        checkpoint: Optional[str] = None, output_dir: Optional[str] = None) -> dict:
+  """Loads the model (workdir or checkpoint) and evaluates it; see `evaluate_variables`."""
+  check_datasets(config)  # before loading the model
+  apply_fn, variables, source = load_model(config, workdir=workdir, checkpoint=checkpoint)
+  return evaluate_variables(config, apply_fn, variables,
+                            output_dir_for(config, workdir, checkpoint, output_dir), source=source)
