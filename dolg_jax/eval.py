@@ -10,12 +10,15 @@
   ["--config.eval.datasets=('roxford5k','gldv2_retrieval')"]  # + GLDv2 mAP@100 / mP@100
 
 Parses flags and calls `dolg_jax.retrieval.evaluate.run` (the evaluation library the training loop
-also uses); prints the table and where results.json and the reports went. Descriptors are cached in
-OUTPUT_DIR/cache/, so re-running with other search settings (QE, DBA, distractors, re-ranking)
-takes seconds; the extraction modules are part of the cache key (they re-extract).
+also uses); prints the table and where results.json and the reports went. A failure ends with one
+line `FAILED: ...` saying what failed and what to do (exit code 1), as training does. Descriptors
+are cached in OUTPUT_DIR/cache/, so re-running with other search settings (QE, DBA, distractors,
+re-ranking) takes seconds; the extraction modules are part of the cache key (they re-extract).
 """
 
 import os
+import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -23,6 +26,7 @@ import jax
 from ml_collections import config_flags
 
 from dolg_jax.retrieval import evaluate
+from dolg_jax.training import failures
 
 FLAGS = flags.FLAGS
 
@@ -46,8 +50,16 @@ def main(argv):
   if config.eval.xla_cache_dir:  # compiled executables persist across evaluations
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.eval.xla_cache_dir))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  out = evaluate.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                     output_dir=FLAGS.output_dir)
+  failures.quiet_library_tracebacks()
+  try:
+    out = evaluate.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                       output_dir=FLAGS.output_dir)
+  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+    if not (failures.is_expected(e) or failures.is_disk_full(e)):
+      traceback.print_exception(e)
+    where = FLAGS.output_dir or FLAGS.workdir or FLAGS.checkpoint
+    print(failures.describe(e, where), file=sys.stderr)
+    sys.exit(failures.EXIT_FAILED)
   print(out['table'])
   print(f'results: {os.path.join(out["output_dir"], "results.json")}')
   for name, (html_path, png) in out['reports'].items():

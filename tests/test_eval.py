@@ -22,6 +22,7 @@ from dolg_jax.retrieval import scoring
 from dolg_jax.retrieval import search
 from dolg_jax.data import gldv2_retrieval
 from dolg_jax.data import revisitop
+from tests.helpers.paths import REPO
 from dolg_jax.data.synthetic import gldv2_retrieval_fixture
 from dolg_jax.data.synthetic import revisitop_fixture as fx
 from tests.helpers.eval_config import extract_config
@@ -317,3 +318,17 @@ def test_gldv2_retrieval_end_to_end(tmp_path):
   assert out['compile_count'] == 0
   assert set(scoring.flat_maps(out['results'])) == {'map@100/gldv2_retrieval/public',
                                                     'map@100/gldv2_retrieval/private'}
+
+
+def test_cli_failure_ends_with_one_line(tmp_path):
+  """Nothing prepared and no such workdir: exit 1 and one last line naming the first problem met
+  (the datasets are checked before the model is loaded) and the command that fixes it."""
+  missing = str(tmp_path / 'no_such_run')
+  proc = subprocess.run([sys.executable, '-m', 'dolg_jax.eval', '--config=configs/tiny.py',
+                         f'--workdir={missing}'], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('FAILED: roxford5k, rparis6k are not prepared under'), last
+  assert 'python -m dolg_jax.data.prepare --dataset=NAME' in last
+  assert 'Traceback' not in proc.stderr

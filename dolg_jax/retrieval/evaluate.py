@@ -104,7 +104,9 @@ def load_model(config: ml_collections.ConfigDict, *, workdir: Optional[str] = No
     raise ValueError('give exactly one of --workdir and --checkpoint')
   path = os.fspath(workdir or checkpoint)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist')
+    raise FileNotFoundError(f'{path} does not exist: pass a training workdir (--workdir) or a '
+                            'released .pyth/.pth, converted directory or step directory '
+                            '(--checkpoint)')
   if checkpoint and _is_released(path):
     model, variables = released.load(path, dtype=eval_dtype(config))
     return (model_apply_fn(with_overrides(model, config)), variables,
