@@ -22,7 +22,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -84,6 +84,20 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
   tar.addfile(info, io.BytesIO(data))
 
 
+def unique_ids(rng: np.random.Generator) -> Callable[[], str]:
+  """A generator of distinct 16-hex image ids (GLDv2's format) drawn from `rng`."""
+  used = set()
+
+  def new_id() -> str:
+    while True:
+      image_id = ''.join('0123456789abcdef'[d] for d in rng.integers(0, 16, size=16))
+      if image_id not in used:
+        used.add(image_id)
+        return image_id
+
+  return new_id
+
+
 def write_fixture(manual_dir: str, *, num_classes: int = 8,
                   images_per_class: Union[int, Sequence[int]] = DEFAULT_IMAGES_PER_CLASS,
                   seed: int = 0, num_shards: int = 3, num_missing: int = 2, num_corrupt: int = 2,
@@ -110,14 +124,7 @@ def write_fixture(manual_dir: str, *, num_classes: int = 8,
   order = rng.permutation(total_classes)
   clean_landmarks = sorted(landmarks[i] for i in order[:num_classes])
   noisy_landmarks = sorted(landmarks[i] for i in order[num_classes:])
-  used = set()
-
-  def new_id() -> str:
-    while True:
-      image_id = ''.join('0123456789abcdef'[d] for d in rng.integers(0, 16, size=16))
-      if image_id not in used:
-        used.add(image_id)
-        return image_id
+  new_id = unique_ids(rng)
 
   clean: Dict[int, List[str]] = {}
   full: Dict[int, List[str]] = {}

@@ -74,14 +74,7 @@ def write_fixture(manual_dir: str, *, num_landmarks: int = 4, index_per_landmark
   query).
   """
   rng = np.random.default_rng(seed)
-  used = set()
-
-  def new_id() -> str:
-    while True:
-      image_id = ''.join('0123456789abcdef'[d] for d in rng.integers(0, 16, size=16))
-      if image_id not in used:
-        used.add(image_id)
-        return image_id
+  new_id = gldv2_fixture.unique_ids(rng)
 
   def image(lm: int) -> bytes:
     h, w = (int(x) for x in rng.integers(size_range[0], size_range[1] + 1, size=2))
