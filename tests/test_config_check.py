@@ -53,7 +53,8 @@ def test_shipped_configs_pass(base):
     ({'mesh.model': 3}, 8, 1, 'config.mesh.model=3: must be an integer >= 1 dividing the 8 devices'),
     ({'mesh.data': 3}, 8, 1, 'config.mesh.data=3: times mesh.model=1 must equal the 8 devices'),
     ({'eval.rerank': 'sg'}, 1, 1, "config.eval.rerank='sg': must be one of '', 'superglobal'"),
-    ({'eval.rerank': 'superglobal', 'eval.qe_k': 2}, 1, 1, 'cannot be combined with eval.qe_k=2'),
+    ({'eval.rerank': 'superglobal', 'eval.qe_k': 2}, 1, 1,
+     "config.eval.rerank='superglobal' and config.eval.qe_k=2 are both set"),
 ])
 def test_bad_values_name_field_value_and_allowed(overrides, devices, processes, expected):
   with pytest.raises(config_check.ConfigError) as e:

@@ -327,7 +327,7 @@ def _junk_free(ok, junk, items, pos):
 
 
 def _labelled(gnd_p: Sequence[Mapping], n: int):
-  oks, junks, items = [], [], []
+  oks, junks = [], []
   for g in gnd_p:
     ok = np.asarray(g['ok'], np.int64).reshape(-1)
     junk = np.asarray(g.get('junk', []), np.int64).reshape(-1)

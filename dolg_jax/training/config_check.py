@@ -12,6 +12,9 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from dolg_jax.retrieval import scoring
+from dolg_jax.training import state as state_lib
+
 
 class ConfigError(ValueError):
   """A config field holds a value the training code cannot use."""
@@ -26,8 +29,8 @@ _CHOICES = {
     'compute_dtype': ('float32', 'bfloat16'),
     'eval.compute_dtype': ('float32', 'bfloat16'),
     'eval.crop_rounding': ('trunc', 'round', 'expand'),
-    'eval.rerank': ('', 'superglobal'),
-    'train.optimizer': ('sgd', 'adamw'),
+    'eval.rerank': scoring.RERANKERS,
+    'train.optimizer': state_lib.OPTIMIZERS,
     'train.weight_decay_mask': ('all', 'kernels'),
     'train.bn_mode': ('global', 'per_device'),
 }
@@ -142,10 +145,13 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   if scales is not _MISSING and (not isinstance(scales, (tuple, list)) or not scales
                                  or not all(_is_number(s) and s > 0 for s in scales)):
     _fail('eval.scales', scales, 'must be one or more numbers > 0')
-  rerank, qe_k = _get(config, 'eval.rerank'), _get(config, 'eval.qe_k')
-  if rerank not in (_MISSING, '') and qe_k is not _MISSING and qe_k > 0:
-    _fail('eval.rerank', rerank, f'cannot be combined with eval.qe_k={qe_k} (alpha-QE); set one '
-          'of them off')
+  # The search settings the evaluation cannot honour (re-ranking with alpha-QE, ...): its own rules,
+  # so a training run fails now rather than at its first evaluation.
+  if all(_get(config, f'eval.{k}') is not _MISSING for k in scoring.SEARCH_FIELDS + ('datasets',)):
+    try:
+      scoring.check_search(config.eval)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
   # Mesh and batch divisibility.
   mesh_model = _get(config, 'mesh.model')

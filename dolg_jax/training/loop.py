@@ -187,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   warned_no_validation = False
 
   def fetch():
-    nonlocal pending, first_fetched
+    nonlocal pending
     new = jax.device_get(pending)
     _check_finite(new, first_fetched + len(fetched), workdir, last_saved, latest)
     fetched.extend(new)
