@@ -32,6 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.fusion_eps = 1e-6              # Added to |f_g|^2 in the orthogonal projection.
   m.bn_momentum = 0.9              # Flax momentum (= torch momentum 0.1).
   m.bn_epsilon = 1e-5
+  m.bn_running_var = 'unbiased'    # BN running variance from the batch: 'unbiased' (torch.nn.BatchNorm2d,
+                                   # the official trainer) | 'biased' (flax.linen.BatchNorm).
   m.zero_init_final_gamma = False  # Official yaml: True (each block's last BN scale starts at 0;
                                    # an ImageNet backbone init overwrites it).
   m.dense_init = 'pycls'           # fc_t/fc init: 'pycls' normal(0.01) | 'torch' (official: torch's

@@ -78,6 +78,8 @@ import jax.numpy as jnp
 
 from dolg_jax.models import resnet
 from dolg_jax.models.normalize import l2_normalize
+from dolg_jax.models.normalize import wide_dtype
+from dolg_jax.models.normalize import widen
 
 Dtype = Any
 
@@ -107,32 +109,34 @@ def torch_linear_inits(fan_in: int):
 
 
 def head_dense(features: int, fan_in: int, dense_init: str = 'pycls',
-               name: Optional[str] = None) -> nn.Dense:
-  """fc_t / fc: float32 whatever the compute dtype (tiny, feeds the loss); init by `dense_init`."""
+               name: Optional[str] = None, dtype: Dtype = jnp.float32) -> nn.Dense:
+  """fc_t / fc: float32 (`dtype`, float64 for a float64 model) whatever the compute dtype (tiny,
+  feeds the loss); init by `dense_init`."""
   if dense_init == 'torch':
     kernel_init, bias_init = torch_linear_inits(fan_in)
   else:
     kernel_init, bias_init = dense_kernel_init, nn.initializers.zeros
-  return nn.Dense(features, dtype=jnp.float32, param_dtype=jnp.float32,
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
 # ------------------------------------------------------------------------------ pure functions
-def normalize_images(images: jax.Array) -> jax.Array:
-  """RGB [0, 255] (float or uint8) -> ImageNet-normalised float32, as the official BGR pipeline."""
-  x = images.astype(jnp.float32) / 255.0
-  mean = jnp.asarray(RGB_MEAN, jnp.float32)
-  std = jnp.asarray(RGB_STD, jnp.float32)
+def normalize_images(images: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
+  """RGB [0, 255] (float or uint8) -> ImageNet-normalised `dtype` (float32), as the official BGR
+  pipeline."""
+  x = images.astype(dtype) / 255.0
+  mean = jnp.asarray(RGB_MEAN, dtype)
+  std = jnp.asarray(RGB_STD, dtype)
   return (x - mean) / std
 
 
 def masked_mean(x: jax.Array, mask: Optional[jax.Array] = None, keepdims: bool = False
                 ) -> jax.Array:
   """Mean over H, W of an NHWC map, float32; with an (N, H, W, 1) 0/1 mask, over its cells only."""
-  x = x.astype(jnp.float32)
+  x = widen(x)
   if mask is None:
     return jnp.mean(x, axis=(1, 2), keepdims=keepdims)
-  mask = mask.astype(jnp.float32)
+  mask = mask.astype(x.dtype)
   return (jnp.sum(x * mask, axis=(1, 2), keepdims=keepdims)
           / jnp.sum(mask, axis=(1, 2), keepdims=keepdims))
 
@@ -140,7 +144,7 @@ def masked_mean(x: jax.Array, mask: Optional[jax.Array] = None, keepdims: bool =
 def gem_pool(x: jax.Array, p: jax.Array | float, eps: float = 1e-6,
              mask: Optional[jax.Array] = None) -> jax.Array:
   """Generalised-mean pooling over H, W of an NHWC map: mean(clamp(x, eps)^p)^(1/p), float32."""
-  return masked_mean(jnp.maximum(x.astype(jnp.float32), eps) ** p, mask) ** (1.0 / p)
+  return masked_mean(jnp.maximum(widen(x), eps) ** p, mask) ** (1.0 / p)
 
 
 def _reflect(i: jax.Array, n: jax.Array) -> jax.Array:
@@ -160,7 +164,7 @@ def regional_gem(x: jax.Array, p: float = 2.5, size: int = 5,
   so valid cells equal the unpadded computation. Where a side has fewer than size // 2 + 1 cells,
   torch's ReflectionPad2d refuses; here the reflection repeats (period 2 (n - 1)).
   """
-  x = x.astype(jnp.float32)
+  x = widen(x)
   n, h, w, _ = x.shape
   if mask is None:
     hv = jnp.full((n,), h, jnp.int32)
@@ -193,8 +197,7 @@ def orthogonal_component(f_l: jax.Array, f_g: jax.Array, eps: float) -> jax.Arra
 
   f_l: (N, ..., C) local vectors (a map (N, H, W, C) or pooled (N, C)); f_g: (N, C).
   """
-  f_l = f_l.astype(jnp.float32)
-  f_g = f_g.astype(jnp.float32)
+  f_l, f_g = widen(f_l), widen(f_g)
   g = f_g.reshape(f_g.shape[:1] + (1,) * (f_l.ndim - 2) + f_g.shape[1:])
   dot = jnp.sum(f_l * g, axis=-1, keepdims=True)
   sq_norm = jnp.sum(jnp.square(g), axis=-1, keepdims=True)
@@ -208,23 +211,23 @@ def orthogonal_fusion(f_l: jax.Array, f_g: jax.Array, eps: float) -> jax.Array:
   projecting the pooled vector once (`orthogonal_fusion_pooled`), which the model uses.
   """
   f_o = avg_pool(orthogonal_component(f_l, f_g, eps))
-  return jnp.concatenate([f_g.astype(jnp.float32), f_o], axis=-1)
+  return jnp.concatenate([widen(f_g), f_o], axis=-1)
 
 
 def orthogonal_fusion_pooled(f_l_pooled: jax.Array, f_g: jax.Array, eps: float) -> jax.Array:
   """Same as `orthogonal_fusion` given avgpool(f_l) (N, C) instead of the map."""
   f_o = orthogonal_component(f_l_pooled, f_g, eps)
-  return jnp.concatenate([f_g.astype(jnp.float32), f_o], axis=-1)
+  return jnp.concatenate([widen(f_g), f_o], axis=-1)
 
 
 def concat_fusion(f_l_pooled: jax.Array, f_g: jax.Array) -> jax.Array:
   """Ablation: concat[f_g, avgpool(f_l)] -> (N, C_g + C_l)."""
-  return jnp.concatenate([f_g.astype(jnp.float32), f_l_pooled.astype(jnp.float32)], axis=-1)
+  return jnp.concatenate([widen(f_g), widen(f_l_pooled)], axis=-1)
 
 
 def hadamard_fusion(f_l_pooled: jax.Array, f_g: jax.Array) -> jax.Array:
   """Ablation: element-wise product f_g * avgpool(f_l) -> (N, C)."""
-  return f_g.astype(jnp.float32) * f_l_pooled.astype(jnp.float32)
+  return widen(f_g) * widen(f_l_pooled)
 
 
 # ------------------------------------------------------------------------------ modules
@@ -295,6 +298,7 @@ class LocalBranch(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  bn_running_var: str = 'unbiased'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -307,12 +311,13 @@ class LocalBranch(nn.Module):
             f'model.use_self_attention=False without multi-atrous uses the backbone map as f_l, '
             f'which has {x.shape[-1]} channels but model.local_dim={self.local_dim}; use '
             f"local_stage='res3' with local_dim=1024 or enable use_multi_atrous.")
-      return x.astype(jnp.float32)
+      return widen(x)
     x = _conv_bias(self.local_dim, 1, 'conv1', self.dtype)(x)
     x = resnet.batch_norm('bn', momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                          dtype=self.dtype)(x, use_running_average=not train)
-    features = l2_normalize(x.astype(jnp.float32), axis=-1)
-    att = nn.softplus(_conv_bias(1, 1, 'conv2', self.dtype)(nn.relu(x)).astype(jnp.float32))
+                          dtype=self.dtype, running_var=self.bn_running_var)(
+                              x, use_running_average=not train)
+    features = l2_normalize(widen(x), axis=-1)
+    att = nn.softplus(widen(_conv_bias(1, 1, 'conv2', self.dtype)(nn.relu(x))))
     return att * features
 
 
@@ -348,6 +353,7 @@ class DOLG(nn.Module):
   fusion_eps: float = 1e-6
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  bn_running_var: str = 'unbiased'     # BN running variance: 'unbiased' (torch, official) | 'biased'.
   zero_init_final_gamma: bool = False  # pycls BN.ZERO_INIT_FINAL_GAMMA (official yaml: True).
   dense_init: str = 'pycls'            # fc_t / fc init: 'pycls' normal(0.01) | 'torch' (official).
   dtype: Dtype = jnp.float32
@@ -363,6 +369,9 @@ class DOLG(nn.Module):
       raise ValueError(f'model.fusion must be one of {FUSIONS}, got {self.fusion!r}')
     if self.dense_init not in DENSE_INITS:
       raise ValueError(f'model.dense_init must be one of {DENSE_INITS}, got {self.dense_init!r}')
+    if self.bn_running_var not in resnet.BN_RUNNING_VARS:
+      raise ValueError(f'model.bn_running_var must be one of {resnet.BN_RUNNING_VARS}, got '
+                       f'{self.bn_running_var!r}')
     if self.global_pool not in GLOBAL_POOLS:
       raise ValueError(f'model.global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}')
     if self.local_stage not in LOCAL_STAGES:
@@ -392,11 +401,12 @@ class DOLG(nn.Module):
       raise ValueError('valid_hw (padded canvases) is for inference; train=True would let the '
                        'padding into the BatchNorm batch statistics')
     feats = {}
-    x = normalize_images(images).astype(self.dtype)
+    x = normalize_images(images, wide_dtype(self.dtype)).astype(self.dtype)
     res3, res4 = resnet.ResNet(self.depth, self.width, tuple(self.stage_depths),
                                self.bn_momentum, self.bn_epsilon, self.dtype,
                                zero_init_final_gamma=self.zero_init_final_gamma,
-                               relu_plus=self.relu_plus, name='globalmodel')(x, train, valid_hw)
+                               relu_plus=self.relu_plus, bn_running_var=self.bn_running_var,
+                               name='globalmodel')(x, train, valid_hw)
     feats['res3'], feats['res4'] = res3, res4
     masks = {'res3': resnet.valid_mask(valid_hw, 16, res3),
              'res4': resnet.valid_mask(valid_hw, 32, res4)}
@@ -422,7 +432,8 @@ class DOLG(nn.Module):
       for name, stage in inputs:
         f_l = LocalBranch(self.use_multi_atrous, tuple(self.atrous_rates), self.atrous_dim,
                           self.local_dim, self.use_self_attention, self.bn_momentum,
-                          self.bn_epsilon, self.dtype, name=name)(
+                          self.bn_epsilon, self.dtype, bn_running_var=self.bn_running_var,
+                          name=name)(
                               feats[stage], train, masks[stage])
         feats[f'f_l/{name}'] = f_l
         v = avg_pool(f_l, masks[stage])
@@ -440,4 +451,4 @@ class DOLG(nn.Module):
     return (desc, feats) if return_features else desc
 
   def _dense(self, features: int, name: str, fan_in: int) -> nn.Dense:
-    return head_dense(features, fan_in, self.dense_init, name=name)
+    return head_dense(features, fan_in, self.dense_init, name=name, dtype=wide_dtype(self.dtype))

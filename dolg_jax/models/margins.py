@@ -1,7 +1,8 @@
 """Margin heads as pure functions: ArcFace (paper) and CurricularFace (released DOLG code).
 
 Both L2-normalise the embeddings and the rows of `weight` (shape (num_classes, dim), torch layout,
-class dimension first so it can be sharded over a 'model' mesh axis) and compute in float32.
+class dimension first so it can be sharded over a 'model' mesh axis) and compute in float32
+(float64 for float64 inputs: `normalize.wide_dtype`), the matmul at `Precision.HIGHEST`.
 
 ArcFace (Deng et al. 2019, insightface with easy_margin=False): for the target class
   phi = cos(theta + m) where cos(theta) > cos(pi - m), else cos(theta) - m sin(pi - m)
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from dolg_jax.models.normalize import l2_normalize
+from dolg_jax.models.normalize import widen
 
 HEAD_INIT_STD = 0.01
 
@@ -35,9 +37,11 @@ def init_head_weight(rng: jax.Array, num_classes: int, dim: int,
 
 
 def cosine_logits(embeddings: jax.Array, weight: jax.Array) -> jax.Array:
-  """cos(theta) (N, num_classes) between L2-normalised embeddings and weight rows, float32."""
-  e = l2_normalize(embeddings.astype(jnp.float32))
-  w = l2_normalize(weight.astype(jnp.float32))
+  """cos(theta) (N, num_classes) between L2-normalised embeddings and weight rows, float32 (or
+  float64 when either is float64)."""
+  dtype = jnp.promote_types(widen(embeddings).dtype, widen(weight).dtype)
+  e = l2_normalize(embeddings.astype(dtype))
+  w = l2_normalize(weight.astype(dtype))
   cos = jnp.einsum('nd,cd->nc', e, w, precision=jax.lax.Precision.HIGHEST)
   return jnp.clip(cos, -1.0, 1.0)
 
@@ -75,7 +79,7 @@ def curricularface_logits(embeddings: jax.Array, weight: jax.Array, labels: jax.
   onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=jnp.bool_)
   cos_y = jnp.sum(jnp.where(onehot, cos, 0.0), axis=-1, keepdims=True)
   cos_ym, target = _margin_target(cos_y, margin)
-  t = jnp.asarray(t, jnp.float32)
+  t = jnp.asarray(t, cos.dtype)
   new_t = jax.lax.stop_gradient(
       t_momentum * jnp.mean(cos_y) + (1.0 - t_momentum) * t)
   hard = cos > cos_ym

@@ -11,6 +11,7 @@ with `zero_init_final_gamma` (pycls BN.ZERO_INIT_FINAL_GAMMA, set by the officia
 scale of each block's last BN (`c_bn`) starts at 0, so every residual block starts as identity.
 """
 
+import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -49,10 +50,59 @@ def max_pool_torch(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=((p, p), (p, p)))
 
 
+BN_RUNNING_VARS = ('unbiased', 'biased')
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over N, H, W (NHWC) with torch's running-variance estimate by default.
+
+  Train mode normalises with the batch mean and the biased batch variance (two-pass, in float32 or
+  wider) and, when `batch_stats` is mutable, updates
+    mean <- momentum mean + (1 - momentum) batch_mean
+    var  <- momentum var  + (1 - momentum) batch_var * (n / (n - 1 if running_var == 'unbiased'
+                                                             else n)),   n = N H W,
+  'unbiased' being torch.nn.BatchNorm2d's (and so the official trainer's) estimate and 'biased'
+  flax.linen.BatchNorm's. Variables as flax's: params `scale`, `bias`; batch_stats `mean`, `var`.
+  Flax has no option for the unbiased estimate, hence this module.
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  running_var: str = 'unbiased'
+  scale_init: Any = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+    if self.running_var not in BN_RUNNING_VARS:
+      raise ValueError(f'model.bn_running_var must be one of {BN_RUNNING_VARS}, got '
+                       f'{self.running_var!r}')
+    c = x.shape[-1]
+    wide = jnp.promote_types(self.dtype, jnp.float32)
+    scale = self.param('scale', self.scale_init, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    xw = x.astype(wide)
+    if use_running_average:
+      mean, var = ra_mean.value.astype(wide), ra_var.value.astype(wide)
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xw, axis=axes)
+      var = jnp.mean(jnp.square(xw - mean), axis=axes)
+      if not self.is_initializing() and self.is_mutable_collection('batch_stats'):
+        n = math.prod(x.shape[:-1])
+        correction = n / (n - 1) if self.running_var == 'unbiased' and n > 1 else 1.0
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
+        ra_var.value = m * ra_var.value + (1.0 - m) * (var * correction)
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(wide)
+    return ((xw - mean) * mul + bias.astype(wide)).astype(self.dtype)
+
+
 def batch_norm(name: str, *, momentum: float, epsilon: float, dtype: Dtype,
-               scale_init=nn.initializers.ones) -> nn.BatchNorm:
-  return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype,
-                      param_dtype=jnp.float32, scale_init=scale_init, name=name)
+               running_var: str = 'unbiased', scale_init=nn.initializers.ones) -> BatchNorm:
+  return BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, running_var=running_var,
+                   scale_init=scale_init, name=name)
 
 
 def valid_mask(valid_hw: Optional[jax.Array], stride: int, x: jax.Array) -> Optional[jax.Array]:
@@ -82,14 +132,15 @@ class ResStem(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  bn_running_var: str = 'unbiased'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None
                ) -> jax.Array:
     x = apply_mask(x, valid_mask(valid_hw, 1, x))
     x = conv(self.width, 7, stride=2, dtype=self.dtype, name='conv')(x)
-    x = batch_norm('bn', momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)(
-        x, use_running_average=not train)
+    x = batch_norm('bn', momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+                   running_var=self.bn_running_var)(x, use_running_average=not train)
     # After the ReLU every value is >= 0, so zeros in the padding act as the pool's -inf padding.
     x = apply_mask(nn.relu(x), valid_mask(valid_hw, 2, x))
     return max_pool_torch(x, 3, 2)
@@ -115,6 +166,7 @@ class ResBottleneckBlock(nn.Module):
   zero_init_final_gamma: bool = False
   inner_floor: float = 0.0
   out_floor: float = 0.0
+  bn_running_var: str = 'unbiased'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None,
@@ -122,7 +174,7 @@ class ResBottleneckBlock(nn.Module):
     """valid_hw / in_stride: image sizes in a padded canvas and the stride of `x` (see valid_mask)."""
     def bn(name, scale_init=nn.initializers.ones):
       return batch_norm(name, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                        dtype=self.dtype, scale_init=scale_init)
+                        dtype=self.dtype, running_var=self.bn_running_var, scale_init=scale_init)
 
     ura = not train
     shortcut = x
@@ -151,6 +203,7 @@ class ResStage(nn.Module):
   zero_init_final_gamma: bool = False
   inner_floor: float = 0.0
   out_floor: float = 0.0
+  bn_running_var: str = 'unbiased'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None,
@@ -160,7 +213,7 @@ class ResStage(nn.Module):
           self.inner_width, 4 * self.inner_width, self.stride if k == 0 else 1,
           self.bn_momentum, self.bn_epsilon, self.dtype,
           zero_init_final_gamma=self.zero_init_final_gamma, inner_floor=self.inner_floor,
-          out_floor=self.out_floor, name=f'b{k + 1}')(
+          out_floor=self.out_floor, bn_running_var=self.bn_running_var, name=f'b{k + 1}')(
               x, train, valid_hw, in_stride if k == 0 else in_stride * self.stride)
     return x
 
@@ -186,6 +239,7 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   zero_init_final_gamma: bool = False
   relu_plus: float = 0.0
+  bn_running_var: str = 'unbiased'   # 'unbiased' (torch, official) | 'biased' (flax); see BatchNorm.
 
   def block_counts(self) -> tuple[int, ...]:
     if self.stage_depths:
@@ -201,7 +255,8 @@ class ResNet(nn.Module):
                ) -> tuple[jax.Array, jax.Array]:
     """valid_hw: optional (N, 2) image sizes inside a zero-padded canvas (see valid_mask); the
     cells the images cover then hold exactly what unpadded images would give."""
-    x = ResStem(self.width, self.bn_momentum, self.bn_epsilon, self.dtype, name='stem')(
+    x = ResStem(self.width, self.bn_momentum, self.bn_epsilon, self.dtype,
+                bn_running_var=self.bn_running_var, name='stem')(
         x, train, valid_hw)
     feats = []
     stride = 4
@@ -212,7 +267,7 @@ class ResNet(nn.Module):
                    zero_init_final_gamma=self.zero_init_final_gamma,
                    inner_floor=self.relu_plus if i == 0 else 0.0,
                    out_floor=self.relu_plus if i < 3 else 0.0,
-                   name=f's{i + 1}')(x, train, valid_hw, stride)
+                   bn_running_var=self.bn_running_var, name=f's{i + 1}')(x, train, valid_hw, stride)
       stride *= stage_stride
       feats.append(x)
     return feats[2], feats[3]

@@ -1,7 +1,10 @@
 """The pure train step (and eval step), jitted once with explicit shardings on the mesh.
 
 Numerics: the model computes in `config.compute_dtype` (bf16 by default) from float32 master
-weights; descriptors, margin logits, the loss and the optimizer update are float32.
+weights; descriptors, margin logits (matmul at `Precision.HIGHEST`, in training and validation
+alike), the loss and the optimizer update are float32. With `compute_dtype='float64'` (64-bit JAX,
+for parity checks against float64 references) and float64 state, all of it is float64.
+`tests/test_official_training.py` holds this step to the official trainer's numbers.
 
 BatchNorm: `config.train.bn_mode`
 - 'global' (default): statistics over the whole global (micro)batch; under `jax.jit` the batch mean
@@ -16,6 +19,11 @@ statistics on any number of devices. (PyTorch DDP keeps rank 0's running statist
 Gradient accumulation: `config.train.grad_accum_steps` = k splits the global batch into k
 microbatches (each still spread over all devices), sums their gradients in float32 in a
 `lax.scan`, and applies one update. BN statistics are per microbatch, threaded through the scan.
+CurricularFace's `t` takes ONE EMA step per optimizer step from the whole batch, as without
+accumulation: every microbatch starts from the step's `t`, and the new `t` is the mean of the
+microbatches' updates, i.e. `t_momentum * mean_batch(cos theta_y) + (1 - t_momentum) * t`. Each
+microbatch's hard negatives are weighted with its own update of `t` (the official code uses the
+whole batch's; the two differ by `t_momentum` x the difference of the means, 0.01 x).
 """
 
 from typing import Callable
@@ -27,8 +35,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dolg_jax import models
 from dolg_jax import sharding as shd
-from dolg_jax.models.normalize import l2_normalize
+from dolg_jax.models.normalize import wide_dtype
+from dolg_jax.models.normalize import widen
 from dolg_jax.models import margins
 from dolg_jax.training.state import TrainSetup
 from dolg_jax.training.state import TrainState
@@ -38,7 +48,7 @@ _MASK_VALUE = -1e9
 
 def head_logits(head_cfg: ml_collections.ConfigDict, embeddings, weight, labels, t,
                 num_classes: int):
-  """Margin logits (float32) and the new CurricularFace `t`; padded classes masked out."""
+  """Margin logits (float32, or float64) and the new CurricularFace `t`; padded classes masked."""
   if head_cfg.type == 'arcface':
     logits = margins.arcface_logits(embeddings, weight, labels, margin=head_cfg.margin,
                                     scale=head_cfg.scale)
@@ -50,11 +60,14 @@ def head_logits(head_cfg: ml_collections.ConfigDict, embeddings, weight, labels,
   else:
     raise ValueError("config.head.type must be 'arcface' or 'curricularface', got "
                      f'{head_cfg.type!r}')
-  logits = logits.astype(jnp.float32)
-  if weight.shape[0] != num_classes:
-    valid = jnp.arange(weight.shape[0]) < num_classes
-    logits = jnp.where(valid[None, :], logits, _MASK_VALUE)
-  return logits, new_t
+  return _mask_padded_classes(widen(logits), num_classes), new_t
+
+
+def _mask_padded_classes(logits: jax.Array, num_classes: int) -> jax.Array:
+  """Logits (N, C_pad) with the classes >= num_classes (mesh padding) at -1e9."""
+  if logits.shape[-1] == num_classes:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1])[None, :] < num_classes, logits, _MASK_VALUE)
 
 
 def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str, bn_group_size: int = 0) -> Callable:
@@ -63,7 +76,7 @@ def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str, bn_group_size: int =
   def forward_all(params, batch_stats, images):
     emb, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
                                mutable=['batch_stats'])
-    return emb.astype(jnp.float32), updates['batch_stats']
+    return widen(emb), updates['batch_stats']
 
   def forward_grouped(params, batch_stats, images):
     n, g = images.shape[0], bn_group_size
@@ -115,18 +128,17 @@ def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
   if t_cfg.global_batch_size % (k * mesh.shape[shd.DATA]):
     raise ValueError(f'config.train.global_batch_size={t_cfg.global_batch_size} must be divisible '
                      f'by grad_accum_steps ({k}) x data devices ({mesh.shape[shd.DATA]}).')
-  forward = _forward_fn(model, mesh, t_cfg.bn_mode, int(t_cfg.get('bn_group_size', 0)))
+  forward = _forward_fn(model, mesh, t_cfg.bn_mode, int(t_cfg.bn_group_size))
+  wide = wide_dtype(models.resolve_dtype(config.compute_dtype))
 
   def loss_fn(params, batch_stats, head_t, images, labels):
     emb, new_stats = forward(params['model'], batch_stats, images)
     logits, new_t = head_logits(config.head, emb, params['head']['weight'], labels,
                                 head_t, num_classes)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    loss = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+    loss = jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels))
     # Accuracy of the nearest class centre (no margin: the margin lowers only the target logit,
     # so argmax of the margin logits would under-count). XLA shares the cosine matmul with the head.
-    cos = margins.cosine_logits(emb, params['head']['weight'])
-    cos = jnp.where(jnp.arange(cos.shape[-1])[None, :] < num_classes, cos, _MASK_VALUE)
+    cos = _mask_padded_classes(margins.cosine_logits(emb, params['head']['weight']), num_classes)
     correct = jnp.sum(jnp.argmax(cos, axis=-1) == labels)
     return loss, (new_stats, new_t, correct)
 
@@ -141,16 +153,18 @@ def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
       micro = (_split_microbatches(images, k, mesh), _split_microbatches(labels, k, mesh))
 
       def body(carry, mb):
-        stats, head_t, grads, loss, correct = carry
-        (l, (stats, head_t, c)), g = grad_fn(state.params, stats, head_t, *mb)
+        stats, t_sum, grads, loss, correct = carry
+        # Every microbatch starts from the step's t (one EMA step per optimizer step).
+        (l, (stats, t_mb, c)), g = grad_fn(state.params, stats, state.head_t, *mb)
         grads = jax.tree.map(jnp.add, grads, g)
-        return (stats, head_t, grads, loss + l, correct + c), None
+        return (stats, t_sum + t_mb, grads, loss + l, correct + c), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      init = (state.batch_stats, state.head_t, zeros, jnp.zeros((), jnp.float32),
+      init = (state.batch_stats, jnp.zeros_like(state.head_t), zeros, jnp.zeros((), wide),
               jnp.zeros((), jnp.int32))
-      (stats, head_t, grads, loss, correct), _ = jax.lax.scan(body, init, micro)
+      (stats, t_sum, grads, loss, correct), _ = jax.lax.scan(body, init, micro)
       grads = jax.tree.map(lambda g: g / k, grads)
+      head_t = t_sum / k   # = t_momentum * mean over the whole batch + (1 - t_momentum) * t
       loss = loss / k
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: learning_rate * u, updates)
@@ -175,24 +189,20 @@ def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
 def make_eval_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
   """Jitted `eval_step(state, batch) -> {'correct', 'count', 'loss_sum'}` with plain cosine logits.
 
-  Validation accuracy uses the nearest class centre (cosine logits without the margin), the
-  metric that measures the descriptor; `batch['mask']` (optional) marks padding examples.
+  Validation accuracy uses the nearest class centre (cosine logits without the margin, the
+  training step's `margins.cosine_logits`, same precision), the metric that measures the
+  descriptor; `batch['mask']` (optional) marks padding examples.
   """
   config, model, mesh, num_classes = setup.config, setup.model, setup.mesh, setup.num_classes
 
   def eval_step(state: TrainState, batch):
     emb = model.apply({'params': state.params['model'], 'batch_stats': state.batch_stats},
-                      batch['image'], train=False).astype(jnp.float32)
-    emb = l2_normalize(emb)
-    w = state.params['head']['weight']
-    w = l2_normalize(w)
-    logits = config.head.scale * (emb @ w.T)
-    if w.shape[0] != num_classes:
-      logits = jnp.where(jnp.arange(w.shape[0])[None] < num_classes, logits, _MASK_VALUE)
+                      batch['image'], train=False)
+    logits = _mask_padded_classes(
+        config.head.scale * margins.cosine_logits(emb, state.params['head']['weight']), num_classes)
     labels = batch['label'].astype(jnp.int32)
-    mask = batch.get('mask', jnp.ones_like(labels)).astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    mask = batch.get('mask', jnp.ones_like(labels)).astype(logits.dtype)
+    nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
     return {'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
             'count': jnp.sum(mask), 'loss_sum': jnp.sum(nll * mask)}
 
