@@ -80,7 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.base_learning_rate = 0.05      # Per 128 images; scaled linearly with the global batch.
   t.warmup_epochs = 5
   t.lr_schedule = 'per_step'       # 'per_step' (paper) | 'per_epoch' (official pycls get_epoch_lr).
-  t.warmup_factor = 0.0            # Warm-up starts at this fraction of the lr (official: 0.1).
+  t.warmup_factor = 0.1            # Warm-up starts at this fraction of the lr (official pycls 0.1;
+                                   # both schedules; per_epoch refuses 0: epoch 0 would be at lr 0).
   t.optimizer = 'sgd'              # 'sgd' (paper) | 'adamw' (the CPU demo trains from scratch).
   t.momentum = 0.9
   t.adam_b1 = 0.9                  # 'adamw' only.

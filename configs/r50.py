@@ -9,7 +9,9 @@ verified; see dolg_jax.weights.imagenet); `--config.train.backbone_init=none` tr
 weights, `torchvision_r50` or a local file are the alternatives.
 
   python -m dolg_jax.main --config=configs/r50.py --workdir=DIR --config.data.data_dir=TFDS_DIR
-Smaller GPUs: --config.train.grad_accum_steps=2 (or 4) keeps the global batch at 128.
+Smaller GPUs: --config.train.grad_accum_steps=2 (or 4) keeps the global batch at 128: one update
+and one CurricularFace `t` step per 128 images, as without accumulation; BatchNorm statistics are
+then per microbatch (64 or 32 images; see dolg_jax/training/step.py).
 Reference-like per-GPU BatchNorm: --config.train.bn_mode=per_device.
 """
 

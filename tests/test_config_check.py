@@ -44,7 +44,16 @@ def test_shipped_configs_pass(base):
     ({'train.optimizer': 'adam'}, 1, 1, "config.train.optimizer='adam': must be one of 'sgd', 'adamw'"),
     ({'model.fusion': 'sum'}, 1, 1, "config.model.fusion='sum': must be one of"),
     ({'head.type': 'cosface'}, 1, 1, "config.head.type='cosface'"),
-    ({'compute_dtype': 'float16'}, 1, 1, "config.compute_dtype='float16'"),
+    ({'compute_dtype': 'float8'}, 1, 1, "config.compute_dtype='float8': must be one of"),
+    ({'compute_dtype': 'float64'}, 1, 1, "JAX_ENABLE_X64=1"),
+    ({'train.lr_schedule': 'step'}, 1, 1, "config.train.lr_schedule='step': must be one of 'per_step', 'per_epoch'"),
+    ({'train.warmup_factor': 1.5}, 1, 1, 'config.train.warmup_factor=1.5: must be a number in [0, 1]'),
+    ({'train.bn_group_size': -1}, 1, 1, 'config.train.bn_group_size=-1: must be an integer >= 0'),
+    ({'train.bn_group_size': 3}, 1, 1, 'config.train.bn_group_size=3: must divide the 8 images'),
+    ({'train.bn_mode': 'per_device', 'train.bn_group_size': 4}, 4, 1, 'config.train.bn_group_size=4: must divide the 2 images'),
+    ({'data.augmentation': 'randaug'}, 1, 1, "config.data.augmentation='randaug': must be one of 'paper', 'official'"),
+    ({'data.decode': 'turbo'}, 1, 1, "config.data.decode='turbo': must be one of 'exact', 'fast'"),
+    ({'model.bn_running_var': 'welford'}, 1, 1, "config.model.bn_running_var='welford'"),
     ({'data.crop_scale': (0.5, 0.2)}, 1, 1, 'config.data.crop_scale=(0.5, 0.2): must be (min, max)'),
     ({'model.stage_depths': (1, 0, 1, 1)}, 1, 1, 'config.model.stage_depths'),
     ({'train.global_batch_size': 12}, 8, 1, 'config.train.global_batch_size=12: must be divisible by train.grad_accum_steps=1 x 8 data-parallel devices'),
@@ -60,6 +69,19 @@ def test_bad_values_name_field_value_and_allowed(overrides, devices, processes, 
   with pytest.raises(config_check.ConfigError) as e:
     _validate(overrides, devices, processes)
   assert expected in str(e.value) and '\n' not in str(e.value)
+
+
+def test_every_choice_its_owner_supports_is_accepted():
+  """config_check takes its lists from the owners: what they support passes (depth 152, float16)."""
+  from dolg_jax import models
+  from dolg_jax.models import resnet
+  from dolg_jax.training import schedule
+  for depth in resnet.STAGE_DEPTHS:
+    _validate({'model.depth': depth, 'model.stage_depths': ()})
+  for dtype in set(models.COMPUTE_DTYPES) - {'float64'}:
+    _validate({'compute_dtype': dtype, 'eval.compute_dtype': dtype})
+  for kind in schedule.SCHEDULES:
+    _validate({'train.lr_schedule': kind})
 
 
 def _json(**changes):

@@ -2,16 +2,19 @@
 
 import math
 
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import default
+from dolg_jax.training import config_check
 from dolg_jax.training import schedule
 
 
 def _cfg(**kw):
-  c = ml_collections.ConfigDict(dict(base_learning_rate=0.05, global_batch_size=128,
-                                     warmup_epochs=5, num_epochs=100, num_train_steps=-1))
+  """The default config's train section (its real defaults), with `kw` changed."""
+  c = default.get_config().train
+  c.update(dict(base_learning_rate=0.05, global_batch_size=128, warmup_epochs=5, num_epochs=100,
+                num_train_steps=-1))
   c.update(kw)
   return c
 
@@ -23,7 +26,7 @@ def test_linear_scaling_rule():
 
 
 def test_warmup_then_cosine_values():
-  cfg = _cfg(global_batch_size=256)     # peak 0.1
+  cfg = _cfg(global_batch_size=256, warmup_factor=0.0)     # peak 0.1, warm-up from 0
   spe, total = 10, 100                  # 50 warm-up steps, 50 cosine steps
   lr = schedule.create_learning_rate_fn(cfg, spe, total)
   peak = 0.1
@@ -52,3 +55,22 @@ def test_short_runs_keep_warmup_inside_the_run():
   lr = schedule.create_learning_rate_fn(_cfg(global_batch_size=8), steps_per_epoch_=5, total_steps=3)
   vals = [float(lr(s)) for s in range(3)]
   assert all(v > 0 for v in vals) and max(vals) <= 0.05 * 8 / 128 + 1e-9
+
+
+@pytest.mark.parametrize('kind', schedule.SCHEDULES)
+def test_default_fields_train_the_first_step_at_a_non_zero_learning_rate(kind):
+  """Only lr_schedule changed: the warm-up starts at the default warmup_factor (0.1) x lr."""
+  cfg = _cfg(lr_schedule=kind)
+  lr0 = float(schedule.create_learning_rate_fn(cfg, steps_per_epoch_=100, total_steps=10_000)(0))
+  assert lr0 >= 0.1 * schedule.peak_learning_rate(cfg) * 0.99
+  config = default.get_config()
+  config.train.lr_schedule = kind
+  config_check.validate(config, device_count=1, process_count=1)
+
+
+def test_per_epoch_warm_up_from_zero_is_refused_before_anything_runs():
+  config = default.get_config()
+  config.train.lr_schedule = 'per_epoch'
+  config.train.warmup_factor = 0.0
+  with pytest.raises(config_check.ConfigError, match='config.train.warmup_factor=0.*learning rate 0'):
+    config_check.validate(config, device_count=1, process_count=1)

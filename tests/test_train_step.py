@@ -222,3 +222,64 @@ def test_load_backbone_replaces_only_given_leaves(monkeypatch):
   np.testing.assert_array_equal(after['head']['weight'], before['head']['weight'])
   placed = new.params['model']['Dense_1']['kernel']
   assert placed.sharding == shardings.params['model']['Dense_1']['kernel']
+
+
+def test_gradient_accumulation_takes_one_curricularface_t_step_from_the_whole_batch():
+  """k microbatches: t moves once per update, by t_momentum x the WHOLE batch's mean target cosine
+  (k EMA steps from microbatch means would give a different t: checked against that too)."""
+  batch = _batch()
+  runs = {}
+  for k in (1, 2):
+    config = _config(grad_accum_steps=k)
+    config.head.type = 'curricularface'
+    mesh, state, step = _setup(config, DenseEmbed())
+    state = state.replace(head_t=jnp.asarray(0.3, jnp.float32))
+    _, metrics = step(state, shd.global_batch(mesh, batch), np.float32(0.5))
+    runs[k] = jax.device_get(metrics)
+  assert runs[2]['head_t'] == pytest.approx(runs[1]['head_t'], rel=1e-6)
+  # The target cosines of the two microbatches (rows 0::2 and 1::2) at the step's parameters.
+  config = _config()
+  _, state, _ = _setup(config, DenseEmbed())
+  emb = DenseEmbed().apply({'params': state.params['model']}, batch['image'])
+  cos = margins.cosine_logits(emb, state.params['head']['weight'])
+  cos_y = np.asarray(jnp.take_along_axis(cos, batch['label'][:, None], axis=1))[:, 0]
+  m, t0 = config.head.t_momentum, 0.3
+  assert runs[1]['head_t'] == pytest.approx(m * cos_y.mean() + (1 - m) * t0, rel=1e-6)
+  two_ema_steps = m * cos_y[1::2].mean() + (1 - m) * (m * cos_y[0::2].mean() + (1 - m) * t0)
+  assert abs(runs[2]['head_t'] - two_ema_steps) > 1e-3 * abs(t0)
+  assert runs[2]['loss'] == pytest.approx(runs[1]['loss'], rel=1e-3)
+
+
+def test_validation_logits_use_the_training_cosine_at_highest_precision():
+  """The eval step's class logits are the train step's `margins.cosine_logits` (Precision.HIGHEST):
+  every matmul against the head weight in the eval program runs at HIGHEST."""
+  config = _config()
+  mesh, state, _ = _setup(config, DenseEmbed())
+  setup = state_lib.TrainSetup(config, DenseEmbed(), state_lib.create_optimizer(config.train), mesh)
+  sh = jax.tree.map(lambda _: shd.replicated(mesh), state)
+  eval_step = step_lib.make_eval_step(setup, sh)
+  batch = shd.global_batch(mesh, _batch())
+  jaxpr = jax.make_jaxpr(eval_step)(state, batch)
+  head_shape = state.params['head']['weight'].shape
+
+  def dots(jp):
+    for eqn in jp.eqns:
+      if eqn.primitive.name == 'dot_general':
+        yield eqn
+      for p in eqn.params.values():
+        if isinstance(p, jax.extend.core.ClosedJaxpr):
+          yield from dots(p.jaxpr)
+        elif isinstance(p, jax.extend.core.Jaxpr):
+          yield from dots(p)
+
+  head_dots = [e for e in dots(jaxpr.jaxpr) if any(tuple(v.aval.shape) == head_shape
+                                                     for v in e.invars)]
+  assert head_dots, 'no matmul against the head weight found'
+  for e in head_dots:
+    precision = e.params['precision']
+    assert precision is not None and jax.lax.Precision.HIGHEST in tuple(precision), precision
+  out = jax.device_get(eval_step(state, batch))
+  emb = DenseEmbed().apply({'params': state.params['model']}, _batch()['image'])
+  logits = config.head.scale * margins.cosine_logits(emb, state.params['head']['weight'])
+  want = np.sum(np.argmax(np.asarray(logits), -1) == _batch()['label'])
+  assert out['correct'] == want

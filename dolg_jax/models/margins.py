@@ -24,6 +24,7 @@ from dolg_jax.models.normalize import l2_normalize
 from dolg_jax.models.normalize import widen
 
 HEAD_INIT_STD = 0.01
+HEAD_TYPES = ('arcface', 'curricularface')  # the choices of config.head.type
 
 
 def init_head_weight(rng: jax.Array, num_classes: int, dim: int,

@@ -96,6 +96,9 @@ def from_config(eval_cfg: Mapping[str, Any], **overrides: Any) -> ExtractConfig:
 # ----------------------------------------------------------------------------- geometry
 
 
+CROP_ROUNDINGS = ('trunc', 'round', 'expand')  # the choices of config.eval.crop_rounding
+
+
 def crop_box(bbx: Sequence[float], height: int, width: int, rounding: str = 'trunc'
              ) -> tuple[int, int, int, int]:
   """(y0, y1, x0, x1) pixel bounds (end exclusive) of box [x1, y1, x2, y2], clipped to the image."""
@@ -107,7 +110,7 @@ def crop_box(bbx: Sequence[float], height: int, width: int, rounding: str = 'tru
   elif rounding == 'expand':
     c = [math.floor(y1), math.ceil(y2), math.floor(x1), math.ceil(x2)]
   else:
-    raise ValueError(f"crop_rounding must be 'trunc', 'round' or 'expand'; got {rounding!r}")
+    raise ValueError(f'crop_rounding must be one of {CROP_ROUNDINGS}; got {rounding!r}')
   y0, y1_, x0, x1_ = c
   y0, x0 = max(0, y0), max(0, x0)
   y1_, x1_ = min(height, y1_), min(width, x1_)

@@ -12,27 +12,41 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from dolg_jax import models
+from dolg_jax.data import grain_pipeline
+from dolg_jax.models import dolg as dolg_lib
+from dolg_jax.models import margins
+from dolg_jax.models import resnet
+from dolg_jax.retrieval import extract
 from dolg_jax.retrieval import scoring
+from dolg_jax.training import schedule
 from dolg_jax.training import state as state_lib
+from dolg_jax.training import step as step_lib
 
 
 class ConfigError(ValueError):
   """A config field holds a value the training code cannot use."""
 
 
+# Every list of choices comes from the module that owns the field.
 _CHOICES = {
-    'model.depth': (50, 101),
-    'model.local_stage': ('res3', 'res4', 'both'),
-    'model.fusion': ('orthogonal', 'concat', 'hadamard'),
-    'model.global_pool': ('gem', 'gap'),
-    'head.type': ('arcface', 'curricularface'),
-    'compute_dtype': ('float32', 'bfloat16'),
-    'eval.compute_dtype': ('float32', 'bfloat16'),
-    'eval.crop_rounding': ('trunc', 'round', 'expand'),
+    'model.depth': tuple(sorted(resnet.STAGE_DEPTHS)),
+    'model.local_stage': dolg_lib.LOCAL_STAGES,
+    'model.fusion': dolg_lib.FUSIONS,
+    'model.global_pool': dolg_lib.GLOBAL_POOLS,
+    'model.dense_init': dolg_lib.DENSE_INITS,
+    'model.bn_running_var': resnet.BN_RUNNING_VARS,
+    'head.type': margins.HEAD_TYPES,
+    'compute_dtype': models.COMPUTE_DTYPES,
+    'eval.compute_dtype': models.COMPUTE_DTYPES,
+    'eval.crop_rounding': extract.CROP_ROUNDINGS,
     'eval.rerank': scoring.RERANKERS,
+    'data.augmentation': grain_pipeline.AUGMENTATIONS,
+    'data.decode': grain_pipeline.DECODE_ROUTES,
     'train.optimizer': state_lib.OPTIMIZERS,
-    'train.weight_decay_mask': ('all', 'kernels'),
-    'train.bn_mode': ('global', 'per_device'),
+    'train.weight_decay_mask': state_lib.WEIGHT_DECAY_MASKS,
+    'train.bn_mode': step_lib.BN_MODES,
+    'train.lr_schedule': schedule.SCHEDULES,
 }
 _POSITIVE_INTS = ('model.width', 'model.atrous_dim', 'model.local_dim', 'model.global_dim',
                   'model.embedding_dim', 'data.image_size',
@@ -43,11 +57,13 @@ _POSITIVE_INTS = ('model.width', 'model.atrous_dim', 'model.local_dim', 'model.g
 _NON_NEGATIVE_INTS = ('data.num_workers', 'data.prefetch_buffer_size', 'data.read_threads',
                       'data.worker_buffer_size', 'train.eval_every_steps', 'train.eval_batches',
                       'eval.max_side', 'eval.bucket', 'eval.qe_k', 'eval.dba_k',
-                      'eval.report_queries', 'eval.rerank_k', 'seed', 'head.num_classes')
+                      'eval.report_queries', 'eval.rerank_k', 'seed', 'head.num_classes',
+                      'train.bn_group_size')
 _POSITIVE_FLOATS = ('train.base_learning_rate', 'head.scale', 'model.gem_p', 'model.bn_epsilon')
 _NON_NEGATIVE_FLOATS = ('train.warmup_epochs', 'train.weight_decay', 'train.momentum',
                         'head.margin', 'model.fusion_eps', 'eval.rerank_beta', 'eval.gem_plus_p',
                         'eval.relu_plus')
+_CLOSED_UNIT_INTERVAL = ('train.warmup_factor',)
 _UNIT_INTERVAL = ('train.momentum', 'train.adam_b1', 'train.adam_b2', 'model.bn_momentum',
                   'head.t_momentum')
 _BOOLS = ('model.use_local_branch', 'model.use_multi_atrous', 'model.use_self_attention',
@@ -111,9 +127,17 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   for path, v in _each(config, _UNIT_INTERVAL):
     if not _is_number(v) or not 0 <= v < 1:
       _fail(path, v, 'must be a number in [0, 1)')
+  for path, v in _each(config, _CLOSED_UNIT_INTERVAL):
+    if not _is_number(v) or not 0 <= v <= 1:
+      _fail(path, v, 'must be a number in [0, 1]')
   for path, v in _each(config, _CHOICES):
     if v not in _CHOICES[path]:
       _fail(path, v, f'must be one of {", ".join(map(repr, _CHOICES[path]))}')
+  for path, v in _each(config, ('compute_dtype', 'eval.compute_dtype')):
+    try:
+      models.resolve_dtype(v)   # float64 needs 64-bit JAX
+    except ValueError as e:
+      _fail(path, v, str(e))
 
   t = config.train
   steps = _get(config, 'train.num_train_steps')
@@ -122,6 +146,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   epochs = _get(config, 'train.num_epochs')
   if steps == -1 and epochs is not _MISSING and (not _is_number(epochs) or not epochs > 0):
     _fail('train.num_epochs', epochs, 'must be a number > 0 when train.num_train_steps is -1')
+
+  if (_get(config, 'train.lr_schedule') == 'per_epoch' and _get(config, 'train.warmup_factor') == 0
+      and _get(config, 'train.warmup_epochs') not in (_MISSING, 0)):
+    _fail('train.warmup_factor', 0, "with train.lr_schedule='per_epoch' the first epoch would train "
+          'at learning rate 0 (the per-epoch warm-up starts at warmup_factor x lr); use the official '
+          '0.1, or train.warmup_epochs=0')
 
   depths = _get(config, 'model.stage_depths')
   if depths is not _MISSING and depths and (
@@ -171,7 +201,16 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   batch = t.global_batch_size
   if batch % process_count:
     _fail('train.global_batch_size', batch, f'must be divisible by the {process_count} processes')
-  accum = t.get('grad_accum_steps', 1)
+  accum = _get(config, 'train.grad_accum_steps')
+  accum = 1 if accum is _MISSING else accum
   if batch % (accum * data_axis):
     _fail('train.global_batch_size', batch, f'must be divisible by train.grad_accum_steps={accum} '
           f'x {data_axis} data-parallel devices')
+  group = _get(config, 'train.bn_group_size')
+  if group not in (_MISSING, 0):
+    per_device = _get(config, 'train.bn_mode') == 'per_device'
+    split = batch // accum // (data_axis if per_device else 1)
+    if split % group:
+      _fail('train.bn_group_size', group,
+            f'must divide the {split} images each BatchNorm call sees (train.global_batch_size / '
+            f'grad_accum_steps{" / data-parallel devices (bn_mode=per_device)" if per_device else ""})')

@@ -3,8 +3,9 @@
 The peak is `base_learning_rate * global_batch_size / 128` (linear scaling rule).
 
 `train.lr_schedule = 'per_step'` (default):
-- warm-up: linear from `warmup_factor` x peak (default 0, exclusive) to the peak over
-  `warmup_epochs` epochs, i.e. the first update uses peak * (f + (1 - f) / warmup_steps);
+- warm-up: linear from `warmup_factor` x peak (default 0.1, pycls' WARMUP_FACTOR; 0 = from 0,
+  exclusive) to the peak over `warmup_epochs` epochs, i.e. the first update uses
+  peak * (f + (1 - f) / warmup_steps);
 - then cosine from the peak to 0 over the remaining steps.
 
 `train.lr_schedule = 'per_epoch'` (the official code: pycls `get_epoch_lr`, set once per epoch):
@@ -12,7 +13,8 @@ The peak is `base_learning_rate * global_batch_size / 128` (linear scaling rule)
   lr = peak * 0.5 * (1 + cos(pi * e / E)) * w(e),
   w(e) = warmup_factor * (1 - e / W) + e / W for e < W = warmup_epochs, else 1;
 so the learning rate is constant within an epoch, the warm-up starts at `warmup_factor` x the
-cosine value (official 0.1) and the cosine runs over ALL epochs (the warm-up epochs included).
+cosine value (default and official 0.1; 0 would train the first epoch at learning rate 0, which
+config_check refuses) and the cosine runs over ALL epochs (the warm-up epochs included).
 With `num_train_steps = -1` a per-epoch run trains exactly num_epochs x steps_per_epoch steps
 (whole epochs, as the official loop does).
 """
@@ -43,7 +45,7 @@ SCHEDULES = ('per_step', 'per_epoch')
 
 
 def schedule_kind(train_cfg: ml_collections.ConfigDict) -> str:
-  kind = train_cfg.get('lr_schedule', 'per_step')
+  kind = train_cfg.lr_schedule
   if kind not in SCHEDULES:
     raise ValueError(f'config.train.lr_schedule must be one of {SCHEDULES}, got {kind!r}')
   return kind
@@ -79,7 +81,7 @@ def create_learning_rate_fn(train_cfg: ml_collections.ConfigDict, steps_per_epoc
   warmup = min(warmup, max(total_steps - 1, 0))
   decay = max(total_steps - warmup, 1)
 
-  factor = _warmup_factor(train_cfg, 0.0)
+  factor = _warmup_factor(train_cfg)
 
   def lr_fn(step):
     step = np.asarray(step, np.float64)
@@ -91,8 +93,8 @@ def create_learning_rate_fn(train_cfg: ml_collections.ConfigDict, steps_per_epoc
   return lr_fn
 
 
-def _warmup_factor(train_cfg: ml_collections.ConfigDict, default: float) -> float:
-  factor = float(train_cfg.get('warmup_factor', default))
+def _warmup_factor(train_cfg: ml_collections.ConfigDict) -> float:
+  factor = float(train_cfg.warmup_factor)
   if not 0.0 <= factor <= 1.0:
     raise ValueError(f'config.train.warmup_factor must be in [0, 1], got {factor}')
   return factor
@@ -102,7 +104,7 @@ def _per_epoch_fn(train_cfg: ml_collections.ConfigDict, steps_per_epoch_: int,
                   total_steps: int) -> Callable[[Any], np.ndarray]:
   """The official per-epoch schedule (see the module docstring)."""
   peak = peak_learning_rate(train_cfg)
-  factor = _warmup_factor(train_cfg, 0.1)
+  factor = _warmup_factor(train_cfg)
   warmup = float(train_cfg.warmup_epochs)
   # E: num_epochs, or the epochs that num_train_steps covers when it is set.
   epochs = (float(train_cfg.num_epochs) if train_cfg.num_train_steps == -1

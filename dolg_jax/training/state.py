@@ -66,6 +66,9 @@ def padded_num_classes(num_classes: int, mesh: Mesh) -> int:
   return -(-num_classes // m) * m
 
 
+WEIGHT_DECAY_MASKS = ('all', 'kernels')
+
+
 def weight_decay_mask(kind: str) -> Callable[[Any], Any] | None:
   """Which parameters get weight decay.
 
@@ -76,7 +79,8 @@ def weight_decay_mask(kind: str) -> Callable[[Any], Any] | None:
     return None
   if kind == 'kernels':
     return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  raise ValueError(f"config.train.weight_decay_mask must be 'all' or 'kernels', got {kind!r}")
+  raise ValueError(f'config.train.weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, got '
+                   f'{kind!r}')
 
 
 OPTIMIZERS = ('sgd', 'adamw')

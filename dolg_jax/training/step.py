@@ -44,6 +44,7 @@ from dolg_jax.training.state import TrainSetup
 from dolg_jax.training.state import TrainState
 
 _MASK_VALUE = -1e9
+BN_MODES = ('global', 'per_device')  # the choices of config.train.bn_mode
 
 
 def head_logits(head_cfg: ml_collections.ConfigDict, embeddings, weight, labels, t,
@@ -58,7 +59,7 @@ def head_logits(head_cfg: ml_collections.ConfigDict, embeddings, weight, labels,
         embeddings, weight, labels, t, margin=head_cfg.margin, scale=head_cfg.scale,
         t_momentum=head_cfg.t_momentum)
   else:
-    raise ValueError("config.head.type must be 'arcface' or 'curricularface', got "
+    raise ValueError(f'config.head.type must be one of {margins.HEAD_TYPES}, got '
                      f'{head_cfg.type!r}')
   return _mask_padded_classes(widen(logits), num_classes), new_t
 
@@ -95,8 +96,8 @@ def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str, bn_group_size: int =
 
   if bn_mode == 'global':
     return forward
-  if bn_mode != 'per_device':
-    raise ValueError(f"config.train.bn_mode must be 'global' or 'per_device', got {bn_mode!r}")
+  if bn_mode not in BN_MODES:
+    raise ValueError(f'config.train.bn_mode must be one of {BN_MODES}, got {bn_mode!r}')
 
   def local_forward(params, batch_stats, images):
     emb, new_stats = forward(params, batch_stats, images)
