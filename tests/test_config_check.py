@@ -84,6 +84,15 @@ def test_every_choice_its_owner_supports_is_accepted():
     _validate({'train.lr_schedule': kind})
 
 
+def test_resuming_a_checkpoint_from_before_bn_running_var_names_the_value_it_had():
+  saved = _json()
+  del saved['model']['bn_running_var']
+  with pytest.raises(resume_check.ResumeConfigError, match="model.bn_running_var 'biased' -> 'unbiased'"):
+    resume_check.check(saved, _json(), allow_recipe_change=False, where='ck')
+  assert resume_check.check(saved, _json(model__bn_running_var='biased'),
+                            allow_recipe_change=False, where='ck') == {}
+
+
 def _json(**changes):
   c = tiny.get_config()
   for path, value in changes.items():

@@ -57,11 +57,16 @@ def kind(field: str) -> str:
 
 
 _ABSENT = '<absent>'
+# Fields added after checkpoints were written, with the value that reproduces those runs: a saved
+# config without the field had this behaviour (so resuming it asks for this value, by name).
+ADDED_FIELDS = {'model.bn_running_var': 'biased'}
 
 
 def differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
   """{field: (saved value, new value)} of the fields that differ (JSON forms of the configs)."""
   a, b = flatten(saved), flatten(new)
+  if a:
+    a = {**{k: v for k, v in ADDED_FIELDS.items() if k in b}, **a}
   return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
           if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
 
