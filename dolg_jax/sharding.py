@@ -2,9 +2,13 @@
 
 One named `Mesh` with two axes:
 
-- `data`: the global batch is split over it (data parallelism).
+- `data`: data parallelism.
 - `model`: the margin head's class dimension is split over it (81,313 x 512 for GLDv2-clean), so a
-  large head need not be replicated on every device. Everything else is replicated over `model`.
+  large head need not be replicated on every device. Every other parameter is replicated.
+The batch is split over BOTH axes (`BATCH_AXES`, as big_vision does): no parameter but the head
+is split, so a `model` axis of m would otherwise run the same backbone on the same images m times.
+The head's logits are computed by the compiler from the batch-sharded embeddings and the
+class-sharded weight.
 
 The mesh shape comes from `config.mesh` (`data=-1` takes all devices left after `model`).
 """
@@ -18,6 +22,7 @@ import ml_collections
 
 DATA = 'data'
 MODEL = 'model'
+BATCH_AXES = (DATA, MODEL)   # the mesh axes the batch is split over
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -40,9 +45,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_spec() -> P:
+  """Leading (batch) dimension split over every mesh axis (`BATCH_AXES`)."""
+  return P(BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over `data`, the rest replicated."""
-  return NamedSharding(mesh, P(DATA))
+  """Leading (batch) dimension split over every mesh axis, the rest replicated."""
+  return NamedSharding(mesh, batch_spec())
+
+
+def batch_devices(mesh: Mesh) -> int:
+  """How many ways the batch is split: the product of the `BATCH_AXES` sizes (all devices)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def head_weight_spec() -> P:

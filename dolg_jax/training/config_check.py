@@ -2,7 +2,8 @@
 
 `validate(config, device_count=..., process_count=...)` raises `ConfigError` with one line naming the
 field, its value and what is allowed, for: wrong types, non-positive sizes and intervals, a global
-batch that the processes / data-parallel devices / accumulation steps cannot split evenly,
+batch that the processes / devices (the batch is split over every mesh axis) / accumulation steps
+cannot split evenly,
 `train.keep_checkpoints < 1` (orbax would delete every checkpoint), unknown choices (optimizer,
 fusion, head type, dtypes, ...), and inconsistent ranges (crop scale / ratio).
 Fields a config does not have (older or partial configs) are not checked.
@@ -197,20 +198,19 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     if mesh_data != -1 and mesh_data * model_axis != device_count:
       _fail('mesh.data', mesh_data, f'times mesh.model={model_axis} must equal the '
             f'{device_count} devices (or use -1)')
-  data_axis = device_count // model_axis if mesh_data in (-1, _MISSING) else mesh_data
   batch = t.global_batch_size
   if batch % process_count:
     _fail('train.global_batch_size', batch, f'must be divisible by the {process_count} processes')
   accum = _get(config, 'train.grad_accum_steps')
   accum = 1 if accum is _MISSING else accum
-  if batch % (accum * data_axis):
+  if batch % (accum * device_count):   # the batch is split over data x model = all devices
     _fail('train.global_batch_size', batch, f'must be divisible by train.grad_accum_steps={accum} '
-          f'x {data_axis} data-parallel devices')
+          f'x {device_count} devices (the batch is split over every mesh axis)')
   group = _get(config, 'train.bn_group_size')
   if group not in (_MISSING, 0):
     per_device = _get(config, 'train.bn_mode') == 'per_device'
-    split = batch // accum // (data_axis if per_device else 1)
+    split = batch // accum // (device_count if per_device else 1)
     if split % group:
       _fail('train.bn_group_size', group,
             f'must divide the {split} images each BatchNorm call sees (train.global_batch_size / '
-            f'grad_accum_steps{" / data-parallel devices (bn_mode=per_device)" if per_device else ""})')
+            f'grad_accum_steps{" / devices (bn_mode=per_device)" if per_device else ""})')

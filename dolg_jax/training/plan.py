@@ -132,7 +132,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence | None = None, *,
   out = {
       'device_kind': kind, 'platform': devices[0].platform, 'devices': n_dev,
       'mesh': {k: int(v) for k, v in mesh.shape.items()},
-      'global_batch': b, 'batch_per_device': b // mesh.shape[shd.DATA],
+      'global_batch': b, 'batch_per_device': b // shd.batch_devices(mesh),
       'grad_accum_steps': int(config.train.grad_accum_steps), 'image_size': size,
       'compute_dtype': config.compute_dtype, 'num_classes': setup.num_classes,
       'num_params': int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))),
@@ -180,7 +180,7 @@ def max_batch(config: ml_collections.ConfigDict, devices: Sequence | None = None
                                f'({devices[0].platform}) is unknown: run on the accelerator, use '
                                '--topology for a TPU, or pass --device_memory_bytes.')}
   k = int(config.train.grad_accum_steps)
-  n_data = shd.make_mesh(config.mesh, devices).shape[shd.DATA]
+  n_data = shd.batch_devices(shd.make_mesh(config.mesh, devices))
   probes: list[dict] = []
   fits_cache: dict[int, bool] = {}
 

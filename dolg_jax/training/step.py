@@ -11,6 +11,8 @@ BatchNorm: `config.train.bn_mode`
   of a `data`-sharded array is a cross-device reduction inserted by the compiler.
 - 'per_device': statistics over each device's shard only (what the PyTorch reference did with one
   BN per GPU), via `jax.shard_map` around the model; running statistics are averaged over devices.
+The batch is split over every mesh axis (`sharding.BATCH_AXES`: data and model), so "devices" here
+means all of them.
 `config.train.bn_group_size` = g > 0 (either mode): statistics over each group of g consecutive
 images of the (device's) batch, via `jax.vmap` over the groups; running statistics are averaged over
 the groups. The official run had 8 images per GPU (batch 64 on 8 GPUs): g = 8 gives those
@@ -101,19 +103,19 @@ def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str, bn_group_size: int =
 
   def local_forward(params, batch_stats, images):
     emb, new_stats = forward(params, batch_stats, images)
-    return emb, jax.lax.pmean(new_stats, shd.DATA)
+    return emb, jax.lax.pmean(new_stats, shd.BATCH_AXES)
 
-  return jax.shard_map(local_forward, mesh=mesh, in_specs=(P(), P(), P(shd.DATA)),
-                       out_specs=(P(shd.DATA), P()), check_vma=False)
+  return jax.shard_map(local_forward, mesh=mesh, in_specs=(P(), P(), shd.batch_spec()),
+                       out_specs=(shd.batch_spec(), P()), check_vma=False)
 
 
 def _split_microbatches(x: jax.Array, k: int, mesh: Mesh) -> jax.Array:
-  """(B, ...) -> (k, B/k, ...) such that every microbatch is spread over all `data` devices."""
+  """(B, ...) -> (k, B/k, ...) such that every microbatch is spread over all devices."""
   b = x.shape[0]
   x = x.reshape((b // k, k) + x.shape[1:])
   x = jnp.swapaxes(x, 0, 1)
   return jax.lax.with_sharding_constraint(
-      x, NamedSharding(mesh, P(None, shd.DATA)))
+      x, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
 
 
 def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
@@ -126,9 +128,9 @@ def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
   num_classes = setup.num_classes
   t_cfg = config.train
   k = int(t_cfg.grad_accum_steps)
-  if t_cfg.global_batch_size % (k * mesh.shape[shd.DATA]):
+  if t_cfg.global_batch_size % (k * shd.batch_devices(mesh)):
     raise ValueError(f'config.train.global_batch_size={t_cfg.global_batch_size} must be divisible '
-                     f'by grad_accum_steps ({k}) x data devices ({mesh.shape[shd.DATA]}).')
+                     f'by grad_accum_steps ({k}) x devices ({shd.batch_devices(mesh)}).')
   forward = _forward_fn(model, mesh, t_cfg.bn_mode, int(t_cfg.bn_group_size))
   wide = wide_dtype(models.resolve_dtype(config.compute_dtype))
 
