@@ -40,6 +40,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from dolg_jax import cli
 from dolg_jax import models
 from dolg_jax.retrieval import extract as ex
 from dolg_jax.tools import bench_data
@@ -262,7 +263,7 @@ def main(argv) -> None:
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

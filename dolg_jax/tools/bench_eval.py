@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from dolg_jax import cli
 from dolg_jax import models
 from dolg_jax.retrieval import extract as ex
 from dolg_jax.retrieval import metrics
@@ -238,7 +239,7 @@ def main(argv) -> None:
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

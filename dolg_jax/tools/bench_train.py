@@ -13,12 +13,12 @@ override).
 
 import time
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 import numpy as np
 
+from dolg_jax import cli
 from dolg_jax import sharding as shd
 from dolg_jax.training import determinism
 from dolg_jax.training import peaks
@@ -108,7 +108,7 @@ def main(argv):
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':
