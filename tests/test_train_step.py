@@ -215,7 +215,8 @@ _BN_SCRIPT = textwrap.dedent('''
   t = lambda x: torch.tensor(np.asarray(x, np.float64), requires_grad=True)
   w0, b0, w1, b1 = (t(p['Dense_0']['kernel']), t(p['Dense_0']['bias']),
                     t(p['Dense_1']['kernel']), t(p['Dense_1']['bias']))
-  gamma, beta, wh = t(p['BatchNorm_0']['scale']), t(p['BatchNorm_0']['bias']), t(params['head']['weight'])
+  gamma, beta = t(p['BatchNorm_0']['scale']), t(p['BatchNorm_0']['bias'])
+  wh = t(params['head']['weight'])
   x = torch.tensor(np.asarray(batch['image'], np.float64).reshape(N, -1) / 255.0)
   y = torch.tensor(batch['label'], dtype=torch.long)
   embs = []
