@@ -4,7 +4,7 @@ A command (ARCHITECTURE.md) is a module with `define_flags()`, `main(argv)` and 
 - Commands on absl's global FLAGS end `run()` with `cli.run_app(main)` (`app.run` arguments pass
   through): absl prints the module docstring and the module's flags for --help / --helpshort /
   --helpfull / --helpxml / -? and exits 1; `run_app` makes that exit 0, as a help request is not
-  a failure.
+  a failure (a flag error stays exit 1).
 - Commands that parse `argv` into their own `flags.FlagValues` (convert, data.prepare) start
   `main` with `if cli.help_requested(argv): return cli.print_help(__doc__, fv)`.
 """
@@ -41,11 +41,20 @@ def print_help(doc: Optional[str], fv: flags.FlagValues) -> int:
 
 
 def run_app(main: Callable, argv: Optional[Sequence[str]] = None, **kwargs) -> None:
-  """`absl.app.run(main, argv, **kwargs)`, with a help request exiting 0 instead of absl's 1."""
+  """`absl.app.run(main, argv, **kwargs)`, with a help request exiting 0 instead of absl's 1.
+
+  With a help flag in argv the flags are parsed first (by `flags_parser` when given): absl's help
+  flags print the help and exit 1, which becomes 0; a flag error met before the help flag is left
+  to `app.run`, which reports it and exits 1 as without --help.
+  """
   args = list(sys.argv if argv is None else argv)
-  try:
-    app.run(main, argv=args, **kwargs)
-  except SystemExit as e:
-    if help_requested(args) and e.code == 1:
-      sys.exit(0)
-    raise
+  if help_requested(args):
+    app.define_help_flags()
+    parser = kwargs.get('flags_parser') or flags.FLAGS
+    try:
+      parser(args)
+    except SystemExit as e:
+      sys.exit(0 if e.code == 1 else e.code)
+    except flags.Error:
+      pass
+  app.run(main, argv=args, **kwargs)

@@ -6,7 +6,8 @@ convention of ARCHITECTURE.md (`define_flags`, `main`, `run`). The flags a comma
 read from its source (the names of its `DEFINE_*` calls), not from absl.
 
 Speed: one subprocess imports every command once, then forks a child per command that runs it as
-`__main__` with `--help` (as `python -m` does, without paying the imports again).
+`__main__` with `--help` (as `python -m` does, without paying the imports again). A flag error
+given before --help still exits 1.
 """
 
 import ast
@@ -64,15 +65,18 @@ def discover() -> dict[str, dict]:
 
 
 COMMANDS = discover()
+# A flag error before --help is still an error (exit 1), not a help request.
+BAD_FLAG = 'dolg_jax.tools.bench_rerank --db=abc'
 
 # One process: import everything once, then fork one child per command running it as __main__.
 _DRIVER = textwrap.dedent('''
   import importlib, json, os, runpy, sys, tempfile, warnings
-  modules = sys.argv[1:]
-  for m in modules:
-    importlib.import_module(m)        # Commands define their flags at entry, not on import.
+  cases = sys.argv[1:]                # 'module' or 'module --flag=value ...' (then --help)
+  for case in cases:
+    importlib.import_module(case.split()[0])   # Commands define their flags at entry, not on import.
   results = {}
-  for m in modules:
+  for case in cases:
+    m, *extra = case.split()
     out = tempfile.TemporaryFile()
     pid = os.fork()
     if pid == 0:
@@ -81,7 +85,7 @@ _DRIVER = textwrap.dedent('''
       warnings.simplefilter('ignore')  # runpy: "found in sys.modules ... prior to execution"
       code = 0
       try:
-        sys.argv = [m, '--help']
+        sys.argv = [m, *extra, '--help']
         runpy.run_module(m, run_name='__main__', alter_sys=True)
       except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -94,8 +98,8 @@ _DRIVER = textwrap.dedent('''
       os._exit(code)
     _, status = os.waitpid(pid, 0)
     out.seek(0)
-    results[m] = {'rc': os.waitstatus_to_exitcode(status),
-                  'output': out.read().decode(errors='replace')}
+    results[case] = {'rc': os.waitstatus_to_exitcode(status),
+                     'output': out.read().decode(errors='replace')}
   print('RESULTS ' + json.dumps(results))
 ''')
 
@@ -104,8 +108,8 @@ _DRIVER = textwrap.dedent('''
 def helps():
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
-  proc = subprocess.run([sys.executable, '-c', _DRIVER, *sorted(COMMANDS)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, '-c', _DRIVER, *sorted(COMMANDS), BAD_FLAG], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULTS '))
   return json.loads(line[len('RESULTS '):])
@@ -133,3 +137,8 @@ def test_help_exits_0_and_lists_the_flags(module, helps):
             if not re.search(rf'^\s+--(\[no\])?{re.escape(n)}:', out, re.MULTILINE)]
   assert not absent, f'{module} --help does not list {absent}:\n{out[-3000:]}'
   assert 'Unknown command line flag' not in out and 'Traceback' not in out
+
+
+def test_a_flag_error_before_help_still_exits_1(helps):
+  res = helps[BAD_FLAG]
+  assert res['rc'] == 1 and 'FATAL Flags parsing error' in res['output'], res
