@@ -20,6 +20,7 @@ import sys
 
 from absl import flags
 
+from dolg_jax import cli
 from dolg_jax.weights import released
 from dolg_jax.weights import torch_format
 
@@ -39,6 +40,8 @@ def main(argv: list[str]) -> int:
   """Parses `argv` (program name first) and converts; returns the exit code."""
   fv = flags.FlagValues()
   define_flags(fv)
+  if cli.help_requested(argv):
+    return cli.print_help(__doc__, fv)
   try:
     fv(argv)
   except flags.Error as e:

@@ -10,6 +10,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dolg_jax import cli
 from dolg_jax.training import demo_run
 
 FLAGS = flags.FLAGS
@@ -30,7 +31,7 @@ def main(argv):
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from dolg_jax import cli
 from dolg_jax.retrieval import evaluate
 from dolg_jax.training import failures
 
@@ -68,7 +69,7 @@ def main(argv):
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

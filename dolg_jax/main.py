@@ -23,6 +23,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from dolg_jax import cli
 from dolg_jax.training import determinism
 from dolg_jax.training import failures
 from dolg_jax.training import loop
@@ -129,7 +130,7 @@ def _exit(line: str | None, code: int) -> None:
 
 def run() -> None:
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  cli.run_app(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from dolg_jax import cli
 from dolg_jax.training import plan as plan_lib
 
 FLAGS = flags.FLAGS
@@ -51,7 +52,7 @@ def main(argv):
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ from tests.helpers.paths import REPO
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = (
     ('dolg_jax.sharding', 'dolg_jax.models', 'dolg_jax.checksums', 'dolg_jax.errors',
-     'dolg_jax.profiling'),
+     'dolg_jax.profiling', 'dolg_jax.cli'),
     ('dolg_jax.weights', 'dolg_jax.data'),
     ('dolg_jax.data.synthetic', 'dolg_jax.pretrained'),
     ('dolg_jax.retrieval',),

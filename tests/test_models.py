@@ -115,19 +115,40 @@ def count_params(**overrides):
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes['params'])), shapes
 
 
-def test_parameter_counts_match_official():
-  r50, _ = count_params(use_multi_atrous=False, gem_p_learnable=True)
-  r50_aspp, _ = count_params(use_multi_atrous=True, gem_p_learnable=True)
-  r101, _ = count_params(depth=101, use_multi_atrous=False, gem_p_learnable=True)
-  head = HEAD_CLASSES * 512
-  print(f'R50 (no multi-atrous, learnable p) {r50:,}; with {HEAD_CLASSES}x512 head {r50 + head:,}; '
-        f'R50 multi-atrous {r50_aspp:,}; R101 {r101:,}')
-  assert round(r50 / 1e6, 2) == 27.71 and round(r50 / 1e6, 3) == 27.708
-  assert round((r50 + head) / 1e6, 2) == 69.34
-  assert round(r50_aspp / 1e6, 3) == 45.537
-  assert round(r101 / 1e6, 3) == 46.700
-  # Exact values (derived by hand from the official layers; see the report).
-  assert (r50, r50_aspp, r101) == (27_707_970, 45_537_346, 46_700_098)
+def _torch_reference_sizes(depth, with_aspp, num_classes=1):
+  """Element counts of the official model's parameters, built by the PyTorch reference
+  (tests/helpers/torch_reference.py) on the meta device (shapes only, no memory); the margin
+  head's weight separately."""
+  import torch  # pylint: disable=import-outside-toplevel  # test-only dependency
+  from tests.helpers import torch_reference as ref_lib  # pylint: disable=import-outside-toplevel
+  with torch.device('meta'):
+    model = ref_lib.DOLGReference(depth=depth, with_aspp=with_aspp, gem_p_learnable=True,
+                                  num_classes=num_classes)
+  sizes = {n: p.numel() for n, p in model.named_parameters()}
+  head = sizes.pop('desc_cls.weight')
+  return sorted(sizes.values()), head
+
+
+@pytest.mark.parametrize('depth, multi_atrous, official_m', [
+    (50, False, 27.708), (50, True, 45.537), (101, False, 46.700)])
+def test_parameter_counts_equal_the_official_model(depth, multi_atrous, official_m):
+  """Every tensor's size equals the PyTorch reference's (a model built by other code), and the
+  totals round to the official counts (DESIGN.md section 3)."""
+  total, shapes = count_params(depth=depth, use_multi_atrous=multi_atrous, gem_p_learnable=True)
+  ours = sorted(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes['params']))
+  theirs, _ = _torch_reference_sizes(depth, multi_atrous)
+  assert len(ours) == len(theirs) and ours == theirs
+  assert round(total / 1e6, 3) == official_m
+
+
+def test_parameter_count_with_the_official_head():
+  """R50 with the 81,313 x 512 margin head: 69.340M (DESIGN.md section 3), as the reference."""
+  total, _ = count_params(use_multi_atrous=False, gem_p_learnable=True)
+  c = default.get_config()
+  theirs, head = _torch_reference_sizes(50, False, num_classes=c.head.num_classes)
+  head_ours = c.head.num_classes * c.model.embedding_dim
+  assert c.head.num_classes == HEAD_CLASSES and head == head_ours
+  assert total + head_ours == sum(theirs) + head and round((total + head_ours) / 1e6, 3) == 69.340
 
 
 def test_param_tree_naming_and_layouts():

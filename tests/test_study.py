@@ -115,8 +115,13 @@ def test_study_command_table_mean_std_fields_and_flags(runs, tmp_path):
       np.mean([_maps(s0, 'roxford5k', 'base', 'medium'), _maps(s1, 'roxford5k', 'base',
                                                                 'medium')]) - 80.5)
   assert full['delta']['roxford5k/base/easy'] is None          # not published
+  # The paper's Table 1 gives +1M Medium / Hard: deltas, and no '+1M: not published' flag.
+  assert full['delta']['rparis6k/+1m/hard'] == pytest.approx(
+      np.mean([_maps(s0, 'rparis6k', '+1m', 'hard'), _maps(s1, 'rparis6k', '+1m', 'hard')])
+      - 62.83)
+  assert full['delta']['roxford5k/+1m/easy'] is None
   assert full['fields'] == 'ablation=full, model.use_local_branch=True'
-  assert 'query crop vs no crop' in full['flags'] and '+1M: not published' in full['flags']
+  assert 'query crop vs no crop' in full['flags'] and '+1M' not in full['flags']
   assert 'training set gldv2/clean vs gldv2/clean_all' in full['flags']
   assert 'scales: published unknown' in full['flags']
   # The printed Markdown shows mean ± std (delta) for the two seeds.
@@ -129,6 +134,8 @@ def test_study_command_table_mean_std_fields_and_flags(runs, tmp_path):
   assert abl['compared_to'] == 'paper_ablation_r50_no_local'
   assert abl['delta']['rparis6k/base/hard'] == pytest.approx(
       _maps(runs['no_local_s0'][1], 'rparis6k', 'base', 'hard') - 76.17)
+  # The ablation table has no +1M columns.
+  assert abl['delta']['roxford5k/+1m/medium'] is None and '+1M: not published' in abl['flags']
   with open(os.path.join(out_dir, 'study.csv')) as f:
     csv_rows = list(csv.DictReader(f))
   assert [r['kind'] for r in csv_rows] == ['ours', 'published', 'ours', 'published']
@@ -163,18 +170,32 @@ def test_bad_inputs_name_the_directory(runs, tmp_path):
 
 
 def test_published_data_has_sources_and_the_verified_numbers():
+  """The values as their sources print them (published_results.json names the commit of each):
+  the paper's Table 1 (imgs/result_overview.png of feymanpriv/DOLG), the official README's table
+  and the paper's ablation table."""
   data = study.load_published()
   rows = {r['id']: r for r in data['rows']}
-  mh = lambda r: [r['map'][d]['base'][p] for d in ('roxford5k', 'rparis6k')   # noqa: E731
-                  for p in ('medium', 'hard')]
-  assert mh(rows['paper_r50']) == [80.5, 58.8, 89.8, 77.7]
-  assert mh(rows['paper_r101']) == [81.5, 61.1, 91.0, 80.3]
+  mh = lambda r, s='base': [r['map'][d][s][p] for d in ('roxford5k', 'rparis6k')   # noqa: E731
+                            for p in ('medium', 'hard')]
+  assert mh(rows['paper_r50']) == [80.5, 58.82, 89.81, 77.7]
+  assert mh(rows['paper_r50'], '+1m') == [76.58, 52.21, 80.79, 62.83]
+  assert mh(rows['paper_r101']) == [81.5, 61.1, 91.02, 80.3]
+  assert mh(rows['paper_r101'], '+1m') == [77.43, 54.81, 83.29, 66.69]
   assert mh(rows['official_r101_cropped']) == [82.37, 64.93, 90.97, 81.71]
+  assert mh(rows['official_r101_cropped'], '+1m') == [73.63, 51.57, 80.44, 62.95]
+  assert mh(rows['official_r50_cropped'], '+1m') == [71.36, 47.34, 78.99, 59.75]
+  assert mh(rows['official_r50_uncropped'], '+1m') == [77.78, 55.48, 82.16, 65.77]
+  assert mh(rows['official_r101_uncropped'], '+1m') == [78.96, 57.86, 82.89, 67.34]
   assert mh(rows['paper_ablation_r50_no_self_attention']) == [78.15, 55.34, 89.48, 77.16]
-  for r in rows.values():   # Easy and +1M are in none of these sources.
-    assert all(r['map'][d]['+1m'][p] is None for d in ('roxford5k', 'rparis6k')
-               for p in ('easy', 'medium', 'hard'))
+  for r in rows.values():   # Easy is in none of these sources, +1M not in the ablation table.
+    assert all(r['map'][d][s]['easy'] is None for d in ('roxford5k', 'rparis6k')
+               for s in ('base', '+1m'))
+    if r['source'] == 'paper_ablation':
+      assert mh(r, '+1m') == [None] * 4
     assert r['source'] in data['sources']
+  for name in ('paper_main', 'official_readme'):
+    source = data['sources'][name]
+    assert len(source['commit']) == 40 and source['commit'] in source['url']
 
 
 def test_other_protocol_is_its_own_row_and_runs_without_manifest_are_marked(runs, tmp_path):

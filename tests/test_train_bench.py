@@ -6,15 +6,6 @@ import sys
 
 from tests.helpers import train_testlib as tl
 
-from dolg_jax.training import peaks
-
-
-def test_peak_table_lookup():
-  assert peaks.peak_tflops('NVIDIA H100 80GB HBM3') == 989.4
-  assert peaks.peak_tflops('NVIDIA A100-SXM4-40GB') == 312.0
-  assert peaks.peak_tflops('TPU v5 lite') == 197.0
-  assert peaks.peak_tflops('cpu') is None
-
 
 def test_bench_tiny_cpu():
   proc = subprocess.run([sys.executable, '-m', 'dolg_jax.tools.bench_train', '--config=configs/tiny.py',

@@ -28,6 +28,7 @@ import sys
 
 from absl import flags
 
+from dolg_jax import cli
 from dolg_jax.data import gldv2
 from dolg_jax.data import gldv2_retrieval
 from dolg_jax.data import record_check
@@ -64,6 +65,8 @@ def main(argv: list[str]) -> int:
   """Parses `argv` (program name first) and builds or verifies; returns the exit code."""
   fv = flags.FlagValues()
   define_flags(fv)
+  if cli.help_requested(argv):
+    return cli.print_help(__doc__, fv)
   try:
     fv(argv)
     if not fv.verify and not fv.manual_dir:

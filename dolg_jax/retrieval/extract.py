@@ -238,7 +238,12 @@ def _ordered_map(fn, items, workers: int, window: int = 64):
 
 
 class Extractor:
-  """Holds the jitted, sharded forward pass; counts compilations."""
+  """Holds the jitted, sharded forward pass; counts compilations, batches and batch slots.
+
+  `rows_run` counts the (image, scale) rows sent to the model, `slots_run` the batch rows run
+  including the padding rows that fill a batch to its size (so rows_run / slots_run is the share of
+  the device's work that was real images).
+  """
 
   def __init__(self, apply_fn: Callable[..., jax.Array], variables: Any,
                cfg: ExtractConfig, mesh: Optional[Mesh] = None,
@@ -247,6 +252,8 @@ class Extractor:
     self.cfg = cfg
     self.profile = profile
     self.batches_run = 0
+    self.rows_run = 0
+    self.slots_run = 0
     self.mesh = mesh or local_mesh()
     self.n_dev = self.mesh.devices.size
     rep = NamedSharding(self.mesh, P())
@@ -305,6 +312,8 @@ class Extractor:
     self.shapes_seen.add(batch.shape)
     i = self.batches_run
     self.batches_run += 1
+    self.rows_run += n
+    self.slots_run += b
     if self.profile is not None:
       self.profile.before(i)
     with profiling.step_region('extract', i):

@@ -8,12 +8,13 @@ WORKDIR/eval/step_N/results.json (training with `train.eval_retrieval`), else WO
 Runs whose configs differ only in `seed` (and in the bookkeeping fields of IGNORED_FIELDS:
 paths, logging, checkpointing, loader workers) and that were evaluated the same way form one row:
 the mean and sample standard deviation (n - 1) over the seeds of every cell. Each row is compared
-with one published row (published_results.json: the paper's R50/R101 and ablation tables, the
-official README's query-cropped and uncropped 5-scale tables; cells a source does not give are
-absent): the one of the same depth and paper ablation variant whose protocol differs in the fewest
-known fields (ties: the order of the file, paper first), or the one named by `compare_to`. The
-table shows the deltas to it, the config fields in which the rows differ, and flags every known
-protocol difference: test scales, query cropping, +1M (a run's +1M cells when the source has none),
+with one published row (published_results.json: the paper's R50/R101 table (Table 1, with +1M)
+and ablation table (no +1M), the official README's query-cropped and uncropped 5-scale tables
+(with +1M); Easy is in none of them; cells a source does not give are absent): the one of the
+same depth and paper ablation variant whose protocol differs in the fewest known fields (ties:
+the order of the file, paper first), or the one named by `compare_to`. The table shows the
+deltas to it, the config fields in which the rows differ, and flags every known protocol
+difference: test scales, query cropping, +1M (a run's +1M cells when the source has none),
 training set (dataset name and build options), query expansion / database augmentation.
 
 Our evaluation always crops the queries to their box (dolg_jax.eval extracts the query split with

@@ -11,8 +11,12 @@ one, so even a killed run leaves what it measured):
                --image_size in the config's compute dtype (bf16) with the config's head
                (81,313 classes): images/s, images/s per device, TFLOP/s, fraction of peak
   extraction   retrieval.extract.Extractor (padded canvases, the config's c.eval scales, batch)
-               over --extract_images images of --extract_hw (ROxf-like 768x1024), random R50
-               weights, per --extract_dtypes: images/s and the projected time for ROxf + RPar
+               over --extract_images JPEG files of --extract_hw (ROxf-like 768x1024; JPEG
+               decoding is inside the timed pass, as in an evaluation), random R50 weights, per
+               --extract_dtypes: images/s of real images (tools.bench_eval.time_extraction; with
+               the share of batch slots that held images). Not a projection of a ROxf + RPar
+               run: that has many sizes, 140 query crops and one compilation per canvas used
+               (tools.bench_eval prints those compile counts)
   pipeline     tools.bench_data.run_pipeline (decode + random-resized crop to --image_size with
                grain) with --pipeline_workers worker processes (default: every core): images/s
                and host cores per 1,000 images/s
@@ -34,19 +38,21 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
+import cv2
 import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from dolg_jax import cli
 from dolg_jax import models
 from dolg_jax.retrieval import extract as ex
 from dolg_jax.tools import bench_data
+from dolg_jax.tools import bench_eval
 from dolg_jax.tools import bench_train
 
 FLAGS = flags.FLAGS
-ROXF_RPAR_IMAGES = 4993 + 6322 + 70 + 70   # database images + queries of ROxf and RPar
 
 # --smoke replaces these flags' values (tiny sizes for CPU).
 SMOKE = {'batches': ['2'], 'image_size': 64, 'extract_hw': ['72', '96'], 'extract_images': 4,
@@ -68,7 +74,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('steps', 10, 'Timed train steps per measurement.')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
   flags.DEFINE_list('extract_hw', ['768', '1024'], 'H,W of the extraction images.')
-  flags.DEFINE_integer('extract_images', 64, 'Images extracted (timed on a second pass).')
+  flags.DEFINE_integer('extract_images', 64, 'Images extracted (timed on a second pass; a '
+                       'multiple of config.eval.batch_size fills every batch).')
   flags.DEFINE_list('extract_dtypes', ['bfloat16', 'float32'], 'Extraction compute dtypes.')
   flags.DEFINE_integer('pipeline_workers', -1, 'Input pipeline workers (-1: one per core).')
   flags.DEFINE_float('pipeline_seconds', 10.0, 'Input pipeline timing window.')
@@ -113,26 +120,33 @@ def train_part(config: ml_collections.ConfigDict, depths: list[int], batches: li
   return out
 
 
-def _images(n: int, hw: tuple[int, int], seed: int = 1) -> list[np.ndarray]:
-  """Smooth colour fields with noise (natural-image-like statistics for the model)."""
+def _jpegs(n: int, hw: tuple[int, int], seed: int = 1) -> list[bytes]:
+  """JPEG files (quality 90) of smooth colour fields with noise (natural-image-like statistics for
+  the model and the decoder)."""
   rng = np.random.default_rng(seed)
   h, w = hw
   out = []
   for _ in range(n):
     small = rng.integers(0, 256, size=(max(2, h // 32), max(2, w // 32), 3)).astype(np.uint8)
     img = ex.resize_bilinear(small, h, w).astype(np.float32) + rng.normal(0, 12, (h, w, 3))
-    out.append(np.clip(img, 0, 255).astype(np.uint8))
+    rgb = np.clip(img, 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode('.jpg', rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    out.append(buf.tobytes())
   return out
 
 
 def extraction_part(config: ml_collections.ConfigDict, hw: tuple[int, int], n_images: int,
                     dtypes: list[str], budget: Budget, save: Callable) -> list:
-  """Extraction images/s (second pass; the first compiles) per compute dtype."""
+  """Extraction images/s of JPEG files (second pass; the first compiles) per compute dtype."""
   out: list[dict] = []
   cfg = ex.from_config(config.eval, pad=True)
-  examples = [{'index': i, 'image': im} for i, im in enumerate(_images(n_images, hw))]
+  files = _jpegs(n_images, hw)
+  examples = [{'index': i, 'image': b} for i, b in enumerate(files)]
   for dtype in dtypes:
     entry: dict[str, Any] = {'compute_dtype': dtype, 'image_hw': list(hw), 'images': n_images,
+                             'input': 'jpeg',
+                             'jpeg_bytes_mean': float(np.mean([len(b) for b in files])),
                              'scales': list(cfg.scales), 'batch_size': cfg.batch_size,
                              'depth': int(config.model.depth)}
     if budget.left() <= 0:
@@ -142,16 +156,7 @@ def extraction_part(config: ml_collections.ConfigDict, hw: tuple[int, int], n_im
         model = models.build_model(config.model, dtype=dtype)
         variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
         apply = lambda v, x, valid_hw=None, m=model: m.apply(v, x, train=False, valid_hw=valid_hw)
-        extractor = ex.Extractor(apply, variables, cfg)
-        t = time.perf_counter()
-        extractor.extract(examples, n_images)
-        entry['first_pass_s'] = time.perf_counter() - t
-        entry['compilations'] = extractor.compile_count
-        t = time.perf_counter()
-        extractor.extract(examples, n_images)
-        dt = time.perf_counter() - t
-        entry.update({'seconds': dt, 'images_per_sec': n_images / dt,
-                      'roxf_rpar_projected_s': ROXF_RPAR_IMAGES * dt / n_images})
+        entry.update(bench_eval.time_extraction(ex.Extractor(apply, variables, cfg), examples))
       except Exception as e:  # pylint: disable=broad-except
         entry.update(_error(e))
     out.append(entry)
@@ -262,7 +267,7 @@ def main(argv) -> None:
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

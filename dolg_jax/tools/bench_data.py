@@ -30,6 +30,7 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
+from dolg_jax import cli
 from dolg_jax.data import decode
 from dolg_jax.data import grain_pipeline
 
@@ -179,7 +180,7 @@ def main(argv) -> None:
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

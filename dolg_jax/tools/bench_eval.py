@@ -6,7 +6,9 @@ compile counts and bucketed-vs-exact descriptor cosine.
   python -m dolg_jax.tools.bench_eval --checkpoint=r50.pyth   # cosine/throughput with real weights
   [--config.eval.batch_size=4] [--config.eval.compute_dtype=bfloat16] [--extract=False]
 
-Extraction uses the model and the c.eval settings of --config (default configs/default.py, R50).
+Extraction uses the model and the c.eval settings of --config (default configs/default.py, R50);
+its images/s count real images, timed over config.eval.batch_size images by default so that every
+scale's batch is full (`time_extraction` reports the share of batch slots that held an image).
 Search part: real ROxf ground truth (--gnd_dir, default $REVISITOP_GND_DIR, else
 ../shared/data/revisitop beside the repository) when present,
 random unit descriptors with positives pulled towards their query; both paths produce the Easy /
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from dolg_jax import cli
 from dolg_jax import models
 from dolg_jax.retrieval import extract as ex
 from dolg_jax.retrieval import metrics
@@ -52,7 +55,8 @@ def define_flags() -> None:
   flags.DEFINE_bool('extract', True, 'Run the extraction part.')
   flags.DEFINE_string('checkpoint', '', 'Released .pyth/.pth or converted dir (else random init '
                       'of the config\'s model).')
-  flags.DEFINE_integer('extract_images', 2, 'Images timed.')
+  flags.DEFINE_integer('extract_images', 0, 'Images timed (0: config.eval.batch_size, which fills '
+                       'every scale\'s batch; with fewer, the padded batch slots cost time too).')
   flags.DEFINE_list('extract_hw', ['768', '1024'], 'H,W of the timed images.')
   flags.DEFINE_string('cosine_sizes', '683,1024;771,1024', "'H,W;H,W' ('' = skip)")
   flags.DEFINE_list('cosine_buckets', ['32', '64'], 'Bucket sizes compared with exact sizes.')
@@ -186,11 +190,36 @@ def _natural_images(rng, sizes):
   return out
 
 
+def time_extraction(extractor: ex.Extractor, examples: list) -> dict:
+  """Extracts `examples` twice (the first pass compiles) and times the second.
+
+  Counts real images: `images_per_sec` is images / seconds of the second pass; `image_scales` the
+  (image, scale) rows it ran, `batch_slots` the batch rows including padding, `slot_fill` their
+  ratio (1.0: every slot held an image; below, padded slots cost time and images/s is below what
+  full batches reach).
+  """
+  n = len(examples)
+  t = time.perf_counter()
+  extractor.extract(examples, n)
+  first = time.perf_counter() - t
+  rows, slots = extractor.rows_run, extractor.slots_run
+  t = time.perf_counter()
+  extractor.extract(examples, n)
+  dt = time.perf_counter() - t
+  rows, slots = extractor.rows_run - rows, extractor.slots_run - slots
+  return {'images': n, 'image_scales': rows, 'batch_slots': slots, 'slot_fill': rows / slots,
+          'first_pass_s': first, 'compilations': extractor.compile_count, 'seconds': dt,
+          'images_per_sec': n / dt}
+
+
 def bench_extraction(config, checkpoint: str, n_images: int, hw: tuple[int, int],
                      cosine_sizes: list, buckets=(32, 64)) -> None:
-  """Extraction images/s, compilations and bucketed-vs-exact cosine (config.model, config.eval)."""
+  """Extraction images/s, compilations and bucketed-vs-exact cosine (config.model, config.eval).
+
+  `n_images` 0: config.eval.batch_size (every scale's batches full)."""
   dtype = config.eval.compute_dtype or config.compute_dtype
   batch = config.eval.batch_size
+  n_images = n_images or batch
   base = ex.from_config(config.eval)
   apply, variables = _model(config.model, checkpoint, dtype)
   rng = np.random.default_rng(1)
@@ -198,15 +227,14 @@ def bench_extraction(config, checkpoint: str, n_images: int, hw: tuple[int, int]
   imgs = _natural_images(rng, [hw] * n_images)
   exs = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
   e = ex.Extractor(apply, variables, dataclasses.replace(base, pad=True))
-  t = time.perf_counter()
-  e.extract(exs, n_images)  # compiles the shapes (same batch shapes as the timed run)
-  t_compile = time.perf_counter() - t
-  t = time.perf_counter()
-  e.extract(exs, n_images)
-  dt = time.perf_counter() - t
+  r = time_extraction(e, exs)
   print(f'[extract] {what}, {dtype}, {hw[0]}x{hw[1]}, scales {e.cfg.scales}, batch {batch}: '
-        f'{n_images / dt:.3f} images/s ({n_images} images in {dt:.1f}s; first call incl. '
-        f'{e.compile_count} compilations {t_compile:.1f}s)')
+        f'{r["images_per_sec"]:.3f} images/s ({n_images} images in {r["seconds"]:.1f}s, '
+        f'{r["image_scales"]} image-scales in {r["batch_slots"]} batch slots; first call incl. '
+        f'{r["compilations"]} compilations {r["first_pass_s"]:.1f}s)')
+  if r['slot_fill'] < 1.0:
+    print(f'[extract] only {100 * r["slot_fill"]:.0f}% of the batch slots held images: pass '
+          f'--extract_images as a multiple of the batch ({batch}) for full-batch throughput')
   if cosine_sizes:
     imgs = _natural_images(rng, cosine_sizes)
     exs = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
@@ -238,7 +266,7 @@ def main(argv) -> None:
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ and for the full (n_db, n_queries) ranks. See dolg_jax.retrieval.rerank.benchmar
 from absl import app
 from absl import flags
 
+from dolg_jax import cli
 from dolg_jax.retrieval import rerank
 
 FLAGS = flags.FLAGS
@@ -31,7 +32,7 @@ def main(argv) -> None:
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

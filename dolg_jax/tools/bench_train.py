@@ -7,18 +7,18 @@ Times the real jitted train step (same code as training: sharded on the config's
 gradient accumulation, margin head over `config.head.num_classes` classes) on a fixed random
 batch already on the devices, so the input pipeline is excluded. FLOPs come from XLA's cost
 analysis of the compiled step (per device for a partitioned program; multiplied by the device
-count). Peak: dense bf16 tensor-core FLOP/s of the device kind (table below; --peak_tflops to
-override).
+count). Peak: the device kind's dense FLOP/s in the config's compute dtype (training/peaks.py;
+--peak_tflops to override).
 """
 
 import time
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 import numpy as np
 
+from dolg_jax import cli
 from dolg_jax import sharding as shd
 from dolg_jax.training import determinism
 from dolg_jax.training import peaks
@@ -36,7 +36,6 @@ def define_flags() -> None:
   flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device (default: table).')
 
 
-# Dense bf16 peak TFLOP/s per device (vendor figures, no sparsity).
 def benchmark(config, batch: int, steps: int, warmup: int,
               peak_override: float | None = None) -> dict:
   """Compiles and times the train step; returns the figures."""
@@ -77,7 +76,7 @@ def benchmark(config, batch: int, steps: int, warmup: int,
   if flops:
     total = flops * n_dev
     out.update({'gflop_per_step': total / 1e9, 'tflops_per_sec': total / step_s / 1e12})
-    peak = peak_override or peaks.peak_tflops(out['device_kind'])
+    peak = peak_override or peaks.peak_tflops(out['device_kind'], config.compute_dtype)
     if peak and jax.devices()[0].platform != 'cpu':
       out['peak_tflops_per_device'] = peak
       out['fraction_of_peak'] = out['tflops_per_sec'] / (peak * n_dev)
@@ -108,7 +107,7 @@ def main(argv):
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

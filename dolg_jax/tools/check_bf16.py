@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from dolg_jax import cli
 from dolg_jax.models import build_model
 
 FLAGS = flags.FLAGS
@@ -89,7 +90,7 @@ def main(argv) -> None:
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

@@ -178,7 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = step_lib.make_train_step(setup, state_sh)
   eval_step = None
   progress = metric_logging.Progress(total_steps, start_step, t_cfg.global_batch_size)
-  util = utilisation.Utilisation(workdir, t_cfg.profile_steps, t_cfg.global_batch_size, is_primary)
+  util = utilisation.Utilisation(workdir, t_cfg.profile_steps, t_cfg.global_batch_size, is_primary,
+                                 config.compute_dtype)
   pending: list[Any] = []          # Device metrics of steps not yet fetched.
   fetched: list[dict] = []         # Host metrics since the last log line.
   first_fetched = start_step + 1

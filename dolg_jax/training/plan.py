@@ -151,7 +151,8 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence | None = None, *,
       'fits': (peak <= limit) if limit else None,
       'compile_s': compile_s,
   }
-  peak_tflops = peaks.peak_tflops(kind) if devices[0].platform != 'cpu' else None
+  peak_tflops = (peaks.peak_tflops(kind, config.compute_dtype) if devices[0].platform != 'cpu'
+                 else None)
   if peak_tflops and flops_dev:
     out['peak_tflops_per_device'] = peak_tflops
     out['step_time_at_peak_s'] = flops_dev / (peak_tflops * 1e12)

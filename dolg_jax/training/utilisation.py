@@ -16,7 +16,8 @@ wall time includes input waits and checkpoint saves and excludes evaluations):
   images_per_sec_per_device     images/s / device count
   tflops_per_sec                achieved TFLOP/s of all devices (XLA cost analysis FLOPs / step time)
   tflops_per_sec_per_device
-  fraction_of_peak              of the device kind's dense bf16 peak (training/peaks.py; GPU/TPU)
+  fraction_of_peak              of the device kind's dense peak in the run's compute dtype
+                                (config.compute_dtype; training/peaks.py; GPU/TPU)
   input_wait_s, input_wait_fraction   host time blocked on the input pipeline (the steps are
                                 dispatched asynchronously, so this is time the devices may idle)
   checkpoint_time_s, checkpoint_fraction   time spent in checkpoint saves (async saves: the
@@ -70,10 +71,16 @@ def train_step_flops(train_step: Callable, *args) -> float | None:
   return flops
 
 
+def device_peak_tflops(device, compute_dtype: str) -> float | None:
+  """Dense peak TFLOP/s of `device` computing in `compute_dtype` (None on CPU or when unknown)."""
+  return None if device.platform == 'cpu' else peaks.peak_tflops(device.device_kind, compute_dtype)
+
+
 class Utilisation:
   """Timings of the parts of training steps and the profiler window (see the module docstring)."""
 
-  def __init__(self, workdir: str, profile_steps, images_per_step: int, is_primary: bool):
+  def __init__(self, workdir: str, profile_steps, images_per_step: int, is_primary: bool,
+               compute_dtype: str):
     if len(tuple(profile_steps)) != 2:
       raise ValueError(f'config.train.profile_steps={tuple(profile_steps)!r} must be (start_step, '
                        'num_steps); (0, 0) turns profiling off.')
@@ -82,8 +89,7 @@ class Utilisation:
                                     enabled=is_primary)
     self.images_per_step = images_per_step
     self.n_devices = jax.device_count()
-    device = jax.devices()[0]
-    self.peak = None if device.platform == 'cpu' else peaks.peak_tflops(device.device_kind)
+    self.peak = device_peak_tflops(jax.devices()[0], compute_dtype)
     self.flops_per_step: float | None = None
     self._totals: dict[str, float] = {}
     self._open: dict[str, tuple[float, Any]] = {}
