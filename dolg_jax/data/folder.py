@@ -369,10 +369,11 @@ def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
     warnings.append(f'{len(single)} class(es) have a single image (kept in train, no validation '
                     f'image): {_examples([repr(c) for c in single])}')
   if not usable:
+    first = '; '.join(f'{i}: {why}' for i, _, why in sorted(skipped)[:_SHOW])
     raise FolderError(
-        f'{manual_dir}: no usable image ({len(files) + len(skipped)} files found, none a decodable '
-        'image of a class); --manual_dir must hold one sub-folder per class with the images in '
-        'it (or pass --labels=CSV with path,label rows)')
+        f'{manual_dir}: no usable image ({len(files) + len(skipped)} files found, every one '
+        f'skipped{": " + first if first else ""}); --manual_dir must hold one sub-folder per class '
+        'with the images in it (or pass --labels=CSV with path,label rows)')
 
   records, class_names = gldv2.split_per_class(usable, val_fraction, seed)
   for rec in records:

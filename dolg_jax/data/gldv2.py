@@ -612,7 +612,9 @@ def format_summary(summary: dict) -> str:
   if summary.get('excluded'):
     ex = summary['excluded']
     lines.append(f"  exclusion list {ex['file']} (sha256 {ex['sha256'][:12]}): removed "
-                 f"{ex['images_removed']} listed images, {ex['landmarks_removed']} landmarks")
+                 f"{ex['images_removed']} listed images, "
+                 + (f"{ex['landmarks_removed']} landmarks" if 'landmarks_removed' in ex
+                    else f"{ex['classes_removed']} classes"))
   if summary.get('duplicate_listings_ignored'):
     lines.append(f"  {summary['duplicate_listings_ignored']} duplicate CSV listings of an id were "
                  'ignored (each id is used once)')
