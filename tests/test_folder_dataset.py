@@ -261,3 +261,12 @@ def test_prepare_command(built, tmp_path, capsys):
   assert prepare.main(['prepare', '--verify', '--dataset=folder/cmd', f'--data_dir={data_dir}']) == 0
   with open(os.path.join(data_dir, 'folder', 'cmd', '1.0.0', 'summary.json')) as f:
     assert json.load(f)['build_options']['val_fraction'] == 0.25
+
+
+def test_classes_too_small_for_validation_build_train_only(tmp_path):
+  root = str(tmp_path / 'photos')
+  folder_images.write_classes(root, {'a': 3, 'b': 4})
+  b = folder.prepare('folder/small', root, str(tmp_path / 'tfds'))
+  assert any('(a class needs 5): the dataset has no validation split' in w
+             for w in b.summary['warnings'])
+  assert set(folder.builder('folder/small', str(tmp_path / 'tfds')).as_data_source()) == {'train'}

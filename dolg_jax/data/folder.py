@@ -45,6 +45,7 @@ import csv
 import dataclasses
 import errno
 import hashlib
+import math
 import os
 import re
 import stat
@@ -376,6 +377,10 @@ def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
         'with the images in it (or pass --labels=CSV with path,label rows)')
 
   records, class_names = gldv2.split_per_class(usable, val_fraction, seed)
+  if val_fraction > 0 and not any(r.split == 'validation' for r in records):
+    warnings.append(f'no class has enough images for a validation image at val_fraction '
+                    f'{val_fraction:g} (a class needs {math.ceil(1 / val_fraction - 1e-9)}): the '
+                    'dataset has no validation split')
   for rec in records:
     rec.location = gldv2.Location(os.path.join(manual_dir, rec.id))
   pre = sorted(skipped)
@@ -441,7 +446,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
     self._skipped = list(cfg.plan.skipped)
     self._written = {s: 0 for s in gldv2.SPLITS}
     splits = {'train': self._generate_examples('train')}
-    if cfg.options['val_fraction'] > 0:
+    if any(r.split == 'validation' for r in cfg.plan.build.records):  # TFDS cannot write empty ones
       splits['validation'] = self._generate_examples('validation')
     return splits
 

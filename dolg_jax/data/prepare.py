@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
         and not folder.is_folder_dataset(fv.dataset)):
       raise flags.ValidationError(f'unsupported --dataset {fv.dataset!r} (this command builds '
                                   'gldv2/clean, gldv2/full, gldv2/clean_all, gldv2/full_all, '
-                                  f'gldv2_retrieval, {", ".join(REVISITOP)})')
+                                  f'gldv2_retrieval, {", ".join(REVISITOP)}, folder/NAME)')
     if fv.dataset in REVISITOP + ('gldv2_retrieval',) and (fv.val_fraction is not None or
                                                            fv.exclude):
       raise flags.ValidationError(f'--val_fraction and --exclude apply to gldv2/* only, not to '
