@@ -113,7 +113,9 @@ def random_start(env):
 
 @pytest.fixture(scope='module')
 def other_classes(env):
+  # The init checkpoint takes precedence: this backbone is never resolved (it does not exist).
   return _start(env, 'other_classes', f'--config.train.init_checkpoint={env["pyth7"]}',
+                '--config.train.backbone_init=/nonexistent/R-101-1x64d_dds_8gpu.pyth',
                 '--config.train.num_train_steps=1')
 
 
@@ -169,8 +171,10 @@ def test_head_is_initialised_when_the_class_count_differs(env, other_classes, ra
   assert head['weight'].shape == (NUM_CLASSES, 16) and float(head['t']) == 0.0
   assert _equal(variables, pretrained.load(env['pyth7'])[1])
   with open(os.path.join(other_classes['workdir'], 'manifest.json')) as f:
-    assert json.load(f)['start']['head'] == ('initialised: the checkpoint has a margin head of '
-                                             '7 classes, the dataset 4')
+    manifest = json.load(f)
+  assert manifest['start']['head'] == ('initialised: the checkpoint has a margin head of 7 '
+                                       'classes, the dataset 4')
+  assert manifest['start']['backbone_init'] == '/nonexistent/R-101-1x64d_dds_8gpu.pyth (not used)'
 
 
 def _config(env, workdir_init, **model):
