@@ -103,8 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
                                    # | an http(s) URL | a local .pyth/.pth file | 'none' (random).
   t.backbone_cache_dir = ''        # Downloaded backbones; '' = $DOLG_JAX_WEIGHTS_CACHE, else
                                    # ~/.cache/dolg_jax/weights.
-  t.init_checkpoint = ''           # Start from a whole DOLG model (dolg_jax.training.init_checkpoint):
-                                   # a released .pyth/.pth, a converted dir, or one of our workdirs /
+  t.init_checkpoint = ''           # Start from a whole DOLG model (training/init_checkpoint.py): a
+                                   # released .pyth/.pth, a converted dir, or one of our workdirs /
                                    # checkpoint steps; '' = off. Takes precedence over backbone_init.
                                    # Not a resume: the optimizer and the step start fresh.
   t.model_lr_multiplier = 1.0      # Learning rate x this for the DOLG model (every parameter but

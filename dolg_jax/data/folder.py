@@ -1,4 +1,4 @@
-"""TFDS builder `folder` (your own labelled images) -> ArrayRecord, with the GLDv2 builder's guarantees.
+"""TFDS builder `folder` (your own labelled images) -> ArrayRecord, as the GLDv2 builder does.
 
   python -m dolg_jax.data.prepare --dataset=folder/NAME --manual_dir=DIR --data_dir=D \
       [--val_fraction=F] [--exclude=FILE] [--labels=CSV] [--allow_missing]
@@ -124,7 +124,8 @@ def _nfc(name: str) -> str:
 
 def _bad_entry_reason(path: str, error: OSError) -> str:
   if error.errno == errno.ELOOP:
-    return f'symlink loop ({path} -> {os.readlink(path)})' if os.path.islink(path) else 'symlink loop'
+    return (f'symlink loop ({path} -> {os.readlink(path)})' if os.path.islink(path)
+            else 'symlink loop')
   if os.path.islink(path) and error.errno == errno.ENOENT:
     return f'broken symlink (-> {os.readlink(path)})'
   return f'unreadable: {error.strerror or error}'
@@ -163,8 +164,9 @@ def scan_folder(manual_dir: str) -> Tuple[List[Tuple[str, str]], List[Tuple[str,
       if stat.S_ISDIR(st.st_mode):
         key = (st.st_dev, st.st_ino)
         if key in ancestors:
-          warnings.append(f'symlink loop: {sub_rel} -> {os.readlink(sub) if entry.is_symlink() else sub} '
-                          f'leads back to {ancestors[key]!r}; not followed')
+          target = os.readlink(sub) if entry.is_symlink() else sub
+          warnings.append(f'symlink loop: {sub_rel} -> {target} leads back to '
+                          f'{ancestors[key]!r}; not followed')
         elif key in visited:
           warnings.append(f'{sub_rel} is the folder {visited[key]!r} again (a symlink); its files '
                           'are listed once, there')
@@ -192,8 +194,8 @@ def scan_folder(manual_dir: str) -> Tuple[List[Tuple[str, str]], List[Tuple[str,
       continue
     name = _nfc(entry.name)
     if name in classes:
-      raise FolderError(f'{manual_dir}: class folders {classes[name]!r} and {entry.name!r} have the '
-                        'same name after Unicode normalisation (NFC); rename or merge them')
+      raise FolderError(f'{manual_dir}: class folders {classes[name]!r} and {entry.name!r} have '
+                        'the same name after Unicode normalisation (NFC); rename or merge them')
     key = (st.st_dev, st.st_ino)
     if key in visited:
       warnings.append(f'class folder {entry.name!r} is the folder {visited[key]!r} again (a '
@@ -213,8 +215,7 @@ def read_labels(path: str) -> Labels:
   return Labels(path, digest, tuple(csv_metadata.read_labels(path)))
 
 
-def list_labelled(manual_dir: str, labels: Labels
-                  ) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str, str]], List[Tuple[str, str]]]:
+def list_labelled(manual_dir: str, labels: Labels) -> Tuple[list, list, list]:
   """(files (id, class), skipped (id, class, reason), absent (id, class)) of a labels file."""
   files, skipped, absent = [], [], []
   for line, rel, label in labels.rows:
@@ -350,8 +351,8 @@ def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
         dropped[image_id] = f'same content as {items[0][0]} (same class): kept once'
       within.append(' = '.join(i for i, _ in items))
   if across:
-    warnings.append(f'{len(across)} image(s) occur in more than one class (same sha256), every copy '
-                    f'is skipped: {_examples(across)} (skipped.csv)')
+    warnings.append(f'{len(across)} image(s) occur in more than one class (same sha256), every '
+                    f'copy is skipped: {_examples(across)} (skipped.csv)')
   if within:
     warnings.append(f'{len(within)} image(s) occur more than once in one class (same sha256), kept '
                     f'once: {_examples(within)} (skipped.csv)')
@@ -361,8 +362,8 @@ def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
   per_class = collections.Counter(cls for _, cls in usable)
   empty = [c for c in classes if per_class[c] == 0]
   if empty:
-    warnings.append(f'{len(empty)} class(es) without a usable image are not classes of the dataset: '
-                    f'{_examples([repr(c) for c in empty])}'
+    warnings.append(f'{len(empty)} class(es) without a usable image are not classes of the '
+                    f'dataset: {_examples([repr(c) for c in empty])}'
                     + (' (their files are in skipped.csv)'
                        if any(s[1] in empty for s in skipped) else ' (empty folders)'))
   single = sorted(c for c, n in per_class.items() if n == 1)
@@ -501,7 +502,8 @@ def build_options(manual_dir: str, *, val_fraction: float, split_seed: int,
   return {'source': 'labels file' if labels is not None else 'class folders',
           'manual_dir': os.path.abspath(manual_dir), 'val_fraction': val_fraction,
           'split_seed': split_seed,
-          'exclusion': _exclusion_record(exclusion), 'labels': labels.describe() if labels else None}
+          'exclusion': _exclusion_record(exclusion),
+          'labels': labels.describe() if labels else None}
 
 
 def _exclusion_record(exclusion: Optional[gldv2.Exclusion]) -> Optional[dict]:

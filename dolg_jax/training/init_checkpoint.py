@@ -251,8 +251,8 @@ def start(setup: state_lib.TrainSetup, source: Source | None, rng: jax.Array
     why = ('has no margin head' if n_ckpt is None
            else f'has a margin head of {n_ckpt} classes, the dataset {n}')
     head_note = f'initialised: the checkpoint {why}'
-    logging.info('init_checkpoint %s: the margin head is initialised (as a fresh run\'s) and t = 0.',
-                 why)
+    logging.info('init_checkpoint %s: the margin head is initialised (as a fresh run\'s) and '
+                 't = 0.', why)
   state = state.replace(params=params, batch_stats=stats, head_t=head_t)
   n_arrays = len(jax.tree.leaves(source.variables))
   logging.info('Start: init_checkpoint %s (%s, sha256 %s): %d model arrays loaded; step 0, fresh '
