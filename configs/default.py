@@ -106,6 +106,15 @@ def get_config() -> ml_collections.ConfigDict:
                                    # | an http(s) URL | a local .pyth/.pth file | 'none' (random).
   t.backbone_cache_dir = ''        # Downloaded backbones; '' = $DOLG_JAX_WEIGHTS_CACHE, else
                                    # ~/.cache/dolg_jax/weights.
+  t.init_checkpoint = ''           # Start from a whole DOLG model (training/init_checkpoint.py): a
+                                   # released .pyth/.pth, a converted dir, or one of our workdirs /
+                                   # checkpoint steps; '' = off. Takes precedence over backbone_init.
+                                   # Not a resume: the optimizer and the step start fresh.
+  t.model_lr_multiplier = 1.0      # Learning rate x this for the DOLG model (every parameter but
+                                   # the margin head's); 0 = frozen.
+  t.head_lr_multiplier = 1.0       # Learning rate x this for the margin head.
+  t.freeze_bn = False              # BatchNorm normalises with its running statistics and keeps them
+                                   # (fine-tuning on small datasets).
   t.deterministic = False          # GPU: XLA deterministic ops (slower; see training/determinism.py).
   t.init_on_one_device = True      # Init on one device then reshard (False: jit(init, out_shardings)).
   t.profile_steps = (0, 0)         # (start, num): profiler trace of steps start+1..start+num on

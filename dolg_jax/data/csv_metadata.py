@@ -9,6 +9,9 @@ file and line.
                                                          (images None, not read)
   exclusion lists   landmark_id and/or id     (ours: what `gldv2 --exclude` leaves out; a row may
                                               leave one of the two empty)
+  folder labels     path,label                (ours: `folder --labels`; paths relative to the
+                                              folder, each listed once, labels non-empty)
+  folder exclusions label and/or path         (ours: what `folder --exclude` leaves out)
 
 Checked: UTF-8 encoding (a byte order mark is accepted), CSV quoting (`csv` strict mode: a stray
 quote is an error, not a silently merged field), the header's columns, the same number of fields
@@ -26,6 +29,7 @@ import codecs
 import csv
 import io
 import os
+import posixpath
 import re
 from typing import Any, Iterator, Sequence
 
@@ -201,6 +205,55 @@ def read_exclusion(path: str) -> tuple[frozenset[int], frozenset[str]]:
     raise MetadataError(f'{path}: the exclusion list names no landmark_id and no id; '
                         f'{_remedy(path, own)}')
   return frozenset(landmarks), frozenset(images)
+
+
+def _relative_path(path: str, line: int, value: str, own: str) -> str:
+  """A path relative to the dataset folder, normalised (posix separators, no '.' parts)."""
+  if not value.strip():
+    raise MetadataError(f'{path}:{line}: empty path; {_remedy(path, own)}')
+  norm = posixpath.normpath(value.replace('\\', '/'))
+  if posixpath.isabs(norm) or norm == '..' or norm.startswith('../') or norm == '.':
+    raise MetadataError(f'{path}:{line}: path {value!r} is not a file below the folder (paths '
+                        f'are relative to --manual_dir); {_remedy(path, own)}')
+  return norm
+
+
+def read_labels(path: str) -> list[tuple[int, str, str]]:
+  """(line, relative path, label) of a folder dataset's labels CSV (`path,label`), in file order.
+  Paths are normalised; each may be listed once; labels are non-empty class names, kept as
+  written (spaces and non-ASCII letters included)."""
+  own = 'labels file'
+  out = []
+  seen: dict[str, int] = {}
+  for line, row in rows(path, ('path', 'label'), own=own):
+    rel = _relative_path(path, line, row['path'], own)
+    if not row['label'].strip():
+      raise MetadataError(f'{path}:{line}: empty label for {rel}; {_remedy(path, own)}')
+    if rel in seen:
+      raise MetadataError(f'{path}:{line}: {rel} is listed again (first at line {seen[rel]}); '
+                          f'{_remedy(path, own)}')
+    seen[rel] = line
+    out.append((line, rel, row['label']))
+  if not out:
+    raise MetadataError(f'{path}: the labels file lists no image; {_remedy(path, own)}')
+  return out
+
+
+def read_folder_exclusion(path: str) -> tuple[frozenset[str], frozenset[str]]:
+  """(class names, relative paths) of a folder dataset's exclusion list: a CSV with a label and/or a
+  path column; a row may leave either empty. At least one entry overall."""
+  own = 'exclusion list'
+  labels: set[str] = set()
+  paths: set[str] = set()
+  for line, row in rows(path, ('label', 'path'), any_of=True, own=own):
+    if row.get('label', '').strip():
+      labels.add(row['label'])
+    if row.get('path', '').strip():
+      paths.add(_relative_path(path, line, row['path'], own))
+  if not labels and not paths:
+    raise MetadataError(f'{path}: the exclusion list names no label and no path; '
+                        f'{_remedy(path, own)}')
+  return frozenset(labels), frozenset(paths)
 
 
 def read_lines(path: str) -> list[str]:

@@ -138,13 +138,22 @@ def read_listing(manual_dir: str, subset: str) -> List[Tuple[str, int]]:
   raise ValueError(f'unknown GLDv2 subset {subset!r} (expected clean or full)')
 
 
+def class_seed(key) -> int:
+  """The per-class seed of `split_per_class`: a landmark id itself; a class name (the folder
+  dataset) the first 8 bytes of its UTF-8 sha256."""
+  if isinstance(key, str):
+    return int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:8], 'big')
+  return int(key)
+
+
 def split_per_class(pairs: Sequence[Tuple[str, int]], val_fraction: float, seed: int
                     ) -> Tuple[List[Record], List[int]]:
   """Contiguous labels (sorted landmark ids) and the seeded per-class train/validation split.
 
-  Each class's ids are sorted, permuted by a generator seeded with (seed, landmark_id), and the
-  first floor(val_fraction * n) go to validation: independent of the other classes and of the
-  CSV's order. Duplicated ids keep their first listing.
+  Each class's ids are sorted, permuted by a generator seeded with (seed, class_seed(landmark_id)),
+  and the first floor(val_fraction * n) go to validation: independent of the other classes and of
+  the CSV's order. Duplicated ids keep their first listing. The class keys may also be names
+  (str; the folder dataset), then sorted by name.
   """
   by_class: Dict[int, List[str]] = collections.defaultdict(list)
   seen = set()
@@ -161,7 +170,7 @@ def split_per_class(pairs: Sequence[Tuple[str, int]], val_fraction: float, seed:
   for landmark, ids in by_class.items():
     ids = sorted(ids)
     n_val = int(math.floor(len(ids) * val_fraction + 1e-9))
-    perm = np.random.default_rng([seed, landmark]).permutation(len(ids))
+    perm = np.random.default_rng([seed, class_seed(landmark)]).permutation(len(ids))
     for rank, j in enumerate(perm):
       split_of[ids[j]] = 'validation' if rank < n_val else 'train'
   records = [Record(i, lm, label_of[lm], split_of[i]) for i, lm in order]
@@ -527,31 +536,44 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
     self.summary = summary
 
 
+# Split of the records a builder skips before splitting (the folder dataset: unreadable files,
+# duplicates, classes without a usable image); counted as its own line of the summary.
+UNASSIGNED = 'unassigned'
+
+
 def write_side_files(out_dir: str, plan: BuildPlan, skipped: Sequence[Tuple[Record, str]],
                      written: Dict[str, int], *, name: str,
-                     build_options: Optional[dict] = None) -> dict:
-  """label_map.csv, skipped.csv, missing.csv, summary.json; returns the summary dict."""
-  counts = {s: collections.Counter() for s in SPLITS}
+                     build_options: Optional[dict] = None, class_column: str = 'landmark_id',
+                     extra: Optional[dict] = None) -> dict:
+  """label_map.csv, skipped.csv, missing.csv, summary.json; returns the summary dict.
+
+  `class_column`: the name of the class key column (`Record.landmark_id`; the folder dataset's is
+  `class_name`). Records of split UNASSIGNED (skipped before the split) get their own per-split
+  line. `extra` is added to the summary.
+  """
+  splits = SPLITS + ((UNASSIGNED,) if any(r.split == UNASSIGNED for r in plan.records) else ())
+  counts = {s: collections.Counter() for s in splits}
   for rec in plan.records:
     counts[rec.split][rec.label] += 1
-  with open(os.path.join(out_dir, 'label_map.csv'), 'w', newline='') as f:
+  with open(os.path.join(out_dir, 'label_map.csv'), 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
-    w.writerow(['label', 'landmark_id', 'num_train_listed', 'num_validation_listed'])
+    w.writerow(['label', class_column, 'num_train_listed', 'num_validation_listed'])
     for label, landmark in enumerate(plan.landmark_ids):
       w.writerow([label, landmark, counts['train'][label], counts['validation'][label]])
-  with open(os.path.join(out_dir, 'skipped.csv'), 'w', newline='') as f:
+  with open(os.path.join(out_dir, 'skipped.csv'), 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
-    w.writerow(['id', 'landmark_id', 'split', 'reason'])
+    w.writerow(['id', class_column, 'split', 'reason'])
     for rec, reason in skipped:
       w.writerow([rec.id, rec.landmark_id, rec.split, reason])
-  with open(os.path.join(out_dir, 'missing.csv'), 'w', newline='') as f:
+  with open(os.path.join(out_dir, 'missing.csv'), 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
-    w.writerow(['id', 'landmark_id', 'split'])
+    w.writerow(['id', class_column, 'split'])
     for rec in plan.missing:
       w.writerow([rec.id, rec.landmark_id, rec.split])
-  listed = {s: sum(counts[s].values()) for s in SPLITS}
-  n_skipped = {s: sum(1 for r, _ in skipped if r.split == s) for s in SPLITS}
-  n_missing = {s: sum(1 for r in plan.missing if r.split == s) for s in SPLITS}
+  written = {s: written.get(s, 0) for s in splits}
+  listed = {s: sum(counts[s].values()) for s in splits}
+  n_skipped = {s: sum(1 for r, _ in skipped if r.split == s) for s in splits}
+  n_missing = {s: sum(1 for r in plan.missing if r.split == s) for s in splits}
   summary = {
       'dataset': name,
       'num_classes': len(plan.landmark_ids),
@@ -561,20 +583,21 @@ def write_side_files(out_dir: str, plan: BuildPlan, skipped: Sequence[Tuple[Reco
       'skipped': sum(n_skipped.values()),
       'missing': len(plan.missing),
       'per_split': {s: {'listed': listed[s], 'written': written[s], 'skipped': n_skipped[s],
-                        'missing': n_missing[s]} for s in SPLITS},
+                        'missing': n_missing[s]} for s in splits},
       'build_options': build_options,
       'excluded': plan.excluded,
       'shards_searched': list(plan.shards),
       'extracted_dir': plan.extracted_dir,
       'skipped_examples': [{'id': r.id, 'reason': why} for r, why in skipped[:20]],
+      **(extra or {}),
   }
-  for s in SPLITS:
+  for s in splits:
     per = summary['per_split'][s]
     if per['listed'] != per['written'] + per['skipped'] + per['missing']:
-      raise AssertionError(f'gldv2 summary does not add up for split {s}: {per}')
+      raise AssertionError(f'{name} summary does not add up for split {s}: {per}')
   with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
-  logging.info('gldv2 summary: %s', format_summary(summary))
+  logging.info('%s summary: %s', name, format_summary(summary))
   return summary
 
 
@@ -589,10 +612,14 @@ def format_summary(summary: dict) -> str:
   if summary.get('excluded'):
     ex = summary['excluded']
     lines.append(f"  exclusion list {ex['file']} (sha256 {ex['sha256'][:12]}): removed "
-                 f"{ex['images_removed']} listed images, {ex['landmarks_removed']} landmarks")
+                 f"{ex['images_removed']} listed images, "
+                 + (f"{ex['landmarks_removed']} landmarks" if 'landmarks_removed' in ex
+                    else f"{ex['classes_removed']} classes"))
   if summary.get('duplicate_listings_ignored'):
     lines.append(f"  {summary['duplicate_listings_ignored']} duplicate CSV listings of an id were "
                  'ignored (each id is used once)')
+  for warning in summary.get('warnings', []):
+    lines.append(f'  warning: {warning}')
   for item in summary.get('skipped_examples', []):
     lines.append(f"  skipped {item['id']}: {item['reason']}")
   if summary['skipped'] > len(summary.get('skipped_examples', [])):

@@ -5,6 +5,8 @@
   python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir=D
   python -m dolg_jax.data.prepare --dataset=roxford5k --manual_dir=M --data_dir=D [--allow_missing]
   python -m dolg_jax.data.prepare --verify --dataset=gldv2/clean --data_dir=D
+  python -m dolg_jax.data.prepare --dataset=folder/NAME --manual_dir=DIR --data_dir=D \
+      [--val_fraction=F] [--exclude=FILE] [--labels=CSV] [--allow_missing]
 
 Datasets: gldv2/clean, gldv2/full (validation fraction 0.2), gldv2/clean_all, gldv2/full_all (every
 image in train), gldv2_retrieval (the index and test sets of the GLDv2 retrieval benchmark),
@@ -14,6 +16,9 @@ revisitop1m.txt and jpg/; see dolg_jax.data.revisitop).
 (printed; put it in config.data.dataset) records them, e.g. gldv2/clean_all-ex0123456789ab.
 --verify reads back every record of the prepared dataset and names each damaged file (exit 1 if
 any; nothing is modified).
+folder/NAME: your own labelled images, one sub-folder of DIR per class (or --labels=CSV with
+path,label rows); see dolg_jax.data.folder. Warnings (empty or one-image classes, duplicates,
+symlink loops) are printed as `warning:` lines.
 
 Prints the summary (listed = written + skipped + missing, per split, and the skipped ids with
 their reason); label_map.csv, skipped.csv, missing.csv and summary.json are written next to the data.
@@ -29,13 +34,15 @@ import sys
 from absl import flags
 
 from dolg_jax import cli
+from dolg_jax.data import folder
 from dolg_jax.data import gldv2
 from dolg_jax.data import gldv2_retrieval
 from dolg_jax.data import record_check
 from dolg_jax.data import revisitop
 
 _BUILD_ERRORS = (gldv2.MissingImagesError, gldv2.TruncatedShardError, gldv2.ChecksumError,
-                 revisitop.MissingImagesError, FileNotFoundError, ValueError)
+                 revisitop.MissingImagesError, folder.FolderChangedError, FileNotFoundError,
+                 ValueError)
 REVISITOP = revisitop.NAMES
 
 
@@ -56,6 +63,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('exclude', None, 'CSV of landmark ids (column landmark_id) and/or image ids '
                       '(column id) to leave out, e.g. landmarks shared with the test sets.',
                       flag_values=fv)
+  flags.DEFINE_string('labels', None, 'folder/NAME only: CSV with path,label rows (paths relative '
+                      'to --manual_dir) instead of one sub-folder per class.', flag_values=fv)
   flags.DEFINE_bool('verify', False, 'Read back every record of the prepared dataset in '
                     '--data_dir.', flag_values=fv)
   flags.mark_flag_as_required('data_dir', flag_values=fv)
@@ -71,10 +80,15 @@ def main(argv: list[str]) -> int:
     fv(argv)
     if not fv.verify and not fv.manual_dir:
       raise flags.ValidationError('--manual_dir is required (except with --verify)')
-    if not fv.dataset.startswith('gldv2') and fv.dataset not in REVISITOP:
+    if fv.labels and not folder.is_folder_dataset(fv.dataset):
+      raise flags.ValidationError(f'--labels applies to folder/NAME only, not to {fv.dataset}')
+    if folder.is_folder_dataset(fv.dataset) and fv.verify_md5:
+      raise flags.ValidationError(f'--verify_md5: {fv.dataset} has no md5 files (gldv2* only)')
+    if (not fv.dataset.startswith('gldv2') and fv.dataset not in REVISITOP
+        and not folder.is_folder_dataset(fv.dataset)):
       raise flags.ValidationError(f'unsupported --dataset {fv.dataset!r} (this command builds '
                                   'gldv2/clean, gldv2/full, gldv2/clean_all, gldv2/full_all, '
-                                  f'gldv2_retrieval, {", ".join(REVISITOP)})')
+                                  f'gldv2_retrieval, {", ".join(REVISITOP)}, folder/NAME)')
     if fv.dataset in REVISITOP + ('gldv2_retrieval',) and (fv.val_fraction is not None or
                                                            fv.exclude):
       raise flags.ValidationError(f'--val_fraction and --exclude apply to gldv2/* only, not to '
@@ -91,6 +105,8 @@ def main(argv: list[str]) -> int:
       return _prepare_retrieval(fv)
     if fv.dataset in REVISITOP:
       return _prepare_revisitop(fv)
+    if folder.is_folder_dataset(fv.dataset):
+      return _prepare_folder(fv)
     builder = gldv2.prepare(fv.dataset, fv.manual_dir, fv.data_dir,
                             allow_missing=fv.allow_missing, verify_md5=fv.verify_md5,
                             val_fraction=fv.val_fraction, exclude=fv.exclude)
@@ -106,6 +122,23 @@ def main(argv: list[str]) -> int:
   print(gldv2.format_summary(summary))
   print(f'dataset: gldv2/{builder.builder_config.name} (config.data.dataset)')
   print(f'data: {builder.data_path} (label_map.csv, skipped.csv, missing.csv, summary.json)')
+  return 0
+
+
+def _prepare_folder(fv: flags.FlagValues) -> int:
+  b = folder.prepare(fv.dataset, fv.manual_dir, fv.data_dir, val_fraction=fv.val_fraction,
+                     exclude=fv.exclude, labels=fv.labels, allow_missing=fv.allow_missing)
+  summary = getattr(b, 'summary', None)
+  if summary is None:
+    print(f'{fv.dataset} is already prepared in {b.data_path} (with the same options; delete it '
+          'to prepare it again)')
+    with open(os.path.join(os.fspath(b.data_path), 'summary.json')) as f:
+      summary = json.load(f)
+  for warning in summary.get('warnings', []):
+    print(f'warning: {warning}', file=sys.stderr)
+  print(gldv2.format_summary({**summary, 'warnings': []}))
+  print(f'dataset: {fv.dataset} (config.data.dataset), {summary["num_classes"]} classes')
+  print(f'data: {b.data_path} (label_map.csv, skipped.csv, missing.csv, summary.json)')
   return 0
 
 
@@ -130,6 +163,8 @@ def _builder(dataset: str, data_dir: str):
     return gldv2_retrieval.builder(data_dir)
   if dataset in REVISITOP:
     return revisitop.builder(dataset, data_dir)
+  if folder.is_folder_dataset(dataset):
+    return folder.builder(dataset, data_dir)
   return gldv2.builder(dataset, data_dir)
 
 

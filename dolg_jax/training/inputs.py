@@ -1,9 +1,10 @@
 """Training inputs: opens the configured dataset and builds per-process batch iterators.
 
 `config.data.dataset`:
-- a TFDS name such as 'gldv2/clean' (prepared ArrayRecord, read with grain through
-  `dolg_jax.data.grain_pipeline`); with `config.data.make_fixture` (tiny-style configs only) the dataset
-  is the small GLDv2-format fixture, written and prepared under `data_dir` on first use.
+- a TFDS name such as 'gldv2/clean' or 'folder/NAME' (your own images, dolg_jax.data.folder)
+  (prepared ArrayRecord, read with grain through `dolg_jax.data.grain_pipeline`); with
+  `config.data.make_fixture` (tiny-style configs only) the dataset is the small GLDv2-format
+  fixture, written and prepared under `data_dir` on first use.
 - 'synthetic': random images with learnable class structure, for benchmarks and smoke tests.
 
 Every iterator yields host-local batches {'image': uint8 (B, S, S, 3), 'label': int32 (B,)} and
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dolg_jax.data import folder
 from dolg_jax.data import gldv2
 from dolg_jax.data import grain_pipeline
 from dolg_jax.data import record_check
@@ -117,7 +119,7 @@ def eval_batches(config: ml_collections.ConfigDict, data: Data, per_host_batch: 
 
 
 def _open_tfds(config: ml_collections.ConfigDict) -> Data:
-  """Opens a prepared GLDv2 TFDS dataset (building the fixture first when configured)."""
+  """Opens a prepared GLDv2 or folder TFDS dataset (building the fixture first when configured)."""
   d = config.data
   data_dir = os.path.expanduser(d.data_dir) if d.data_dir else None
   if d.get('make_fixture', False):
@@ -137,7 +139,8 @@ def _open_tfds(config: ml_collections.ConfigDict) -> Data:
                            'its log')
     if error is not None:
       raise error
-  builder = gldv2.builder(d.dataset, data_dir)
+  open_builder = folder.builder if folder.is_folder_dataset(d.dataset) else gldv2.builder
+  builder = open_builder(d.dataset, data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(
         f'config.data.dataset={d.dataset!r} is not prepared under config.data.data_dir='
@@ -149,7 +152,8 @@ def _open_tfds(config: ml_collections.ConfigDict) -> Data:
   record = {'name': d.dataset, 'version': str(info.version),
             'data_path': os.fspath(builder.data_path),
             'splits': splits, 'num_classes': n_classes,
-            # gldv2 build options: listing, validation fraction, exclusion list (file + sha256).
+            # Build options: listing (gldv2) or folder / labels file, validation fraction,
+            # exclusion list (file + sha256).
             'build_options': info.metadata.get('build_options'),
             # Only process 0 writes the manifest: the others skip reading every shard.
             'fingerprint': (manifest.directory_fingerprint(os.fspath(builder.data_path))

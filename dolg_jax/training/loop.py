@@ -21,6 +21,7 @@ from dolg_jax.retrieval import scoring
 from dolg_jax.training import checkpointing
 from dolg_jax.training import config_check
 from dolg_jax.training import determinism
+from dolg_jax.training import init_checkpoint
 from dolg_jax.training import inputs
 from dolg_jax.training import manifest as manifest_lib
 from dolg_jax.training import metric_logging
@@ -101,6 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Before anything is written: a bad field fails here, naming itself.
   config_check.validate(config, device_count=jax.device_count(),
                         process_count=jax.process_count())
+  init_source = init_checkpoint.prepare(config, workdir)  # read and checked unless resuming
   if t_cfg.eval_retrieval and t_cfg.eval_every_steps > 0:  # now, not at the first evaluation
     evaluate_lib.check_datasets(config)
   determinism.apply(t_cfg.deterministic)
@@ -141,7 +143,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   restored = checkpointing.restore_verified(manager, target, mesh, check_record=check_resume)
   latest = None if restored is None else restored[0]
-  if restored is None:
+  manifest_extra['start'] = init_checkpoint.start_record(config, latest)
+  if restored is None and t_cfg.init_checkpoint:  # a whole DOLG model, not the ImageNet backbone
+    state, state_sh, manifest_extra['start'] = init_checkpoint.start(
+        setup, init_source, jax.random.key(config.seed))
+    manifest_extra['backbone'] = {'spec': t_cfg.backbone_init, 'source': None,
+                                  'note': 'not used: train.init_checkpoint takes precedence'}
+  elif restored is None:
     # Resolved (downloaded, verified) before anything is compiled.
     backbone = imagenet.resolve(t_cfg.backbone_init, cache_dir=t_cfg.backbone_cache_dir,
                                 model=config.model, progress=is_primary)

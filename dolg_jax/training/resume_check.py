@@ -29,7 +29,7 @@ OPERATIONAL = frozenset({
     'data.read_threads', 'data.worker_buffer_size', 'train.log_every_steps',
     'train.checkpoint_every_steps', 'train.keep_checkpoints', 'train.async_checkpointing',
     'train.preemption_sync_every_steps', 'train.eval_every_steps', 'train.eval_batches',
-    'train.eval_retrieval', 'train.backbone_init', 'train.deterministic',
+    'train.eval_retrieval', 'train.backbone_init', 'train.init_checkpoint', 'train.deterministic',
     'train.init_on_one_device', 'train.allow_recipe_change_on_resume', 'train.profile_steps'})
 
 

@@ -53,12 +53,63 @@ class TrainSetup:
 def make_setup(config: ml_collections.ConfigDict, mesh: Mesh,
                num_classes: int | None = None) -> TrainSetup:
   """TrainSetup of `config` on `mesh`; `num_classes` (the dataset's) replaces config.head's in a
-  copy of the config (the caller's config is not modified)."""
+  copy of the config (the caller's config is not modified).
+
+  Fine-tuning fields: `train.model_lr_multiplier` / `train.head_lr_multiplier` scale the
+  optimizer's update of the model / the margin head (`scale_param_groups`); `train.freeze_bn`
+  marks the model (`FrozenBatchNorm`) so that the train step normalises with the running statistics
+  and leaves them unchanged. Their defaults (1, 1, False) leave the setup as it is.
+  """
   config = config.copy_and_resolve_references()
   if num_classes is not None:
     config.head.num_classes = int(num_classes)
-  return TrainSetup(config, models.build_model(config.model, config.compute_dtype),
-                    create_optimizer(config.train), mesh)
+  t = config.train
+  model = models.build_model(config.model, config.compute_dtype)
+  if t.freeze_bn:
+    model = FrozenBatchNorm(model)
+  tx = scale_param_groups(create_optimizer(t), model=t.model_lr_multiplier,
+                          head=t.head_lr_multiplier)
+  return TrainSetup(config, model, tx, mesh)
+
+
+class FrozenBatchNorm:
+  """The DOLG module with frozen BatchNorm (`train.freeze_bn`): everything delegates to the module;
+  `freeze_batch_norm` tells the train step's forward (step._forward_fn) to run the model with its
+  running statistics (train=False) and to return them unchanged."""
+  freeze_batch_norm = True
+
+  def __init__(self, module: nn.Module):
+    self.module = module
+
+  def __getattr__(self, name: str) -> Any:
+    if name == 'module':   # not set yet (copy / unpickling)
+      raise AttributeError(name)
+    return getattr(self.module, name)
+
+  def __repr__(self) -> str:
+    return f'FrozenBatchNorm({self.module!r})'
+
+
+def scale_param_groups(tx: optax.GradientTransformation, *, model: float, head: float
+                       ) -> optax.GradientTransformation:
+  """`tx` whose update of params['model'] is multiplied by `model` and of params['head'] by
+  `head` (per-group learning-rate multipliers; the state is `tx`'s own, so changing them keeps
+  the checkpoint layout). `tx` itself when both are 1.
+
+  The train step multiplies the update by the step's learning rate, so a group's effective rate is
+  lr x multiplier, weight decay included: as torch's per-group lr for SGD (momentum first) and
+  AdamW.
+  """
+  if model == 1 and head == 1:
+    return tx
+  scales = {'model': float(model), 'head': float(head)}
+
+  def update(updates, state, params=None):
+    updates, state = tx.update(updates, state, params)
+    return {k: jax.tree.map(lambda u, s=scales[k]: u * jnp.asarray(s, u.dtype), v)
+            for k, v in updates.items()}, state
+
+  return optax.GradientTransformation(tx.init, update)
 
 
 def padded_num_classes(num_classes: int, mesh: Mesh) -> int:

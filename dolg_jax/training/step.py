@@ -74,7 +74,18 @@ def _mask_padded_classes(logits: jax.Array, num_classes: int) -> jax.Array:
 
 
 def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str, bn_group_size: int = 0) -> Callable:
-  """(model_params, batch_stats, images) -> (embeddings float32, new batch_stats)."""
+  """(model_params, batch_stats, images) -> (embeddings float32, new batch_stats).
+
+  A model marked `freeze_batch_norm` (train.freeze_bn, state.FrozenBatchNorm) normalises with its
+  running statistics and returns them unchanged, whatever bn_mode and bn_group_size say.
+  """
+
+  def forward_frozen(params, batch_stats, images):
+    emb = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
+    return emb.astype(jnp.float32), batch_stats
+
+  if getattr(model, 'freeze_batch_norm', False):
+    return forward_frozen
 
   def forward_all(params, batch_stats, images):
     emb, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,

@@ -78,29 +78,48 @@ def load_variables(path: str) -> dict[str, Any]:
   `path`: a workdir (its latest step), `WORKDIR/checkpoints`, or one step directory.
   The margin head is not part of the result (evaluation does not use it).
   """
+  return load_state(path)[0]
+
+
+def load_state(path: str) -> tuple[dict[str, Any], dict[str, Any], dict]:
+  """(model variables as `load_variables`, the margin head {'weight' (padded rows), 't'}, the run
+  record's config) of a checkpoint; the model arrays are verified against the step's record."""
   state_dir = _resolve_state_dir(path)
+  restored = _restore_host(state_dir)
+  out = {'params': _get(_get(restored, 'params'), 'model'),
+         'batch_stats': _get(restored, 'batch_stats')}
+  head = {'weight': _get(_get(_get(restored, 'params'), 'head'), 'weight'),
+          't': np.asarray(_get(restored, 'head_t'))}
+  config = _verify_host_variables(state_dir.parent, {**out, 'head': head})
+  return out, head, config
+
+
+def resolve_step_dir(path: str) -> epath.Path:
+  """The step directory `path` (workdir, checkpoints dir, step or state dir) stands for."""
+  return _resolve_state_dir(path).parent
+
+
+def _restore_host(state_dir: epath.Path) -> Any:
   ckptr = ocp.StandardCheckpointer()
   meta = ckptr.metadata(state_dir)
   tree = getattr(meta, 'item_metadata', meta)
   tree = getattr(tree, 'tree', tree)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  restored = ocp.PyTreeCheckpointer().restore(
+  return ocp.PyTreeCheckpointer().restore(
       state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  out = {'params': _get(_get(restored, 'params'), 'model'),
-         'batch_stats': _get(restored, 'batch_stats')}
-  _verify_host_variables(state_dir.parent, out)
-  return out
 
 
-def _verify_host_variables(step_dir: epath.Path, variables: dict[str, Any]) -> None:
-  """Checks the model's params and batch stats (host arrays) against the step's record."""
+def _verify_host_variables(step_dir: epath.Path, variables: dict[str, Any]) -> dict:
+  """Checks the model's params and batch stats (host arrays) against the step's record; returns
+  the record's config."""
   files = sorted((step_dir / RECORD).glob('process_*.json')) if (step_dir / RECORD).is_dir() else []
   if not files:
     raise CheckpointCorruptError(os.fspath(step_dir), 'no-record',
                                  f'{step_dir} has no {RECORD}/ (digests), so its contents cannot '
                                  'be verified; evaluate a step written by this version')
   try:
-    saved = json.loads(files[0].read_text())['state_digests']
+    record = json.loads(files[0].read_text())
+    saved = record['state_digests']
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointCorruptError(os.fspath(files[0]), 'unreadable-record',
                                  f'cannot read the run record: {errors.first_line(e)}') from e
@@ -108,7 +127,10 @@ def _verify_host_variables(step_dir: epath.Path, variables: dict[str, Any]) -> N
   bad = []
   for name, tree in variables.items():
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      key = prefixes[name] + jax.tree_util.keystr(path)
+      if name == 'head':   # {'weight', 't'}: the state's params['head']['weight'] and head_t
+        key = ".params['head']['weight']" if path[0].key == 'weight' else '.head_t'
+      else:
+        key = prefixes[name] + jax.tree_util.keystr(path)
       if saved.get(key) != checksums.numpy_digest(np.asarray(leaf)):
         bad.append(key)
   if bad:
@@ -117,3 +139,4 @@ def _verify_host_variables(step_dir: epath.Path, variables: dict[str, Any]) -> N
         f'{len(bad)} model arrays differ from the digests written at save (first: '
         f'{", ".join(bad[:3])}); the checkpoint is damaged: evaluate another step '
         f'({step_dir.parent}/<step>)')
+  return record.get('config') or {}
