@@ -277,4 +277,4 @@ def test_fine_tuning_fields():
       init_checkpoint.validate(bad)
   config.train.freeze_bn = True
   setup = state_lib.make_setup(config, shd.make_mesh(config.mesh))
-  assert setup.model.freeze_batch_norm and setup.model.embedding_dim == 16
+  assert setup.config.train.freeze_bn and setup.model.embedding_dim == 16

@@ -56,38 +56,18 @@ def make_setup(config: ml_collections.ConfigDict, mesh: Mesh,
   copy of the config (the caller's config is not modified).
 
   Fine-tuning fields: `train.model_lr_multiplier` / `train.head_lr_multiplier` scale the
-  optimizer's update of the model / the margin head (`scale_param_groups`); `train.freeze_bn`
-  marks the model (`FrozenBatchNorm`) so that the train step normalises with the running statistics
-  and leaves them unchanged. Their defaults (1, 1, False) leave the setup as it is.
+  optimizer's update of the model / the margin head (`scale_param_groups`); `train.freeze_bn` is
+  read by the train step (step._forward_fn: BatchNorm with the running statistics, left unchanged).
+  Their defaults (1, 1, False) leave the setup as it is.
   """
   config = config.copy_and_resolve_references()
   if num_classes is not None:
     config.head.num_classes = int(num_classes)
   t = config.train
   model = models.build_model(config.model, config.compute_dtype)
-  if t.freeze_bn:
-    model = FrozenBatchNorm(model)
   tx = scale_param_groups(create_optimizer(t), model=t.model_lr_multiplier,
                           head=t.head_lr_multiplier)
   return TrainSetup(config, model, tx, mesh)
-
-
-class FrozenBatchNorm:
-  """The DOLG module with frozen BatchNorm (`train.freeze_bn`): everything delegates to the module;
-  `freeze_batch_norm` tells the train step's forward (step._forward_fn) to run the model with its
-  running statistics (train=False) and to return them unchanged."""
-  freeze_batch_norm = True
-
-  def __init__(self, module: nn.Module):
-    self.module = module
-
-  def __getattr__(self, name: str) -> Any:
-    if name == 'module':   # not set yet (copy / unpickling)
-      raise AttributeError(name)
-    return getattr(self.module, name)
-
-  def __repr__(self) -> str:
-    return f'FrozenBatchNorm({self.module!r})'
 
 
 def scale_param_groups(tx: optax.GradientTransformation, *, model: float, head: float

@@ -73,18 +73,19 @@ def _mask_padded_classes(logits: jax.Array, num_classes: int) -> jax.Array:
   return jnp.where(jnp.arange(logits.shape[-1])[None, :] < num_classes, logits, _MASK_VALUE)
 
 
-def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str, bn_group_size: int = 0) -> Callable:
+def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str, bn_group_size: int = 0,
+                freeze_bn: bool = False) -> Callable:
   """(model_params, batch_stats, images) -> (embeddings float32, new batch_stats).
 
-  A model marked `freeze_batch_norm` (train.freeze_bn, state.FrozenBatchNorm) normalises with its
-  running statistics and returns them unchanged, whatever bn_mode and bn_group_size say.
+  `freeze_bn` (train.freeze_bn): BatchNorm normalises with its running statistics and returns
+  them unchanged, whatever bn_mode and bn_group_size say.
   """
 
   def forward_frozen(params, batch_stats, images):
     emb = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
-    return emb.astype(jnp.float32), batch_stats
+    return widen(emb), batch_stats
 
-  if getattr(model, 'freeze_batch_norm', False):
+  if freeze_bn:
     return forward_frozen
 
   def forward_all(params, batch_stats, images):
@@ -142,7 +143,7 @@ def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
   if t_cfg.global_batch_size % (k * shd.batch_devices(mesh)):
     raise ValueError(f'config.train.global_batch_size={t_cfg.global_batch_size} must be divisible '
                      f'by grad_accum_steps ({k}) x devices ({shd.batch_devices(mesh)}).')
-  forward = _forward_fn(model, mesh, t_cfg.bn_mode, int(t_cfg.bn_group_size))
+  forward = _forward_fn(model, mesh, t_cfg.bn_mode, int(t_cfg.bn_group_size), t_cfg.freeze_bn)
   wide = wide_dtype(models.resolve_dtype(config.compute_dtype))
 
   def loss_fn(params, batch_stats, head_t, images, labels):
