@@ -37,7 +37,9 @@ jax2onnx's flax.linen replacements out (its linen Conv / BatchNorm / max_pool sh
 dynamic NHWC shapes and the explicit torch padding); the one primitive rewritten on the way is the
 stem's 4-D max reduce-window (jax2onnx would make it a MaxPool with 4 spatial dims, which
 onnxruntime refuses): it becomes NCHW -> (N*C, H, W) -> a (1, 3, 3) max reduce-window -> back, the
-same maxima. The model code itself is unchanged.
+same maxima; and integer remainders (regional-GeM's reflection indices) become a - trunc(a / b) b,
+the same integers (jax2onnx's rem lowering needs static shapes). The model code is unchanged;
+every model variant and extraction module (GeM+, regional-GeM, ReLU+) exports.
 """
 
 from __future__ import annotations
@@ -148,6 +150,9 @@ def _replay(jaxpr, consts, *args) -> list:
     invals = [read(v) for v in eqn.invars]
     if _is_nhwc_pool(eqn):
       outs = [_max_pool_nchw(*invals, **eqn.params)]
+    elif eqn.primitive is lax.rem_p and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.integer):
+      a, b = invals  # jax2onnx's rem lowering needs static shapes; this is the same integers
+      outs = [a - lax.div(a, b) * b]
     elif eqn.primitive.name in ('jit', 'pjit'):
       sub = eqn.params['jaxpr']
       outs = _replay(sub.jaxpr, sub.consts, *invals)
