@@ -45,6 +45,7 @@ every model variant and extraction module (GeM+, regional-GeM, ReLU+) exports.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -167,9 +168,9 @@ def _replay(jaxpr, consts, *args) -> list:
 
 @contextlib.contextmanager
 def _quiet_converter():
-  """jax2onnx logs a warning per optional plugin it cannot import (equinox, dm_pix: not used
-  here) and its settings on the root logger (info), onnx_ir one warning per untyped shape helper;
-  none concerns this graph. Errors still show."""
+  """jax2onnx logs its settings on the root logger (info), a warning per optional plugin it cannot
+  import, and prints debug lines on stdout; onnx_ir logs a warning per untyped shape helper. None
+  concerns this graph; errors still show."""
   names = [n for n in list(logging.root.manager.loggerDict)
            if n.split('.')[0] in ('jax2onnx', 'onnx_ir')] + ['jax2onnx', 'onnx_ir']
   loggers = [logging.getLogger(n) for n in names] + [logging.root]
@@ -178,7 +179,8 @@ def _quiet_converter():
     lg.setLevel(logging.ERROR)
   logging.root.setLevel(max(logging.root.level, logging.WARNING))
   try:
-    yield
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
   finally:
     for lg, level in zip(loggers, levels):
       lg.setLevel(level)
