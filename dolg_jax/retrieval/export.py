@@ -28,12 +28,13 @@ Before `run` returns, both artifacts are read back from disk and checked against
 (jit, float32) on random images of `VERIFY_SHAPES` (several sizes, batch 2 included): the worst
 relative error max|out - ref| / max|ref| of each artifact and shape is printed and recorded; above
 `TOLERANCE` (1e-4) `ExportMismatchError` is raised (and export.json says so). Files are written
-under temporary names and renamed, so an interrupted export never leaves a partial model.onnx.
+under temporary names and renamed, so an interrupted export never leaves a partial file;
+export.json is removed first and written last, with `verified: true` only when both passed.
 
 How the ONNX graph is made: the descriptor function is traced ONCE by JAX with symbolic shapes
 ('N, H, W, 3', H and W >= 64) into a jaxpr, and jax2onnx converts a function that replays that
-jaxpr primitive by primitive. Replaying (instead of letting jax2onnx trace the Flax model) keeps
-jax2onnx's flax.linen replacements out (its linen Conv / BatchNorm / max_pool shims lose the
+jaxpr primitive by primitive, with only jax2onnx's lowerings of JAX primitives loaded. Replaying
+(instead of letting jax2onnx trace the Flax model) keeps jax2onnx's flax.linen replacements out (its linen Conv / BatchNorm / max_pool shims lose the
 dynamic NHWC shapes and the explicit torch padding); the one primitive rewritten on the way is the
 stem's 4-D max reduce-window (jax2onnx would make it a MaxPool with 4 spatial dims, which
 onnxruntime refuses): it becomes NCHW -> (N*C, H, W) -> a (1, 3, 3) max reduce-window -> back, the
@@ -49,6 +50,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -58,6 +60,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jax_core
 import jax2onnx
+from jax2onnx.plugins import plugin_system
 import ml_collections
 import numpy as np
 import onnx
@@ -186,6 +189,23 @@ def _quiet_converter():
       lg.setLevel(level)
 
 
+def _load_jax_plugins() -> None:
+  """Registers jax2onnx's lowerings of JAX primitives only (its `jax` plugin tree, ~3 s).
+
+  The replayed jaxpr holds nothing else; jax2onnx's own discovery imports every plugin tree,
+  Flax, Equinox, dm_pix and its examples included (~30 s on 2 busy cores, and tracebacks for the
+  dm_pix ones that this JAX no longer supports). Falls back to that discovery where the
+  helpers it uses are missing (another jax2onnx version).
+  """
+  if getattr(plugin_system, '_already_imported_plugins', True):
+    return
+  import_tree = getattr(plugin_system, '_import_tree', None)
+  if import_tree is None:
+    return
+  import_tree(pathlib.Path(plugin_system.__file__).parent / 'jax', 'jax2onnx.plugins.jax')
+  plugin_system._already_imported_plugins = True  # pylint: disable=protected-access
+
+
 def export_onnx(fn: Callable, spec: Optional[jax.ShapeDtypeStruct] = None) -> onnx.ModelProto:
   """The ONNX model of `fn` (dynamic N, H, W), via a traced jaxpr (see the module docstring)."""
   spec = input_spec() if spec is None else spec
@@ -195,6 +215,7 @@ def export_onnx(fn: Callable, spec: Optional[jax.ShapeDtypeStruct] = None) -> on
     return _replay(closed.jaxpr, closed.consts, images)[0]
 
   with _quiet_converter():
+    _load_jax_plugins()
     return jax2onnx.to_onnx(replayed, [spec], model_name='dolg_descriptor', opset=ONNX_OPSET,
                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
 
@@ -270,6 +291,9 @@ def export_model(fn: Callable, out_dir: str, *, verify_shapes=VERIFY_SHAPES,
   Raises ExportMismatchError when an artifact's worst relative error exceeds `tolerance`.
   """
   os.makedirs(out_dir, exist_ok=True)
+  summary_path = os.path.join(out_dir, SUMMARY_FILE)
+  if os.path.exists(summary_path):  # an earlier export's record must not vouch for this one
+    os.remove(summary_path)
   spec = input_spec()
   t0 = time.perf_counter()
   _write_atomic(os.path.join(out_dir, JAX_EXPORT_FILE), export_jax(fn, spec))
@@ -292,8 +316,7 @@ def export_model(fn: Callable, out_dir: str, *, verify_shapes=VERIFY_SHAPES,
       'seconds': {'jax_export': round(t1 - t0, 2), 'onnx': round(t2 - t1, 2)}})
   bad = {k: v for k, v in checks['worst'].items() if not v <= tolerance}
   summary['verified'] = not bad
-  _write_atomic(os.path.join(out_dir, SUMMARY_FILE),
-                json.dumps(summary, indent=2, sort_keys=True).encode())
+  _write_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True).encode())
   if bad:
     worst = ', '.join(f'{k} {v:.2e}' for k, v in bad.items())
     raise ExportMismatchError(
