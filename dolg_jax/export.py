@@ -1,0 +1,67 @@
+"""Export the model for serving: python -m dolg_jax.export.
+
+  python -m dolg_jax.export --config=configs/r50.py --checkpoint=PATH --out=EXPORT_DIR
+  python -m dolg_jax.export --config=configs/r50.py --workdir=DIR --out=EXPORT_DIR
+  [--config.eval.gem_plus_p=4.6 ...]           # evaluation's extraction modules, as in eval
+
+`--checkpoint` / `--workdir` take what `dolg_jax.eval` takes (released .pyth/.pth, converted
+directory, our workdir or step directory; the architecture comes from the file as in eval). Writes
+EXPORT_DIR/model.onnx (onnxruntime) and EXPORT_DIR/model.jax_export (jax.export, cpu and cuda):
+float32 RGB images (N, H, W, 3) in [0, 255], N, H, W dynamic (H, W >= 64) -> the (N, D)
+L2-normalised single-scale descriptor; plus EXPORT_DIR/export.json. Both are verified against the
+JAX model on images of several sizes (batch 2 included) before the command ends: the worst
+relative errors are printed; above 1e-4 it fails. Calls `dolg_jax.retrieval.export.run` (see its
+docstring for the contract). A failure ends with one line `FAILED: ...` (exit code 1), as eval
+does.
+"""
+
+import sys
+import traceback
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from dolg_jax.retrieval import export as export_lib
+from dolg_jax.training import failures
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (at entry only, so importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Training workdir (latest checkpoint).')
+  flags.DEFINE_string('checkpoint', None, 'Released .pyth/.pth, converted dir, or one of our '
+                      'checkpoint step dirs.')
+  flags.DEFINE_string('out', None, 'Export directory (model.onnx, model.jax_export, export.json).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  if config is None:
+    raise app.UsageError('--config is required.')
+  failures.quiet_library_tracebacks()
+  try:
+    summary = export_lib.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                             out_dir=FLAGS.out)
+  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+    if not (failures.is_expected(e) or failures.is_disk_full(e)):
+      traceback.print_exception(e)
+    print(failures.describe(e, FLAGS.out or FLAGS.workdir or FLAGS.checkpoint), file=sys.stderr)
+    sys.exit(failures.EXIT_FAILED)
+  worst = summary['verification']['worst']
+  print(f'worst relative error: onnx {worst["onnx"]:.2e}, jax_export {worst["jax_export"]:.2e} '
+        f'(tolerance {summary["tolerance"]:g})')
+  print(f'exported: {FLAGS.out}')
+
+
+def run() -> None:
+  define_flags()
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
