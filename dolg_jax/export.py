@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from dolg_jax import cli
 from dolg_jax.retrieval import export as export_lib
 from dolg_jax.training import failures
 
@@ -60,7 +61,7 @@ def main(argv):
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

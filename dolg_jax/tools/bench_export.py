@@ -36,6 +36,7 @@ from ml_collections import config_flags
 import numpy as np
 import onnxruntime
 
+from dolg_jax import cli
 from dolg_jax import models
 from dolg_jax.retrieval import evaluate
 from dolg_jax.retrieval import export as export_lib
@@ -160,7 +161,7 @@ def main(argv):
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':
