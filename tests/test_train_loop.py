@@ -41,10 +41,11 @@ def test_straight_run_outputs(straight):
               'step_time_s', 'eta_s', 'param_norm'):
     assert all(np.isfinite(r[key]) for r in records), key
   # Schedule: tiny = 44 examples / batch 8 = 5 steps per epoch, 1 warm-up epoch capped at
-  # total - 1 = 3 steps in this 4-step run, peak 0.05 * 8 / 128.
-  peak = 0.05 * 8 / 128
+  # total - 1 = 3 steps in this 4-step run, peak 0.05 * 8 / 128, from warmup_factor 0.1 x peak.
+  peak, f = 0.05 * 8 / 128, 0.1
   lrs = [r['learning_rate'] for r in records]
-  np.testing.assert_allclose(lrs[:3], [peak * k / 3 for k in range(1, 4)], rtol=1e-6)
+  np.testing.assert_allclose(lrs[:3], [peak * (f + (1 - f) * k / 3) for k in range(1, 4)],
+                             rtol=1e-6)
   assert lrs[3] == pytest.approx(peak, rel=1e-6)  # First cosine step (t = 0).
   assert 'step 4/4' in stdout and 'ETA' in stdout
   assert tl.checkpoint_steps(workdir) == [2, 4]   # every 2 steps, keep 2

@@ -40,18 +40,22 @@ class NonFiniteLossError(FloatingPointError):
 
 def _check_finite(records: list[dict[str, Any]], first_step: int, workdir: str,
                   last_saved: int | None, restored: int | None = None) -> None:
-  """Raises NonFiniteLossError at the first step whose loss, gradient or parameters are not finite.
+  """Raises NonFiniteLossError at the first step whose loss, gradient, parameters or BatchNorm
+  statistics / CurricularFace t are not finite.
 
   Parameters are checked too: a finite loss with a NaN gradient yields NaN weights that must not
-  be checkpointed. When nothing was saved since the state was restored (`restored` = its step),
+  be checkpointed; so are the running statistics (BatchNorm keeps the loss finite while the running
+  variance of a diverging activation overflows). When nothing was saved since the state was restored (`restored` = its step),
   the advice is not about the learning rate: the same recipe reached that state finitely.
   """
   for i, r in enumerate(records):
-    if not all(np.isfinite(r[k]) for k in ('loss', 'grad_norm', 'param_norm')):
+    if (not all(np.isfinite(r[k]) for k in ('loss', 'grad_norm', 'param_norm'))
+        or r['nonfinite_state'] != 0):
       where = (f'step {last_saved} in {checkpointing.checkpoint_dir(workdir)}'
                if last_saved is not None else 'none yet')
       head = (f'Non-finite training values at step {first_step + i}: loss {r["loss"]}, grad_norm '
-              f'{r["grad_norm"]}, param_norm {r["param_norm"]}. Stopping without saving this '
+              f'{r["grad_norm"]}, param_norm {r["param_norm"]}, non-finite BatchNorm '
+              f'statistics {int(r["nonfinite_state"])}. Stopping without saving this '
               f'state; last good checkpoint: {where}.')
       if restored is not None and last_saved == restored:
         raise NonFiniteLossError(

@@ -191,6 +191,10 @@ def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
         'grad_norm': optax.tree.norm(grads),
         'param_norm': optax.tree.norm(params),
         'head_t': head_t,
+        # BatchNorm normalises a diverging activation back to a finite loss while its running
+        # variance overflows: count what the loss and the norms would not show.
+        'nonfinite_state': sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(
+            (stats, head_t))).astype(jnp.float32),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                               opt_state=opt_state, head_t=head_t)
