@@ -23,10 +23,10 @@ import traceback
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 
-from dolg_jax import main as main_lib
 from dolg_jax.collection import build as build_lib
 from dolg_jax.collection import faiss_index
 from dolg_jax.training import failures
@@ -83,6 +83,31 @@ def options_from_flags() -> build_lib.Options:
                            progress=FLAGS.progress)
 
 
+def _cluster_detected(env=os.environ) -> bool:
+  """True under a multi-task SLURM step or on a multi-host Cloud TPU slice (as dolg_jax.main)."""
+  if int(env.get('SLURM_NTASKS', env.get('SLURM_NPROCS', '1'))) > 1 and 'SLURM_STEP_ID' in env:
+    return True
+  return ',' in env.get('TPU_WORKER_HOSTNAMES', '') or 'MEGASCALE_COORDINATOR_ADDRESS' in env
+
+
+def initialize_distributed(mode: str, coordinator, num_processes, process_id) -> None:
+  """jax.distributed.initialize as dolg_jax.main does it (that module's import pulls in the
+  training loop, seconds of start-up an index run does not need)."""
+  explicit = (coordinator, num_processes, process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError('--coordinator_address, --num_processes and --process_id go together.')
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU: cross-process
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif mode == 'on' or (mode == 'auto' and _cluster_detected()):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('JAX distributed: process %d of %d, %d local / %d global devices.',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -97,8 +122,8 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   failures.quiet_library_tracebacks()
   try:
-    main_lib.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
-                                    FLAGS.num_processes, FLAGS.process_id)
+    initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id)
     out = build_lib.build(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                           images=FLAGS.images, out=FLAGS.out, options=options_from_flags())
   except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
