@@ -2,7 +2,7 @@
 
   python -m dolg_jax.index --config=CONFIG (--checkpoint=PATH | --workdir=DIR) \
       --images=DIR_OR_LIST --out=INDEX_DIR [--config.x=y ...]
-      [--faiss=flat|ivfpq|hnsw] [--descriptor_dtype=float16] [--part_size=1024] [--replace]
+      [--faiss=flat|ivfpq|hnsw] [--descriptor_dtype=float16] [--part_size=4096] [--replace]
   # N processes (each reads only its share of the files and writes its own parts):
   python -m dolg_jax.index ... --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I
 
@@ -57,7 +57,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('train_size', _SPEC.train_size, 'IVF-PQ training sample (0 = automatic).')
   flags.DEFINE_enum('descriptor_dtype', 'float32', list(build_lib.DESCRIPTOR_DTYPES),
                     'Stored descriptor dtype.')
-  flags.DEFINE_integer('part_size', 1024, 'Files per part (unit of resumption and work sharing).')
+  flags.DEFINE_integer('part_size', 4096, 'Files per part (unit of resumption and work sharing).')
   flags.DEFINE_integer('read_workers', 4, 'Threads reading and decoding files.')
   flags.DEFINE_integer('recall_k', 100, 'recall@k of the search structure measured at build time.')
   flags.DEFINE_integer('recall_sample', 200, 'Stored descriptors used as queries for recall@k.')

@@ -247,9 +247,11 @@ class Rows:
       raise ValueError(f'row ids must be in [0, {len(self)})')
     out = np.empty((flat.size, self.dim), np.float32)
     seg = np.searchsorted(self.offsets, flat, side='right') - 1
-    for s in np.unique(seg):
-      sel = np.flatnonzero(seg == s)
-      out[sel] = self.segments[s][flat[sel] - self.offsets[s]]
+    order = np.argsort(seg, kind='stable')
+    for sel in np.split(order, np.flatnonzero(np.diff(seg[order])) + 1):  # one slice per part
+      if sel.size:
+        s = seg[sel[0]]
+        out[sel] = self.segments[s][flat[sel] - self.offsets[s]]
     return out.reshape(ids.shape + (self.dim,))
 
   def iter_blocks(self, rows: int = 65536):
