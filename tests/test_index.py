@@ -268,3 +268,31 @@ def test_two_processes_each_read_their_share_and_equal_one(env, clean):
   assert ct.index_files(out) == ct.index_files(clean[0])
   assert _manifest(out)['counts'] == _manifest(clean[0])['counts']
   assert _manifest(out)['last_run']['processes'] == 2
+
+
+def test_list_file_and_folder_listing(tmp_path):
+  from dolg_jax.collection import files
+  root = ct.write_folder(str(tmp_path / 'images'))
+  lst = tmp_path / 'images' / 'list.txt'
+  lst.write_text('# my picks\na/img04.jpeg\n\n./img00.jpg\na/img04.jpeg\nc/../c/img10.tif\n')
+  assert files.list_images(str(lst)) == (root, ['a/img04.jpeg', 'c/img10.tif', 'img00.jpg'])
+  got_root, found = files.list_images(root)
+  assert got_root == root
+  assert found == sorted([p for p, _ in ct.IMAGES] + list(ct.BAD))  # no .txt, no hidden file
+  with pytest.raises(FileNotFoundError, match='neither a folder nor a list file'):
+    files.list_images(str(tmp_path / 'nope'))
+
+
+def test_rows_take_across_parts(tmp_path):
+  store = store_lib.IndexStore(str(tmp_path / 'idx'))
+  rng = np.random.default_rng(0)
+  parts = [rng.standard_normal((n, 4)).astype(np.float16) for n in (3, 0, 5, 2)]
+  for c, d in enumerate(parts):
+    rows = [{'path': f'p{c}_{i}', 'height': 1, 'width': 1, 'bytes': 1, 'sha1': 'x'}
+            for i in range(len(d))]
+    store.write_part(0, c, d if len(d) else np.zeros((0, 0), np.float16), rows, [])
+  r = store_lib.Rows(store)
+  x = np.concatenate(parts).astype(np.float32)
+  ids = np.array([[9, 0, 4], [3, 3, 8]])
+  np.testing.assert_array_equal(r.take(ids), x[ids])
+  assert r.paths[3] == 'p2_0' and len(r) == 10
