@@ -43,7 +43,7 @@ class Spec:
   refine: int = 10        # ivfpq: shortlist k * refine re-scored exactly (1 = off)
   hnsw_m: int = 32        # hnsw: links per node
   ef_construction: int = 80
-  ef_search: int = 256
+  ef_search: int = 400
   train_size: int = 0     # ivfpq: training sample (0: min(n, max(64 nlist, 40 * 2^bits), 262144))
   seed: int = 0
 
@@ -195,7 +195,7 @@ def flat_vectors(index) -> np.ndarray:
   return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
-def flat_blocks(index, rows: int = 32768):
+def flat_blocks(index, rows: int = 65536):
   x = flat_vectors(index)
   for a in range(0, x.shape[0], rows):
     yield a, x[a:a + rows]

@@ -18,6 +18,16 @@ queries at once, per query) and recall@k against exact search. Methods:
 The projection to `--project_to` vectors scales memory by the bytes per vector and, for the exact
 methods, latency linearly (a full scan); for IVF-PQ it assumes nlist grows as sqrt(n) with the
 same nprobe (scanned codes grow as sqrt(n)). Figures print as a table and one JSON line.
+
+Measured (2 CPU cores, faiss-cpu 1.15.1, defaults above, 1M x 512, 2000 clusters, 200 queries,
+k=100; p50/p99 one query at a time, batch = all 200 at once):
+  method          build s  memory   p50 ms  p99 ms  batch ms/q  recall@100
+  numpy              -       2 GB    248     743      31.4       1.000   (19-27 ms/q batched in
+  flat (ours)       2.7      2 GB    260     449      35.1       1.000    quieter reruns; flat
+  IndexFlatIP.search 2.7     2 GB    324     352      88.3       1.000    21-25 ms/q)
+  IVF1024,PQ64x4fs  28.4    76 MB   0.13    0.23      0.06      0.369
+   + exact refine x10        (+ stored descriptors) 0.84  1.11  3.51  1.000
+  HNSW32,Flat      319.8   2.2 GB   1.23    1.87      0.52      0.992
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('train_size', 65536, 'IVF-PQ training sample.')
   flags.DEFINE_integer('hnsw_m', 32, 'HNSW links per node.')
   flags.DEFINE_integer('ef_construction', 80, 'HNSW efConstruction.')
-  flags.DEFINE_integer('ef_search', 256, 'HNSW efSearch.')
+  flags.DEFINE_integer('ef_search', 400, 'HNSW efSearch.')
   flags.DEFINE_integer('single_queries', 100, 'Queries timed one at a time (p50 / p99).')
   flags.DEFINE_integer('project_to', 100_000_000, 'Projection target.')
   flags.DEFINE_integer('seed', 0, 'Data seed.')
