@@ -14,10 +14,10 @@ LAYERS = (
      'dolg_jax.profiling', 'dolg_jax.cli'),
     ('dolg_jax.weights', 'dolg_jax.data'),
     ('dolg_jax.data.synthetic', 'dolg_jax.pretrained'),
-    ('dolg_jax.retrieval',),
+    ('dolg_jax.retrieval', 'dolg_jax.collection'),
     ('dolg_jax.training',),
     ('dolg_jax.main', 'dolg_jax.eval', 'dolg_jax.export', 'dolg_jax.convert', 'dolg_jax.demo',
-     'dolg_jax.plan', 'dolg_jax.study', 'dolg_jax.tools'),
+     'dolg_jax.plan', 'dolg_jax.study', 'dolg_jax.index', 'dolg_jax.search', 'dolg_jax.tools'),
 )
 # Function-level imports that remain, with the reason (see ARCHITECTURE.md).
 ALLOWED_LOCAL_IMPORTS = {

@@ -106,15 +106,16 @@ def split_descriptors(extractor: extract_lib.Extractor, name: str, data_dir: str
   def compute():
     src = revisitop.data_source(name, data_dir, split)
 
-    def examples():
-      for ex in revisitop.iter_examples(src):
+    def examples():  # this process's records only (each process reads only its share)
+      for i in extract_lib.own_share(len(src)):
+        ex = src[i]
         out = {'index': int(ex['index']), 'image': ex['image']}
         if use_crop:
           out['bbx'] = np.asarray(ex['bbx'], np.float64)
         yield out
 
     num = int(revisitop.load_summary(name, data_dir)[f'num_{split}'])  # list length
-    return extractor.extract(examples(), num), None
+    return extractor.extract(examples(), num, presharded=True), None
 
   key = _key(extractor, name, split, model_key, use_crop)
   return cached(cache_dir, key, compute)[0]

@@ -26,8 +26,12 @@ changes). Batches are padded (with dropped rows) to a power of two between the d
 `batch_size`. Measured effects on descriptors and compile counts: see bench_eval.py.
 
 Sharding: the batch axis is split over a 1-D mesh of this process's devices ('data'); variables
-are replicated. With several processes, each takes every process_count-th image and the
-descriptors are all-gathered at the end, so every process returns the full array.
+are replicated. With several processes, each extracts every process_count-th image (`own_share`):
+callers that can read records by index pass only their share (`presharded=True`), so no process
+reads the others' bytes. `extract_own` returns this process's rows only (the collection index
+writes them as its own parts; nothing is gathered); `extract` then exchanges just those rows, one
+(num / process_count, D) block per process, so every process returns the full array (evaluation
+scores on every process).
 """
 
 from __future__ import annotations
@@ -322,12 +326,16 @@ class Extractor:
       self.profile.after(i, out)
     return out[:n]
 
-  def extract(self, examples: Iterable[Mapping[str, Any]], num: int,
-              progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """Descriptors (num, D) float32, row ex['index'] for each example.
+  def extract_own(self, examples: Iterable[Mapping[str, Any]], *,
+                  progress: Optional[Callable[[int], None]] = None, presharded: bool = False,
+                  num: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(indices (m,) int64, descriptors (m, D) float32) of THIS process's examples, in the order
+    they came; nothing is gathered.
 
-    examples: dicts with 'index' (int), 'image' (encoded bytes or uint8 HWC array) and optionally
-      'bbx' ([x1, y1, x2, y2], queries only: the crop).
+    presharded: the examples are already this process's share (the caller read only those, e.g.
+      `own_share`); otherwise this process takes every process_count-th example of the iterable
+      (every process then reads every example's bytes: prefer `presharded`).
+    num: when given, every index must be in [0, num).
     """
     cfg = self.cfg
     if cfg.scale_pool not in SCALE_POOLS:
@@ -335,6 +343,8 @@ class Extractor:
     use_max = cfg.scale_pool == 'max'
     pid, nproc = jax.process_index(), jax.process_count()
     sums: dict[int, np.ndarray] = {}  # per-scale sum (mean) or running max (max)
+    order: list[int] = []
+    seen: set[int] = set()
     pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     inflight: list[tuple[list[int], jax.Array]] = []
     done = 0
@@ -363,9 +373,9 @@ class Extractor:
 
     def mine():
       for k, ex in enumerate(examples):
-        if k % nproc == pid:
+        if presharded or k % nproc == pid:
           idx = int(ex['index'])
-          if not 0 <= idx < num:
+          if num is not None and not 0 <= idx < num:
             raise ValueError(f'example index {idx} outside [0, {num})')
           yield idx, ex
 
@@ -380,6 +390,10 @@ class Extractor:
       return idx, out
 
     for idx, scaled in _ordered_map(prepare, mine(), cfg.num_workers):
+      if idx in seen:
+        raise ValueError(f'example index {idx} given twice')
+      seen.add(idx)
+      order.append(idx)
       for shape, im in scaled:
         pending.setdefault(shape, []).append((idx, im))
         if len(pending[shape]) >= cfg.batch_size:
@@ -387,26 +401,55 @@ class Extractor:
     for shape in list(pending):
       flush(shape)
     collect(0)
-    dim = next(iter(sums.values())).shape[0] if sums else 0
-    if nproc > 1:  # A process given no image must still join the gathers with the right shape.
-      dim = int(np.max(multihost_utils.process_allgather(np.int32(dim))))
-    out = np.zeros((num, dim), np.float32)
-    have = np.zeros(num, bool)
-    for i, v in sums.items():
+    if not order:
+      return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    rows = []
+    for i in order:
+      v = sums[i]
       if not use_max:
         v = v / len(cfg.scales)
-      out[i] = l2_normalize(v)
-      have[i] = True
-    if nproc > 1:
-      outs = multihost_utils.process_allgather(out)
-      haves = multihost_utils.process_allgather(have)
-      out = (outs * haves[..., None]).sum(0).astype(np.float32)
-      have = haves.any(0)
+      rows.append(l2_normalize(v))
+    return np.asarray(order, np.int64), np.stack(rows).astype(np.float32)
+
+  def extract(self, examples: Iterable[Mapping[str, Any]], num: int,
+              progress: Optional[Callable[[int], None]] = None, *,
+              presharded: bool = False) -> np.ndarray:
+    """Descriptors (num, D) float32, row ex['index'] for each example, on every process.
+
+    examples: dicts with 'index' (int), 'image' (encoded bytes or uint8 HWC array) and optionally
+      'bbx' ([x1, y1, x2, y2], queries only: the crop). With several processes and `presharded`,
+      each process passes only its own share (`own_share(num)`), so it reads only those bytes;
+      the processes then exchange only their own rows (one (num / process_count, D) block each).
+    """
+    idx, desc = self.extract_own(examples, progress=progress, presharded=presharded, num=num)
+    nproc = jax.process_count()
+    dim = desc.shape[1]
+    if nproc > 1:  # A process given no image must still join the gathers with the right shape.
+      counts = multihost_utils.process_allgather(np.asarray([idx.size, dim], np.int32))
+      dim, cap = int(counts[:, 1].max()), int(counts[:, 0].max())
+      own = np.zeros((cap, dim), np.float32)
+      own[:idx.size] = desc if idx.size else 0
+      own_idx = np.full(cap, -1, np.int64)
+      own_idx[:idx.size] = idx
+      idx = multihost_utils.process_allgather(own_idx).reshape(-1)
+      desc = multihost_utils.process_allgather(own).reshape(-1, dim)
+      keep = idx >= 0
+      idx, desc = idx[keep], desc[keep]
+    out = np.zeros((num, dim), np.float32)
+    have = np.zeros(num, bool)
+    out[idx] = desc
+    have[idx] = True
     if not have.all():
       missing = np.flatnonzero(~have)
       raise ValueError(f'{missing.size} of {num} indices got no example (first: '
                        f'{missing[:5].tolist()})')
     return out
+
+
+def own_share(num: int) -> range:
+  """The example indices this process extracts (`Extractor.extract(..., presharded=True)`):
+  every process_count-th from process_index."""
+  return range(jax.process_index(), num, jax.process_count())
 
 
 def simulate_shapes(sizes: Sequence[tuple[int, int]], boxes: Sequence[Optional[Sequence[float]]],

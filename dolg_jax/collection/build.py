@@ -1,0 +1,371 @@
+"""Index a collection of images: `build(config, workdir=|checkpoint=, images=, out=, options=)`.
+
+The library behind `python -m dolg_jax.index`. Steps (the on-disk format: dolg_jax.collection.store):
+
+1. List the images (`files.list_images`: a folder, recursively, or a list file) and load the model
+   exactly as evaluation does (`retrieval.evaluate.load_model`: our workdir or step directory, a
+   released .pyth/.pth or a converted directory; `config.eval`'s compute dtype and model overrides).
+2. Fingerprint what the descriptors depend on (model key = weights hash + compute dtype + model
+   overrides, the architecture, the extraction protocol `ExtractConfig.key()` from `config.eval`,
+   the decoder, the stored dtype). An existing index with another fingerprint, or another images
+   root, is refused with `store.IndexMismatchError` naming what differs; `replace=True` moves the
+   old index aside (INDEX_DIR.replaced-<old model key>) and starts a new one.
+3. Process 0 writes the manifest (status 'building') and, for the files not in any earlier plan,
+   a new plan (generation) of parts of `part_size` files. Every process then takes every
+   process_count-th part still missing, reads and decodes ONLY the files of its parts (threads),
+   extracts their descriptors with `retrieval.extract.Extractor.extract_own` (the evaluation code,
+   this process's devices, nothing gathered) and writes each part atomically.
+4. Process 0 merges the skipped lists (skipped.csv), builds or extends the FAISS structure from the
+   stored parts (dolg_jax.collection.faiss_index), measures recall@k on a sample and writes the
+   manifest (status 'complete', counts: found = indexed + skipped).
+
+Files are decoded as evaluation decodes them (`data.decode.decode_rgb`, `cv2.imread`-exact with the
+EXIF orientation); a JPEG is first checked in strict mode (`decode.check_decodable`), so truncated
+or corrupt JPEGs, which `cv2.imread` would return half grey, are skipped, as are unreadable files,
+empty files and non-images, each with its reason. Rerunning resumes: plans fix which files form
+each part, so a part redone after `kill -9` has the same files in the same batches as before, and
+the result equals an uninterrupted run's bit for bit. A path already in the index is never
+re-extracted (a file changed in place keeps its old descriptor).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from concurrent import futures
+from typing import Any, Callable, Iterable, Optional
+
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from dolg_jax import models
+from dolg_jax.collection import faiss_index
+from dolg_jax.collection import files as files_lib
+from dolg_jax.collection import store as store_lib
+from dolg_jax.data import decode
+from dolg_jax.retrieval import descriptor_cache
+from dolg_jax.retrieval import evaluate
+from dolg_jax.retrieval import extract as extract_lib
+
+DECODER = 'data.decode.decode_rgb (cv2.imread-exact, EXIF orientation; JPEGs checked strictly)'
+DESCRIPTOR_DTYPES = ('float32', 'float16')
+_PACKAGES = ('jax', 'jaxlib', 'flax', 'numpy', 'opencv-python-headless', 'pillow', 'simplejpeg',
+             'faiss-cpu', 'faiss-gpu')
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How to build (the index command's flags)."""
+  part_size: int                  # files per part (the unit of resumption and of work sharing)
+  descriptor_dtype: str           # 'float32' | 'float16' (stored descriptors)
+  faiss: faiss_index.Spec         # the search structure
+  replace: bool                   # a changed model/protocol: move the old index aside, start anew
+  read_workers: int               # threads reading + decoding files
+  recall_k: int                   # recall@k measured at build time ...
+  recall_sample: int              # ... over this many stored descriptors as queries
+  progress: bool = True           # print a progress line (process 0)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def package_versions() -> dict[str, str]:
+  out = {'python': platform.python_version()}
+  for name in _PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def architecture(apply_fn: Callable) -> dict:
+  """The extraction module's attributes (what the weights hash does not say)."""
+  model = getattr(apply_fn, 'model', None)
+  if model is None:
+    return {}
+  out = {}
+  for f in models.MODEL_FIELDS + evaluate.MODEL_OVERRIDES:
+    if hasattr(model, f):
+      v = getattr(model, f)
+      out[f] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def fingerprint(config: ml_collections.ConfigDict, apply_fn: Callable, variables: Any,
+                cfg: extract_lib.ExtractConfig, descriptor_dtype: str) -> dict:
+  """Everything the stored descriptors depend on (compared on every run)."""
+  return {
+      'model_key': descriptor_cache.model_key(variables, evaluate.eval_dtype(config),
+                                              evaluate.model_overrides(config)),
+      'architecture': architecture(apply_fn),
+      'extraction': json.loads(json.dumps(cfg.key())),
+      'decoder': DECODER,
+      'descriptor_dtype': descriptor_dtype,
+  }
+
+
+def read_image(root: str, rel: str) -> tuple[Optional[dict], Any]:
+  """(metadata row, uint8 RGB image) of one file, or (None, reason) when it cannot be indexed."""
+  path = files_lib.absolute(root, rel)
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    return None, f'unreadable: {e.strerror or e}'
+  if not data:
+    return None, 'empty file'
+  if decode.is_jpeg(data):
+    reason = decode.check_decodable(data)
+    if reason is not None:
+      return None, f'corrupt or truncated JPEG: {reason}'
+  try:
+    img = decode.decode_rgb(data)
+  except decode.DecodeError as e:
+    return None, f'not a decodable image: {e}'
+  if img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
+    return None, f'decoded to unexpected shape {img.shape}'
+  row = {'path': rel, 'height': int(img.shape[0]), 'width': int(img.shape[1]),
+         'bytes': len(data), 'sha1': hashlib.sha1(data).hexdigest()}
+  return row, img
+
+
+def _ordered_map(fn, items, workers: int, window: int = 32):
+  if workers <= 0:
+    yield from map(fn, items)
+    return
+  with futures.ThreadPoolExecutor(workers) as pool:
+    queue = collections.deque()
+    for item in items:
+      queue.append(pool.submit(fn, item))
+      if len(queue) >= window:
+        yield queue.popleft().result()
+    while queue:
+      yield queue.popleft().result()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+class Progress:
+  """'index: 1234/5000 images (24.7%), 35.2 images/s, ETA 1m47s' at most every `every` s."""
+
+  def __init__(self, total: int, enabled: bool, every: float = 2.0, stream=None):
+    self.total, self.enabled, self.every = total, enabled, every
+    self.stream = stream or sys.stderr
+    self.t0 = time.perf_counter()
+    self.last = -1e9
+    self.done = 0
+
+  def line(self) -> str:
+    dt = time.perf_counter() - self.t0
+    rate = self.done / dt if dt > 0 else 0.0
+    eta = (self.total - self.done) / rate if rate > 0 else float('inf')
+    pct = 100.0 * self.done / self.total if self.total else 100.0
+    eta_s = _duration(eta) if np.isfinite(eta) else '?'
+    return (f'index: {self.done}/{self.total} images ({pct:.1f}%), {rate:.1f} images/s, '
+            f'ETA {eta_s}')
+
+  def update(self, n: int = 1) -> None:
+    self.done += n
+    now = time.perf_counter()
+    if self.enabled and (now - self.last >= self.every or self.done == self.total):
+      self.last = now
+      print(self.line(), file=self.stream, flush=True)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def extract_part(extractor: extract_lib.Extractor, root: str, rel_paths: list[str],
+                 options: Options, progress: Progress, dtype: np.dtype
+                 ) -> tuple[np.ndarray, list[dict], list[tuple[str, str]]]:
+  """(descriptors (n_ok, D), rows, skipped) of one part's files."""
+  skipped: list[tuple[str, str]] = []
+  rows: list[dict] = []
+
+  def examples():
+    for rel, (row, img) in zip(rel_paths, _ordered_map(lambda r: read_image(root, r), rel_paths,
+                                                        options.read_workers)):
+      progress.update()
+      if row is None:
+        skipped.append((rel, img))
+        continue
+      rows.append(row)
+      yield {'index': len(rows) - 1, 'image': img}
+
+  idx, desc = extractor.extract_own(examples(), presharded=True)
+  if idx.size:
+    if not np.array_equal(idx, np.arange(len(rows))):
+      raise AssertionError('descriptors came back out of order')
+    desc = desc.astype(dtype)
+  else:
+    desc = np.zeros((0, 0), dtype)
+  return desc, rows, skipped
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _check_existing(store: store_lib.IndexStore, fp: dict, root: str, replace: bool) -> bool:
+  """True when an existing index must be moved aside (replace); raises on a mismatch otherwise."""
+  if not store.exists():
+    return False
+  old = store.manifest()
+  diff = store_lib.fingerprint_diff(old['fingerprint'], fp)
+  if old.get('images_root') != root:
+    diff.append('images_root')
+  if not diff:
+    return False
+  if replace:
+    return True
+  detail = ', '.join(diff)
+  raise store_lib.IndexMismatchError(
+      f'{store.path} was built with another {detail} (index: model {old["fingerprint"]["model_key"]}'
+      f', images {old.get("images_root")}; this run: model {fp["model_key"]}, images {root}); '
+      'nothing was mixed into it. Pass --replace to move the old index aside and build a new one, '
+      'or choose another --out.')
+
+
+def build(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
+          checkpoint: Optional[str] = None, images: str, out: str, options: Options) -> dict:
+  """Indexes `images` into `out` (module docstring); returns the summary (the manifest)."""
+  if options.descriptor_dtype not in DESCRIPTOR_DTYPES:
+    raise ValueError(f'descriptor dtype must be one of {DESCRIPTOR_DTYPES}; got '
+                     f'{options.descriptor_dtype!r}')
+  faiss_index.resolve(options.faiss, 1, 8)  # checks the kind before any work
+  t_start = time.perf_counter()
+  pid, nproc = jax.process_index(), jax.process_count()
+  store = store_lib.IndexStore(out)
+  root, found = files_lib.list_images(images)
+  apply_fn, variables, source = evaluate.load_model(config, workdir=workdir, checkpoint=checkpoint)
+  cfg = extract_lib.from_config(config.eval)
+  fp = fingerprint(config, apply_fn, variables, cfg, options.descriptor_dtype)
+  move_aside = _check_existing(store, fp, root, options.replace)
+  _barrier('collection_checked')
+  new_files: list[str] = []
+  if pid == 0:
+    if move_aside:
+      old_key = store.manifest()['fingerprint']['model_key']
+      dest = f'{store.path}.replaced-{old_key}'
+      k = 1
+      while os.path.exists(dest):
+        dest, k = f'{store.path}.replaced-{old_key}-{k}', k + 1
+      os.rename(store.path, dest)
+      print(f'index: the old index (model {old_key}) moved to {dest}', file=sys.stderr)
+    manifest = store.manifest() if store.exists() else {
+        'format': store_lib.FORMAT, 'version': store_lib.VERSION, 'created': _now(),
+        'fingerprint': fp, 'images_root': root}
+    manifest.update({
+        'status': 'building', 'updated': _now(), 'versions': package_versions(),
+        'model': {'source': source,
+                  'workdir': os.path.abspath(workdir) if workdir else None,
+                  'checkpoint': os.path.abspath(checkpoint) if checkpoint else None,
+                  'config': json.loads(config.to_json())},
+        'protocol': {'extraction': fp['extraction'], 'decoder': DECODER,
+                     'compute_dtype': evaluate.eval_dtype(config),
+                     'model_overrides': evaluate.model_overrides(config),
+                     'descriptor_dtype': options.descriptor_dtype}})
+    store.write_manifest(manifest)
+    planned = {f for plan in store.plans() for f in plan['files']}
+    new_files = [f for f in found if f not in planned]
+    if new_files:
+      store.write_plan(new_files, options.part_size)
+  _barrier('collection_planned')
+  pending = [p for p in store.all_parts() if not store.is_committed(p[0], p[1])]
+  mine = pending[pid::nproc]
+  progress = Progress(sum(len(p[2]) for p in mine), enabled=options.progress and pid == 0)
+  extracted = 0
+  if mine:
+    extractor = extract_lib.Extractor(apply_fn, variables, cfg)
+    dtype = np.dtype(options.descriptor_dtype)
+    for gen, part, rel_paths in mine:
+      desc, rows, skipped = extract_part(extractor, root, rel_paths, options, progress, dtype)
+      store.write_part(gen, part, desc, rows, skipped)
+      extracted += len(rows)
+  t_extract = time.perf_counter() - t_start
+  _barrier('collection_extracted')
+  summary = {}
+  if pid == 0:
+    summary = finalize(store, options, {
+        'found': len(found), 'new': len(new_files), 'extracted_by_process_0': extracted,
+        'processes': nproc, 'extract_seconds': t_extract,
+        'images_per_second_process_0': extracted / t_extract if t_extract > 0 else 0.0})
+  _barrier('collection_finalized')
+  if pid != 0:
+    summary = store.manifest()
+  return summary
+
+
+def finalize(store: store_lib.IndexStore, options: Options, last_run: dict) -> dict:
+  """Counts, skipped.csv, the FAISS structure and its recall, manifest status 'complete'."""
+  manifest = store.manifest()
+  parts = store.all_parts()
+  missing = [(g, p) for g, p, _ in parts if not store.is_committed(g, p)]
+  if missing:
+    raise RuntimeError(f'{store.path}: {len(missing)} parts are missing after extraction (first '
+                       f'{store.part_base(*missing[0])}): another process failed; rerun the same '
+                       'command to finish them')
+  rows = store_lib.Rows(store, [(g, p) for g, p, _ in parts])
+  skipped = [(r['path'], r['reason']) for g, p, _ in parts for r in store.part_skipped(g, p)]
+  store.write_skipped(skipped)
+  n_files = sum(len(f) for _, _, f in parts)
+  counts = {'found': n_files, 'indexed': len(rows), 'skipped': len(skipped), 'parts': len(parts),
+            'generations': len(store.plans())}
+  if counts['found'] != counts['indexed'] + counts['skipped']:
+    raise AssertionError(f'counts do not add up: {counts}')
+  info = manifest.get('faiss')
+  if len(rows):
+    info = build_faiss(store, rows, options.faiss, manifest.get('faiss'), options)
+  manifest.update({'status': 'complete', 'updated': _now(), 'counts': counts, 'dim': rows.dim,
+                   'faiss': info, 'last_run': last_run})
+  store.write_manifest(manifest)
+  return manifest
+
+
+def build_faiss(store: store_lib.IndexStore, rows: store_lib.Rows, spec: faiss_index.Spec,
+                old: Optional[dict], options: Options) -> dict:
+  """Extends the existing structure when it has the same spec and a prefix of the rows; else builds
+  it anew. Returns the manifest's 'faiss' entry."""
+  n, d = len(rows), rows.dim
+  t0 = time.perf_counter()
+  index = None
+  if old and os.path.exists(store.faiss_path) and old.get('requested') == spec.to_json():
+    resolved = faiss_index.Spec(**old['spec'])
+    loaded = faiss_index.load(store.faiss_path, resolved)
+    if loaded.ntotal == old.get('ntotal') and loaded.ntotal <= n and loaded.d == d:
+      start = loaded.ntotal
+      faiss_index.extend(loaded, ((s, b) for s, b in rows.iter_blocks() if s >= start))
+      index, info = loaded, dict(old, ntotal=int(loaded.ntotal), extended_from=int(start))
+  if index is None:
+    index, resolved, info = faiss_index.build(rows.iter_blocks, rows.take, n, d, spec)
+  info['requested'] = spec.to_json()
+  info['seconds'] = time.perf_counter() - t0
+  info['recall'] = faiss_index.measure_recall(index, resolved, rows.take, rows.iter_blocks, n,
+                                              k=options.recall_k, sample=options.recall_sample,
+                                              seed=resolved.seed)
+  faiss_index.save(index, store.faiss_path)
+  return info

@@ -1,0 +1,205 @@
+"""Search a collection index from Python (the library behind `python -m dolg_jax.search`).
+
+  from dolg_jax.collection import query
+  col = query.Collection('INDEX_DIR')
+  hits = col.search_images(['q.jpg'], k=10)                  # [[(path, score), ...]] per query
+  hits = col.search_images(['q.jpg'], boxes=[(top, left, height, width)], rerank='superglobal')
+  scores, ids = col.search_descriptors(q, k=10)               # (nq, k) each; col.paths[ids]
+  order = query.rerank_candidates(q, candidates)              # SuperGlobal on another system's list
+
+* Query descriptors come from the model and protocol the index was built with: the manifest
+  records the checkpoint (or workdir) and the config; the weights are loaded again and their
+  fingerprint must equal the index's (`store.IndexMismatchError` otherwise; pass `checkpoint=` /
+  `workdir=` when the file moved). An image without a box is extracted exactly as an indexed image
+  (a duplicate of an indexed image scores 1.0); a box (top, left, height, width) in pixels of the
+  EXIF-oriented image crops the query first, as evaluation crops revisitop queries (its crop canvas
+  ladder and `crop_rounding`).
+* Scores are cosine similarities (inner products of L2-normalised descriptors), best first; with
+  IVF-PQ the shortlist is re-scored exactly from the stored descriptors (faiss_index).
+* `rerank='superglobal'`: the top M (config.eval.rerank_m of the index's config, at least k) are
+  re-ranked with `retrieval.rerank` (K = rerank_k, beta = rerank_beta) from the stored
+  descriptors; the returned scores stay the cosine similarities of the re-ranked results.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from dolg_jax.collection import build as build_lib
+from dolg_jax.collection import faiss_index
+from dolg_jax.collection import html_report
+from dolg_jax.collection import store as store_lib
+from dolg_jax.retrieval import evaluate
+from dolg_jax.retrieval import extract as extract_lib
+from dolg_jax.retrieval import rerank as rerank_lib
+
+RERANKERS = ('', 'superglobal')
+
+
+def _tuples(obj: Any) -> Any:
+  if isinstance(obj, dict):
+    return {k: _tuples(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return tuple(_tuples(v) for v in obj)
+  return obj
+
+
+def config_of(manifest: dict) -> ml_collections.ConfigDict:
+  """The config an index was built with (lists back to tuples, as configs write them)."""
+  return ml_collections.ConfigDict(_tuples(manifest['model']['config']))
+
+
+def box_to_bbx(box: Sequence[float]) -> np.ndarray:
+  """(top, left, height, width) -> evaluation's [x1, y1, x2, y2]."""
+  top, left, height, width = (float(v) for v in box)
+  if height <= 0 or width <= 0:
+    raise ValueError(f'box {tuple(box)}: height and width must be positive')
+  return np.asarray([left, top, left + width, top + height], np.float64)
+
+
+def rerank_candidates(queries: np.ndarray, candidates: np.ndarray, K: int = 9, beta: float = 0.15
+                      ) -> np.ndarray:
+  """SuperGlobal re-ranking of candidate lists from any system.
+
+  queries (nq, D) and candidates (nq, M, D) in their initial order (both L2-normalised, as the
+  model gives them) -> positions (nq, M) into the candidate axis, best first.
+  """
+  queries = np.asarray(queries, np.float32)
+  candidates = np.asarray(candidates, np.float32)
+  nq, m, d = candidates.shape
+  if queries.shape != (nq, d):
+    raise ValueError(f'queries {queries.shape} do not fit candidates {candidates.shape}')
+  top = np.arange(nq * m, dtype=np.int64).reshape(nq, m)
+  out = rerank_lib.rerank_heads(queries, candidates.reshape(nq * m, d), top, K, beta)
+  return out - top[:, :1]
+
+
+class Collection:
+  """An opened index: search by descriptors or by images, re-rank (module docstring)."""
+
+  def __init__(self, index_dir: str, *, checkpoint: Optional[str] = None,
+               workdir: Optional[str] = None, mmap_faiss: bool = False):
+    self.index_dir = index_dir
+    self.store = store_lib.IndexStore(index_dir)
+    self.manifest = self.store.manifest()
+    if self.manifest.get('status') != 'complete' or not self.manifest.get('faiss'):
+      raise store_lib.NotAnIndexError(
+          f'{self.store.path}: the index is not complete (status {self.manifest.get("status")!r}'
+          '); rerun the index command that built it')
+    self.rows = store_lib.Rows(self.store)
+    self.spec = faiss_index.Spec(**self.manifest['faiss']['spec'])
+    self.index = faiss_index.load(self.store.faiss_path, self.spec, mmap=mmap_faiss)
+    if self.index.ntotal != len(self.rows):
+      raise store_lib.IndexMismatchError(
+          f'{self.store.faiss_path} holds {self.index.ntotal} rows but the parts {len(self.rows)}; '
+          'rerun the index command')
+    self.root = self.manifest['images_root']
+    self.config = config_of(self.manifest)
+    self._model_paths = {'checkpoint': checkpoint, 'workdir': workdir}
+    self._extractor: Optional[extract_lib.Extractor] = None
+
+  @property
+  def paths(self) -> list[str]:
+    """Row -> path as indexed (relative to the images root)."""
+    return self.rows.paths
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  # ------------------------------------------------------------------ descriptors
+
+  def extractor(self) -> extract_lib.Extractor:
+    """The index's model and protocol, loaded once (fingerprint checked)."""
+    if self._extractor is None:
+      given = {k: v for k, v in self._model_paths.items() if v}
+      recorded = {k: v for k in ('checkpoint', 'workdir')
+                  if (v := self.manifest['model'].get(k))}
+      paths = given or recorded
+      apply_fn, variables, _ = evaluate.load_model(self.config, **paths)
+      cfg = extract_lib.from_config(self.config.eval)
+      fp = build_lib.fingerprint(self.config, apply_fn, variables, cfg,
+                                 self.manifest['fingerprint']['descriptor_dtype'])
+      diff = store_lib.fingerprint_diff(self.manifest['fingerprint'], fp)
+      if diff:
+        raise store_lib.IndexMismatchError(
+            f'the model at {paths} differs from the one {self.store.path} was built with '
+            f'({", ".join(diff)}): pass the checkpoint the index was built with')
+      self._extractor = extract_lib.Extractor(apply_fn, variables, cfg)
+    return self._extractor
+
+  def describe_images(self, paths: Sequence[str],
+                      boxes: Optional[Sequence[Optional[Sequence[float]]]] = None) -> np.ndarray:
+    """(n, D) query descriptors of image files (boxes: (top, left, height, width) or None each)."""
+    boxes = list(boxes) if boxes is not None else [None] * len(paths)
+    if len(boxes) != len(paths):
+      raise ValueError(f'{len(boxes)} boxes for {len(paths)} queries')
+    examples = []
+    for i, (p, b) in enumerate(zip(paths, boxes)):
+      row, img = build_lib.read_image('', p)
+      if row is None:
+        raise ValueError(f'query {p}: {img}')
+      ex = {'index': i, 'image': img}
+      if b is not None:
+        ex['bbx'] = box_to_bbx(b)
+      examples.append(ex)
+    _, desc = self.extractor().extract_own(examples, presharded=True)
+    return desc
+
+  # ------------------------------------------------------------------ search
+
+  def rerank_params(self) -> dict:
+    e = self.config.eval
+    return {'M': int(e.rerank_m), 'K': int(e.rerank_k), 'beta': float(e.rerank_beta)}
+
+  def search_descriptors(self, queries: np.ndarray, k: int = 100, rerank: str = ''
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (nq, k'), row ids (nq, k')), best first, k' = min(k, len(self))."""
+    if rerank not in RERANKERS:
+      raise ValueError(f'rerank must be one of {RERANKERS}; got {rerank!r}')
+    q = np.asarray(queries, np.float32)
+    if q.ndim != 2 or q.shape[1] != self.rows.dim:
+      raise ValueError(f'queries must be (n, {self.rows.dim}); got {q.shape}')
+    if not rerank:
+      return faiss_index.search(self.index, self.spec, q, k, self.rows.take)
+    p = self.rerank_params()
+    m = min(max(p['M'], k), len(self))
+    _, top = faiss_index.search(self.index, self.spec, q, m, self.rows.take)
+    if top.shape[1] < m or (top < 0).any():
+      raise ValueError(f'the search structure returned fewer than M={m} candidates; raise '
+                       'nprobe / ef_search when building the index')
+    new = rerank_lib.rerank_heads(q, self.rows.segments, top, p['K'], p['beta'])[:, :min(k, m)]
+    scores = np.einsum('qd,qkd->qk', q, self.rows.take(new)).astype(np.float32)
+    return scores, new
+
+  def search_images(self, paths: Sequence[str], boxes=None, k: int = 100, rerank: str = ''
+                    ) -> list[list[tuple[str, float]]]:
+    """Per query: [(path as indexed, cosine similarity), ...] best first."""
+    scores, ids = self.search_descriptors(self.describe_images(paths, boxes), k, rerank)
+    return [[(self.paths[i], float(s)) for s, i in zip(sr, ir) if i >= 0]
+            for sr, ir in zip(scores, ids)]
+
+
+def search_to_dir(index_dir: str, queries: Sequence[str],
+                  boxes: Optional[Sequence[Optional[Sequence[float]]]], out_dir: str, *,
+                  k: int = 100, rerank: str = '', checkpoint: Optional[str] = None,
+                  workdir: Optional[str] = None, report: bool = True) -> dict:
+  """Searches image files; writes OUT_DIR/results.json and OUT_DIR/report.html.
+
+  results.json: {"index": INDEX_DIR (as given), "queries": [{"query": PATH (as given), "results":
+  [{"path": PATH_AS_INDEXED, "score": cosine similarity}, ...] (k best first)}, ...]}.
+  """
+  col = Collection(index_dir, checkpoint=checkpoint, workdir=workdir)
+  boxes = list(boxes) if boxes is not None else [None] * len(queries)
+  hits = col.search_images(list(queries), boxes, k=k, rerank=rerank)
+  out = {'index': index_dir,
+         'queries': [{'query': q, 'results': [{'path': p, 'score': s} for p, s in h]}
+                     for q, h in zip(queries, hits)]}
+  os.makedirs(out_dir, exist_ok=True)
+  store_lib.atomic_write_json(os.path.join(out_dir, 'results.json'), out)
+  if report:
+    html_report.write(out_dir, index_dir, col.root, out['queries'], boxes)
+  return out

@@ -1,0 +1,266 @@
+"""The on-disk format of a collection index (INDEX_DIR), read and written only through this module.
+
+  INDEX_DIR/
+    manifest.json             what the index is (below); written first (status 'building') and
+                              rewritten when a run finishes (status 'complete')
+    plans/plan-GGGGG.json     generation G: {"generation", "part_size", "files": [relative paths]}
+                              -- the files a run found new, sorted; part c holds
+                              files[c * part_size : (c + 1) * part_size]
+    parts/gGGGGG-pCCCCCC.npy          descriptors (n_ok, D), float32 or float16, L2-normalised,
+                                      one row per indexed file of the part, in plan order
+    parts/gGGGGG-pCCCCCC.skipped.csv  path,reason of the part's files that were not indexed
+    parts/gGGGGG-pCCCCCC.csv          path,height,width,bytes,sha1 of the indexed files (the rows
+                                      of the .npy), written LAST: a part exists when this file does
+    skipped.csv               path,reason of every skipped file (all parts; rewritten at the end)
+    faiss.index               the search structure over all rows (dolg_jax.collection.faiss_index)
+
+Every file is written under a temporary name and renamed into place, so a killed run leaves whole
+parts or none; rerunning redoes exactly the parts that are missing, with the same files in the same
+batches, so the result equals an uninterrupted run's bit for bit. Rows of the index are the parts in
+(generation, part) order; a later generation (images added later) appends rows, so earlier row
+numbers never change. `path` is relative to `images_root` (manifest), with '/' separators; height
+and width are the decoded (EXIF-oriented) image's; sha1 is the file's content hash.
+
+manifest.json: {"format": "dolg_jax.collection", "version": 1, "status", "fingerprint" (what the
+descriptors depend on: the model key -- weights hash, compute dtype, evaluation-time model
+overrides --, the extraction protocol `ExtractConfig.key()`, the decoder and the stored dtype: a
+run whose fingerprint differs is refused with `IndexMismatchError`), "model" (source, checkpoint or
+workdir, the config as JSON, for query-time extraction), "images_root", "counts" (found, indexed,
+skipped, parts), "dim", "faiss" (type, parameters, recall@k on a sample), "versions", "created",
+"updated"}.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import re
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+FORMAT = 'dolg_jax.collection'
+VERSION = 1
+MANIFEST = 'manifest.json'
+SKIPPED = 'skipped.csv'
+FAISS_FILE = 'faiss.index'
+META_FIELDS = ('path', 'height', 'width', 'bytes', 'sha1')
+_PART_RE = re.compile(r'^g(\d{5})-p(\d{6})\.csv$')
+
+
+class IndexMismatchError(ValueError):
+  """The index was built with another model, checkpoint or protocol than this run's."""
+
+
+class NotAnIndexError(FileNotFoundError):
+  """The directory holds no collection index."""
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + '\n').encode())
+
+
+def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator='\n')
+  w.writerow(header)
+  w.writerows(rows)
+  return buf.getvalue().encode('utf-8')
+
+
+def _read_csv(path: str) -> list[dict]:
+  with open(path, newline='', encoding='utf-8') as f:
+    return list(csv.DictReader(f))
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+  """Names (dotted) of the fingerprint entries that differ."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += [f'{k}.{x}' for x in fingerprint_diff(a, b)]
+    elif a != b:
+      out.append(k)
+  return out
+
+
+class IndexStore:
+  """One INDEX_DIR (module docstring). Methods that write are process-safe per part."""
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    self.parts_dir = os.path.join(self.path, 'parts')
+    self.plans_dir = os.path.join(self.path, 'plans')
+
+  # ------------------------------------------------------------------ manifest and plans
+
+  @property
+  def manifest_path(self) -> str:
+    return os.path.join(self.path, MANIFEST)
+
+  def exists(self) -> bool:
+    return os.path.exists(self.manifest_path)
+
+  def manifest(self) -> dict:
+    if not self.exists():
+      raise NotAnIndexError(f'{self.path} holds no collection index (no {MANIFEST}); build one '
+                            'with python -m dolg_jax.index --images=... --out=...')
+    with open(self.manifest_path) as f:
+      m = json.load(f)
+    if m.get('format') != FORMAT:
+      raise NotAnIndexError(f'{self.manifest_path} is not a {FORMAT} manifest')
+    return m
+
+  def write_manifest(self, manifest: dict) -> None:
+    os.makedirs(self.path, exist_ok=True)
+    atomic_write_json(self.manifest_path, manifest)
+
+  def plans(self) -> list[dict]:
+    out = []
+    for p in sorted(glob.glob(os.path.join(self.plans_dir, 'plan-*.json'))):
+      with open(p) as f:
+        out.append(json.load(f))
+    for g, plan in enumerate(out):
+      if plan['generation'] != g:
+        raise ValueError(f'{self.plans_dir}: plan generations are not 0..{len(out) - 1}')
+    return out
+
+  def write_plan(self, files: Sequence[str], part_size: int) -> dict:
+    """A new generation holding `files` (sorted) in parts of `part_size`."""
+    if part_size < 1:
+      raise ValueError(f'part_size must be >= 1; got {part_size}')
+    gen = len(self.plans())
+    plan = {'generation': gen, 'part_size': int(part_size), 'files': list(files)}
+    os.makedirs(self.plans_dir, exist_ok=True)
+    atomic_write_json(os.path.join(self.plans_dir, f'plan-{gen:05d}.json'), plan)
+    return plan
+
+  @staticmethod
+  def plan_parts(plan: dict) -> list[tuple[int, int, list[str]]]:
+    """(generation, part, files) of every part of a plan."""
+    files, size = plan['files'], plan['part_size']
+    return [(plan['generation'], c, files[a:a + size])
+            for c, a in enumerate(range(0, len(files), size))]
+
+  def all_parts(self) -> list[tuple[int, int, list[str]]]:
+    return [p for plan in self.plans() for p in self.plan_parts(plan)]
+
+  # ------------------------------------------------------------------ parts
+
+  def part_base(self, gen: int, part: int) -> str:
+    return os.path.join(self.parts_dir, f'g{gen:05d}-p{part:06d}')
+
+  def is_committed(self, gen: int, part: int) -> bool:
+    return os.path.exists(self.part_base(gen, part) + '.csv')
+
+  def write_part(self, gen: int, part: int, descriptors: np.ndarray, rows: Sequence[dict],
+                 skipped: Sequence[tuple[str, str]]) -> None:
+    """Descriptors (n, D) of `rows` (dicts with META_FIELDS) and the part's skipped files."""
+    if descriptors.shape[0] != len(rows):
+      raise ValueError(f'{descriptors.shape[0]} descriptors for {len(rows)} rows')
+    os.makedirs(self.parts_dir, exist_ok=True)
+    base = self.part_base(gen, part)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(descriptors))
+    atomic_write_bytes(base + '.npy', buf.getvalue())
+    atomic_write_bytes(base + '.skipped.csv', _csv_bytes(('path', 'reason'), skipped))
+    atomic_write_bytes(base + '.csv', _csv_bytes(META_FIELDS,
+                                                 ([r[k] for k in META_FIELDS] for r in rows)))
+
+  def committed_parts(self) -> list[tuple[int, int]]:
+    """(generation, part) of the parts on disk, in row order."""
+    if not os.path.isdir(self.parts_dir):
+      return []
+    out = []
+    for name in os.listdir(self.parts_dir):
+      m = _PART_RE.match(name)
+      if m:
+        out.append((int(m.group(1)), int(m.group(2))))
+    return sorted(out)
+
+  def part_rows(self, gen: int, part: int) -> list[dict]:
+    return _read_csv(self.part_base(gen, part) + '.csv')
+
+  def part_skipped(self, gen: int, part: int) -> list[dict]:
+    return _read_csv(self.part_base(gen, part) + '.skipped.csv')
+
+  def part_descriptors(self, gen: int, part: int, mmap: bool = True) -> np.ndarray:
+    return np.load(self.part_base(gen, part) + '.npy', mmap_mode='r' if mmap else None)
+
+  def write_skipped(self, skipped: Iterable[tuple[str, str]]) -> None:
+    atomic_write_bytes(os.path.join(self.path, SKIPPED), _csv_bytes(('path', 'reason'), skipped))
+
+  def read_skipped(self) -> list[dict]:
+    path = os.path.join(self.path, SKIPPED)
+    return _read_csv(path) if os.path.exists(path) else []
+
+  @property
+  def faiss_path(self) -> str:
+    return os.path.join(self.path, FAISS_FILE)
+
+
+class Rows:
+  """All rows of an index, in row order: paths, metadata and descriptor segments (memory-mapped)."""
+
+  def __init__(self, store: IndexStore, parts: Optional[Sequence[tuple[int, int]]] = None):
+    self.store = store
+    self.parts = list(store.committed_parts() if parts is None else parts)
+    self.meta: list[dict] = []
+    self.segments: list[np.ndarray] = []
+    for g, p in self.parts:
+      rows = store.part_rows(g, p)
+      d = store.part_descriptors(g, p)
+      if d.shape[0] != len(rows):
+        raise ValueError(f'{store.part_base(g, p)}: {d.shape[0]} descriptors for {len(rows)} rows')
+      self.meta += rows
+      if d.shape[0]:
+        self.segments.append(d)
+    sizes = [s.shape[0] for s in self.segments]
+    self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    self.paths = [r['path'] for r in self.meta]
+
+  def __len__(self) -> int:
+    return len(self.meta)
+
+  @property
+  def dim(self) -> int:
+    return int(self.segments[0].shape[1]) if self.segments else 0
+
+  def take(self, ids: np.ndarray) -> np.ndarray:
+    """Descriptors (..., D) float32 of row ids (any int shape)."""
+    ids = np.asarray(ids, np.int64)
+    flat = ids.reshape(-1)
+    if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+      raise ValueError(f'row ids must be in [0, {len(self)})')
+    out = np.empty((flat.size, self.dim), np.float32)
+    seg = np.searchsorted(self.offsets, flat, side='right') - 1
+    order = np.argsort(seg, kind='stable')
+    for sel in np.split(order, np.flatnonzero(np.diff(seg[order])) + 1):  # one slice per part
+      if sel.size:
+        s = seg[sel[0]]
+        out[sel] = self.segments[s][flat[sel] - self.offsets[s]]
+    return out.reshape(ids.shape + (self.dim,))
+
+  def iter_blocks(self, rows: int = 65536):
+    """(start, float32 block) over all descriptors, part by part (blocks of at most `rows`)."""
+    for s, off in zip(self.segments, self.offsets):
+      for a in range(0, s.shape[0], rows):
+        yield int(off) + a, np.asarray(s[a:a + rows], np.float32)
+
+  def all_descriptors(self) -> np.ndarray:
+    if not self.segments:
+      return np.zeros((0, 0), np.float32)
+    return np.concatenate([np.asarray(s, np.float32) for s in self.segments])

@@ -1,0 +1,161 @@
+"""Index your own images: python -m dolg_jax.index.
+
+  python -m dolg_jax.index --config=CONFIG (--checkpoint=PATH | --workdir=DIR) \
+      --images=DIR_OR_LIST --out=INDEX_DIR [--config.x=y ...]
+      [--faiss=flat|ivfpq|hnsw] [--descriptor_dtype=float16] [--part_size=4096] [--replace]
+  # N processes (each reads only its share of the files and writes its own parts):
+  python -m dolg_jax.index ... --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I
+
+`--images` is a folder (searched recursively; jpg, jpeg, png, webp, bmp, tif, tiff in any case) or
+a text file with one path per line (relative to its folder). `--checkpoint` / `--workdir` take what
+`python -m dolg_jax.eval` takes. Descriptors are evaluation's (config.eval: scales, max_side,
+padding, compute dtype, the extraction modules). Rerunning the same command extracts only what is
+missing (after a kill, or for images added later); a changed model, checkpoint or protocol is
+refused (`--replace` moves the old index aside). Parses flags and calls
+`dolg_jax.collection.build.build`; the index format is in dolg_jax/collection/store.py. A failure
+ends with one line `FAILED: ...` (exit code 1), as eval does.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from dolg_jax.collection import build as build_lib
+from dolg_jax.collection import faiss_index
+from dolg_jax.training import failures
+
+FLAGS = flags.FLAGS
+_SPEC = faiss_index.Spec()
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (at entry only, so importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Training workdir (latest checkpoint).')
+  flags.DEFINE_string('checkpoint', None, 'Released .pyth/.pth, converted dir, or one of our '
+                      'checkpoint step dirs.')
+  flags.DEFINE_string('images', None, 'Folder of images (recursive) or a list file.')
+  flags.DEFINE_string('out', None, 'Index directory (created; rerun to resume or add images).')
+  flags.DEFINE_enum('faiss', 'flat', list(faiss_index.KINDS), 'Search structure: exact inner '
+                    'product, IVF-PQ (+ exact refine) or HNSW.')
+  flags.DEFINE_integer('nlist', _SPEC.nlist, 'IVF-PQ inverted lists (0 = automatic).')
+  flags.DEFINE_integer('pq_m', _SPEC.pq_m, 'IVF-PQ sub-quantizers (0 = D / 8).')
+  flags.DEFINE_integer('pq_bits', _SPEC.pq_bits, 'IVF-PQ bits per code.')
+  flags.DEFINE_integer('nprobe', _SPEC.nprobe, 'IVF-PQ lists visited per query.')
+  flags.DEFINE_integer('refine', _SPEC.refine, 'IVF-PQ: re-score the top k * refine exactly from '
+                       'the stored descriptors (1 = off).')
+  flags.DEFINE_integer('hnsw_m', _SPEC.hnsw_m, 'HNSW links per node.')
+  flags.DEFINE_integer('ef_construction', _SPEC.ef_construction, 'HNSW efConstruction.')
+  flags.DEFINE_integer('ef_search', _SPEC.ef_search, 'HNSW efSearch.')
+  flags.DEFINE_integer('train_size', _SPEC.train_size, 'IVF-PQ training sample (0 = automatic).')
+  flags.DEFINE_enum('descriptor_dtype', 'float32', list(build_lib.DESCRIPTOR_DTYPES),
+                    'Stored descriptor dtype.')
+  flags.DEFINE_integer('part_size', 4096, 'Files per part (unit of resumption and work sharing).')
+  flags.DEFINE_integer('read_workers', 4, 'Threads reading and decoding files.')
+  flags.DEFINE_integer('recall_k', 100, 'recall@k of the search structure measured at build time.')
+  flags.DEFINE_integer('recall_sample', 200, 'Stored descriptors used as queries for recall@k.')
+  flags.DEFINE_bool('replace', False, 'Index built with another model/checkpoint/protocol: move '
+                    'it aside (INDEX_DIR.replaced-<model key>) and build a new one.')
+  flags.DEFINE_bool('progress', True, 'Print a progress line (rate, ETA).')
+  flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process runs).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+  flags.DEFINE_integer('process_id', None, 'This process index.')
+  flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                    "'auto': jax.distributed.initialize() under SLURM / TPU pods; 'on': always; "
+                    "'off': never.")
+
+
+def options_from_flags() -> build_lib.Options:
+  spec = faiss_index.Spec(kind=FLAGS.faiss, nlist=FLAGS.nlist, pq_m=FLAGS.pq_m,
+                          pq_bits=FLAGS.pq_bits, nprobe=FLAGS.nprobe, refine=FLAGS.refine,
+                          hnsw_m=FLAGS.hnsw_m, ef_construction=FLAGS.ef_construction,
+                          ef_search=FLAGS.ef_search, train_size=FLAGS.train_size)
+  return build_lib.Options(part_size=FLAGS.part_size, descriptor_dtype=FLAGS.descriptor_dtype,
+                           faiss=spec, replace=FLAGS.replace, read_workers=FLAGS.read_workers,
+                           recall_k=FLAGS.recall_k, recall_sample=FLAGS.recall_sample,
+                           progress=FLAGS.progress)
+
+
+def _cluster_detected(env=os.environ) -> bool:
+  """True under a multi-task SLURM step or on a multi-host Cloud TPU slice (as dolg_jax.main)."""
+  if int(env.get('SLURM_NTASKS', env.get('SLURM_NPROCS', '1'))) > 1 and 'SLURM_STEP_ID' in env:
+    return True
+  return ',' in env.get('TPU_WORKER_HOSTNAMES', '') or 'MEGASCALE_COORDINATOR_ADDRESS' in env
+
+
+def initialize_distributed(mode: str, coordinator, num_processes, process_id) -> None:
+  """jax.distributed.initialize as dolg_jax.main does it (that module's import pulls in the
+  training loop, seconds of start-up an index run does not need)."""
+  explicit = (coordinator, num_processes, process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError('--coordinator_address, --num_processes and --process_id go together.')
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU: cross-process
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif mode == 'on' or (mode == 'auto' and _cluster_detected()):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('JAX distributed: process %d of %d, %d local / %d global devices.',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  if config is None:
+    raise app.UsageError('--config is required.')
+  for name in ('images', 'out'):
+    if not FLAGS[name].value:
+      raise app.UsageError(f'--{name} is required.')
+  if config.eval.xla_cache_dir:  # compiled executables persist across runs
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.eval.xla_cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  failures.quiet_library_tracebacks()
+  try:
+    initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id)
+    out = build_lib.build(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                          images=FLAGS.images, out=FLAGS.out, options=options_from_flags())
+  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+    if not (failures.is_expected(e) or failures.is_disk_full(e)):
+      traceback.print_exception(e)
+    print(failures.describe(e, FLAGS.out), file=sys.stderr)
+    sys.exit(failures.EXIT_FAILED)
+  if jax.process_index() == 0:
+    c = out['counts']
+    run = out.get('last_run', {})
+    faiss_info = out.get('faiss') or {}
+    recall = (faiss_info.get('recall') or {})
+    print(f'index: {out_path()}: found {c["found"]} files = {c["indexed"]} indexed + '
+          f'{c["skipped"]} skipped ({run.get("new", 0)} new this run, '
+          f'{run.get("extracted_by_process_0", 0)} extracted by process 0 at '
+          f'{run.get("images_per_second_process_0", 0.0):.1f} images/s)')
+    if faiss_info:
+      print(f'faiss: {faiss_info["type"]}, recall@{recall.get("k")} = {recall.get("recall")} '
+            f'on {recall.get("queries")} stored descriptors')
+    if c['skipped']:
+      print(f'skipped: {os.path.join(out_path(), "skipped.csv")}')
+    print(json.dumps({'manifest': os.path.join(out_path(), 'manifest.json')}))
+
+
+def out_path() -> str:
+  return os.path.abspath(os.path.expanduser(FLAGS.out))
+
+
+def run() -> None:
+  define_flags()
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
