@@ -27,6 +27,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from dolg_jax import cli
 from dolg_jax.collection import build as build_lib
 from dolg_jax.collection import faiss_index
 from dolg_jax.training import failures
@@ -154,7 +155,7 @@ def out_path() -> str:
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

@@ -21,6 +21,7 @@ import traceback
 from absl import app
 from absl import flags
 
+from dolg_jax import cli
 from dolg_jax.collection import query
 from dolg_jax.training import failures
 
@@ -93,7 +94,7 @@ def main(argv):
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

@@ -43,6 +43,7 @@ from absl import flags
 import faiss
 import numpy as np
 
+from dolg_jax import cli
 from dolg_jax.collection import faiss_index
 
 FLAGS = flags.FLAGS
@@ -226,7 +227,7 @@ def main(argv):
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':

@@ -23,7 +23,6 @@ import os
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import cv2
 import jax
@@ -32,6 +31,7 @@ import numpy as np
 from ml_collections import config_flags
 from PIL import Image
 
+from dolg_jax import cli
 from dolg_jax import models
 from dolg_jax import pretrained
 from dolg_jax.collection import build as build_lib
@@ -170,7 +170,7 @@ def main(argv):
 
 def run() -> None:
   define_flags()
-  app.run(main)
+  cli.run_app(main)
 
 
 if __name__ == '__main__':
