@@ -218,7 +218,7 @@ def test_eval_loader_verifies_the_model_arrays(workdir):
 
 def test_non_finite_advice_right_after_a_restore():
   from dolg_jax.training import loop
-  nan = [{'loss': float('nan'), 'grad_norm': 1.0, 'param_norm': 1.0}]
+  nan = [{'loss': float('nan'), 'grad_norm': 1.0, 'param_norm': 1.0, 'nonfinite_state': 0.0}]
   with pytest.raises(loop.NonFiniteLossError) as fresh:
     loop._check_finite(nan, 7, '/w', last_saved=6, restored=None)
   assert 'Lower config.train.base_learning_rate' in str(fresh.value)
