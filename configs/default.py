@@ -6,6 +6,8 @@ change only what differs. Every field is documented where it is declared.
 
 import ml_collections
 
+XLA_CACHE_DIR = '~/.cache/dolg_jax/xla'  # JAX's persistent compilation cache (train and eval)
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -115,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.head_lr_multiplier = 1.0       # Learning rate x this for the margin head.
   t.freeze_bn = False              # BatchNorm normalises with its running statistics and keeps them
                                    # (fine-tuning on small datasets).
+  t.xla_cache_dir = XLA_CACHE_DIR  # Persistent compilation cache of dolg_jax.main ('' = off).
   t.deterministic = False          # GPU: XLA deterministic ops (slower; see training/determinism.py).
   t.init_on_one_device = True      # Init on one device then reshard (False: jit(init, out_shardings)).
   t.profile_steps = (0, 0)         # (start, num): profiler trace of steps start+1..start+num on
@@ -163,7 +166,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.report_queries = 10            # Queries shown in report.html / report.png (0 = no report).
   e.cache = True                   # Cache descriptors in OUTPUT_DIR/cache (keyed by weights + settings).
   e.output_dir = ''                # '' = WORKDIR/eval or <checkpoint>_eval.
-  e.xla_cache_dir = '~/.cache/dolg_jax/xla'  # Persistent compilation cache of dolg_jax.eval ('' = off).
+  e.xla_cache_dir = XLA_CACHE_DIR  # Persistent compilation cache of dolg_jax.eval / index ('' = off).
   e.profile_batches = (0, 0)       # (start, num): profiler trace of extraction batches start..start+num-1
                                    # on process 0 -> OUTPUT_DIR/profile; (0, 0) = off.
   return c

@@ -7,15 +7,19 @@ A command (ARCHITECTURE.md) is a module with `define_flags()`, `main(argv)` and 
   a failure (a flag error stays exit 1).
 - Commands that parse `argv` into their own `flags.FlagValues` (convert, data.prepare) start
   `main` with `if cli.help_requested(argv): return cli.print_help(__doc__, fv)`.
+- Commands that compile (main, eval, index) call `enable_compilation_cache(dir)` first, with their
+  config's `train.xla_cache_dir` / `eval.xla_cache_dir` ('' = off).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
+import jax
 
 HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')
 
@@ -58,3 +62,11 @@ def run_app(main: Callable, argv: Optional[Sequence[str]] = None, **kwargs) -> N
     except flags.Error:
       pass
   app.run(main, argv=args, **kwargs)
+
+
+def enable_compilation_cache(cache_dir: str, min_compile_time_secs: float = 1.0) -> None:
+  """JAX's persistent compilation cache in `cache_dir` ('' = off): a rerun, a resumed run or the
+  next evaluation loads the executables that took >= `min_compile_time_secs` to compile."""
+  if cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_time_secs)

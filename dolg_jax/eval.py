@@ -22,7 +22,6 @@ import traceback
 
 from absl import app
 from absl import flags
-import jax
 from ml_collections import config_flags
 
 from dolg_jax import cli
@@ -48,9 +47,7 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise app.UsageError('--config is required.')
-  if config.eval.xla_cache_dir:  # compiled executables persist across evaluations
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.eval.xla_cache_dir))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  cli.enable_compilation_cache(config.eval.xla_cache_dir)  # executables persist across evaluations
   failures.quiet_library_tracebacks()
   try:
     out = evaluate.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,

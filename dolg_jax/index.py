@@ -118,9 +118,7 @@ def main(argv):
   for name in ('images', 'out'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required.')
-  if config.eval.xla_cache_dir:  # compiled executables persist across runs
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.eval.xla_cache_dir))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  cli.enable_compilation_cache(config.eval.xla_cache_dir)  # executables persist across runs
   failures.quiet_library_tracebacks()
   try:
     initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,

@@ -332,3 +332,30 @@ def test_cli_failure_ends_with_one_line(tmp_path):
   assert last.startswith('FAILED: roxford5k, rparis6k are not prepared under'), last
   assert 'python -m dolg_jax.data.prepare --dataset=NAME' in last
   assert 'Traceback' not in proc.stderr
+
+
+def test_in_training_evaluations_share_one_compiled_extractor(data_dir, tmp_path):
+  """training.loop's RunEvaluator: the second evaluation (new weights) compiles nothing, the +1M
+  path included (XLA backend compilations counted through jax.monitoring)."""
+  from configs import tiny
+  from dolg_jax import models
+  c = tiny.get_config()
+  c.eval = _config(data_dir, scales=(1.0,), report_queries=0).eval
+  model = models.build_model(c.model, 'float32')
+  init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False))
+  weights = [init(jax.random.key(i)) for i in (1, 2)]
+  compiles = []
+  counting = [False]
+
+  def listener(event, duration, **kw):
+    if counting[0] and event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  evaluator = eval_lib.RunEvaluator(c)
+  first = evaluator(weights[0], str(tmp_path / 'step_1'), source='a')
+  counting[0] = True
+  second = evaluator(weights[1], str(tmp_path / 'step_2'), source='b')
+  counting[0] = False
+  assert first['model_hash'] != second['model_hash']     # new weights, extracted again
+  assert not compiles, f'the second in-training evaluation compiled {len(compiles)} program(s)'

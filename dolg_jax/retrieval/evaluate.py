@@ -147,12 +147,34 @@ def check_datasets(config: ml_collections.ConfigDict) -> None:
         '; '.join(messages) + ' (or set --config.eval.data_dir to the TFDS data dir holding them)')
 
 
+class RunEvaluator:
+  """`evaluate_variables` for every evaluation of one training run, with ONE extractor: the
+  forward passes compiled by the first evaluation are reused by the next ones (new weights, same
+  shapes), so the k-th in-training evaluation compiles nothing."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.apply_fn = make_apply_fn(config)
+    self.extractor: Optional[extract_lib.Extractor] = None
+
+  def __call__(self, variables: Any, output_dir: str, *, source: str = '') -> dict:
+    if self.extractor is None:
+      self.extractor = extract_lib.Extractor(self.apply_fn, variables,
+                                             extract_lib.from_config(self.config.eval))
+    else:
+      self.extractor.set_variables(variables)
+    return evaluate_variables(self.config, self.apply_fn, variables, output_dir, source=source,
+                              extractor=self.extractor)
+
+
 def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, variables: Any,
-                       output_dir: str, *, source: str = '') -> dict:
+                       output_dir: str, *, source: str = '',
+                       extractor: Optional[extract_lib.Extractor] = None) -> dict:
   """Evaluates (apply_fn, variables) on config.eval.datasets; writes results.json and reports.
 
   `apply_fn` must be the model with `model_overrides(config)` applied (`make_apply_fn`,
-  `load_model`): the overrides name the cached descriptors.
+  `load_model`): the overrides name the cached descriptors. `extractor`: one already holding
+  `variables` and built for this config (`RunEvaluator`); by default a new one.
   """
   e = config.eval
   scoring.check_search(e)
@@ -161,7 +183,10 @@ def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, va
   cfg = extract_lib.from_config(e)
   profile = profiling.Window(os.path.join(output_dir, 'profile'), *e.profile_batches,
                              enabled=jax.process_index() == 0)
-  extractor = extract_lib.Extractor(apply_fn, variables, cfg, profile=profile)
+  if extractor is None:
+    extractor = extract_lib.Extractor(apply_fn, variables, cfg, profile=profile)
+  else:
+    extractor.profile = profile
   overrides = model_overrides(config)
   # The cache key names the weights, the dtype the descriptors were computed in and the overrides.
   model_key = descriptor_cache.model_key(variables, eval_dtype(config), overrides)

@@ -260,9 +260,9 @@ class Extractor:
     self.slots_run = 0
     self.mesh = mesh or local_mesh()
     self.n_dev = self.mesh.devices.size
-    rep = NamedSharding(self.mesh, P())
+    self._replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P('data'))
-    self.variables = jax.device_put(variables, rep)
+    self.variables = jax.device_put(variables, self._replicated)
 
     def forward(variables, images, valid_hw):
       if valid_hw is None:
@@ -277,6 +277,11 @@ class Extractor:
     self.sides = allowed_sides(cfg)
     self.canvas = canvas_sides(cfg)
     self.crop_canvas = canvas_sides(cfg, crops=True)
+
+  def set_variables(self, variables: Any) -> None:
+    """New weights of the same shapes: the compiled forward passes are reused (an in-training
+    evaluation compiles nothing after the first one)."""
+    self.variables = jax.device_put(variables, self._replicated)
 
   @property
   def compile_count(self) -> int:

@@ -245,6 +245,7 @@ def _positions_host(queries, db, items, chunk_size, bins_bits):
   return positions
 
 
+@functools.lru_cache(maxsize=None)   # one compiled counter per length, reused by every evaluation
 def _device_counter(steps: int):
   @jax.jit
   def count(scores, start, n_valid, srt_s, srt_i, hist):

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -75,27 +76,28 @@ def _mean_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
 def evaluate(eval_step, state, batches, mesh, max_batches: int = 0) -> dict[str, float]:
   """Validation loss and top-1 accuracy (nearest class centre) over `batches` (the first
   `max_batches` when > 0; every process yields the same number, so all stop together)."""
-  totals = {'correct': 0.0, 'count': 0.0, 'loss_sum': 0.0}
+  sums = None   # on the device: one host fetch per evaluation, not per batch
   for i, batch in enumerate(batches):
     if 0 < max_batches <= i:
       break
-    out = jax.device_get(eval_step(state, shd.global_batch(mesh, batch)))
-    for k in totals:
-      totals[k] += float(out[k])
+    out = eval_step(state, shd.global_batch(mesh, batch))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   if hasattr(batches, 'close'):   # grain iterators: stop their worker processes.
     batches.close()
+  totals = ({'correct': 0.0, 'count': 0.0, 'loss_sum': 0.0} if sums is None
+            else {k: float(v) for k, v in jax.device_get(sums).items()})
   n = max(totals['count'], 1.0)
   return {'val_accuracy': totals['correct'] / n, 'val_loss': totals['loss_sum'] / n,
           'val_examples': totals['count']}
 
 
-def retrieval_eval(config: ml_collections.ConfigDict, state, workdir: str, step: int) -> dict:
-  """Retrieval mAP of the current weights (config.eval datasets), through the evaluation library."""
+def retrieval_eval(evaluator: evaluate_lib.RunEvaluator, state, workdir: str, step: int) -> dict:
+  """Retrieval mAP of the current weights (config.eval datasets), through the evaluation library
+  (`evaluator`: the run's one, whose compiled extractor every evaluation reuses)."""
   variables = shd.host_replicated({'params': state.params['model'],
                                    'batch_stats': state.batch_stats})
-  out = evaluate_lib.evaluate_variables(
-      config, evaluate_lib.make_apply_fn(config), variables,
-      os.path.join(workdir, 'eval', f'step_{step}'), source=f'train:{workdir}@{step}')
+  out = evaluator(variables, os.path.join(workdir, 'eval', f'step_{step}'),
+                  source=f'train:{workdir}@{step}')
   return scoring.flat_maps(out['results'])
 
 
@@ -189,6 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_step = step_lib.make_train_step(setup, state_sh)
   eval_step = None
+  retrieval_evaluator = evaluate_lib.RunEvaluator(config)   # one compiled extractor per run
   progress = metric_logging.Progress(total_steps, start_step, t_cfg.global_batch_size)
   util = utilisation.Utilisation(workdir, t_cfg.profile_steps, t_cfg.global_batch_size, is_primary,
                                  config.compute_dtype)
@@ -255,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             'accuracy is logged.', config.data.dataset)
             warned_no_validation = True
           if t_cfg.eval_retrieval:
-            val.update(retrieval_eval(config, state, workdir, step))
+            val.update(retrieval_eval(retrieval_evaluator, state, workdir, step))
           eval_time = util.end('evaluation')
           progress.exclude(eval_time)
           if val:
