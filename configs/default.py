@@ -99,7 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3            # Newest checkpoints kept (>= 1).
   t.allow_recipe_change_on_resume = False  # Resume with a changed recipe (lr, steps, margin...).
   t.async_checkpointing = True
-  t.preemption_sync_every_steps = 10  # Multi-process: how often SIGTERM flags are OR-reduced.
+  t.preemption_sync_every_steps = 10  # Multi-process without JAX's preemption service only:
+                                      # how often SIGTERM flags are OR-reduced on the devices.
   t.eval_every_steps = 5000        # Validation accuracy (0 = never); also at the last step.
   t.eval_batches = 100             # Validation batches (global batch size) per evaluation; 0 = all.
   t.eval_retrieval = False         # Also run dolg_jax.eval (retrieval mAP, config.eval) then.

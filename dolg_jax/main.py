@@ -101,7 +101,7 @@ def main(argv):
     raise app.UsageError('--config and --workdir are required.')
   preemption.catch_early_sigterm()   # A SIGTERM while starting still saves and exits 75.
   config = FLAGS.config
-  determinism.apply(config.train.deterministic)   # Before the XLA backend starts.
+  determinism.apply(config.train.deterministic, at_entry=True)   # Before the XLA backend starts.
   cli.enable_compilation_cache(config.train.xla_cache_dir)  # a resumed run loads its executables
   initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)

@@ -173,8 +173,33 @@ def test_official_augmentation_equals_pycls_with_scripted_draws(case):
   np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_uint8_form_makes_the_same_draws_within_one_grey_level(case):
+  """`augment_rgb_uint8` (what training uses): the same draws and crop as pycls; the resized
+  pixels rounded to uint8 (at most 1 level from pycls' float32 resize), the lighting offset exact."""
+  size = 24
+  image = _RGB if case != 'ten_misses_fallback' else _RGB[:20]
+  ref_draws, our_draws = Scripted(CASES[case], _Z), Scripted(CASES[case], _Z)
+  ref = _ref_prepare_train(ref_draws, np.ascontiguousarray(image[..., ::-1]), size)
+  im, offset = official_augment.augment_rgb_uint8(image, size, our_draws, area_frac=0.08,
+                                                  flip=True, lighting_std=0.1)
+  assert ref_draws.calls == our_draws.calls and not ref_draws.us and not our_draws.us
+  assert im.dtype == np.uint8 and offset.dtype == np.float32 and offset.shape == (3,)
+  float_form = official_augment.augment_rgb(image, size, Scripted(CASES[case], _Z),
+                                            area_frac=0.08, flip=True, lighting_std=0.1)
+  np.testing.assert_allclose(im + offset, float_form, rtol=0, atol=1.0)
+  ours = np.asarray(dolg_lib.normalize_images(jnp.asarray(im + offset)[None]))[0]
+  # 1 grey level in the network's input units: 1 / 255 / the smallest std (0.224).
+  np.testing.assert_allclose(ours[..., ::-1].transpose(2, 0, 1), ref, rtol=0,
+                             atol=1.0 / 255 / 0.224 + 1e-5)
+
+
 def test_official_transform_in_the_pipeline_equals_pycls_on_a_jpeg():
-  """The grain transform: decode + the Philox stream of (seed, epoch, position) replayed."""
+  """The grain transform: decode + the Philox stream of (seed, epoch, position) replayed; uint8
+  images + the lighting offsets, added on the device by training.inputs.device_batch: the float
+  form (pycls' own order, float32 resize) at float rounding up to the uint8 rounding of the
+  resized pixels (at most 1 grey level), and pycls' network input within that level."""
+  from dolg_jax.training import inputs
   buf = io.BytesIO()
   Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 70, 3), np.uint8)).save(
       buf, 'JPEG', quality=95)
@@ -182,13 +207,28 @@ def test_official_transform_in_the_pipeline_equals_pycls_on_a_jpeg():
   transform = pipeline.TrainTransform(
       image_size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True, seed=5, epoch_length=10,
       augmentation='official', lighting_std=0.1, fast_decode=False)
-  for index in (0, 3, 17):
-    out = transform(index, {'image': data, 'label': 4})
-    assert out['image'].dtype == np.float32 and out['image'].shape == (32, 32, 3)
+  outs = [transform(index, {'image': data, 'label': 4}) for index in (0, 3, 17)]
+  mesh = shd.make_mesh(official_r101.get_config().mesh, jax.devices()[:1])
+  batch = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+  assert batch['image'].dtype == np.uint8 and batch['lighting'].dtype == np.float32
+  on_device = inputs.device_batch(mesh, batch)
+  assert set(on_device) == {'image', 'label'} and on_device['image'].dtype == jnp.float32
+  for i, index in enumerate((0, 3, 17)):
+    out = outs[i]
+    assert out['image'].shape == (32, 32, 3) and out['lighting'].shape == (3,)
+    float_form = official_augment.official_train_image(
+        data, 32, transform.rng(index), area_frac=0.08, flip=True, lighting_std=0.1)
+    got = np.asarray(on_device['image'][i])
+    np.testing.assert_allclose(got, out['image'] + out['lighting'], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, float_form, rtol=0, atol=1.0)
     ref = _ref_prepare_train(GeneratorAsRandomState(transform.rng(index)),
                              np.ascontiguousarray(decode.decode_rgb(data)[..., ::-1]), 32)
-    ours = np.asarray(dolg_lib.normalize_images(jnp.asarray(out['image'])[None]))[0]
-    np.testing.assert_allclose(ours[..., ::-1].transpose(2, 0, 1), ref, rtol=0, atol=2e-5)
+    ours = np.asarray(dolg_lib.normalize_images(jnp.asarray(got)[None]))[0]
+    np.testing.assert_allclose(ours[..., ::-1].transpose(2, 0, 1), ref, rtol=0,
+                               atol=1.0 / 255 / 0.224 + 1e-5)
+    # The float form stays pycls' own at float rounding.
+    ours_float = np.asarray(dolg_lib.normalize_images(jnp.asarray(float_form)[None]))[0]
+    np.testing.assert_allclose(ours_float[..., ::-1].transpose(2, 0, 1), ref, rtol=0, atol=2e-5)
 
 
 def test_augmentation_field_errors():

@@ -92,3 +92,82 @@ def test_topology_without_libtpu_is_one_clear_line():
   proc = _plan('--topology=v5e:2x2', check=False)
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1].startswith('ERROR: --topology=v5e:2x2 needs libtpu')
+
+
+# The collectives of the compiled step, on 8 fake CPU devices: global BatchNorm synchronises each
+# BN layer's statistics (forward and backward) across the data axis, per-device BN only the
+# gradients. The script prints both plans and the sum over the parsed ops of each program.
+_COLLECTIVES_SCRIPT = r'''
+import json
+from configs import tiny
+from dolg_jax.training import plan as plan_lib
+texts = []
+_orig = plan_lib.collectives
+plan_lib.collectives = lambda text: (texts.append(text), _orig(text))[1]
+out = {}
+for mode in ('global', 'per_device'):
+  c = tiny.get_config()
+  c.train.global_batch_size = 16
+  c.train.bn_mode = mode
+  p = plan_lib.plan(c)
+  ops = plan_lib.collective_ops(texts[-1])
+  out[mode] = {'plan': p, 'n_ops': sum(o['times'] for o in ops),
+               'op_bytes': sum(plan_lib.shape_bytes(o['shape']) * o['times'] for o in ops)}
+print(json.dumps(out))
+'''
+
+
+def test_plan_reports_collectives_global_vs_per_device_bn():
+  proc = subprocess.run([sys.executable, '-c', _COLLECTIVES_SCRIPT], cwd=tl.REPO, timeout=600,
+                        env=tl.env(XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, tl.explain(proc)
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  g, d = out['global']['plan'], out['per_device']['plan']
+  for mode in out.values():
+    p = mode['plan']
+    assert set(p['collectives']) == set(plan_lib.COLLECTIVE_KINDS)
+    assert sum(v['count'] for v in p['collectives'].values()) == mode['n_ops']
+    assert p['collective_bytes_per_device_step'] == mode['op_bytes'] == sum(
+        v['bytes'] for v in p['collectives'].values())
+    # At least the gradients (every parameter, float32, data-parallel) are all-reduced.
+    assert p['collectives']['all-reduce']['bytes'] >= 4 * p['num_params'] * 0.9, p['collectives']
+  assert g['bn_mode'] == 'global' and d['bn_mode'] == 'per_device'
+  ga, da = g['collectives']['all-reduce'], d['collectives']['all-reduce']
+  assert da['bytes'] < ga['bytes'] and da['count'] < ga['count'], (ga, da)
+  assert g['flops_per_step'] == pytest.approx(d['flops_per_step'], rel=0.1)
+
+
+_HLO = '''
+HloModule m, entry_computation_layout={()->f32[]}
+
+%body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ar.1 = f32[8]{0} all-reduce(%x), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  %ag-start = (f32[4]{0}, f32[8]{0}) all-gather-start(%y), channel_id=2, dimensions={0}
+  %ag-done = f32[8]{0} all-gather-done(%ag-start)
+}
+
+%wrapped_reduce-scatter (a: bf16[16,2]) -> bf16[8,2] {
+  ROOT %rs = bf16[8,2]{1,0} reduce-scatter(%a), channel_id=3, dimensions={0}, to_apply=%add
+}
+
+ENTRY %main.9 () -> f32[] {
+  %w = (s32[], f32[8]{0}) while(%t), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"3"}}
+  %ar2 = (f32[2,3]{1,0}, s32[]) all-reduce(%u, %v), channel_id=4, to_apply=%add
+  %cp = u8[10]{0} collective-permute(%z), channel_id=5, source_target_pairs={{0,1}}
+  %a2a = f32[4]{0} all-to-all(%q), channel_id=6, dimensions={0}
+  %ar-start = f32[5]{0} all-reduce-start(%r), channel_id=7, to_apply=%add
+  ROOT %ar-done = f32[5]{0} all-reduce-done(%ar-start)
+}
+'''
+
+
+def test_collectives_parser_on_hlo_text():
+  """Sync ops, async pairs (counted once, by their -done), tuples, and loop bodies (x trip count)."""
+  out = plan_lib.collectives(_HLO)
+  assert out['all-reduce'] == {'count': 3 + 1 + 1, 'bytes': 3 * 32 + (24 + 4) + 20}
+  assert out['all-gather'] == {'count': 3, 'bytes': 3 * 32}
+  assert out['reduce-scatter'] == {'count': 1, 'bytes': 8 * 2 * 2}
+  assert out['collective-permute'] == {'count': 1, 'bytes': 10}
+  assert out['all-to-all'] == {'count': 1, 'bytes': 16}
+  assert plan_lib.shape_bytes('(f32[2,3]{1,0}, s32[], token[])') == 28

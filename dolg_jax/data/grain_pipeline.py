@@ -68,9 +68,11 @@ class TrainTransform:
   `augmentation` (config.data.augmentation):
   - 'paper' (default): uint8 image; random-resized crop (area in `scale`, log-uniform aspect in
     `ratio`, decoded at the smallest DCT scale that keeps the crop's resolution) + flip.
-  - 'official': float32 image, the official pycls/DOLG recipe (dolg_jax.data.official_augment):
-    full decode, random-sized crop (area from scale[0] to 1, uniform aspect in `ratio` with the
-    width/height swap), flip, PCA lighting noise of std `lighting_std`.
+  - 'official': uint8 image + 'lighting' (float32 (3,), [0, 255] scale), the official pycls/DOLG
+    recipe (dolg_jax.data.official_augment.official_train_example): full decode, random-sized
+    crop (area from scale[0] to 1, uniform aspect in `ratio` with the width/height swap) resized
+    in uint8, flip; the PCA lighting offset of std `lighting_std` is added on the device
+    (dolg_jax.training.inputs.device_batch).
 
   Called with the GLOBAL index of the element in the repeated, shuffled stream; its RNG is
   Philox seeded from (seed, epoch, index in epoch), so it does not depend on workers or threads.
@@ -105,10 +107,10 @@ class TrainTransform:
     rng = self.rng(index)
     data = record['image']
     if self.augmentation == 'official':
-      image = official_augment.official_train_image(
+      image, lighting = official_augment.official_train_example(
           data, self.image_size, rng, area_frac=self.scale[0], ratio=self.ratio, flip=self.flip,
           lighting_std=self.lighting_std)
-      return {'image': image, 'label': np.int32(record['label'])}
+      return {'image': image, 'lighting': lighting, 'label': np.int32(record['label'])}
     hw = decode.image_size(data)
     box = decode.random_resized_crop_box(rng, hw, self.scale, self.ratio)
     flip = bool(self.flip and rng.random() < 0.5)
@@ -267,7 +269,8 @@ def make_train_iterator(config, data_source, *, seed: int, process_index: Option
                         read_threads: Optional[int] = None) -> TrainIterator:
   """Iterator of {'image': (B, S, S, 3), 'label': int32 (B,)} for this process.
 
-  Images are uint8, or float32 with `augmentation='official'` (lighting noise is not rounded).
+  Images are uint8; with `augmentation='official'` each batch also holds 'lighting' (B, 3) float32,
+  the per-example lighting offset to add on the device (training.inputs.device_batch).
 
   Args:
     config: full config (uses config.data) or its data section: image_size, augmentation,

@@ -17,11 +17,24 @@ draw on an RGB image, with an explicit random generator instead of numpy's globa
   EIG_VECS @ (alpha * EIG_VALS) in [0, 1] units, RGB order (pycls adds `rgb[2 - i]` to BGR channel
   i, i.e. `rgb[k]` to RGB channel k). No draw when alpha_std == 0.
 
-`official_train_image` returns float32 RGB on the [0, 255] scale with the lighting offset (times
-255) added and NOT clipped or rounded, so that the model's normalisation (x / 255 - mean) / std
-gives the official network input. Differences that remain: the random numbers themselves (a Philox
-stream per example instead of each worker's numpy global state) and the decoder (see
-`dolg_jax.data.decode.decode_rgb`, whose defaults read files as `cv2.imread` does).
+Two forms of the same draws (same random numbers in the same order, same crop box):
+
+- `official_train_example` (what training uses, `grain_pipeline.TrainTransform`): uint8 until the
+  device. The crop is a uint8 slice, resized with OpenCV bilinear on uint8 (fixed-point weights,
+  rounded to the nearest level), flipped; the lighting offset is returned beside the image as 3
+  float32 numbers on the [0, 255] scale (the batch's 'lighting', shape (B, 3)), added on the
+  device (`dolg_jax.training.inputs.device_batch`: image.astype(float32) + lighting). No float
+  image exists on the host and the host-to-device bytes are those of uint8 (+ 12 per image).
+- `official_train_image` / `augment_rgb` (the float form, pycls' own order): float32 RGB on the
+  [0, 255] scale, resized in float32, the lighting offset added and NOT clipped or rounded. Kept as
+  the reference the tests hold to pycls at float rounding (tests/test_official_recipe.py).
+
+The two differ only by the rounding of the resized pixels to uint8: at most 1 grey level per pixel
+(0.5 from rounding plus OpenCV's 11-bit fixed-point weights; measured max 1, mean about 0.25), far
+below the lighting noise (std about 3 levels) and JPEG noise; a crop that needs no resize is
+identical. Other differences from pycls: the random numbers themselves (a Philox stream per example
+instead of each worker's numpy global state) and the decoder (see `dolg_jax.data.decode.decode_rgb`,
+whose defaults read files as `cv2.imread` does).
 """
 
 from __future__ import annotations
@@ -91,6 +104,66 @@ def random_sized_crop(im: np.ndarray, size: int, rng, area_frac: float = 0.08,
       x = 0 if w_crop == w else int(rng.integers(0, w - w_crop))
       return _resize_float(im[y:y + h_crop, x:x + w_crop], size, size)
   return np.asarray(center_crop(size, scale_short_side(size, im)), np.float32)
+
+
+def random_sized_crop_box(h: int, w: int, rng, area_frac: float = 0.08,
+                          ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+                          max_iter: int = MAX_ITER) -> Tuple[int, int, int, int] | None:
+  """The draws of `random_sized_crop` for an h x w image: the (top, left, height, width) box, or
+  None after `max_iter` misses (then: scale the short side and take the centre crop)."""
+  area = h * w
+  for _ in range(max_iter):
+    target_area = rng.uniform(area_frac, 1.0) * area
+    aspect = rng.uniform(ratio[0], ratio[1])
+    w_crop = int(round(math.sqrt(float(target_area) * aspect)))
+    h_crop = int(round(math.sqrt(float(target_area) / aspect)))
+    if rng.uniform() < 0.5:
+      w_crop, h_crop = h_crop, w_crop
+    if h_crop <= h and w_crop <= w:
+      y = 0 if h_crop == h else int(rng.integers(0, h - h_crop))
+      x = 0 if w_crop == w else int(rng.integers(0, w - w_crop))
+      return y, x, h_crop, w_crop
+  return None
+
+
+def _resize_uint8(im: np.ndarray, height: int, width: int) -> np.ndarray:
+  if im.shape[:2] == (height, width):
+    return np.ascontiguousarray(im)
+  return cv2.resize(np.ascontiguousarray(im), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def _scale_short_side_uint8(size: int, im: np.ndarray) -> np.ndarray:
+  h, w = im.shape[:2]
+  if (w <= h and w == size) or (h <= w and h == size):
+    return im
+  if w < h:
+    return _resize_uint8(im, int(math.floor(float(h) / w * size)), size)
+  return _resize_uint8(im, size, int(math.floor(float(w) / h * size)))
+
+
+def augment_rgb_uint8(rgb: np.ndarray, size: int, rng, *, area_frac: float = 0.08,
+                      ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
+                      lighting_std: float = LIGHTING_STD) -> Tuple[np.ndarray, np.ndarray]:
+  """The uint8 form of `augment_rgb` (same draws): (uint8 (size, size, 3) image, float32 (3,) RGB
+  lighting offset on the [0, 255] scale, to be added after the conversion to float)."""
+  box = random_sized_crop_box(rgb.shape[0], rgb.shape[1], rng, area_frac, ratio)
+  if box is None:
+    im = center_crop(size, _scale_short_side_uint8(size, rgb))
+  else:
+    y, x, h, w = box
+    im = _resize_uint8(rgb[y:y + h, x:x + w], size, size)
+  if flip:
+    im = horizontal_flip(im, rng)
+  offset = (255.0 * lighting_offset(rng, lighting_std)).astype(np.float32)
+  return np.ascontiguousarray(im), offset
+
+
+def official_train_example(data: bytes, size: int, rng, *, area_frac: float = 0.08,
+                           ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
+                           lighting_std: float = LIGHTING_STD) -> Tuple[np.ndarray, np.ndarray]:
+  """Encoded image bytes -> (uint8 image, float32 (3,) lighting offset): see the module docstring."""
+  return augment_rgb_uint8(decode.decode_rgb(data), size, rng, area_frac=area_frac, ratio=ratio,
+                           flip=flip, lighting_std=lighting_std)
 
 
 def horizontal_flip(im: np.ndarray, rng, p: float = 0.5) -> np.ndarray:

@@ -12,6 +12,11 @@ random-resized crops (scale 0.25-1, ratio 3/4-4/3), and times in ONE process (so
   exact:            decode_crop_resize's default (config.data.decode='exact'): cv2.imread's
                     pixels (full accurate decode, EXIF orientation), crop, OpenCV resize
   alternatives:     Pillow with draft() DCT scaling and a box resize; OpenCV imdecode + resize
+  transform:        the training transforms themselves (grain_pipeline.TrainTransform, exact
+                    decode), with their own crop draws: the default (augmentation='paper') and
+                    the official one (augmentation='official': uint8 crop + resize, lighting
+                    offset beside the image), and the official float32 form it replaced
+                    (official_augment.official_train_image)
 Rounds alternate between methods and the median round is reported, so a busy machine biases all
 methods alike. Also times the parts of the fast path (decode only, resize only).
 """
@@ -33,6 +38,7 @@ from PIL import Image
 from dolg_jax import cli
 from dolg_jax.data import decode
 from dolg_jax.data import grain_pipeline
+from dolg_jax.data import official_augment
 
 
 def make_jpegs(n: int, height: int, width: int, seed: int = 0, quality: int = 90) -> List[bytes]:
@@ -106,6 +112,17 @@ def time_methods(num_images: int = 32, rounds: int = 5, size: int = 512, height:
           Image.open(io.BytesIO(jpegs[i])).convert('RGB')),
       '  part: resize only (fast path)': lambda i: decode.resize(crop(i), size, size),
   }
+  transforms = {
+      name: grain_pipeline.TrainTransform(
+          image_size=size, scale=scale, ratio=(3 / 4, 4 / 3), flip=True, seed=seed,
+          epoch_length=num_images, fast_decode=False, augmentation=name, lighting_std=light)
+      for name, scale, light in (('paper', (0.25, 1.0), 0.0), ('official', (0.08, 1.0), 0.1))}
+  records = [{'image': j, 'label': 0} for j in jpegs]
+  methods['transform: default (paper, exact decode)'] = lambda i: transforms['paper'](i, records[i])
+  methods['transform: official (uint8 + lighting offset)'] = lambda i: transforms['official'](
+      i, records[i])
+  methods['transform: official, float32 form (before)'] = (
+      lambda i: official_augment.official_train_image(jpegs[i], size, transforms['official'].rng(i)))
   if decode.cv2 is None:
     del methods['alt: OpenCV imdecode + resize']
   for fn in methods.values():  # Warm-up.
@@ -171,6 +188,10 @@ def main(argv) -> None:
   fast = next(v for k, v in res.items() if k.startswith('fast'))
   print(f'speed-up of fast over naive: {fast / naive:.2f}x (over naive_bilinear: '
         f'{fast / naive_bl:.2f}x)')
+  paper = res['transform: default (paper, exact decode)']
+  official = res['transform: official (uint8 + lighting offset)']
+  print(f'official / default transform: {official / paper:.2f}x; cores per 1,000 images/s: '
+        f'default {1000 / paper:.1f}, official {1000 / official:.1f}')
   if FLAGS.pipeline_workers:
     workers = [int(w) for w in FLAGS.pipeline_workers]
     for w, value in run_pipeline(FLAGS.config.data, workers, size=FLAGS.size, height=FLAGS.height,

@@ -86,7 +86,7 @@ def benchmark(config, batch: int, steps: int, warmup: int,
 def main(argv):
   del argv
   config = FLAGS.config
-  determinism.apply(config.train.deterministic)   # Before the XLA backend starts.
+  determinism.apply(config.train.deterministic, at_entry=True)   # Before the XLA backend starts.
   res = benchmark(config, FLAGS.batch or config.train.global_batch_size, FLAGS.steps,
                   FLAGS.warmup, FLAGS.peak_tflops)
   print(f"{res['device_kind']} x{res['devices']}  batch {res['batch']}  {res['image_size']}px  "

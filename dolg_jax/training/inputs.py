@@ -8,7 +8,11 @@
 - 'synthetic': random images with learnable class structure, for benchmarks and smoke tests.
 
 Every iterator yields host-local batches {'image': uint8 (B, S, S, 3), 'label': int32 (B,)} and
-has `get_state()` / `set_state()` (JSON-serialisable) for exact resume.
+has `get_state()` / `set_state()` (JSON-serialisable) for exact resume. With
+`data.augmentation='official'` the batches also hold 'lighting': float32 (B, 3), the PCA lighting
+offset of each image on the [0, 255] scale; `device_batch` sends the uint8 images and the offsets
+to the devices and adds them there (image.astype(float32) + offset), so that the train step gets
+the official float32 input while the host and the host-to-device copy stay in uint8.
 """
 
 import dataclasses
@@ -16,10 +20,12 @@ import os
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dolg_jax import sharding as shd
 from dolg_jax.data import folder
 from dolg_jax.data import gldv2
 from dolg_jax.data import grain_pipeline
@@ -87,6 +93,22 @@ SYNTHETIC_CLASSES = 1000
 
 
 # --------------------------------------------------------------------------- public
+@jax.jit
+def _add_lighting(image: jax.Array, lighting: jax.Array) -> jax.Array:
+  return image.astype(jnp.float32) + lighting.astype(jnp.float32)[:, None, None, :]
+
+
+def device_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """This process's batch -> the global batch on the devices (`sharding.global_batch`); a batch
+  with 'lighting' (augmentation='official') becomes {'image': float32 image + offset, 'label'},
+  the addition done on the devices (same sharding as the image)."""
+  batch = shd.global_batch(mesh, local_batch)
+  if 'lighting' in batch:
+    lighting = batch.pop('lighting')
+    batch['image'] = _add_lighting(batch['image'], lighting)
+  return batch
+
+
 def open_data(config: ml_collections.ConfigDict) -> Data:
   """Opens the training dataset named by `config.data.dataset`."""
   d = config.data

@@ -32,6 +32,7 @@ from dolg_jax.training import schedule
 from dolg_jax.training import state as state_lib
 from dolg_jax.training import step as step_lib
 from dolg_jax.training import utilisation
+from dolg_jax.training import workdir_lock
 from dolg_jax.weights import imagenet
 
 
@@ -113,6 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     evaluate_lib.check_datasets(config)
   determinism.apply(t_cfg.deterministic)
   os.makedirs(workdir, exist_ok=True)
+  workdir_lock.acquire(workdir)   # One run per workdir: a busy one stops here, naming its holder.
   is_primary = jax.process_index() == 0
   mesh = shd.make_mesh(config.mesh)
   logging.info('Mesh %s over %d devices (%d processes).', dict(mesh.shape), jax.device_count(),
@@ -217,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         util.before_step(step)
         with util.step_region(step + 1):
           with util.region('input_wait'):
-            batch = shd.global_batch(mesh, next(iterator))
+            batch = inputs.device_batch(mesh, next(iterator))
           state, metrics = train_step(state, batch, lr_fn(step))
         pending.append(metrics)
         step += 1

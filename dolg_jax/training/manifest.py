@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
-PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'ml_collections', 'clu',
+PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'ml_collections',
             'numpy', 'tensorflow-datasets', 'array_record', 'simplejpeg', 'jax-cuda12-plugin',
             'libtpu')
 _FULL_HASH_BYTES = 16 << 20

@@ -19,6 +19,10 @@ head over `config.head.num_classes`) and reads XLA's analyses:
                                  compile-only TPU devices the HBM of the kind (training/peaks.py);
                                  None on CPU (or pass `device_memory_bytes` to plan for a device)
   fits                           peak <= device memory; None when the device memory is unknown
+  collectives                    the compiled program's collectives per step and device, by kind
+                                 (all-reduce, all-gather, reduce-scatter, collective-permute,
+                                 all-to-all): {'count', 'bytes'}, parsed from the compiled HLO text
+                                 (`collectives(hlo_text)`); collective_bytes_per_device_step sums them
 
 `max_batch(...)` doubles then bisects the per-device batch (multiples of grad_accum_steps) for the
 largest whose step fits. `topology_devices(name)` returns the compile-only devices of a Cloud TPU
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import time
 from typing import Any, Sequence
 
@@ -74,6 +79,82 @@ def device_memory_bytes(device) -> int | None:
   if device.platform == 'tpu':
     return peaks.memory_bytes(device.device_kind)
   return None
+
+
+COLLECTIVE_KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute',
+                    'all-to-all')
+_DTYPE_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2,
+                'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
+                'c128': 16}
+# `%name = SHAPE kind(` (synchronous) or `%name = SHAPE kind-done(` (the result of an async pair;
+# its -start is skipped so that each collective counts once). Async wrappers (`async-start` with
+# calls=%wrapped_reduce-scatter) print the synchronous op inside the wrapped computation.
+_COLLECTIVE_RE = re.compile(
+    r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s+'
+    r'(?P<kind>' + '|'.join(COLLECTIVE_KINDS) + r')(?:-done)?\(')
+_ARRAY_RE = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string: 'f32[4,8]{1,0}', 'bf16[]' or a tuple '(f32[4]{0}, s32[])'."""
+  total = 0.0
+  for dtype, dims in _ARRAY_RE.findall(shape):
+    size = _DTYPE_BYTES.get(dtype, 1 if dtype.startswith('f8') else None)
+    if size is None:
+      continue   # token[] and other non-array types carry no data
+    total += size * math.prod(int(d) for d in dims.split(',') if d)
+  return int(total)
+
+
+_COMPUTATION_RE = re.compile(r'^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$')
+_WHILE_RE = re.compile(r'\swhile\(.*\bbody=%(?P<body>[\w.\-]+)')
+_TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"')
+
+
+def collective_ops(hlo_text: str) -> list[dict]:
+  """Every collective of a compiled HLO module's text: [{'kind', 'shape', 'bytes', 'times'}].
+
+  `bytes` are those of the op's result on one device (all-reduce: the reduced buffer;
+  all-gather: the gathered one; reduce-scatter: this device's part; collective-permute,
+  all-to-all: the buffer); `times` is how often one step runs it: the product of the known trip
+  counts of the while loops whose bodies hold it (1 outside loops; a loop without a known trip
+  count counts once).
+  """
+  ops, comp = [], None
+  parent: dict[str, tuple[str, int]] = {}      # while body -> (computation holding the while, n)
+  for line in hlo_text.splitlines():
+    c = _COMPUTATION_RE.match(line)
+    if c and '=' not in line.split('(')[0]:
+      comp = c.group('name')
+      continue
+    w = _WHILE_RE.search(line)
+    if w:
+      t = _TRIP_RE.search(line)
+      parent[w.group('body')] = (comp, int(t.group('n')) if t else 1)
+    m = _COLLECTIVE_RE.match(line)
+    if m:
+      ops.append({'kind': m.group('kind'), 'shape': m.group('shape'),
+                  'bytes': shape_bytes(m.group('shape')), 'computation': comp})
+
+  def times(name, depth=0):
+    if name not in parent or depth > 64:
+      return 1
+    holder, n = parent[name]
+    return n * times(holder, depth + 1)
+
+  for op in ops:
+    op['times'] = times(op.pop('computation'))
+  return ops
+
+
+def collectives(hlo_text: str) -> dict:
+  """{kind: {'count': n, 'bytes': b}} per step and device for every kind in COLLECTIVE_KINDS
+  (zeros when absent): each op of `collective_ops` counted `times` times."""
+  out = {k: {'count': 0, 'bytes': 0} for k in COLLECTIVE_KINDS}
+  for op in collective_ops(hlo_text):
+    out[op['kind']]['count'] += op['times']
+    out[op['kind']]['bytes'] += op['bytes'] * op['times']
+  return out
 
 
 def _shard_bytes(tree: Any) -> int:
@@ -129,6 +210,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence | None = None, *,
   limit = int(memory_bytes) if memory_bytes else device_memory_bytes(devices[0])
   params_bytes = _shard_bytes(abstract_state.params)
   opt_bytes = _shard_bytes(abstract_state.opt_state)
+  coll = collectives(compiled.as_text())
   out = {
       'device_kind': kind, 'platform': devices[0].platform, 'devices': n_dev,
       'mesh': {k: int(v) for k, v in mesh.shape.items()},
@@ -149,6 +231,10 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence | None = None, *,
       'temp_bytes_per_device': temp, 'xla_peak_memory_bytes_per_device': reported_peak,
       'device_memory_bytes': limit,
       'fits': (peak <= limit) if limit else None,
+      'collectives': coll,
+      'collective_bytes_per_device_step': sum(v['bytes'] for v in coll.values()),
+      'bn_mode': str(config.train.bn_mode),
+      'bn_group_size': int(config.train.bn_group_size),
       'compile_s': compile_s,
   }
   peak_tflops = (peaks.peak_tflops(kind, config.compute_dtype) if devices[0].platform != 'cpu'

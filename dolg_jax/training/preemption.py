@@ -1,13 +1,29 @@
-"""SIGTERM (preemption) handling: remember the signal; the loop saves and exits at a step boundary.
+"""SIGTERM (preemption) handling: the loop saves and exits at a step boundary.
 
-All processes must stop at the same step (the checkpoint is collective), so with several processes
-the flag is OR-reduced across processes every `sync_every` steps.
+All processes must stop at the same step (the checkpoint is collective).
+
+- One process: a Python SIGTERM handler sets a flag; `should_stop` reads it.
+- Several processes (`jax.distributed` initialised, JAX's preemption service on, the default):
+  agreement goes through the coordination service, not the devices. `jax.distributed.initialize`
+  starts a preemption sync manager whose notifier catches SIGTERM (its own C handler: we install
+  no Python handler then, which would replace it); a notice on any process reaches every process
+  through the coordinator, which picks the stopping step (the largest step any process has reached,
+  + 1), and `multihost_utils.reached_preemption_sync_point(step)`, called at every step, is True at
+  that step on every process. Until a notice it is a local check: no RPC, no device work, nothing
+  that drains the dispatch queue.
+- Several processes without the preemption service (`jax_enable_preemption_service=False`): the
+  previous scheme, a `process_allgather` of the flags every `sync_every` steps
+  (`config.train.preemption_sync_every_steps`; unused otherwise).
 
 `catch_early_sigterm()` (called by dolg_jax.main before anything slow) remembers a SIGTERM that
-arrives while the run is still starting (imports, restore, compilation): the loop then stops after
-its first step with a checkpoint and the preempted exit code, instead of dying unsaved with 143.
+arrives while the run is still starting (imports, `jax.distributed.initialize`, restore,
+compilation): the loop then stops after its first step with a checkpoint and the preempted exit
+code, instead of dying unsaved with 143. In a multi-process run a SIGTERM remembered that way (it
+came before the notifier existed) is re-sent to this process on entering the loop, so that the
+notifier sees it and the other processes stop at the same step.
 """
 
+import os
 import signal
 import threading
 
@@ -30,15 +46,29 @@ def catch_early_sigterm() -> None:
     signal.signal(signal.SIGTERM, _on_early_signal)
 
 
+def coordination_service_agreement() -> bool:
+  """True when several processes agree on the stopping step through JAX's preemption service."""
+  return (jax.process_count() > 1 and jax.distributed.is_initialized()
+          and bool(jax.config.jax_enable_preemption_service))
+
+
 class PreemptionHandler:
-  """Context manager installing a SIGTERM handler (Ctrl-C / SIGINT keeps its usual meaning)."""
+  """Context manager for the training loop's SIGTERM handling (see the module docstring);
+  Ctrl-C / SIGINT keeps its usual meaning."""
 
   def __init__(self, sync_every: int = 10):
     self.sync_every = max(1, int(sync_every))
     self._event = threading.Event()
     self._previous = None
+    self._service = False
 
   def __enter__(self) -> 'PreemptionHandler':
+    self._service = coordination_service_agreement()
+    if self._service:
+      if _EARLY.is_set():   # Received before the notifier existed: hand it to the notifier.
+        _EARLY.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+      return self
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
     if _EARLY.is_set():   # Received while the run was starting.
@@ -55,11 +85,17 @@ class PreemptionHandler:
     self._event.set()
 
   def request(self) -> None:
-    """Marks this process as preempted (what the signal handler does)."""
-    self._event.set()
+    """Marks this process as preempted (what SIGTERM does)."""
+    if self._service:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self._event.set()
 
   def should_stop(self, step: int) -> bool:
-    """True (on every process, at the same step) when any process received SIGTERM."""
+    """True (on every process, at the same step) when any process received SIGTERM. With several
+    processes call it at every step, from the same first step on every process."""
+    if self._service:
+      return bool(multihost_utils.reached_preemption_sync_point(int(step)))
     local = self._event.is_set()
     if jax.process_count() == 1:
       return local
