@@ -219,3 +219,31 @@ def test_decode_route_is_the_config_field_and_both_routes_apply_exif_orientation
   with pytest.raises(ValueError, match='config.data.decode'):
     pipeline.make_train_iterator(cfg, records, seed=0, process_index=0, process_count=1,
                                  per_host_batch=2)
+
+
+def _worker_pids():
+  import multiprocessing
+  return {p.pid for p in multiprocessing.active_children()}
+
+
+def test_validation_passes_repeat_the_same_batches_through_one_set_of_workers(source):
+  """The training loop's periodic validation: every pass yields make_eval_iterator's batches (the
+  first max_batches), with the worker process started once; a pass broken off mid-way does not
+  shift the next one."""
+  cfg = _config(20)
+  kwargs = dict(process_index=1, process_count=2, per_host_batch=5)
+  reference = list(pipeline.make_eval_iterator(cfg, source, **kwargs))[:3]
+  before = _worker_pids()
+  passes = pipeline.make_validation_passes(cfg, source, max_batches=3, num_workers=1, **kwargs)
+  try:
+    assert passes.num_batches == 3
+    first = [{k: np.array(v) for k, v in b.items()} for b in passes.next_pass()]
+    workers = _worker_pids() - before
+    second = [{k: np.array(v) for k, v in b.items()} for b in passes.next_pass()]
+    assert _worker_pids() - before == workers and len(workers) == 1
+    broken = passes.next_pass()
+    next(broken)                                  # an evaluation that failed after one batch
+    third = list(passes.next_pass())
+  finally:
+    passes.close()
+  assert _equal(first, reference) and _equal(second, reference) and _equal(third, reference)

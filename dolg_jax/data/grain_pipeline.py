@@ -18,7 +18,9 @@ per-process: process_{i}-of-{n}.json).
 
 Evaluation (`make_eval_iterator`): records in source order, every process_count-th from
 process_index, central square crop resized to image_size; all processes yield the same number of
-batches, the last ones padded with zero images whose `mask` is False.
+batches, the last ones padded with zero images whose `mask` is False. `make_validation_passes`
+gives the same batches as repeatable passes through one iterator (the training loop's periodic
+validation: its workers start once per run).
 
 Decoding (`config.data.decode`, both pipelines): 'exact' reads every image as the official code's
 `cv2.imread` does (full-size accurate decode, EXIF orientation applied); 'fast' uses the fast JPEG
@@ -334,6 +336,61 @@ def make_eval_iterator(config, data_source, *, process_index: Optional[int] = No
   ds = eval_dataset(config, data_source, process_index=process_index,
                     process_count=process_count, per_host_batch=per_host_batch)
   return _to_iterator(ds, _data_config(config), num_workers, read_threads)
+
+
+class ValidationPasses:
+  """Repeated, identical passes over a validation split through one grain iterator.
+
+  `next_pass()` yields the split's `num_batches` batches (the same ones, in the same order, every
+  time). The batched dataset is repeated forever behind one iterator, so its worker processes and
+  read threads are started once per run, not once per evaluation; between evaluations they hold at
+  most their prefetch buffers of the next pass. A pass left unfinished (an evaluation that failed)
+  would leave the stream out of phase: the next pass then starts a fresh iterator at batch 0.
+  """
+
+  def __init__(self, ds: grain.MapDataset, make_iter):
+    self.num_batches = len(ds)
+    self._repeated = ds.repeat(None)
+    self._make_iter = make_iter
+    self._inner: Optional[grain.DatasetIterator] = None
+    self._position = 0   # batches consumed in the current pass
+
+  def next_pass(self):
+    """A generator of this pass's batches (each a dict as `make_eval_iterator` yields)."""
+    if self._position:
+      self._close_inner()
+    if self._inner is None:
+      self._inner = self._make_iter(self._repeated)
+    for _ in range(self.num_batches):
+      batch = next(self._inner)
+      self._position += 1
+      yield batch
+    self._position = 0
+
+  def _close_inner(self) -> None:
+    if self._inner is not None and hasattr(self._inner, 'close'):
+      self._inner.close()
+    self._inner, self._position = None, 0
+
+  def close(self) -> None:
+    """Stops the worker processes."""
+    self._close_inner()
+
+
+def make_validation_passes(config, data_source, *, process_index: Optional[int] = None,
+                           process_count: Optional[int] = None, per_host_batch: int,
+                           max_batches: int = 0, num_workers: Optional[int] = None,
+                           read_threads: Optional[int] = None) -> ValidationPasses:
+  """`make_eval_iterator`'s batches (the first `max_batches` when > 0) as repeatable passes; every
+  process gets the same `num_batches`."""
+  process_index, process_count = _check_process(process_index, process_count)
+  ds = eval_dataset(config, data_source, process_index=process_index,
+                    process_count=process_count, per_host_batch=per_host_batch)
+  if max_batches > 0:
+    ds = ds[:max_batches]
+  return ValidationPasses(ds, functools.partial(_to_iterator, cfg=_data_config(config),
+                                                num_workers=num_workers,
+                                                read_threads=read_threads))
 
 
 def first_batches(iterator, n: int) -> Sequence[Dict[str, np.ndarray]]:

@@ -90,13 +90,6 @@ def curricularface_logits(embeddings: jax.Array, weight: jax.Array, labels: jax.
   return scale * logits, new_t
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean cross-entropy of float32 logits (N, C) against int labels (N,)."""
-  logits = logits.astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
-
-
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Top-1 accuracy (fraction) of logits (N, C) against labels (N,)."""
   return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))

@@ -13,6 +13,16 @@ and the reason, renamed to `<step>.corrupt-<reason>` (kept for inspection, never
 longer sees it), and the next older step is tried; the run says in one line which step it fell back
 to. When no step verifies, `NoValidCheckpointError` lists what was found.
 
+The iterator states go through our small `IteratorStateHandler` rather than grain's
+`grain.checkpoint.CheckpointHandler` (same file layout, process_<i>-of-<n>.json), because grain's
+restore would break the verified resume: it calls `set_state` on the live iterator and starts its
+prefetch workers while reading the file, before the step's record is checked (a step that then
+fails verification would already have positioned the input stream and spawned workers, and the
+fallback step restarts them); it accepts only grain DatasetIterators (the synthetic iterator is
+not one); and a missing per-process file gives "does not exist" where ours says the process count
+changed. Ours returns the state as data: it is compared with the record's sha256 and only a step
+that verifies is handed to the iterator (training.loop).
+
 Reading the model variables back for evaluation (and the layout's names) live one layer below, in
 dolg_jax.weights.checkpoint.
 """

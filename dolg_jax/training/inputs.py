@@ -131,13 +131,16 @@ def train_iterator(config: ml_collections.ConfigDict, data: Data, *, per_host_ba
       process_count=jax.process_count(), per_host_batch=per_host_batch)
 
 
-def eval_batches(config: ml_collections.ConfigDict, data: Data, per_host_batch: int):
-  """Validation batches for this process (each with a 'mask'); empty without a validation split."""
+def validation_passes(config: ml_collections.ConfigDict, data: Data, per_host_batch: int):
+  """This process's validation batches (each with a 'mask') as passes repeatable through one set of
+  input workers (`grain_pipeline.ValidationPasses`; the first config.train.eval_batches batches
+  when > 0); None without a validation split."""
   if data.val_source is None:
-    return iter(())
-  return grain_pipeline.make_eval_iterator(
+    return None
+  return grain_pipeline.make_validation_passes(
       config, data.val_source, process_index=jax.process_index(),
-      process_count=jax.process_count(), per_host_batch=per_host_batch)
+      process_count=jax.process_count(), per_host_batch=per_host_batch,
+      max_batches=int(config.train.eval_batches))
 
 
 def _open_tfds(config: ml_collections.ConfigDict) -> Data:

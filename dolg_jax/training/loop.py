@@ -4,8 +4,22 @@ One pass per step: next host batch -> global sharded batch -> jitted train step 
 Metrics are fetched from the device only at log / checkpoint / eval boundaries. A checkpoint is
 written only after every loss since the previous check was verified finite, so a NaN/inf loss
 stops the run (NonFiniteLossError) with the last good checkpoint intact.
+
+The phases, in the order `train_and_evaluate` runs them:
+1. `_open_run`: config check, the workdir's lock, mesh, data, model setup, schedule, checkpoint
+   manager, input iterator (a bad start stops here, before anything but the lock is written);
+2. `_initial_state`: the newest verified checkpoint, else train.init_checkpoint, else the ImageNet
+   backbone;
+3. `_Records` / `_write_manifest`: metrics from the device to metrics.jsonl, TensorBoard and the
+   progress line; the manifest once the first step has run;
+4. `_Evaluations`: validation and retrieval evaluation, each compiled once per run, the
+   validation input workers started once per run;
+5. `_train_steps`: the steps, with checkpoints, evaluations and log lines at their boundaries and
+   the preemption agreement;
+6. `_close_run`: pending saves, the manager, input workers and writers, also after a failure.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -74,17 +88,14 @@ def _mean_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
   return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
 
 
-def evaluate(eval_step, state, batches, mesh, max_batches: int = 0) -> dict[str, float]:
-  """Validation loss and top-1 accuracy (nearest class centre) over `batches` (the first
-  `max_batches` when > 0; every process yields the same number, so all stop together)."""
-  sums = None   # on the device: one host fetch per evaluation, not per batch
-  for i, batch in enumerate(batches):
-    if 0 < max_batches <= i:
-      break
+def evaluate(eval_step, state, batches, mesh) -> dict[str, float]:
+  """Validation loss and top-1 accuracy (nearest class centre) over `batches` (every process
+  yields the same number, so all stop together). The sums stay on the device: one host fetch
+  per evaluation, not one per batch."""
+  sums = None
+  for batch in batches:
     out = eval_step(state, shd.global_batch(mesh, batch))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  if hasattr(batches, 'close'):   # grain iterators: stop their worker processes.
-    batches.close()
   totals = ({'correct': 0.0, 'count': 0.0, 'loss_sum': 0.0} if sums is None
             else {k: float(v) for k, v in jax.device_get(sums).items()})
   n = max(totals['count'], 1.0)
@@ -102,11 +113,31 @@ def retrieval_eval(evaluator: evaluate_lib.RunEvaluator, state, workdir: str, st
   return scoring.flat_maps(out['results'])
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics,
-  plus 'preempted': True when SIGTERM stopped the run after saving its checkpoint."""
+# --------------------------------------------------------------------------- phase 1: the run
+@dataclasses.dataclass
+class _Run:
+  """What a run is, fixed before its first step (`_open_run`)."""
+  config: ml_collections.ConfigDict   # with head.num_classes from the dataset
+  workdir: str
+  mesh: Any
+  data: inputs.Data
+  setup: Any                          # state_lib.make_setup
+  init_source: Any                    # init_checkpoint.prepare
+  per_host_batch: int
+  steps_per_epoch: int
+  total_steps: int
+  lr_fn: Any
+  config_json: dict
+  manager: Any                        # orbax CheckpointManager
+  iterator: Any                       # this process's training batches
+  is_primary: bool
+
+
+def _open_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+  """Checks the config, takes the workdir's lock, opens the data, the model setup, the schedule,
+  the checkpoint manager and the input iterator. A bad field, a busy workdir or a missing dataset
+  stops here, before anything but the lock file is written."""
   t_cfg = config.train
-  # Before anything is written: a bad field fails here, naming itself.
   config_check.validate(config, device_count=jax.device_count(),
                         process_count=jax.process_count())
   init_source = init_checkpoint.prepare(config, workdir)  # read and checked unless resuming
@@ -115,188 +146,283 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   determinism.apply(t_cfg.deterministic)
   os.makedirs(workdir, exist_ok=True)
   workdir_lock.acquire(workdir)   # One run per workdir: a busy one stops here, naming its holder.
-  is_primary = jax.process_index() == 0
   mesh = shd.make_mesh(config.mesh)
   logging.info('Mesh %s over %d devices (%d processes).', dict(mesh.shape), jax.device_count(),
                jax.process_count())
   per_host_batch = t_cfg.global_batch_size // jax.process_count()
-
   data = inputs.open_data(config)
   if config.head.num_classes != data.num_classes:
     logging.info('config.head.num_classes %d -> %d (from the dataset).', config.head.num_classes,
                  data.num_classes)
   setup = state_lib.make_setup(config, mesh, data.num_classes)
   config = setup.config
-  t_cfg = config.train
   steps_per_epoch = schedule.steps_per_epoch(data.num_train_examples, t_cfg.global_batch_size)
-  total_steps = schedule.num_train_steps(t_cfg, data.num_train_examples)
-  lr_fn = schedule.create_learning_rate_fn(t_cfg, steps_per_epoch, total_steps)
+  total_steps = schedule.num_train_steps(config.train, data.num_train_examples)
+  return _Run(
+      config=config, workdir=workdir, mesh=mesh, data=data, setup=setup,
+      init_source=init_source, per_host_batch=per_host_batch, steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
+      lr_fn=schedule.create_learning_rate_fn(config.train, steps_per_epoch, total_steps),
+      config_json=json.loads(config.to_json_best_effort()),
+      manager=checkpointing.make_manager(workdir, keep=t_cfg.keep_checkpoints,
+                                         async_save=t_cfg.async_checkpointing),
+      iterator=inputs.train_iterator(config, data, per_host_batch=per_host_batch),
+      is_primary=jax.process_index() == 0)
 
-  manager = checkpointing.make_manager(workdir, keep=t_cfg.keep_checkpoints,
-                                       async_save=t_cfg.async_checkpointing)
-  config_json = json.loads(config.to_json_best_effort())
-  manifest_extra: dict[str, Any] = {}
-  iterator = inputs.train_iterator(config, data, per_host_batch=per_host_batch)
-  target, state_sh = state_lib.abstract_train_state(setup)
+
+# --------------------------------------------------------------------------- phase 2: the state
+@dataclasses.dataclass
+class _Start:
+  """Where training starts: the state and its sharding, the verified checkpoint it was restored
+  from (None for a fresh start) and what the manifest records about it."""
+  state: Any
+  state_sh: Any
+  restored_step: int | None
+  manifest: dict
+
+
+def _initial_state(run: _Run) -> _Start:
+  """The newest checkpoint that verifies (its recipe checked against the config; its input
+  position restored into the iterator); else train.init_checkpoint (a whole DOLG model); else a
+  new state with the ImageNet backbone (downloaded and verified before anything is compiled)."""
+  t_cfg = run.config.train
+  target, state_sh = state_lib.abstract_train_state(run.setup)
+  extra: dict[str, Any] = {}
 
   def check_resume(record):
     changes = resume_check.check(
-        record.get('config') or {}, config_json,
+        record.get('config') or {}, run.config_json,
         allow_recipe_change=t_cfg.allow_recipe_change_on_resume,
-        where=f'checkpoint step {record.get("step")} in {checkpointing.checkpoint_dir(workdir)}')
-    manifest_extra['config_changes'] = changes
+        where=f'checkpoint step {record.get("step")} in '
+              f'{checkpointing.checkpoint_dir(run.workdir)}')
+    extra['config_changes'] = changes
     if changes:
       logging.warning('Resuming with a changed recipe (allowed by '
                       'train.allow_recipe_change_on_resume): %s', changes)
 
-  restored = checkpointing.restore_verified(manager, target, mesh, check_record=check_resume)
+  restored = checkpointing.restore_verified(run.manager, target, run.mesh,
+                                            check_record=check_resume)
   latest = None if restored is None else restored[0]
-  manifest_extra['start'] = init_checkpoint.start_record(config, latest)
-  if restored is None and t_cfg.init_checkpoint:  # a whole DOLG model, not the ImageNet backbone
-    state, state_sh, manifest_extra['start'] = init_checkpoint.start(
-        setup, init_source, jax.random.key(config.seed))
-    manifest_extra['backbone'] = {'spec': t_cfg.backbone_init, 'source': None,
-                                  'note': 'not used: train.init_checkpoint takes precedence'}
-  elif restored is None:
-    # Resolved (downloaded, verified) before anything is compiled.
+  extra['start'] = init_checkpoint.start_record(run.config, latest)
+  if restored is not None:
+    extra['backbone'] = {'spec': t_cfg.backbone_init, 'source': f'checkpoint of step {latest}',
+                         'note': 'resumed: the backbone init was not read'}
+    _, state, iter_state, _ = restored
+    run.iterator.set_state(iter_state)
+    logging.info('Resumed from step %d of %s.', latest,
+                 checkpointing.checkpoint_dir(run.workdir))
+  elif t_cfg.init_checkpoint:
+    state, state_sh, extra['start'] = init_checkpoint.start(
+        run.setup, run.init_source, jax.random.key(run.config.seed))
+    extra['backbone'] = {'spec': t_cfg.backbone_init, 'source': None,
+                         'note': 'not used: train.init_checkpoint takes precedence'}
+  else:
     backbone = imagenet.resolve(t_cfg.backbone_init, cache_dir=t_cfg.backbone_cache_dir,
-                                model=config.model, progress=is_primary)
-    manifest_extra['backbone'] = backbone.record()
+                                model=run.config.model, progress=run.is_primary)
+    extra['backbone'] = backbone.record()
     logging.info('Backbone: %s', backbone.describe())
-    state, state_sh = state_lib.create_train_state(setup, jax.random.key(config.seed))
+    state, state_sh = state_lib.create_train_state(run.setup, jax.random.key(run.config.seed))
     if backbone.path is not None:
       state = state_lib.load_backbone(state, state_sh, backbone.path)
       logging.info('Backbone initialised from %s.', backbone.path)
-  else:
-    manifest_extra['backbone'] = {'spec': t_cfg.backbone_init,
-                                  'source': f'checkpoint of step {latest}',
-                                  'note': 'resumed: the backbone init was not read'}
-    _, state, iter_state, _ = restored
-    iterator.set_state(iter_state)
-    logging.info('Resumed from step %d of %s.', latest, checkpointing.checkpoint_dir(workdir))
+  return _Start(state, state_sh, latest, extra)
+
+
+# --------------------------------------------------------------------------- phase 3: outputs
+class _Records:
+  """The step metrics' way from the device to the outputs: device metrics wait in `pending` until a
+  log / checkpoint / evaluation boundary fetches them (checked finite there, so that a non-finite
+  state is never checkpointed), then one line per logged step goes to metrics.jsonl, TensorBoard
+  and stdout (process 0 only)."""
+
+  def __init__(self, run: _Run, start: _Start, start_step: int):
+    self.workdir, self.steps_per_epoch = run.workdir, run.steps_per_epoch
+    self.is_primary = run.is_primary
+    self.restored_step = start.restored_step
+    self.last_saved = start.restored_step
+    self.jsonl = metric_logging.JsonlWriter(run.workdir, enabled=run.is_primary)
+    self.jsonl.truncate_after(start_step)
+    self.writer = metric_logging.create_writer(run.workdir, run.is_primary)
+    if run.is_primary and start_step == 0:
+      self.writer.write_hparams(run.config.to_dict())
+    self.pending: list[Any] = []     # device metrics of steps not yet fetched
+    self.fetched: list[dict] = []    # host metrics since the last log line
+    self.first_fetched = start_step + 1
+    self.last_logged: dict[str, Any] = {}
+
+  def fetch(self) -> None:
+    new = jax.device_get(self.pending)
+    _check_finite(new, self.first_fetched + len(self.fetched), self.workdir, self.last_saved,
+                  self.restored_step)
+    self.fetched.extend(new)
+    self.pending = []
+
+  def log(self, step: int, progress, extra: dict[str, Any]) -> None:
+    record = {'step': step, 'epoch': step / self.steps_per_epoch, **_mean_metrics(self.fetched),
+              **extra}
+    self.fetched, self.first_fetched = [], step + 1
+    self.writer.write_scalars(step, {k: v for k, v in record.items() if k != 'step'})
+    self.jsonl.write(record)
+    self.last_logged = record
+    if self.is_primary:
+      print(progress.line(step, record), flush=True)
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.writer.close()
+
+
+def _write_manifest(run: _Run, start: _Start, start_step: int) -> None:
+  """Once the first step has run: a start that fails earlier leaves no record of a run."""
+  if run.is_primary:
+    manifest_lib.write_manifest(run.workdir, manifest_lib.build_manifest(
+        run.config, seeds={'seed': run.config.seed, 'data_seed': inputs.data_seed(run.config)},
+        dataset=run.data.manifest,
+        extra={'start_step': start_step, 'total_steps': run.total_steps,
+               'steps_per_epoch': run.steps_per_epoch, 'mesh': dict(run.mesh.shape),
+               **start.manifest}))
+
+
+# --------------------------------------------------------------------------- phase 4: evaluations
+class _Evaluations:
+  """The run's periodic evaluations, each compiled once and fed by one set of input workers:
+  validation loss / accuracy (one eval step; `inputs.validation_passes`) and retrieval mAP (one
+  `RunEvaluator`, config.train.eval_retrieval)."""
+
+  def __init__(self, run: _Run, state_sh):
+    self.run, self.state_sh = run, state_sh
+    self.eval_step = None
+    self.passes = None
+    self.retrieval = evaluate_lib.RunEvaluator(run.config)
+    self.warned_no_validation = False
+
+  def __call__(self, state, step: int) -> dict[str, Any]:
+    run = self.run
+    val: dict[str, Any] = {}
+    if run.data.val_source is not None:
+      if self.eval_step is None:
+        self.eval_step = step_lib.make_eval_step(run.setup, self.state_sh)
+        self.passes = inputs.validation_passes(run.config, run.data, run.per_host_batch)
+      val = evaluate(self.eval_step, state, self.passes.next_pass(), run.mesh)
+    elif not self.warned_no_validation:
+      logging.warning('config.data.dataset=%r has no validation split: no validation accuracy '
+                      'is logged.', run.config.data.dataset)
+      self.warned_no_validation = True
+    if run.config.train.eval_retrieval:
+      val.update(retrieval_eval(self.retrieval, state, run.workdir, step))
+    return val
+
+  def close(self) -> None:
+    if self.passes is not None:
+      self.passes.close()
+
+
+# --------------------------------------------------------------------------- phase 5: the steps
+def _train_steps(run: _Run, start: _Start, records: _Records, util) -> bool:
+  """Steps from the state's step to total_steps: checkpoints, evaluations and log lines at their
+  boundaries. Returns True when SIGTERM stopped the run (its checkpoint saved)."""
+  t_cfg = run.config.train
+  state = start.state
   start_step = int(jax.device_get(state.step))
-
-  jsonl = metric_logging.JsonlWriter(workdir, enabled=is_primary)
-  jsonl.truncate_after(start_step)
-  writer = metric_logging.create_writer(workdir, is_primary)
-  if is_primary and start_step == 0:
-    writer.write_hparams(config.to_dict())
-
-  def write_manifest():
-    """Once the first step has run: a start that fails earlier leaves no record of a run."""
-    if is_primary:
-      manifest_lib.write_manifest(workdir, manifest_lib.build_manifest(
-          config, seeds={'seed': config.seed, 'data_seed': inputs.data_seed(config)},
-          dataset=data.manifest, extra={'start_step': start_step, 'total_steps': total_steps,
-                                        'steps_per_epoch': steps_per_epoch,
-                                        'mesh': dict(mesh.shape), **manifest_extra}))
-
-  train_step = step_lib.make_train_step(setup, state_sh)
-  eval_step = None
-  retrieval_evaluator = evaluate_lib.RunEvaluator(config)   # one compiled extractor per run
-  progress = metric_logging.Progress(total_steps, start_step, t_cfg.global_batch_size)
-  util = utilisation.Utilisation(workdir, t_cfg.profile_steps, t_cfg.global_batch_size, is_primary,
-                                 config.compute_dtype)
-  pending: list[Any] = []          # Device metrics of steps not yet fetched.
-  fetched: list[dict] = []         # Host metrics since the last log line.
-  first_fetched = start_step + 1
-  last_saved = latest
-  last_logged: dict[str, Any] = {}
-  warned_no_validation = False
-
-  def fetch():
-    nonlocal pending
-    new = jax.device_get(pending)
-    _check_finite(new, first_fetched + len(fetched), workdir, last_saved, latest)
-    fetched.extend(new)
-    pending = []
-
-  completed = preempted = False
+  train_step = step_lib.make_train_step(run.setup, start.state_sh)
+  evaluations = _Evaluations(run, start.state_sh)
+  progress = metric_logging.Progress(run.total_steps, start_step, t_cfg.global_batch_size)
   try:
     with preemption.PreemptionHandler(t_cfg.preemption_sync_every_steps) as preempt:
       step = start_step
-      while step < total_steps:
+      while step < run.total_steps:
         util.before_step(step)
         with util.step_region(step + 1):
           with util.region('input_wait'):
-            batch = inputs.device_batch(mesh, next(iterator))
-          state, metrics = train_step(state, batch, lr_fn(step))
-        pending.append(metrics)
+            batch = inputs.device_batch(run.mesh, next(run.iterator))
+          state, metrics = train_step(state, batch, run.lr_fn(step))
+        records.pending.append(metrics)
         step += 1
         util.after_step(step, metrics)
         if step == start_step + 1:  # Throughput/ETA exclude compilation.
           jax.block_until_ready(metrics)
-          util.restart(step, utilisation.train_step_flops(train_step, state, batch, lr_fn(step)))
+          util.restart(step, utilisation.train_step_flops(train_step, state, batch,
+                                                          run.lr_fn(step)))
           progress.restart(step)
-          write_manifest()
+          _write_manifest(run, start, start_step)
         stop = preempt.should_stop(step)
-        do_ckpt = (step % t_cfg.checkpoint_every_steps == 0 or step == total_steps or stop)
+        last = step == run.total_steps
+        do_ckpt = step % t_cfg.checkpoint_every_steps == 0 or last or stop
         # No evaluation when preempted: the grace period is for the checkpoint.
         do_eval = t_cfg.eval_every_steps > 0 and not stop and (
-            step % t_cfg.eval_every_steps == 0 or step == total_steps)
+            step % t_cfg.eval_every_steps == 0 or last)
         # Evaluation results go into the step's metrics.jsonl line (every line has the step's
         # loss and learning rate).
-        do_log = step % t_cfg.log_every_steps == 0 or step == total_steps or do_eval
+        do_log = step % t_cfg.log_every_steps == 0 or last or do_eval
         if do_log or do_ckpt:
-          fetch()
+          records.fetch()
         timing = progress.update(step) if do_log else {}  # Throughput without save/eval time.
         timing.update(util.fields(step, timing) if do_log else {})
         if do_ckpt:  # Before evaluating: a failing evaluation must not cost the checkpoint.
           with util.region('checkpoint'):
-            iter_state = iterator.get_state()
-            checkpointing.save(manager, step, state, iter_state, checkpointing.make_record(
-                step, state, iter_state, mesh, config_json))
-          last_saved = step
+            iter_state = run.iterator.get_state()
+            checkpointing.save(run.manager, step, state, iter_state, checkpointing.make_record(
+                step, state, iter_state, run.mesh, run.config_json))
+          records.last_saved = step
         val = {}
         if do_eval:
           util.begin('evaluation')
-          if data.val_source is not None:
-            if eval_step is None:
-              eval_step = step_lib.make_eval_step(setup, state_sh)
-            batches = inputs.eval_batches(config, data, per_host_batch)
-            val = evaluate(eval_step, state, batches, mesh, t_cfg.eval_batches)
-          elif not warned_no_validation:
-            logging.warning('config.data.dataset=%r has no validation split: no validation '
-                            'accuracy is logged.', config.data.dataset)
-            warned_no_validation = True
-          if t_cfg.eval_retrieval:
-            val.update(retrieval_eval(retrieval_evaluator, state, workdir, step))
+          val = evaluations(state, step)
           eval_time = util.end('evaluation')
           progress.exclude(eval_time)
           if val:
             val['eval_time_s'] = eval_time
         if do_log:
-          record = {'step': step, 'epoch': step / steps_per_epoch, **_mean_metrics(fetched),
-                    **timing, **val}
-          fetched, first_fetched = [], step + 1
-          writer.write_scalars(step, {k: v for k, v in record.items() if k != 'step'})
-          jsonl.write(record)
-          last_logged = record
-          if is_primary:
-            print(progress.line(step, record), flush=True)
+          records.log(step, progress, {**timing, **val})
         if stop:
           logging.warning('SIGTERM: saved step %d, exiting.', step)
           print(f'Preempted: checkpoint of step {step} saved in '
-                f'{checkpointing.checkpoint_dir(workdir)}; rerun the same command to resume.',
+                f'{checkpointing.checkpoint_dir(run.workdir)}; rerun the same command to resume.',
                 flush=True)
-          preempted = True
-          break
+          return True
+    return False
+  finally:
+    evaluations.close()
+
+
+# --------------------------------------------------------------------------- phase 6: the end
+def _close_run(run: _Run, records: _Records | None, util, completed: bool) -> None:
+  """Stops an open profiler trace, waits for pending async saves (also after a non-finite stop:
+  they hold good states; a failed one is raised only when nothing else is propagating), closes
+  the checkpoint manager, the input workers and the metric writers."""
+  if util is not None:
+    util.close()
+  try:
+    checkpointing.finish(run.manager)
+  except checkpointing.CheckpointWriteError as e:
+    if completed:
+      raise
+    logging.error('Also: %s', e)   # Secondary to the error already propagating.
+  finally:
+    run.manager.close()
+    if hasattr(run.iterator, 'close'):
+      run.iterator.close()
+    if records is not None:
+      records.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics,
+  plus 'preempted': True when SIGTERM stopped the run after saving its checkpoint."""
+  run = _open_run(config, workdir)
+  records = util = None
+  completed = preempted = False
+  try:
+    start = _initial_state(run)
+    start_step = int(jax.device_get(start.state.step))
+    records = _Records(run, start, start_step)
+    util = utilisation.Utilisation(workdir, run.config.train.profile_steps,
+                                   run.config.train.global_batch_size, run.is_primary,
+                                   run.config.compute_dtype)
+    preempted = _train_steps(run, start, records, util)
     completed = True
   finally:
-    util.close()   # Stops a profiler trace still open (a run that ended inside its window).
-    # Pending async saves complete (also when stopping on a NaN loss: they hold good states).
-    try:
-      checkpointing.finish(manager)
-    except checkpointing.CheckpointWriteError as e:
-      if completed:
-        raise
-      logging.error('Also: %s', e)   # Secondary to the error already propagating.
-    finally:
-      manager.close()
-      if hasattr(iterator, 'close'):
-        iterator.close()
-      writer.flush()
-      writer.close()
+    _close_run(run, records, util, completed)
   if preempted:   # dolg_jax.main exits with failures.EXIT_PREEMPTED.
-    return {**last_logged, 'preempted': True}
-  return last_logged
+    return {**records.last_logged, 'preempted': True}
+  return records.last_logged
