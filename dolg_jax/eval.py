@@ -17,8 +17,6 @@ re-ranking) takes seconds; the extraction modules are part of the cache key (the
 """
 
 import os
-import sys
-import traceback
 
 from absl import app
 from absl import flags
@@ -53,11 +51,7 @@ def main(argv):
     out = evaluate.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                        output_dir=FLAGS.output_dir)
   except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
-    if not (failures.is_expected(e) or failures.is_disk_full(e)):
-      traceback.print_exception(e)
-    where = FLAGS.output_dir or FLAGS.workdir or FLAGS.checkpoint
-    print(failures.describe(e, where), file=sys.stderr)
-    sys.exit(failures.EXIT_FAILED)
+    failures.exit_in_one_line(e, FLAGS.output_dir or FLAGS.workdir or FLAGS.checkpoint)
   print(out['table'])
   print(f'results: {os.path.join(out["output_dir"], "results.json")}')
   for name, (html_path, png) in out['reports'].items():

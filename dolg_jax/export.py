@@ -15,8 +15,6 @@ docstring for the contract). A failure ends with one line `FAILED: ...` (exit co
 does.
 """
 
-import sys
-import traceback
 
 from absl import app
 from absl import flags
@@ -49,10 +47,7 @@ def main(argv):
     summary = export_lib.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                              out_dir=FLAGS.out)
   except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
-    if not (failures.is_expected(e) or failures.is_disk_full(e)):
-      traceback.print_exception(e)
-    print(failures.describe(e, FLAGS.out or FLAGS.workdir or FLAGS.checkpoint), file=sys.stderr)
-    sys.exit(failures.EXIT_FAILED)
+    failures.exit_in_one_line(e, FLAGS.out or FLAGS.workdir or FLAGS.checkpoint)
   worst = summary['verification']['worst']
   print(f'worst relative error: onnx {worst["onnx"]:.2e}, jax_export {worst["jax_export"]:.2e} '
         f'(tolerance {summary["tolerance"]:g})')

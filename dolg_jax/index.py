@@ -18,8 +18,6 @@ ends with one line `FAILED: ...` (exit code 1), as eval does.
 
 import json
 import os
-import sys
-import traceback
 
 from absl import app
 from absl import flags
@@ -126,10 +124,7 @@ def main(argv):
     out = build_lib.build(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                           images=FLAGS.images, out=FLAGS.out, options=options_from_flags())
   except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
-    if not (failures.is_expected(e) or failures.is_disk_full(e)):
-      traceback.print_exception(e)
-    print(failures.describe(e, FLAGS.out), file=sys.stderr)
-    sys.exit(failures.EXIT_FAILED)
+    failures.exit_in_one_line(e, FLAGS.out)
   if jax.process_index() == 0:
     c = out['counts']
     run = out.get('last_run', {})

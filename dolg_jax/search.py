@@ -15,8 +15,6 @@ one line `FAILED: ...` (exit code 1).
 """
 
 import os
-import sys
-import traceback
 
 from absl import app
 from absl import flags
@@ -79,10 +77,7 @@ def main(argv):
                               rerank=FLAGS.rerank, checkpoint=FLAGS.checkpoint,
                               workdir=FLAGS.workdir, report=FLAGS.report)
   except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
-    if not (failures.is_expected(e) or failures.is_disk_full(e)):
-      traceback.print_exception(e)
-    print(failures.describe(e, out_dir), file=sys.stderr)
-    sys.exit(failures.EXIT_FAILED)
+    failures.exit_in_one_line(e, out_dir)
   for q in out['queries']:
     top = q['results'][:3]
     print(f'{q["query"]}: ' + ', '.join(f'{r["path"]} ({r["score"]:.4f})' for r in top)

@@ -30,7 +30,6 @@ re-extracted (a file changed in place keeps its old descriptor).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime
 import hashlib
@@ -40,8 +39,7 @@ import os
 import platform
 import sys
 import time
-from concurrent import futures
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 from jax.experimental import multihost_utils
@@ -140,20 +138,6 @@ def read_image(root: str, rel: str) -> tuple[Optional[dict], Any]:
   return row, img
 
 
-def _ordered_map(fn, items, workers: int, window: int = 32):
-  if workers <= 0:
-    yield from map(fn, items)
-    return
-  with futures.ThreadPoolExecutor(workers) as pool:
-    queue = collections.deque()
-    for item in items:
-      queue.append(pool.submit(fn, item))
-      if len(queue) >= window:
-        yield queue.popleft().result()
-    while queue:
-      yield queue.popleft().result()
-
-
 def _duration(seconds: float) -> str:
   seconds = int(max(0, seconds))
   h, rem = divmod(seconds, 3600)
@@ -208,8 +192,9 @@ def extract_part(extractor: extract_lib.Extractor, root: str, rel_paths: list[st
   rows: list[dict] = []
 
   def examples():
-    for rel, (row, img) in zip(rel_paths, _ordered_map(lambda r: read_image(root, r), rel_paths,
-                                                        options.read_workers)):
+    images = extract_lib.ordered_map(lambda r: read_image(root, r), rel_paths,
+                                     options.read_workers, window=32)
+    for rel, (row, img) in zip(rel_paths, images):
       progress.update()
       if row is None:
         skipped.append((rel, img))

@@ -226,7 +226,7 @@ def local_mesh() -> Mesh:
   return Mesh(np.array(jax.local_devices()), ('data',))
 
 
-def _ordered_map(fn, items, workers: int, window: int = 64):
+def ordered_map(fn, items, workers: int, window: int = 64):
   """map(fn, items) on a thread pool (decoders and cv2 release the GIL), in order, bounded."""
   if workers <= 0:
     yield from map(fn, items)
@@ -394,7 +394,7 @@ class Extractor:
         out.append((batch_key(th, tw, cfg, ladder), resize_bilinear(img, th, tw)))
       return idx, out
 
-    for idx, scaled in _ordered_map(prepare, mine(), cfg.num_workers):
+    for idx, scaled in ordered_map(prepare, mine(), cfg.num_workers):
       if idx in seen:
         raise ValueError(f'example index {idx} given twice')
       seen.add(idx)

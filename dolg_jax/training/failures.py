@@ -11,6 +11,8 @@ Exit codes of `python -m dolg_jax.main` (for schedulers and job scripts):
 damaged checkpoint or input file, non-finite loss, ...) carry their own message naming the field or
 file and the remedy; OS errors name their file; a full disk is named as such; anything else is
 'unexpected', with the place it was raised, and its traceback is printed above the line.
+`exit_in_one_line(error, where)` is how the other commands (eval, export, index, search) end on
+one: the traceback only for an unexpected error, the line, exit 1.
 """
 
 import errno
@@ -19,6 +21,7 @@ import os
 import sys
 import threading
 import traceback
+from typing import NoReturn
 
 from absl import logging as absl_logging
 
@@ -130,3 +133,13 @@ def quiet_library_tracebacks() -> None:
   quiet_excepthook._dolg_quiet = True  # pylint: disable=protected-access
   sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
   threading.excepthook = quiet_thread_hook
+
+
+def exit_in_one_line(error: BaseException, where: str | None) -> NoReturn:
+  """How a command (eval, export, index, search) ends on a fatal `error`: its traceback only when
+  it is not an expected one (bad input, full disk), then `describe`'s one line naming `where` (the
+  output or input path) on stderr, exit EXIT_FAILED."""
+  if not (is_expected(error) or is_disk_full(error)):
+    traceback.print_exception(error)
+  print(describe(error, where), file=sys.stderr)
+  sys.exit(EXIT_FAILED)
