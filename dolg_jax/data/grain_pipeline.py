@@ -368,7 +368,7 @@ class ValidationPasses:
     self._position = 0
 
   def _close_inner(self) -> None:
-    if self._inner is not None and hasattr(self._inner, 'close'):
+    if self._inner is not None:
       self._inner.close()
     self._inner, self._position = None, 0
 

@@ -174,11 +174,12 @@ def _open_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
 @dataclasses.dataclass
 class _Start:
   """Where training starts: the state and its sharding, the verified checkpoint it was restored
-  from (None for a fresh start) and what the manifest records about it."""
+  from (None for a fresh start), the step it is at and what the manifest records about it."""
   state: Any
   state_sh: Any
   restored_step: int | None
   manifest: dict
+  step: int = 0
 
 
 def _initial_state(run: _Run) -> _Start:
@@ -225,7 +226,7 @@ def _initial_state(run: _Run) -> _Start:
     if backbone.path is not None:
       state = state_lib.load_backbone(state, state_sh, backbone.path)
       logging.info('Backbone initialised from %s.', backbone.path)
-  return _Start(state, state_sh, latest, extra)
+  return _Start(state, state_sh, latest, extra, step=int(jax.device_get(state.step)))
 
 
 # --------------------------------------------------------------------------- phase 3: outputs
@@ -235,7 +236,8 @@ class _Records:
   state is never checkpointed), then one line per logged step goes to metrics.jsonl, TensorBoard
   and stdout (process 0 only)."""
 
-  def __init__(self, run: _Run, start: _Start, start_step: int):
+  def __init__(self, run: _Run, start: _Start):
+    start_step = start.step
     self.workdir, self.steps_per_epoch = run.workdir, run.steps_per_epoch
     self.is_primary = run.is_primary
     self.restored_step = start.restored_step
@@ -272,13 +274,13 @@ class _Records:
     self.writer.close()
 
 
-def _write_manifest(run: _Run, start: _Start, start_step: int) -> None:
+def _write_manifest(run: _Run, start: _Start) -> None:
   """Once the first step has run: a start that fails earlier leaves no record of a run."""
   if run.is_primary:
     manifest_lib.write_manifest(run.workdir, manifest_lib.build_manifest(
         run.config, seeds={'seed': run.config.seed, 'data_seed': inputs.data_seed(run.config)},
         dataset=run.data.manifest,
-        extra={'start_step': start_step, 'total_steps': run.total_steps,
+        extra={'start_step': start.step, 'total_steps': run.total_steps,
                'steps_per_epoch': run.steps_per_epoch, 'mesh': dict(run.mesh.shape),
                **start.manifest}))
 
@@ -323,7 +325,7 @@ def _train_steps(run: _Run, start: _Start, records: _Records, util) -> bool:
   boundaries. Returns True when SIGTERM stopped the run (its checkpoint saved)."""
   t_cfg = run.config.train
   state = start.state
-  start_step = int(jax.device_get(state.step))
+  start_step = start.step
   train_step = step_lib.make_train_step(run.setup, start.state_sh)
   evaluations = _Evaluations(run, start.state_sh)
   progress = metric_logging.Progress(run.total_steps, start_step, t_cfg.global_batch_size)
@@ -344,7 +346,7 @@ def _train_steps(run: _Run, start: _Start, records: _Records, util) -> bool:
           util.restart(step, utilisation.train_step_flops(train_step, state, batch,
                                                           run.lr_fn(step)))
           progress.restart(step)
-          _write_manifest(run, start, start_step)
+          _write_manifest(run, start)
         stop = preempt.should_stop(step)
         last = step == run.total_steps
         do_ckpt = step % t_cfg.checkpoint_every_steps == 0 or last or stop
@@ -414,8 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   completed = preempted = False
   try:
     start = _initial_state(run)
-    start_step = int(jax.device_get(start.state.step))
-    records = _Records(run, start, start_step)
+    records = _Records(run, start)
     util = utilisation.Utilisation(workdir, run.config.train.profile_steps,
                                    run.config.train.global_batch_size, run.is_primary,
                                    run.config.compute_dtype)
