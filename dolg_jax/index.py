@@ -7,7 +7,10 @@
   python -m dolg_jax.index ... --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I
 
 `--images` is a folder (searched recursively; jpg, jpeg, png, webp, bmp, tif, tiff in any case) or
-a text file with one path per line (relative to its folder). `--checkpoint` / `--workdir` take what
+a text file with one path per line (relative to its folder). Every file found ends as a row or as
+a line of INDEX_DIR/skipped.csv with its reason (never as a stop); an empty folder gives a valid
+index of 0 images. Rerunning also repairs: a damaged or missing part is extracted again, a
+damaged search structure rebuilt (checksums in the manifest). `--checkpoint` / `--workdir` take what
 `python -m dolg_jax.eval` takes. Descriptors are evaluation's (config.eval: scales, max_side,
 padding, compute dtype, the extraction modules). Rerunning the same command extracts only what is
 missing (after a kill, or for images added later); a changed model, checkpoint or protocol is
@@ -28,6 +31,8 @@ from ml_collections import config_flags
 from dolg_jax import cli
 from dolg_jax.collection import build as build_lib
 from dolg_jax.collection import faiss_index
+from dolg_jax.collection import files
+from dolg_jax.collection import reading
 from dolg_jax.training import failures
 
 FLAGS = flags.FLAGS
@@ -58,6 +63,9 @@ def define_flags() -> None:
                     'Stored descriptor dtype.')
   flags.DEFINE_integer('part_size', 4096, 'Files per part (unit of resumption and work sharing).')
   flags.DEFINE_integer('read_workers', 4, 'Threads reading and decoding files.')
+  flags.DEFINE_integer('max_pixels', reading.MAX_PIXELS, 'Files with more pixels (by their '
+                       'header, before decoding) are skipped; queries get the same limit.')
+  flags.DEFINE_integer('max_file_mb', reading.MAX_FILE_MB, 'Files larger than this are skipped.')
   flags.DEFINE_integer('recall_k', 100, 'recall@k of the search structure measured at build time.')
   flags.DEFINE_integer('recall_sample', 200, 'Stored descriptors used as queries for recall@k.')
   flags.DEFINE_bool('replace', False, 'Index built with another model/checkpoint/protocol: move '
@@ -79,7 +87,8 @@ def options_from_flags() -> build_lib.Options:
   return build_lib.Options(part_size=FLAGS.part_size, descriptor_dtype=FLAGS.descriptor_dtype,
                            faiss=spec, replace=FLAGS.replace, read_workers=FLAGS.read_workers,
                            recall_k=FLAGS.recall_k, recall_sample=FLAGS.recall_sample,
-                           progress=FLAGS.progress)
+                           progress=FLAGS.progress,
+                           limits=reading.Limits(FLAGS.max_pixels, FLAGS.max_file_mb))
 
 
 def _cluster_detected(env=os.environ) -> bool:
@@ -139,6 +148,9 @@ def main(argv):
             f'on {recall.get("queries")} stored descriptors')
     if c['skipped']:
       print(f'skipped: {os.path.join(out_path(), "skipped.csv")}')
+    if not c['found']:
+      print(f'index: no image files under {FLAGS.images} (extensions '
+            f'{", ".join(files.IMAGE_EXTENSIONS)}): the index is empty; searches answer 0 results')
     print(json.dumps({'manifest': os.path.join(out_path(), 'manifest.json')}))
 
 

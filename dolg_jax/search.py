@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 
 from dolg_jax import cli
+from dolg_jax.collection import files
 from dolg_jax.collection import query
 from dolg_jax.training import failures
 
@@ -69,6 +70,8 @@ def main(argv):
     raise app.UsageError('--index is required.')
   if not FLAGS.query:
     raise app.UsageError('--query is required (repeat it for several queries).')
+  if FLAGS.k < 1:
+    raise app.UsageError(f'--k must be >= 1; got {FLAGS.k}')
   boxes = parse_boxes(FLAGS.box, len(FLAGS.query))
   out_dir = FLAGS.out or os.path.join(FLAGS.index, 'search')
   failures.quiet_library_tracebacks()
@@ -80,7 +83,9 @@ def main(argv):
     failures.exit_in_one_line(e, out_dir)
   for q in out['queries']:
     top = q['results'][:3]
-    print(f'{q["query"]}: ' + ', '.join(f'{r["path"]} ({r["score"]:.4f})' for r in top)
+    print(f'{files.escape(q["query"])}: '
+          + (', '.join(f'{files.escape(r["path"])} ({r["score"]:.4f})' for r in top) or
+             'no results (the index is empty)')
           + (' ...' if len(q['results']) > 3 else ''))
   print(f'results: {os.path.join(out_dir, "results.json")}')
   if FLAGS.report:

@@ -10,7 +10,10 @@
 - images added later are appended (only they are extracted; earlier parts untouched);
 - a changed model is refused with a named error, and --replace builds a new index;
 - two processes (jax.distributed on 127.0.0.1): each reads only the files of its own parts, and the
-  merged index equals the one-process index bit for bit.
+  merged index equals the one-process index bit for bit;
+- damage: bytes overwritten in faiss.index, a deleted part, a truncated part, a damaged manifest and
+  a part overwritten in place are named by search; the same index command repairs the first three
+  to the undamaged index's bytes (and results).
 """
 
 import json
@@ -51,10 +54,10 @@ WRAPPER = textwrap.dedent('''
     log = os.environ.get('READ_LOG')
     if log:
       read = build.read_image
-      def logged(root, rel):
+      def logged(root, rel, *args):
         with open(log, 'a') as f:
           f.write(rel + '\\n')
-        return read(root, rel)
+        return read(root, rel, *args)
       build.read_image = logged
     from dolg_jax import index
     sys.argv = ['dolg_jax.index'] + sys.argv[1:]
@@ -296,3 +299,77 @@ def test_rows_take_across_parts(tmp_path):
   ids = np.array([[9, 0, 4], [3, 3, 8]])
   np.testing.assert_array_equal(r.take(ids), x[ids])
   assert r.paths[3] == 'p2_0' and len(r) == 10
+
+
+def _damaged_copy(env, clean, name):
+  out = str(env['root'] / name)
+  shutil.copytree(clean[0], out)
+  return out
+
+
+def _overwrite(path, offset, data):
+  with open(path, 'r+b') as f:
+    f.seek(offset)
+    f.write(data)
+
+
+def test_damaged_search_structure_is_named_and_rebuilt(env, clean):
+  from dolg_jax.collection import query
+  out = _damaged_copy(env, clean, 'damaged_faiss')
+  path = os.path.join(out, 'faiss.index')
+  _overwrite(path, os.path.getsize(path) // 2, b'\xff' * 16)   # NaNs inside the vectors
+  with pytest.raises(store_lib.DamagedIndexError, match=r'faiss.index is damaged.*dolg_jax.index'):
+    query.Collection(out)
+  proc = _index(env, out)
+  assert proc.returncode == 0, ct.explain(proc)
+  assert 'repairing' in proc.stderr and 'faiss.index' in proc.stderr
+  assert ct.index_files(out) == ct.index_files(clean[0])
+  q = store_lib.Rows(store_lib.IndexStore(clean[0])).all_descriptors()[::2] + 0.01
+  got, want = query.Collection(out).search_descriptors(q, k=5), \
+      query.Collection(clean[0]).search_descriptors(q, k=5)
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_array_equal(got[0], want[0])
+  assert np.isfinite(got[0]).all()
+
+
+def test_deleted_and_truncated_parts_are_named_and_extracted_again(env, clean):
+  from dolg_jax.collection import query
+  out = _damaged_copy(env, clean, 'damaged_parts')
+  store = store_lib.IndexStore(out)
+  for rel in store.part_files(0, 1):                             # a part deleted
+    os.remove(os.path.join(out, rel))
+  npy = store.part_base(0, 3) + '.npy'                           # a part truncated
+  with open(npy, 'r+b') as f:
+    f.truncate(os.path.getsize(npy) // 2)
+  with pytest.raises(store_lib.DamagedIndexError, match=r'g00000-p000001\.\S+ is missing'):
+    query.Collection(out)
+  proc = _index(env, out)
+  assert proc.returncode == 0, ct.explain(proc)
+  assert 'p000003.npy differs from its checksum' in proc.stderr
+  m = _manifest(out)
+  parts = store_lib.IndexStore.plan_parts(store.plans()[0])
+  good = {p for p, _ in ct.IMAGES}
+  redone = [f for _, c, fs in parts if c in (1, 3) for f in fs if f in good]
+  assert m['last_run']['extracted_by_process_0'] == len(redone)  # those two parts' images only
+  assert ct.index_files(out) == ct.index_files(clean[0])       # byte for byte
+  assert m['checksums'] == _manifest(clean[0])['checksums']
+
+
+def test_overwritten_part_and_manifest_are_named_never_nan(env, clean):
+  from dolg_jax.collection import query
+  out = _damaged_copy(env, clean, 'damaged_in_place')
+  npy = store_lib.IndexStore(out).part_base(0, 0) + '.npy'
+  _overwrite(npy, os.path.getsize(npy) - 16, b'\xff' * 16)     # same size: NaN descriptors
+  col = query.Collection(out)                                   # sizes fine: opens
+  q = store_lib.Rows(store_lib.IndexStore(clean[0])).all_descriptors()[:2]
+  with pytest.raises(store_lib.DamagedIndexError, match='not finite'):
+    col.search_descriptors(q, k=5, rerank='superglobal')        # never a NaN score
+  with open(os.path.join(out, 'manifest.json'), 'r+b') as f:   # a truncated manifest
+    f.truncate(100)
+  proc = subprocess.run([sys.executable, '-m', 'dolg_jax.search', f'--index={out}',
+                         f'--query={os.path.join(env["folder"], "img00.jpg")}'], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, env=ct.env())
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('FAILED:') and os.path.join(out, 'manifest.json') in last, last
+  assert 'not valid JSON' in last and 'unexpected' not in last

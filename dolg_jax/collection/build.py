@@ -19,10 +19,15 @@ The library behind `python -m dolg_jax.index`. Steps (the on-disk format: dolg_j
    stored parts (dolg_jax.collection.faiss_index), measures recall@k on a sample and writes the
    manifest (status 'complete', counts: found = indexed + skipped).
 
-Files are decoded as evaluation decodes them (`data.decode.decode_rgb`, `cv2.imread`-exact with the
-EXIF orientation); a JPEG is first checked in strict mode (`decode.check_decodable`), so truncated
-or corrupt JPEGs, which `cv2.imread` would return half grey, are skipped, as are unreadable files,
-empty files and non-images, each with its reason. Rerunning resumes: plans fix which files form
+Files are read by `reading.read_image`: every file ends as a row or as a skip with its reason
+(not a regular file, too large, too many pixels by its header, unreadable, corrupt or truncated
+JPEG, not an image), never as a stop, so found = indexed + skipped and a plan naming a file that
+can no longer be read is finished by skipping it. Images are decoded as evaluation decodes them
+and capped to `extract.long_side_cap` (recorded in the manifest; queries get the same cap).
+Before planning, process 0 checks the stored parts (`store.part_problem`) and the search structure
+against the manifest's checksums: a damaged or missing part is extracted again, a damaged
+structure rebuilt from the stored descriptors (with the resolved parameters and training sample it
+was first built with), so the result equals an undamaged run's. Rerunning resumes: plans fix which files form
 each part, so a part redone after `kill -9` has the same files in the same batches as before, and
 the result equals an uninterrupted run's bit for bit. A path already in the index is never
 re-extracted (a file changed in place keeps its old descriptor).
@@ -32,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -49,8 +53,8 @@ import numpy as np
 from dolg_jax import models
 from dolg_jax.collection import faiss_index
 from dolg_jax.collection import files as files_lib
+from dolg_jax.collection import reading
 from dolg_jax.collection import store as store_lib
-from dolg_jax.data import decode
 from dolg_jax.retrieval import descriptor_cache
 from dolg_jax.retrieval import evaluate
 from dolg_jax.retrieval import extract as extract_lib
@@ -72,6 +76,22 @@ class Options:
   recall_k: int                   # recall@k measured at build time ...
   recall_sample: int              # ... over this many stored descriptors as queries
   progress: bool = True           # print a progress line (process 0)
+  limits: reading.Limits = reading.Limits()  # what one file may cost (pixels, bytes)
+
+  def check(self) -> None:
+    """Raises ValueError naming the first bad option (before anything is read or written)."""
+    if self.part_size < 1:
+      raise ValueError(f'--part_size must be >= 1; got {self.part_size}')
+    if self.descriptor_dtype not in DESCRIPTOR_DTYPES:
+      raise ValueError(f'--descriptor_dtype must be one of {DESCRIPTOR_DTYPES}; got '
+                       f'{self.descriptor_dtype!r}')
+    if self.read_workers < 0:
+      raise ValueError(f'--read_workers must be >= 0; got {self.read_workers}')
+    if self.recall_k < 1 or self.recall_sample < 0:
+      raise ValueError(f'--recall_k must be >= 1 and --recall_sample >= 0; got '
+                       f'{self.recall_k}, {self.recall_sample}')
+    self.limits.check()
+    faiss_index.resolve(self.faiss, 1, 8)  # the kind and its parameters
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -113,29 +133,13 @@ def fingerprint(config: ml_collections.ConfigDict, apply_fn: Callable, variables
   }
 
 
-def read_image(root: str, rel: str) -> tuple[Optional[dict], Any]:
+def read_image(root: str, rel: str, limits: reading.Limits = reading.Limits()
+               ) -> tuple[Optional[dict], Any]:
   """(metadata row, uint8 RGB image) of one file, or (None, reason) when it cannot be indexed."""
-  path = files_lib.absolute(root, rel)
-  try:
-    with open(path, 'rb') as f:
-      data = f.read()
-  except OSError as e:
-    return None, f'unreadable: {e.strerror or e}'
-  if not data:
-    return None, 'empty file'
-  if decode.is_jpeg(data):
-    reason = decode.check_decodable(data)
-    if reason is not None:
-      return None, f'corrupt or truncated JPEG: {reason}'
-  try:
-    img = decode.decode_rgb(data)
-  except decode.DecodeError as e:
-    return None, f'not a decodable image: {e}'
-  if img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
-    return None, f'decoded to unexpected shape {img.shape}'
-  row = {'path': rel, 'height': int(img.shape[0]), 'width': int(img.shape[1]),
-         'bytes': len(data), 'sha1': hashlib.sha1(data).hexdigest()}
-  return row, img
+  got = reading.read_image(files_lib.absolute(root, rel), limits)
+  if got.reason is not None:
+    return None, got.reason
+  return got.row(rel), got.image
 
 
 def _duration(seconds: float) -> str:
@@ -191,9 +195,13 @@ def extract_part(extractor: extract_lib.Extractor, root: str, rel_paths: list[st
   skipped: list[tuple[str, str]] = []
   rows: list[dict] = []
 
+  def read(rel):  # capped here (as the extractor would) so that the read-ahead stays small
+    row, img = read_image(root, rel, options.limits)
+    return (row, img) if row is None else (row, extract_lib.prepare_image(img, None,
+                                                                          extractor.cfg))
+
   def examples():
-    images = extract_lib.ordered_map(lambda r: read_image(root, r), rel_paths,
-                                     options.read_workers, window=32)
+    images = extract_lib.ordered_map(read, rel_paths, options.read_workers, window=32)
     for rel, (row, img) in zip(rel_paths, images):
       progress.update()
       if row is None:
@@ -238,10 +246,7 @@ def _check_existing(store: store_lib.IndexStore, fp: dict, root: str, replace: b
 def build(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
           checkpoint: Optional[str] = None, images: str, out: str, options: Options) -> dict:
   """Indexes `images` into `out` (module docstring); returns the summary (the manifest)."""
-  if options.descriptor_dtype not in DESCRIPTOR_DTYPES:
-    raise ValueError(f'descriptor dtype must be one of {DESCRIPTOR_DTYPES}; got '
-                     f'{options.descriptor_dtype!r}')
-  faiss_index.resolve(options.faiss, 1, 8)  # checks the kind before any work
+  options.check()
   t_start = time.perf_counter()
   pid, nproc = jax.process_index(), jax.process_count()
   store = store_lib.IndexStore(out)
@@ -270,11 +275,9 @@ def build(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
                   'workdir': os.path.abspath(workdir) if workdir else None,
                   'checkpoint': os.path.abspath(checkpoint) if checkpoint else None,
                   'config': json.loads(config.to_json())},
-        'protocol': {'extraction': fp['extraction'], 'decoder': DECODER,
-                     'compute_dtype': evaluate.eval_dtype(config),
-                     'model_overrides': evaluate.model_overrides(config),
-                     'descriptor_dtype': options.descriptor_dtype}})
+        'protocol': protocol(config, cfg, options)})
     store.write_manifest(manifest)
+    repair(store, manifest)
     planned = {f for plan in store.plans() for f in plan['files']}
     new_files = [f for f in found if f not in planned]
     if new_files:
@@ -305,6 +308,38 @@ def build(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
   return summary
 
 
+def protocol(config: ml_collections.ConfigDict, cfg: extract_lib.ExtractConfig,
+             options: Options) -> dict:
+  """The manifest's 'protocol': how descriptors are made (queries follow it)."""
+  return {'extraction': json.loads(json.dumps(cfg.key())), 'decoder': DECODER,
+          'compute_dtype': evaluate.eval_dtype(config),
+          'model_overrides': evaluate.model_overrides(config),
+          'descriptor_dtype': options.descriptor_dtype,
+          'long_side_cap': extract_lib.long_side_cap(cfg),
+          'max_pixels': options.limits.max_pixels, 'max_file_mb': options.limits.max_file_mb}
+
+
+def repair(store: store_lib.IndexStore, manifest: dict) -> list[str]:
+  """Uncommits every damaged or incomplete part (extracted again by this run); the problems."""
+  recorded = manifest.get('checksums')
+  for rel, want in sorted((recorded or {}).items()):
+    if rel.startswith('plans/') and store_lib.file_digest(os.path.join(store.path, rel)) != want:
+      raise store_lib.DamagedIndexError(
+          f'{os.path.join(store.path, rel)} differs from its checksum in {store_lib.MANIFEST}: '
+          'the plan fixes which files form each part and cannot be rebuilt; move the index '
+          'aside and index again')
+  problems = []
+  for g, p in store.committed_parts():
+    problem = store.part_problem(g, p, recorded)
+    if problem:
+      store.remove_part(g, p)
+      problems.append(problem)
+  for problem in problems:
+    print(f'index: repairing {store.path}: {problem}; the part is extracted again',
+          file=sys.stderr)
+  return problems
+
+
 def finalize(store: store_lib.IndexStore, options: Options, last_run: dict) -> dict:
   """Counts, skipped.csv, the FAISS structure and its recall, manifest status 'complete'."""
   manifest = store.manifest()
@@ -322,31 +357,61 @@ def finalize(store: store_lib.IndexStore, options: Options, last_run: dict) -> d
             'generations': len(store.plans())}
   if counts['found'] != counts['indexed'] + counts['skipped']:
     raise AssertionError(f'counts do not add up: {counts}')
-  info = manifest.get('faiss')
+  committed = [(g, p) for g, p, _ in parts]
+  old = manifest.get('checksums') or {}
+  sums = store.checksums(committed)
+  info = None
   if len(rows):
-    info = build_faiss(store, rows, options.faiss, manifest.get('faiss'), options)
+    info = build_faiss(store, rows, options.faiss, manifest.get('faiss'), options,
+                       reusable=_faiss_reusable(store, old, sums))
+  sums = store.checksums(committed, old=sums)  # skipped.csv and faiss.index as written now
   manifest.update({'status': 'complete', 'updated': _now(), 'counts': counts, 'dim': rows.dim,
-                   'faiss': info, 'last_run': last_run})
+                   'faiss': info, 'last_run': last_run, 'checksums': sums})
   store.write_manifest(manifest)
   return manifest
 
 
+def _faiss_reusable(store: store_lib.IndexStore, old: dict, sums: dict) -> bool:
+  """Whether faiss.index may be extended: undamaged (its recorded sha256; an index from before
+  checksums: trusted) and every part it was built from unchanged."""
+  if not os.path.exists(store.faiss_path):
+    return False
+  if store_lib.FAISS_FILE in old and (store_lib.file_digest(store.faiss_path)
+                                      != old[store_lib.FAISS_FILE]):
+    print(f'index: repairing {store.faiss_path}: it differs from its checksum; rebuilt from the '
+          'stored descriptors', file=sys.stderr)
+    return False
+  return all(old[rel] == sums.get(rel) for rel in old if rel.startswith('parts/'))
+
+
 def build_faiss(store: store_lib.IndexStore, rows: store_lib.Rows, spec: faiss_index.Spec,
-                old: Optional[dict], options: Options) -> dict:
-  """Extends the existing structure when it has the same spec and a prefix of the rows; else builds
-  it anew. Returns the manifest's 'faiss' entry."""
+                old: Optional[dict], options: Options, reusable: bool = True) -> dict:
+  """Extends the existing structure when it is `reusable`, has the same spec and a prefix of the
+  rows; else builds it anew (a rebuild of the same spec keeps its resolved parameters and training
+  sample). Returns the manifest's 'faiss' entry."""
   n, d = len(rows), rows.dim
   t0 = time.perf_counter()
   index = None
-  if old and os.path.exists(store.faiss_path) and old.get('requested') == spec.to_json():
+  same = bool(old) and old.get('requested') == spec.to_json()
+  if same and reusable:
     resolved = faiss_index.Spec(**old['spec'])
-    loaded = faiss_index.load(store.faiss_path, resolved)
-    if loaded.ntotal == old.get('ntotal') and loaded.ntotal <= n and loaded.d == d:
+    try:
+      loaded = faiss_index.load(store.faiss_path, resolved)
+    except RuntimeError as e:  # unreadable (an index from before checksums): rebuilt
+      print(f'index: repairing {store.faiss_path}: {str(e).splitlines()[0]}; rebuilt from the '
+            'stored descriptors', file=sys.stderr)
+      loaded = None
+    if loaded is not None and loaded.ntotal == old.get('ntotal') and loaded.ntotal <= n \
+        and loaded.d == d:
       start = loaded.ntotal
       faiss_index.extend(loaded, ((s, b) for s, b in rows.iter_blocks() if s >= start))
       index, info = loaded, dict(old, ntotal=int(loaded.ntotal), extended_from=int(start))
   if index is None:
-    index, resolved, info = faiss_index.build(rows.iter_blocks, rows.take, n, d, spec)
+    first = (faiss_index.Spec(**old['spec'])
+             if same and 0 < old.get('trained_rows', 0) <= n else None)
+    index, resolved, info = faiss_index.build(
+        rows.iter_blocks, rows.take, n, d, spec, resolved=first,
+        trained_rows=old.get('trained_rows') if first else None)
   info['requested'] = spec.to_json()
   info['seconds'] = time.perf_counter() - t0
   info['recall'] = faiss_index.measure_recall(index, resolved, rows.take, rows.iter_blocks, n,

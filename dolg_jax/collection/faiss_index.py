@@ -21,9 +21,11 @@ figure recorded in the manifest. Zero parameters mean "automatic" (see `resolve`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import tempfile
 import time
 from typing import Callable, Iterable, Optional
 
@@ -103,18 +105,23 @@ def configure(index, spec: Spec) -> None:
 
 
 def build(blocks: Callable[[], Iterable[tuple[int, np.ndarray]]], take: Callable, n: int, d: int,
-          spec: Spec) -> tuple[object, Spec, dict]:
+          spec: Spec, resolved: Optional[Spec] = None, trained_rows: Optional[int] = None
+          ) -> tuple[object, Spec, dict]:
   """(index, resolved spec, info) over n rows of width d.
 
   blocks(): yields (start, float32 block) in row order; take(ids): float32 rows (training sample).
+  resolved, trained_rows: rebuild an index first built over `trained_rows` rows with these
+  parameters (same training sample, so the same structure as that index extended to n rows).
   """
-  spec = resolve(spec, n, d)
+  spec = resolved or resolve(spec, n, d)
+  trained_rows = int(trained_rows or n)
   index = _empty(spec, d)
-  info = {'type': description(spec), 'spec': spec.to_json(), 'ntotal': 0}
+  info = {'type': description(spec), 'spec': spec.to_json(), 'ntotal': 0,
+          'trained_rows': trained_rows}
   t0 = time.perf_counter()
   if spec.kind == 'ivfpq':
     rng = np.random.default_rng(spec.seed)
-    sample = np.sort(rng.choice(n, spec.train_size, replace=False))
+    sample = np.sort(rng.choice(trained_rows, spec.train_size, replace=False))
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.seed = spec.seed
     pq_index = faiss.downcast_index(ivf)
@@ -140,9 +147,18 @@ def extend(index, blocks: Iterable[tuple[int, np.ndarray]]) -> None:
 
 
 def save(index, path: str) -> None:
-  tmp = f'{path}.tmp'
-  faiss.write_index(index, tmp)
-  os.replace(tmp, path)
+  """Writes under a unique temporary name, fsyncs, renames into place."""
+  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-', dir=os.path.dirname(path))
+  os.close(fd)
+  try:
+    faiss.write_index(index, tmp)
+    with open(tmp, 'rb+') as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
 
 
 def load(path: str, spec: Spec, mmap: bool = False):

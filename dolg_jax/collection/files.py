@@ -5,16 +5,22 @@
   extension, in any case, is one of `IMAGE_EXTENSIONS` (jpg, jpeg, png, webp, bmp, tif, tiff);
   paths are relative to the folder, with '/' separators; hidden files and folders (a name starting
   with '.') are left out;
-* a text file with one path per line, relative to the file's folder (absolute paths are kept as
-  they are); blank lines and lines starting with '#' are ignored; whatever the extension, every
-  listed file is taken (an unreadable one is skipped when indexed, with its reason).
+* a text file (UTF-8, a BOM allowed) with one path per line, relative to the file's folder or
+  absolute; each name is taken exactly as written (only the line ending is removed), blank lines
+  and lines starting with '#' are ignored; whatever the extension, every listed file is taken (an
+  unreadable one is skipped when indexed, with its reason). A path is normalised against the root
+  (`a/./b.jpg`, `a/../a/b.jpg` and `ROOT/a/b.jpg` are one file, `a/b.jpg`); one outside the root
+  stays absolute. A line that is not UTF-8 stops the listing with its file and line number.
 
-The paths come back sorted (code-point order) and without duplicates: the order an index assigns
-its rows in, whatever order the file system lists them in.
+Names that are not UTF-8 (from a folder) are kept exactly: Python's surrogate escapes, which open
+the same file; `reading.display` prints them. The paths come back sorted (code-point order) and
+without duplicates: the order an index assigns its rows in, whatever order the file system lists
+them in.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
@@ -40,14 +46,48 @@ def list_images(images: str) -> tuple[str, list[str]]:
     return root, sorted(set(out))
   if os.path.isfile(images):
     root = os.path.dirname(os.path.abspath(images))
-    out = []
-    with open(images, encoding='utf-8') as f:
-      for line in f:
-        line = line.strip()
-        if line and not line.startswith('#'):
-          out.append(os.path.normpath(line).replace(os.sep, '/'))
-    return root, sorted(set(out))
+    return root, sorted(set(_list_file(images, root)))
   raise FileNotFoundError(f'--images={images} is neither a folder nor a list file')
+
+
+class ListFileError(ValueError):
+  """A list file that cannot be read as UTF-8 text (names the file and line)."""
+
+
+def _list_file(path: str, root: str) -> list[str]:
+  with open(path, 'rb') as f:
+    data = f.read()
+  if data.startswith(codecs.BOM_UTF8):
+    data = data[len(codecs.BOM_UTF8):]
+  out = []
+  for number, raw in enumerate(data.split(b'\n'), 1):
+    try:
+      line = raw.decode('utf-8').removesuffix('\r')
+    except UnicodeDecodeError as e:
+      raise ListFileError(f'{path}, line {number}: not UTF-8 text (byte {raw[e.start]:#04x} at '
+                          f'column {e.start + 1}); save the list as UTF-8') from None
+    if line.strip() and not line.startswith('#'):
+      out.append(normalise(root, line))
+  return out
+
+
+def normalise(root: str, path: str) -> str:
+  """`path` (relative to `root` or absolute) as the index names it (module docstring)."""
+  full = os.path.normpath(os.path.join(root, path))
+  rel = os.path.relpath(full, root)
+  if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+    return full
+  return rel.replace(os.sep, '/')
+
+
+def escape(path: str) -> str:
+  """`path` printable and writable as UTF-8: bytes that are not UTF-8 (kept by the OS layer as
+  surrogates) written as \\xNN; other paths unchanged."""
+  try:
+    path.encode('utf-8')
+    return path
+  except UnicodeEncodeError:
+    return os.fsencode(path).decode('utf-8', 'backslashreplace')
 
 
 def absolute(root: str, rel: str) -> str:

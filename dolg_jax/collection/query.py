@@ -15,7 +15,12 @@
   EXIF-oriented image crops the query first, as evaluation crops revisitop queries (its crop canvas
   ladder and `crop_rounding`).
 * Scores are cosine similarities (inner products of L2-normalised descriptors), best first; with
-  IVF-PQ the shortlist is re-scored exactly from the stored descriptors (faiss_index).
+  IVF-PQ the shortlist is re-scored exactly from the stored descriptors (faiss_index). A score that
+  is not finite (damaged stored descriptors) raises `store.DamagedIndexError`, never a NaN result.
+* Opening verifies the index (`store.IndexStore.verify_for_search`: sizes, parts, the search
+  structure's sha256) and names a damaged file with the command that repairs it. An index of 0
+  images is valid: every search answers 0 results. Query files are read with the index's limits
+  and long-side cap (`reading`, manifest 'protocol'); k must be >= 1.
 * `rerank='superglobal'`: the top M (config.eval.rerank_m of the index's config, at least k) are
   re-ranked with `retrieval.rerank` (K = rerank_k, beta = rerank_beta) from the stored
   descriptors; the returned scores stay the cosine similarities of the re-ranked results.
@@ -31,7 +36,9 @@ import numpy as np
 
 from dolg_jax.collection import build as build_lib
 from dolg_jax.collection import faiss_index
+from dolg_jax.collection import files as files_lib
 from dolg_jax.collection import html_report
+from dolg_jax.collection import reading
 from dolg_jax.collection import store as store_lib
 from dolg_jax.retrieval import evaluate
 from dolg_jax.retrieval import extract as extract_lib
@@ -78,6 +85,11 @@ def rerank_candidates(queries: np.ndarray, candidates: np.ndarray, K: int = 9, b
   return out - top[:, :1]
 
 
+def check_k(k: int) -> None:
+  if not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f'k must be an integer >= 1; got {k!r}')
+
+
 class Collection:
   """An opened index: search by descriptors or by images, re-rank (module docstring)."""
 
@@ -86,18 +98,24 @@ class Collection:
     self.index_dir = index_dir
     self.store = store_lib.IndexStore(index_dir)
     self.manifest = self.store.manifest()
-    if self.manifest.get('status') != 'complete' or not self.manifest.get('faiss'):
+    if self.manifest.get('status') != 'complete':
       raise store_lib.NotAnIndexError(
           f'{self.store.path}: the index is not complete (status {self.manifest.get("status")!r}'
           '); rerun the index command that built it')
+    self.store.verify_for_search(self.manifest)
     self.rows = store_lib.Rows(self.store)
-    self.spec = faiss_index.Spec(**self.manifest['faiss']['spec'])
-    self.index = faiss_index.load(self.store.faiss_path, self.spec, mmap=mmap_faiss)
-    if self.index.ntotal != len(self.rows):
-      raise store_lib.IndexMismatchError(
-          f'{self.store.faiss_path} holds {self.index.ntotal} rows but the parts {len(self.rows)}; '
-          'rerun the index command')
+    self.spec, self.index = None, None
+    if self.manifest.get('faiss'):
+      self.spec = faiss_index.Spec(**self.manifest['faiss']['spec'])
+      self.index = faiss_index.load(self.store.faiss_path, self.spec, mmap=mmap_faiss)
+    if (self.index.ntotal if self.index is not None else 0) != len(self.rows):
+      raise store_lib.DamagedIndexError(
+          f'{self.store.faiss_path} does not hold the {len(self.rows)} rows of the parts; '
+          f'{store_lib.REPAIR}')
     self.root = self.manifest['images_root']
+    protocol = self.manifest.get('protocol', {})
+    self.limits = reading.Limits(protocol.get('max_pixels', reading.MAX_PIXELS),
+                                 protocol.get('max_file_mb', reading.MAX_FILE_MB))
     self.config = config_of(self.manifest)
     self._model_paths = {'checkpoint': checkpoint, 'workdir': workdir}
     self._extractor: Optional[extract_lib.Extractor] = None
@@ -128,6 +146,12 @@ class Collection:
         raise store_lib.IndexMismatchError(
             f'the model at {paths} differs from the one {self.store.path} was built with '
             f'({", ".join(diff)}): pass the checkpoint the index was built with')
+      cap = self.manifest.get('protocol', {}).get('long_side_cap')
+      if cap is not None and cap != extract_lib.long_side_cap(cfg):
+        raise store_lib.IndexMismatchError(
+            f'{self.store.path} capped long sides at {cap} pixels, this version at '
+            f'{extract_lib.long_side_cap(cfg)}: rebuild the index (--replace) or use the version '
+            'that built it')
       self._extractor = extract_lib.Extractor(apply_fn, variables, cfg)
     return self._extractor
 
@@ -139,9 +163,10 @@ class Collection:
       raise ValueError(f'{len(boxes)} boxes for {len(paths)} queries')
     examples = []
     for i, (p, b) in enumerate(zip(paths, boxes)):
-      row, img = build_lib.read_image('', p)
-      if row is None:
-        raise ValueError(f'query {p}: {img}')
+      got = reading.read_image(p, self.limits)
+      if got.reason is not None:
+        raise ValueError(f'query {files_lib.escape(p)}: {got.reason}')
+      img = got.image
       ex = {'index': i, 'image': img}
       if b is not None:
         ex['bbx'] = box_to_bbx(b)
@@ -160,9 +185,23 @@ class Collection:
     """(scores (nq, k'), row ids (nq, k')), best first, k' = min(k, len(self))."""
     if rerank not in RERANKERS:
       raise ValueError(f'rerank must be one of {RERANKERS}; got {rerank!r}')
+    check_k(k)
     q = np.asarray(queries, np.float32)
+    if self.index is None:  # an index of 0 images
+      return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
     if q.ndim != 2 or q.shape[1] != self.rows.dim:
       raise ValueError(f'queries must be (n, {self.rows.dim}); got {q.shape}')
+    if not np.isfinite(q).all():
+      raise ValueError('query descriptors must be finite')
+    scores, ids = self._search(q, k, rerank)
+    bad = ~np.isfinite(scores)
+    if bad.any():
+      raise store_lib.DamagedIndexError(
+          f'{self.store.path}: stored descriptors of rows {sorted(set(ids[bad].tolist()))[:5]} '
+          f'are not finite (a damaged part); {store_lib.REPAIR}')
+    return scores, ids
+
+  def _search(self, q: np.ndarray, k: int, rerank: str) -> tuple[np.ndarray, np.ndarray]:
     if not rerank:
       return faiss_index.search(self.index, self.spec, q, k, self.rows.take)
     p = self.rerank_params()
@@ -171,6 +210,7 @@ class Collection:
     if top.shape[1] < m or (top < 0).any():
       raise ValueError(f'the search structure returned fewer than M={m} candidates; raise '
                        'nprobe / ef_search when building the index')
+    self.rows.take(top)  # raises on damaged (non-finite) candidates before they are re-ranked
     new = rerank_lib.rerank_heads(q, self.rows.segments, top, p['K'], p['beta'])[:, :min(k, m)]
     scores = np.einsum('qd,qkd->qk', q, self.rows.take(new)).astype(np.float32)
     return scores, new
@@ -178,6 +218,12 @@ class Collection:
   def search_images(self, paths: Sequence[str], boxes=None, k: int = 100, rerank: str = ''
                     ) -> list[list[tuple[str, float]]]:
     """Per query: [(path as indexed, cosine similarity), ...] best first."""
+    check_k(k)
+    if self.index is None:  # an index of 0 images: the queries are still read (named errors)
+      for p in paths:
+        if (reason := reading.read_image(p, self.limits).reason) is not None:
+          raise ValueError(f'query {files_lib.escape(p)}: {reason}')
+      return [[] for _ in paths]
     scores, ids = self.search_descriptors(self.describe_images(paths, boxes), k, rerank)
     return [[(self.paths[i], float(s)) for s, i in zip(sr, ir) if i >= 0]
             for sr, ir in zip(scores, ids)]
@@ -201,5 +247,5 @@ def search_to_dir(index_dir: str, queries: Sequence[str],
   os.makedirs(out_dir, exist_ok=True)
   store_lib.atomic_write_json(os.path.join(out_dir, 'results.json'), out)
   if report:
-    html_report.write(out_dir, index_dir, col.root, out['queries'], boxes)
+    html_report.write(out_dir, index_dir, col.root, out['queries'], boxes, limits=col.limits)
   return out

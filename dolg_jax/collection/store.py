@@ -1,4 +1,4 @@
-"""The on-disk format of a collection index (INDEX_DIR), read and written only through this module.
+r"""The on-disk format of a collection index (INDEX_DIR), read and written only through this module.
 
   INDEX_DIR/
     manifest.json             what the index is (below); written first (status 'building') and
@@ -21,18 +21,29 @@ batches, so the result equals an uninterrupted run's bit for bit. Rows of the in
 numbers never change. `path` is relative to `images_root` (manifest), with '/' separators; height
 and width are the decoded (EXIF-oriented) image's; sha1 is the file's content hash.
 
+Paths in the CSV tables that are not UTF-8 (file names are bytes) have those bytes written as
+\xNN (`escape`); the plans (JSON) hold them exactly, and `Rows` maps each row back to its plan name.
+
+Damage: the manifest records the size and sha256 of every stored file (`checksums`: parts, plans,
+skipped.csv, faiss.index). `verify_for_search` checks every size, the part set and the search
+structure's sha256 (cheap: one pass over faiss.index per open); `damaged_parts` (the index command,
+before it plans) also checks every part's sha256, or its structure where the manifest has no entry
+yet; a damaged part is removed and extracted again, a damaged structure rebuilt (build.py).
+
 manifest.json: {"format": "dolg_jax.collection", "version": 1, "status", "fingerprint" (what the
 descriptors depend on: the model key -- weights hash, compute dtype, evaluation-time model
 overrides --, the extraction protocol `ExtractConfig.key()`, the decoder and the stored dtype: a
 run whose fingerprint differs is refused with `IndexMismatchError`), "model" (source, checkpoint or
 workdir, the config as JSON, for query-time extraction), "images_root", "counts" (found, indexed,
 skipped, parts), "dim", "faiss" (type, parameters, recall@k on a sample), "versions", "created",
-"updated"}.
+"updated", "checksums"}.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import contextlib
 import glob
 import io
 import json
@@ -41,6 +52,8 @@ import re
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+
+from dolg_jax.collection import files as files_lib
 
 FORMAT = 'dolg_jax.collection'
 VERSION = 1
@@ -57,6 +70,31 @@ class IndexMismatchError(ValueError):
 
 class NotAnIndexError(FileNotFoundError):
   """The directory holds no collection index."""
+
+
+class DamagedIndexError(ValueError):
+  """A stored file differs from what the manifest recorded (the message names it and the fix)."""
+
+
+REPAIR = 'rerun the python -m dolg_jax.index command that built it (it repairs what is damaged)'
+
+
+def read_json(path: str) -> Any:
+  """json.load of `path`; a damaged file raises DamagedIndexError naming it."""
+  try:
+    with open(path, 'rb') as f:
+      return json.loads(f.read().decode('utf-8'))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DamagedIndexError(f'{path} is damaged (not valid JSON: {e}); {REPAIR} if it is a plan, '
+                            'or restore it from a backup: the index cannot be rebuilt without '
+                            'its manifest') from None
+
+
+def file_digest(path: str) -> dict:
+  """{'bytes', 'sha256'} of a file."""
+  with open(path, 'rb') as f:
+    h = hashlib.file_digest(f, 'sha256')
+  return {'bytes': os.path.getsize(path), 'sha256': h.hexdigest()}
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -76,13 +114,16 @@ def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator='\n')
   w.writerow(header)
-  w.writerows(rows)
+  w.writerows([files_lib.escape(r[0]), *r[1:]] for r in rows)  # the first column is the path
   return buf.getvalue().encode('utf-8')
 
 
 def _read_csv(path: str) -> list[dict]:
-  with open(path, newline='', encoding='utf-8') as f:
-    return list(csv.DictReader(f))
+  try:
+    with open(path, newline='', encoding='utf-8') as f:
+      return list(csv.DictReader(f))
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise DamagedIndexError(f'{path} is damaged ({e}); {REPAIR}') from None
 
 
 def fingerprint_diff(old: dict, new: dict) -> list[str]:
@@ -118,9 +159,8 @@ class IndexStore:
     if not self.exists():
       raise NotAnIndexError(f'{self.path} holds no collection index (no {MANIFEST}); build one '
                             'with python -m dolg_jax.index --images=... --out=...')
-    with open(self.manifest_path) as f:
-      m = json.load(f)
-    if m.get('format') != FORMAT:
+    m = read_json(self.manifest_path)
+    if not isinstance(m, dict) or m.get('format') != FORMAT:
       raise NotAnIndexError(f'{self.manifest_path} is not a {FORMAT} manifest')
     return m
 
@@ -131,8 +171,7 @@ class IndexStore:
   def plans(self) -> list[dict]:
     out = []
     for p in sorted(glob.glob(os.path.join(self.plans_dir, 'plan-*.json'))):
-      with open(p) as f:
-        out.append(json.load(f))
+      out.append(read_json(p))
     for g, plan in enumerate(out):
       if plan['generation'] != g:
         raise ValueError(f'{self.plans_dir}: plan generations are not 0..{len(out) - 1}')
@@ -180,6 +219,78 @@ class IndexStore:
     atomic_write_bytes(base + '.csv', _csv_bytes(META_FIELDS,
                                                  ([r[k] for k in META_FIELDS] for r in rows)))
 
+  def part_files(self, gen: int, part: int) -> list[str]:
+    """The part's files relative to the index directory, the commit marker (.csv) last."""
+    name = os.path.basename(self.part_base(gen, part))
+    return [f'parts/{name}{ext}' for ext in ('.npy', '.skipped.csv', '.csv')]
+
+  def remove_part(self, gen: int, part: int) -> None:
+    """Uncommits a part (its .csv first) so that the next run extracts it again."""
+    for rel in reversed(self.part_files(gen, part)):
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(self.path, rel))
+
+  def part_problem(self, gen: int, part: int, recorded: Optional[dict] = None) -> Optional[str]:
+    """Why a committed part cannot be used, or None: its sha256 against `recorded` (the manifest's
+    checksums) where it has the part's files, else its structure (files there, rows = descriptors)."""
+    files = self.part_files(gen, part)
+    for rel in files:
+      if not os.path.isfile(os.path.join(self.path, rel)):
+        return f'{rel} is missing'
+    if recorded is not None and all(rel in recorded for rel in files):
+      for rel in files:
+        if file_digest(os.path.join(self.path, rel)) != recorded[rel]:
+          return f'{rel} differs from its checksum in {MANIFEST}'
+      return None
+    try:
+      rows = self.part_rows(gen, part)
+      self.part_skipped(gen, part)
+      d = self.part_descriptors(gen, part)
+    except (DamagedIndexError, ValueError, OSError) as e:
+      return f'{files[0]} or its tables cannot be read ({e})'
+    if d.shape[0] != len(rows) or d.ndim != 2:
+      return f'{files[0]} holds {d.shape[0]} descriptors for {len(rows)} rows'
+    return None
+
+  def checksums(self, parts: Sequence[tuple[int, int]], old: Optional[dict] = None) -> dict:
+    """{relative path: {'bytes', 'sha256'}} of the parts, the plans, skipped.csv and faiss.index
+    (entries of `old` reused for part files whose size did not change and were verified this run)."""
+    old = old or {}
+    out = {}
+    for g, p in parts:
+      for rel in self.part_files(g, p):
+        out[rel] = old.get(rel) or file_digest(os.path.join(self.path, rel))
+    for name in sorted(os.listdir(self.plans_dir)) if os.path.isdir(self.plans_dir) else []:
+      if name.startswith('plan-') and name.endswith('.json'):
+        out[f'plans/{name}'] = file_digest(os.path.join(self.plans_dir, name))
+    for name in (SKIPPED, FAISS_FILE):
+      if os.path.exists(os.path.join(self.path, name)):
+        out[name] = file_digest(os.path.join(self.path, name))
+    return out
+
+  def verify_for_search(self, manifest: dict) -> None:
+    """Sizes of every recorded file, the set of parts, and faiss.index's sha256 (module
+    docstring); raises DamagedIndexError naming the first damaged file and the fix."""
+    recorded = manifest.get('checksums')
+    if recorded is None:
+      return  # an index written before checksums were recorded
+    for rel, want in sorted(recorded.items()):
+      path = os.path.join(self.path, rel)
+      if not os.path.isfile(path):
+        raise DamagedIndexError(f'{path} is missing; {REPAIR}')
+      size = os.path.getsize(path)
+      if size != want['bytes']:
+        raise DamagedIndexError(f'{path} is damaged ({size} bytes; {MANIFEST} recorded '
+                                f'{want["bytes"]}); {REPAIR}')
+    parts = {f for g, p in self.committed_parts() for f in self.part_files(g, p)}
+    extra = sorted(parts - set(recorded))
+    if extra:
+      raise DamagedIndexError(f'{os.path.join(self.path, extra[0])} is not in {MANIFEST} (an '
+                              f'unfinished run?); {REPAIR}')
+    if FAISS_FILE in recorded and file_digest(self.faiss_path) != recorded[FAISS_FILE]:
+      raise DamagedIndexError(f'{self.faiss_path} is damaged (its sha256 differs from '
+                              f'{MANIFEST}); {REPAIR}')
+
   def committed_parts(self) -> list[tuple[int, int]]:
     """(generation, part) of the parts on disk, in row order."""
     if not os.path.isdir(self.parts_dir):
@@ -198,7 +309,13 @@ class IndexStore:
     return _read_csv(self.part_base(gen, part) + '.skipped.csv')
 
   def part_descriptors(self, gen: int, part: int, mmap: bool = True) -> np.ndarray:
-    return np.load(self.part_base(gen, part) + '.npy', mmap_mode='r' if mmap else None)
+    path = self.part_base(gen, part) + '.npy'
+    try:
+      return np.load(path, mmap_mode='r' if mmap else None)
+    except (ValueError, EOFError, OSError) as e:
+      if isinstance(e, FileNotFoundError):
+        raise DamagedIndexError(f'{path} is missing; {REPAIR}') from None
+      raise DamagedIndexError(f'{path} is damaged ({e}); {REPAIR}') from None
 
   def write_skipped(self, skipped: Iterable[tuple[str, str]]) -> None:
     atomic_write_bytes(os.path.join(self.path, SKIPPED), _csv_bytes(('path', 'reason'), skipped))
@@ -212,6 +329,16 @@ class IndexStore:
     return os.path.join(self.path, FAISS_FILE)
 
 
+def _unescape(rows: list[dict], files: Sequence[str]) -> None:
+  """Sets each row's path to its exact plan name (rows are the plan's files in order, some out)."""
+  names = iter(files)
+  for r in rows:
+    for name in names:
+      if files_lib.escape(name) == r['path']:
+        r['path'] = name
+        break
+
+
 class Rows:
   """All rows of an index, in row order: paths, metadata and descriptor segments (memory-mapped)."""
 
@@ -220,11 +347,17 @@ class Rows:
     self.parts = list(store.committed_parts() if parts is None else parts)
     self.meta: list[dict] = []
     self.segments: list[np.ndarray] = []
+    plan_files = None
     for g, p in self.parts:
       rows = store.part_rows(g, p)
       d = store.part_descriptors(g, p)
       if d.shape[0] != len(rows):
-        raise ValueError(f'{store.part_base(g, p)}: {d.shape[0]} descriptors for {len(rows)} rows')
+        raise DamagedIndexError(f'{store.part_base(g, p)}.npy holds {d.shape[0]} descriptors for '
+                                f'{len(rows)} rows; {REPAIR}')
+      if any('\\x' in r['path'] for r in rows):  # escaped names: the plan has them exactly
+        if plan_files is None:
+          plan_files = {(pg, pp): f for pg, pp, f in store.all_parts()}
+        _unescape(rows, plan_files.get((g, p), []))
       self.meta += rows
       if d.shape[0]:
         self.segments.append(d)
@@ -252,6 +385,10 @@ class Rows:
       if sel.size:
         s = seg[sel[0]]
         out[sel] = self.segments[s][flat[sel] - self.offsets[s]]
+    if not np.isfinite(out).all():  # damaged in place (same size): never a NaN score
+      bad = np.unique(flat[~np.isfinite(out).all(axis=1)])
+      raise DamagedIndexError(f'{self.store.path}: the stored descriptors of rows '
+                              f'{bad[:5].tolist()} are not finite (a damaged part); {REPAIR}')
     return out.reshape(ids.shape + (self.dim,))
 
   def iter_blocks(self, rows: int = 65536):

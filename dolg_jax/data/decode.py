@@ -125,9 +125,9 @@ def _decode_pillow(data: bytes, min_height: int, min_width: int) -> np.ndarray:
     return _pil_to_rgb(ImageOps.exif_transpose(im))
 
 
-def _reason(e: Exception, data: bytes) -> str:
+def _reason(e: Exception) -> str:
   if isinstance(e, Image.UnidentifiedImageError):
-    return f'not a recognised image format (first bytes {bytes(data[:12])!r})'
+    return 'not a recognised image format'  # never the file's bytes (a link may point anywhere)
   return f'{type(e).__name__}: {e}'
 
 
@@ -172,7 +172,7 @@ def decode_rgb(data: bytes, *, min_height: int = 0, min_width: int = 0,
     try:  # Pillow decides: it also rejects truncated data.
       _decode_pillow(data, 1, 1)
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad data.
-      raise DecodeError(f'libjpeg-turbo: {jpeg_error}; Pillow: {_reason(e, data)}') from e
+      raise DecodeError(f'libjpeg-turbo: {jpeg_error}; Pillow: {_reason(e)}') from e
   bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
   if bgr is not None:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -189,7 +189,7 @@ def decode_rgb(data: bytes, *, min_height: int = 0, min_width: int = 0,
   try:  # Formats (or files) OpenCV cannot read.
     return _decode_pillow(data, min_height, min_width)
   except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad data.
-    reason = _reason(e, data)
+    reason = _reason(e)
     if jpeg_error is not None:
       reason = f'libjpeg-turbo: {jpeg_error}; Pillow: {reason}'
     raise DecodeError(f'OpenCV cannot decode it; {reason}') from e

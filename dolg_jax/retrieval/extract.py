@@ -4,7 +4,9 @@ Per image (the official DOLG / DELG test protocol):
   1. decode to RGB; a query is cropped to its box [x1, y1, x2, y2] first (`crop_rounding`:
      'trunc' = official int() truncation, rows int(y1):int(y2), cols int(x1):int(x2); 'round';
      'expand' = floor of the start, ceil of the end);
-  2. optional long-side cap `max_side` (DELG: 1024), preserving the aspect ratio;
+  2. optional long-side cap `max_side` (DELG: 1024), preserving the aspect ratio; whatever
+     `max_side`, the long side is capped so that every scale fits `LARGEST_SIDE` (`long_side_cap`:
+     a 24 MP photo is extracted, not refused; images that fit are unchanged);
   3. for every scale s: bilinear resize to (round(h s), round(w s)) -> model -> L2 normalise;
   4. mean over scales -> L2 normalise (`scale_pool='max'`: SuperGlobal's scale-GeM, the
      element-wise max of the L2-normalised per-scale descriptors, then L2 normalise; its
@@ -17,7 +19,8 @@ ladder (`canvas_sides`: multiples of 32 up to 256, then 2**(1/`canvas_steps_per_
 query crops, which come in every size, use a coarser ladder (`crop_canvas_steps_per_octave`);
 the model masks the padding (see dolg_jax.models.resnet.valid_mask), so descriptors equal
 exact-size extraction up to float rounding; batches are always padded to `batch_size`, so there is
-one compilation per canvas used, at most the ladder's length squared whatever the dataset. Without `pad`, with `bucket` > 0, each scaled side is snapped to the nearest allowed length instead of the
+one compilation per canvas used, at most the ladder's length squared whatever the dataset; a
+batch holds at most `MAX_BATCH_PIXELS` (canvases over 2048 x 2048 run fewer rows at a time). Without `pad`, with `bucket` > 0, each scaled side is snapped to the nearest allowed length instead of the
 exact one, so the image is resized straight to a bucketed size (a slight aspect change, no
 padding: padding would change GeM/average pooling). Allowed lengths are multiples of `bucket`
 (default 32); optionally, beyond `geometric_from`, a geometric progression with ratio
@@ -55,6 +58,8 @@ from dolg_jax.models.normalize import l2_normalize
 
 
 OFFICIAL_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
+LARGEST_SIDE = 8192             # the longest side a scaled image may have (the ladders end here)
+MAX_BATCH_PIXELS = 16 * 2048 ** 2  # pixels of one batch, padding rows included
 SCALE_POOLS = ('mean', 'max')
 
 
@@ -135,7 +140,36 @@ def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
   return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 
-def allowed_sides(cfg: ExtractConfig, limit: int = 8192) -> np.ndarray:
+def long_side_cap(cfg: ExtractConfig) -> int:
+  """The long-side cap applied before scaling: `max_side` (0 = none) and, always, the largest side
+  whose every scale fits LARGEST_SIDE."""
+  side = int(LARGEST_SIDE / max(cfg.scales)) + 1
+  while side > 1 and max(scaled_size(side, side, s)[0] for s in cfg.scales) > LARGEST_SIDE:
+    side -= 1
+  return min(cfg.max_side, side) if cfg.max_side else side
+
+
+def batch_rows(cfg: ExtractConfig, n_dev: int, hw: tuple[int, int]) -> int:
+  """Rows of a full batch of spatial shape hw: batch_size rounded up to a multiple of the device
+  count, fewer (still a multiple, at least n_dev) where it would exceed MAX_BATCH_PIXELS."""
+  cap = int(math.ceil(max(cfg.batch_size, n_dev) / n_dev) * n_dev)
+  fit = MAX_BATCH_PIXELS // max(1, int(hw[0]) * int(hw[1])) // n_dev * n_dev
+  return max(n_dev, min(cap, fit))
+
+
+def padded_batch(n: int, cfg: ExtractConfig, n_dev: int, hw: tuple[int, int]) -> int:
+  """The batch size n images of shape hw run at: the full batch in pad mode (one compilation per
+  canvas), else the next power of two times the device count, at most the full batch."""
+  cap = batch_rows(cfg, n_dev, hw)
+  b = max(n_dev, 1)
+  while b < n:
+    b *= 2
+  if cfg.pad and n <= cap:
+    return cap
+  return min(b, cap) if n <= cap else b
+
+
+def allowed_sides(cfg: ExtractConfig, limit: int = LARGEST_SIDE) -> np.ndarray:
   """Sorted side lengths the buckets snap to."""
   b = cfg.bucket
   if not b:
@@ -171,7 +205,7 @@ def target_size(h: int, w: int, scale: float, cfg: ExtractConfig, sides=None) ->
   return bucket_side(th, cfg, sides), bucket_side(tw, cfg, sides)
 
 
-def canvas_sides(cfg: ExtractConfig, limit: int = 8192, crops: bool = False) -> np.ndarray:
+def canvas_sides(cfg: ExtractConfig, limit: int = LARGEST_SIDE, crops: bool = False) -> np.ndarray:
   """The canvas side ladder of `pad` mode: multiples of 32 up to 256, then geometric steps
   (`crop_canvas_steps_per_octave` per octave for query crops, else `canvas_steps_per_octave`)."""
   sides = list(range(32, 257, 32))
@@ -215,7 +249,7 @@ def prepare_image(image: np.ndarray | bytes, bbx: Optional[Sequence[float]],
   if bbx is not None:
     y0, y1, x0, x1 = crop_box(bbx, img.shape[0], img.shape[1], cfg.crop_rounding)
     img = img[y0:y1, x0:x1]
-  h, w = capped_size(img.shape[0], img.shape[1], cfg.max_side)
+  h, w = capped_size(img.shape[0], img.shape[1], long_side_cap(cfg))
   return resize_bilinear(img, h, w)
 
 
@@ -288,16 +322,6 @@ class Extractor:
     """Distinct input shapes run so far (= XLA compilations of the forward pass)."""
     return len(self.shapes_seen)
 
-  def _padded_batch(self, n: int) -> int:
-    b = max(self.n_dev, 1)
-    while b < n:
-      b *= 2
-    cap = max(self.cfg.batch_size, self.n_dev)
-    cap = int(math.ceil(cap / self.n_dev) * self.n_dev)
-    if self.cfg.pad and n <= cap:
-      return cap  # one batch size: the compile count is the number of canvases used
-    return min(b, cap) if n <= cap else b
-
   def run_batch(self, images: list[np.ndarray], canvas: Optional[tuple[int, int]] = None
                 ) -> jax.Array:
     """Unit-norm descriptors (len(images), D) of uint8 images (async).
@@ -306,8 +330,8 @@ class Extractor:
     zero canvas of that (H, W) and the model gets their sizes as valid_hw.
     """
     n = len(images)
-    b = self._padded_batch(n)
     shape = images[0].shape if canvas is None else tuple(canvas) + images[0].shape[2:]
+    b = padded_batch(n, self.cfg, self.n_dev, shape[:2])
     batch = np.zeros((b,) + shape, np.uint8)
     valid_hw = None
     if canvas is None:
@@ -401,7 +425,7 @@ class Extractor:
       order.append(idx)
       for shape, im in scaled:
         pending.setdefault(shape, []).append((idx, im))
-        if len(pending[shape]) >= cfg.batch_size:
+        if len(pending[shape]) >= batch_rows(cfg, self.n_dev, shape):
           flush(shape)
     for shape in list(pending):
       flush(shape)
@@ -468,19 +492,17 @@ def simulate_shapes(sizes: Sequence[tuple[int, int]], boxes: Sequence[Optional[S
     if bbx is not None:
       y0, y1, x0, x1 = crop_box(bbx, h, w, cfg.crop_rounding)
       h, w = y1 - y0, x1 - x0
-    h, w = capped_size(h, w, cfg.max_side)
+    h, w = capped_size(h, w, long_side_cap(cfg))
     for s in cfg.scales:
       t = batch_key(*target_size(h, w, s, cfg, sides), cfg, canvas if bbx is None else crop_canvas)
       counts[t] = counts.get(t, 0) + 1
-  probe = Extractor.__new__(Extractor)
-  probe.cfg, probe.n_dev = cfg, n_dev
   shapes = set()
-  padded = probe._padded_batch  # pylint: disable=protected-access
   for (th, tw), c in counts.items():
-    if c >= cfg.batch_size:
-      shapes.add((padded(cfg.batch_size), th, tw))
-    if c % cfg.batch_size:
-      shapes.add((padded(c % cfg.batch_size), th, tw))
+    full = batch_rows(cfg, n_dev, (th, tw))
+    if c >= full:
+      shapes.add((padded_batch(full, cfg, n_dev, (th, tw)), th, tw))
+    if c % full:
+      shapes.add((padded_batch(c % full, cfg, n_dev, (th, tw)), th, tw))
   return shapes
 
 
