@@ -15,7 +15,7 @@ Each variant changes one thing relative to configs/r50.py ('full'):
   python -m dolg_jax.main --config=configs/ablation.py:no_local --workdir=DIR
 """
 
-from configs import r50
+from dolg_jax.configs import r50
 
 VARIANTS = {
     'full': {},

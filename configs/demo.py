@@ -13,7 +13,7 @@ from ImageNet weights on 8 GPUs): width 16 with one block per stage, 64x64 crops
 
 import ml_collections
 
-from configs import default
+from dolg_jax.configs import default
 
 
 def get_config():

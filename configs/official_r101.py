@@ -25,7 +25,7 @@ Variants (`--config=configs/official_r101.py:VARIANT`):
   python -m dolg_jax.main --config=configs/official_r101.py --workdir=DIR --config.data.data_dir=TFDS_DIR
 """
 
-from configs import released_r101
+from dolg_jax.configs import released_r101
 
 VARIANTS = ('', 'paper_size')
 

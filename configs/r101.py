@@ -6,7 +6,7 @@ official training does; offline, place the file in the weights cache (the error 
   python -m dolg_jax.main --config=configs/r101.py --workdir=DIR --config.data.data_dir=TFDS_DIR
 """
 
-from configs import r50
+from dolg_jax.configs import r50
 
 
 def get_config():

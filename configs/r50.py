@@ -15,7 +15,7 @@ then per microbatch (64 or 32 images; see dolg_jax/training/step.py).
 Reference-like per-GPU BatchNorm: --config.train.bn_mode=per_device.
 """
 
-from configs import default
+from dolg_jax.configs import default
 
 
 def get_config():

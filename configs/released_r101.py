@@ -8,7 +8,7 @@ Like the official training it starts from the pycls ImageNet ResNet-101 (`pycls_
   python -m dolg_jax.main --config=configs/released_r101.py --workdir=DIR --config.data.data_dir=TFDS_DIR
 """
 
-from configs import r101
+from dolg_jax.configs import r101
 
 
 def get_config():

@@ -7,7 +7,7 @@ Trains on CPU with no preparation step: the GLDv2-format fixture is written and 
   python -m dolg_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
 """
 
-from configs import default
+from dolg_jax.configs import default
 
 
 def get_config():

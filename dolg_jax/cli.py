@@ -9,19 +9,47 @@ A command (ARCHITECTURE.md) is a module with `define_flags()`, `main(argv)` and 
   `main` with `if cli.help_requested(argv): return cli.print_help(__doc__, fv)`.
 - Commands that compile (main, eval, index) call `enable_compilation_cache(dir)` first, with their
   config's `train.xla_cache_dir` / `eval.xla_cache_dir` ('' = off).
+- Configs by name (`run_app`): `--config=dolg_jax:NAME[:ARG]` is the shipped `configs/NAME.py`
+  (`dolg_jax/configs`, installed with the package), from any directory; any other value is a file
+  path relative to the working directory, as absl takes it. A config flag's default written as
+  `configs/NAME.py` or `dolg_jax:NAME` is the shipped config too.
+- Quiet by default (`run_app`): at absl's default verbosity (0) the log shows this package's records
+  and the warnings of libraries, not their INFO lines nor the warnings in `HARMLESS_WARNINGS`;
+  `--verbosity=1` shows everything.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 from typing import Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 import jax
+from ml_collections.config_flags import config_flags
 
 HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CONFIGS_DIR = os.path.join(PACKAGE_DIR, 'configs')   # the repository's configs/ (a link there)
+SHIPPED = 'dolg_jax:'
+CONFIG_HELP = ('Config: a file relative to the working directory (configs/r101.py; FILE.py:ARG '
+               'passes ARG to get_config) or a shipped config by name from anywhere '
+               '(dolg_jax:r101, dolg_jax:ablation:no_local).')
+
+# Library warnings that do not mean anything is wrong: (the library's folder, the message).
+HARMLESS_WARNINGS = (
+    # orbax reads a step's metadata before writing it; our verification names damaged steps.
+    ('orbax', re.compile(r'Metadata file does not exist: ')),
+    # TFDS looks at a dataset folder before it is prepared; the missing dataset is named by us.
+    ('tensorflow_datasets', re.compile(r'Variant folder .* has no dataset_info\.json')),
+    # TFDS on a builder config made at run time (folder/NAME datasets are, by design).
+    ('tensorflow_datasets', re.compile(r'Using custom data configuration: ')),
+)
 
 
 def help_requested(argv: Sequence[str]) -> bool:
@@ -44,14 +72,87 @@ def print_help(doc: Optional[str], fv: flags.FlagValues) -> int:
   return 0
 
 
+def shipped_configs() -> list[str]:
+  """Names of the shipped configs (`dolg_jax:NAME`)."""
+  return sorted(f[:-3] for f in os.listdir(CONFIGS_DIR)
+                if f.endswith('.py') and not f.startswith('_'))
+
+
+def resolve_config(value: str) -> str:
+  """`dolg_jax:NAME[:ARG]` -> the shipped file's path[:ARG]; any other value unchanged.
+  An unknown NAME exits naming the shipped ones."""
+  if not value.startswith(SHIPPED):
+    return value
+  name, sep, arg = value[len(SHIPPED):].partition(':')
+  if name not in shipped_configs():
+    sys.exit(f'FAILED: --config={value}: no shipped config {name!r}; the shipped ones are '
+             f'{", ".join(SHIPPED + n for n in shipped_configs())} (or give a file path).')
+  return os.path.join(CONFIGS_DIR, name + '.py') + sep + arg
+
+
+def _shipped_default(default: object) -> Optional[str]:
+  """A config flag's default naming a shipped config (`configs/NAME.py[:ARG]` or `dolg_jax:NAME`)
+  as that config's path; None for any other default."""
+  if not isinstance(default, str):
+    return None
+  match = re.fullmatch(r'configs/(\w+)\.py(:.*)?', default)
+  if match and match[1] in shipped_configs():
+    default = SHIPPED + match[1] + (match[2] or '')
+  return resolve_config(default) if default.startswith(SHIPPED) else None
+
+
+def resolve_config_args(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """argv with every config flag of `fv` given by name (`--config=dolg_jax:r101`) as its file path,
+  and a config flag not given whose default is a shipped config given as that file."""
+  args = list(argv)
+  end = args.index('--') if '--' in args else len(args)
+  for name in (n for n in list(fv)
+               if isinstance(fv[n].parser, config_flags.ConfigFileFlagParser)):
+    given = False
+    for i in range(1, end):
+      if args[i] in (f'--{name}', f'-{name}') and i + 1 < end:
+        args[i + 1], given = resolve_config(args[i + 1]), True
+      elif re.match(rf'--?{name}=', args[i]):
+        flag, value = args[i].split('=', 1)
+        args[i], given = f'{flag}={resolve_config(value)}', True
+    default = _shipped_default(getattr(fv[name], 'default_unparsed', None))
+    if not given and default:
+      args.insert(1, f'--{name}={default}')
+      end += 1
+  return args
+
+
+class _QuietLibraries(logging.Filter):
+  """At absl verbosity < 1: drops records of other packages below WARNING and their
+  HARMLESS_WARNINGS; records raised in this package's files always pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    path = os.path.abspath(record.pathname)
+    if path.startswith(PACKAGE_DIR + os.sep) or absl_logging.get_verbosity() >= 1:
+      return True
+    if record.levelno < logging.WARNING:
+      return False
+    return not any(f'{os.sep}{library}{os.sep}' in path and pattern.match(record.getMessage())
+                   for library, pattern in HARMLESS_WARNINGS)
+
+
+def quiet_library_logs() -> None:
+  """Installs the filter of library log lines on absl's handler (once)."""
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
 def run_app(main: Callable, argv: Optional[Sequence[str]] = None, **kwargs) -> None:
-  """`absl.app.run(main, argv, **kwargs)`, with a help request exiting 0 instead of absl's 1.
+  """`absl.app.run(main, argv, **kwargs)` with configs by name, quiet libraries and a help request
+  exiting 0 instead of absl's 1.
 
   With a help flag in argv the flags are parsed first (by `flags_parser` when given): absl's help
   flags print the help and exit 1, which becomes 0; a flag error met before the help flag is left
   to `app.run`, which reports it and exits 1 as without --help.
   """
-  args = list(sys.argv if argv is None else argv)
+  args = resolve_config_args(sys.argv if argv is None else argv)
+  quiet_library_logs()
   if help_requested(args):
     app.define_help_flags()
     parser = kwargs.get('flags_parser') or flags.FLAGS

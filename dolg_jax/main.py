@@ -1,8 +1,9 @@
 """Train DOLG: python -m dolg_jax.main --config=configs/r101.py --workdir=DIR [--config.a.b=v ...]
 
 Parses flags, starts multi-host JAX when needed and calls `train_and_evaluate(config, workdir)`.
+`--config` is a file or a shipped config by name (`--config=dolg_jax:r101`, from any directory).
 The config is locked: overriding a field that does not exist, or with a value of the wrong type,
-is an error naming it.
+is an error naming it, and so is an override the run would ignore (config_check.check_overrides).
 
 Exit codes: 0 finished; 1 failed (the last line printed starts with 'FAILED:' and says what failed,
 where and what to do); 75 preempted by SIGTERM after saving a checkpoint (rerun to resume; see
@@ -24,6 +25,7 @@ import jax
 from ml_collections import config_flags
 
 from dolg_jax import cli
+from dolg_jax.training import config_check
 from dolg_jax.training import determinism
 from dolg_jax.training import failures
 from dolg_jax.training import loop
@@ -34,8 +36,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
-  config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py, '
-                                  'optionally file.py:name).', lock_config=True)
+  config_flags.DEFINE_config_file('config', None, cli.CONFIG_HELP, lock_config=True)
   flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl, TensorBoard, manifest.json. '
                       'Training resumes from it automatically.')
   flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process runs '
@@ -99,8 +100,12 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.workdir is None or FLAGS.config is None:
     raise app.UsageError('--config and --workdir are required.')
-  preemption.catch_early_sigterm()   # A SIGTERM while starting still saves and exits 75.
   config = FLAGS.config
+  try:   # before anything is written: an override the run would ignore
+    config_check.check_overrides(config, config_flags.get_override_values(FLAGS['config']))
+  except config_check.ConfigError as e:
+    _exit(failures.describe(e, FLAGS.workdir), failures.EXIT_FAILED)
+  preemption.catch_early_sigterm()   # A SIGTERM while starting still saves and exits 75.
   determinism.apply(config.train.deterministic, at_entry=True)   # Before the XLA backend starts.
   cli.enable_compilation_cache(config.train.xla_cache_dir)  # a resumed run loads its executables
   initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,

@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# One prepared accelerator run on a machine with one NVIDIA GPU; writes ONE JSON file:
+# One prepared accelerator run on a machine with one NVIDIA GPU; writes ONE JSON file.
 #
-#   launch/accelerator_check.sh [OUT_DIR]            # default OUT_DIR: ./accelerator_check
-#   launch/accelerator_check.sh --smoke [OUT_DIR]    # every part at tiny sizes on CPU (tests)
+# Usage: launch/accelerator_check.sh [--smoke] [OUT_DIR]
+#
+# Arguments:
+#   OUT_DIR     where the results go (default ./accelerator_check, relative to the working
+#               directory): OUT_DIR/accelerator_check.json and OUT_DIR/torch_reference.json.
+#   --smoke     every part at tiny sizes on CPU, nothing installed (tests).
+#   -h, --help  this text (nothing installed, nothing run).
+# Environment: PYTHON (default python3), BUDGET_S (default 480: the measurements' seconds in all,
+#   split between the two steps), TORCH_BUDGET_S (default 120); offline, PIP_FIND_LINKS (a
+#   wheelhouse) and PIP_NO_INDEX=1 for step 1.
 #
 # 1. Installs the CUDA build of the pinned JAX (jax[cuda12]==<requirements.txt's jax>) unless
-#    JAX already sees a GPU (offline: point PIP_FIND_LINKS at a wheelhouse and set PIP_NO_INDEX=1).
+#    JAX already sees a GPU.
 # 2. launch/torch_reference_bench.py (own process, first, so the frameworks' GPU allocators do not
 #    compete): the official PyTorch model's forward + backward + SGD step at 512 px, AMP bf16,
 #    channels_last -> OUT_DIR/torch_reference.json.
@@ -13,13 +21,13 @@
 #    and 64, 81,313 classes, bf16, 512 px), extraction at 1024 px over 3 scales and the input
 #    pipeline on this host's cores, with the PyTorch figures merged in and the JAX/PyTorch ratio
 #    -> OUT_DIR/accelerator_check.json (rewritten after every measurement).
-# Measurements take at most BUDGET_S seconds in all (default 480), split between the two steps.
-# Environment: PYTHON (default python3), BUDGET_S, TORCH_BUDGET_S (default 120).
+usage() { awk 'NR > 1 && /^#( |$)/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0; }
+for arg in "$@"; do [[ $arg == -h || $arg == --help ]] && usage; done
 set -uo pipefail
 
 SMOKE=0
 if [[ "${1:-}" == "--smoke" ]]; then SMOKE=1; shift; fi
-OUT=${1:-accelerator_check}
+OUT=$(realpath -m "${1:-accelerator_check}")   # relative to the working directory
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-480}

@@ -1,20 +1,33 @@
 #!/usr/bin/env bash
 # N JAX processes on this machine (testing multi-host code paths without a cluster).
-# Each process gets ONE device: on CPU that is the default; on a multi-GPU box each process sees
-# one GPU through CUDA_VISIBLE_DEVICES. Processes talk through a coordinator on 127.0.0.1 (CPU
-# collectives via gloo).
 #
-#   launch/local_multiprocess.sh 2 configs/tiny.py /tmp/tiny_2proc [--config.x=y ...]
+# Usage: launch/local_multiprocess.sh NUM_PROCESSES CONFIG WORKDIR [--config.x=y ...]
+#   e.g. launch/local_multiprocess.sh 2 configs/tiny.py /tmp/tiny_2proc
 #
-# SIGTERM / SIGINT sent to this script are forwarded to every process, and the script waits until
-# all of them have exited. Exit code: the first failing process's code (not 0 and not 75); else 75
-# when a process was preempted (checkpoint saved; rerun to resume); else 0. Override the
-# interpreter with PYTHON=... .
+# Arguments:
+#   NUM_PROCESSES  processes to start, each `python -m dolg_jax.main` with ONE device: on CPU that
+#                  is the default; on a multi-GPU box each sees one GPU (CUDA_VISIBLE_DEVICES).
+#   CONFIG         a config file (relative to the working directory or to the repository) or a
+#                  shipped config by name (dolg_jax:tiny).
+#   WORKDIR        the run's workdir (relative to the working directory); rerunning resumes.
+#   --config.x=y   further flags, passed to every process.
+#   -h, --help     this text.
+# Environment: PYTHON (default python), PORT (the coordinator's, on 127.0.0.1; default random).
+#
+# Processes talk through a coordinator on 127.0.0.1 (CPU collectives via gloo). SIGTERM / SIGINT
+# sent to this script are forwarded to every process, and the script waits until all of them have
+# exited. Exit code: the first failing process's code (not 0 and not 75); else 75 when a process
+# was preempted (checkpoint saved; rerun to resume); else 0.
+usage() { awk 'NR > 1 && /^#( |$)/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0; }
+for arg in "$@"; do [[ $arg == -h || $arg == --help ]] && usage; done
 set -uo pipefail
 N=${1:?usage: launch/local_multiprocess.sh NUM_PROCESSES CONFIG WORKDIR [--config.x=y ...]}
 CONFIG=${2:?config}
 WORKDIR=${3:?workdir}
 shift 3
+# Paths the user gave are relative to the working directory, not to the repository.
+if [[ -f ${CONFIG%%:*} ]]; then CONFIG=$(realpath "${CONFIG%%:*}")${CONFIG#"${CONFIG%%:*}"}; fi
+WORKDIR=$(realpath -m "$WORKDIR")
 PORT=${PORT:-$((20000 + RANDOM % 20000))}
 PYTHON=${PYTHON:-python}
 EXIT_PREEMPTED=75   # dolg_jax.training.failures.EXIT_PREEMPTED

@@ -32,7 +32,8 @@ from tests.helpers import torch_reference  # pylint: disable=wrong-import-positi
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--images', required=True)
   p.add_argument('--output', required=True)
   p.add_argument('--save_checkpoint', default='')

@@ -87,7 +87,8 @@ def bench(depth, batch, args, device):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--output', required=True)
   p.add_argument('--smoke', action='store_true')
   p.add_argument('--depths', default='50,101')

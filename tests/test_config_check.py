@@ -141,3 +141,27 @@ def test_ablation_configs_pass():
   from configs import ablation
   for name in ablation.VARIANTS:
     config_check.validate(ablation.get_config(name), device_count=8, process_count=1)
+
+
+@pytest.mark.parametrize('base, overrides', [
+    (demo, {'train.num_epochs': 20}),                                   # demo sets 1500 steps
+    (default, {'train.num_train_steps': 100, 'train.num_epochs': 20}),  # both on the command line
+])
+def test_num_epochs_override_ignored_by_num_train_steps_is_an_error(base, overrides):
+  c = base.get_config()
+  c.update_from_flattened_dict(overrides)
+  with pytest.raises(config_check.ConfigError,
+                     match=r'config.train.num_epochs=20: ignored: config.train.num_train_steps='):
+    config_check.check_overrides(c, overrides)
+
+
+@pytest.mark.parametrize('base, overrides', [
+    (default, {'train.num_epochs': 20}),                                # steps from epochs
+    (demo, {'train.num_train_steps': -1, 'train.num_epochs': 20}),      # asked for epochs
+    (demo, {'train.num_train_steps': 100}),                             # steps override steps
+    (default, {'train.num_train_steps': 100}),                          # and the epochs default
+])
+def test_overrides_the_run_honours_pass(base, overrides):
+  c = base.get_config()
+  c.update_from_flattened_dict(overrides)
+  config_check.check_overrides(c, overrides)

@@ -7,9 +7,11 @@ cannot split evenly,
 `train.keep_checkpoints < 1` (orbax would delete every checkpoint), unknown choices (optimizer,
 fusion, head type, dtypes, ...), and inconsistent ranges (crop scale / ratio).
 Fields a config does not have (older or partial configs) are not checked.
+`check_overrides(config, overrides)` raises `ConfigError` for a command-line override the run would
+ignore: `train.num_epochs` while `train.num_train_steps` (not -1) sets the run's length.
 """
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
@@ -214,3 +216,17 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
       _fail('train.bn_group_size', group,
             f'must divide the {split} images each BatchNorm call sees (train.global_batch_size / '
             f'grad_accum_steps{" / devices (bn_mode=per_device)" if per_device else ""})')
+
+
+def check_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
+  """Raises ConfigError when a command-line override (`overrides`: field path -> value, as
+  `config_flags.get_override_values` gives them) would have no effect on the run."""
+  steps = _get(config, 'train.num_train_steps')
+  if 'train.num_epochs' in overrides and steps not in (_MISSING, -1):
+    epochs = overrides['train.num_epochs']
+    where = ('also on the command line' if 'train.num_train_steps' in overrides
+             else 'set by the config file')
+    _fail('train.num_epochs', epochs, f'ignored: config.train.num_train_steps={steps} ({where}) '
+          'sets the run\'s length, num_epochs counts only with num_train_steps=-1. Add '
+          f'--config.train.num_train_steps=-1 to train {epochs} epochs, or drop '
+          '--config.train.num_epochs')
