@@ -169,3 +169,16 @@ def test_missing_checkpoint_fails_in_one_line(tmp_path):
   line = failures.describe(err.value, str(tmp_path / 'out'))
   assert line.startswith('FAILED: ') and 'nowhere does not exist' in line and '\n' not in line
   assert not os.path.exists(tmp_path / 'out' / 'model.onnx')
+
+
+@pytest.mark.parametrize('shape', [(0, 64, 64), (1, 63, 64), (2, 96, 32)])
+def test_both_refuse_batch_0_and_sides_under_64_alike(exported, shape):
+  images = np.zeros(shape + (3,), np.float32)
+  session = export_lib.onnx_session(os.path.join(exported['out'], export_lib.ONNX_FILE))
+  with pytest.raises(Exception, match='Input shapes do not match the') as onnx_error:
+    session.run([export_lib.OUTPUT_NAME], {export_lib.INPUT_NAME: images})
+  assert 'N >= 1, H >= 64, W >= 64' in str(onnx_error.value)
+  exported_fn = export_lib.load_jax_export(os.path.join(exported['out'],
+                                                        export_lib.JAX_EXPORT_FILE))
+  with pytest.raises(ValueError, match='Input shapes do not match the'):
+    exported_fn.call(images)

@@ -13,7 +13,11 @@ Contract (what `python -m dolg_jax.export` writes; tests outside the repository 
                                platforms) and the verification figures.
 
 Both models take float32 RGB images (N, H, W, 3) with values in [0, 255] (not normalised: the
-ImageNet normalisation is inside), N, H and W dynamic (any H, W >= 64; one batch shares one size),
+ImageNet normalisation is inside), N, H and W dynamic (any N >= 1 and H, W >= 64; one batch shares
+one size; both refuse other shapes with a message that starts `Input shapes do not match the`:
+jax.export's own check of its dimension variables, which it makes before compiling (sides are
+declared `H_minus_63 + 63`, so a side under 64 is a variable under 1: `jax_input_spec`), and in
+ONNX a guard node of that name (`guard_shape`)),
 and return the (N, embedding_dim) float32 L2-normalised descriptor at ONE scale: exactly the
 per-scale output of evaluation's extraction (dolg_jax.retrieval.extract: model in float32, then L2
 normalisation), for an image resized to that scale. Multi-scale extraction is the caller's loop
@@ -104,16 +108,28 @@ def descriptor_fn(apply_fn: Callable, variables: Any) -> Callable[[jax.Array], j
   return fn
 
 
+SHAPE_CONSTRAINTS = ('N >= 1', f'H >= {MIN_SIDE}', f'W >= {MIN_SIDE}')
+GUARD_NAME = f'Input shapes do not match the symbolic shape constraints {", ".join(SHAPE_CONSTRAINTS)}'
+
+
 def input_spec() -> jax.ShapeDtypeStruct:
-  """The symbolic input: float32 (N, H, W, 3), H and W >= MIN_SIDE."""
-  shape = jax.export.symbolic_shape(
-      'N, H, W, 3', constraints=(f'H >= {MIN_SIDE}', f'W >= {MIN_SIDE}'))
+  """The symbolic input: float32 (N, H, W, 3), N >= 1, H and W >= MIN_SIDE."""
+  shape = jax.export.symbolic_shape('N, H, W, 3', constraints=SHAPE_CONSTRAINTS)
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def jax_input_spec() -> jax.ShapeDtypeStruct:
+  """input_spec for jax.export: the same bounds as dimension variables of at least 1, which
+  `Exported.call` checks first (a constraint is checked only after shape refinement, which a
+  side under 64 breaks inside the model with 'Error refining shapes')."""
+  shape = jax.export.symbolic_shape(f'N, H_minus_{MIN_SIDE - 1} + {MIN_SIDE - 1}, '
+                                    f'W_minus_{MIN_SIDE - 1} + {MIN_SIDE - 1}, 3')
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def export_jax(fn: Callable, spec: Optional[jax.ShapeDtypeStruct] = None) -> bytes:
   """`jax.export` of `fn` for PLATFORMS with the symbolic input, serialized."""
-  spec = input_spec() if spec is None else spec
+  spec = jax_input_spec() if spec is None else spec
   exported = jax.export.export(jax.jit(fn), platforms=PLATFORMS)(spec)
   return bytes(exported.serialize())
 
@@ -216,8 +232,32 @@ def export_onnx(fn: Callable, spec: Optional[jax.ShapeDtypeStruct] = None) -> on
 
   with _quiet_converter():
     _load_jax_plugins()
-    return jax2onnx.to_onnx(replayed, [spec], model_name='dolg_descriptor', opset=ONNX_OPSET,
-                            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    return guard_shape(jax2onnx.to_onnx(replayed, [spec], model_name='dolg_descriptor',
+                                        opset=ONNX_OPSET, input_names=[INPUT_NAME],
+                                        output_names=[OUTPUT_NAME]))
+
+
+def guard_shape(model: onnx.ModelProto) -> onnx.ModelProto:
+  """Adds to `model` the shape check jax.export makes: the output plus the sum of a zero tensor of
+  length min(N - 1, H - 64, W - 64), whose negative length stops onnxruntime at the node named
+  GUARD_NAME (ONNX has no assertion; x + 0.0 leaves every descriptor unchanged)."""
+  graph = model.graph
+  unchecked = f'{OUTPUT_NAME}_unchecked'
+  for node in graph.node:
+    node.output[:] = [unchecked if o == OUTPUT_NAME else o for o in node.output]
+  h = onnx.helper
+  graph.initializer.append(h.make_tensor('guard_min', onnx.TensorProto.INT64, [3],
+                                         [1, MIN_SIDE, MIN_SIDE]))
+  graph.node.extend([
+      h.make_node('Shape', [INPUT_NAME], ['guard_shape'], end=3),
+      h.make_node('Sub', ['guard_shape', 'guard_min'], ['guard_margin']),
+      h.make_node('ReduceMin', ['guard_margin'], ['guard_length'], keepdims=1),
+      h.make_node('ConstantOfShape', ['guard_length'], ['guard_zeros'], name=GUARD_NAME,
+                  value=h.make_tensor('zero', onnx.TensorProto.FLOAT, [1], [0.0])),
+      h.make_node('ReduceSum', ['guard_zeros'], ['guard_zero'], keepdims=0),
+      h.make_node('Add', [unchecked, 'guard_zero'], [OUTPUT_NAME]),
+  ])
+  return model
 
 
 def onnx_session(path: str) -> onnxruntime.InferenceSession:
@@ -296,7 +336,7 @@ def export_model(fn: Callable, out_dir: str, *, verify_shapes=VERIFY_SHAPES,
     os.remove(summary_path)
   spec = input_spec()
   t0 = time.perf_counter()
-  _write_atomic(os.path.join(out_dir, JAX_EXPORT_FILE), export_jax(fn, spec))
+  _write_atomic(os.path.join(out_dir, JAX_EXPORT_FILE), export_jax(fn))
   t1 = time.perf_counter()
   model = export_onnx(fn, spec)
   _write_atomic(os.path.join(out_dir, ONNX_FILE), model.SerializeToString())
@@ -307,7 +347,8 @@ def export_model(fn: Callable, out_dir: str, *, verify_shapes=VERIFY_SHAPES,
   summary.update({
       'files': {'onnx': ONNX_FILE, 'jax_export': JAX_EXPORT_FILE},
       'input': {'name': INPUT_NAME, 'shape': ['N', 'H', 'W', 3], 'dtype': 'float32',
-                'range': [0, 255], 'channels': 'RGB', 'min_side': MIN_SIDE},
+                'range': [0, 255], 'channels': 'RGB', 'min_side': MIN_SIDE,
+                'constraints': list(SHAPE_CONSTRAINTS)},
       'output': {'name': OUTPUT_NAME, 'shape': ['N', int(jax.eval_shape(
           fn, jax.ShapeDtypeStruct((1, MIN_SIDE, MIN_SIDE, 3), jnp.float32)).shape[1])],
                  'dtype': 'float32', 'l2_normalised': True},
