@@ -373,3 +373,24 @@ def test_overwritten_part_and_manifest_are_named_never_nan(env, clean):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('FAILED:') and os.path.join(out, 'manifest.json') in last, last
   assert 'not valid JSON' in last and 'unexpected' not in last
+
+
+def test_ivfpq_rebuilt_from_its_record_equals_the_extended_structure():
+  from dolg_jax.collection import faiss_index
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((3000, 32)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+  def blocks(a, b):
+    return lambda: ((s, x[s:s + 500]) for s in range(a, b, 500))
+
+  def take(ids):
+    return x[ids]
+
+  spec = faiss_index.Spec(kind='ivfpq', nlist=16)
+  first, resolved, info = faiss_index.build(blocks(0, 2000), take, 2000, 32, spec)
+  faiss_index.extend(first, blocks(2000, 3000)())        # images added later
+  again, _, _ = faiss_index.build(blocks(0, 3000), take, 3000, 32, spec, resolved=resolved,
+                                  trained_rows=info['trained_rows'])
+  assert info['trained_rows'] == 2000
+  np.testing.assert_array_equal(faiss.serialize_index(again), faiss.serialize_index(first))
