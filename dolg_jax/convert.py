@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
   define_flags(fv)
   if cli.help_requested(argv):
     return cli.print_help(__doc__, fv)
+  cli.quiet_library_logs()
   try:
     fv(argv)
   except flags.Error as e:

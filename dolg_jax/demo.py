@@ -25,7 +25,8 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)
+  if not FLAGS['verbosity'].present:  # quiet unless asked (--verbosity=1 shows everything)
+    logging.set_verbosity(logging.WARNING)
   demo_run.run_demo(FLAGS.config, FLAGS.workdir)
 
 

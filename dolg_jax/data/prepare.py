@@ -32,6 +32,7 @@ import os
 import sys
 
 from absl import flags
+import tensorflow_datasets as tfds
 
 from dolg_jax import cli
 from dolg_jax.data import folder
@@ -76,6 +77,8 @@ def main(argv: list[str]) -> int:
   define_flags(fv)
   if cli.help_requested(argv):
     return cli.print_help(__doc__, fv)
+  cli.quiet_library_logs()
+  tfds.display_progress_bar(False)  # our summary says what was built
   try:
     fv(argv)
     if not fv.verify and not fv.manual_dir:
