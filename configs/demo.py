@@ -2,9 +2,9 @@
 
   python -m dolg_jax.demo                     # about 10 minutes on 2 CPU cores, no downloads
 
-Data (procedural landmark-like places, dolg_jax.data.synthetic.demo_scenes) is written in the real GLDv2
-layout for training and in the revisited-Oxford layout ('rdemo') for evaluation, then converted with
-the real builders. Training and evaluation places are disjoint.
+Data (procedural landmark-like places, dolg_jax.data.synthetic.demo_scenes) is written in the real
+GLDv2 layout for training and in the revisited-Oxford layout ('rdemo') for evaluation, then
+converted with the real builders. Training and evaluation places are disjoint.
 
 Recipe differences from the paper, for training from scratch on a CPU in minutes (the paper starts
 from ImageNet weights on 8 GPUs): width 16 with one block per stage, 64x64 crops, AdamW

@@ -22,7 +22,8 @@ Variants (`--config=configs/official_r101.py:VARIANT`):
   else official. Which of the two sizes produced the released weights is not published: the
   paper states 512 / 128, the public yaml 224 / 64; the default follows the code.
 
-  python -m dolg_jax.main --config=configs/official_r101.py --workdir=DIR --config.data.data_dir=TFDS_DIR
+  python -m dolg_jax.main --config=configs/official_r101.py --workdir=DIR \
+      --config.data.data_dir=TFDS_DIR
 """
 
 from dolg_jax.configs import released_r101

@@ -5,7 +5,8 @@ code), learnable GeM p (init 3), CurricularFace head (the released `Arcface` cla
 momentum 0.01) with m=0.15, s=30, and BatchNorm statistics per device as in the PyTorch DDP run.
 Like the official training it starts from the pycls ImageNet ResNet-101 (`pycls_r101`).
 
-  python -m dolg_jax.main --config=configs/released_r101.py --workdir=DIR --config.data.data_dir=TFDS_DIR
+  python -m dolg_jax.main --config=configs/released_r101.py --workdir=DIR \
+      --config.data.data_dir=TFDS_DIR
 """
 
 from dolg_jax.configs import r101

@@ -14,8 +14,8 @@ gets the same value without gathering the array. Any single flipped bit changes 
 of 2^k is never 0 mod 2^32); s2 makes compensating multi-bit changes unlikely. This is a check
 against storage corruption, not a cryptographic hash.
 
-`tree_digests(tree, mesh)` -> {leaf path: 16 hex digits}; `numpy_digest(x)` computes the same digest of
-a host array (for checkpoints read without devices).
+`tree_digests(tree, mesh)` -> {leaf path: 16 hex digits}; `numpy_digest(x)` computes the same
+digest of a host array (for checkpoints read without devices).
 """
 
 import functools

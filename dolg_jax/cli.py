@@ -9,6 +9,8 @@ A command (ARCHITECTURE.md) is a module with `define_flags()`, `main(argv)` and 
   `main` with `if cli.help_requested(argv): return cli.print_help(__doc__, fv)`.
 - Commands that compile (main, eval, index) call `enable_compilation_cache(dir)` first, with their
   config's `train.xla_cache_dir` / `eval.xla_cache_dir` ('' = off).
+- Shared flags: `define_model_flags` (--config, --workdir, --checkpoint of eval / export / index /
+  search), `define_distributed_flags` + `initialize_distributed` (main, index: multi-process runs).
 - Configs by name (`run_app`): `--config=dolg_jax:NAME[:ARG]` is the shipped `configs/NAME.py`
   (`dolg_jax/configs`, installed with the package), from any directory; any other value is a file
   path relative to the working directory, as absl takes it. A config flag's default written as
@@ -24,13 +26,16 @@ import logging
 import os
 import re
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
 from ml_collections.config_flags import config_flags
+
+# The flags defined here (define_*_flags) belong to the calling command: its --help lists them.
+flags.disclaim_key_flags()
 
 HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')
 
@@ -40,6 +45,7 @@ SHIPPED = 'dolg_jax:'
 CONFIG_HELP = ('Config: a file relative to the working directory (configs/r101.py; FILE.py:ARG '
                'passes ARG to get_config) or a shipped config by name from anywhere '
                '(dolg_jax:r101, dolg_jax:ablation:no_local).')
+CHECKPOINT_HELP = 'Released .pyth/.pth, converted dir, or one of our checkpoint step dirs.'
 
 # Library warnings that do not mean anything is wrong: (the library's folder, the message).
 HARMLESS_WARNINGS = (
@@ -138,9 +144,11 @@ class _QuietLibraries(logging.Filter):
 
 def quiet_library_logs() -> None:
   """Installs the filter of library log lines on absl's handler (once)."""
-  handler = absl_logging.get_absl_handler()
-  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
-    handler.addFilter(_QuietLibraries())
+  # On absl's handler (commands under app.run) and on the 'absl' logger itself (commands that
+  # parse their own flags, where absl's records reach whatever handler Python has).
+  for holder in (absl_logging.get_absl_handler(), logging.getLogger('absl')):
+    if not any(isinstance(f, _QuietLibraries) for f in holder.filters):
+      holder.addFilter(_QuietLibraries())
 
 
 def run_app(main: Callable, argv: Optional[Sequence[str]] = None, **kwargs) -> None:
@@ -163,6 +171,70 @@ def run_app(main: Callable, argv: Optional[Sequence[str]] = None, **kwargs) -> N
     except flags.Error:
       pass
   app.run(main, argv=args, **kwargs)
+
+
+def define_model_flags(config: bool = True,
+                       checkpoint_help: str = CHECKPOINT_HELP,
+                       workdir_help: str = 'Training workdir (latest checkpoint).') -> None:
+  """--config (locked; with `config`), --workdir and --checkpoint: which model a command uses."""
+  if config:
+    config_flags.DEFINE_config_file('config', None, CONFIG_HELP, lock_config=True)
+  flags.DEFINE_string('workdir', None, workdir_help)
+  flags.DEFINE_string('checkpoint', None, checkpoint_help)
+
+
+def define_distributed_flags() -> None:
+  """--coordinator_address, --num_processes, --process_id, --distributed (see
+  `initialize_distributed`)."""
+  flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process runs '
+                      'outside SLURM/TPU).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+  flags.DEFINE_integer('process_id', None, 'This process index.')
+  flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                    "'auto': initialise on SLURM/TPU clusters or with the explicit flags; 'on': "
+                    "always call jax.distributed.initialize(); 'off': never.")
+
+
+def cluster_detected(env: Mapping[str, str] = os.environ) -> bool:
+  """True under a multi-task SLURM step or on a multi-host Cloud TPU slice."""
+  if int(env.get('SLURM_NTASKS', env.get('SLURM_NPROCS', '1'))) > 1 and 'SLURM_STEP_ID' in env:
+    return True
+  return ',' in env.get('TPU_WORKER_HOSTNAMES', '') or 'MEGASCALE_COORDINATOR_ADDRESS' in env
+
+
+def initialize_distributed(mode: str, coordinator: Optional[str], num_processes: Optional[int],
+                           process_id: Optional[int]) -> None:
+  """Calls jax.distributed.initialize when this is (or is asked to be) a multi-process run:
+  the three explicit flags together, or `mode` 'on', or 'auto' on a detected cluster."""
+  explicit = (coordinator, num_processes, process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError('--coordinator_address, --num_processes and --process_id go together.')
+    # Only affects CPU devices (tests, local multi-process runs): cross-process collectives.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif mode == 'on' or (mode == 'auto' and cluster_detected()):
+    jax.distributed.initialize()
+  else:
+    return
+  absl_logging.info('JAX distributed: process %d of %d, %d local / %d global devices.',
+                    jax.process_index(), jax.process_count(), jax.local_device_count(),
+                    jax.device_count())
+
+
+def initialize_distributed_from_flags() -> None:
+  """`initialize_distributed` with the flags of `define_distributed_flags`."""
+  fv = flags.FLAGS
+  initialize_distributed(fv.distributed, fv.coordinator_address, fv.num_processes, fv.process_id)
+
+
+def required_config(argv: Sequence[str]) -> object:
+  """The parsed --config; a UsageError for extra arguments or a missing --config."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if flags.FLAGS.config is None:
+    raise app.UsageError('--config is required.')
+  return flags.FLAGS.config
 
 
 def enable_compilation_cache(cache_dir: str, min_compile_time_secs: float = 1.0) -> None:

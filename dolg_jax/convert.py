@@ -3,8 +3,8 @@
   python -m dolg_jax.convert --input R101_DOLG.pyth --output /ckpt/dolg_r101 \
       [--nohead] [--overwrite] [--allow_pickle]
 
-Reads an official pycls `.pyth` container or a raw `.pth` state dict (torch needed here only), infers
-the architecture (see dolg_jax.weights.architecture) and writes into --output:
+Reads an official pycls `.pyth` container or a raw `.pth` state dict (torch needed here only),
+infers the architecture (see dolg_jax.weights.architecture) and writes into --output:
   config.json        {"format": "dolg_jax.converted", "version": 1, "source", "has_head",
                       "model": the inferred c.model fields}
   variables.msgpack  {'params', 'batch_stats'} (flax.serialization msgpack, float32 numpy)

@@ -18,9 +18,7 @@ re-ranking) takes seconds; the extraction modules are part of the cache key (the
 
 import os
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from dolg_jax import cli
 from dolg_jax.retrieval import evaluate
@@ -31,27 +29,20 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Training workdir (latest checkpoint).')
-  flags.DEFINE_string('checkpoint', None, 'Released .pyth/.pth, converted dir, or one of our '
-                      'checkpoint step dirs.')
+  cli.define_model_flags()
   flags.DEFINE_string('output_dir', None, 'Where results.json, reports and the descriptor cache '
-                      'go (default: config.eval.output_dir, else WORKDIR/eval or <checkpoint>_eval).')
+                      'go (default: config.eval.output_dir, else WORKDIR/eval or '
+                      '<checkpoint>_eval).')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
-  if config is None:
-    raise app.UsageError('--config is required.')
+  config = cli.required_config(argv)
   cli.enable_compilation_cache(config.eval.xla_cache_dir)  # executables persist across evaluations
   failures.quiet_library_tracebacks()
-  try:
-    out = evaluate.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                       output_dir=FLAGS.output_dir)
-  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
-    failures.exit_in_one_line(e, FLAGS.output_dir or FLAGS.workdir or FLAGS.checkpoint)
+  out = failures.call_or_exit(
+      lambda: evaluate.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                           output_dir=FLAGS.output_dir),
+      FLAGS.output_dir or FLAGS.workdir or FLAGS.checkpoint)
   print(out['table'])
   print(f'results: {os.path.join(out["output_dir"], "results.json")}')
   for name, (html_path, png) in out['reports'].items():

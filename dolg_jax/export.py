@@ -16,9 +16,7 @@ does.
 """
 
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from dolg_jax import cli
 from dolg_jax.retrieval import export as export_lib
@@ -29,25 +27,17 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Training workdir (latest checkpoint).')
-  flags.DEFINE_string('checkpoint', None, 'Released .pyth/.pth, converted dir, or one of our '
-                      'checkpoint step dirs.')
+  cli.define_model_flags()
   flags.DEFINE_string('out', None, 'Export directory (model.onnx, model.jax_export, export.json).')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
-  if config is None:
-    raise app.UsageError('--config is required.')
+  config = cli.required_config(argv)
   failures.quiet_library_tracebacks()
-  try:
-    summary = export_lib.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                             out_dir=FLAGS.out)
-  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
-    failures.exit_in_one_line(e, FLAGS.out or FLAGS.workdir or FLAGS.checkpoint)
+  summary = failures.call_or_exit(
+      lambda: export_lib.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                             out_dir=FLAGS.out),
+      FLAGS.out or FLAGS.workdir or FLAGS.checkpoint)
   worst = summary['verification']['worst']
   print(f'worst relative error: onnx {worst["onnx"]:.2e}, jax_export {worst["jax_export"]:.2e} '
         f'(tolerance {summary["tolerance"]:g})')

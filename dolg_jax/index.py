@@ -24,9 +24,7 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
-from ml_collections import config_flags
 
 from dolg_jax import cli
 from dolg_jax.collection import build as build_lib
@@ -41,10 +39,7 @@ _SPEC = faiss_index.Spec()
 
 def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Training workdir (latest checkpoint).')
-  flags.DEFINE_string('checkpoint', None, 'Released .pyth/.pth, converted dir, or one of our '
-                      'checkpoint step dirs.')
+  cli.define_model_flags()
   flags.DEFINE_string('images', None, 'Folder of images (recursive) or a list file.')
   flags.DEFINE_string('out', None, 'Index directory (created; rerun to resume or add images).')
   flags.DEFINE_enum('faiss', 'flat', list(faiss_index.KINDS), 'Search structure: exact inner '
@@ -71,12 +66,7 @@ def define_flags() -> None:
   flags.DEFINE_bool('replace', False, 'Index built with another model/checkpoint/protocol: move '
                     'it aside (INDEX_DIR.replaced-<model key>) and build a new one.')
   flags.DEFINE_bool('progress', True, 'Print a progress line (rate, ETA).')
-  flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process runs).')
-  flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-  flags.DEFINE_integer('process_id', None, 'This process index.')
-  flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
-                    "'auto': jax.distributed.initialize() under SLURM / TPU pods; 'on': always; "
-                    "'off': never.")
+  cli.define_distributed_flags()
 
 
 def options_from_flags() -> build_lib.Options:
@@ -91,45 +81,15 @@ def options_from_flags() -> build_lib.Options:
                            limits=reading.Limits(FLAGS.max_pixels, FLAGS.max_file_mb))
 
 
-def _cluster_detected(env=os.environ) -> bool:
-  """True under a multi-task SLURM step or on a multi-host Cloud TPU slice (as dolg_jax.main)."""
-  if int(env.get('SLURM_NTASKS', env.get('SLURM_NPROCS', '1'))) > 1 and 'SLURM_STEP_ID' in env:
-    return True
-  return ',' in env.get('TPU_WORKER_HOSTNAMES', '') or 'MEGASCALE_COORDINATOR_ADDRESS' in env
-
-
-def initialize_distributed(mode: str, coordinator, num_processes, process_id) -> None:
-  """jax.distributed.initialize as dolg_jax.main does it (that module's import pulls in the
-  training loop, seconds of start-up an index run does not need)."""
-  explicit = (coordinator, num_processes, process_id)
-  if any(v is not None for v in explicit):
-    if any(v is None for v in explicit):
-      raise app.UsageError('--coordinator_address, --num_processes and --process_id go together.')
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU: cross-process
-    jax.distributed.initialize(coordinator, num_processes, process_id)
-  elif mode == 'on' or (mode == 'auto' and _cluster_detected()):
-    jax.distributed.initialize()
-  else:
-    return
-  logging.info('JAX distributed: process %d of %d, %d local / %d global devices.',
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
-  if config is None:
-    raise app.UsageError('--config is required.')
+  config = cli.required_config(argv)
   for name in ('images', 'out'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required.')
   cli.enable_compilation_cache(config.eval.xla_cache_dir)  # executables persist across runs
   failures.quiet_library_tracebacks()
   try:
-    initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                           FLAGS.process_id)
+    cli.initialize_distributed_from_flags()
     out = build_lib.build(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                           images=FLAGS.images, out=FLAGS.out, options=options_from_flags())
   except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line

@@ -21,7 +21,6 @@ import traceback
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from dolg_jax import cli
@@ -39,39 +38,10 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, cli.CONFIG_HELP, lock_config=True)
   flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl, TensorBoard, manifest.json. '
                       'Training resumes from it automatically.')
-  flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process runs '
-                      'outside SLURM/TPU).')
-  flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-  flags.DEFINE_integer('process_id', None, 'This process index.')
-  flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
-                    "'auto': initialise on SLURM/TPU clusters or with the explicit flags; 'on': "
-                    "always call jax.distributed.initialize(); 'off': never.")
+  cli.define_distributed_flags()
 
 
-def cluster_detected(env=os.environ) -> bool:
-  """True under a multi-task SLURM step or on a multi-host Cloud TPU slice."""
-  if int(env.get('SLURM_NTASKS', env.get('SLURM_NPROCS', '1'))) > 1 and 'SLURM_STEP_ID' in env:
-    return True
-  return ',' in env.get('TPU_WORKER_HOSTNAMES', '') or 'MEGASCALE_COORDINATOR_ADDRESS' in env
-
-
-def initialize_distributed(mode: str, coordinator: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-  """Calls jax.distributed.initialize when this is (or is asked to be) a multi-process run."""
-  explicit = (coordinator, num_processes, process_id)
-  if any(v is not None for v in explicit):
-    if any(v is None for v in explicit):
-      raise app.UsageError('--coordinator_address, --num_processes and --process_id go together.')
-    # Only affects CPU devices (tests, local multi-process runs): cross-process collectives.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator, num_processes, process_id)
-  elif mode == 'on' or (mode == 'auto' and cluster_detected()):
-    jax.distributed.initialize()
-  else:
-    return
-  logging.info('JAX distributed: process %d of %d, %d local / %d global devices.',
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+cluster_detected = cli.cluster_detected   # tests and launch/ use it by this name
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -108,8 +78,7 @@ def main(argv):
   preemption.catch_early_sigterm()   # A SIGTERM while starting still saves and exits 75.
   determinism.apply(config.train.deterministic, at_entry=True)   # Before the XLA backend starts.
   cli.enable_compilation_cache(config.train.xla_cache_dir)  # a resumed run loads its executables
-  initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                         FLAGS.process_id)
+  cli.initialize_distributed_from_flags()
   failures.quiet_library_tracebacks()
   try:
     result = loop.train_and_evaluate(config, FLAGS.workdir)

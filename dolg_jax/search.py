@@ -38,9 +38,10 @@ def define_flags() -> None:
                     'with the stored descriptors).')
   flags.DEFINE_string('out', None, 'Where results.json and report.html go (default: '
                       'INDEX_DIR/search).')
-  flags.DEFINE_string('checkpoint', None, 'The checkpoint the index was built with, if it moved '
-                      '(its fingerprint is checked).')
-  flags.DEFINE_string('workdir', None, 'The same for a training workdir.')
+  cli.define_model_flags(config=False,
+                         checkpoint_help='The checkpoint the index was built with, if it moved '
+                         '(its fingerprint is checked).',
+                         workdir_help='The same for a training workdir.')
   flags.DEFINE_bool('report', True, 'Write report.html.')
 
 

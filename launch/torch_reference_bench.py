@@ -112,8 +112,8 @@ def main():
             else 'cpu', 'amp_dtype': 'bfloat16', 'channels_last': True,
             'num_classes': args.num_classes, 'smoke': args.smoke, 'train': []}
   if not cuda and not args.smoke:
-    result['error'] = ('torch has no CUDA device here (torch.cuda.is_available() is False): install '
-                       'a CUDA build of torch to compare on the GPU')
+    result['error'] = ('torch has no CUDA device here (torch.cuda.is_available() is False): '
+                       'install a CUDA build of torch to compare on the GPU')
   else:
     torch.backends.cudnn.benchmark = True
     for depth in (int(d) for d in args.depths.split(',')):

@@ -172,7 +172,8 @@ def test_shape_change_is_not_corruption(workdir):
   abstract = _abstract(mesh)
   abstract['w'] = jax.ShapeDtypeStruct((128, 64), jnp.float32, sharding=shd.replicated(mesh))
   manager = checkpointing.make_manager(workdir, keep=5)
-  with pytest.raises(checkpointing.IncompatibleCheckpointError, match=r"\['w'\]: saved \(256, 64\)"):
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match=r"\['w'\]: saved \(256, 64\)"):
     checkpointing.restore_verified(manager, abstract, mesh)
   manager.close()
   assert not _corrupt_dirs(workdir)

@@ -1,4 +1,4 @@
-"""The embedded demo, shortened: data -> real builders -> real training loop -> eval; it must learn."""
+"""The embedded demo, shortened: data -> real builders -> real training loop -> eval; it learns."""
 
 import json
 import os

@@ -256,9 +256,10 @@ def test_prepare_command(built, tmp_path, capsys):
   assert 'already prepared' in capsys.readouterr().out
   assert prepare.main(argv[:-1] + ['--val_fraction=0.5']) == 1
   assert 'with other options (val_fraction: 0.25 then, 0.5 now)' in capsys.readouterr().err
-  assert prepare.main(['prepare', '--dataset=gldv2/clean', '--manual_dir=x', f'--data_dir={data_dir}',
-                       '--labels=l.csv']) == 2
-  assert prepare.main(['prepare', '--verify', '--dataset=folder/cmd', f'--data_dir={data_dir}']) == 0
+  assert prepare.main(['prepare', '--dataset=gldv2/clean', '--manual_dir=x',
+                       f'--data_dir={data_dir}', '--labels=l.csv']) == 2
+  assert prepare.main(['prepare', '--verify', '--dataset=folder/cmd',
+                       f'--data_dir={data_dir}']) == 0
   with open(os.path.join(data_dir, 'folder', 'cmd', '1.0.0', 'summary.json')) as f:
     assert json.load(f)['build_options']['val_fraction'] == 0.25
 

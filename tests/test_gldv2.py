@@ -1,4 +1,4 @@
-"""End-to-end tests of the gldv2 TFDS builder on the fixture (official layout, planted bad files)."""
+"""End-to-end tests of the gldv2 TFDS builder on the fixture (official layout, bad files in it)."""
 
 import collections
 import csv
@@ -176,7 +176,7 @@ def test_full_config_and_extracted_tree(fixture, tmp_path):
   plan = gldv2.make_plan(tree, 'full', val_fraction=0.2, seed=0, allow_missing=True)
   assert plan.shards == [] and plan.extracted_dir == os.path.join(tree, 'train')
   assert len(plan.records) == len(fixture.full_ids)
-  assert plan.landmark_ids == sorted(fixture.full)
+  assert plan.class_keys == sorted(fixture.full)
   assert {r.id for r in plan.missing} == set(fixture.missing)
   with pytest.raises(gldv2.MissingImagesError, match='extracted tree'):
     gldv2.make_plan(tree, 'full', val_fraction=0.2, seed=0)

@@ -1,4 +1,4 @@
-"""The gldv2 builder on every download layout, with the validation-fraction and exclusion options."""
+"""The gldv2 builder on every download layout, with validation-fraction and exclusion options."""
 
 import csv
 import json

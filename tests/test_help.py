@@ -73,7 +73,7 @@ _DRIVER = textwrap.dedent('''
   import importlib, json, os, runpy, sys, tempfile, warnings
   cases = sys.argv[1:]                # 'module' or 'module --flag=value ...' (then --help)
   for case in cases:
-    importlib.import_module(case.split()[0])   # Commands define their flags at entry, not on import.
+    importlib.import_module(case.split()[0])   # Commands define their flags at entry, not import.
   results = {}
   for case in cases:
     m, *extra = case.split()

@@ -77,7 +77,8 @@ def checkpoints():
 # ----------------------------------------------------------------------------------- the server
 class _Handler(http.server.BaseHTTPRequestHandler):
   files: dict = {}        # path -> bytes
-  modes: dict = {}        # path -> 'truncate' (close mid-body) | 'reset' (RST mid-body) | 'nolength'
+  # path -> 'truncate' (close mid-body) | 'reset' (RST mid-body) | 'nolength'
+  modes: dict = {}
   hits: dict = {}
 
   def do_GET(self):  # pylint: disable=invalid-name
@@ -309,7 +310,8 @@ def test_specs_none_local_and_errors(checkpoints, tmp_path):
   assert not (tmp_path / 'never').exists()
   with pytest.raises(imagenet.WeightsError, match='config.model.width=8'):
     imagenet.resolve('pycls_r50', model=_model_cfg(stage_depths=()), cache_dir=str(tmp_path))
-  with pytest.raises(imagenet.WeightsError, match=r"stage_depths=\(1, 1, 1, 1\).*use a backbone file"):
+  with pytest.raises(imagenet.WeightsError,
+                     match=r"stage_depths=\(1, 1, 1, 1\).*use a backbone file"):
     imagenet.resolve('pycls_r50', model=_model_cfg(), cache_dir=str(tmp_path))
 
 
@@ -342,7 +344,8 @@ def test_training_logs_and_records_the_backbone(server, checkpoints, tmp_path):
   assert 'recorded' in record['verification']
   # Offline: the run stops before compiling anything, with one line saying where the file goes.
   missing = server.url + '/zoo/absent/R-tiny-1x8d.pyth'
-  empty = tmp_path / 'empty_cache'   # (The first cache holds a file of that name: it would be used.)
+  # (The first cache holds a file of that name: it would be used.)
+  empty = tmp_path / 'empty_cache'
   proc = tl.run_main(str(tmp_path / 'run2'), tl.STEPS, f'--config.train.backbone_init={missing}',
                      f'--config.train.backbone_cache_dir={empty}')
   assert proc.returncode != 0

@@ -217,7 +217,8 @@ def test_changed_model_is_refused_and_replace_builds_anew(env, clean):
   assert ct.index_files(out) == before                         # nothing mixed in
   proc = _index(env, out, '--replace', ckpt=env['ckpt_b'])
   assert proc.returncode == 0, ct.explain(proc)
-  assert _manifest(out)['fingerprint']['model_key'] != _manifest(clean[0])['fingerprint']['model_key']
+  new_key = _manifest(out)['fingerprint']['model_key']
+  assert new_key != _manifest(clean[0])['fingerprint']['model_key']
   aside = [n for n in os.listdir(env['root']) if n.startswith('changed.replaced-')]
   assert len(aside) == 1
   assert ct.index_files(os.path.join(env['root'], aside[0])) == before

@@ -216,7 +216,7 @@ def test_retrieval_metadata_parses(tmp_path):
   assert gldv2_retrieval.read_solution(solution) == ({C: [A, B]}, {D: [B]}, [E])
   excl = _write(tmp_path, 'exclude.csv', f'landmark_id,id\n7,\n, {A}\n')
   exclusion = gldv2.read_exclusion(excl)
-  assert (exclusion.landmark_ids, exclusion.image_ids) == (frozenset({7}), frozenset({A}))
+  assert (exclusion.class_keys, exclusion.image_ids) == (frozenset({7}), frozenset({A}))
 
 
 @pytest.mark.parametrize('name, text, expected', [
@@ -229,7 +229,8 @@ def test_retrieval_metadata_parses(tmp_path):
     ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},{A},{B},Public\n',
      ':2: 4 fields, the header has 3 (a comma where a space belongs?'),
     ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},"{A} {B},Public\n', ':2: malformed CSV'),
-    ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},{A}  {B},Public\n', ':2: empty image id'),
+    ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},{A}  {B},Public\n',
+     ':2: empty image id'),
     ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},{A},Public\n{C},{B},Private\n',
      f':3: test id {C} is listed again (first at line 2)'),
     ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},,Private\n',
@@ -240,8 +241,9 @@ def test_retrieval_metadata_parses(tmp_path):
     ('exclude.csv', 'landmark_id,id\n7,x1\n', ":2: image id 'x1' is not 16 lowercase hex digits; "
      'fix the exclusion list exclude.csv'),
     ('exclude.csv', 'landmark_id\n7\n"8\n', ':3: malformed CSV'),
-    ('exclude.csv', b'landmark_id\n7\n\xe98\n', ':3: not UTF-8 (byte 0xe9 at column 1); the file is '
-     'damaged or was re-encoded: fix the exclusion list exclude.csv'),
+    ('exclude.csv', b'landmark_id\n7\n\xe98\n',
+     ':3: not UTF-8 (byte 0xe9 at column 1); the file is damaged or was re-encoded: fix the '
+     'exclusion list exclude.csv'),
 ])
 def test_retrieval_and_exclusion_faults(tmp_path, name, text, expected):
   """Comma, quote, encoding and id faults in index.csv, the solution file and exclusion lists are

@@ -60,6 +60,7 @@ def test_model_axis_gives_the_same_update_at_the_same_total_flops():
   one, two = out['1'], out['2']
   print(f"total FLOPs per step: mesh.model=1 {one['flops']:.4g}, mesh.model=2 {two['flops']:.4g}")
   assert abs(two['flops'] / one['flops'] - 1) < 0.10
-  assert two['loss'] == np.float64(one['loss']) or abs(two['loss'] - one['loss']) < 1e-5 * abs(one['loss'])
+  assert (two['loss'] == np.float64(one['loss'])
+          or abs(two['loss'] - one['loss']) < 1e-5 * abs(one['loss']))
   for a, b in zip(one['params'], two['params']):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -176,7 +176,8 @@ def test_official_augmentation_equals_pycls_with_scripted_draws(case):
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_uint8_form_makes_the_same_draws_within_one_grey_level(case):
   """`augment_rgb_uint8` (what training uses): the same draws and crop as pycls; the resized
-  pixels rounded to uint8 (at most 1 level from pycls' float32 resize), the lighting offset exact."""
+  pixels rounded to uint8 (at most 1 level from pycls' float32 resize), the lighting offset
+  exact."""
   size = 24
   image = _RGB if case != 'ten_misses_fallback' else _RGB[:20]
   ref_draws, our_draws = Scripted(CASES[case], _Z), Scripted(CASES[case], _Z)

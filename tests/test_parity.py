@@ -80,7 +80,7 @@ def _make_variant(name: str, directory) -> tuple:
 
 @pytest.fixture(scope='module', params=[n for n in VARIANTS if n != 'r50_released'])
 def variant(request, tmp_path_factory):
-  """(name, torch model, checkpoint path, {size: (images, torch features)}, loaded (model, vars))."""
+  """(name, torch model, checkpoint path, {size: (images, torch features)}, (model, vars))."""
   return _make_variant(request.param, tmp_path_factory.mktemp(request.param))
 
 

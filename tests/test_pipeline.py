@@ -10,7 +10,6 @@ from PIL import Image
 import pytest
 
 from dolg_jax.data import decode
-from dolg_jax.data import gldv2
 from dolg_jax.data import grain_pipeline as pipeline
 from dolg_jax.data.synthetic import gldv2_fixture
 

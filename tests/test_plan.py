@@ -53,7 +53,8 @@ def test_plan_r50_at_a_reduced_size_on_cpu():
               config='configs/r50.py')
   assert all(k in out for k in KEYS), out
   assert 87_000_000 < out['num_params'] < 88_000_000   # R50 DOLG + multi-atrous + 81,313 x 512 head
-  assert out['optimizer_bytes_per_device'] == out['params_bytes_per_device'] == 4 * out['num_params']
+  assert (out['optimizer_bytes_per_device'] == out['params_bytes_per_device']
+          == 4 * out['num_params'])
   # Forward + backward of R50-DOLG at 64 px: about 3 x 64^2/512^2 x 203 GFLOP per image.
   assert 2e9 < out['flops_per_step'] / 2 < 8e9, out['flops_per_step']
 
@@ -163,7 +164,7 @@ ENTRY %main.9 () -> f32[] {
 
 
 def test_collectives_parser_on_hlo_text():
-  """Sync ops, async pairs (counted once, by their -done), tuples, and loop bodies (x trip count)."""
+  """Sync ops, async pairs (counted once, by their -done), tuples, loop bodies (x trip count)."""
   out = plan_lib.collectives(_HLO)
   assert out['all-reduce'] == {'count': 3 + 1 + 1, 'bytes': 3 * 32 + (24 + 4) + 20}
   assert out['all-gather'] == {'count': 3, 'bytes': 3 * 32}

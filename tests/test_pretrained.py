@@ -1,4 +1,4 @@
-"""dolg_jax.pretrained / dolg_jax.convert: errors, ImageNet backbones, margin head, torch-free reload.
+"""pretrained and convert: errors, ImageNet backbones, margin head, reloading without torch.
 
 Small widths keep this fast; full-size parity lives in test_parity.py.
 """
@@ -290,10 +290,12 @@ def test_convert_no_head_and_overwrite(tiny, tmp_path):
   assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--nohead']) == 0
   assert pretrained.load_head(out) is None
   assert not os.path.exists(os.path.join(out, pretrained.HEAD_FILE))
-  assert convert.main(['convert', '--input', tiny['pth'], '--output', out]) == 1  # exists, no --overwrite
+  # The output exists and --overwrite is not given.
+  assert convert.main(['convert', '--input', tiny['pth'], '--output', out]) == 1
   assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--overwrite']) == 0
   assert pretrained.load_head(out)['weight'].shape == (7, 512)
-  assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--overwrite', '--nohead']) == 0
+  assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--overwrite',
+                       '--nohead']) == 0
   assert not os.path.exists(os.path.join(out, pretrained.HEAD_FILE))
 
 
@@ -356,7 +358,8 @@ def _check_backbone(fixture, backbone_vars, expected_feats):
   variables = fixture['variables']
   merged = pretrained.merge_backbone(variables, backbone_vars)
   # Everything outside the backbone is untouched.
-  np.testing.assert_array_equal(merged['params']['fc']['kernel'], variables['params']['fc']['kernel'])
+  np.testing.assert_array_equal(merged['params']['fc']['kernel'],
+                                variables['params']['fc']['kernel'])
   _, feats = fixture['apply'](merged, fixture['images'])
   for name, exp in zip(('res3', 'res4'), expected_feats):
     err = _rel_err(feats[name], exp)
@@ -412,7 +415,8 @@ def test_load_backbone_errors(backbone, tmp_path):
   sd['layer3.1.bn2.running_mean'] = torch.zeros(64)
   torch.save(sd, path)
   with pytest.raises(pretrained.ShapeMismatchError,
-                     match=r'layer2.0.downsample.0.weight: expected \(128, 64, 1, 1\), got \(1, 1, 1, 1\)'):
+                     match=r'layer2.0.downsample.0.weight: expected \(128, 64, 1, 1\), '
+                           r'got \(1, 1, 1, 1\)'):
     pretrained.load_backbone(path)
   path = str(tmp_path / 'other.pth')
   torch.save({'encoder.weight': torch.zeros(2)}, path)

@@ -52,7 +52,8 @@ def test_num_train_steps():
 
 
 def test_short_runs_keep_warmup_inside_the_run():
-  lr = schedule.create_learning_rate_fn(_cfg(global_batch_size=8), steps_per_epoch_=5, total_steps=3)
+  lr = schedule.create_learning_rate_fn(_cfg(global_batch_size=8), steps_per_epoch_=5,
+                                        total_steps=3)
   vals = [float(lr(s)) for s in range(3)]
   assert all(v > 0 for v in vals) and max(vals) <= 0.05 * 8 / 128 + 1e-9
 
@@ -72,5 +73,6 @@ def test_per_epoch_warm_up_from_zero_is_refused_before_anything_runs():
   config = default.get_config()
   config.train.lr_schedule = 'per_epoch'
   config.train.warmup_factor = 0.0
-  with pytest.raises(config_check.ConfigError, match='config.train.warmup_factor=0.*learning rate 0'):
+  with pytest.raises(config_check.ConfigError,
+                     match='config.train.warmup_factor=0.*learning rate 0'):
     config_check.validate(config, device_count=1, process_count=1)

@@ -16,8 +16,8 @@ checks what a user on a GPU pod relies on:
 
 The job finds `python` on PATH: the tests put tests/helpers/python_shim.py's shim first, which
 runs dolg_jax.main under the training tests' wrapper (train_testlib.WRAPPER: DOLG_TEST_SLOW_AFTER
-slows batches to leave a window for signals) with this interpreter. Skipped, with the reason, where SLURM/munge are
-not installed or the tests do not run as root.
+slows batches to leave a window for signals) with this interpreter. Skipped, with the reason,
+where SLURM/munge are not installed or the tests do not run as root.
 """
 
 import json

@@ -38,7 +38,8 @@ def test_paper_and_released_settings():
   assert r50.data.image_size == 512 and r50.train.num_epochs == 100
   assert (r50.head.type, r50.head.margin, r50.head.scale) == ('arcface', 0.15, 30.0)
   assert r50.train.base_learning_rate == 0.05 and r50.train.global_batch_size == 128
-  assert r50.train.momentum == 0.9 and r50.train.weight_decay == 1e-4 and r50.train.warmup_epochs == 5
+  assert r50.train.momentum == 0.9 and r50.train.weight_decay == 1e-4
+  assert r50.train.warmup_epochs == 5
   assert r50.model.use_multi_atrous and not r50.model.gem_p_learnable
   assert not rel.model.use_multi_atrous and rel.model.gem_p_learnable
   assert rel.head.type == 'curricularface' and rel.model.depth == 101

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import time
-import uuid
 
 import pytest
 
@@ -168,7 +167,8 @@ def test_damaged_array_record_during_training(tmp_path):
   last = _last_line(proc)
   assert last.startswith('FAILED: reading example ') and path in last, tl.explain(proc)
   assert 'Corrupted Riegeli' in last
-  assert f'python -m dolg_jax.data.prepare --verify --dataset=gldv2/clean --data_dir={data_dir}' in last
+  assert (f'python -m dolg_jax.data.prepare --verify --dataset=gldv2/clean --data_dir={data_dir}'
+          in last)
   _no_cascade(proc)
 
 

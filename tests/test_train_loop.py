@@ -4,7 +4,8 @@
   load_variables for the eval binary;
 - exact resume: killed (SIGKILL) after step 3 with a checkpoint at step 2, then rerun: the
   losses of all 4 steps equal the straight run's exactly;
-- SIGTERM: saves a checkpoint and exits 75 (preempted); the rerun resumes from it and matches exactly;
+- SIGTERM: saves a checkpoint and exits 75 (preempted); the rerun resumes from it, matching
+  exactly;
 - a NaN/inf loss stops with a clear message and leaves the last good checkpoint intact.
 """
 

@@ -1,6 +1,6 @@
 """Index a collection of images: `build(config, workdir=|checkpoint=, images=, out=, options=)`.
 
-The library behind `python -m dolg_jax.index`. Steps (the on-disk format: dolg_jax.collection.store):
+The library behind `python -m dolg_jax.index`. Steps (the on-disk format: collection.store):
 
 1. List the images (`files.list_images`: a folder, recursively, or a list file) and load the model
    exactly as evaluation does (`retrieval.evaluate.load_model`: our workdir or step directory, a
@@ -27,20 +27,18 @@ and capped to `extract.long_side_cap` (recorded in the manifest; queries get the
 Before planning, process 0 checks the stored parts (`store.part_problem`) and the search structure
 against the manifest's checksums: a damaged or missing part is extracted again, a damaged
 structure rebuilt from the stored descriptors (with the resolved parameters and training sample it
-was first built with), so the result equals an undamaged run's. Rerunning resumes: plans fix which files form
-each part, so a part redone after `kill -9` has the same files in the same batches as before, and
-the result equals an uninterrupted run's bit for bit. A path already in the index is never
-re-extracted (a file changed in place keeps its old descriptor).
+was first built with), so the result equals an undamaged run's. Rerunning resumes: plans fix which
+files form each part, so a part redone after `kill -9` has the same files in the same batches as
+before, and the result equals an uninterrupted run's bit for bit. A path already in the index is
+never re-extracted (a file changed in place keeps its old descriptor).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -51,6 +49,8 @@ import ml_collections
 import numpy as np
 
 from dolg_jax import models
+from dolg_jax import progress as progress_lib
+from dolg_jax import versions
 from dolg_jax.collection import faiss_index
 from dolg_jax.collection import files as files_lib
 from dolg_jax.collection import reading
@@ -98,13 +98,7 @@ class Options:
 
 
 def package_versions() -> dict[str, str]:
-  out = {'python': platform.python_version()}
-  for name in _PACKAGES:
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return out
+  return versions.package_versions(_PACKAGES)
 
 
 def architecture(apply_fn: Callable) -> dict:
@@ -142,38 +136,13 @@ def read_image(root: str, rel: str, limits: reading.Limits = reading.Limits()
   return got.row(rel), got.image
 
 
-def _duration(seconds: float) -> str:
-  seconds = int(max(0, seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+INDEX_PROGRESS = ('index: {n}/{total} images ({percentage:.1f}%), {rate_noinv:.1f} images/s, '
+                  'ETA {remaining}')
 
 
-class Progress:
-  """'index: 1234/5000 images (24.7%), 35.2 images/s, ETA 1m47s' at most every `every` s."""
-
-  def __init__(self, total: int, enabled: bool, every: float = 2.0, stream=None):
-    self.total, self.enabled, self.every = total, enabled, every
-    self.stream = stream or sys.stderr
-    self.t0 = time.perf_counter()
-    self.last = -1e9
-    self.done = 0
-
-  def line(self) -> str:
-    dt = time.perf_counter() - self.t0
-    rate = self.done / dt if dt > 0 else 0.0
-    eta = (self.total - self.done) / rate if rate > 0 else float('inf')
-    pct = 100.0 * self.done / self.total if self.total else 100.0
-    eta_s = _duration(eta) if np.isfinite(eta) else '?'
-    return (f'index: {self.done}/{self.total} images ({pct:.1f}%), {rate:.1f} images/s, '
-            f'ETA {eta_s}')
-
-  def update(self, n: int = 1) -> None:
-    self.done += n
-    now = time.perf_counter()
-    if self.enabled and (now - self.last >= self.every or self.done == self.total):
-      self.last = now
-      print(self.line(), file=self.stream, flush=True)
+def progress_printer(total: int, enabled: bool) -> progress_lib.Printer:
+  """'index: 1234/5000 images (24.7%), 35.2 images/s, ETA 01:47' at most every 2 s (stderr)."""
+  return progress_lib.Printer(progress_lib.Progress(total, INDEX_PROGRESS), enabled=enabled)
 
 
 def _barrier(name: str) -> None:
@@ -189,7 +158,7 @@ def _now() -> str:
 
 
 def extract_part(extractor: extract_lib.Extractor, root: str, rel_paths: list[str],
-                 options: Options, progress: Progress, dtype: np.dtype
+                 options: Options, progress: progress_lib.Printer, dtype: np.dtype
                  ) -> tuple[np.ndarray, list[dict], list[tuple[str, str]]]:
   """(descriptors (n_ok, D), rows, skipped) of one part's files."""
   skipped: list[tuple[str, str]] = []
@@ -237,8 +206,9 @@ def _check_existing(store: store_lib.IndexStore, fp: dict, root: str, replace: b
     return True
   detail = ', '.join(diff)
   raise store_lib.IndexMismatchError(
-      f'{store.path} was built with another {detail} (index: model {old["fingerprint"]["model_key"]}'
-      f', images {old.get("images_root")}; this run: model {fp["model_key"]}, images {root}); '
+      f'{store.path} was built with another {detail} (index: model '
+      f'{old["fingerprint"]["model_key"]}, images {old.get("images_root")}; this run: model '
+      f'{fp["model_key"]}, images {root}); '
       'nothing was mixed into it. Pass --replace to move the old index aside and build a new one, '
       'or choose another --out.')
 
@@ -285,7 +255,7 @@ def build(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
   _barrier('collection_planned')
   pending = [p for p in store.all_parts() if not store.is_committed(p[0], p[1])]
   mine = pending[pid::nproc]
-  progress = Progress(sum(len(p[2]) for p in mine), enabled=options.progress and pid == 0)
+  progress = progress_printer(sum(len(p[2]) for p in mine), options.progress and pid == 0)
   extracted = 0
   if mine:
     extractor = extract_lib.Extractor(apply_fn, variables, cfg)
@@ -325,9 +295,8 @@ def repair(store: store_lib.IndexStore, manifest: dict) -> list[str]:
   for rel, want in sorted((recorded or {}).items()):
     if rel.startswith('plans/') and store_lib.file_digest(os.path.join(store.path, rel)) != want:
       raise store_lib.DamagedIndexError(
-          f'{os.path.join(store.path, rel)} differs from its checksum in {store_lib.MANIFEST}: '
-          'the plan fixes which files form each part and cannot be rebuilt; move the index '
-          'aside and index again')
+          f'{os.path.join(store.path, rel)} differs from its checksum in {store_lib.MANIFEST} '
+          f'(a plan fixes which files form each part); {store_lib.UNREPAIRABLE}')
   problems = []
   for g, p in store.committed_parts():
     problem = store.part_problem(g, p, recorded)

@@ -6,10 +6,10 @@ Kinds (`Spec.kind`; inner product on L2-normalised descriptors = cosine similari
   (`IndexFlatIP.search`) is several times slower at k=100 (tools/bench_collection_search.py);
   ties go to the lower row. Its results equal `IndexFlatIP.search` and brute force.
 * 'ivfpq': `IVF{nlist},PQ{m}x{bits}` (4-bit codes: FAISS's fast-scan `PQ{m}x4fs`, 16x cheaper to
-  train than 8-bit codes and SIMD-scanned) trained on a seeded random sample of the stored descriptors
-  (`train_size`), searched with `nprobe` lists; then, with `refine` > 1, the refine stage: the
-  approximate top k * refine are re-scored exactly from the stored descriptors (the index parts,
-  memory-mapped) and the best k returned, so scores are exact cosine similarities.
+  train than 8-bit codes and SIMD-scanned) trained on a seeded random sample of the stored
+  descriptors (`train_size`), searched with `nprobe` lists; then, with `refine` > 1, the refine
+  stage: the approximate top k * refine are re-scored exactly from the stored descriptors (the index
+  parts, memory-mapped) and the best k returned, so scores are exact cosine similarities.
 * 'hnsw': `IndexHNSWFlat` (M links, efConstruction, efSearch), exact scores of what it finds.
 
 `build` adds the descriptors block by block (the collection is never loaded whole for IVF-PQ);
@@ -21,16 +21,15 @@ figure recorded in the manifest. Zero parameters mean "automatic" (see `resolve`
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
-import tempfile
 import time
 from typing import Callable, Iterable, Optional
 
 import faiss
 import numpy as np
+
+from dolg_jax import atomic
 
 KINDS = ('flat', 'ivfpq', 'hnsw')
 
@@ -147,18 +146,9 @@ def extend(index, blocks: Iterable[tuple[int, np.ndarray]]) -> None:
 
 
 def save(index, path: str) -> None:
-  """Writes under a unique temporary name, fsyncs, renames into place."""
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-', dir=os.path.dirname(path))
-  os.close(fd)
-  try:
+  """Writes `index` to `path` atomically (`dolg_jax.atomic.replacing`)."""
+  with atomic.replacing(path) as tmp:
     faiss.write_index(index, tmp)
-    with open(tmp, 'rb+') as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
 
 
 def load(path: str, spec: Spec, mmap: bool = False):

@@ -201,12 +201,17 @@ class Collection:
           f'are not finite (a damaged part); {store_lib.REPAIR}')
     return scores, ids
 
+  def candidates(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, row ids) (nq, k) of the search structure, best first (the serving backends
+    override it: dolg_jax.serve.backends)."""
+    return faiss_index.search(self.index, self.spec, q, k, self.rows.take)
+
   def _search(self, q: np.ndarray, k: int, rerank: str) -> tuple[np.ndarray, np.ndarray]:
     if not rerank:
-      return faiss_index.search(self.index, self.spec, q, k, self.rows.take)
+      return self.candidates(q, k)
     p = self.rerank_params()
     m = min(max(p['M'], k), len(self))
-    _, top = faiss_index.search(self.index, self.spec, q, m, self.rows.take)
+    _, top = self.candidates(q, m)
     if top.shape[1] < m or (top < 0).any():
       raise ValueError(f'the search structure returned fewer than M={m} candidates; raise '
                        'nprobe / ef_search when building the index')

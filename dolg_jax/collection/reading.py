@@ -118,6 +118,8 @@ def pixel_reason(data: bytes, max_pixels: int) -> Optional[str]:
   except decode.DecodeError as e:
     if isinstance(e.__cause__, Image.DecompressionBombError):  # Pillow's own limit, far above ours
       n = re.search(r'\((\d+) pixels\)', str(e.__cause__))
+      if n and int(n.group(1)) <= max_pixels:
+        return None  # under our limit: the decoders decide
       count = n.group(1) if n else 'more than Pillow allows'
       return f'too many pixels: {count} > --max_pixels={max_pixels}'
     return None  # no header Pillow reads: the decoders decide

@@ -13,6 +13,8 @@ r"""The on-disk format of a collection index (INDEX_DIR), read and written only 
                                       of the .npy), written LAST: a part exists when this file does
     skipped.csv               path,reason of every skipped file (all parts; rewritten at the end)
     faiss.index               the search structure over all rows (dolg_jax.collection.faiss_index)
+    rows.arrow                the part CSVs' rows as one memory-mapped Arrow table (derived, rebuilt
+                              when stale: dolg_jax.collection.columns)
 
 Every file is written under a temporary name and renamed into place, so a killed run leaves whole
 parts or none; rerunning redoes exactly the parts that are missing, with the same files in the same
@@ -53,6 +55,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from dolg_jax import atomic
+from dolg_jax.collection import columns
 from dolg_jax.collection import files as files_lib
 
 FORMAT = 'dolg_jax.collection'
@@ -79,15 +83,18 @@ class DamagedIndexError(ValueError):
 REPAIR = 'rerun the python -m dolg_jax.index command that built it (it repairs what is damaged)'
 
 
+UNREPAIRABLE = ('restore it from a backup, or move the index aside and index again (it records '
+                'what the stored files are; they cannot be verified without it)')
+
+
 def read_json(path: str) -> Any:
-  """json.load of `path`; a damaged file raises DamagedIndexError naming it."""
+  """json.load of `path` (the manifest or a plan); a damaged file raises DamagedIndexError naming
+  it."""
   try:
     with open(path, 'rb') as f:
       return json.loads(f.read().decode('utf-8'))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise DamagedIndexError(f'{path} is damaged (not valid JSON: {e}); {REPAIR} if it is a plan, '
-                            'or restore it from a backup: the index cannot be rebuilt without '
-                            'its manifest') from None
+    raise DamagedIndexError(f'{path} is damaged (not valid JSON: {e}); {UNREPAIRABLE}') from None
 
 
 def file_digest(path: str) -> dict:
@@ -98,16 +105,11 @@ def file_digest(path: str) -> dict:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  atomic.write_bytes(path, data)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + '\n').encode())
+  atomic.write_json(path, obj, indent=1, sort_keys=True)
 
 
 def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
@@ -232,7 +234,8 @@ class IndexStore:
 
   def part_problem(self, gen: int, part: int, recorded: Optional[dict] = None) -> Optional[str]:
     """Why a committed part cannot be used, or None: its sha256 against `recorded` (the manifest's
-    checksums) where it has the part's files, else its structure (files there, rows = descriptors)."""
+    checksums) where it has the part's files, else its structure (files there, rows =
+    descriptors)."""
     files = self.part_files(gen, part)
     for rel in files:
       if not os.path.isfile(os.path.join(self.path, rel)):
@@ -254,7 +257,7 @@ class IndexStore:
 
   def checksums(self, parts: Sequence[tuple[int, int]], old: Optional[dict] = None) -> dict:
     """{relative path: {'bytes', 'sha256'}} of the parts, the plans, skipped.csv and faiss.index
-    (entries of `old` reused for part files whose size did not change and were verified this run)."""
+    (part entries of `old` reused as they are: pass only digests made by this run)."""
     old = old or {}
     out = {}
     for g, p in parts:
@@ -329,44 +332,36 @@ class IndexStore:
     return os.path.join(self.path, FAISS_FILE)
 
 
-def _unescape(rows: list[dict], files: Sequence[str]) -> None:
-  """Sets each row's path to its exact plan name (rows are the plan's files in order, some out)."""
-  names = iter(files)
-  for r in rows:
-    for name in names:
-      if files_lib.escape(name) == r['path']:
-        r['path'] = name
-        break
-
-
 class Rows:
-  """All rows of an index, in row order: paths, metadata and descriptor segments (memory-mapped)."""
+  """All rows of an index, in row order: paths, metadata and descriptor segments (memory-mapped).
+
+  The row table is columnar and memory-mapped (`columns.row_table`: INDEX_DIR/rows.arrow, built
+  from the part CSVs when missing or stale): `paths` and `meta` are sequences over its columns,
+  never a Python object per row at open.
+  """
 
   def __init__(self, store: IndexStore, parts: Optional[Sequence[tuple[int, int]]] = None):
     self.store = store
     self.parts = list(store.committed_parts() if parts is None else parts)
-    self.meta: list[dict] = []
     self.segments: list[np.ndarray] = []
-    plan_files = None
-    for g, p in self.parts:
-      rows = store.part_rows(g, p)
+    try:
+      self.table = columns.row_table(store, self.parts)
+    except columns.TableError as e:
+      raise DamagedIndexError(f'{e}; {REPAIR}') from None
+    for (g, p), count in zip(self.parts, self.table.part_counts):
       d = store.part_descriptors(g, p)
-      if d.shape[0] != len(rows):
+      if d.shape[0] != count:
         raise DamagedIndexError(f'{store.part_base(g, p)}.npy holds {d.shape[0]} descriptors for '
-                                f'{len(rows)} rows; {REPAIR}')
-      if any('\\x' in r['path'] for r in rows):  # escaped names: the plan has them exactly
-        if plan_files is None:
-          plan_files = {(pg, pp): f for pg, pp, f in store.all_parts()}
-        _unescape(rows, plan_files.get((g, p), []))
-      self.meta += rows
+                                f'{count} rows; {REPAIR}')
       if d.shape[0]:
         self.segments.append(d)
     sizes = [s.shape[0] for s in self.segments]
     self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    self.paths = [r['path'] for r in self.meta]
+    self.meta = self.table.meta
+    self.paths = self.table.paths
 
   def __len__(self) -> int:
-    return len(self.meta)
+    return len(self.table)
 
   @property
   def dim(self) -> int:

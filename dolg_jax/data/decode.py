@@ -2,19 +2,19 @@
 
 Two routes, both returning (H, W, 3) uint8 RGB with the EXIF orientation applied:
 
-* exact (the default, `fast=False`): `cv2.imdecode(bytes, IMREAD_COLOR)` reversed to RGB, i.e.
-  pixel for pixel what the official DOLG code reads with `cv2.imread(path)[..., ::-1]`: libjpeg-turbo's
+* exact (the default, `fast=False`): `cv2.imdecode(bytes, IMREAD_COLOR)` reversed to RGB, i.e. pixel
+  for pixel what the official DOLG code reads with `cv2.imread(path)[..., ::-1]`: libjpeg-turbo's
   accurate integer DCT and smooth chroma upsampling, EXIF orientations 2-8 applied, grayscale and
   CMYK JPEGs converted by OpenCV, PNG alpha dropped (not composited), 16-bit PNGs reduced to their
   high byte. A truncated JPEG gives the decoded part with the missing blocks grey, as `cv2.imread`
   returns it (`cv2.imdecode` refuses it; libjpeg-turbo's accurate decode through simplejpeg gives
   the same pixels). Evaluation always uses this route.
 * fast (`fast=True`, training's `config.data.decode` = 'fast'; chosen by measurement, see
-  `dolg_jax.tools.bench_data`): JPEG bytes are decoded by libjpeg-turbo through `simplejpeg` with the fast
-  DCT and upsampling and decode-time DCT downscaling (1/2, 1/4, 1/8) whenever the crop that will be
-  kept is at least twice the output size; the EXIF orientation tag (read with Pillow) is then
-  applied with the same eight transforms OpenCV uses. Pixels differ from the exact route by a few
-  grey levels. Non-JPEG bytes take the exact route.
+  `dolg_jax.tools.bench_data`): JPEG bytes are decoded by libjpeg-turbo through `simplejpeg` with
+  the fast DCT and upsampling and decode-time DCT downscaling (1/2, 1/4, 1/8) whenever the crop that
+  will be kept is at least twice the output size; the EXIF orientation tag (read with Pillow) is
+  then applied with the same eight transforms OpenCV uses. Pixels differ from the exact route by a
+  few grey levels. Non-JPEG bytes take the exact route.
 
 Bytes OpenCV cannot read (where `cv2.imread` would return None) fall back to Pillow, which also
 handles palette, alpha (composited on white) and 16-bit modes, with `ImageOps.exif_transpose`.
@@ -196,7 +196,7 @@ def decode_rgb(data: bytes, *, min_height: int = 0, min_width: int = 0,
 
 
 def check_decodable(data: bytes) -> Optional[str]:
-  """None if `data` decodes cleanly (strict, fast route at 1/8 scale to be quick), else the reason."""
+  """None if `data` decodes cleanly (strict, fast route at 1/8 scale: quick), else the reason."""
   try:
     img = decode_rgb(data, min_height=1, min_width=1, strict=True, fast=True)
   except DecodeError as e:

@@ -14,14 +14,14 @@ Writes the features of `gldv2` with the class name instead of the landmark id: {
 bytes as stored, label: int64 contiguous (classes sorted by name), class_name: text, id: text (the
 path relative to DIR)}, the same splits (`train`; `validation` when val_fraction > 0: per class,
 floor(val_fraction * n) images chosen with a permutation seeded by the class name, see
-gldv2.split_per_class) and the same side files, written by gldv2.write_side_files: label_map.csv
-(label,class_name,num_train_listed,num_validation_listed), skipped.csv (id,class_name,split,
-reason), missing.csv and summary.json (counts: listed = written + skipped + missing, per split;
-files skipped before the split are the `unassigned` line). `exclude=FILE` (a CSV with a `label`
-and/or a `path` column) leaves classes / files out before the split. The options (folder, labels
-file and exclusion list with their sha256, validation fraction) are recorded in the dataset's
-metadata (`build_options`) and from there in the training run's manifest. The name is the user's:
-preparing an existing `folder/NAME` again with other options is an error (use another NAME).
+class_split.split_per_class) and the same side files, written by side_files.write_side_files:
+label_map.csv (label,class_name,num_train_listed,num_validation_listed), skipped.csv
+(id,class_name,split,reason), missing.csv and summary.json (counts: listed = written + skipped +
+missing, per split; files skipped before the split are the `unassigned` line). `exclude=FILE` (a CSV
+with a `label` and/or a `path` column) leaves classes / files out before the split. The options
+(folder, labels file and exclusion list with their sha256, validation fraction) are recorded in the
+dataset's metadata (`build_options`) and from there in the training run's manifest. The name is the
+user's: preparing an existing `folder/NAME` again with other options is an error (use another NAME).
 
 Every file is read (sha256 + a strict decode) before anything is written; then, as named lines:
 - files that are not decodable images (any format OpenCV or Pillow reads is kept as stored) are
@@ -56,9 +56,11 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dolg_jax.data import build_plan
+from dolg_jax.data import class_split
 from dolg_jax.data import csv_metadata
 from dolg_jax.data import decode
-from dolg_jax.data import gldv2
+from dolg_jax.data import side_files
 
 PREFIX = 'folder/'
 CLASS_COLUMN = 'class_name'
@@ -90,9 +92,9 @@ class Labels:
 class FolderPlan:
   """Everything decided before a byte is written."""
   manual_dir: str
-  build: gldv2.BuildPlan                       # records (all splits + unassigned), class names
-  sha256: Dict[str, str]                       # id -> sha256 of the bytes that were checked
-  skipped: List[Tuple[gldv2.Record, str]]      # skipped before the split (split 'unassigned')
+  build: build_plan.BuildPlan                   # records (all splits + unassigned), class names
+  sha256: Dict[str, str]                        # id -> sha256 of the bytes that were checked
+  skipped: List[Tuple[build_plan.Record, str]]  # skipped before the split (split 'unassigned')
   warnings: List[str]
 
 
@@ -240,25 +242,20 @@ def list_labelled(manual_dir: str, labels: Labels) -> Tuple[list, list, list]:
   return files, skipped, absent
 
 
-def read_exclusion(path: str) -> gldv2.Exclusion:
+def read_exclusion(path: str) -> build_plan.Exclusion:
   """An exclusion list: a CSV with a `label` and/or a `path` column (csv_metadata)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'exclusion list {path} not found')
   with open(path, 'rb') as f:
     digest = hashlib.sha256(f.read()).hexdigest()
   labels, paths = csv_metadata.read_folder_exclusion(path)
-  return gldv2.Exclusion(path, digest, frozenset(_nfc(l) for l in labels), paths)
+  return build_plan.Exclusion(path, digest, frozenset(_nfc(l) for l in labels), paths)
 
 
-def _exclude(pairs, skipped, exclusion: gldv2.Exclusion):
-  kept, counts = gldv2.exclude_pairs(pairs, exclusion)
-  counts = {'file': counts['file'], 'sha256': counts['sha256'],
-            'num_labels': len(exclusion.landmark_ids), 'num_paths': len(exclusion.image_ids),
-            'images_removed': counts['images_removed'],
-            'classes_removed': counts['landmarks_removed'],
-            'excluded_classes_not_listed': counts['excluded_landmarks_not_listed']}
-  skipped = [s for s in skipped
-             if s[1] not in exclusion.landmark_ids and s[0] not in exclusion.image_ids]
+def _exclude(pairs, skipped, exclusion: build_plan.Exclusion):
+  kept, counts = build_plan.exclude_pairs(pairs, exclusion)
+  counts = {**_exclusion_record(exclusion), **counts}
+  skipped = [s for s in skipped if not exclusion.excludes(s[0], s[1])]
   return kept, skipped, counts
 
 
@@ -283,7 +280,7 @@ def _vanished(manual_dir: str, image_id: str, when: str) -> FolderChangedError:
 
 
 def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
-              exclusion: Optional[gldv2.Exclusion] = None, labels: Optional[Labels] = None,
+              exclusion: Optional[build_plan.Exclusion] = None, labels: Optional[Labels] = None,
               allow_missing: bool = False) -> FolderPlan:
   """Lists, reads, hashes and checks every file, then splits (see the module docstring)."""
   if not os.path.isdir(manual_dir):
@@ -299,11 +296,10 @@ def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
   excluded = None
   if exclusion is not None:
     files, skipped, excluded = _exclude(files, skipped, exclusion)
-    absent = [a for a in absent
-              if a[1] not in exclusion.landmark_ids and a[0] not in exclusion.image_ids]
-    classes = [c for c in classes if c not in exclusion.landmark_ids]
+    absent = [a for a in absent if not exclusion.excludes(a[0], a[1])]
+    classes = [c for c in classes if c not in exclusion.class_keys]
   if absent and not allow_missing:
-    raise gldv2.MissingImagesError(
+    raise build_plan.MissingImagesError(
         f'{len(absent)} of {len(absent) + len(files) + len(skipped)} files listed in '
         f'{labels.path} are absent from {manual_dir}; first: '
         f'{_examples([a for a, _ in absent])}. Fix the labels file, or pass --allow_missing to '
@@ -377,18 +373,18 @@ def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
         f'skipped{": " + first if first else ""}); --manual_dir must hold one sub-folder per class '
         'with the images in it (or pass --labels=CSV with path,label rows)')
 
-  records, class_names = gldv2.split_per_class(usable, val_fraction, seed)
+  records, class_names = class_split.split_per_class(usable, val_fraction, seed)
   if val_fraction > 0 and not any(r.split == 'validation' for r in records):
     warnings.append(f'no class has enough images for a validation image at val_fraction '
                     f'{val_fraction:g} (a class needs {math.ceil(1 / val_fraction - 1e-9)}): the '
                     'dataset has no validation split')
   for rec in records:
-    rec.location = gldv2.Location(os.path.join(manual_dir, rec.id))
+    rec.location = build_plan.Location(os.path.join(manual_dir, rec.id))
   pre = sorted(skipped)
-  unassigned = [gldv2.Record(i, c, -1, gldv2.UNASSIGNED) for i, c, _ in pre]
-  missing = [gldv2.Record(i, c, -1, gldv2.UNASSIGNED) for i, c in sorted(absent)]
-  build = gldv2.BuildPlan(records + unassigned + missing, class_names, [], manual_dir, missing,
-                          excluded=excluded)
+  unassigned = [build_plan.Record(i, c, -1, build_plan.UNASSIGNED) for i, c, _ in pre]
+  missing = [build_plan.Record(i, c, -1, build_plan.UNASSIGNED) for i, c in sorted(absent)]
+  build = build_plan.BuildPlan(records + unassigned + missing, class_names, [], manual_dir,
+                               missing, excluded=excluded)
   return FolderPlan(manual_dir, build, sha, list(zip(unassigned, (r for _, _, r in pre))),
                     warnings)
 
@@ -422,7 +418,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)  # As gldv2: TFDS' default probes importlib_resources.
 
   def __init__(self, **kwargs):
-    self._skipped: List[Tuple[gldv2.Record, str]] = []
+    self._skipped: List[Tuple[build_plan.Record, str]] = []
     self._written: Dict[str, int] = {}
     super().__init__(**kwargs)
 
@@ -445,7 +441,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
                         f'dolg_jax.data.prepare --dataset=folder/{cfg.name} --manual_dir=DIR '
                         f'--data_dir={self.data_dir}')
     self._skipped = list(cfg.plan.skipped)
-    self._written = {s: 0 for s in gldv2.SPLITS}
+    self._written = {s: 0 for s in build_plan.SPLITS}
     splits = {'train': self._generate_examples('train')}
     if any(r.split == 'validation' for r in cfg.plan.build.records):  # TFDS cannot write empty ones
       splits['validation'] = self._generate_examples('validation')
@@ -472,13 +468,13 @@ class Folder(tfds.core.GeneratorBasedBuilder):
             'written (its sha256 differs from the one checked first); nothing was written. Keep '
             '--manual_dir unchanged while preparing and run again')
       self._written[split] += 1
-      yield rec.id, {'image': data, 'label': rec.label, CLASS_COLUMN: rec.landmark_id,
+      yield rec.id, {'image': data, 'label': rec.label, CLASS_COLUMN: rec.class_key,
                      'id': rec.id}
 
   def _download_and_prepare(self, dl_manager, download_config):
     super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
     cfg = self.builder_config
-    summary = gldv2.write_side_files(
+    summary = side_files.write_side_files(
         os.fspath(self.data_path), cfg.plan.build, self._skipped, self._written,
         name=f'folder/{cfg.name}', build_options=cfg.options, class_column=CLASS_COLUMN,
         extra={'warnings': list(cfg.plan.warnings)})
@@ -498,7 +494,7 @@ def builder(dataset: str, data_dir: Optional[str] = None, **kwargs) -> Folder:
 
 
 def build_options(manual_dir: str, *, val_fraction: float, split_seed: int,
-                  exclusion: Optional[gldv2.Exclusion], labels: Optional[Labels]) -> dict:
+                  exclusion: Optional[build_plan.Exclusion], labels: Optional[Labels]) -> dict:
   return {'source': 'labels file' if labels is not None else 'class folders',
           'manual_dir': os.path.abspath(manual_dir), 'val_fraction': val_fraction,
           'split_seed': split_seed,
@@ -506,11 +502,11 @@ def build_options(manual_dir: str, *, val_fraction: float, split_seed: int,
           'labels': labels.describe() if labels else None}
 
 
-def _exclusion_record(exclusion: Optional[gldv2.Exclusion]) -> Optional[dict]:
+def _exclusion_record(exclusion: Optional[build_plan.Exclusion]) -> Optional[dict]:
   if exclusion is None:
     return None
   return {'file': os.path.abspath(exclusion.path), 'sha256': exclusion.sha256,
-          'num_labels': len(exclusion.landmark_ids), 'num_paths': len(exclusion.image_ids)}
+          'num_labels': len(exclusion.class_keys), 'num_paths': len(exclusion.image_ids)}
 
 
 def _remove_empty_parents(path: str, stop: str) -> None:

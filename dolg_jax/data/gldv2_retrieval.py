@@ -16,11 +16,11 @@ index.csv / test.csv), height, width: int64}. Examples are stored in key order: 
 place results. The solution CSV is copied next to the data (`load_solution`); summary.json holds
 listed = written + skipped (undecodable, skipped.csv) + missing (missing.csv) per split.
 
-Bad input: listed-but-absent images raise gldv2.MissingImagesError (count, shards searched, first
-ids) unless allow_missing=True; a truncated tar raises gldv2.TruncatedShardError; md5 mismatches
-gldv2.ChecksumError (verify_md5=True); malformed CSV rows a csv_metadata.MetadataError (a
-ValueError) naming file and line.
-The tar indexing, md5 check and byte reading are those of dolg_jax.data.gldv2.
+Bad input: listed-but-absent images raise build_plan.MissingImagesError (count, shards searched,
+first ids) unless allow_missing=True; a truncated tar raises tar_index.TruncatedShardError; md5
+mismatches md5_check.ChecksumError (verify_md5=True); malformed CSV rows a
+csv_metadata.MetadataError (a ValueError) naming file and line. (The same classes as
+gldv2.MissingImagesError, gldv2.TruncatedShardError and gldv2.ChecksumError.)
 Reading a dataset that is not prepared raises `NotPreparedError` naming the command that prepares
 it (`python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir=D`).
 """
@@ -39,7 +39,9 @@ import tensorflow_datasets as tfds
 
 from dolg_jax.data import csv_metadata
 from dolg_jax.data import decode
-from dolg_jax.data import gldv2
+from dolg_jax.data import build_plan
+from dolg_jax.data import md5_check
+from dolg_jax.data import tar_index
 
 SPLITS = ('index', 'test')
 SOLUTION_FILE = 'retrieval_solution_v2.1.csv'
@@ -69,15 +71,15 @@ def read_solution(path: str) -> Tuple[Dict[str, List[str]], Dict[str, List[str]]
 
 
 def _locate(manual_dir: str, split: str, ids: Sequence[str], check_md5: bool
-            ) -> Tuple[Dict[str, gldv2.Location], List[str], Optional[str]]:
+            ) -> Tuple[Dict[str, build_plan.Location], List[str], Optional[str]]:
   """Locations of the listed ids in <split>/images_NNN.tar or the tree <split>/a/b/c/<id>.jpg."""
   sub = os.path.join(manual_dir, split)
-  shards = gldv2.find_shards(sub) if os.path.isdir(sub) else []
-  found: Dict[str, gldv2.Location] = {}
+  shards = tar_index.find_shards(sub) if os.path.isdir(sub) else []
+  found: Dict[str, build_plan.Location] = {}
   for shard in shards:
     if check_md5:
-      gldv2.verify_md5(shard)
-    for image_id, loc in gldv2.index_shard(shard).items():
+      md5_check.verify_md5(shard)
+    for image_id, loc in tar_index.index_shard(shard).items():
       found.setdefault(image_id, loc)
   tree = sub if os.path.isdir(sub) else None
   locations = {}
@@ -86,7 +88,7 @@ def _locate(manual_dir: str, split: str, ids: Sequence[str], check_md5: bool
     if loc is None and tree is not None and len(image_id) >= 3:
       path = os.path.join(tree, image_id[0], image_id[1], image_id[2], image_id + '.jpg')
       if os.path.isfile(path):
-        loc = gldv2.Location(path)
+        loc = build_plan.Location(path)
     if loc is not None:
       locations[image_id] = loc
   return locations, [os.path.basename(s) for s in shards], tree
@@ -144,9 +146,9 @@ class Gldv2Retrieval(tfds.core.GeneratorBasedBuilder):
       self._missing[split] = [i for i in ids if i not in loc]
       searched[split] = {'shards': shards, 'extracted_dir': tree}
       if self._missing[split] and not self._allow_missing:
-        where = gldv2._describe_shards(shards)  # pylint: disable=protected-access
+        where = tar_index.describe_shards(shards)
         first = ', '.join(self._missing[split][:10])
-        raise gldv2.MissingImagesError(
+        raise build_plan.MissingImagesError(
             f'{len(self._missing[split])} of {len(ids)} images listed in {split}.csv are absent '
             f'from {os.path.join(root, split)} (searched {where}'
             f'{" and the extracted tree" if tree else ""}); first ids: {first}. Download the '
@@ -173,7 +175,7 @@ class Gldv2Retrieval(tfds.core.GeneratorBasedBuilder):
     handles: Dict[str, object] = {}
     try:
       for image_id, loc in todo:
-        data = gldv2.read_bytes(loc, handles)
+        data = tar_index.read_bytes(loc, handles)
         reason = decode.check_decodable(data)
         if reason is not None:
           self._skipped[split].append((image_id, reason))
@@ -205,7 +207,8 @@ class Gldv2Retrieval(tfds.core.GeneratorBasedBuilder):
       per[split] = {'listed': len(self._ids[split]), 'written': self._written[split],
                     'skipped': len(self._skipped[split]), 'missing': len(self._missing[split]),
                     'official_count': OFFICIAL_COUNTS[split], **self._searched[split]}
-      if per[split]['listed'] != per[split]['written'] + per[split]['skipped'] + per[split]['missing']:
+      counts = per[split]
+      if counts['listed'] != counts['written'] + counts['skipped'] + counts['missing']:
         raise AssertionError(f'gldv2_retrieval summary does not add up for {split}: {per[split]}')
     self.summary = {'dataset': 'gldv2_retrieval', 'per_split': per,
                     'solution': self._solution_counts,
@@ -245,7 +248,8 @@ def require_prepared(data_dir: str) -> Gldv2Retrieval:
   if not b.is_prepared():
     where = data_dir or 'the current directory (the data dir is empty)'
     raise NotPreparedError(
-        f'gldv2_retrieval is not prepared under {where}: prepare with `{prepare_command(data_dir)}` with M holding the official '
+        f'gldv2_retrieval is not prepared under {where}: prepare with '
+        f'`{prepare_command(data_dir)}` with M holding the official '
         'index.csv, test.csv, retrieval_solution_v2.1.csv and the index/ and test/ images_NNN.tar '
         '(github.com/cvdfoundation/google-landmark)')
   return b

@@ -1,8 +1,9 @@
 """Deterministic, resumable, per-process-sharded grain input pipelines for GLDv2.
 
 Training (`make_train_iterator`):
-  source (N records) -> global shuffle, reshuffled every epoch from `seed` -> per-example augmentation
-  with an RNG derived from (seed, epoch, position in the epoch) -> the first N - N % process_count
+  source (N records) -> global shuffle, reshuffled every epoch from `seed` -> per-example
+  augmentation with an RNG derived from (seed, epoch, position in the epoch) -> the first
+  N - N % process_count
   positions of the epoch, every process_count-th from process_index -> batches of per_host_batch
   (last partial batch of each epoch dropped) -> repeated for num_epochs (None: forever) -> optional
   prefetch worker processes.
@@ -11,10 +12,9 @@ Training (`make_train_iterator`):
 
 State: the returned `TrainIterator` (a `grain.DatasetIterator`) has `get_state()` /
 `set_state(state)`: a small JSON-able dict holding the step; restoring it into a freshly built
-iterator (same data arguments; any num_workers) continues with exactly the next batch. With
-orbax, save `grain.checkpoint.CheckpointSave(iterator)` and restore with
-`grain.checkpoint.CheckpointRestore(iterator)` inside `ocp.args.Composite` (the file is
-per-process: process_{i}-of-{n}.json).
+iterator (same data arguments; any num_workers) continues with exactly the next batch. Training
+checkpoints save it as data (`training.checkpointing.IteratorStateHandler`, one file per process),
+not with grain's CheckpointSave / CheckpointRestore (docs/checkpointing.md says why).
 
 Evaluation (`make_eval_iterator`): records in source order, every process_count-th from
 process_index, central square crop resized to image_size; all processes yield the same number of
@@ -40,6 +40,7 @@ import grain
 import jax
 import numpy as np
 
+from dolg_jax import config_rules as rules
 from dolg_jax.data import decode
 from dolg_jax.data import official_augment
 
@@ -61,6 +62,25 @@ def fast_decode(cfg) -> bool:
 
 
 AUGMENTATIONS = ('paper', 'official')
+CONFIG_RULES = {
+    'data.augmentation': rules.one_of(AUGMENTATIONS), 'data.decode': rules.one_of(DECODE_ROUTES),
+    'data.image_size': rules.POSITIVE_INT, 'data.random_flip': rules.BOOL,
+    **{f'data.{f}': rules.NON_NEGATIVE_INT
+       for f in ('num_workers', 'prefetch_buffer_size', 'read_threads', 'worker_buffer_size')},
+}
+
+
+def check_config(config) -> None:
+  """ValueError `config.PATH=VALUE: allowed` for a data field the pipeline cannot use."""
+  rules.check(config, CONFIG_RULES)
+  for path in ('data.crop_scale', 'data.crop_ratio'):
+    v = rules.get(config, path)
+    if v is rules.MISSING:
+      continue
+    if (not isinstance(v, (tuple, list)) or len(v) != 2 or not all(map(rules.is_number, v))
+        or not 0.0 < v[0] <= v[1] or (path == 'data.crop_scale' and v[1] > 1)):
+      rules.fail(path, v, 'must be (min, max) with 0 < min <= max <= 1' if path == 'data.crop_scale'
+                 else 'must be (min, max) with 0 < min <= max')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +110,7 @@ class TrainTransform:
   lighting_std: float
 
   def __post_init__(self):
-    if self.augmentation not in AUGMENTATIONS:
-      raise ValueError(f'config.data.augmentation must be one of {AUGMENTATIONS}, got '
-                       f'{self.augmentation!r}')
+    rules.check_value('data.augmentation', self.augmentation, CONFIG_RULES['data.augmentation'])
     if self.augmentation == 'official' and self.scale[1] != 1.0:
       raise ValueError(f"config.data.crop_scale={self.scale}: augmentation='official' draws the "
                        'area fraction from crop_scale[0] to 1; set crop_scale[1] to 1.0')
@@ -196,8 +214,8 @@ def train_dataset(config, data_source, *, seed: int, process_index: int, process
       seed=int(seed), epoch_length=n, fast_decode=fast_decode(cfg),
       augmentation=str(cfg.augmentation), lighting_std=float(cfg.lighting_std))
   ds = grain.MapDataset.source(data_source)
-  ds = ds.shuffle(seed=int(seed) % _U32)                     # Reshuffled each epoch (seed + epoch).
-  ds = ds.map_with_index(transform)                          # Index = global position in the stream.
+  ds = ds.shuffle(seed=int(seed) % _U32)       # Reshuffled each epoch (seed + epoch).
+  ds = ds.map_with_index(transform)            # Index = global position in the stream.
   ds = ds[:usable][process_index::process_count]
   ds = ds.batch(per_host_batch, drop_remainder=True)
   return ds.repeat(num_epochs)
@@ -288,8 +306,7 @@ def make_train_iterator(config, data_source, *, seed: int, process_index: Option
 
   Returns:
     A `TrainIterator` (a grain DatasetIterator): `next(it)`, `it.get_state()`,
-    `it.set_state(state)`, `it.close()`; orbax: `grain.checkpoint.CheckpointSave(it)` /
-    `grain.checkpoint.CheckpointRestore(it)`.
+    `it.set_state(state)`, `it.close()`.
   """
   process_index, process_count = _check_process(process_index, process_count)
   cfg = _data_config(config)

@@ -90,20 +90,11 @@ def random_sized_crop(im: np.ndarray, size: int, rng, area_frac: float = 0.08,
 
   `rng` needs `uniform(low, high)`, `uniform()` and `integers(low, high)` (numpy Generator).
   """
-  h, w = im.shape[:2]
-  area = h * w
-  for _ in range(max_iter):
-    target_area = rng.uniform(area_frac, 1.0) * area
-    aspect = rng.uniform(ratio[0], ratio[1])
-    w_crop = int(round(math.sqrt(float(target_area) * aspect)))
-    h_crop = int(round(math.sqrt(float(target_area) / aspect)))
-    if rng.uniform() < 0.5:
-      w_crop, h_crop = h_crop, w_crop
-    if h_crop <= h and w_crop <= w:
-      y = 0 if h_crop == h else int(rng.integers(0, h - h_crop))
-      x = 0 if w_crop == w else int(rng.integers(0, w - w_crop))
-      return _resize_float(im[y:y + h_crop, x:x + w_crop], size, size)
-  return np.asarray(center_crop(size, scale_short_side(size, im)), np.float32)
+  box = random_sized_crop_box(im.shape[0], im.shape[1], rng, area_frac, ratio, max_iter)
+  if box is None:
+    return np.asarray(center_crop(size, scale_short_side(size, im)), np.float32)
+  y, x, h, w = box
+  return _resize_float(im[y:y + h, x:x + w], size, size)
 
 
 def random_sized_crop_box(h: int, w: int, rng, area_frac: float = 0.08,
@@ -161,7 +152,7 @@ def augment_rgb_uint8(rgb: np.ndarray, size: int, rng, *, area_frac: float = 0.0
 def official_train_example(data: bytes, size: int, rng, *, area_frac: float = 0.08,
                            ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
                            lighting_std: float = LIGHTING_STD) -> Tuple[np.ndarray, np.ndarray]:
-  """Encoded image bytes -> (uint8 image, float32 (3,) lighting offset): see the module docstring."""
+  """Encoded image bytes -> (uint8 image, float32 (3,) lighting offset); see the module doc."""
   return augment_rgb_uint8(decode.decode_rgb(data), size, rng, area_frac=area_frac, ratio=ratio,
                            flip=flip, lighting_std=lighting_std)
 

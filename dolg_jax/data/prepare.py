@@ -21,7 +21,8 @@ path,label rows); see dolg_jax.data.folder. Warnings (empty or one-image classes
 symlink loops) are printed as `warning:` lines.
 
 Prints the summary (listed = written + skipped + missing, per split, and the skipped ids with
-their reason); label_map.csv, skipped.csv, missing.csv and summary.json are written next to the data.
+their reason); label_map.csv, skipped.csv, missing.csv and summary.json are written next to the
+data.
 Exit codes: 0 done, 1 a build or verification error (one line on stderr), 2 bad flags.
 """
 

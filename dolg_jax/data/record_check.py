@@ -42,7 +42,8 @@ def verify_file(path: str, expected: int | None, features=None) -> str | None:
       try:
         records = reader.read(start, min(n, start + _CHUNK))
       except Exception as e:  # pylint: disable=broad-except  # reported per file
-        return f'records {start}..{min(n, start + _CHUNK) - 1} unreadable ({errors.first_line(e, limit=300)})'
+        return (f'records {start}..{min(n, start + _CHUNK) - 1} unreadable '
+                f'({errors.first_line(e, limit=300)})')
       if features is not None:
         for k, record in enumerate(records):
           try:

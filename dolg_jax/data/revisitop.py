@@ -220,7 +220,7 @@ class Rparis6k(_GndBuilder):
 
 
 class Rdemo(_GndBuilder):
-  """The embedded demo's benchmark (procedural places; dolg_jax.data.synthetic.demo_data) in this layout."""
+  """The embedded demo's benchmark (procedural places, data.synthetic.demo_data) in this layout."""
 
 
 class Revisitop1m(_RevisitopBuilder):

@@ -6,16 +6,33 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dolg_jax import config_rules as rules
+from dolg_jax import defaults
+from dolg_jax.models import dolg as dolg_lib
+from dolg_jax.models import resnet
 from dolg_jax.models import margins
 from dolg_jax.models.dolg import DOLG
+from dolg_jax.models.dolg import config_fields
 from dolg_jax.models.resnet import ResNet
 
-# c.model fields -> DOLG attributes (same names). Every field of c.model must be listed here.
-MODEL_FIELDS = (
-    'depth', 'width', 'stage_depths', 'local_stage', 'use_local_branch', 'use_multi_atrous',
-    'atrous_rates', 'atrous_dim', 'local_dim', 'use_self_attention', 'fusion', 'global_pool',
-    'gem_p', 'gem_p_learnable', 'global_dim', 'embedding_dim', 'fusion_eps', 'bn_momentum',
-    'bn_epsilon', 'bn_running_var', 'zero_init_final_gamma', 'dense_init')
+# The DOLG attributes set from c.model / c.eval (same names), from the module's fields.
+MODEL_FIELDS = config_fields('model')
+EVAL_FIELDS = config_fields('eval')
+ARCHITECTURE_FIELDS = config_fields('model', architecture=True)
+
+# The rules of the c.model fields (and the compute dtypes' choices).
+CONFIG_RULES = {
+    'model.depth': rules.one_of(tuple(sorted(resnet.STAGE_DEPTHS))),
+    **{f'model.{name}': rule for name, rule in dolg_lib.CHOICE_RULES.items()},
+    **{f'model.{f}': rules.POSITIVE_INT
+       for f in ('width', 'atrous_dim', 'local_dim', 'global_dim', 'embedding_dim')},
+    **{f'model.{f}': rules.BOOL for f in ('use_local_branch', 'use_multi_atrous',
+                                           'use_self_attention', 'gem_p_learnable')},
+    'model.gem_p': rules.POSITIVE,
+    'model.bn_epsilon': rules.POSITIVE,
+    'model.fusion_eps': rules.NON_NEGATIVE,
+    'model.bn_momentum': rules.UNIT_INTERVAL,
+}
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16,
            'float64': jnp.float64}
@@ -42,9 +59,10 @@ def build_model(model_cfg: ml_collections.ConfigDict | dict, dtype: Any = jnp.fl
   """Builds the DOLG module from the `c.model` config section.
 
   `dtype` is the compute dtype of the convolutions (e.g. jnp.bfloat16 or 'bfloat16'); params, BN
-  statistics, the pooled head and the descriptor stay float32. Unknown fields are an error.
+  statistics, the pooled head and the descriptor stay float32. Unknown fields are an error;
+  missing ones take configs/default.py's values.
   """
-  cfg = dict(model_cfg)
+  cfg = {**defaults.model_defaults(), **dict(model_cfg)}
   unknown = sorted(set(cfg) - set(MODEL_FIELDS))
   if unknown:
     raise ValueError(f'unknown model config field(s) {unknown}; known: {MODEL_FIELDS}')
@@ -56,4 +74,28 @@ def build_model(model_cfg: ml_collections.ConfigDict | dict, dtype: Any = jnp.fl
   return model
 
 
-__all__ = ['DOLG', 'ResNet', 'build_model', 'margins', 'resolve_dtype', 'MODEL_FIELDS']
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """ValueError `config.PATH=VALUE: allowed` for a model field or compute dtype it cannot use."""
+  rules.check(config, CONFIG_RULES)
+  rules.check(config, {p: rules.one_of(COMPUTE_DTYPES) for p in ('compute_dtype',
+                                                                  'eval.compute_dtype')})
+  for path in ('compute_dtype', 'eval.compute_dtype'):
+    value = rules.get(config, path)
+    if value is not rules.MISSING:
+      try:
+        resolve_dtype(value)   # float64 needs 64-bit JAX
+      except ValueError as e:
+        rules.fail(path, value, str(e))
+  depths = rules.get(config, 'model.stage_depths')
+  if depths is not rules.MISSING and depths and (
+      not isinstance(depths, (tuple, list)) or len(depths) != 4
+      or not all(rules.is_int(d) and d >= 1 for d in depths)):
+    rules.fail('model.stage_depths', depths, 'must be () or four integers >= 1')
+  rates = rules.get(config, 'model.atrous_rates')
+  if rates is not rules.MISSING and (not isinstance(rates, (tuple, list))
+                                     or not all(rules.is_int(r) and r >= 1 for r in rates)):
+    rules.fail('model.atrous_rates', rates, 'must be integers >= 1')
+
+
+__all__ = ['DOLG', 'ResNet', 'build_model', 'margins', 'resolve_dtype', 'MODEL_FIELDS',
+           'EVAL_FIELDS', 'ARCHITECTURE_FIELDS']

@@ -69,6 +69,7 @@ SuperGlobal's extraction modules (Shao et al., ICCV 2023), inference-time, each 
     so fc keeps its width).
 """
 
+import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
@@ -76,6 +77,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dolg_jax import config_rules as rules
 from dolg_jax.models import resnet
 from dolg_jax.models.normalize import l2_normalize
 from dolg_jax.models.normalize import wide_dtype
@@ -94,6 +96,11 @@ LOCAL_STAGES = ('res3', 'res4', 'both')
 # pycls Linear init (normal std 0.01, zero bias); used for fc_t and fc with dense_init='pycls'.
 dense_kernel_init = nn.initializers.normal(0.01)
 DENSE_INITS = ('pycls', 'torch')
+# The choices of the model's string fields (config.model.NAME).
+CHOICE_RULES = {'fusion': rules.one_of(FUSIONS), 'dense_init': rules.one_of(DENSE_INITS),
+                'bn_running_var': rules.one_of(resnet.BN_RUNNING_VARS),
+                'global_pool': rules.one_of(GLOBAL_POOLS),
+                'local_stage': rules.one_of(LOCAL_STAGES)}
 
 
 def torch_linear_inits(fan_in: int):
@@ -321,6 +328,23 @@ class LocalBranch(nn.Module):
     return att * features
 
 
+def _model(architecture: bool = False) -> Any:
+  """A DOLG attribute set from the config.model field of its name (no default here)."""
+  return dataclasses.field(metadata={'config': 'model', 'architecture': architecture})
+
+
+def _eval(off: Any) -> Any:
+  """A DOLG attribute set from the config.eval field of its name at evaluation; `off` before."""
+  return dataclasses.field(default=off, metadata={'config': 'eval'})
+
+
+def config_fields(section: str, architecture: bool = False) -> tuple[str, ...]:
+  """The DOLG attributes set from config.`section` ('model' or 'eval'), in declaration order;
+  with `architecture`, only those that shape the variables or the computation."""
+  return tuple(f.name for f in dataclasses.fields(DOLG) if f.metadata.get('config') == section
+               and (f.metadata.get('architecture') or not architecture))
+
+
 class DOLG(nn.Module):
   """DOLG retrieval model: ResNet trunk + local branch + GeM global branch + fusion + fc.
 
@@ -334,48 +358,44 @@ class DOLG(nn.Module):
     'local_vec'      f_o (orthogonal) or avgpool(f_l) (concat, hadamard), mean over branches;
     'fused'          the input of fc.
   """
-  depth: int = 50
-  width: int = 64
-  stage_depths: Sequence[int] = ()
-  local_stage: str = 'res3'
-  use_local_branch: bool = True
-  use_multi_atrous: bool = True
-  atrous_rates: Sequence[int] = (6, 12, 18)
-  atrous_dim: int = 512
-  local_dim: int = 1024
-  use_self_attention: bool = True
-  fusion: str = 'orthogonal'
-  global_pool: str = 'gem'
-  gem_p: float = 3.0
-  gem_p_learnable: bool = False
-  global_dim: int = 1024
-  embedding_dim: int = 512
-  fusion_eps: float = 1e-6
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-5
-  bn_running_var: str = 'unbiased'     # BN running variance: 'unbiased' (torch, official) | 'biased'.
-  zero_init_final_gamma: bool = False  # pycls BN.ZERO_INIT_FINAL_GAMMA (official yaml: True).
-  dense_init: str = 'pycls'            # fc_t / fc init: 'pycls' normal(0.01) | 'torch' (official).
+  # config.model fields (same names; documented and defaulted in configs/default.py only);
+  # `_model(architecture=True)`: shapes the variables or the computation (init_checkpoint compares).
+  depth: int = _model(architecture=True)
+  width: int = _model(architecture=True)
+  stage_depths: Sequence[int] = _model(architecture=True)
+  use_local_branch: bool = _model(architecture=True)
+  local_stage: str = _model(architecture=True)
+  use_multi_atrous: bool = _model(architecture=True)
+  atrous_rates: Sequence[int] = _model(architecture=True)
+  atrous_dim: int = _model(architecture=True)
+  local_dim: int = _model(architecture=True)
+  use_self_attention: bool = _model(architecture=True)
+  fusion: str = _model(architecture=True)
+  global_pool: str = _model(architecture=True)
+  gem_p: float = _model()
+  gem_p_learnable: bool = _model(architecture=True)
+  global_dim: int = _model(architecture=True)
+  embedding_dim: int = _model(architecture=True)
+  fusion_eps: float = _model()
+  bn_momentum: float = _model()
+  bn_epsilon: float = _model()
+  bn_running_var: str = _model()
+  zero_init_final_gamma: bool = _model()
+  dense_init: str = _model()
   dtype: Dtype = jnp.float32
-  gem_plus_p: float = 0.0
-  regional_gem: bool = False
+  # config.eval fields set at evaluation (`evaluate.with_overrides`); off here, so a model built
+  # from config.model alone is the trained one.
+  gem_plus_p: float = _eval(0.0)
+  regional_gem: bool = _eval(False)
+  relu_plus: float = _eval(0.0)
+  # SuperGlobal's regional GeM constants (no config field).
   regional_gem_p: float = 2.5
   regional_gem_size: int = 5
-  relu_plus: float = 0.0
 
   def check(self) -> None:
     """Raises ValueError naming the config field when the configuration is inconsistent."""
-    if self.fusion not in FUSIONS:
-      raise ValueError(f'model.fusion must be one of {FUSIONS}, got {self.fusion!r}')
-    if self.dense_init not in DENSE_INITS:
-      raise ValueError(f'model.dense_init must be one of {DENSE_INITS}, got {self.dense_init!r}')
-    if self.bn_running_var not in resnet.BN_RUNNING_VARS:
-      raise ValueError(f'model.bn_running_var must be one of {resnet.BN_RUNNING_VARS}, got '
-                       f'{self.bn_running_var!r}')
-    if self.global_pool not in GLOBAL_POOLS:
-      raise ValueError(f'model.global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}')
-    if self.local_stage not in LOCAL_STAGES:
-      raise ValueError(f'model.local_stage must be one of {LOCAL_STAGES}, got {self.local_stage!r}')
+    for name, rule in CHOICE_RULES.items():
+      rules.check_value(f'model.{name}', getattr(self, name), rule)
     if (self.use_local_branch and self.fusion in ('orthogonal', 'hadamard')
         and self.local_dim != self.global_dim):
       raise ValueError(f'model.fusion={self.fusion!r} needs model.local_dim == model.global_dim, '

@@ -20,11 +20,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dolg_jax import config_rules as rules
 from dolg_jax.models.normalize import l2_normalize
 from dolg_jax.models.normalize import widen
 
 HEAD_INIT_STD = 0.01
 HEAD_TYPES = ('arcface', 'curricularface')  # the choices of config.head.type
+CONFIG_RULES = {'head.type': rules.one_of(HEAD_TYPES), 'head.scale': rules.POSITIVE,
+                'head.margin': rules.NON_NEGATIVE, 'head.t_momentum': rules.UNIT_INTERVAL,
+                'head.num_classes': rules.NON_NEGATIVE_INT}
 
 
 def init_head_weight(rng: jax.Array, num_classes: int, dim: int,

@@ -171,7 +171,7 @@ class ResBottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None,
                in_stride: int = 1) -> jax.Array:
-    """valid_hw / in_stride: image sizes in a padded canvas and the stride of `x` (see valid_mask)."""
+    """valid_hw / in_stride: image sizes in a padded canvas, the stride of `x` (see valid_mask)."""
     def bn(name, scale_init=nn.initializers.ones):
       return batch_norm(name, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                         dtype=self.dtype, running_var=self.bn_running_var, scale_init=scale_init)
@@ -239,7 +239,7 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   zero_init_final_gamma: bool = False
   relu_plus: float = 0.0
-  bn_running_var: str = 'unbiased'   # 'unbiased' (torch, official) | 'biased' (flax); see BatchNorm.
+  bn_running_var: str = 'unbiased'   # 'unbiased' (torch, official) | 'biased' (flax): BatchNorm.
 
   def block_counts(self) -> tuple[int, ...]:
     if self.stage_depths:

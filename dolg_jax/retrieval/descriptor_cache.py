@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 
+from dolg_jax import atomic
 from dolg_jax.data import revisitop
 from dolg_jax.retrieval import extract as extract_lib
 from dolg_jax.retrieval import gldv2_eval
@@ -64,9 +65,8 @@ def cache_path(cache_dir: str, key: Mapping[str, Any]) -> str:
 
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
-  tmp = path[:-4] + '.tmp.npy'
-  np.save(tmp, array)
-  os.replace(tmp, path)
+  with atomic.writing(path) as f:
+    np.save(f, array)
 
 
 def cached(cache_dir: Optional[str], key: Mapping[str, Any],
@@ -85,8 +85,7 @@ def cached(cache_dir: Optional[str], key: Mapping[str, Any],
                time.perf_counter() - t0)
   if path and jax.process_index() == 0:
     os.makedirs(cache_dir, exist_ok=True)
-    with open(path[:-4] + '.json', 'w') as f:
-      json.dump(dict(key), f, indent=1)
+    atomic.write_json(path[:-4] + '.json', dict(key), indent=1)
     if ids is not None:
       _atomic_save(ids_path, np.asarray(ids, dtype=str))
     _atomic_save(path, desc)

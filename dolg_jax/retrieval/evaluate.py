@@ -47,7 +47,7 @@ from dolg_jax.weights import released
 
 
 # config.eval fields that override attributes of the DOLG module at evaluation (same names).
-MODEL_OVERRIDES = ('gem_plus_p', 'regional_gem', 'relu_plus')
+MODEL_OVERRIDES = models.EVAL_FIELDS
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -38,10 +38,11 @@ export.json is removed first and written last, with `verified: true` only when b
 How the ONNX graph is made: the descriptor function is traced ONCE by JAX with symbolic shapes
 ('N, H, W, 3', H and W >= 64) into a jaxpr, and jax2onnx converts a function that replays that
 jaxpr primitive by primitive, with only jax2onnx's lowerings of JAX primitives loaded. Replaying
-(instead of letting jax2onnx trace the Flax model) keeps jax2onnx's flax.linen replacements out (its linen Conv / BatchNorm / max_pool shims lose the
-dynamic NHWC shapes and the explicit torch padding); the one primitive rewritten on the way is the
-stem's 4-D max reduce-window (jax2onnx would make it a MaxPool with 4 spatial dims, which
-onnxruntime refuses): it becomes NCHW -> (N*C, H, W) -> a (1, 3, 3) max reduce-window -> back, the
+(instead of letting jax2onnx trace the Flax model) keeps jax2onnx's flax.linen replacements out (its
+linen Conv / BatchNorm / max_pool shims lose the dynamic NHWC shapes and the explicit torch
+padding); the one primitive rewritten on the way is the stem's 4-D max reduce-window (jax2onnx would
+make it a MaxPool with 4 spatial dims, which onnxruntime refuses): it becomes NCHW -> (N*C, H, W) ->
+a (1, 3, 3) max reduce-window -> back, the
 same maxima; and integer remainders (regional-GeM's reflection indices) become a - trunc(a / b) b,
 the same integers (jax2onnx's rem lowering needs static shapes). The model code is unchanged;
 every model variant and extraction module (GeM+, regional-GeM, ReLU+) exports.
@@ -70,6 +71,8 @@ import numpy as np
 import onnx
 import onnxruntime
 
+from dolg_jax import atomic
+from dolg_jax import models
 from dolg_jax.models.normalize import l2_normalize
 from dolg_jax.retrieval import evaluate
 
@@ -109,7 +112,8 @@ def descriptor_fn(apply_fn: Callable, variables: Any) -> Callable[[jax.Array], j
 
 
 SHAPE_CONSTRAINTS = ('N >= 1', f'H >= {MIN_SIDE}', f'W >= {MIN_SIDE}')
-GUARD_NAME = f'Input shapes do not match the symbolic shape constraints {", ".join(SHAPE_CONSTRAINTS)}'
+GUARD_NAME = ('Input shapes do not match the symbolic shape constraints '
+              + ', '.join(SHAPE_CONSTRAINTS))
 
 
 def input_spec() -> jax.ShapeDtypeStruct:
@@ -310,13 +314,6 @@ def verify(fn: Callable, out_dir: str, shapes: Sequence[tuple[int, int, int]] = 
   return {'shapes': rows, 'worst': worst}
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _versions() -> dict:
   return {'python': sys.version.split()[0], 'jax': jax.__version__,
           'jax2onnx': getattr(jax2onnx, '__version__', 'unknown'), 'onnx': onnx.__version__,
@@ -336,10 +333,10 @@ def export_model(fn: Callable, out_dir: str, *, verify_shapes=VERIFY_SHAPES,
     os.remove(summary_path)
   spec = input_spec()
   t0 = time.perf_counter()
-  _write_atomic(os.path.join(out_dir, JAX_EXPORT_FILE), export_jax(fn))
+  atomic.write_bytes(os.path.join(out_dir, JAX_EXPORT_FILE), export_jax(fn))
   t1 = time.perf_counter()
   model = export_onnx(fn, spec)
-  _write_atomic(os.path.join(out_dir, ONNX_FILE), model.SerializeToString())
+  atomic.write_bytes(os.path.join(out_dir, ONNX_FILE), model.SerializeToString())
   t2 = time.perf_counter()
   log(f'wrote {JAX_EXPORT_FILE} ({t1 - t0:.1f} s) and {ONNX_FILE} ({t2 - t1:.1f} s) in {out_dir}')
   checks = verify(fn, out_dir, verify_shapes, log=log)
@@ -357,7 +354,7 @@ def export_model(fn: Callable, out_dir: str, *, verify_shapes=VERIFY_SHAPES,
       'seconds': {'jax_export': round(t1 - t0, 2), 'onnx': round(t2 - t1, 2)}})
   bad = {k: v for k, v in checks['worst'].items() if not v <= tolerance}
   summary['verified'] = not bad
-  _write_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True).encode())
+  atomic.write_bytes(summary_path, json.dumps(summary, indent=2, sort_keys=True).encode())
   if bad:
     worst = ', '.join(f'{k} {v:.2e}' for k, v in bad.items())
     raise ExportMismatchError(
@@ -377,7 +374,8 @@ def run(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
   apply_fn, variables, source = evaluate.load_model(config, workdir=workdir,
                                                     checkpoint=checkpoint)
   info = {'source': source, 'compute_dtype': 'float32',
-          'model': {k: _jsonable(getattr(apply_fn.model, k)) for k in _MODEL_ATTRS},
+          'model': {k: _jsonable(getattr(apply_fn.model, k))
+                    for k in models.MODEL_FIELDS + models.EVAL_FIELDS},
           'overrides': evaluate.model_overrides(config)}
   return export_model(descriptor_fn(apply_fn, variables), out_dir, verify_shapes=verify_shapes,
                       tolerance=tolerance, info=info, log=log)
@@ -385,9 +383,3 @@ def run(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
 
 def _jsonable(v):
   return [_jsonable(x) for x in v] if isinstance(v, (tuple, list)) else v
-
-
-_MODEL_ATTRS = ('depth', 'width', 'stage_depths', 'local_stage', 'use_local_branch',
-                'use_multi_atrous', 'atrous_rates', 'atrous_dim', 'local_dim',
-                'use_self_attention', 'fusion', 'global_pool', 'gem_p', 'gem_p_learnable',
-                'global_dim', 'embedding_dim', 'gem_plus_p', 'regional_gem', 'relu_plus')

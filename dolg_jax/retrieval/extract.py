@@ -20,8 +20,9 @@ query crops, which come in every size, use a coarser ladder (`crop_canvas_steps_
 the model masks the padding (see dolg_jax.models.resnet.valid_mask), so descriptors equal
 exact-size extraction up to float rounding; batches are always padded to `batch_size`, so there is
 one compilation per canvas used, at most the ladder's length squared whatever the dataset; a
-batch holds at most `MAX_BATCH_PIXELS` (canvases over 2048 x 2048 run fewer rows at a time). Without `pad`, with `bucket` > 0, each scaled side is snapped to the nearest allowed length instead of the
-exact one, so the image is resized straight to a bucketed size (a slight aspect change, no
+batch holds at most `MAX_BATCH_PIXELS` (canvases over 2048 x 2048 run fewer rows at a time).
+Without `pad`, with `bucket` > 0, each scaled side is snapped to the nearest allowed length instead
+of the exact one, so the image is resized straight to a bucketed size (a slight aspect change, no
 padding: padding would change GeM/average pooling). Allowed lengths are multiples of `bucket`
 (default 32); optionally, beyond `geometric_from`, a geometric progression with ratio
 2**(1/`steps_per_octave`) rounded to multiples of `bucket` (fewer compilations, larger aspect
@@ -43,7 +44,7 @@ import collections
 import dataclasses
 import math
 from concurrent import futures
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import cv2  # Bilinear resize (half-pixel centres, like the official cv2-based loaders).
 import jax
@@ -52,6 +53,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dolg_jax import config_rules as rules
 from dolg_jax import profiling
 from dolg_jax.data import decode
 from dolg_jax.models.normalize import l2_normalize
@@ -106,6 +108,20 @@ def from_config(eval_cfg: Mapping[str, Any], **overrides: Any) -> ExtractConfig:
 
 
 CROP_ROUNDINGS = ('trunc', 'round', 'expand')  # the choices of config.eval.crop_rounding
+CONFIG_RULES = {'eval.crop_rounding': rules.one_of(CROP_ROUNDINGS),
+                'eval.batch_size': rules.POSITIVE_INT, 'eval.max_side': rules.NON_NEGATIVE_INT,
+                'eval.bucket': rules.NON_NEGATIVE_INT, 'eval.pad': rules.BOOL,
+                'eval.regional_gem': rules.BOOL, 'eval.gem_plus_p': rules.NON_NEGATIVE,
+                'eval.relu_plus': rules.NON_NEGATIVE}
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+  """ValueError `config.PATH=VALUE: allowed` for an extraction field of config.eval."""
+  rules.check(config, CONFIG_RULES)
+  scales = rules.get(config, 'eval.scales')
+  if scales is not rules.MISSING and (not isinstance(scales, (tuple, list)) or not scales
+                                      or not all(rules.is_number(s) and s > 0 for s in scales)):
+    rules.fail('eval.scales', scales, 'must be one or more numbers > 0')
 
 
 def crop_box(bbx: Sequence[float], height: int, width: int, rounding: str = 'trunc'
@@ -369,76 +385,24 @@ class Extractor:
     cfg = self.cfg
     if cfg.scale_pool not in SCALE_POOLS:
       raise ValueError(f'eval.scale_pool must be one of {SCALE_POOLS}; got {cfg.scale_pool!r}')
-    use_max = cfg.scale_pool == 'max'
-    pid, nproc = jax.process_index(), jax.process_count()
-    sums: dict[int, np.ndarray] = {}  # per-scale sum (mean) or running max (max)
-    order: list[int] = []
-    seen: set[int] = set()
-    pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
-    inflight: list[tuple[list[int], jax.Array]] = []
-    done = 0
+    run = _OwnExtraction(self, progress)
+    for idx, scaled in ordered_map(self._scaled_images, _own_examples(examples, presharded, num),
+                                   cfg.num_workers):
+      run.add(idx, scaled)
+    return run.finish()
 
-    def collect(limit):
-      nonlocal done
-      while len(inflight) > limit:
-        idx, out = inflight.pop(0)
-        arr = np.asarray(out)
-        for i, v in zip(idx, arr):
-          if i not in sums:
-            sums[i] = v.astype(np.float32).copy()
-          elif use_max:
-            sums[i] = np.maximum(sums[i], v)
-          else:
-            sums[i] = sums[i] + v
-        done += len(idx)
-        if progress:
-          progress(done)
-
-    def flush(shape):
-      items = pending.pop(shape)
-      canvas = shape if cfg.pad else None
-      inflight.append(([i for i, _ in items], self.run_batch([im for _, im in items], canvas)))
-      collect(2)
-
-    def mine():
-      for k, ex in enumerate(examples):
-        if presharded or k % nproc == pid:
-          idx = int(ex['index'])
-          if num is not None and not 0 <= idx < num:
-            raise ValueError(f'example index {idx} outside [0, {num})')
-          yield idx, ex
-
-    def prepare(item):
-      idx, ex = item
-      img = prepare_image(ex['image'], ex.get('bbx', None), cfg)
-      out = []
-      ladder = self.canvas if ex.get('bbx', None) is None else self.crop_canvas
-      for s in cfg.scales:
-        th, tw = target_size(img.shape[0], img.shape[1], s, cfg, self.sides)
-        out.append((batch_key(th, tw, cfg, ladder), resize_bilinear(img, th, tw)))
-      return idx, out
-
-    for idx, scaled in ordered_map(prepare, mine(), cfg.num_workers):
-      if idx in seen:
-        raise ValueError(f'example index {idx} given twice')
-      seen.add(idx)
-      order.append(idx)
-      for shape, im in scaled:
-        pending.setdefault(shape, []).append((idx, im))
-        if len(pending[shape]) >= batch_rows(cfg, self.n_dev, shape):
-          flush(shape)
-    for shape in list(pending):
-      flush(shape)
-    collect(0)
-    if not order:
-      return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    rows = []
-    for i in order:
-      v = sums[i]
-      if not use_max:
-        v = v / len(cfg.scales)
-      rows.append(l2_normalize(v))
-    return np.asarray(order, np.int64), np.stack(rows).astype(np.float32)
+  def _scaled_images(self, item: tuple[int, Mapping[str, Any]]
+                     ) -> tuple[int, list[tuple[tuple[int, int], np.ndarray]]]:
+    """(index, [(batch key, resized uint8 image) per scale]) of one example."""
+    idx, ex = item
+    cfg = self.cfg
+    img = prepare_image(ex['image'], ex.get('bbx', None), cfg)
+    ladder = self.canvas if ex.get('bbx', None) is None else self.crop_canvas
+    out = []
+    for s in cfg.scales:
+      th, tw = target_size(img.shape[0], img.shape[1], s, cfg, self.sides)
+      out.append((batch_key(th, tw, cfg, ladder), resize_bilinear(img, th, tw)))
+    return idx, out
 
   def extract(self, examples: Iterable[Mapping[str, Any]], num: int,
               progress: Optional[Callable[[int], None]] = None, *,
@@ -473,6 +437,84 @@ class Extractor:
       raise ValueError(f'{missing.size} of {num} indices got no example (first: '
                        f'{missing[:5].tolist()})')
     return out
+
+
+def _own_examples(examples: Iterable[Mapping[str, Any]], presharded: bool, num: Optional[int]
+                  ) -> Iterator[tuple[int, Mapping[str, Any]]]:
+  """(index, example) of this process's examples: all of them when `presharded`, else every
+  process_count-th; an index outside [0, num) is an error."""
+  pid, nproc = jax.process_index(), jax.process_count()
+  for k, ex in enumerate(examples):
+    if presharded or k % nproc == pid:
+      idx = int(ex['index'])
+      if num is not None and not 0 <= idx < num:
+        raise ValueError(f'example index {idx} outside [0, {num})')
+      yield idx, ex
+
+
+class _OwnExtraction:
+  """One `Extractor.extract_own` call: the scaled images waiting for a full batch (`pending`, by
+  batch key), the batches running on the devices (`inflight`, at most 2 beyond the newest) and the
+  per-image sum (mean pooling) or running max of the scale descriptors (`pooled`)."""
+
+  def __init__(self, extractor: 'Extractor', progress: Optional[Callable[[int], None]]):
+    self.extractor, self.cfg, self.progress = extractor, extractor.cfg, progress
+    self.use_max = self.cfg.scale_pool == 'max'
+    self.order: list[int] = []
+    self.seen: set[int] = set()
+    self.pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    self.inflight: list[tuple[list[int], jax.Array]] = []
+    self.pooled: dict[int, np.ndarray] = {}
+    self.done = 0
+
+  def add(self, idx: int, scaled: list[tuple[tuple[int, int], np.ndarray]]) -> None:
+    """Queues the scaled images of example `idx`; runs every batch that becomes full."""
+    if idx in self.seen:
+      raise ValueError(f'example index {idx} given twice')
+    self.seen.add(idx)
+    self.order.append(idx)
+    for key, im in scaled:
+      self.pending.setdefault(key, []).append((idx, im))
+      if len(self.pending[key]) >= batch_rows(self.cfg, self.extractor.n_dev, key):
+        self.run(key)
+
+  def run(self, key: tuple[int, int]) -> None:
+    """Starts the batch of the images pending under `key`; collects all but the newest 2."""
+    items = self.pending.pop(key)
+    canvas = key if self.cfg.pad else None
+    out = self.extractor.run_batch([im for _, im in items], canvas)
+    self.inflight.append(([i for i, _ in items], out))
+    self.collect(2)
+
+  def collect(self, keep: int) -> None:
+    """Pools the results of the oldest batches until `keep` are in flight."""
+    while len(self.inflight) > keep:
+      idx, out = self.inflight.pop(0)
+      for i, v in zip(idx, np.asarray(out)):
+        self.pool(i, v)
+      self.done += len(idx)
+      if self.progress:
+        self.progress(self.done)
+
+  def pool(self, i: int, v: np.ndarray) -> None:
+    if i not in self.pooled:
+      self.pooled[i] = v.astype(np.float32).copy()
+    elif self.use_max:
+      self.pooled[i] = np.maximum(self.pooled[i], v)
+    else:
+      self.pooled[i] = self.pooled[i] + v
+
+  def finish(self) -> tuple[np.ndarray, np.ndarray]:
+    """Runs what is pending, waits for everything; (indices, unit descriptors) in arrival order."""
+    for key in list(self.pending):
+      self.run(key)
+    self.collect(0)
+    if not self.order:
+      return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    n_scales = len(self.cfg.scales)
+    rows = [l2_normalize(self.pooled[i] if self.use_max else self.pooled[i] / n_scales)
+            for i in self.order]
+    return np.asarray(self.order, np.int64), np.stack(rows).astype(np.float32)
 
 
 def own_share(num: int) -> range:

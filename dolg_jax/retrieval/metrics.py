@@ -13,10 +13,11 @@ indices (column i is the ranking of query i, best first) and `gnd`, a list of di
 * a query without positives gets NaN AP and NaN mP@k and is left out of the means.
 
 The implementation here is vectorised with numpy within each query (a label table lookup of the
-ranking, positions by flatnonzero, the junk shift by searchsorted); tests/helpers/revisitop_reference.py
-holds a loop version mirroring the original code and the tests compare both on the real ground
-truth. `summarize` is shared with the +1M fast path in `dolg_jax.retrieval.search`, which produces
-the same junk-free positions without sorting, so both paths give bit-identical numbers.
+ranking, positions by flatnonzero, the junk shift by searchsorted);
+tests/helpers/revisitop_reference.py holds a loop version mirroring the original code and the tests
+compare both on the real ground truth. `summarize` is shared with the +1M fast path in
+`dolg_jax.retrieval.search`, which produces the same junk-free positions without sorting, so both
+paths give bit-identical numbers.
 """
 
 from __future__ import annotations

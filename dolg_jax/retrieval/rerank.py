@@ -52,8 +52,8 @@ Entry points:
   `superglobal` ranking without that sort (the +1M fast path for revisitop's mAP, same numbers).
 * `rerank_heads`: the re-ranking of given initial heads.
 
-Timing: `python -m dolg_jax.tools.bench_rerank --queries=70 --db=1000000 --dim=512` (`benchmark` here) (see
-NOTES_FOR_README.md for measured figures).
+Timing: `python -m dolg_jax.tools.bench_rerank --queries=70 --db=1000000 --dim=512` (`benchmark`
+here).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from typing import Mapping, Optional
 import ml_collections
 import numpy as np
 
+from dolg_jax import config_rules as rules
 from dolg_jax.retrieval import gldv2_eval
 from dolg_jax.retrieval import metrics
 from dolg_jax.retrieval import rerank as rerank_lib
@@ -34,6 +35,24 @@ GLDV2_K = 100                  # the benchmark's list length (mAP@100, mP@100)
 RERANKERS = ('', 'superglobal')
 SEARCH_FIELDS = ('qe_k', 'qe_alpha', 'dba_k', 'dba_alpha', 'rerank', 'rerank_m', 'rerank_k',
                  'rerank_beta')
+
+
+CONFIG_RULES = {'eval.rerank': rules.one_of(RERANKERS),
+                'eval.search_chunk_size': rules.POSITIVE_INT, 'eval.rerank_m': rules.POSITIVE_INT,
+                'eval.rerank_k': rules.NON_NEGATIVE_INT, 'eval.qe_k': rules.NON_NEGATIVE_INT,
+                'eval.dba_k': rules.NON_NEGATIVE_INT, 'eval.rerank_beta': rules.NON_NEGATIVE,
+                'eval.report_queries': rules.NON_NEGATIVE_INT,
+                'eval.use_distractors': rules.BOOL, 'eval.data_dir': rules.STRING,
+                'eval.output_dir': rules.STRING}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """ValueError `config.PATH=VALUE: allowed` for a search field of config.eval, then the
+  settings that cannot be honoured together (`check_search`)."""
+  rules.check(config, CONFIG_RULES)
+  if all(rules.get(config, f'eval.{k}') is not rules.MISSING
+         for k in SEARCH_FIELDS + ('datasets',)):
+    check_search(config.eval)
 
 
 def check_search(e: ml_collections.ConfigDict) -> None:

@@ -11,10 +11,10 @@ lower database index first (-0.0 and +0.0 are equal). `scores` are the float32 v
 `iter_score_chunks` for the given chunk size; `similarity_matrix` returns them and `full_ranks`
 sorts them, which is the slow reference.
 
-Measured (python -m dolg_jax.tools.bench_eval, 2 shared CPU cores, 70 queries x 1,004,993 x 512, real
-ROxf gnd): full argsort path 22.7 s (scores 5.9 + stable argsort 14.5 + compute_map x3 2.4) vs the
-fast path 7.2 s including its own scores (~1.3 s beyond them), identical results. On CPU the 'device' counting is slower
-than argsort (XLA gathers); it is meant for accelerators.
+Measured (python -m dolg_jax.tools.bench_eval, 2 shared CPU cores, 70 queries x 1,004,993 x 512,
+real ROxf gnd): full argsort path 22.7 s (scores 5.9 + stable argsort 14.5 + compute_map x3 2.4) vs
+the fast path 7.2 s including its own scores (~1.3 s beyond them), identical results. On CPU the
+'device' counting is slower than argsort (XLA gathers); it is meant for accelerators.
 
 Fast path: revisitop's AP and mP@k only need the positions of the labelled images (positives and
 junk) in the full ranking. `item_positions` computes, for each labelled image x, the number of

@@ -45,6 +45,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from dolg_jax import atomic
 from dolg_jax import cli
 from dolg_jax import models
 from dolg_jax.retrieval import extract as ex
@@ -216,9 +217,7 @@ def run_check(config: ml_collections.ConfigDict, output: str, *, torch_result: s
 
   def save():
     result['elapsed_s'] = budget_s - budget.left()
-    with open(output + '.tmp', 'w') as f:
-      json.dump(result, f, indent=1, default=str)
-    os.replace(output + '.tmp', output)
+    atomic.write_json(output, result, indent=1, default=str)
 
   if torch_result:
     try:

@@ -1,4 +1,4 @@
-"""Search at scale on synthetic clustered descriptors: python -m dolg_jax.tools.bench_collection_search.
+"""Search at scale on synthetic clustered descriptors.
 
   python -m dolg_jax.tools.bench_collection_search --n=1000000 --dim=512 --clusters=2000 \
       --queries=200 --k=100 --threads=2 [--methods=numpy,flat,faiss_flat,ivfpq,ivfpq_norefine,hnsw]
@@ -203,7 +203,8 @@ def main(argv):
   centres = centres_of(FLAGS.clusters, FLAGS.dim, FLAGS.seed)
   x = clustered(centres, FLAGS.n, FLAGS.noise, FLAGS.seed + 1)
   q = clustered(centres, FLAGS.queries, FLAGS.noise, FLAGS.seed + 2)  # near the data, not copies
-  print(f'data: {FLAGS.n} x {FLAGS.dim}, {FLAGS.clusters} clusters, {time.perf_counter() - t0:.1f}s; '
+  print(f'data: {FLAGS.n} x {FLAGS.dim}, {FLAGS.clusters} clusters, '
+        f'{time.perf_counter() - t0:.1f}s; '
         f'{FLAGS.queries} queries, k={FLAGS.k}, {FLAGS.threads} threads, faiss {faiss.__version__}',
         flush=True)
   rows = run_methods(x, q)

@@ -1,10 +1,10 @@
 """Decode + crop + resize throughput per core, fast path vs naive Pillow, on GLDv2-like JPEGs.
 
-  python -m dolg_jax.tools.bench_data [--num_images=32] [--rounds=5] [--size=512] [--height=600 --width=800]
-      [--pipeline_workers=0,2]
+  python -m dolg_jax.tools.bench_data [--num_images=32] [--rounds=5] [--size=512]
+      [--height=600 --width=800] [--pipeline_workers=0,2]
 
 Makes textured JPEGs (quality 90) of about the GLDv2 train size, draws the training pipeline's
-random-resized crops (scale 0.25-1, ratio 3/4-4/3), and times in ONE process (so images/s = per core):
+random-resized crops (scale 0.25-1, ratio 3/4-4/3), and times in ONE process (images/s per core):
   naive:            Pillow full decode, crop, resize (Pillow's default filter, bicubic)
   naive_bilinear:   the same with a bilinear resize
   fast:             dolg_jax.data.decode.decode_crop_resize(fast=True) (libjpeg-turbo via
@@ -122,7 +122,8 @@ def time_methods(num_images: int = 32, rounds: int = 5, size: int = 512, height:
   methods['transform: official (uint8 + lighting offset)'] = lambda i: transforms['official'](
       i, records[i])
   methods['transform: official, float32 form (before)'] = (
-      lambda i: official_augment.official_train_image(jpegs[i], size, transforms['official'].rng(i)))
+      lambda i: official_augment.official_train_image(jpegs[i], size,
+                                                      transforms['official'].rng(i)))
   if decode.cv2 is None:
     del methods['alt: OpenCV imdecode + resize']
   for fn in methods.values():  # Warm-up.

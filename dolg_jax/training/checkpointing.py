@@ -1,4 +1,4 @@
-"""Orbax checkpoints: train state + per-process input-iterator state, async, keep-N, verified resume.
+"""Orbax checkpoints: train state + per-process input-iterator state, async, keep-N, verified resume
 
 Layout: `WORKDIR/checkpoints/<step>/state` (the TrainState pytree, sharded arrays),
 `WORKDIR/checkpoints/<step>/data_iter/process_<i>-of-<n>.json` (each process's grain iterator state,
@@ -7,21 +7,10 @@ captured when the save is requested, so it matches the model state of that step 
 (`dolg_jax.checksums`, computed from the arrays in device memory at save), the sha256 of
 this process's iterator state and the run's config.
 
-`restore_verified` restores the newest step whose contents match its record. A step that does not
-(flipped bits, truncated or unreadable files, damaged metadata, no record) is reported with its path
-and the reason, renamed to `<step>.corrupt-<reason>` (kept for inspection, never deleted; orbax no
-longer sees it), and the next older step is tried; the run says in one line which step it fell back
-to. When no step verifies, `NoValidCheckpointError` lists what was found.
-
-The iterator states go through our small `IteratorStateHandler` rather than grain's
-`grain.checkpoint.CheckpointHandler` (same file layout, process_<i>-of-<n>.json), because grain's
-restore would break the verified resume: it calls `set_state` on the live iterator and starts its
-prefetch workers while reading the file, before the step's record is checked (a step that then
-fails verification would already have positioned the input stream and spawned workers, and the
-fallback step restarts them); it accepts only grain DatasetIterators (the synthetic iterator is
-not one); and a missing per-process file gives "does not exist" where ours says the process count
-changed. Ours returns the state as data: it is compared with the record's sha256 and only a step
-that verifies is handed to the iterator (training.loop).
+`restore_verified` restores the newest step whose contents match its record; a step that does not
+is renamed to `<step>.corrupt-<reason>` and the next older one is tried (`NoValidCheckpointError`
+when none verifies). The iterator states are saved and restored as data by `IteratorStateHandler`,
+not by grain's checkpoint handler: why, and the details, in docs/checkpointing.md.
 
 Reading the model variables back for evaluation (and the layout's names) live one layer below, in
 dolg_jax.weights.checkpoint.
@@ -32,7 +21,7 @@ import errno
 import hashlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -42,6 +31,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from dolg_jax import checksums
+from dolg_jax import config_rules as rules
 from dolg_jax import errors
 from dolg_jax.training import failures
 
@@ -125,15 +115,35 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
   pass
 
 
-def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  """A CheckpointManager for `workdir`; every save is requested explicitly by the loop."""
+CONFIG_RULES = {'train.checkpoint_every_steps': rules.POSITIVE_INT,
+                'train.keep_checkpoints': rules.POSITIVE_INT,
+                'train.async_checkpointing': rules.BOOL}
+
+
+@dataclasses.dataclass
+class Manager:
+  """The checkpoints of a workdir: orbax's CheckpointManager and the step of the async save
+  requested last (`pending_step`, None before any), which a failure reported later is about."""
+  orbax: ocp.CheckpointManager
+  pending_step: Optional[int] = None
+
+  @property
+  def directory(self) -> epath.Path:
+    return self.orbax.directory
+
+  def close(self) -> None:
+    self.orbax.close()
+
+
+def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> Manager:
+  """The Manager of `workdir`'s checkpoints; every save is requested explicitly by the loop."""
   if keep < 1:   # orbax would delete every step, the newest included.
     raise ValueError(f'config.train.keep_checkpoints={keep}: must be >= 1 (checkpoints kept)')
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir).resolve(), options=options,
-                               item_names=(STATE, DATA_ITER, RECORD))
+  return Manager(ocp.CheckpointManager(checkpoint_dir(workdir).resolve(), options=options,
+                                       item_names=(STATE, DATA_ITER, RECORD)))
 
 
 def _json_sha256(obj: Any) -> str:
@@ -147,7 +157,7 @@ def make_record(step: int, state: Any, iterator_state: Any, mesh, config_json: A
           'data_iter_sha256': _json_sha256(iterator_state), 'config': config_json}
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator_state: Any,
+def save(manager: Manager, step: int, state: Any, iterator_state: Any,
          record: dict) -> None:
   """Requests an (async) save of `state`, the already-captured `iterator_state` and `record`.
 
@@ -156,25 +166,24 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator_state: 
   """
   finish(manager)
   try:
-    manager.save(step, args=ocp.args.Composite(**{
+    manager.orbax.save(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state),
         DATA_ITER: IteratorStateSave(iterator_state),
         RECORD: RunRecordSave(record)}), force=True)
   except Exception as e:  # pylint: disable=broad-except  # re-raised with the step and path
     raise _write_error(manager, step, e) from e
-  manager._dolg_pending_step = step  # pylint: disable=protected-access
+  manager.pending_step = step
 
 
-def finish(manager: ocp.CheckpointManager) -> None:
+def finish(manager: Manager) -> None:
   """Waits for the pending async save; a failure is a CheckpointWriteError naming its step."""
-  pending = getattr(manager, '_dolg_pending_step', None)
   try:
-    manager.wait_until_finished()
+    manager.orbax.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except  # re-raised with the step and path
-    raise _write_error(manager, pending, e) from e
+    raise _write_error(manager, manager.pending_step, e) from e
 
 
-def _write_error(manager: ocp.CheckpointManager, step, e: BaseException) -> CheckpointWriteError:
+def _write_error(manager: Manager, step: Optional[int], e: BaseException) -> CheckpointWriteError:
   """The error for a failed save of `step`; the save's temporary directory is removed."""
   removed = remove_unfinished(manager.directory)
   detail = 'No space left on device' if failures.is_disk_full(e) else errors.first_line(e)
@@ -247,8 +256,9 @@ def _check_shapes(step_dir: epath.Path, record: dict, abstract_state: Any) -> No
         + '; '.join(diffs[:5]) + '); resume with the config that wrote it or use a new workdir')
 
 
-def _restore_local(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-                   check_record=None) -> tuple[Any, Any, dict]:
+def _restore_local(manager: Manager, step: int, abstract_state: Any,
+                   check_record: Optional[Callable[[dict], None]] = None
+                   ) -> tuple[Any, Any, dict]:
   """(state, iterator_state, record) of `step`; checks everything but the array digests.
 
   Raises CheckpointCorruptError (path, reason), IncompatibleCheckpointError (the model differs) or
@@ -260,7 +270,7 @@ def _restore_local(manager: ocp.CheckpointManager, step: int, abstract_state: An
     check_record(record)
   _check_shapes(step_dir, record, abstract_state)
   try:
-    out = manager.restore(step, args=ocp.args.Composite(**{
+    out = manager.orbax.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state),
         DATA_ITER: IteratorStateRestore()}))
   except Exception as e:  # pylint: disable=broad-except  # classified as corruption
@@ -306,17 +316,19 @@ def move_aside(step_dir: epath.Path, reason: str) -> epath.Path:
   return target
 
 
-def restore_verified(manager: ocp.CheckpointManager, abstract_state: Any, mesh,
-                     check_record=None) -> Optional[tuple[int, Any, Any, dict]]:
+def restore_verified(manager: Manager, abstract_state: Any, mesh,
+                     check_record: Optional[Callable[[dict], None]] = None
+                     ) -> Optional[tuple[int, Any, Any, dict]]:
   """(step, state, iterator_state, record) of the newest step that verifies; None without steps.
 
   `check_record(record)` (optional) runs before a step is restored, e.g. to refuse an incompatible
   config; its exceptions propagate. Bad steps are moved aside (see the module docstring).
   """
-  steps = sorted(manager.all_steps(), reverse=True)
+  steps = sorted(manager.orbax.all_steps(), reverse=True)
   if not steps:
     root = epath.Path(manager.directory)
-    corrupt = sorted(p.name for p in root.iterdir() if '.corrupt-' in p.name) if root.is_dir() else []
+    corrupt = (sorted(p.name for p in root.iterdir() if '.corrupt-' in p.name)
+               if root.is_dir() else [])
     if corrupt:   # Never restart from scratch silently over damaged checkpoints.
       raise NoValidCheckpointError(
           f'{root} holds only checkpoints that failed verification ({", ".join(corrupt)}); '
@@ -353,7 +365,7 @@ def restore_verified(manager: ocp.CheckpointManager, abstract_state: Any, mesh,
     logging.error('Checkpoint %s', line)
     print(f'Checkpoint {line}', flush=True)
     bad.append(line)
-    manager.reload()
+    manager.orbax.reload()
   raise NoValidCheckpointError(
       f'no checkpoint in {manager.directory} verifies ({len(bad)} found, each moved aside: '
       + ' | '.join(bad) + '); restore a copy of the workdir or start again in a new workdir')

@@ -5,8 +5,9 @@ differ bit-wise from run to run. `--xla_gpu_deterministic_ops=true` picks determ
 implementations and disables non-deterministic autotuning choices. Cost: the backward pass of
 convolutions and the reductions may be slower; expect roughly 5-30% lower train throughput for
 ResNet-style models (not measured here: no GPU was available). Measure it with
-`python -m dolg_jax.tools.bench_train --config=configs/r50.py --config.train.deterministic=True` against the
-same command without the flag. CPU and TPU runs are deterministic already; the flag changes nothing there.
+`python -m dolg_jax.tools.bench_train --config=configs/r50.py --config.train.deterministic=True`
+against the same command without the flag. CPU and TPU runs are deterministic already; the flag
+changes nothing there.
 
 XLA reads `XLA_FLAGS` when the backend starts: `main.py` (and `tools/bench_train.py`) apply the
 switch at entry, before any JAX computation (`apply(..., at_entry=True)`). A later call (the

@@ -21,7 +21,9 @@ import os
 import sys
 import threading
 import traceback
-from typing import NoReturn
+from typing import Callable, NoReturn, TypeVar
+
+_T = TypeVar('_T')
 
 from absl import logging as absl_logging
 
@@ -79,8 +81,9 @@ def describe(error: BaseException, workdir: str) -> str:
   if is_expected(error):
     return f'FAILED: {errors.first_line(error, with_type=False, limit=None)}'
   return (f'FAILED: unexpected {type(error).__name__}: '
-          f"{errors.first_line(error, with_type=False, limit=None)} (raised at {_origin(error)}); the "
-          'traceback is above. Rerun the same command to resume from the '
+          f"{errors.first_line(error, with_type=False, limit=None)} "
+          f'(raised at {_origin(error)}); the traceback is above.'
+          ' Rerun the same command to resume from the '
           'last checkpoint; if it fails the same way, report it with that traceback.')
 
 
@@ -143,3 +146,11 @@ def exit_in_one_line(error: BaseException, where: str | None) -> NoReturn:
     traceback.print_exception(error)
   print(describe(error, where), file=sys.stderr)
   sys.exit(EXIT_FAILED)
+
+
+def call_or_exit(fn: Callable[[], _T], where: str | None) -> _T:
+  """`fn()`; any exception ends the command in one line (`exit_in_one_line`)."""
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+    exit_in_one_line(e, where)

@@ -48,12 +48,10 @@ from dolg_jax.weights import torch_format
 from dolg_jax.training import state as state_lib
 
 KINDS = ('released checkpoint', 'converted directory', 'training checkpoint')
-# Fields of config.model that shape the model's variables or its computation, in message order;
-# the others (gem_p's initial value, fusion_eps, BatchNorm momentum / epsilon, initialisers) may
-# differ from the checkpoint's.
-ARCHITECTURE_FIELDS = ('depth', 'width', 'use_local_branch', 'local_stage', 'use_multi_atrous',
-                       'atrous_rates', 'atrous_dim', 'local_dim', 'use_self_attention', 'fusion',
-                       'global_pool', 'gem_p_learnable', 'global_dim', 'embedding_dim')
+# Fields of config.model that shape the model's variables or its computation (the DOLG module
+# marks them), in message order; the others (gem_p's initial value, fusion_eps, BatchNorm momentum
+# / epsilon, initialisers) may differ from the checkpoint's. stage_depths is compared with depth.
+ARCHITECTURE_FIELDS = tuple(f for f in models.ARCHITECTURE_FIELDS if f != 'stage_depths')
 _BLOCKS = {depth: blocks for blocks, depth in architecture.DEPTH_FROM_BLOCKS.items()}
 
 

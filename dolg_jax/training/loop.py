@@ -22,7 +22,7 @@ The phases, in the order `train_and_evaluate` runs them:
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +59,11 @@ def _check_finite(records: list[dict[str, Any]], first_step: int, workdir: str,
   """Raises NonFiniteLossError at the first step whose loss, gradient, parameters or BatchNorm
   statistics / CurricularFace t are not finite.
 
-  Parameters are checked too: a finite loss with a NaN gradient yields NaN weights that must not
-  be checkpointed; so are the running statistics (BatchNorm keeps the loss finite while the running
-  variance of a diverging activation overflows). When nothing was saved since the state was restored (`restored` = its step),
-  the advice is not about the learning rate: the same recipe reached that state finitely.
+  Parameters are checked too: a finite loss with a NaN gradient yields NaN weights that must not be
+  checkpointed; so are the running statistics (BatchNorm keeps the loss finite while the running
+  variance of a diverging activation overflows). When nothing was saved since the state was restored
+  (`restored` = its step), the advice is not about the learning rate: the same recipe reached that
+  state finitely.
   """
   for i, r in enumerate(records):
     if (not all(np.isfinite(r[k]) for k in ('loss', 'grad_norm', 'param_norm'))
@@ -119,16 +120,16 @@ class _Run:
   """What a run is, fixed before its first step (`_open_run`)."""
   config: ml_collections.ConfigDict   # with head.num_classes from the dataset
   workdir: str
-  mesh: Any
+  mesh: jax.sharding.Mesh
   data: inputs.Data
-  setup: Any                          # state_lib.make_setup
-  init_source: Any                    # init_checkpoint.prepare
+  setup: state_lib.TrainSetup
+  init_source: init_checkpoint.Source | None
   per_host_batch: int
   steps_per_epoch: int
   total_steps: int
-  lr_fn: Any
+  lr_fn: Callable[[Any], np.ndarray]
   config_json: dict
-  manager: Any                        # orbax CheckpointManager
+  manager: checkpointing.Manager
   iterator: Any                       # this process's training batches
   is_primary: bool
 
@@ -175,8 +176,8 @@ def _open_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
 class _Start:
   """Where training starts: the state and its sharding, the verified checkpoint it was restored
   from (None for a fresh start), the step it is at and what the manifest records about it."""
-  state: Any
-  state_sh: Any
+  state: state_lib.TrainState
+  state_sh: state_lib.TrainState      # the state's shardings
   restored_step: int | None
   manifest: dict
   step: int = 0
@@ -247,10 +248,18 @@ class _Records:
     self.writer = metric_logging.create_writer(run.workdir, run.is_primary)
     if run.is_primary and start_step == 0:
       self.writer.write_hparams(run.config.to_dict())
-    self.pending: list[Any] = []     # device metrics of steps not yet fetched
+    self.pending: list[dict[str, jax.Array]] = []   # device metrics of steps not yet fetched
     self.fetched: list[dict] = []    # host metrics since the last log line
     self.first_fetched = start_step + 1
     self.last_logged: dict[str, Any] = {}
+
+  def add(self, metrics: dict[str, jax.Array]) -> None:
+    """Queues the device metrics of the step just run (fetched at the next boundary)."""
+    self.pending.append(metrics)
+
+  def saved(self, step: int) -> None:
+    """A checkpoint of `step` was requested: a later non-finite loss names it."""
+    self.last_saved = step
 
   def fetch(self) -> None:
     new = jax.device_get(self.pending)
@@ -259,7 +268,7 @@ class _Records:
     self.fetched.extend(new)
     self.pending = []
 
-  def log(self, step: int, progress, extra: dict[str, Any]) -> None:
+  def log(self, step: int, progress: metric_logging.Progress, extra: dict[str, Any]) -> None:
     record = {'step': step, 'epoch': step / self.steps_per_epoch, **_mean_metrics(self.fetched),
               **extra}
     self.fetched, self.first_fetched = [], step + 1
@@ -320,7 +329,8 @@ class _Evaluations:
 
 
 # --------------------------------------------------------------------------- phase 5: the steps
-def _train_steps(run: _Run, start: _Start, records: _Records, util) -> bool:
+def _train_steps(run: _Run, start: _Start, records: _Records,
+                 util: utilisation.Utilisation) -> bool:
   """Steps from the state's step to total_steps: checkpoints, evaluations and log lines at their
   boundaries. Returns True when SIGTERM stopped the run (its checkpoint saved)."""
   t_cfg = run.config.train
@@ -338,7 +348,7 @@ def _train_steps(run: _Run, start: _Start, records: _Records, util) -> bool:
           with util.region('input_wait'):
             batch = inputs.device_batch(run.mesh, next(run.iterator))
           state, metrics = train_step(state, batch, run.lr_fn(step))
-        records.pending.append(metrics)
+        records.add(metrics)
         step += 1
         util.after_step(step, metrics)
         if step == start_step + 1:  # Throughput/ETA exclude compilation.
@@ -365,7 +375,7 @@ def _train_steps(run: _Run, start: _Start, records: _Records, util) -> bool:
             iter_state = run.iterator.get_state()
             checkpointing.save(run.manager, step, state, iter_state, checkpointing.make_record(
                 step, state, iter_state, run.mesh, run.config_json))
-          records.last_saved = step
+          records.saved(step)
         val = {}
         if do_eval:
           util.begin('evaluation')
@@ -388,7 +398,8 @@ def _train_steps(run: _Run, start: _Start, records: _Records, util) -> bool:
 
 
 # --------------------------------------------------------------------------- phase 6: the end
-def _close_run(run: _Run, records: _Records | None, util, completed: bool) -> None:
+def _close_run(run: _Run, records: _Records | None, util: utilisation.Utilisation | None,
+               completed: bool) -> None:
   """Stops an open profiler trace, waits for pending async saves (also after a non-finite stop:
   they hold good states; a failed one is raised only when nothing else is propagating), closes
   the checkpoint manager, the input workers and the metric writers."""

@@ -10,16 +10,17 @@ entry under `resumes` instead of overwriting the original record.
 
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import sys
 from typing import Any, Mapping
 
 import jax
 import ml_collections
+
+from dolg_jax import atomic
+from dolg_jax import versions
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'ml_collections',
             'numpy', 'tensorflow-datasets', 'array_record', 'simplejpeg', 'jax-cuda12-plugin',
@@ -46,13 +47,7 @@ def git_info(repo_dir: str | None = None) -> dict[str, Any]:
 
 
 def package_versions() -> dict[str, str]:
-  out = {'python': platform.python_version()}
-  for name in PACKAGES:
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return out
+  return versions.package_versions(PACKAGES)
 
 
 def file_fingerprint(path: str) -> str:
@@ -118,13 +113,8 @@ def write_manifest(workdir: str, manifest: dict) -> str:
       first = json.load(f)
     first.setdefault('resumes', []).append(manifest)
     manifest = first
-  tmp = path + '.tmp'
-  try:
-    with open(tmp, 'w') as f:
-      json.dump(manifest, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+  try:   # no half-written file is left behind
+    atomic.write_json(path, manifest, indent=1, sort_keys=True, default=str)
   except OSError as e:
-    if os.path.exists(tmp):   # No half-written temporary file is left behind.
-      os.remove(tmp)
     raise OSError(e.errno, f'writing {path} failed: {e.strerror or e}', path) from e
   return path

@@ -17,6 +17,8 @@ import numpy as np
 from absl import logging
 import tensorboardX
 
+from dolg_jax import progress as progress_lib
+
 METRICS_FILE = 'metrics.jsonl'
 
 
@@ -119,37 +121,42 @@ def create_writer(workdir: str, is_primary: bool) -> MultiWriter:
   return MultiWriter(writers)
 
 
+TRAIN_PROGRESS = ('step {n}/{total} ({percentage:.1f}%) loss {loss:.4f} acc {accuracy:.3f} '
+                  'lr {learning_rate:.5f} {images_per_sec:.1f} img/s ETA {eta}')
+
+
 class Progress:
-  """Throughput and ETA over the steps since the last report."""
+  """Throughput over the steps since the last report and the ETA (mean step time since the
+  clock started), on `dolg_jax.progress.Progress`."""
 
   def __init__(self, total_steps: int, start_step: int, images_per_step: int):
     self.total = total_steps
     self.images_per_step = images_per_step
-    self._t0 = self._t = time.perf_counter()
-    self._step0 = self._step = start_step
+    self._steps = progress_lib.Progress(total_steps, TRAIN_PROGRESS, initial=start_step)
+    self._t, self._step = time.perf_counter(), start_step
 
   def restart(self, step: int) -> None:
     """Restarts the clocks at `step` (call after the first, compiling, step)."""
-    self._t0 = self._t = time.perf_counter()
-    self._step0 = self._step = step
+    self._steps.restart(step)
+    self._t, self._step = time.perf_counter(), step
 
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` (an evaluation, say) out of the throughput and the ETA."""
     self._t += seconds
-    self._t0 += seconds
+    self._steps.exclude(seconds)
 
   def update(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
-    dt, ds = now - self._t, step - self._step
+    step_time = (now - self._t) / max(step - self._step, 1)
     self._t, self._step = now, step
-    step_time = dt / max(ds, 1)
-    avg = (now - self._t0) / max(step - self._step0, 1)
+    self._steps.at(step)
     return {'step_time_s': step_time, 'images_per_sec': self.images_per_step / step_time,
-            'eta_s': avg * (self.total - step)}
+            'eta_s': self._steps.eta_s()}
 
   def line(self, step: int, metrics: Mapping[str, Any]) -> str:
     eta = int(metrics.get('eta_s', 0))
-    return (f'step {step}/{self.total} ({100.0 * step / self.total:.1f}%) '
-            f'loss {metrics["loss"]:.4f} acc {metrics["accuracy"]:.3f} '
-            f'lr {metrics["learning_rate"]:.5f} {metrics["images_per_sec"]:.1f} img/s '
-            f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+    self._steps.at(step)
+    return self._steps.line(loss=metrics['loss'], accuracy=metrics['accuracy'],
+                            learning_rate=metrics['learning_rate'],
+                            images_per_sec=metrics['images_per_sec'],
+                            eta=f'{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')

@@ -17,7 +17,8 @@ compiles for a TPU topology on a CPU host); on a live device `device.memory_stat
 Sources (vendor data sheets; sparse figures halved where only those are given):
 - H100 SXM 989.4, PCIe 756, NVL 835: NVIDIA H100 Tensor Core GPU data sheet (2023), "BF16 Tensor
   Core 1,979 / 1,513 / 1,671 teraFLOPS with sparsity"; TF32 989 / 756 / 835 with sparsity.
-- H200 SXM 989, NVL 835: NVIDIA H200 data sheet (2024; same compute as H100 SXM / NVL, 141 GB HBM3e).
+- H200 SXM 989, NVL 835: NVIDIA H200 data sheet (2024; the compute of H100 SXM / NVL, 141 GB
+  HBM3e).
 - GH200 989: NVIDIA GH200 Grace Hopper data sheet (H100-class GPU).
 - B200 2,250: NVIDIA DGX B200 / HGX B200 specifications (4.5 PFLOPS FP16/BF16, 2.2 PFLOPS TF32,
   with sparsity).

@@ -22,7 +22,8 @@ head over `config.head.num_classes`) and reads XLA's analyses:
   collectives                    the compiled program's collectives per step and device, by kind
                                  (all-reduce, all-gather, reduce-scatter, collective-permute,
                                  all-to-all): {'count', 'bytes'}, parsed from the compiled HLO text
-                                 (`collectives(hlo_text)`); collective_bytes_per_device_step sums them
+                                 (`collectives(hlo_text)`); collective_bytes_per_device_step
+                                 sums them
 
 `max_batch(...)` doubles then bisects the per-device batch (multiples of grad_accum_steps) for the
 largest whose step fits. `topology_devices(name)` returns the compile-only devices of a Cloud TPU

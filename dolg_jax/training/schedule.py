@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import ml_collections
 
+from dolg_jax import config_rules as rules
 from dolg_jax.data import grain_pipeline
 
 REFERENCE_BATCH = 128
@@ -42,13 +43,33 @@ def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
 
 
 SCHEDULES = ('per_step', 'per_epoch')
+CONFIG_RULES = {'train.lr_schedule': rules.one_of(SCHEDULES),
+                'train.base_learning_rate': rules.POSITIVE,
+                'train.warmup_epochs': rules.NON_NEGATIVE,
+                'train.warmup_factor': rules.CLOSED_UNIT_INTERVAL}
+_STEPS = rules.Rule('must be an integer >= 1, or -1 (from num_epochs)',
+                    lambda v: rules.is_int(v) and (v >= 1 or v == -1))
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """ValueError `config.PATH=VALUE: allowed` for a schedule field (the run's length included)."""
+  rules.check(config, CONFIG_RULES)
+  rules.check(config, {'train.num_train_steps': _STEPS})
+  epochs = rules.get(config, 'train.num_epochs')
+  if rules.get(config, 'train.num_train_steps') == -1 and epochs is not rules.MISSING and (
+      not rules.is_number(epochs) or not epochs > 0):
+    rules.fail('train.num_epochs', epochs, 'must be a number > 0 when train.num_train_steps is -1')
+  if (rules.get(config, 'train.lr_schedule') == 'per_epoch'
+      and rules.get(config, 'train.warmup_factor') == 0
+      and rules.get(config, 'train.warmup_epochs') not in (rules.MISSING, 0)):
+    rules.fail('train.warmup_factor', 0, "with train.lr_schedule='per_epoch' the first epoch "
+               'would train at learning rate 0 (the per-epoch warm-up starts at warmup_factor x '
+               "lr); use the official 0.1, or train.warmup_epochs=0")
 
 
 def schedule_kind(train_cfg: ml_collections.ConfigDict) -> str:
-  kind = train_cfg.lr_schedule
-  if kind not in SCHEDULES:
-    raise ValueError(f'config.train.lr_schedule must be one of {SCHEDULES}, got {kind!r}')
-  return kind
+  return rules.check_value('train.lr_schedule', train_cfg.lr_schedule,
+                           CONFIG_RULES['train.lr_schedule'])
 
 
 def num_train_steps(train_cfg: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -59,9 +80,7 @@ def num_train_steps(train_cfg: ml_collections.ConfigDict, num_train_examples: in
   """
   if train_cfg.num_train_steps > 0:
     return int(train_cfg.num_train_steps)
-  if train_cfg.num_train_steps != -1:
-    raise ValueError('config.train.num_train_steps must be > 0 or -1, got '
-                     f'{train_cfg.num_train_steps}')
+  rules.check_value('train.num_train_steps', train_cfg.num_train_steps, _STEPS)
   if schedule_kind(train_cfg) == 'per_epoch':
     return int(math.ceil(train_cfg.num_epochs
                          * steps_per_epoch(num_train_examples, train_cfg.global_batch_size)))
@@ -94,10 +113,8 @@ def create_learning_rate_fn(train_cfg: ml_collections.ConfigDict, steps_per_epoc
 
 
 def _warmup_factor(train_cfg: ml_collections.ConfigDict) -> float:
-  factor = float(train_cfg.warmup_factor)
-  if not 0.0 <= factor <= 1.0:
-    raise ValueError(f'config.train.warmup_factor must be in [0, 1], got {factor}')
-  return factor
+  return float(rules.check_value('train.warmup_factor', train_cfg.warmup_factor,
+                                 CONFIG_RULES['train.warmup_factor']))
 
 
 def _per_epoch_fn(train_cfg: ml_collections.ConfigDict, steps_per_epoch_: int,

@@ -22,6 +22,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from dolg_jax import config_rules as rules
 from dolg_jax import models
 from dolg_jax import sharding as shd
 from dolg_jax.weights import backbone as backbone_lib
@@ -110,11 +111,16 @@ def weight_decay_mask(kind: str) -> Callable[[Any], Any] | None:
     return None
   if kind == 'kernels':
     return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  raise ValueError(f'config.train.weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, got '
-                   f'{kind!r}')
+  rules.check_value('train.weight_decay_mask', kind, CONFIG_RULES['train.weight_decay_mask'])
 
 
 OPTIMIZERS = ('sgd', 'adamw')
+CONFIG_RULES = {'train.optimizer': rules.one_of(OPTIMIZERS),
+                'train.weight_decay_mask': rules.one_of(WEIGHT_DECAY_MASKS),
+                'train.weight_decay': rules.NON_NEGATIVE, 'train.momentum': rules.UNIT_INTERVAL,
+                'train.adam_b1': rules.UNIT_INTERVAL, 'train.adam_b2': rules.UNIT_INTERVAL,
+                'train.nesterov': rules.BOOL, 'train.init_on_one_device': rules.BOOL,
+                'train.backbone_init': rules.STRING}
 
 
 def create_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -139,7 +145,7 @@ def create_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTran
   if kind == 'adamw':
     return optax.chain(optax.scale_by_adam(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2),
                        decay, optax.scale(-1.0))
-  raise ValueError(f'config.train.optimizer must be one of {OPTIMIZERS}, got {kind!r}')
+  rules.check_value('train.optimizer', kind, CONFIG_RULES['train.optimizer'])
 
 
 def init_variables(model: nn.Module, head_init: Callable, rng: jax.Array, image_size: int,

@@ -37,6 +37,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dolg_jax import config_rules as rules
 from dolg_jax import models
 from dolg_jax import sharding as shd
 from dolg_jax.models.normalize import wide_dtype
@@ -47,6 +48,10 @@ from dolg_jax.training.state import TrainState
 
 _MASK_VALUE = -1e9
 BN_MODES = ('global', 'per_device')  # the choices of config.train.bn_mode
+CONFIG_RULES = {'train.bn_mode': rules.one_of(BN_MODES),
+                'train.bn_group_size': rules.NON_NEGATIVE_INT,
+                'train.global_batch_size': rules.POSITIVE_INT,
+                'train.grad_accum_steps': rules.POSITIVE_INT}
 
 
 def head_logits(head_cfg: ml_collections.ConfigDict, embeddings, weight, labels, t,
@@ -104,14 +109,12 @@ def _forward_fn(model: nn.Module, mesh: Mesh, bn_mode: str, bn_group_size: int =
     return (emb.reshape((n,) + emb.shape[2:]),
             jax.tree.map(lambda x: jnp.mean(x, axis=0), stats))
 
-  if bn_group_size < 0:
-    raise ValueError(f'config.train.bn_group_size must be >= 0, got {bn_group_size}')
+  rules.check_value('train.bn_group_size', bn_group_size, CONFIG_RULES['train.bn_group_size'])
   forward = forward_grouped if bn_group_size else forward_all
 
   if bn_mode == 'global':
     return forward
-  if bn_mode not in BN_MODES:
-    raise ValueError(f'config.train.bn_mode must be one of {BN_MODES}, got {bn_mode!r}')
+  rules.check_value('train.bn_mode', bn_mode, CONFIG_RULES['train.bn_mode'])
 
   def local_forward(params, batch_stats, images):
     emb, new_stats = forward(params, batch_stats, images)

@@ -14,7 +14,8 @@ The loop makes one `Utilisation` and calls it at a few points:
 `fields` adds, over the steps since the previous log line (the interval Progress measures; its
 wall time includes input waits and checkpoint saves and excludes evaluations):
   images_per_sec_per_device     images/s / device count
-  tflops_per_sec                achieved TFLOP/s of all devices (XLA cost analysis FLOPs / step time)
+  tflops_per_sec                achieved TFLOP/s of all devices (XLA cost analysis FLOPs / step
+                                time)
   tflops_per_sec_per_device
   fraction_of_peak              of the device kind's dense peak in the run's compute dtype
                                 (config.compute_dtype; training/peaks.py; GPU/TPU)

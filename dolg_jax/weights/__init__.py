@@ -1,4 +1,5 @@
-"""Weights from outside a training run: released DOLG checkpoints, ImageNet backbones, converted dirs.
+"""Weights from outside a training run: released DOLG checkpoints, ImageNet backbones, converted
+directories.
 
   torch_format   torch state dicts: reading, key/layout mapping, CheckpointError and its kinds
   architecture   the model config of a checkpoint (inferred from keys, or stored as JSON)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dolg_jax import defaults
 from dolg_jax import models
 from dolg_jax.weights import torch_format
 
@@ -30,8 +31,8 @@ DEPTH_FROM_BLOCKS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
 def _block_counts(sd: Mapping[str, Any], prefix: str) -> tuple[int, ...]:
   counts = []
   for i in range(1, 5):
-    blocks = {int(m.group(1)) for k in sd for m in [re.match(rf'{re.escape(prefix)}s{i}\.b(\d+)\.', k)]
-              if m}
+    pattern = re.compile(rf'{re.escape(prefix)}s{i}\.b(\d+)\.')
+    blocks = {int(m.group(1)) for k in sd for m in [pattern.match(k)] if m}
     counts.append(max(blocks) if blocks else 0)
   return tuple(counts)
 
@@ -48,16 +49,16 @@ def infer_backbone(sd: Mapping[str, np.ndarray], source: Any, prefix: str = ''
   if counts in DEPTH_FROM_BLOCKS:
     return DEPTH_FROM_BLOCKS[counts], width, ()
   if min(counts) < 1:
-    raise torch_format.CheckpointError(source, f'cannot infer the ResNet: blocks per stage {counts} (keys '
-                          f'{prefix}s1..s4.bK); every stage needs at least one block')
+    raise torch_format.CheckpointError(
+        source, f'cannot infer the ResNet: blocks per stage {counts} (keys {prefix}s1..s4.bK); '
+        'every stage needs at least one block')
   return 50, width, counts
 
 
 def default_model_config() -> ml_collections.ConfigDict:
   """The released-checkpoint architecture (R50, no multi-atrous, learnable p) with paper widths:
-  the DOLG module's defaults (the paper's), which configs/default.py repeats, with those two changes."""
-  fields = {f: getattr(models.DOLG, f) for f in models.MODEL_FIELDS}
-  m = ml_collections.ConfigDict(fields)
+  configs/default.py's model section (the paper's) with those two changes."""
+  m = ml_collections.ConfigDict(defaults.model_defaults())
   m.use_multi_atrous = False
   m.gem_p_learnable = True
   return m
@@ -69,8 +70,9 @@ def infer_model_config(sd: Mapping[str, np.ndarray], source: Any = '<state dict>
   if not any(k.startswith('globalmodel.') for k in sd):
     hint = (' (it looks like an ImageNet backbone: use pretrained.load_backbone)'
             if any(k.startswith(('stem.', 'conv1.', 'layer1.')) for k in sd) else '')
-    raise torch_format.CheckpointError(source, f'not a DOLG state dict: no "globalmodel.*" keys{hint}; '
-                          f'first keys: {torch_format.format_keys(list(sd), 5)}')
+    raise torch_format.CheckpointError(
+        source, f'not a DOLG state dict: no "globalmodel.*" keys{hint}; '
+        f'first keys: {torch_format.format_keys(list(sd), 5)}')
   m = default_model_config()
   m.depth, m.width, m.stage_depths = infer_backbone(sd, source, 'globalmodel.')
   m.global_dim = int(torch_format.require_key(sd, 'fc_t.weight', source).shape[0])
@@ -83,7 +85,8 @@ def infer_model_config(sd: Mapping[str, np.ndarray], source: Any = '<state dict>
   if m.use_local_branch:
     m.local_dim = int(torch_format.require_key(sd, 'localmodel.conv1.weight', source).shape[0])
   if m.use_multi_atrous:
-    m.atrous_dim = int(torch_format.require_key(sd, 'localmodel.aspp.aspp.0.weight', source).shape[0])
+    atrous0 = torch_format.require_key(sd, 'localmodel.aspp.aspp.0.weight', source)
+    m.atrous_dim = int(atrous0.shape[0])
     n_atrous = len({k.split('.')[3] for k in sd if k.startswith('localmodel.aspp.aspp.')}) - 1
     if n_atrous != len(m.atrous_rates):
       raise torch_format.CheckpointError(source, f'{n_atrous} dilated multi-atrous convolutions '

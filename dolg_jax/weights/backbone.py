@@ -72,7 +72,8 @@ def load_backbone(path: str | os.PathLike) -> dict:
   """
   path = os.fspath(path)
   if os.path.isdir(path):
-    _, variables = converted.load_converted(path) if converted.is_converted_dir(path) else (None, None)
+    _, variables = (converted.load_converted(path) if converted.is_converted_dir(path)
+                    else (None, None))
     if variables is None:
       raise torch_format.CheckpointError(path, f'a directory without {converted.CONFIG_FILE}')
     return architecture.to_jax({c: {'globalmodel': t['globalmodel']} for c, t in variables.items()})
@@ -92,20 +93,23 @@ def load_backbone(path: str | os.PathLike) -> dict:
     kind, reverse = 'pycls', True
     sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
   else:
-    raise torch_format.CheckpointError(path, f'not a ResNet backbone state dict (pycls `stem.*`, torchvision '
-                          f'`conv1.*` or DOLG `globalmodel.*`); first keys: {torch_format.format_keys(list(sd), 5)}')
+    raise torch_format.CheckpointError(
+        path, 'not a ResNet backbone state dict (pycls `stem.*`, torchvision `conv1.*` or DOLG '
+        f'`globalmodel.*`); first keys: {torch_format.format_keys(list(sd), 5)}')
   depth, width, stage_depths = architecture.infer_backbone(sd, path)
   sd = {'globalmodel.' + k: v for k, v in sd.items()}
   try:
-    variables = torch_format.state_dict_to_variables(sd, _backbone_expected(depth, width, stage_depths),
-                                        source=path, reverse_bgr=reverse)
-  except (torch_format.UnknownKeysError, torch_format.MissingKeysError, torch_format.ShapeMismatchError) as e:
+    variables = torch_format.state_dict_to_variables(
+        sd, _backbone_expected(depth, width, stage_depths), source=path, reverse_bgr=reverse)
+  except (torch_format.UnknownKeysError, torch_format.MissingKeysError,
+          torch_format.ShapeMismatchError) as e:
     # Name the keys as the file does (the mapping above prefixed/renamed them).
     def name(k: str) -> str:
       k = k[len('globalmodel.'):]
       return {'dolg': 'globalmodel.' + k, 'pycls': k}.get(kind) or pycls_to_torchvision_key(k)
     if isinstance(e, torch_format.ShapeMismatchError):
-      raise torch_format.ShapeMismatchError(path, [(name(k), a, b) for k, a, b in e.mismatches]) from e
+      raise torch_format.ShapeMismatchError(
+          path, [(name(k), a, b) for k, a, b in e.mismatches]) from e
     raise type(e)(path, [name(k) for k in e.keys]) from e
   return architecture.to_jax(variables)
 

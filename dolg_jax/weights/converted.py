@@ -58,7 +58,8 @@ def read_converted_meta(path: str) -> dict:
   except (OSError, json.JSONDecodeError) as e:
     raise torch_format.CheckpointError(cfg_path, f'unreadable: {e}') from e
   if meta.get('format') != FORMAT_NAME or 'model' not in meta:
-    raise torch_format.CheckpointError(cfg_path, f'not a {FORMAT_NAME} config (format={meta.get("format")!r})')
+    raise torch_format.CheckpointError(
+        cfg_path, f'not a {FORMAT_NAME} config (format={meta.get("format")!r})')
   if meta.get('version') != FORMAT_VERSION:
     raise torch_format.CheckpointError(cfg_path, f'unsupported version {meta.get("version")!r}')
   return meta
@@ -69,9 +70,11 @@ def read_msgpack(path: str) -> dict:
     with open(path, 'rb') as f:
       tree = serialization.msgpack_restore(f.read())
   except Exception as e:  # msgpack raises several types on truncated data
-    raise torch_format.CheckpointError(path, f'unreadable or truncated msgpack: {type(e).__name__}: {e}') from e
+    raise torch_format.CheckpointError(
+        path, f'unreadable or truncated msgpack: {type(e).__name__}: {e}') from e
   if not isinstance(tree, Mapping):
-    raise torch_format.CheckpointError(path, f'expected a dict of arrays, got {type(tree).__name__}')
+    raise torch_format.CheckpointError(
+        path, f'expected a dict of arrays, got {type(tree).__name__}')
   return tree
 
 

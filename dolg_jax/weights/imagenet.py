@@ -11,7 +11,8 @@ came from (for the log and the run manifest):
 * a local file (pycls `.pyth`, torchvision `.pth`, a DOLG checkpoint) or a converted directory,
   used as it is (its sha256 is recorded).
 
-The file is then read by `dolg_jax.weights.backbone.load_backbone` (pycls and torchvision key layouts).
+The file is then read by `dolg_jax.weights.backbone.load_backbone` (pycls and torchvision key
+layouts).
 
 Checksums. torchvision's file names carry the first 8 hex digits of the file's sha256
 (`resnet50-0676ba61.pth`), which torch.hub checks; so do we, for every URL whose file name has that
@@ -35,6 +36,11 @@ unset, `~/.cache/dolg_jax/weights`. Without internet, put the file there under i
 offline error names the URL, the file and the directory), or set `backbone_init` to its path.
 
 Every failure raises a `WeightsError` (a ValueError) with one line: what is wrong, what to do.
+
+Not pooch (1.9): it verifies only a full known hash (torch.hub's name prefix would be checked after
+the file is in place), downloads a cached file whose hash differs again instead of refusing it, and
+takes a response without Content-Length as complete; keeping the rules above would leave it only
+the temporary-file-and-move step.
 """
 
 from __future__ import annotations

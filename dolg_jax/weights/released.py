@@ -10,8 +10,8 @@ Formats read by `load(path) -> (model, variables)`:
 The architecture is inferred from the keys and shapes (dolg_jax.weights.architecture). The official
 model reads BGR images, ours RGB: the stem conv's input channels are reversed on import, and our
 in-model normalisation (RGB /255, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)) is the
-official BGR normalisation with its channels reordered, so `model.apply(variables, rgb_images)` gives
-the official `global_feature` of the same images.
+official BGR normalisation with its channels reordered, so `model.apply(variables, rgb_images)`
+gives the official `global_feature` of the same images.
 
 The margin head (`desc_cls.weight` (classes, 512) and CurricularFace's EMA `desc_cls.t`) is not part
 of the model's variables (the margin is a pure function, see dolg_jax.models.margins); `load_head`
@@ -33,18 +33,20 @@ from dolg_jax.weights import converted
 from dolg_jax.weights import torch_format
 
 # ----------------------------------------------------------------------------------- public API
-def load_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> torch_format.StateDict:
+def load_state_dict(path: str | os.PathLike, *,
+                    allow_pickle: bool = False) -> torch_format.StateDict:
   """The torch state dict (numpy values, no `module.` prefix) of a `.pth`/`.pyth` file."""
   return torch_format.read_torch_state_dict(path, allow_pickle=allow_pickle)
 
 
 def convert_state_dict(sd: torch_format.StateDict, source: Any = '<state dict>'
                        ) -> tuple[ml_collections.ConfigDict, dict, dict | None]:
-  """(model config, variables {'params','batch_stats'} as numpy, head or None) of a DOLG state dict."""
+  """(model config, variables {'params','batch_stats'} as numpy, head or None) of a state dict."""
   cfg = architecture.infer_model_config(sd, source)
   head_sd = {k: v for k, v in sd.items() if k.startswith('desc_cls.')}
   body = {k: v for k, v in sd.items() if not k.startswith('desc_cls.')}
-  variables = torch_format.state_dict_to_variables(body, architecture.expected_shapes(cfg), source=source)
+  variables = torch_format.state_dict_to_variables(body, architecture.expected_shapes(cfg),
+                                                   source=source)
   variables.setdefault('batch_stats', {})
   head = None
   if head_sd:
@@ -53,8 +55,8 @@ def convert_state_dict(sd: torch_format.StateDict, source: Any = '<state dict>'
       raise torch_format.UnknownKeysError(source, unknown)
     weight = torch_format.require_key(head_sd, 'desc_cls.weight', source)
     if weight.ndim != 2 or weight.shape[1] != cfg.embedding_dim:
-      raise torch_format.ShapeMismatchError(source, [('desc_cls.weight', ('num_classes', cfg.embedding_dim),
-                                         tuple(weight.shape))])
+      raise torch_format.ShapeMismatchError(
+          source, [('desc_cls.weight', ('num_classes', cfg.embedding_dim), tuple(weight.shape))])
     head = {'weight': np.asarray(weight, np.float32)}
     if 'desc_cls.t' in head_sd:
       head['t'] = np.asarray(head_sd['desc_cls.t'], np.float32).reshape(())
@@ -66,13 +68,15 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, allow_pickle: boo
 
   `model.apply(variables, images)` with float32 RGB images in [0, 255] (N, H, W, 3) returns the
   official (N, 512) `global_feature` (before L2 normalisation). `dtype` is the model's compute
-  dtype (e.g. 'bfloat16'); variables stay float32. `allow_pickle`: see `torch_format.read_torch_state_dict`.
+  dtype (e.g. 'bfloat16'); variables stay float32. `allow_pickle`: see
+  `torch_format.read_torch_state_dict`.
   """
   path = os.fspath(path)
   if os.path.isdir(path):
     if not converted.is_converted_dir(path):
-      raise torch_format.CheckpointError(path, f'a directory without {converted.CONFIG_FILE}: not written by '
-                            f'python -m dolg_jax.convert')
+      raise torch_format.CheckpointError(
+          path, f'a directory without {converted.CONFIG_FILE}: not written by '
+          'python -m dolg_jax.convert')
     cfg, variables = converted.load_converted(path)
   else:
     cfg, variables, _ = convert_state_dict(

@@ -1,9 +1,9 @@
 """Torch state dicts: reading `.pyth`/`.pth` files and mapping their keys/layouts onto Flax.
 
 `read_torch_state_dict(path)` reads an official pycls container (`{"model_state": ...}`) or a raw
-state dict (DataParallel's `module.` prefix stripped) as float32 numpy arrays; torch is imported here
-only. `state_dict_to_variables(sd, expected)` maps torch names and layouts (conv OIHW -> HWIO, Linear
-(out, in) -> (in, out), BN weight/bias/running_* -> scale/bias and mean/var; the stem's input
+state dict (DataParallel's `module.` prefix stripped) as float32 numpy arrays; torch is imported
+here only. `state_dict_to_variables(sd, expected)` maps torch names and layouts (conv OIHW -> HWIO,
+Linear (out, in) -> (in, out), BN weight/bias/running_* -> scale/bias and mean/var; the stem's input
 channels reversed for BGR-trained checkpoints) onto Flax variable paths and checks them against the
 expected path -> shape map.
 
@@ -84,8 +84,8 @@ def read_torch_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise CheckpointError(path, 'reading .pth/.pyth files needs torch (pip install '
-                          'torch); converted directories (python -m dolg_jax.convert) do not') from e
+    raise CheckpointError(path, 'reading .pth/.pyth files needs torch (pip install torch); '
+                          'converted directories (python -m dolg_jax.convert) do not') from e
   try:
     obj = torch.load(path, map_location='cpu', weights_only=not allow_pickle)
   except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...

@@ -9,7 +9,8 @@ returns inert stand-ins, so nothing named in the file is imported or called. It 
     opcodes (random bytes) -> `Inspection.damage` says what was found;
   * a complete torch checkpoint (zip `*/data.pkl`, or the legacy pickle sequence) whose pickle
     names Python objects beyond tensors -> `Inspection.objects` lists them (e.g.
-    `argparse.Namespace`); reading it needs full unpickling (`allow_pickle`), for trusted files only.
+    `argparse.Namespace`); reading it needs full unpickling (`allow_pickle`), for trusted files
+    only.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Procedural landmark-like scenes for the embedded demo.
 
-A *place* is a fixed random composition: a sky/ground backdrop, a building facade with a window grid,
-and a few distinctive coloured shapes (towers, domes, banners). A *view* of a place renders it under a
-random camera (perspective warp, scale, rotation, translation), lighting (brightness, contrast, colour
-cast) and occlusion, then crops it. Views of the same place share the geometry and colours of its
-parts, views of different places do not: the retrieval task a DOLG has to learn from them.
+A *place* is a fixed random composition: a sky/ground backdrop, a building facade with a window
+grid, and a few distinctive coloured shapes (towers, domes, banners). A *view* of a place renders it
+under a random camera (perspective warp, scale, rotation, translation), lighting (brightness,
+contrast, colour cast) and occlusion, then crops it. Views of the same place share the geometry and
+colours of its parts, views of different places do not: the retrieval task a DOLG has to learn from
+them.
 
 Everything is deterministic given the seeds, and pure NumPy + Pillow.
 """
@@ -46,7 +47,8 @@ class Place:
     for i in range(cols):
       for j in range(rows):
         wx, wy = x0 + i * cw, y0 + j * rh
-        d.rectangle((wx + cw * 0.25, wy + rh * 0.2, wx + cw * 0.75, wy + rh * 0.7), fill=self.window_color)
+        d.rectangle((wx + cw * 0.25, wy + rh * 0.2, wx + cw * 0.75, wy + rh * 0.7),
+                    fill=self.window_color)
     for kind, box, color in self.shapes:
       if kind == 'ellipse':
         d.ellipse(box, fill=color)
@@ -86,7 +88,7 @@ def make_place(seed: int) -> Place:
 
 
 def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-  """Coefficients for PIL's PERSPECTIVE transform mapping output points `dst` to input points `src`."""
+  """Coefficients of PIL's PERSPECTIVE transform mapping output points `dst` to inputs `src`."""
   a = []
   for (x, y), (u, v) in zip(dst, src):
     a.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
@@ -128,7 +130,8 @@ def render_view(place: Place, seed: int, *, size: tuple[int, int], difficulty: f
   img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
   if occlusion > 0:
     d = ImageDraw.Draw(img)
-    ow, oh = int(w * np.sqrt(occlusion) * rng.uniform(0.6, 1.0)), int(h * np.sqrt(occlusion) * rng.uniform(0.6, 1.0))
+    ow = int(w * np.sqrt(occlusion) * rng.uniform(0.6, 1.0))
+    oh = int(h * np.sqrt(occlusion) * rng.uniform(0.6, 1.0))
     ox, oy = int(rng.integers(0, max(1, w - ow))), int(rng.integers(0, max(1, h - oh)))
     d.rectangle((ox, oy, ox + ow, oy + oh), fill=_color(rng))
   if rng.uniform() < 0.3:

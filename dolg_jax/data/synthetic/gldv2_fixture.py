@@ -2,7 +2,8 @@
 
 Layout written to `manual_dir` (`layout`):
   train.csv (id,url,landmark_id), train_clean.csv (landmark_id,images), and
-  'flat':     images_000.tar ... (members a/b/c/<id>.jpg), md5.images_000.txt ... ("<md5>  images_000.tar");
+  'flat':     images_000.tar ... (members a/b/c/<id>.jpg), md5.images_000.txt ...
+              ("<md5>  images_000.tar");
   'official': train/images_NNN.tar, train/md5.images_NNN.txt (the official download script);
   'bucket':   train/images_NNN.tar, md5sum/train/md5.images_NNN.txt (the public bucket's paths).
 `extract_fixture` writes the extracted tree train/a/b/c/<id>.jpg instead.
@@ -21,12 +22,12 @@ import io
 import os
 import shutil
 import tarfile
-import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
+from dolg_jax import atomic
 from dolg_jax.data import gldv2
 
 DEFAULT_IMAGES_PER_CLASS = (2, 4, 5, 6, 7, 9, 10, 12)
@@ -204,20 +205,18 @@ def write_layout(manual_dir: str, *, full: Dict[int, List[str]], clean: Dict[int
   for s in range(num_shards):
     name = f'images_{s:03d}.tar'
     path = os.path.join(shard_dir, name)
-    with tempfile.NamedTemporaryFile(dir=shard_dir, delete=False, suffix='.tmp') as tmp:
+    with atomic.writing(path) as tmp:
       with tarfile.open(fileobj=tmp, mode='w', format=tarfile.USTAR_FORMAT) as tar:
         for k, (image_id, _) in enumerate(all_ids):
           if k % num_shards == s and image_id in payload:
             member = f'{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg'
             _add_member(tar, member, payload[image_id])
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)
     with open(path, 'rb') as f:
       digest = hashlib.md5(f.read()).hexdigest()
     with open(os.path.join(md5_dir, f'md5.images_{s:03d}.txt'), 'w') as f:
       f.write(f'{digest}  {name}\n')
     shards.append(path)
-  # The CSVs last: their presence marks a complete fixture (see gldv2_fixture.ensure_fixture_dataset).
+  # The CSVs last: their presence marks a complete fixture (see ensure_fixture_dataset).
   with open(os.path.join(manual_dir, 'train_clean.csv'), 'w', newline='') as f:
     f.write('landmark_id,images\n')
     for landmark, ids in clean.items():

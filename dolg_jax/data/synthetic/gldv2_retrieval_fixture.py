@@ -19,11 +19,11 @@ import dataclasses
 import hashlib
 import os
 import tarfile
-import tempfile
 from typing import Dict, List
 
 import numpy as np
 
+from dolg_jax import atomic
 from dolg_jax.data.synthetic import gldv2_fixture
 from dolg_jax.data.synthetic import revisitop_fixture
 
@@ -46,15 +46,13 @@ def _write_shards(folder: str, ids: List[str], payload: Dict[str, bytes], num_sh
   os.makedirs(folder, exist_ok=True)
   for s in range(num_shards):
     name = f'images_{s:03d}.tar'
-    with tempfile.NamedTemporaryFile(dir=folder, delete=False, suffix='.tmp') as tmp:
+    path = os.path.join(folder, name)
+    with atomic.writing(path) as tmp:
       with tarfile.open(fileobj=tmp, mode='w', format=tarfile.USTAR_FORMAT) as tar:
         for k, image_id in enumerate(ids):
           if k % num_shards == s and image_id in payload:
             member = f'{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg'
             gldv2_fixture._add_member(tar, member, payload[image_id])  # pylint: disable=protected-access
-    os.chmod(tmp.name, 0o644)
-    path = os.path.join(folder, name)
-    os.replace(tmp.name, path)
     with open(path, 'rb') as f:
       digest = hashlib.md5(f.read()).hexdigest()
     with open(os.path.join(folder, f'md5.images_{s:03d}.txt'), 'w') as f:

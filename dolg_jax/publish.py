@@ -1,0 +1,197 @@
+"""Copy an index into Milvus: python -m dolg_jax.publish.
+
+  python -m dolg_jax.publish --index=INDEX_DIR --milvus_uri=URI [--milvus_collection=NAME]
+      [--batch_rows=2000] [--milvus_index=AUTOINDEX] [--replace] [--recall_sample=100]
+
+URI is a milvus-lite file (`/data/photos.db`) or a server / cluster (`http://host:19530`; the same
+client code). The collection holds one entity per index row: `id` (the row id, primary key),
+`vector` (the L2-normalised descriptor, inner-product metric), `path` (as indexed), `height`,
+`width`, `bytes`, `sha1`; a collection property records which index it came from (the descriptor
+fingerprint and dimension). Rows go in batches of `--batch_rows` by upsert on the row id, and a
+batch whose ids are all there is skipped: a re-run after a kill resumes and inserts nothing twice;
+images added to the index later are appended by the next run. A collection published from another
+index (model, protocol or dimension) is refused; `--replace` drops and rebuilds it. At the end the
+entity count must equal the index's rows, and recall@100 of Milvus's search against exact search
+over `--recall_sample` of the index's own descriptors is printed and written to the index's
+manifest (`milvus.NAME`). `python -m dolg_jax.serve --backend=milvus` answers from it. A failure
+ends with one line `FAILED: ...` (exit code 1).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Optional
+
+from absl import app
+from absl import flags
+import numpy as np
+from pymilvus import DataType
+from pymilvus import MilvusClient
+
+from dolg_jax import cli
+from dolg_jax.collection import files as files_lib
+from dolg_jax.collection import store as store_lib
+from dolg_jax.serve import backends
+from dolg_jax.training import failures
+
+FLAGS = flags.FLAGS
+INDEX_TYPES = ('AUTOINDEX', 'FLAT', 'IVF_FLAT', 'HNSW')
+DEFAULT_BATCH_ROWS = 2000
+PATH_LENGTH = 4096
+RECALL_K = 100
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (at entry only, so importing this module defines none)."""
+  flags.DEFINE_string('index', None, 'Index directory (python -m dolg_jax.index --out).')
+  flags.DEFINE_string('milvus_uri', None, 'milvus-lite file path or http://host:19530.')
+  flags.DEFINE_string('milvus_collection', backends.DEFAULT_COLLECTION, 'Collection name.')
+  flags.DEFINE_integer('batch_rows', DEFAULT_BATCH_ROWS, 'Rows per upsert (unit of resumption).')
+  flags.DEFINE_enum('milvus_index', 'AUTOINDEX', list(INDEX_TYPES), "Milvus's vector index.")
+  flags.DEFINE_bool('replace', False, 'Drop a collection published from another index.')
+  flags.DEFINE_integer('recall_sample', 100, 'Queries (index rows) for the recall@100 check.')
+
+
+def _schema(client_cls, dim: int):
+  s = client_cls.create_schema(auto_id=False, enable_dynamic_field=False)
+  s.add_field('id', DataType.INT64, is_primary=True)
+  s.add_field('vector', DataType.FLOAT_VECTOR, dim=dim)
+  s.add_field('path', DataType.VARCHAR, max_length=PATH_LENGTH)
+  for name in ('height', 'width', 'bytes'):
+    s.add_field(name, DataType.INT64)
+  s.add_field('sha1', DataType.VARCHAR, max_length=64)
+  return s
+
+
+def _count_range(cl, name: str, a: int, b: int) -> int:
+  got = cl.query(name, filter=f'id >= {a} and id < {b}', output_fields=['count(*)'],
+                 consistency_level='Strong')
+  return int(got[0]['count(*)'])
+
+
+def exact_top(rows: store_lib.Rows, q: np.ndarray, k: int) -> np.ndarray:
+  """Row ids (nq, k) of the exact inner-product top k, block by block over the stored rows."""
+  best_s = np.full((len(q), 0), -np.inf, np.float32)
+  best_i = np.zeros((len(q), 0), np.int64)
+  for start, block in rows.iter_blocks():
+    s = q @ block.T
+    cat_s = np.concatenate([best_s, s], axis=1)
+    cat_i = np.concatenate([best_i, np.broadcast_to(start + np.arange(block.shape[0]),
+                                                    s.shape)], axis=1)
+    keep = np.argsort(-cat_s, axis=1, kind='stable')[:, :k]
+    best_s = np.take_along_axis(cat_s, keep, axis=1)
+    best_i = np.take_along_axis(cat_i, keep, axis=1)
+  return best_i
+
+
+def publish(index_dir: str, uri: str, name: str = backends.DEFAULT_COLLECTION, *,
+            batch_rows: int = DEFAULT_BATCH_ROWS, index_type: str = 'AUTOINDEX',
+            replace: bool = False, recall_sample: int = 100,
+            progress: Optional[Callable[[str], None]] = None) -> dict:
+  """Copies the index's rows into the Milvus collection `name` at `uri` (module docstring)."""
+  say = progress or (lambda s: None)
+  if batch_rows < 1:
+    raise ValueError(f'batch_rows must be >= 1; got {batch_rows}')
+  if index_type not in INDEX_TYPES:
+    raise ValueError(f'milvus_index must be one of {INDEX_TYPES}; got {index_type!r}')
+  store = store_lib.IndexStore(index_dir)
+  manifest = store.manifest()
+  if manifest.get('status') != 'complete':
+    raise store_lib.NotAnIndexError(f'{store.path}: the index is not complete; rerun the index '
+                                    'command that built it')
+  store.verify_for_search(manifest)
+  rows = store_lib.Rows(store)
+  n, dim = len(rows), rows.dim or int(manifest.get('dim') or 0)
+  want = backends.identity(manifest)
+  cl = backends.client(uri)
+  if cl.has_collection(name):
+    backends.load(cl, name)
+    got = backends.published_identity(cl, name)
+    count = backends.row_count(cl, name)
+    problem = None
+    if got is None and count:
+      problem = 'holds rows that no dolg_jax.publish wrote'
+    elif got is not None and got != want:
+      problem = 'was published from another index (model, protocol or dimension differ)'
+    elif count > n:
+      problem = f'holds {count} rows, more than the index\'s {n} (another index?)'
+    if problem and not replace:
+      raise store_lib.IndexMismatchError(f'Milvus collection {name!r} at {uri} {problem}: '
+                                         'pass --replace to drop it and publish this index')
+    if problem:
+      say(f'dropping {name!r} ({problem})')
+      cl.drop_collection(name)
+  if not cl.has_collection(name):
+    if not n:
+      raise ValueError(f'{store.path} holds 0 images: nothing to publish')
+    params = cl.prepare_index_params()
+    extra = {'M': 16, 'efConstruction': 200} if index_type == 'HNSW' else {}
+    params.add_index('vector', index_type=index_type, metric_type='IP', params=extra)
+    cl.create_collection(name, schema=_schema(MilvusClient, dim), index_params=params)
+  if backends.published_identity(cl, name) is None:
+    cl.alter_collection_properties(name, properties={
+        backends.IDENTITY_PROPERTY: json.dumps(want, sort_keys=True)})
+  t0 = time.perf_counter()
+  inserted = 0
+  if backends.row_count(cl, name) != n:
+    for a in range(0, n, batch_rows):
+      b = min(n, a + batch_rows)
+      present = _count_range(cl, name, a, b)
+      if present == b - a:
+        continue
+      vec = rows.take(np.arange(a, b))
+      cl.upsert(name, [{'id': i, 'vector': v.tolist(), 'path': files_lib.escape(m['path']),
+                        'height': int(m['height']), 'width': int(m['width']),
+                        'bytes': int(m['bytes']), 'sha1': m['sha1']}
+                       for i, v, m in zip(range(a, b), vec, rows.meta[a:b])])
+      inserted += b - a - present
+      say(f'batch {a}..{b} of {n}')
+    cl.flush(name)
+  count = backends.row_count(cl, name)
+  if count != n:
+    raise store_lib.DamagedIndexError(f'Milvus collection {name!r} holds {count} rows after '
+                                      f'publishing, the index {n}: rerun this command')
+  s = min(recall_sample, n)
+  sample = np.random.default_rng(0).choice(n, size=s, replace=False)
+  q = rows.take(np.sort(sample))
+  k = min(RECALL_K, n)
+  exact = exact_top(rows, q, k)
+  hits = cl.search(name, data=q.tolist(), limit=k, output_fields=['id'],
+                   search_params={'metric_type': 'IP'}, consistency_level='Strong')
+  recall = float(np.mean([len({int(h['id']) for h in got} & set(e.tolist())) / k
+                          for got, e in zip(hits, exact)])) if s else 1.0
+  summary = {'uri': uri, 'rows': n, 'dim': dim, 'index_type': index_type,
+             f'recall_at_{RECALL_K}': recall, 'recall_sample': s,
+             'published': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+  manifest = store.manifest()
+  manifest.setdefault('milvus', {})[name] = summary
+  store.write_manifest(manifest)
+  return dict(summary, inserted=inserted, seconds=time.perf_counter() - t0, collection=name)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS.index or not FLAGS.milvus_uri:
+    raise app.UsageError('--index and --milvus_uri are required.')
+  failures.quiet_library_tracebacks()
+  try:
+    out = publish(FLAGS.index, FLAGS.milvus_uri, FLAGS.milvus_collection,
+                  batch_rows=FLAGS.batch_rows, index_type=FLAGS.milvus_index,
+                  replace=FLAGS.replace, recall_sample=FLAGS.recall_sample,
+                  progress=lambda s: print(s, flush=True))
+  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+    failures.exit_in_one_line(e, FLAGS.milvus_uri)
+  print(f'published {out["rows"]} rows ({out["inserted"]} new) to {out["collection"]!r} at '
+        f'{out["uri"]} in {out["seconds"]:.1f} s; recall@{RECALL_K} of {out["index_type"]} on '
+        f'{out["recall_sample"]} queries: {out[f"recall_at_{RECALL_K}"]:.4f}', flush=True)
+
+
+def run() -> None:
+  define_flags()
+  cli.run_app(main)
+
+
+if __name__ == '__main__':
+  run()
