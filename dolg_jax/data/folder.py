@@ -3,39 +3,12 @@
   python -m dolg_jax.data.prepare --dataset=folder/NAME --manual_dir=DIR --data_dir=D \
       [--val_fraction=F] [--exclude=FILE] [--labels=CSV] [--allow_missing]
 
-Layout: DIR holds one sub-folder per class; every file at any depth below a class folder belongs to
-that class, whose name is the folder's name (NFC-normalised; spaces and non-ASCII letters are
-fine). Symbolic links are followed; a link back to a folder above it (a loop) or to a folder
-already listed is not followed (a warning names it). Alternatively `labels=CSV` with `path,label`
-rows (paths relative to DIR, each listed once; parsed as strictly as the GLDv2 CSVs, every error
-names the file and line): then exactly the listed files are used.
-
-Writes the features of `gldv2` with the class name instead of the landmark id: {image: the file's
-bytes as stored, label: int64 contiguous (classes sorted by name), class_name: text, id: text (the
-path relative to DIR)}, the same splits (`train`; `validation` when val_fraction > 0: per class,
-floor(val_fraction * n) images chosen with a permutation seeded by the class name, see
-class_split.split_per_class) and the same side files, written by side_files.write_side_files:
-label_map.csv (label,class_name,num_train_listed,num_validation_listed), skipped.csv
-(id,class_name,split,reason), missing.csv and summary.json (counts: listed = written + skipped +
-missing, per split; files skipped before the split are the `unassigned` line). `exclude=FILE` (a CSV
-with a `label` and/or a `path` column) leaves classes / files out before the split. The options
-(folder, labels file and exclusion list with their sha256, validation fraction) are recorded in the
-dataset's metadata (`build_options`) and from there in the training run's manifest. The name is the
-user's: preparing an existing `folder/NAME` again with other options is an error (use another NAME).
-
-Every file is read (sha256 + a strict decode) before anything is written; then, as named lines:
-- files that are not decodable images (any format OpenCV or Pillow reads is kept as stored) are
-  skipped and listed in skipped.csv with the reason; so are unreadable files, broken links, link
-  loops and files directly in DIR (no class);
-- a class folder without a usable image is not a class (warning); a class of one image is kept in
-  train (warning: it has no validation image);
-- identical files (same sha256) in one class are kept once; in two or more classes every copy is
-  skipped, its label being ambiguous (warning, each copy in skipped.csv);
-- two class folders whose names are equal after Unicode normalisation, an unlistable folder, or
-  no usable image at all stop the build (FolderError);
-- a file that vanishes or changes while the dataset is written stops the build
-  (FolderChangedError) and nothing is left in the data dir; with allow_missing a vanished file is
-  listed in missing.csv instead (warning).
+DIR holds one sub-folder per class (files at any depth below it; the folder name is the class), or
+`labels=CSV` lists `path,label` rows. Writes the features of `gldv2` as {image, label, class_name,
+id}, splits `train` (and `validation` when val_fraction > 0) and the same side files
+(label_map.csv, skipped.csv, missing.csv, summary.json). Undecodable, unreadable and ambiguous
+files are skipped and listed; bad input stops the build (FolderError, FolderChangedError). Layout,
+splits, options and every rule for bad input: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -282,7 +255,7 @@ def _vanished(manual_dir: str, image_id: str, when: str) -> FolderChangedError:
 def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
               exclusion: Optional[build_plan.Exclusion] = None, labels: Optional[Labels] = None,
               allow_missing: bool = False) -> FolderPlan:
-  """Lists, reads, hashes and checks every file, then splits (see the module docstring)."""
+  """Lists, reads, hashes and checks every file, then splits (docs/design_notes.md)."""
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(f'manual dir {manual_dir} does not exist')
   if not 0.0 <= val_fraction < 1.0:

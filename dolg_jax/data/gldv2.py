@@ -1,35 +1,12 @@
 """TFDS builder `gldv2` (Google Landmarks Dataset v2, train set) -> ArrayRecord, without TensorFlow.
 
-Reads the official files from the manual dir, in any of these layouts:
-  train.csv                      id,url,landmark_id           (configs `full`, `full_all`)
-  train_clean.csv                landmark_id,images           (configs `clean`, `clean_all`)
-  flat:   images_000.tar ... images_499.tar (members a/b/c/<id>.jpg), md5.images_NNN.txt beside them
-  official download script (run inside train/): train/images_NNN.tar, train/md5.images_NNN.txt
-  public bucket: train/images_NNN.tar, md5sum/train/md5.images_NNN.txt
-  extracted: train/a/b/c/<id>.jpg (a, b, c: the id's first characters), instead of or besides tars.
-The md5 files ("<md5>  images_NNN.tar") are checked with verify_md5=True.
-
-Dataset names (`gldv2/<config>`): `clean` / `full` hold out a validation split (val_fraction 0.2);
-`clean_all` / `full_all` put every listed image in train (val_fraction 0, as the official DOLG
-training list). Build options make further configs, named by suffixes so that each has its own
-directory: `-val<F>` (another validation fraction, e.g. `gldv2/clean-val0.1`) and `-ex<sha>` (an
-exclusion list, the first 12 hex digits of its sha256: e.g. landmarks shared with the test sets as
-in the revisited GLDv2-clean). An exclusion list is a CSV with a `landmark_id` column, an `id`
-column (image ids), or both; the excluded images are removed before the split and the labels.
-The options are recorded in the dataset's metadata (`build_options`, also in summary.json) and
-from there in the training run's manifest.
-
-Writes features {image: original file bytes, label: int64 contiguous, landmark_id: int64, id: text}
-and splits 'train' / 'validation' (per class, validation = floor(val_fraction * n) images chosen
-with a seeded permutation, so classes with fewer than 5 images stay whole in train at 20%).
-Next to the data (in the version directory): label_map.csv (label,landmark_id,num_train,
-num_validation), skipped.csv (id,landmark_id,split,reason), missing.csv (id,landmark_id,split),
-summary.json (counts: listed = written + skipped + missing), plus TFDS' metadata.json with
-`num_classes` and the counts.
-
-Bad input: listed-but-absent images raise `MissingImagesError` (count, shards searched, first ids)
-unless allow_missing=True; undecodable files are skipped and listed; a truncated tar raises
-`TruncatedShardError` naming the shard; md5 mismatches raise `ChecksumError`.
+Reads the official CSVs and tars (or extracted images) from the manual dir, checking the md5 files
+with verify_md5=True. Configs `clean` / `full` hold out validation (val_fraction 0.2), `clean_all`
+/ `full_all` do not; suffixes `-val<F>` and `-ex<sha>` (an exclusion list) make further configs.
+Writes {image, label, landmark_id, id}, splits 'train' / 'validation', and label_map.csv,
+skipped.csv, missing.csv, summary.json beside the data. Absent images raise `MissingImagesError`
+(unless allow_missing), truncated tars `TruncatedShardError`, md5 mismatches `ChecksumError`.
+Accepted layouts, option naming and split rules: docs/design_notes.md.
 """
 
 from __future__ import annotations

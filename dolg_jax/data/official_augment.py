@@ -1,40 +1,12 @@
 """The official DOLG training augmentation (`config.data.augmentation = 'official'`).
 
-DOLG's training data code is pycls's ImageNet pipeline (pycls `datasets/transforms.py` and
-`datasets/imagenet.py`, 2020): `cv2.imread` -> float32 -> random-sized crop -> horizontal flip ->
-/255 -> AlexNet PCA lighting noise -> colour normalisation. This module reproduces it draw for
-draw on an RGB image, with an explicit random generator instead of numpy's global state:
-
-- `random_sized_crop`: up to 10 tries of target area U(area_frac, 1) x H x W, aspect
-  U(ratio[0], ratio[1]) (uniform, not log-uniform), w = round(sqrt(area * aspect)),
-  h = round(sqrt(area / aspect)), then with probability 1/2 w and h are swapped; a box that fits
-  gets its corner from `integers(0, H - h)` / `integers(0, W - w)` (upper bound EXCLUDED, as numpy's
-  `randint`; 0 when the side fits exactly) and is resized to size x size with OpenCV bilinear on
-  float32 (no rounding). After 10 misses: scale the short side to `size` (floor of the long side)
-  and take the central size x size crop.
-- `horizontal_flip`: flip when U(0, 1) < 1/2.
-- `lighting_offset`: alpha ~ N(0, alpha_std) for each of the 3 eigenvectors, offset =
-  EIG_VECS @ (alpha * EIG_VALS) in [0, 1] units, RGB order (pycls adds `rgb[2 - i]` to BGR channel
-  i, i.e. `rgb[k]` to RGB channel k). No draw when alpha_std == 0.
-
-Two forms of the same draws (same random numbers in the same order, same crop box):
-
-- `official_train_example` (what training uses, `grain_pipeline.TrainTransform`): uint8 until the
-  device. The crop is a uint8 slice, resized with OpenCV bilinear on uint8 (fixed-point weights,
-  rounded to the nearest level), flipped; the lighting offset is returned beside the image as 3
-  float32 numbers on the [0, 255] scale (the batch's 'lighting', shape (B, 3)), added on the
-  device (`dolg_jax.training.inputs.device_batch`: image.astype(float32) + lighting). No float
-  image exists on the host and the host-to-device bytes are those of uint8 (+ 12 per image).
-- `official_train_image` / `augment_rgb` (the float form, pycls' own order): float32 RGB on the
-  [0, 255] scale, resized in float32, the lighting offset added and NOT clipped or rounded. Kept as
-  the reference the tests hold to pycls at float rounding (tests/test_official_recipe.py).
-
-The two differ only by the rounding of the resized pixels to uint8: at most 1 grey level per pixel
-(0.5 from rounding plus OpenCV's 11-bit fixed-point weights; measured max 1, mean about 0.25), far
-below the lighting noise (std about 3 levels) and JPEG noise; a crop that needs no resize is
-identical. Other differences from pycls: the random numbers themselves (a Philox stream per example
-instead of each worker's numpy global state) and the decoder (see `dolg_jax.data.decode.decode_rgb`,
-whose defaults read files as `cv2.imread` does).
+Reproduces pycls's ImageNet pipeline (random-sized crop -> horizontal flip -> AlexNet PCA lighting
+-> normalisation) draw for draw on an RGB image, with an explicit random generator. Two forms of
+the same draws: `official_train_example` (training: uint8 image plus a (3,) float32 'lighting'
+offset on the [0, 255] scale, added on the device) and `official_train_image` / `augment_rgb`
+(float32 reference, pycls' own order); they differ by at most 1 grey level per pixel. The draws of
+`random_sized_crop`, `horizontal_flip`, `lighting_offset`, and the differences from pycls:
+docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -86,7 +58,7 @@ def center_crop(size: int, im: np.ndarray) -> np.ndarray:
 def random_sized_crop(im: np.ndarray, size: int, rng, area_frac: float = 0.08,
                       ratio: Tuple[float, float] = (3 / 4, 4 / 3),
                       max_iter: int = MAX_ITER) -> np.ndarray:
-  """pycls `random_sized_crop` on an (H, W, C) float32 image (see the module docstring).
+  """pycls `random_sized_crop` on an (H, W, C) float32 image (docs/design_notes.md).
 
   `rng` needs `uniform(low, high)`, `uniform()` and `integers(low, high)` (numpy Generator).
   """

@@ -4,69 +4,11 @@ Flax Linen, NHWC. `DOLG.__call__(images, train=False)` returns the (N, embedding
 descriptor BEFORE L2 normalisation (the official `global_feature`). Images are RGB in [0, 255]
 (float32 or uint8); normalisation happens inside the model.
 
-Parameter tree (`variables['params']`; `variables['batch_stats']` mirrors every `*bn*` entry with
-`mean`, `var`). Conv kernels are HWIO (torch OIHW -> transpose(2, 3, 1, 0)); Dense kernels are
-(in, out) (torch (out, in) -> .T). Torch key on the right (official DOLG checkpoint):
-
-  globalmodel/                                   globalmodel.
-    stem/conv/kernel        (7, 7, 3, w)           stem.conv.weight   (stem input channels RGB;
-                                                                       torch's are BGR: reverse axis 2)
-    stem/bn/{scale,bias}                           stem.bn.{weight,bias}   (+ running_mean/var)
-    s{i}/b{k}/a/kernel      (1, 1, cin, wb)        s{i}.b{k}.f.a.weight
-    s{i}/b{k}/a_bn/{scale,bias}                    s{i}.b{k}.f.a_bn.*
-    s{i}/b{k}/b/kernel      (3, 3, wb, wb)         s{i}.b{k}.f.b.weight    (stride on this conv)
-    s{i}/b{k}/b_bn/...                             s{i}.b{k}.f.b_bn.*
-    s{i}/b{k}/c/kernel      (1, 1, wb, 4 wb)       s{i}.b{k}.f.c.weight
-    s{i}/b{k}/c_bn/...                             s{i}.b{k}.f.c_bn.*
-    s{i}/b1/proj/kernel     (1, 1, cin, 4 wb)      s{i}.b1.proj.weight     (first block only)
-    s{i}/b1/bn/...                                 s{i}.b1.bn.*
-  pool_g/p                  (1,)                   pool_g.p        (only gem + gem_p_learnable)
-  fc_t/{kernel (2048, 1024), bias}                 fc_t.{weight,bias}
-  fc/{kernel (D_in, 512), bias}                    fc.{weight,bias}   D_in = 2048 (orthogonal, concat),
-                                                                      1024 (hadamard, no local branch)
-  localmodel/                                    localmodel.        (only use_local_branch)
-    aspp/                                          aspp.            (only use_multi_atrous)
-      im_pool/{kernel (1, 1, cin, 512), bias}        aspp.im_pool.1.*
-      aspp_0/{kernel (1, 1, cin, 512), bias}         aspp.aspp.0.*
-      aspp_{j}/{kernel (3, 3, cin, 512), bias}       aspp.aspp.{j}.*   j = 1..len(atrous_rates)
-      conv_after/{kernel (1, 1, 512 (R+2), 1024), bias}  aspp.conv_after.0.*
-    conv1/{kernel (1, 1, c, 1024), bias}           conv1.*          (only use_self_attention)
-    bn/{scale,bias}                                bn.*             (only use_self_attention)
-    conv2/{kernel (1, 1, 1024, 1), bias}           conv2.*          (only use_self_attention)
-  localmodel_res4/ ...  same layout as localmodel, fed by res4 (only local_stage='both'; no torch
-                        counterpart)
-
-Here w = model.width (64), wb = w * 2**(i-1) (stage i inner width), cin = 1024 for the res3 local
-branch and 2048 for res4, c = cin without multi-atrous and local_dim (1024) with it.
-No margin-head weights live in this tree: the margin head is a pure function of the descriptor and
-a separate (num_classes, dim) weight (see margins.py; torch `desc_cls.weight`, `desc_cls.t`).
-
-Ablations (config fields of `c.model`, see configs/default.py):
-  use_local_branch=False: descriptor = fc(f_g), fc is 1024 -> 512; no `localmodel`.
-  use_multi_atrous=False: the local branch takes the backbone map directly (no `aspp`).
-  use_self_attention=False: f_l = the multi-atrous output (or the backbone map itself when multi-atrous
-    is off; that map must then have local_dim channels, i.e. res3 with local_dim 1024).
-  fusion='orthogonal': fc(concat[f_g, avgpool(f_l - proj_{f_g} f_l)])           (paper / release)
-  fusion='concat':     fc(concat[f_g, avgpool(f_l)])                             fc 2048 -> 512
-  fusion='hadamard':   fc(f_g * avgpool(f_l))                                    fc 1024 -> 512
-  global_pool='gem' | 'gap': GeM (p = gem_p, learnable param `pool_g/p` if gem_p_learnable) or mean.
-
-SuperGlobal's extraction modules (Shao et al., ICCV 2023), inference-time, each off by default
-(defaults give exactly the model above):
-  gem_plus_p > 0:   GeM+, the global GeM uses this power (paper 4.6, clamp 1e-8) instead of gem_p /
-                    the learned p (requires global_pool='gem').
-  regional_gem:     regional-GeM on res4 before the global pooling (`regional_gem`: LP-pool
-                    p = regional_gem_p over regional_gem_size^2 windows, reflection padding, mixed
-                    50/50 with the map). The local branch (res3) is unchanged.
-  relu_plus > 0:    ReLU+, the backbone's activations clamped at this floor (0.014) where the released
-                    SuperGlobal ResNet does it (see resnet.ResNet.relu_plus): stages 1-3 block outputs
-                    and stage-1 inner activations, so res3 (the local branch input) changes too;
-                    res4 (GeM input) keeps ReLU.
-  Scale-GeM (max over scales) is in dolg_jax.retrieval.extract (ExtractConfig.scale_pool).
-  local_stage='res3' (paper) | 'res4' (local branch on the stride-32 2048-channel map) | 'both'
-    (two local branches, `localmodel` on res3 and `localmodel_res4` on res4; their pooled local
-    vectors avgpool(f_l) -- after the orthogonal projection when fusion='orthogonal' -- are averaged,
-    so fc keeps its width).
+Ablations (`c.model`: use_local_branch, use_multi_atrous, use_self_attention, fusion, global_pool,
+local_stage) and SuperGlobal's inference-time modules (gem_plus_p, regional_gem, relu_plus; off by
+default) are config fields, see configs/default.py. Conv kernels are HWIO, Dense kernels (in, out);
+the margin head's weight lives outside this tree (margins.py). The full parameter tree with its
+torch keys and the semantics of every option: docs/design_notes.md.
 """
 
 import dataclasses
@@ -348,7 +290,7 @@ def config_fields(section: str, architecture: bool = False) -> tuple[str, ...]:
 class DOLG(nn.Module):
   """DOLG retrieval model: ResNet trunk + local branch + GeM global branch + fusion + fc.
 
-  See the module docstring for the parameter tree and the ablation semantics. Call with RGB images
+  See docs/design_notes.md for the parameter tree and the ablation semantics. Call with RGB images
   in [0, 255], NHWC; returns the float32 descriptor before L2 normalisation. With
   `return_features=True` returns (descriptor, dict of intermediates) for tests and analysis:
     'res3', 'res4'   backbone maps (compute dtype), NHWC, strides 16 and 32;

@@ -3,8 +3,9 @@
 Flax's 'SAME' padding is asymmetric on even inputs with stride 2 (it pads more at the end), while
 torch pads k // 2 on both sides; every conv and the max-pool here use explicit symmetric padding so
 that converted torch weights give the same numbers. Module names mirror the pycls keys (see
-dolg.py's docstring for the full tree): `stem` {conv, bn}, stages `s1..s4`, blocks `b1..bK`, in a
-block `a, a_bn, b, b_bn, c, c_bn` and the projection shortcut `proj, bn` (first block of a stage).
+docs/design_notes.md, dolg.py, for the full tree): `stem` {conv, bn}, stages `s1..s4`, blocks
+`b1..bK`, in a block `a, a_bn, b, b_bn, c, c_bn` and the projection shortcut `proj, bn` (first
+block of a stage).
 
 Initialisation follows pycls: conv kernels normal(0, sqrt(2 / fan_out)), BN scale 1 and bias 0;
 with `zero_init_final_gamma` (pycls BN.ZERO_INIT_FINAL_GAMMA, set by the official DOLG yaml) the

@@ -2,50 +2,14 @@
 
   summary = run(config, workdir=... | checkpoint=..., out_dir=EXPORT_DIR)
 
-Contract (what `python -m dolg_jax.export` writes; tests outside the repository rely on it):
-
-  EXPORT_DIR/model.onnx        ONNX (opset 23, one file), input `images`, output `descriptor`;
-                               runs in onnxruntime.
-  EXPORT_DIR/model.jax_export  `jax.export.Exported.serialize()` bytes, lowered for the platforms
-                               cpu and cuda; runs in a process that imports only jax and numpy:
-                               jax.export.deserialize(bytearray(open(p, 'rb').read())).call(x).
-  EXPORT_DIR/export.json       what was exported (source, model fields, dtype, input contract,
-                               platforms) and the verification figures.
-
-Both models take float32 RGB images (N, H, W, 3) with values in [0, 255] (not normalised: the
-ImageNet normalisation is inside), N, H and W dynamic (any N >= 1 and H, W >= 64; one batch shares
-one size; both refuse other shapes with a message that starts `Input shapes do not match the`:
-jax.export's own check of its dimension variables, which it makes before compiling (sides are
-declared `H_minus_63 + 63`, so a side under 64 is a variable under 1: `jax_input_spec`), and in
-ONNX a guard node of that name (`guard_shape`)),
-and return the (N, embedding_dim) float32 L2-normalised descriptor at ONE scale: exactly the
-per-scale output of evaluation's extraction (dolg_jax.retrieval.extract: model in float32, then L2
-normalisation), for an image resized to that scale. Multi-scale extraction is the caller's loop
-(resize per scale, descriptor per scale, mean, L2; see README).
-
-The model comes from `evaluate.load_model` (the architecture from the file for released/converted
-weights, `config.model` for our checkpoints), with evaluation's extraction-module overrides
-(config.eval.gem_plus_p, regional_gem, relu_plus); the compute dtype is float32 whatever
-config.eval.compute_dtype says. The weights are constants inside both artifacts.
-
-Before `run` returns, both artifacts are read back from disk and checked against the JAX model
-(jit, float32) on random images of `VERIFY_SHAPES` (several sizes, batch 2 included): the worst
-relative error max|out - ref| / max|ref| of each artifact and shape is printed and recorded; above
-`TOLERANCE` (1e-4) `ExportMismatchError` is raised (and export.json says so). Files are written
-under temporary names and renamed, so an interrupted export never leaves a partial file;
-export.json is removed first and written last, with `verified: true` only when both passed.
-
-How the ONNX graph is made: the descriptor function is traced ONCE by JAX with symbolic shapes
-('N, H, W, 3', H and W >= 64) into a jaxpr, and jax2onnx converts a function that replays that
-jaxpr primitive by primitive, with only jax2onnx's lowerings of JAX primitives loaded. Replaying
-(instead of letting jax2onnx trace the Flax model) keeps jax2onnx's flax.linen replacements out (its
-linen Conv / BatchNorm / max_pool shims lose the dynamic NHWC shapes and the explicit torch
-padding); the one primitive rewritten on the way is the stem's 4-D max reduce-window (jax2onnx would
-make it a MaxPool with 4 spatial dims, which onnxruntime refuses): it becomes NCHW -> (N*C, H, W) ->
-a (1, 3, 3) max reduce-window -> back, the
-same maxima; and integer remainders (regional-GeM's reflection indices) become a - trunc(a / b) b,
-the same integers (jax2onnx's rem lowering needs static shapes). The model code is unchanged;
-every model variant and extraction module (GeM+, regional-GeM, ReLU+) exports.
+Writes EXPORT_DIR/model.onnx (opset 23, input `images`, output `descriptor`), model.jax_export
+(`jax.export` bytes for cpu and cuda) and export.json (what was exported, verification figures;
+written last, `verified: true` only when both artifacts match). Both take float32 RGB (N, H, W, 3)
+in [0, 255], N, H, W dynamic (H, W >= 64; other shapes fail with `Input shapes do not match the`),
+and return the (N, embedding_dim) float32 L2-normalised descriptor at ONE scale, as evaluation's
+extraction. Both are checked against the JAX model before `run` returns (`ExportMismatchError`
+above `TOLERANCE`); files are written atomically. The full contract and how the ONNX graph is
+made: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -227,7 +191,7 @@ def _load_jax_plugins() -> None:
 
 
 def export_onnx(fn: Callable, spec: Optional[jax.ShapeDtypeStruct] = None) -> onnx.ModelProto:
-  """The ONNX model of `fn` (dynamic N, H, W), via a traced jaxpr (see the module docstring)."""
+  """The ONNX model of `fn` (dynamic N, H, W), via a traced jaxpr (docs/design_notes.md)."""
   spec = input_spec() if spec is None else spec
   closed = jax.make_jaxpr(fn)(spec)
 

@@ -1,41 +1,12 @@
 """Multi-scale global descriptors for retrieval evaluation, sharded over devices, bounded compiles.
 
-Per image (the official DOLG / DELG test protocol):
-  1. decode to RGB; a query is cropped to its box [x1, y1, x2, y2] first (`crop_rounding`:
-     'trunc' = official int() truncation, rows int(y1):int(y2), cols int(x1):int(x2); 'round';
-     'expand' = floor of the start, ceil of the end);
-  2. optional long-side cap `max_side` (DELG: 1024), preserving the aspect ratio; whatever
-     `max_side`, the long side is capped so that every scale fits `LARGEST_SIDE` (`long_side_cap`:
-     a 24 MP photo is extracted, not refused; images that fit are unchanged);
-  3. for every scale s: bilinear resize to (round(h s), round(w s)) -> model -> L2 normalise;
-  4. mean over scales -> L2 normalise (`scale_pool='max'`: SuperGlobal's scale-GeM, the
-     element-wise max of the L2-normalised per-scale descriptors, then L2 normalise; its
-     `sgem` module with the default infinity=True).
-
-Bounded compilation: every distinct input shape is one XLA compilation, and query crops come in all
-sizes. With `pad` (the eval default, for models that take `valid_hw`, as DOLG does) each image is
-resized to its EXACT scaled size and placed top-left in a zero canvas whose sides come from a fixed
-ladder (`canvas_sides`: multiples of 32 up to 256, then 2**(1/`canvas_steps_per_octave`) steps);
-query crops, which come in every size, use a coarser ladder (`crop_canvas_steps_per_octave`);
-the model masks the padding (see dolg_jax.models.resnet.valid_mask), so descriptors equal
-exact-size extraction up to float rounding; batches are always padded to `batch_size`, so there is
-one compilation per canvas used, at most the ladder's length squared whatever the dataset; a
-batch holds at most `MAX_BATCH_PIXELS` (canvases over 2048 x 2048 run fewer rows at a time).
-Without `pad`, with `bucket` > 0, each scaled side is snapped to the nearest allowed length instead
-of the exact one, so the image is resized straight to a bucketed size (a slight aspect change, no
-padding: padding would change GeM/average pooling). Allowed lengths are multiples of `bucket`
-(default 32); optionally, beyond `geometric_from`, a geometric progression with ratio
-2**(1/`steps_per_octave`) rounded to multiples of `bucket` (fewer compilations, larger aspect
-changes). Batches are padded (with dropped rows) to a power of two between the device count and
-`batch_size`. Measured effects on descriptors and compile counts: see bench_eval.py.
-
-Sharding: the batch axis is split over a 1-D mesh of this process's devices ('data'); variables
-are replicated. With several processes, each extracts every process_count-th image (`own_share`):
-callers that can read records by index pass only their share (`presharded=True`), so no process
-reads the others' bytes. `extract_own` returns this process's rows only (the collection index
-writes them as its own parts; nothing is gathered); `extract` then exchanges just those rows, one
-(num / process_count, D) block per process, so every process returns the full array (evaluation
-scores on every process).
+Per image (the official DOLG / DELG test protocol): decode to RGB, crop a query to its box
+(`crop_rounding`), cap the long side (`max_side`, and always `LARGEST_SIDE`), then for every scale
+resize bilinearly -> model -> L2 normalise, and pool the scales (mean, or `scale_pool='max'`) ->
+L2 normalise. Compilations are bounded by padding into a ladder of canvases (`pad`) or bucketing
+the sides (`bucket`). The batch axis is sharded over this process's devices; with several
+processes each extracts its own share (`extract_own`), and `extract` returns the full array on
+every process. Each step, the compile bounds and the sharding in detail: docs/design_notes.md.
 """
 
 from __future__ import annotations

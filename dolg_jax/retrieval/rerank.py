@@ -2,58 +2,11 @@
 
 `superglobal(queries, db, M=400, K=9, beta=0.15)` returns ranks (n_db, n_queries) in the revisitop
 convention (column q = database indices for query q, best first), like `search.full_ranks`.
-
-What the released code computes (ShihaoShao-GH/SuperGlobal, modules/reranking/MDescAug.py and
-RerankwMDA.py, called from test/test_model.py), and what this module computes, per query q with
-L2-normalised descriptors:
-
-1. Initial ranking: dot products, decreasing; `top` = the first M database indices (M is clipped
-   to n_db). Here the order follows the ranking rule of `dolg_jax.retrieval.search` (float32
-   scores of `iter_score_chunks`, ties to the lower index); the released code uses torch.argsort
-   (no tie rule).
-2. MDescAug: X = db[top] (M, d); S = X X^T (M, M). For every candidate m, its K+1 best entries of
-   S[m] (decreasing; normally the first is m itself) with weights w = (1, beta s_1, ..., beta s_K)
-   (weight 1 for the best, whatever its similarity; beta times the similarity for the others) give
-   the refined descriptor x'_m = sum_j w_j X[j] / sum_j w_j. x'_m is NOT re-normalised.
-3. Refined scores r_m = q . x'_m; the candidates are put in the order of decreasing r
-   ("pre-order").
-4. RerankwMDA: the expanded query is the element-wise max of the refined descriptors of the K+1
-   first candidates in pre-order (the query itself is not part of the max); the final score of the
-   candidate at pre-order position p is (r_(p) + expanded . x'_(p)) / 2, and the top M are sorted
-   by it (decreasing; ties keep the pre-order). The database items beyond the first M keep their
-   initial order.
-
-This module follows the released code. Its points that a reading of the method alone could get
-wrong (the paper's method section was not available to check against here; where it differs, the
-code is what we reproduce):
-* weight 1 for the nearest entry (normally the candidate itself) whatever its similarity, and
-  beta * similarity for the K others; the sum is divided by the sum of the weights (a weighted
-  mean) and the refined descriptor is not L2-normalised again;
-* the expanded query is the max over the K+1 best refined database descriptors only; the query
-  descriptor is not part of it;
-* RerankwMDA also multiplies the K+1 best refined scores by beta into a tensor that is never used
-  (`ranks_value_trans`); it has no effect and is not reproduced;
-* K counts the neighbours besides the candidate (K+1 in total, the code's `self.K = K + 1`); when
-  M < K + 1 all M are used;
-* the final sort is over the refined-score order (pre-order), so equal final scores keep the
-  refined-score order; torch.argsort itself has no tie rule, we use stable sorts throughout.
-
-Tie rule: every sort is stable (top-k with lower index first), on float32 device arithmetic with
-HIGHEST matmul precision. The re-ranking runs in jitted chunks of `query_chunk` queries; only
-(query_chunk, M, d) candidate descriptors and (query_chunk, M, M) similarities live on device.
-
-Entry points:
-* `superglobal_topm`: the initial top M from the chunked device top-k (`search.topk`, no sort of
-  the database) and their re-ranking (n_queries, M): seconds even with +1M distractors.
-* `superglobal`: the full (n_db, n_queries) ranks. The tail's initial order needs one stable sort
-  of the (n_queries, n_db) scores (host numpy, `search.full_ranks`, per query chunk); its first M
-  rows are the initial top M, re-ranked in place. The sort dominates its time with 1M distractors.
-* `superglobal_positions` / `fast_compute_protocols`: exact positions of chosen items in the
-  `superglobal` ranking without that sort (the +1M fast path for revisitop's mAP, same numbers).
-* `rerank_heads`: the re-ranking of given initial heads.
-
-Timing: `python -m dolg_jax.tools.bench_rerank --queries=70 --db=1000000 --dim=512` (`benchmark`
-here).
+`superglobal_topm` re-ranks only the initial top M (n_queries, M); `superglobal_positions` /
+`fast_compute_protocols` give exact positions in the `superglobal` ranking without the full sort
+(the +1M path); `rerank_heads` re-ranks given initial heads. Every sort is stable (ties to the
+lower index), on float32 with HIGHEST matmul precision, in jitted chunks of `query_chunk` queries.
+The algorithm step by step and where it follows the released code: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -1,34 +1,11 @@
 """Nearest-neighbour search for retrieval evaluation, and the exact +1M fast path.
 
-Scores are dot products of (already L2-normalised) descriptors, computed on the default JAX device
-in fixed-size database chunks (one compiled program per (n_queries, chunk_size)); the database
-may be given as several segments (e.g. the 5k base set followed by 1M distractors) and is never
-concatenated.
-
-Ranking rule (the contract every path here follows): the full ranking of query q is
-`np.argsort(-scores[q], kind='stable')`, i.e. decreasing score and, for equal float32 scores, the
-lower database index first (-0.0 and +0.0 are equal). `scores` are the float32 values produced by
-`iter_score_chunks` for the given chunk size; `similarity_matrix` returns them and `full_ranks`
-sorts them, which is the slow reference.
-
-Measured (python -m dolg_jax.tools.bench_eval, 2 shared CPU cores, 70 queries x 1,004,993 x 512,
-real ROxf gnd): full argsort path 22.7 s (scores 5.9 + stable argsort 14.5 + compute_map x3 2.4) vs
-the fast path 7.2 s including its own scores (~1.3 s beyond them), identical results. On CPU the
-'device' counting is slower than argsort (XLA gathers); it is meant for accelerators.
-
-Fast path: revisitop's AP and mP@k only need the positions of the labelled images (positives and
-junk) in the full ranking. `item_positions` computes, for each labelled image x, the number of
-database images ranked before it, #{y : s_y > s_x or (s_y == s_x and y < x)}, without sorting:
-
-* method 'host' (default on CPU): each score is mapped to an order-preserving uint32 key; a
-  histogram of the top `bins_bits` key bits gives the count of images in strictly higher coarse
-  bins; the few images that share a coarse bin with a labelled image are compared exactly with a
-  64-bit (key, index) composite. Linear time, numpy on the host, scores streamed chunk by chunk.
-* method 'device' (default on GPU/TPU): a lexicographic binary search of every score among the
-  labelled images' sorted (score, index) keys and a per-query histogram, all on device.
-
-Both give positions identical to the full stable argsort (tests prove it, ties included), so
-`fast_compute_map` returns bit-identical numbers to `metrics.compute_map(full_ranks(...))`.
+Scores are float32 dot products of L2-normalised descriptors, computed on the default JAX device
+in fixed-size database chunks (`iter_score_chunks`); the database may be several segments, never
+concatenated. Ranking rule (every path follows it): `np.argsort(-scores[q], kind='stable')`, i.e.
+decreasing score, ties to the lower index. `full_ranks` is the slow reference; `item_positions` /
+`fast_compute_map` give the labelled images' positions without sorting (methods 'host', 'device')
+and bit-identical mAP. How the fast path works and its measurements: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -1,42 +1,11 @@
 """Peak dense FLOP/s per device kind and compute dtype (NVIDIA tensor cores, Cloud TPU chips).
 
 `peak_tflops(device_kind, dtype)` matches the longest table key contained in JAX's `device_kind`
-string (e.g. 'NVIDIA H100 80GB HBM3' -> 'H100'; 'NVIDIA H100 PCIe' -> 'H100 PCIe') in the table of
-the run's compute dtype; None for unknown kinds, CPUs and dtypes a kind has no figure for. Figures
-are per JAX device, dense (no 2:4 sparsity), with fp32 accumulation:
-- 'bfloat16': bf16 inputs (`PEAK_TFLOPS`).
-- 'float16': fp16 inputs; NVIDIA tensor cores run fp16 at the bf16 rate (V100: fp16 only); TPUs
-  have no fp16 figure (None).
-- 'float32': what JAX's default matmul/conv precision runs float32 on ("float32 dot products may
-  be computed with reduced-precision arithmetic internally (bfloat16 on TPU, TF32 on recent GPUs)",
-  docs.jax.dev, Matmul precision): the dense TF32 tensor-core peak on NVIDIA Ampere and later, the
-  FP32 CUDA-core peak on V100 (no TF32), the bf16 MXU peak on TPU (one bf16 pass).
-`memory_bytes(device_kind)` is the per-device HBM, used where the runtime cannot say (ahead-of-time
-compiles for a TPU topology on a CPU host); on a live device `device.memory_stats()` is preferred.
-
-Sources (vendor data sheets; sparse figures halved where only those are given):
-- H100 SXM 989.4, PCIe 756, NVL 835: NVIDIA H100 Tensor Core GPU data sheet (2023), "BF16 Tensor
-  Core 1,979 / 1,513 / 1,671 teraFLOPS with sparsity"; TF32 989 / 756 / 835 with sparsity.
-- H200 SXM 989, NVL 835: NVIDIA H200 data sheet (2024; the compute of H100 SXM / NVL, 141 GB
-  HBM3e).
-- GH200 989: NVIDIA GH200 Grace Hopper data sheet (H100-class GPU).
-- B200 2,250: NVIDIA DGX B200 / HGX B200 specifications (4.5 PFLOPS FP16/BF16, 2.2 PFLOPS TF32,
-  with sparsity).
-- GB200 2,500: NVIDIA GB200 NVL72 specifications (180 PFLOPS dense FP16/BF16 over 72 GPUs; TF32
-  90 PFLOPS dense).
-- A100 312: NVIDIA A100 data sheet (SXM and PCIe alike; TF32 156). A10 125 (TF32 62.5), L4 121
-  (242 with sparsity; TF32 120 with sparsity), L40 181 (362 with sparsity; TF32 181 with sparsity),
-  L40S 362 (733 with sparsity; TF32 366 with sparsity): the respective NVIDIA data sheets.
-- V100 125: FP16 tensor cores (V100 has no bf16: a bf16 program runs far below this); FP32 15.7
-  (SXM2 data sheet).
-- RTX 4090 165: Ada whitepaper, FP16/BF16 with FP32 accumulation; TF32 82.6.
-- TPU v4 275, v5e 197, v5p 459, v6e (Trillium) 918: Google Cloud TPU system architecture pages
-  (bf16 peak per chip; v4 and v5p expose one megacore device per chip).
-- TPU v7 (Ironwood, JAX kind 'TPU7x') 2,307 per chip (Google Cloud Ironwood announcement, 2025:
-  4,614 FP8 TFLOP/s per chip, bf16 half of that); JAX exposes the chip's two TensorCores as two
-  devices, so 1,153.5 per device.
-Memory per device: TPU v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB, v7 192 GiB per chip = 96 GiB
-per device (same pages).
+string (e.g. 'NVIDIA H100 80GB HBM3' -> 'H100') in the table of the run's compute dtype
+('bfloat16', 'float16', 'float32'); None for unknown kinds, CPUs and dtypes a kind has no figure
+for. Figures are per JAX device, dense, with fp32 accumulation. `memory_bytes(device_kind)` is the
+per-device HBM, for where the runtime cannot say (compile-only TPU devices). What each dtype's
+figure means and the source of every number: docs/design_notes.md.
 """
 
 PEAK_TFLOPS = {

@@ -1,34 +1,12 @@
 """Ahead-of-time plan of the train step: FLOPs and per-device memory, compiled without running.
 
-`plan(config, devices)` builds the configured mesh over `devices` (the local ones, or the
-compile-only devices of a TPU topology), describes the train state and a global batch with
-`jax.ShapeDtypeStruct`s (no parameter is initialised, no data is read), lowers and compiles the
-real jitted train step (dolg_jax.training.step: same shardings, donation, accumulation, margin
-head over `config.head.num_classes`) and reads XLA's analyses:
-
-  flops_per_step                 compiled cost analysis, FLOPs per device x devices
-  flops_per_device_step
-  flops_per_step_unoptimised     the lowered (pre-optimisation, global) program's FLOPs (None on
-                                 backends without that analysis, e.g. TPU)
-  peak_memory_bytes_per_device   compiled memory analysis: the larger of XLA's peak and arguments
-                                 + outputs + temporaries with donated buffers counted once
-  argument_bytes_per_device      the train state's shard on one device: params + optimizer state
-                                 (+ BN statistics, step, CurricularFace t), also split out below
-  temp_bytes_per_device, batch_bytes_per_device, ...
-  device_kind, device_memory_bytes   `device.memory_stats()['bytes_limit']` (GPU, TPU); for
-                                 compile-only TPU devices the HBM of the kind (training/peaks.py);
-                                 None on CPU (or pass `device_memory_bytes` to plan for a device)
-  fits                           peak <= device memory; None when the device memory is unknown
-  collectives                    the compiled program's collectives per step and device, by kind
-                                 (all-reduce, all-gather, reduce-scatter, collective-permute,
-                                 all-to-all): {'count', 'bytes'}, parsed from the compiled HLO text
-                                 (`collectives(hlo_text)`); collective_bytes_per_device_step
-                                 sums them
-
-`max_batch(...)` doubles then bisects the per-device batch (multiples of grad_accum_steps) for the
-largest whose step fits. `topology_devices(name)` returns the compile-only devices of a Cloud TPU
-topology through libtpu (`jax.experimental.topologies.get_topology_desc`), the way MaxText's
-train_compile.py plans a pod on a CPU host.
+`plan(config, devices)` lowers and compiles the real jitted train step over the configured mesh
+from `jax.ShapeDtypeStruct`s (no parameter initialised, no data read) and returns XLA's analyses:
+flops_per_step(_unoptimised), flops_per_device_step, peak / argument / temp / batch bytes per
+device, device_kind, device_memory_bytes, fits (peak <= device memory; None when unknown) and
+collectives per kind. `max_batch(...)` finds the largest per-device batch that fits;
+`topology_devices(name)` gives the compile-only devices of a Cloud TPU topology. The definition of
+every field: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -1,37 +1,12 @@
 """Where a training run's time goes: utilisation fields for metrics.jsonl / TensorBoard, profiles.
 
-The loop makes one `Utilisation` and calls it at a few points:
-
-  util.before_step(step)                  # starts the profiler trace when train.profile_steps says
-  with util.step_region(step + 1):        # one xprof step
-    with util.region('input_wait'): ...   # next host batch + global sharded batch
-    state, metrics = train_step(...)      # asynchronous dispatch
-  util.after_step(step + 1, metrics)      # stops the trace after its last step
-  with util.region('checkpoint'): ...     # timed and named in the trace
-  util.begin('evaluation') ... util.end('evaluation')
-  record.update(util.fields(step, timing))  # at each log line, with Progress.update's timing
-
-`fields` adds, over the steps since the previous log line (the interval Progress measures; its
-wall time includes input waits and checkpoint saves and excludes evaluations):
-  images_per_sec_per_device     images/s / device count
-  tflops_per_sec                achieved TFLOP/s of all devices (XLA cost analysis FLOPs / step
-                                time)
-  tflops_per_sec_per_device
-  fraction_of_peak              of the device kind's dense peak in the run's compute dtype
-                                (config.compute_dtype; training/peaks.py; GPU/TPU)
-  input_wait_s, input_wait_fraction   host time blocked on the input pipeline (the steps are
-                                dispatched asynchronously, so this is time the devices may idle)
-  checkpoint_time_s, checkpoint_fraction   time spent in checkpoint saves (async saves: the
-                                blocking part)
-  profiler_time_s               time spent writing a profiler trace (on the line whose interval
-                                holds the end of train.profile_steps' window)
-The evaluation's time is the loop's `eval_time_s` on the evaluation step's line (it is left out
-of Progress's wall time, so out of the fractions above).
-
-`train.profile_steps = (start, num)` traces the steps start+1 .. start+num (iterations with
-`state.step` in [start, start + num)) on process 0 into WORKDIR/profile/plugins/profile/<time>/
-(TensorBoard: `tensorboard --logdir=WORKDIR`, Profile tab). Step 0 includes compilation: start at
-10 or later for steady state.
+The loop makes one `Utilisation` and calls `before_step`, `step_region`, `region` / `begin` /
+`end` (input_wait, checkpoint, evaluation), `after_step`, and at each log line
+`record.update(util.fields(step, timing))`. `fields` adds images_per_sec_per_device,
+tflops_per_sec(_per_device), fraction_of_peak, input_wait_s / _fraction, checkpoint_time_s /
+_fraction and profiler_time_s over the interval since the previous log line.
+`train.profile_steps = (start, num)` traces those steps on process 0 into WORKDIR/profile/
+(TensorBoard's Profile tab). The call pattern and each field: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -78,7 +53,7 @@ def device_peak_tflops(device, compute_dtype: str) -> float | None:
 
 
 class Utilisation:
-  """Timings of the parts of training steps and the profiler window (see the module docstring)."""
+  """Timings of the parts of training steps and the profiler window (docs/design_notes.md)."""
 
   def __init__(self, workdir: str, profile_steps, images_per_step: int, is_primary: bool,
                compute_dtype: str):

@@ -1,46 +1,13 @@
 """ImageNet backbones by name: public URL and checksum, downloaded once into a cache, verified.
 
 `resolve(spec)` turns `config.train.backbone_init` into a local file plus a record of where it
-came from (for the log and the run manifest):
-
-* `'none'`: no backbone, training starts from random weights (said in the log and the manifest);
-* a name in `BACKBONES`: `pycls_r50`, `pycls_r101` (the pycls model zoo's DDS baselines; the
-  official DOLG training starts from `R-101-1x64d_dds_8gpu.pyth`), `torchvision_r50`,
-  `torchvision_r101` (torchvision's V1 ResNet weights);
-* an http(s) URL (a mirror, or any backbone checkpoint);
-* a local file (pycls `.pyth`, torchvision `.pth`, a DOLG checkpoint) or a converted directory,
-  used as it is (its sha256 is recorded).
-
-The file is then read by `dolg_jax.weights.backbone.load_backbone` (pycls and torchvision key
-layouts).
-
-Checksums. torchvision's file names carry the first 8 hex digits of the file's sha256
-(`resnet50-0676ba61.pth`), which torch.hub checks; so do we, for every URL whose file name has that
-`-<hex>.` form. pycls publishes none: the sha256 of the first download is recorded beside the
-cached file (`<file>.sha256`, in `sha256sum` format) and in the manifest. Every later use
-recomputes the cached file's sha256 and refuses a file that no longer matches the recorded digest
-or the published prefix. A file placed in the cache by hand has its sha256 recorded at first use.
-Files are cached under their file name, as torch.hub does: URLs ending in the same file name share
-one cached file (and its record).
-
-Downloads go to a temporary `.<file>.<random>.part` in the cache directory, hashed as they arrive;
-the byte count is checked against Content-Length (an interrupted transfer is an error), the
-checksum is verified, and only then is the file moved to its name with `os.replace` (atomic). So a
-partial or unverified file is never used and never left behind: on any error the temporary file is
-removed, and one left by a killed process is never read. The sha256 record is written (also
-atomically) before the file is moved into place. Progress: a tqdm bar when tqdm is installed,
-otherwise a log line every 10%.
-
-Cache directory: `config.train.backbone_cache_dir`; when empty, `$DOLG_JAX_WEIGHTS_CACHE`; when
-unset, `~/.cache/dolg_jax/weights`. Without internet, put the file there under its name (the
-offline error names the URL, the file and the directory), or set `backbone_init` to its path.
-
-Every failure raises a `WeightsError` (a ValueError) with one line: what is wrong, what to do.
-
-Not pooch (1.9): it verifies only a full known hash (torch.hub's name prefix would be checked after
-the file is in place), downloads a cached file whose hash differs again instead of refusing it, and
-takes a response without Content-Length as complete; keeping the rules above would leave it only
-the temporary-file-and-move step.
+came from (for the log and the run manifest). `spec` is 'none' (random init), a name in
+`BACKBONES` (pycls_r50, pycls_r101, torchvision_r50, torchvision_r101), an http(s) URL, or a local
+file / converted directory (used as is; its sha256 recorded). Files are sha256-checked (against
+torchvision's name prefix, or the digest recorded at first download), downloaded atomically, and
+cached in `config.train.backbone_cache_dir`, else `$DOLG_JAX_WEIGHTS_CACHE`, else
+`~/.cache/dolg_jax/weights`. Every failure raises a one-line `WeightsError` (a ValueError).
+Checksum and download rules, and why not pooch: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -404,7 +371,7 @@ def resolve(spec: str, *, cache_dir: str = '', model: Any = None,
             table: Mapping[str, Backbone] | None = None, progress: bool = True,
             timeout: float = 60.0) -> Resolved:
   """The backbone named by `spec` ('none', a name of `table`, a URL or a local path) as a local
-  file, downloaded and verified as the module docstring says.
+  file, downloaded and verified as docs/design_notes.md says.
 
   Args:
     spec: config.train.backbone_init.
