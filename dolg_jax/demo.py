@@ -9,6 +9,7 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+import tensorflow_datasets as tfds
 
 from dolg_jax import cli
 from dolg_jax.training import demo_run
@@ -27,6 +28,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # quiet unless asked (--verbosity=1 shows everything)
     logging.set_verbosity(logging.WARNING)
+    tfds.display_progress_bar(False)  # the demo's own lines say what is being built
   demo_run.run_demo(FLAGS.config, FLAGS.workdir)
 
 
