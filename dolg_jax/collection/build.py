@@ -227,6 +227,7 @@ def build(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
   move_aside = _check_existing(store, fp, root, options.replace)
   _barrier('collection_checked')
   new_files: list[str] = []
+  verified: dict = {}  # part digests checked by repair (process 0)
   if pid == 0:
     if move_aside:
       old_key = store.manifest()['fingerprint']['model_key']
@@ -247,7 +248,7 @@ def build(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
                   'config': json.loads(config.to_json())},
         'protocol': protocol(config, cfg, options)})
     store.write_manifest(manifest)
-    repair(store, manifest)
+    verified = repair(store, manifest)
     planned = {f for plan in store.plans() for f in plan['files']}
     new_files = [f for f in found if f not in planned]
     if new_files:
@@ -271,7 +272,8 @@ def build(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
     summary = finalize(store, options, {
         'found': len(found), 'new': len(new_files), 'extracted_by_process_0': extracted,
         'processes': nproc, 'extract_seconds': t_extract,
-        'images_per_second_process_0': extracted / t_extract if t_extract > 0 else 0.0})
+        'images_per_second_process_0': extracted / t_extract if t_extract > 0 else 0.0},
+        verified)
   _barrier('collection_finalized')
   if pid != 0:
     summary = store.manifest()
@@ -289,28 +291,31 @@ def protocol(config: ml_collections.ConfigDict, cfg: extract_lib.ExtractConfig,
           'max_pixels': options.limits.max_pixels, 'max_file_mb': options.limits.max_file_mb}
 
 
-def repair(store: store_lib.IndexStore, manifest: dict) -> list[str]:
-  """Uncommits every damaged or incomplete part (extracted again by this run); the problems."""
+def repair(store: store_lib.IndexStore, manifest: dict) -> dict:
+  """Uncommits every damaged or incomplete part (extracted again by this run); returns the
+  recorded digests of the part files it verified (finalize does not hash them again)."""
   recorded = manifest.get('checksums')
   for rel, want in sorted((recorded or {}).items()):
     if rel.startswith('plans/') and store_lib.file_digest(os.path.join(store.path, rel)) != want:
       raise store_lib.DamagedIndexError(
           f'{os.path.join(store.path, rel)} differs from its checksum in {store_lib.MANIFEST} '
           f'(a plan fixes which files form each part); {store_lib.UNREPAIRABLE}')
-  problems = []
+  verified = {}
   for g, p in store.committed_parts():
     problem = store.part_problem(g, p, recorded)
     if problem:
       store.remove_part(g, p)
-      problems.append(problem)
-  for problem in problems:
-    print(f'index: repairing {store.path}: {problem}; the part is extracted again',
-          file=sys.stderr)
-  return problems
+      print(f'index: repairing {store.path}: {problem}; the part is extracted again',
+            file=sys.stderr)
+    elif recorded and all(rel in recorded for rel in store.part_files(g, p)):
+      verified.update({rel: recorded[rel] for rel in store.part_files(g, p)})
+  return verified
 
 
-def finalize(store: store_lib.IndexStore, options: Options, last_run: dict) -> dict:
-  """Counts, skipped.csv, the FAISS structure and its recall, manifest status 'complete'."""
+def finalize(store: store_lib.IndexStore, options: Options, last_run: dict,
+             verified: Optional[dict] = None) -> dict:
+  """Counts, skipped.csv, the FAISS structure and its recall, checksums (`verified`: part digests
+  `repair` checked this run), manifest status 'complete'."""
   manifest = store.manifest()
   parts = store.all_parts()
   missing = [(g, p) for g, p, _ in parts if not store.is_committed(g, p)]
@@ -328,12 +333,12 @@ def finalize(store: store_lib.IndexStore, options: Options, last_run: dict) -> d
     raise AssertionError(f'counts do not add up: {counts}')
   committed = [(g, p) for g, p, _ in parts]
   old = manifest.get('checksums') or {}
-  sums = store.checksums(committed)
+  parts_sums = store.part_checksums(committed, verified)   # hashes only parts new this run
   info = None
   if len(rows):
     info = build_faiss(store, rows, options.faiss, manifest.get('faiss'), options,
-                       reusable=_faiss_reusable(store, old, sums))
-  sums = store.checksums(committed, old=sums)  # skipped.csv and faiss.index as written now
+                       reusable=_faiss_reusable(store, old, parts_sums))
+  sums = store.checksums(committed, parts_sums)  # with skipped.csv and faiss.index as written now
   manifest.update({'status': 'complete', 'updated': _now(), 'counts': counts, 'dim': rows.dim,
                    'faiss': info, 'last_run': last_run, 'checksums': sums})
   store.write_manifest(manifest)

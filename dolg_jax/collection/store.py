@@ -255,14 +255,17 @@ class IndexStore:
       return f'{files[0]} holds {d.shape[0]} descriptors for {len(rows)} rows'
     return None
 
-  def checksums(self, parts: Sequence[tuple[int, int]], old: Optional[dict] = None) -> dict:
-    """{relative path: {'bytes', 'sha256'}} of the parts, the plans, skipped.csv and faiss.index
-    (part entries of `old` reused as they are: pass only digests made by this run)."""
-    old = old or {}
-    out = {}
-    for g, p in parts:
-      for rel in self.part_files(g, p):
-        out[rel] = old.get(rel) or file_digest(os.path.join(self.path, rel))
+  def part_checksums(self, parts: Sequence[tuple[int, int]], known: Optional[dict] = None
+                     ) -> dict:
+    """{relative path: {'bytes', 'sha256'}} of the parts' files; entries of `known` (digests this
+    run made or verified) are taken as they are, the others read and hashed."""
+    known = known or {}
+    return {rel: known.get(rel) or file_digest(os.path.join(self.path, rel))
+            for g, p in parts for rel in self.part_files(g, p)}
+
+  def checksums(self, parts: Sequence[tuple[int, int]], known: Optional[dict] = None) -> dict:
+    """`part_checksums` plus the plans, skipped.csv and faiss.index (the manifest's 'checksums')."""
+    out = self.part_checksums(parts, known)
     for name in sorted(os.listdir(self.plans_dir)) if os.path.isdir(self.plans_dir) else []:
       if name.startswith('plan-') and name.endswith('.json'):
         out[f'plans/{name}'] = file_digest(os.path.join(self.plans_dir, name))

@@ -16,21 +16,21 @@ from dolg_jax.data import csv_metadata
 from dolg_jax.data.build_plan import Exclusion
 
 
+# subset -> (file, its columns, reader)
+_LISTINGS = {'clean': ('train_clean.csv', 'landmark_id,images', csv_metadata.read_train_clean),
+             'full': ('train.csv', 'id,url,landmark_id', csv_metadata.read_train)}
+
+
 def read_listing(manual_dir: str, subset: str) -> List[Tuple[str, int]]:
   """(image id, landmark id) pairs of the `clean` or `full` listing, in file order."""
-  if subset == 'clean':
-    path = os.path.join(manual_dir, 'train_clean.csv')
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
-                              'train_clean.csv (landmark_id,images)')
-    return csv_metadata.read_train_clean(path)
-  if subset == 'full':
-    path = os.path.join(manual_dir, 'train.csv')
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
-                              'train.csv (id,url,landmark_id)')
-    return csv_metadata.read_train(path)
-  raise ValueError(f'unknown GLDv2 subset {subset!r} (expected clean or full)')
+  if subset not in _LISTINGS:
+    raise ValueError(f'unknown GLDv2 subset {subset!r} (expected clean or full)')
+  name, columns, read = _LISTINGS[subset]
+  path = os.path.join(manual_dir, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
+                            f'{name} ({columns})')
+  return read(path)
 
 
 def read_exclusion(path: str) -> Exclusion:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from concurrent import futures
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
@@ -127,6 +128,7 @@ def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
   return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 
+@functools.lru_cache(maxsize=None)  # called per image; ExtractConfig is frozen
 def long_side_cap(cfg: ExtractConfig) -> int:
   """The long-side cap applied before scaling: `max_side` (0 = none) and, always, the largest side
   whose every scale fits LARGEST_SIDE."""
