@@ -54,7 +54,7 @@ def _leaf_digest(x):
   shape = u.shape
   index = jnp.zeros(shape, jnp.uint32)
   stride = 1
-  for d in reversed(range(len(shape))):   # Row-major position, without reshaping the sharded array.
+  for d in reversed(range(len(shape))):  # Row-major position, without reshaping the sharded array.
     index = index + lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % 2**32)
     stride *= shape[d]
   s1 = jnp.sum(u * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)

@@ -40,21 +40,23 @@ flags.disclaim_key_flags()
 HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-CONFIGS_DIR = os.path.join(PACKAGE_DIR, 'configs')   # the repository's configs/ (a link there)
+CONFIGS_DIR = os.path.join(PACKAGE_DIR, 'configs')  # the repository's configs/ (a link there)
 SHIPPED = 'dolg_jax:'
-CONFIG_HELP = ('Config: a file relative to the working directory (configs/r101.py; FILE.py:ARG '
-               'passes ARG to get_config) or a shipped config by name from anywhere '
-               '(dolg_jax:r101, dolg_jax:ablation:no_local).')
+CONFIG_HELP = (
+  'Config: a file relative to the working directory (configs/r101.py; FILE.py:ARG '
+  'passes ARG to get_config) or a shipped config by name from anywhere '
+  '(dolg_jax:r101, dolg_jax:ablation:no_local).'
+)
 CHECKPOINT_HELP = 'Released .pyth/.pth, converted dir, or one of our checkpoint step dirs.'
 
 # Library warnings that do not mean anything is wrong: (the library's folder, the message).
 HARMLESS_WARNINGS = (
-    # orbax reads a step's metadata before writing it; our verification names damaged steps.
-    ('orbax', re.compile(r'Metadata file does not exist: ')),
-    # TFDS looks at a dataset folder before it is prepared; the missing dataset is named by us.
-    ('tensorflow_datasets', re.compile(r'Variant folder .* has no dataset_info\.json')),
-    # TFDS on a builder config made at run time (folder/NAME datasets are, by design).
-    ('tensorflow_datasets', re.compile(r'Using custom data configuration: ')),
+  # orbax reads a step's metadata before writing it; our verification names damaged steps.
+  ('orbax', re.compile(r'Metadata file does not exist: ')),
+  # TFDS looks at a dataset folder before it is prepared; the missing dataset is named by us.
+  ('tensorflow_datasets', re.compile(r'Variant folder .* has no dataset_info\.json')),
+  # TFDS on a builder config made at run time (folder/NAME datasets are, by design).
+  ('tensorflow_datasets', re.compile(r'Using custom data configuration: ')),
 )
 
 
@@ -80,8 +82,9 @@ def print_help(doc: Optional[str], fv: flags.FlagValues) -> int:
 
 def shipped_configs() -> list[str]:
   """Names of the shipped configs (`dolg_jax:NAME`)."""
-  return sorted(f[:-3] for f in os.listdir(CONFIGS_DIR)
-                if f.endswith('.py') and not f.startswith('_'))
+  return sorted(
+    f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith('.py') and not f.startswith('_')
+  )
 
 
 def resolve_config(value: str) -> str:
@@ -89,10 +92,12 @@ def resolve_config(value: str) -> str:
   An unknown NAME exits naming the shipped ones."""
   if not value.startswith(SHIPPED):
     return value
-  name, sep, arg = value[len(SHIPPED):].partition(':')
+  name, sep, arg = value[len(SHIPPED) :].partition(':')
   if name not in shipped_configs():
-    sys.exit(f'FAILED: --config={value}: no shipped config {name!r}; the shipped ones are '
-             f'{", ".join(SHIPPED + n for n in shipped_configs())} (or give a file path).')
+    sys.exit(
+      f'FAILED: --config={value}: no shipped config {name!r}; the shipped ones are '
+      f'{", ".join(SHIPPED + n for n in shipped_configs())} (or give a file path).'
+    )
   return os.path.join(CONFIGS_DIR, name + '.py') + sep + arg
 
 
@@ -112,8 +117,7 @@ def resolve_config_args(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS)
   and a config flag not given whose default is a shipped config given as that file."""
   args = list(argv)
   end = args.index('--') if '--' in args else len(args)
-  for name in (n for n in list(fv)
-               if isinstance(fv[n].parser, config_flags.ConfigFileFlagParser)):
+  for name in (n for n in list(fv) if isinstance(fv[n].parser, config_flags.ConfigFileFlagParser)):
     given = False
     for i in range(1, end):
       if args[i] in (f'--{name}', f'-{name}') and i + 1 < end:
@@ -138,8 +142,10 @@ class _QuietLibraries(logging.Filter):
       return True
     if record.levelno < logging.WARNING:
       return False
-    return not any(f'{os.sep}{library}{os.sep}' in path and pattern.match(record.getMessage())
-                   for library, pattern in HARMLESS_WARNINGS)
+    return not any(
+      f'{os.sep}{library}{os.sep}' in path and pattern.match(record.getMessage())
+      for library, pattern in HARMLESS_WARNINGS
+    )
 
 
 def quiet_library_logs() -> None:
@@ -173,9 +179,11 @@ def run_app(main: Callable, argv: Optional[Sequence[str]] = None, **kwargs) -> N
   app.run(main, argv=args, **kwargs)
 
 
-def define_model_flags(config: bool = True,
-                       checkpoint_help: str = CHECKPOINT_HELP,
-                       workdir_help: str = 'Training workdir (latest checkpoint).') -> None:
+def define_model_flags(
+  config: bool = True,
+  checkpoint_help: str = CHECKPOINT_HELP,
+  workdir_help: str = 'Training workdir (latest checkpoint).',
+) -> None:
   """--config (locked; with `config`), --workdir and --checkpoint: which model a command uses."""
   if config:
     config_flags.DEFINE_config_file('config', None, CONFIG_HELP, lock_config=True)
@@ -186,13 +194,18 @@ def define_model_flags(config: bool = True,
 def define_distributed_flags() -> None:
   """--coordinator_address, --num_processes, --process_id, --distributed (see
   `initialize_distributed`)."""
-  flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (multi-process runs '
-                      'outside SLURM/TPU).')
+  flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0 (multi-process runs outside SLURM/TPU).'
+  )
   flags.DEFINE_integer('num_processes', None, 'Number of processes.')
   flags.DEFINE_integer('process_id', None, 'This process index.')
-  flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
-                    "'auto': initialise on SLURM/TPU clusters or with the explicit flags; 'on': "
-                    "always call jax.distributed.initialize(); 'off': never.")
+  flags.DEFINE_enum(
+    'distributed',
+    'auto',
+    ['auto', 'on', 'off'],
+    "'auto': initialise on SLURM/TPU clusters or with the explicit flags; 'on': "
+    "always call jax.distributed.initialize(); 'off': never.",
+  )
 
 
 def cluster_detected(env: Mapping[str, str] = os.environ) -> bool:
@@ -202,8 +215,9 @@ def cluster_detected(env: Mapping[str, str] = os.environ) -> bool:
   return ',' in env.get('TPU_WORKER_HOSTNAMES', '') or 'MEGASCALE_COORDINATOR_ADDRESS' in env
 
 
-def initialize_distributed(mode: str, coordinator: Optional[str], num_processes: Optional[int],
-                           process_id: Optional[int]) -> None:
+def initialize_distributed(
+  mode: str, coordinator: Optional[str], num_processes: Optional[int], process_id: Optional[int]
+) -> None:
   """Calls jax.distributed.initialize when this is (or is asked to be) a multi-process run:
   the three explicit flags together, or `mode` 'on', or 'auto' on a detected cluster."""
   explicit = (coordinator, num_processes, process_id)
@@ -217,9 +231,13 @@ def initialize_distributed(mode: str, coordinator: Optional[str], num_processes:
     jax.distributed.initialize()
   else:
     return
-  absl_logging.info('JAX distributed: process %d of %d, %d local / %d global devices.',
-                    jax.process_index(), jax.process_count(), jax.local_device_count(),
-                    jax.device_count())
+  absl_logging.info(
+    'JAX distributed: process %d of %d, %d local / %d global devices.',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def initialize_distributed_from_flags() -> None:

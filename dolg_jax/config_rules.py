@@ -14,7 +14,7 @@ MISSING = object()
 
 
 class Rule(NamedTuple):
-  allowed: str                  # 'must be ...', the end of the error message
+  allowed: str  # 'must be ...', the end of the error message
   ok: Callable[[Any], bool]
 
 

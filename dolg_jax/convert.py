@@ -31,8 +31,12 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('output', None, 'Directory to write.', flag_values=fv)
   flags.DEFINE_bool('head', True, 'Also write the margin head (--nohead: do not).', flag_values=fv)
   flags.DEFINE_bool('overwrite', False, 'Replace an existing conversion.', flag_values=fv)
-  flags.DEFINE_bool('allow_pickle', False, 'Unpickle arbitrary Python objects in the file '
-                    '(trusted files only).', flag_values=fv)
+  flags.DEFINE_bool(
+    'allow_pickle',
+    False,
+    'Unpickle arbitrary Python objects in the file (trusted files only).',
+    flag_values=fv,
+  )
   flags.mark_flags_as_required(['input', 'output'], flag_values=fv)
 
 
@@ -49,16 +53,23 @@ def main(argv: list[str]) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   try:
-    summary = released.convert_file(fv.input, fv.output, include_head=fv.head,
-                                    overwrite=fv.overwrite, allow_pickle=fv.allow_pickle)
+    summary = released.convert_file(
+      fv.input,
+      fv.output,
+      include_head=fv.head,
+      overwrite=fv.overwrite,
+      allow_pickle=fv.allow_pickle,
+    )
   except (torch_format.CheckpointError, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   m = summary['model']
-  print(f'wrote {fv.output}: R{m["depth"]} width {m["width"]}, multi-atrous '
-        f'{m["use_multi_atrous"]}, GeM p {"learnable" if m["gem_p_learnable"] else "fixed"} '
-        f'{m["gem_p"]:.4f}, {summary["num_params"] / 1e6:.3f}M params, head '
-        f'{summary["head_shape"]}')
+  print(
+    f'wrote {fv.output}: R{m["depth"]} width {m["width"]}, multi-atrous '
+    f'{m["use_multi_atrous"]}, GeM p {"learnable" if m["gem_p_learnable"] else "fixed"} '
+    f'{m["gem_p"]:.4f}, {summary["num_params"] / 1e6:.3f}M params, head '
+    f'{summary["head_shape"]}'
+  )
   return 0
 
 

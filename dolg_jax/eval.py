@@ -30,9 +30,13 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
   cli.define_model_flags()
-  flags.DEFINE_string('output_dir', None, 'Where results.json, reports and the descriptor cache '
-                      'go (default: config.eval.output_dir, else WORKDIR/eval or '
-                      '<checkpoint>_eval).')
+  flags.DEFINE_string(
+    'output_dir',
+    None,
+    'Where results.json, reports and the descriptor cache '
+    'go (default: config.eval.output_dir, else WORKDIR/eval or '
+    '<checkpoint>_eval).',
+  )
 
 
 def main(argv):
@@ -40,9 +44,11 @@ def main(argv):
   cli.enable_compilation_cache(config.eval.xla_cache_dir)  # executables persist across evaluations
   failures.quiet_library_tracebacks()
   out = failures.call_or_exit(
-      lambda: evaluate.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                           output_dir=FLAGS.output_dir),
-      FLAGS.output_dir or FLAGS.workdir or FLAGS.checkpoint)
+    lambda: evaluate.run(
+      config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, output_dir=FLAGS.output_dir
+    ),
+    FLAGS.output_dir or FLAGS.workdir or FLAGS.checkpoint,
+  )
   print(out['table'])
   print(f'results: {os.path.join(out["output_dir"], "results.json")}')
   for name, (html_path, png) in out['reports'].items():

@@ -15,7 +15,6 @@ docstring for the contract). A failure ends with one line `FAILED: ...` (exit co
 does.
 """
 
-
 from absl import flags
 
 from dolg_jax import cli
@@ -35,12 +34,16 @@ def main(argv):
   config = cli.required_config(argv)
   failures.quiet_library_tracebacks()
   summary = failures.call_or_exit(
-      lambda: export_lib.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                             out_dir=FLAGS.out),
-      FLAGS.out or FLAGS.workdir or FLAGS.checkpoint)
+    lambda: export_lib.run(
+      config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, out_dir=FLAGS.out
+    ),
+    FLAGS.out or FLAGS.workdir or FLAGS.checkpoint,
+  )
   worst = summary['verification']['worst']
-  print(f'worst relative error: onnx {worst["onnx"]:.2e}, jax_export {worst["jax_export"]:.2e} '
-        f'(tolerance {summary["tolerance"]:g})')
+  print(
+    f'worst relative error: onnx {worst["onnx"]:.2e}, jax_export {worst["jax_export"]:.2e} '
+    f'(tolerance {summary["tolerance"]:g})'
+  )
   print(f'exported: {FLAGS.out}')
 
 

@@ -42,43 +42,73 @@ def define_flags() -> None:
   cli.define_model_flags()
   flags.DEFINE_string('images', None, 'Folder of images (recursive) or a list file.')
   flags.DEFINE_string('out', None, 'Index directory (created; rerun to resume or add images).')
-  flags.DEFINE_enum('faiss', 'flat', list(faiss_index.KINDS), 'Search structure: exact inner '
-                    'product, IVF-PQ (+ exact refine) or HNSW.')
+  flags.DEFINE_enum(
+    'faiss',
+    'flat',
+    list(faiss_index.KINDS),
+    'Search structure: exact inner product, IVF-PQ (+ exact refine) or HNSW.',
+  )
   flags.DEFINE_integer('nlist', _SPEC.nlist, 'IVF-PQ inverted lists (0 = automatic).')
   flags.DEFINE_integer('pq_m', _SPEC.pq_m, 'IVF-PQ sub-quantizers (0 = D / 8).')
   flags.DEFINE_integer('pq_bits', _SPEC.pq_bits, 'IVF-PQ bits per code.')
   flags.DEFINE_integer('nprobe', _SPEC.nprobe, 'IVF-PQ lists visited per query.')
-  flags.DEFINE_integer('refine', _SPEC.refine, 'IVF-PQ: re-score the top k * refine exactly from '
-                       'the stored descriptors (1 = off).')
+  flags.DEFINE_integer(
+    'refine',
+    _SPEC.refine,
+    'IVF-PQ: re-score the top k * refine exactly from the stored descriptors (1 = off).',
+  )
   flags.DEFINE_integer('hnsw_m', _SPEC.hnsw_m, 'HNSW links per node.')
   flags.DEFINE_integer('ef_construction', _SPEC.ef_construction, 'HNSW efConstruction.')
   flags.DEFINE_integer('ef_search', _SPEC.ef_search, 'HNSW efSearch.')
   flags.DEFINE_integer('train_size', _SPEC.train_size, 'IVF-PQ training sample (0 = automatic).')
-  flags.DEFINE_enum('descriptor_dtype', 'float32', list(build_lib.DESCRIPTOR_DTYPES),
-                    'Stored descriptor dtype.')
+  flags.DEFINE_enum(
+    'descriptor_dtype', 'float32', list(build_lib.DESCRIPTOR_DTYPES), 'Stored descriptor dtype.'
+  )
   flags.DEFINE_integer('part_size', 4096, 'Files per part (unit of resumption and work sharing).')
   flags.DEFINE_integer('read_workers', 4, 'Threads reading and decoding files.')
-  flags.DEFINE_integer('max_pixels', reading.MAX_PIXELS, 'Files with more pixels (by their '
-                       'header, before decoding) are skipped; queries get the same limit.')
+  flags.DEFINE_integer(
+    'max_pixels',
+    reading.MAX_PIXELS,
+    'Files with more pixels (by their '
+    'header, before decoding) are skipped; queries get the same limit.',
+  )
   flags.DEFINE_integer('max_file_mb', reading.MAX_FILE_MB, 'Files larger than this are skipped.')
   flags.DEFINE_integer('recall_k', 100, 'recall@k of the search structure measured at build time.')
   flags.DEFINE_integer('recall_sample', 200, 'Stored descriptors used as queries for recall@k.')
-  flags.DEFINE_bool('replace', False, 'Index built with another model/checkpoint/protocol: move '
-                    'it aside (INDEX_DIR.replaced-<model key>) and build a new one.')
+  flags.DEFINE_bool(
+    'replace',
+    False,
+    'Index built with another model/checkpoint/protocol: move '
+    'it aside (INDEX_DIR.replaced-<model key>) and build a new one.',
+  )
   flags.DEFINE_bool('progress', True, 'Print a progress line (rate, ETA).')
   cli.define_distributed_flags()
 
 
 def options_from_flags() -> build_lib.Options:
-  spec = faiss_index.Spec(kind=FLAGS.faiss, nlist=FLAGS.nlist, pq_m=FLAGS.pq_m,
-                          pq_bits=FLAGS.pq_bits, nprobe=FLAGS.nprobe, refine=FLAGS.refine,
-                          hnsw_m=FLAGS.hnsw_m, ef_construction=FLAGS.ef_construction,
-                          ef_search=FLAGS.ef_search, train_size=FLAGS.train_size)
-  return build_lib.Options(part_size=FLAGS.part_size, descriptor_dtype=FLAGS.descriptor_dtype,
-                           faiss=spec, replace=FLAGS.replace, read_workers=FLAGS.read_workers,
-                           recall_k=FLAGS.recall_k, recall_sample=FLAGS.recall_sample,
-                           progress=FLAGS.progress,
-                           limits=reading.Limits(FLAGS.max_pixels, FLAGS.max_file_mb))
+  spec = faiss_index.Spec(
+    kind=FLAGS.faiss,
+    nlist=FLAGS.nlist,
+    pq_m=FLAGS.pq_m,
+    pq_bits=FLAGS.pq_bits,
+    nprobe=FLAGS.nprobe,
+    refine=FLAGS.refine,
+    hnsw_m=FLAGS.hnsw_m,
+    ef_construction=FLAGS.ef_construction,
+    ef_search=FLAGS.ef_search,
+    train_size=FLAGS.train_size,
+  )
+  return build_lib.Options(
+    part_size=FLAGS.part_size,
+    descriptor_dtype=FLAGS.descriptor_dtype,
+    faiss=spec,
+    replace=FLAGS.replace,
+    read_workers=FLAGS.read_workers,
+    recall_k=FLAGS.recall_k,
+    recall_sample=FLAGS.recall_sample,
+    progress=FLAGS.progress,
+    limits=reading.Limits(FLAGS.max_pixels, FLAGS.max_file_mb),
+  )
 
 
 def main(argv):
@@ -90,27 +120,39 @@ def main(argv):
   failures.quiet_library_tracebacks()
   try:
     cli.initialize_distributed_from_flags()
-    out = build_lib.build(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                          images=FLAGS.images, out=FLAGS.out, options=options_from_flags())
+    out = build_lib.build(
+      config,
+      workdir=FLAGS.workdir,
+      checkpoint=FLAGS.checkpoint,
+      images=FLAGS.images,
+      out=FLAGS.out,
+      options=options_from_flags(),
+    )
   except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
     failures.exit_in_one_line(e, FLAGS.out)
   if jax.process_index() == 0:
     c = out['counts']
     run = out.get('last_run', {})
     faiss_info = out.get('faiss') or {}
-    recall = (faiss_info.get('recall') or {})
-    print(f'index: {out_path()}: found {c["found"]} files = {c["indexed"]} indexed + '
-          f'{c["skipped"]} skipped ({run.get("new", 0)} new this run, '
-          f'{run.get("extracted_by_process_0", 0)} extracted by process 0 at '
-          f'{run.get("images_per_second_process_0", 0.0):.1f} images/s)')
+    recall = faiss_info.get('recall') or {}
+    print(
+      f'index: {out_path()}: found {c["found"]} files = {c["indexed"]} indexed + '
+      f'{c["skipped"]} skipped ({run.get("new", 0)} new this run, '
+      f'{run.get("extracted_by_process_0", 0)} extracted by process 0 at '
+      f'{run.get("images_per_second_process_0", 0.0):.1f} images/s)'
+    )
     if faiss_info:
-      print(f'faiss: {faiss_info["type"]}, recall@{recall.get("k")} = {recall.get("recall")} '
-            f'on {recall.get("queries")} stored descriptors')
+      print(
+        f'faiss: {faiss_info["type"]}, recall@{recall.get("k")} = {recall.get("recall")} '
+        f'on {recall.get("queries")} stored descriptors'
+      )
     if c['skipped']:
       print(f'skipped: {os.path.join(out_path(), "skipped.csv")}')
     if not c['found']:
-      print(f'index: no image files under {FLAGS.images} (extensions '
-            f'{", ".join(files.IMAGE_EXTENSIONS)}): the index is empty; searches answer 0 results')
+      print(
+        f'index: no image files under {FLAGS.images} (extensions '
+        f'{", ".join(files.IMAGE_EXTENSIONS)}): the index is empty; searches answer 0 results'
+      )
     print(json.dumps({'manifest': os.path.join(out_path(), 'manifest.json')}))
 
 

@@ -36,12 +36,16 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
   config_flags.DEFINE_config_file('config', None, cli.CONFIG_HELP, lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl, TensorBoard, manifest.json. '
-                      'Training resumes from it automatically.')
+  flags.DEFINE_string(
+    'workdir',
+    None,
+    'Checkpoints, metrics.jsonl, TensorBoard, manifest.json. '
+    'Training resumes from it automatically.',
+  )
   cli.define_distributed_flags()
 
 
-cluster_detected = cli.cluster_detected   # tests and launch/ use it by this name
+cluster_detected = cli.cluster_detected  # tests and launch/ use it by this name
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -57,11 +61,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     message = str(message)
     for arg in argv[1:]:
       if arg.startswith('--config.'):
-        path = arg[len('--config.'):].split('=', 1)[0]
+        path = arg[len('--config.') :].split('=', 1)[0]
         if any(f"'{part}'" in message for part in path.split('.')):
           hint = message.split('\n', 1)[1] if '\n' in message else ''
-          sys.exit(f'FAILED: unknown config field {path!r} in {arg!r}: the config is locked, '
-                   f'so overrides must name existing fields. {hint}'.rstrip())
+          sys.exit(
+            f'FAILED: unknown config field {path!r} in {arg!r}: the config is locked, '
+            f'so overrides must name existing fields. {hint}'.rstrip()
+          )
     raise
 
 
@@ -71,12 +77,12 @@ def main(argv):
   if FLAGS.workdir is None or FLAGS.config is None:
     raise app.UsageError('--config and --workdir are required.')
   config = FLAGS.config
-  try:   # before anything is written: an override the run would ignore
+  try:  # before anything is written: an override the run would ignore
     config_check.check_overrides(config, config_flags.get_override_values(FLAGS['config']))
   except config_check.ConfigError as e:
     _exit(failures.describe(e, FLAGS.workdir), failures.EXIT_FAILED)
-  preemption.catch_early_sigterm()   # A SIGTERM while starting still saves and exits 75.
-  determinism.apply(config.train.deterministic, at_entry=True)   # Before the XLA backend starts.
+  preemption.catch_early_sigterm()  # A SIGTERM while starting still saves and exits 75.
+  determinism.apply(config.train.deterministic, at_entry=True)  # Before the XLA backend starts.
   cli.enable_compilation_cache(config.train.xla_cache_dir)  # a resumed run loads its executables
   cli.initialize_distributed_from_flags()
   failures.quiet_library_tracebacks()

@@ -24,14 +24,22 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
-  config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    'config', None, 'Training config file (configs/*.py).', lock_config=True
+  )
   flags.DEFINE_bool('max_batch', False, 'Also find the largest per-device batch that fits.')
   flags.DEFINE_integer('max_batch_limit', 4096, 'Largest per-device batch tried by --max_batch.')
-  flags.DEFINE_string('topology', None, "Cloud TPU topology to compile for (libtpu names, e.g. "
-                      "'v5e:2x4', 'v5p:2x2x2'); default: this host's devices.")
-  flags.DEFINE_integer('device_memory_bytes', None, 'Device memory to plan for (default: the '
-                       "device's own; unknown on CPU).")
+  flags.DEFINE_string(
+    'topology',
+    None,
+    "Cloud TPU topology to compile for (libtpu names, e.g. "
+    "'v5e:2x4', 'v5p:2x2x2'); default: this host's devices.",
+  )
+  flags.DEFINE_integer(
+    'device_memory_bytes',
+    None,
+    'Device memory to plan for (default: the device\'s own; unknown on CPU).',
+  )
 
 
 def main(argv):
@@ -43,8 +51,11 @@ def main(argv):
     devices = plan_lib.topology_devices(FLAGS.topology) if FLAGS.topology else None
     out = plan_lib.plan(FLAGS.config, devices, memory_bytes=FLAGS.device_memory_bytes)
     if FLAGS.max_batch:
-      out.update(plan_lib.max_batch(FLAGS.config, devices, memory_bytes=FLAGS.device_memory_bytes,
-                                    limit=FLAGS.max_batch_limit))
+      out.update(
+        plan_lib.max_batch(
+          FLAGS.config, devices, memory_bytes=FLAGS.device_memory_bytes, limit=FLAGS.max_batch_limit
+        )
+      )
   except plan_lib.PlanError as e:
     sys.exit(f'ERROR: {e}')
   print(json.dumps(out), flush=True)

@@ -31,8 +31,24 @@ from dolg_jax.weights.torch_format import UnknownKeysError
 from dolg_jax.weights.torch_format import read_torch_state_dict
 
 __all__ = [
-    'CONFIG_FILE', 'HEAD_FILE', 'VARIABLES_FILE', 'CheckpointError', 'MissingKeysError',
-    'ShapeMismatchError', 'UnknownKeysError', 'convert_state_dict', 'default_model_config',
-    'expected_shapes', 'infer_model_config', 'is_converted_dir', 'load', 'load_backbone',
-    'load_config', 'load_head', 'load_state_dict', 'merge_backbone', 'read_torch_state_dict',
-    'save_converted']
+  'CONFIG_FILE',
+  'HEAD_FILE',
+  'VARIABLES_FILE',
+  'CheckpointError',
+  'MissingKeysError',
+  'ShapeMismatchError',
+  'UnknownKeysError',
+  'convert_state_dict',
+  'default_model_config',
+  'expected_shapes',
+  'infer_model_config',
+  'is_converted_dir',
+  'load',
+  'load_backbone',
+  'load_config',
+  'load_head',
+  'load_state_dict',
+  'merge_backbone',
+  'read_torch_state_dict',
+  'save_converted',
+]

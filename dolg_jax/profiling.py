@@ -44,8 +44,9 @@ class Window:
 
   def __init__(self, log_dir: str, start: int, num: int, enabled: bool = True):
     if int(start) < 0 or int(num) < 0:
-      raise ValueError(f'profile window (start={start}, num={num}): both must be >= 0; (0, 0) '
-                       'turns profiling off.')
+      raise ValueError(
+        f'profile window (start={start}, num={num}): both must be >= 0; (0, 0) turns profiling off.'
+      )
     self.log_dir = log_dir
     self.start, self.num = int(start), int(num)
     self.enabled = bool(enabled) and self.num > 0
@@ -54,11 +55,15 @@ class Window:
 
   def before(self, i: int) -> None:
     """Starts the trace when iteration `i` is the window's first (or inside it, after a resume)."""
-    if self.enabled and not self.active and not self.done and (
-        self.start <= i < self.start + self.num):
+    if (
+      self.enabled
+      and not self.active
+      and not self.done
+      and (self.start <= i < self.start + self.num)
+    ):
       try:
         jax.profiler.start_trace(self.log_dir, profiler_options=_options())
-      except RuntimeError as e:   # Another window's trace is running (one trace at a time).
+      except RuntimeError as e:  # Another window's trace is running (one trace at a time).
         logging.warning('No profiler trace for %s: %s (windows must not overlap).', self.log_dir, e)
         self.done = True
         return

@@ -53,18 +53,29 @@ class Progress:
 
   def line(self, **fields) -> str:
     """`bar_format` with tqdm's fields for the current count and `fields`."""
-    done = 100.0 * self.n / self.total if self.total else 100.0   # tqdm's, with a total
-    return tqdm.tqdm.format_meter(self.n, self.total, self.elapsed_s(), rate=self.rate(),
-                                  initial=self._n0, bar_format=self.bar_format,
-                                  **{'percentage': done, **fields})
+    done = 100.0 * self.n / self.total if self.total else 100.0  # tqdm's, with a total
+    return tqdm.tqdm.format_meter(
+      self.n,
+      self.total,
+      self.elapsed_s(),
+      rate=self.rate(),
+      initial=self._n0,
+      bar_format=self.bar_format,
+      **{'percentage': done, **fields},
+    )
 
 
 class Printer:
   """Prints `progress.line()` to `stream` on `update` at most every `every` seconds, and once
   the total is reached; nothing when not `enabled`."""
 
-  def __init__(self, progress: Progress, enabled: bool = True, every: float = 2.0,
-               stream: Optional[TextIO] = None):
+  def __init__(
+    self,
+    progress: Progress,
+    enabled: bool = True,
+    every: float = 2.0,
+    stream: Optional[TextIO] = None,
+  ):
     self.progress, self.enabled, self.every = progress, enabled, every
     self.stream = stream or sys.stderr
     self._last = -float('inf')

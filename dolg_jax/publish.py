@@ -65,8 +65,9 @@ def _schema(client_cls, dim: int):
 
 
 def _count_range(cl, name: str, a: int, b: int) -> int:
-  got = cl.query(name, filter=f'id >= {a} and id < {b}', output_fields=['count(*)'],
-                 consistency_level='Strong')
+  got = cl.query(
+    name, filter=f'id >= {a} and id < {b}', output_fields=['count(*)'], consistency_level='Strong'
+  )
   return int(got[0]['count(*)'])
 
 
@@ -77,18 +78,26 @@ def exact_top(rows: store_lib.Rows, q: np.ndarray, k: int) -> np.ndarray:
   for start, block in rows.iter_blocks():
     s = q @ block.T
     cat_s = np.concatenate([best_s, s], axis=1)
-    cat_i = np.concatenate([best_i, np.broadcast_to(start + np.arange(block.shape[0]),
-                                                    s.shape)], axis=1)
+    cat_i = np.concatenate(
+      [best_i, np.broadcast_to(start + np.arange(block.shape[0]), s.shape)], axis=1
+    )
     keep = np.argsort(-cat_s, axis=1, kind='stable')[:, :k]
     best_s = np.take_along_axis(cat_s, keep, axis=1)
     best_i = np.take_along_axis(cat_i, keep, axis=1)
   return best_i
 
 
-def publish(index_dir: str, uri: str, name: str = backends.DEFAULT_COLLECTION, *,
-            batch_rows: int = DEFAULT_BATCH_ROWS, index_type: str = 'AUTOINDEX',
-            replace: bool = False, recall_sample: int = 100,
-            progress: Optional[Callable[[str], None]] = None) -> dict:
+def publish(
+  index_dir: str,
+  uri: str,
+  name: str = backends.DEFAULT_COLLECTION,
+  *,
+  batch_rows: int = DEFAULT_BATCH_ROWS,
+  index_type: str = 'AUTOINDEX',
+  replace: bool = False,
+  recall_sample: int = 100,
+  progress: Optional[Callable[[str], None]] = None,
+) -> dict:
   """Copies the index's rows into the Milvus collection `name` at `uri` (module docstring)."""
   say = progress or (lambda s: None)
   if batch_rows < 1:
@@ -98,8 +107,9 @@ def publish(index_dir: str, uri: str, name: str = backends.DEFAULT_COLLECTION, *
   store = store_lib.IndexStore(index_dir)
   manifest = store.manifest()
   if manifest.get('status') != 'complete':
-    raise store_lib.NotAnIndexError(f'{store.path}: the index is not complete; rerun the index '
-                                    'command that built it')
+    raise store_lib.NotAnIndexError(
+      f'{store.path}: the index is not complete; rerun the index command that built it'
+    )
   store.verify_for_search(manifest)
   rows = store_lib.Rows(store)
   n, dim = len(rows), rows.dim or int(manifest.get('dim') or 0)
@@ -117,8 +127,10 @@ def publish(index_dir: str, uri: str, name: str = backends.DEFAULT_COLLECTION, *
     elif count > n:
       problem = f'holds {count} rows, more than the index\'s {n} (another index?)'
     if problem and not replace:
-      raise store_lib.IndexMismatchError(f'Milvus collection {name!r} at {uri} {problem}: '
-                                         'pass --replace to drop it and publish this index')
+      raise store_lib.IndexMismatchError(
+        f'Milvus collection {name!r} at {uri} {problem}: '
+        'pass --replace to drop it and publish this index'
+      )
     if problem:
       say(f'dropping {name!r} ({problem})')
       cl.drop_collection(name)
@@ -130,8 +142,9 @@ def publish(index_dir: str, uri: str, name: str = backends.DEFAULT_COLLECTION, *
     params.add_index('vector', index_type=index_type, metric_type='IP', params=extra)
     cl.create_collection(name, schema=_schema(MilvusClient, dim), index_params=params)
   if backends.published_identity(cl, name) is None:
-    cl.alter_collection_properties(name, properties={
-        backends.IDENTITY_PROPERTY: json.dumps(want, sort_keys=True)})
+    cl.alter_collection_properties(
+      name, properties={backends.IDENTITY_PROPERTY: json.dumps(want, sort_keys=True)}
+    )
   t0 = time.perf_counter()
   inserted = 0
   if backends.row_count(cl, name) != n:
@@ -141,29 +154,61 @@ def publish(index_dir: str, uri: str, name: str = backends.DEFAULT_COLLECTION, *
       if present == b - a:
         continue
       vec = rows.take(np.arange(a, b))
-      cl.upsert(name, [{'id': i, 'vector': v.tolist(), 'path': files_lib.escape(m['path']),
-                        'height': int(m['height']), 'width': int(m['width']),
-                        'bytes': int(m['bytes']), 'sha1': m['sha1']}
-                       for i, v, m in zip(range(a, b), vec, rows.meta[a:b])])
+      cl.upsert(
+        name,
+        [
+          {
+            'id': i,
+            'vector': v.tolist(),
+            'path': files_lib.escape(m['path']),
+            'height': int(m['height']),
+            'width': int(m['width']),
+            'bytes': int(m['bytes']),
+            'sha1': m['sha1'],
+          }
+          for i, v, m in zip(range(a, b), vec, rows.meta[a:b])
+        ],
+      )
       inserted += b - a - present
       say(f'batch {a}..{b} of {n}')
     cl.flush(name)
   count = backends.row_count(cl, name)
   if count != n:
-    raise store_lib.DamagedIndexError(f'Milvus collection {name!r} holds {count} rows after '
-                                      f'publishing, the index {n}: rerun this command')
+    raise store_lib.DamagedIndexError(
+      f'Milvus collection {name!r} holds {count} rows after '
+      f'publishing, the index {n}: rerun this command'
+    )
   s = min(recall_sample, n)
   sample = np.random.default_rng(0).choice(n, size=s, replace=False)
   q = rows.take(np.sort(sample))
   k = min(RECALL_K, n)
   exact = exact_top(rows, q, k)
-  hits = cl.search(name, data=q.tolist(), limit=k, output_fields=['id'],
-                   search_params={'metric_type': 'IP'}, consistency_level='Strong')
-  recall = float(np.mean([len({int(h['id']) for h in got} & set(e.tolist())) / k
-                          for got, e in zip(hits, exact)])) if s else 1.0
-  summary = {'uri': uri, 'rows': n, 'dim': dim, 'index_type': index_type,
-             f'recall_at_{RECALL_K}': recall, 'recall_sample': s,
-             'published': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+  hits = cl.search(
+    name,
+    data=q.tolist(),
+    limit=k,
+    output_fields=['id'],
+    search_params={'metric_type': 'IP'},
+    consistency_level='Strong',
+  )
+  recall = (
+    float(
+      np.mean(
+        [len({int(h['id']) for h in got} & set(e.tolist())) / k for got, e in zip(hits, exact)]
+      )
+    )
+    if s
+    else 1.0
+  )
+  summary = {
+    'uri': uri,
+    'rows': n,
+    'dim': dim,
+    'index_type': index_type,
+    f'recall_at_{RECALL_K}': recall,
+    'recall_sample': s,
+    'published': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+  }
   manifest = store.manifest()
   manifest.setdefault('milvus', {})[name] = summary
   store.write_manifest(manifest)
@@ -177,15 +222,24 @@ def main(argv):
     raise app.UsageError('--index and --milvus_uri are required.')
   failures.quiet_library_tracebacks()
   try:
-    out = publish(FLAGS.index, FLAGS.milvus_uri, FLAGS.milvus_collection,
-                  batch_rows=FLAGS.batch_rows, index_type=FLAGS.milvus_index,
-                  replace=FLAGS.replace, recall_sample=FLAGS.recall_sample,
-                  progress=lambda s: print(s, flush=True))
+    out = publish(
+      FLAGS.index,
+      FLAGS.milvus_uri,
+      FLAGS.milvus_collection,
+      batch_rows=FLAGS.batch_rows,
+      index_type=FLAGS.milvus_index,
+      replace=FLAGS.replace,
+      recall_sample=FLAGS.recall_sample,
+      progress=lambda s: print(s, flush=True),
+    )
   except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
     failures.exit_in_one_line(e, FLAGS.milvus_uri)
-  print(f'published {out["rows"]} rows ({out["inserted"]} new) to {out["collection"]!r} at '
-        f'{out["uri"]} in {out["seconds"]:.1f} s; recall@{RECALL_K} of {out["index_type"]} on '
-        f'{out["recall_sample"]} queries: {out[f"recall_at_{RECALL_K}"]:.4f}', flush=True)
+  print(
+    f'published {out["rows"]} rows ({out["inserted"]} new) to {out["collection"]!r} at '
+    f'{out["uri"]} in {out["seconds"]:.1f} s; recall@{RECALL_K} of {out["index_type"]} on '
+    f'{out["recall_sample"]} queries: {out[f"recall_at_{RECALL_K}"]:.4f}',
+    flush=True,
+  )
 
 
 def run() -> None:

@@ -31,17 +31,27 @@ def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
   flags.DEFINE_string('index', None, 'Index directory (python -m dolg_jax.index --out).')
   flags.DEFINE_multi_string('query', [], 'Query image (repeat for several).')
-  flags.DEFINE_multi_string('box', [], 'TOP,LEFT,HEIGHT,WIDTH crop of the query in pixels: once '
-                            'for every query, or once per query.')
+  flags.DEFINE_multi_string(
+    'box',
+    [],
+    'TOP,LEFT,HEIGHT,WIDTH crop of the query in pixels: once for every query, or once per query.',
+  )
   flags.DEFINE_integer('k', 100, 'Results per query.')
-  flags.DEFINE_enum('rerank', '', list(query.RERANKERS), "'' or 'superglobal' (re-rank the top M "
-                    'with the stored descriptors).')
-  flags.DEFINE_string('out', None, 'Where results.json and report.html go (default: '
-                      'INDEX_DIR/search).')
-  cli.define_model_flags(config=False,
-                         checkpoint_help='The checkpoint the index was built with, if it moved '
-                         '(its fingerprint is checked).',
-                         workdir_help='The same for a training workdir.')
+  flags.DEFINE_enum(
+    'rerank',
+    '',
+    list(query.RERANKERS),
+    "'' or 'superglobal' (re-rank the top M with the stored descriptors).",
+  )
+  flags.DEFINE_string(
+    'out', None, 'Where results.json and report.html go (default: INDEX_DIR/search).'
+  )
+  cli.define_model_flags(
+    config=False,
+    checkpoint_help='The checkpoint the index was built with, if it moved '
+    '(its fingerprint is checked).',
+    workdir_help='The same for a training workdir.',
+  )
   flags.DEFINE_bool('report', True, 'Write report.html.')
 
 
@@ -77,17 +87,29 @@ def main(argv):
   out_dir = FLAGS.out or os.path.join(FLAGS.index, 'search')
   failures.quiet_library_tracebacks()
   try:
-    out = query.search_to_dir(FLAGS.index, FLAGS.query, boxes, out_dir, k=FLAGS.k,
-                              rerank=FLAGS.rerank, checkpoint=FLAGS.checkpoint,
-                              workdir=FLAGS.workdir, report=FLAGS.report)
+    out = query.search_to_dir(
+      FLAGS.index,
+      FLAGS.query,
+      boxes,
+      out_dir,
+      k=FLAGS.k,
+      rerank=FLAGS.rerank,
+      checkpoint=FLAGS.checkpoint,
+      workdir=FLAGS.workdir,
+      report=FLAGS.report,
+    )
   except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
     failures.exit_in_one_line(e, out_dir)
   for q in out['queries']:
     top = q['results'][:3]
-    print(f'{files.escape(q["query"])}: '
-          + (', '.join(f'{files.escape(r["path"])} ({r["score"]:.4f})' for r in top) or
-             'no results (the index is empty)')
-          + (' ...' if len(q['results']) > 3 else ''))
+    print(
+      f'{files.escape(q["query"])}: '
+      + (
+        ', '.join(f'{files.escape(r["path"])} ({r["score"]:.4f})' for r in top)
+        or 'no results (the index is empty)'
+      )
+      + (' ...' if len(q['results']) > 3 else '')
+    )
   print(f'results: {os.path.join(out_dir, "results.json")}')
   if FLAGS.report:
     print(f'report: {os.path.join(out_dir, "report.html")}')

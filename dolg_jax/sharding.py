@@ -22,7 +22,7 @@ import ml_collections
 
 DATA = 'data'
 MODEL = 'model'
-BATCH_AXES = (DATA, MODEL)   # the mesh axes the batch is split over
+BATCH_AXES = (DATA, MODEL)  # the mesh axes the batch is split over
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -37,8 +37,9 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
     data = n // model
   if data * model != n:
     raise ValueError(f'config.mesh: data={mesh_cfg.data} x model={model} != {n} devices.')
-  return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=devices)
+  return jax.make_mesh(
+    (data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -71,23 +72,28 @@ def param_shardings(mesh: Mesh, params: Any) -> Any:
   The head weight is split over `model` (its class count must divide by the `model` axis size,
   checked here); every other parameter is replicated.
   """
+
   def spec(path, leaf):
     keys = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
     if keys[:2] == ['head', 'weight']:
       if leaf.shape[0] % mesh.shape[MODEL]:
-        raise ValueError(f'head.num_classes={leaf.shape[0]} is not divisible by config.mesh.model='
-                         f'{mesh.shape[MODEL]}; pick a model axis size that divides it.')
+        raise ValueError(
+          f'head.num_classes={leaf.shape[0]} is not divisible by config.mesh.model='
+          f'{mesh.shape[MODEL]}; pick a model axis size that divides it.'
+        )
       return NamedSharding(mesh, head_weight_spec())
     return replicated(mesh)
+
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
 def place(host_tree: Any, shardings: Any) -> Any:
   """Puts host values (identical on every process) into global arrays with `shardings`."""
   return jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(np.shape(x), s,
-                                                lambda idx, x=np.asarray(x): x[idx]),
-      host_tree, shardings)
+    lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]),
+    host_tree,
+    shardings,
+  )
 
 
 def host_replicated(tree: Any) -> Any:
@@ -98,5 +104,7 @@ def host_replicated(tree: Any) -> Any:
 def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """Assembles each process's local batch into one global array sharded over `data`."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
+  }

@@ -20,9 +20,12 @@ def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
   flags.DEFINE_string('out', 'study', 'Output directory for study.md/.csv/.png/.json.')
   flags.DEFINE_string(
-      'compare_to', 'auto', "Published row id to compare every row with (see "
-      "dolg_jax/retrieval/published_results.json), or 'auto': the closest protocol of the same "
-      'depth and ablation variant.')
+    'compare_to',
+    'auto',
+    "Published row id to compare every row with (see "
+    "dolg_jax/retrieval/published_results.json), or 'auto': the closest protocol of the same "
+    'depth and ablation variant.',
+  )
 
 
 def main(argv):

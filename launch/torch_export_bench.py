@@ -32,8 +32,9 @@ from tests.helpers import torch_reference  # pylint: disable=wrong-import-positi
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument('--images', required=True)
   p.add_argument('--output', required=True)
   p.add_argument('--save_checkpoint', default='')
@@ -46,8 +47,9 @@ def main():
   args = p.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
-  model = torch_reference.DOLGReference(depth=args.depth, width=args.width,
-                                        with_aspp=bool(args.with_aspp))
+  model = torch_reference.DOLGReference(
+    depth=args.depth, width=args.width, with_aspp=bool(args.with_aspp)
+  )
   torch_reference.randomize_(model, seed=0)
   model.eval()
   if args.save_checkpoint:
@@ -66,13 +68,21 @@ def main():
       d = d.numpy().astype(np.float32)
       descs.append(d / np.linalg.norm(d, axis=1, keepdims=True))
   np.save(os.path.splitext(args.output)[0] + '.npy', np.concatenate(descs))
-  out = {'torch_version': torch.__version__, 'threads': torch.get_num_threads(),
-         'depth': args.depth, 'width': args.width, 'with_aspp': bool(args.with_aspp),
-         'image_shape': list(images.shape[1:]), 'ms_per_image': times}
+  out = {
+    'torch_version': torch.__version__,
+    'threads': torch.get_num_threads(),
+    'depth': args.depth,
+    'width': args.width,
+    'with_aspp': bool(args.with_aspp),
+    'image_shape': list(images.shape[1:]),
+    'ms_per_image': times,
+  }
   with open(args.output, 'w') as f:
     json.dump(out, f, indent=1)
-  print(f'torch {torch.__version__} ({torch.get_num_threads()} threads): median '
-        f'{float(np.median(times)):.1f} ms per image')
+  print(
+    f'torch {torch.__version__} ({torch.get_num_threads()} threads): median '
+    f'{float(np.median(times)):.1f} ms per image'
+  )
 
 
 if __name__ == '__main__':

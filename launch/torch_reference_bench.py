@@ -29,8 +29,15 @@ import torch.nn.functional as F  # pylint: disable=wrong-import-position
 
 from tests.helpers import torch_reference  # pylint: disable=wrong-import-position
 
-SMOKE = {'batches': '2', 'image_size': 64, 'num_classes': 16, 'width': 8, 'stage_depths': '1,1,1,1',
-         'steps': 2, 'warmup': 1}
+SMOKE = {
+  'batches': '2',
+  'image_size': 64,
+  'num_classes': 16,
+  'width': 8,
+  'stage_depths': '1,1,1,1',
+  'steps': 2,
+  'warmup': 1,
+}
 
 
 def margin_loss(desc, weight, labels, margin=0.15, scale=30.0):
@@ -44,9 +51,13 @@ def margin_loss(desc, weight, labels, margin=0.15, scale=30.0):
 
 def bench(depth, batch, args, device):
   stage_depths = tuple(int(s) for s in args.stage_depths.split(',')) if args.stage_depths else ()
-  model = torch_reference.DOLGReference(depth=depth, width=args.width, with_aspp=True,
-                                        num_classes=args.num_classes,
-                                        stage_depths=stage_depths).to(device)
+  model = torch_reference.DOLGReference(
+    depth=depth,
+    width=args.width,
+    with_aspp=True,
+    num_classes=args.num_classes,
+    stage_depths=stage_depths,
+  ).to(device)
   model = model.to(memory_format=torch.channels_last).train()
   head = model.desc_cls.weight
   opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
@@ -79,16 +90,23 @@ def bench(depth, batch, args, device):
     times.append(time.perf_counter() - t)
   times.sort()
   step_s = times[len(times) // 2]
-  out = {'depth': depth, 'batch': batch, 'image_size': args.image_size, 'step_time_s': step_s,
-         'images_per_sec': batch / step_s, 'loss': float(loss.detach())}
+  out = {
+    'depth': depth,
+    'batch': batch,
+    'image_size': args.image_size,
+    'step_time_s': step_s,
+    'images_per_sec': batch / step_s,
+    'loss': float(loss.detach()),
+  }
   if device.type == 'cuda':
     out['max_memory_allocated_bytes'] = torch.cuda.max_memory_allocated()
   return out
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument('--output', required=True)
   p.add_argument('--smoke', action='store_true')
   p.add_argument('--depths', default='50,101')
@@ -108,12 +126,20 @@ def main():
   deadline = time.monotonic() + args.budget_s
   cuda = torch.cuda.is_available()
   device = torch.device('cuda' if cuda else 'cpu')
-  result = {'torch_version': torch.__version__, 'device': torch.cuda.get_device_name(0) if cuda
-            else 'cpu', 'amp_dtype': 'bfloat16', 'channels_last': True,
-            'num_classes': args.num_classes, 'smoke': args.smoke, 'train': []}
+  result = {
+    'torch_version': torch.__version__,
+    'device': torch.cuda.get_device_name(0) if cuda else 'cpu',
+    'amp_dtype': 'bfloat16',
+    'channels_last': True,
+    'num_classes': args.num_classes,
+    'smoke': args.smoke,
+    'train': [],
+  }
   if not cuda and not args.smoke:
-    result['error'] = ('torch has no CUDA device here (torch.cuda.is_available() is False): '
-                       'install a CUDA build of torch to compare on the GPU')
+    result['error'] = (
+      'torch has no CUDA device here (torch.cuda.is_available() is False): '
+      'install a CUDA build of torch to compare on the GPU'
+    )
   else:
     torch.backends.cudnn.benchmark = True
     for depth in (int(d) for d in args.depths.split(',')):
@@ -125,8 +151,12 @@ def main():
           try:
             entry = bench(depth, batch, args, device)
           except Exception as e:  # pylint: disable=broad-except  # Recorded; the others go on.
-            entry.update({'error': f'{type(e).__name__}: {e}'.splitlines()[0][:500],
-                          'traceback': traceback.format_exc(limit=4)[-2000:]})
+            entry.update(
+              {
+                'error': f'{type(e).__name__}: {e}'.splitlines()[0][:500],
+                'traceback': traceback.format_exc(limit=4)[-2000:],
+              }
+            )
           if cuda:
             torch.cuda.empty_cache()
         result['train'].append(entry)
@@ -134,8 +164,10 @@ def main():
   with open(args.output, 'w') as f:
     json.dump(result, f, indent=1)
   for r in result['train']:
-    print(f"torch R{r['depth']} batch {r['batch']}: {r.get('images_per_sec', math.nan):.1f} "
-          f"images/s {r.get('error', r.get('skipped', ''))}")
+    print(
+      f"torch R{r['depth']} batch {r['batch']}: {r.get('images_per_sec', math.nan):.1f} "
+      f"images/s {r.get('error', r.get('skipped', ''))}"
+    )
 
 
 if __name__ == '__main__':

@@ -21,22 +21,22 @@ import os
 # seconds, a loaded machine; the SLURM tests mostly wait for the scheduler). Files not listed
 # follow in pytest's order.
 LONGEST_FIRST = (
-    'test_slurm.py',               # ~500 s (time limit, dead task, preemption, run to the end)
-    'test_demo.py',                # ~280 s
-    'test_local_launcher.py',      # ~175 s
-    'test_official_training.py',   # ~165 s (float32, float64 and a wrong-formula run)
-    'test_finetune.py',            # ~150 s
-    'test_model_axis.py',          # ~140 s
-    'test_multihost.py',           # ~125 s
-    'test_eval.py',                # ~110 s
-    'test_train_loop.py',          # ~110 s
-    'test_train_faults.py',        # ~100 s
-    'test_index_hardening.py',     # ~90 s
-    'test_export.py',              # ~60 s
-    'test_accelerator_check.py',   # ~55 s
-    'test_extract.py',             # ~45 s
-    'test_collection_search.py',   # ~45 s
-    'test_models.py',              # ~45 s
+  'test_slurm.py',  # ~500 s (time limit, dead task, preemption, run to the end)
+  'test_demo.py',  # ~280 s
+  'test_local_launcher.py',  # ~175 s
+  'test_official_training.py',  # ~165 s (float32, float64 and a wrong-formula run)
+  'test_finetune.py',  # ~150 s
+  'test_model_axis.py',  # ~140 s
+  'test_multihost.py',  # ~125 s
+  'test_eval.py',  # ~110 s
+  'test_train_loop.py',  # ~110 s
+  'test_train_faults.py',  # ~100 s
+  'test_index_hardening.py',  # ~90 s
+  'test_export.py',  # ~60 s
+  'test_accelerator_check.py',  # ~55 s
+  'test_extract.py',  # ~45 s
+  'test_collection_search.py',  # ~45 s
+  'test_models.py',  # ~45 s
 )
 
 

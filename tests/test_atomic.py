@@ -18,7 +18,7 @@ def test_write_replaces_whole_file_and_leaves_no_temporary(tmp_path):
   assert os.listdir(tmp_path) == ['a.json']
   umask = os.umask(0)
   os.umask(umask)
-  assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask   # not mkstemp's 0o600
+  assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask  # not mkstemp's 0o600
 
 
 def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):

@@ -26,15 +26,18 @@ def _mesh():
 
 def _state(seed):
   rng = np.random.default_rng(seed)
-  return {'w': jnp.asarray(rng.normal(size=(256, 64)).astype(np.float32)),
-          'b': jnp.asarray(rng.normal(size=(64,)).astype(np.float32)),
-          'step': jnp.asarray(seed, jnp.int32)}
+  return {
+    'w': jnp.asarray(rng.normal(size=(256, 64)).astype(np.float32)),
+    'b': jnp.asarray(rng.normal(size=(64,)).astype(np.float32)),
+    'step': jnp.asarray(seed, jnp.int32),
+  }
 
 
 def _abstract(mesh):
   s = _state(0)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                     sharding=shd.replicated(mesh)), s)
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.replicated(mesh)), s
+  )
 
 
 def _write(workdir, steps=(2, 4)):
@@ -43,8 +46,9 @@ def _write(workdir, steps=(2, 4)):
   for step in steps:
     state = _state(step)
     it = {'next_step': step}
-    checkpointing.save(manager, step, state, it,
-                       checkpointing.make_record(step, state, it, mesh, {'seed': 0}))
+    checkpointing.save(
+      manager, step, state, it, checkpointing.make_record(step, state, it, mesh, {'seed': 0})
+    )
   checkpointing.finish(manager)
   manager.close()
 
@@ -67,6 +71,7 @@ def saved(tmp_path_factory):
 @pytest.fixture
 def workdir(saved, tmp_path):
   import shutil
+
   dst = str(tmp_path / 'w')
   shutil.copytree(saved, dst)
   return dst
@@ -75,8 +80,11 @@ def workdir(saved, tmp_path):
 def _data_files(step_dir):
   out = []
   for root, _, files in os.walk(os.path.join(step_dir, 'state')):
-    out += [os.path.join(root, f) for f in files if os.sep + 'd' + os.sep in os.path.join(root, f)
-            and 'ocdbt.process' in root]
+    out += [
+      os.path.join(root, f)
+      for f in files
+      if os.sep + 'd' + os.sep in os.path.join(root, f) and 'ocdbt.process' in root
+    ]
   return sorted(out, key=os.path.getsize)
 
 
@@ -94,7 +102,7 @@ def test_digest_is_independent_of_sharding_and_matches_numpy():
   x = np.random.default_rng(1).normal(size=(8, 6)).astype(np.float32)
   d = checksums.tree_digests({'x': jnp.asarray(x)}, _mesh())["['x']"]
   assert d == checksums.numpy_digest(x)
-  for i in range(0, 48 * 32, 97):       # every flipped bit changes the digest
+  for i in range(0, 48 * 32, 97):  # every flipped bit changes the digest
     y = x.copy()
     y.reshape(-1).view(np.uint32)[i // 32] ^= np.uint32(1 << (i % 32))
     assert checksums.numpy_digest(y) != d
@@ -102,7 +110,7 @@ def test_digest_is_independent_of_sharding_and_matches_numpy():
 
 @pytest.mark.parametrize('fraction', [0.1, 0.35, 0.5, 0.8, 0.97])
 def test_bit_flip_in_newest_step_falls_back(workdir, fraction, capsys):
-  path = _data_files(os.path.join(workdir, 'checkpoints', '4'))[-1]   # the arrays' bytes
+  path = _data_files(os.path.join(workdir, 'checkpoints', '4'))[-1]  # the arrays' bytes
   with open(path, 'r+b') as f:
     f.seek(int(os.path.getsize(path) * fraction))
     byte = f.read(1)
@@ -128,10 +136,10 @@ def test_truncated_array_file(workdir, capsys):
   assert _corrupt_dirs(workdir)[0].startswith('4.corrupt-')
 
 
-@pytest.mark.parametrize('relpath, reason', [
-    ('state/_METADATA', 'unreadable'),
-    ('record/process_0-of-1.json', 'unreadable-record'),
-])
+@pytest.mark.parametrize(
+  'relpath, reason',
+  [('state/_METADATA', 'unreadable'), ('record/process_0-of-1.json', 'unreadable-record')],
+)
 def test_damaged_metadata(workdir, relpath, reason, capsys):
   path = os.path.join(workdir, 'checkpoints', '4', relpath)
   with open(path, 'r+b') as f:
@@ -172,8 +180,9 @@ def test_shape_change_is_not_corruption(workdir):
   abstract = _abstract(mesh)
   abstract['w'] = jax.ShapeDtypeStruct((128, 64), jnp.float32, sharding=shd.replicated(mesh))
   manager = checkpointing.make_manager(workdir, keep=5)
-  with pytest.raises(checkpointing.IncompatibleCheckpointError,
-                     match=r"\['w'\]: saved \(256, 64\)"):
+  with pytest.raises(
+    checkpointing.IncompatibleCheckpointError, match=r"\['w'\]: saved \(256, 64\)"
+  ):
     checkpointing.restore_verified(manager, abstract, mesh)
   manager.close()
   assert not _corrupt_dirs(workdir)

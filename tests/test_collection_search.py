@@ -42,17 +42,29 @@ def built(tmp_path_factory):
   qdir = root / 'queries'
   qdir.mkdir()
   shutil.copy(os.path.join(folder, 'a/b/img08.png'), qdir / 'duplicate.png')
-  Image.open(os.path.join(folder, 'a/img05.PNG')).convert('RGB').save(qdir / 'reencoded.jpg',
-                                                                         quality=90)
+  Image.open(os.path.join(folder, 'a/img05.PNG')).convert('RGB').save(
+    qdir / 'reencoded.jpg', quality=90
+  )
   Image.open(os.path.join(folder, 'img03.Jpeg')).save(qdir / 'requality.jpg', quality=70)
-  return {'root': root, 'folder': folder, 'index': out, 'xla': str(root / 'xla'),
-          'queries': {n: str(qdir / n) for n in ('duplicate.png', 'reencoded.jpg',
-                                                 'requality.jpg')}}
+  return {
+    'root': root,
+    'folder': folder,
+    'index': out,
+    'xla': str(root / 'xla'),
+    'queries': {n: str(qdir / n) for n in ('duplicate.png', 'reencoded.jpg', 'requality.jpg')},
+  }
 
 
 def _search(built, *args, out):
-  cmd = [sys.executable, '-m', 'dolg_jax.search', f'--index={built["index"]}', f'--k={K}',
-         f'--out={out}', *args]
+  cmd = [
+    sys.executable,
+    '-m',
+    'dolg_jax.search',
+    f'--index={built["index"]}',
+    f'--k={K}',
+    f'--out={out}',
+    *args,
+  ]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ct.env())
   assert proc.returncode == 0, ct.explain(proc)
   with open(os.path.join(out, 'results.json')) as f:
@@ -74,11 +86,22 @@ def _check_schema(res, index, queries, sorted_scores=True):
 
 def test_duplicate_and_reencoded_queries_come_first(built, tmp_path):
   q = built['queries']
-  queries = [q['duplicate.png'], q['reencoded.jpg'], q['requality.jpg'],
-             os.path.join(built['folder'], 'a/img06.jpg')]
+  queries = [
+    q['duplicate.png'],
+    q['reencoded.jpg'],
+    q['requality.jpg'],
+    os.path.join(built['folder'], 'a/img06.jpg'),
+  ]
   out = str(tmp_path / 'search')
-  res = _search(built, *[f'--query={p}' for p in queries], '--box=0,0,64,64', '--box=0,0,400,400',
-                '--box=0,0,400,400', '--box=0,0,400,400', out=out)
+  res = _search(
+    built,
+    *[f'--query={p}' for p in queries],
+    '--box=0,0,64,64',
+    '--box=0,0,400,400',
+    '--box=0,0,400,400',
+    '--box=0,0,400,400',
+    out=out,
+  )
   _check_schema(res, built['index'], queries)
   top = [r['results'][0] for r in res['queries']]
   # A box cut down to the whole image equals the uncropped picture (as the duplicate would).
@@ -93,7 +116,7 @@ def test_duplicate_and_reencoded_queries_come_first(built, tmp_path):
 
 @pytest.fixture(scope='module')
 def collection(built):
-  return query.Collection(built['index'])   # one model load and compilation for the module
+  return query.Collection(built['index'])  # one model load and compilation for the module
 
 
 def test_duplicate_query_without_box_scores_one(built, collection):
@@ -116,11 +139,11 @@ def test_superglobal_rerank_cli_and_api(built, collection, tmp_path):
   qd = col.describe_images([q])
   want = rerank.superglobal(qd, x, p['M'], p['K'], p['beta'])[:K, 0]
   assert [r['path'] for r in res['queries'][0]['results']] == [col.paths[i] for i in want]
-  np.testing.assert_allclose([r['score'] for r in res['queries'][0]['results']], x[want] @ qd[0],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    [r['score'] for r in res['queries'][0]['results']], x[want] @ qd[0], atol=1e-5
+  )
   scores, ids = col.search_descriptors(x[:3], k=K, rerank='superglobal')
-  np.testing.assert_array_equal(ids, rerank.superglobal(x[:3], x, p['M'], p['K'],
-                                                        p['beta'])[:K].T)
+  np.testing.assert_array_equal(ids, rerank.superglobal(x[:3], x, p['M'], p['K'], p['beta'])[:K].T)
   np.testing.assert_allclose(scores, np.einsum('qd,qkd->qk', x[:3], x[ids]), atol=1e-5)
 
 
@@ -132,7 +155,7 @@ def test_rerank_candidates_from_another_system():
   qs /= np.linalg.norm(qs, axis=-1, keepdims=True)
   order = query.rerank_candidates(qs, cand, K=3, beta=0.15)
   for i in range(3):
-    want = rerank.rerank_heads(qs[i:i + 1], cand[i], np.arange(20)[None], 3, 0.15)[0]
+    want = rerank.rerank_heads(qs[i : i + 1], cand[i], np.arange(20)[None], 3, 0.15)[0]
     np.testing.assert_array_equal(order[i], want)
   assert sorted(order[0].tolist()) == list(range(20))
 
@@ -146,9 +169,10 @@ def _clustered(n, d, clusters, seed=0):
 
 def test_ivfpq_recall_is_measured_and_refine_restores_it():
   import faiss
+
   faiss.omp_set_num_threads(1)
   x = _clustered(4000, 32, 40)
-  blocks = lambda: ((a, x[a:a + 1000]) for a in range(0, len(x), 1000))
+  blocks = lambda: ((a, x[a : a + 1000]) for a in range(0, len(x), 1000))
   take = lambda ids: x[ids]
   out = {}
   for refine in (1, 10):
@@ -156,8 +180,8 @@ def test_ivfpq_recall_is_measured_and_refine_restores_it():
     index, spec, info = faiss_index.build(blocks, take, len(x), 32, spec)
     assert info['type'].startswith('IVF32,PQ4x6') and info['trained_on'] == 2560
     out[refine] = faiss_index.measure_recall(index, spec, take, blocks, len(x), k=50, sample=50)
-  assert out[1]['recall'] < 0.8            # PQ codes alone miss many of the true top 50
-  assert out[10]['recall'] >= 0.95         # the exact re-scoring of the shortlist restores it
+  assert out[1]['recall'] < 0.8  # PQ codes alone miss many of the true top 50
+  assert out[10]['recall'] >= 0.95  # the exact re-scoring of the shortlist restores it
   scores, ids = faiss_index.search(index, spec, x[:5], 10, take)
   np.testing.assert_allclose(scores, np.einsum('qd,qkd->qk', x[:5], x[ids]), atol=1e-6)
 
@@ -165,13 +189,25 @@ def test_ivfpq_recall_is_measured_and_refine_restores_it():
 def test_index_structure_rebuilt_as_ivfpq_records_recall(built, collection, tmp_path):
   out = str(tmp_path / 'ivfpq_index')
   shutil.copytree(built['index'], out)
-  opts = build.Options(part_size=3, descriptor_dtype='float32', replace=False, read_workers=0,
-                       faiss=faiss_index.Spec(kind='ivfpq'), recall_k=5, recall_sample=12)
+  opts = build.Options(
+    part_size=3,
+    descriptor_dtype='float32',
+    replace=False,
+    read_workers=0,
+    faiss=faiss_index.Spec(kind='ivfpq'),
+    recall_k=5,
+    recall_sample=12,
+  )
   m = build.finalize(store_lib.IndexStore(out), opts, {})
   assert m['faiss']['type'].startswith('IVF') and 'refine' in m['faiss']['type']
-  assert m['faiss']['recall'] == pytest.approx({'k': 5, 'queries': 12, 'recall': 1.0,
-                                                'ms_per_query_batched': m['faiss']['recall'][
-                                                    'ms_per_query_batched']})
+  assert m['faiss']['recall'] == pytest.approx(
+    {
+      'k': 5,
+      'queries': 12,
+      'recall': 1.0,
+      'ms_per_query_batched': m['faiss']['recall']['ms_per_query_batched'],
+    }
+  )
   with open(os.path.join(out, 'manifest.json')) as f:
     assert json.load(f)['faiss']['recall']['recall'] == 1.0
   col = query.Collection(out)

@@ -27,9 +27,16 @@ def _encode(arr, fmt='JPEG', mode=None, **kw):
   return buf.getvalue()
 
 
-@pytest.mark.parametrize('mode,fmt,tol', [
-    (None, 'JPEG', 4.0), ('CMYK', 'JPEG', 4.0), (None, 'PNG', 0.0), ('RGBA', 'PNG', 0.0),
-    ('P', 'PNG', 0.0)])
+@pytest.mark.parametrize(
+  'mode,fmt,tol',
+  [
+    (None, 'JPEG', 4.0),
+    ('CMYK', 'JPEG', 4.0),
+    (None, 'PNG', 0.0),
+    ('RGBA', 'PNG', 0.0),
+    ('P', 'PNG', 0.0),
+  ],
+)
 def test_modes_decode_to_rgb(mode, fmt, tol):
   src = _smooth(96, 128)
   data = _encode(src, fmt, mode, **({'quality': 95} if fmt == 'JPEG' else {}))
@@ -55,7 +62,7 @@ def test_grayscale_jpeg_decodes_to_three_equal_channels():
 def test_rgba_png_drops_alpha_like_imread_and_pillow_fallback_composites_on_white():
   rgba = np.zeros((10, 10, 4), np.uint8)
   rgba[..., 0] = 200
-  rgba[:, :5, 3] = 255   # Left half opaque red, right half fully transparent.
+  rgba[:, :5, 3] = 255  # Left half opaque red, right half fully transparent.
   # PNG: OpenCV reads it; IMREAD_COLOR drops the alpha channel (no compositing).
   img = decode.decode_rgb(_encode(rgba, 'PNG'))
   np.testing.assert_array_equal(img, np.broadcast_to([200, 0, 0], (10, 10, 3)))
@@ -68,7 +75,7 @@ def test_rgba_png_drops_alpha_like_imread_and_pillow_fallback_composites_on_whit
 def test_check_decodable_reports_bad_files():
   good = _encode(_smooth(64, 64), 'JPEG', quality=90)
   assert decode.check_decodable(good) is None
-  assert 'Premature end' in decode.check_decodable(good[:len(good) // 2])
+  assert 'Premature end' in decode.check_decodable(good[: len(good) // 2])
   assert 'not a recognised image' in decode.check_decodable(b'<html>403</html>' * 4)
   assert decode.check_decodable(b'') == 'empty file'
   with pytest.raises(decode.DecodeError):
@@ -80,12 +87,16 @@ def test_dct_downscaled_decode_matches_full_resolution():
   data = _encode(src, 'JPEG', quality=95)
   box = (100, 40, 400, 560)
   # Output 64: crop 400x560 -> the decoder may use 1/4 scale (crop stays >= 64 px).
-  small = decode.decode_rgb(data, min_height=640 * 64 // 400 + 1, min_width=800 * 64 // 560 + 1,
-                           fast=True)
+  small = decode.decode_rgb(
+    data, min_height=640 * 64 // 400 + 1, min_width=800 * 64 // 560 + 1, fast=True
+  )
   assert small.shape[0] < 640 // 2
   fast = decode.decode_crop_resize(data, box, (64, 64), fast=True).astype(float)
-  ref = np.asarray(Image.fromarray(src).crop((40, 100, 600, 500)).resize(
-      (64, 64), Image.BILINEAR, reducing_gap=None)).astype(float)
+  ref = np.asarray(
+    Image.fromarray(src)
+    .crop((40, 100, 600, 500))
+    .resize((64, 64), Image.BILINEAR, reducing_gap=None)
+  ).astype(float)
   assert fast.shape == (64, 64, 3)
   assert np.abs(fast - ref).mean() < 4.0
   # Upscaling path (crop smaller than the output): no downscaling, same picture.
@@ -133,10 +144,11 @@ def _with_orientation(arr, orientation, progressive=False, fmt='JPEG', **kw):
 
 def _imread_cases():
   """name -> encoded bytes of every case the exact route must read as cv2.imread does."""
-  src = _smooth(48, 80, seed=4)      # Non-square: orientations 5-8 swap height and width.
+  src = _smooth(48, 80, seed=4)  # Non-square: orientations 5-8 swap height and width.
   cases = {f'exif{o}': _with_orientation(src, o) for o in range(1, 9)}
-  cases.update({f'exif{o}_progressive': _with_orientation(src, o, progressive=True)
-                for o in (1, 6, 7)})
+  cases.update(
+    {f'exif{o}_progressive': _with_orientation(src, o, progressive=True) for o in (1, 6, 7)}
+  )
   cases['progressive'] = _encode(src, 'JPEG', quality=90, progressive=True)
   cases['grayscale'] = _encode(src, 'JPEG', 'L', quality=90)
   cases['grayscale_exif8'] = _with_orientation(np.asarray(Image.fromarray(src).convert('L')), 8)
@@ -178,9 +190,15 @@ def test_default_decode_equals_cv2_imread_pixel_for_pixel(imread_files):
 
 def test_exif_orientations_are_the_eight_transforms(imread_files):
   upright = decode.decode_rgb(imread_files['exif1'][1]).astype(int)
-  expected = {2: upright[:, ::-1], 3: upright[::-1, ::-1], 4: upright[::-1],
-              5: upright.transpose(1, 0, 2), 6: upright[::-1].transpose(1, 0, 2),
-              7: upright[::-1, ::-1].transpose(1, 0, 2), 8: upright[:, ::-1].transpose(1, 0, 2)}
+  expected = {
+    2: upright[:, ::-1],
+    3: upright[::-1, ::-1],
+    4: upright[::-1],
+    5: upright.transpose(1, 0, 2),
+    6: upright[::-1].transpose(1, 0, 2),
+    7: upright[::-1, ::-1].transpose(1, 0, 2),
+    8: upright[:, ::-1].transpose(1, 0, 2),
+  }
   for o, want in expected.items():
     got = decode.decode_rgb(imread_files[f'exif{o}'][1]).astype(int)
     assert got.shape == want.shape, o
@@ -190,15 +208,28 @@ def test_exif_orientations_are_the_eight_transforms(imread_files):
     assert decode.exif_orientation(imread_files[f'exif{o}'][1]) == o
 
 
-@pytest.mark.parametrize('name', ['exif1', 'exif3', 'exif5', 'exif6', 'exif7_progressive',
-                                  'exif8', 'grayscale_exif8', 'cmyk', 'progressive', 'png_exif6'])
+@pytest.mark.parametrize(
+  'name',
+  [
+    'exif1',
+    'exif3',
+    'exif5',
+    'exif6',
+    'exif7_progressive',
+    'exif8',
+    'grayscale_exif8',
+    'cmyk',
+    'progressive',
+    'png_exif6',
+  ],
+)
 def test_fast_route_applies_the_orientation_too(imread_files, name):
   path, data = imread_files[name]
   exact = cv2.imread(path)[..., ::-1].astype(float)
   fast = decode.decode_rgb(data, fast=True)
   assert fast.shape == exact.shape
-  assert np.abs(fast - exact).mean() < 4.0      # Fast DCT + upsampling: a few grey levels.
-  assert np.abs(fast - exact[::-1, ::-1]).mean() > 20   # A wrong orientation would be far off.
+  assert np.abs(fast - exact).mean() < 4.0  # Fast DCT + upsampling: a few grey levels.
+  assert np.abs(fast - exact[::-1, ::-1]).mean() > 20  # A wrong orientation would be far off.
   # DCT downscaling keeps at least the requested size of the ORIENTED image.
   small = decode.decode_rgb(data, min_height=30, min_width=12, fast=True)
   assert small.shape[0] >= 30 and small.shape[1] >= 12
@@ -214,13 +245,13 @@ def test_fast_route_applies_the_orientation_too(imread_files, name):
 def test_truncated_jpeg_reads_like_imread(tmp_path):
   data = _encode(_smooth(64, 64), 'JPEG', quality=90, progressive=True)
   for frac in (0.5, 0.9):
-    cut = data[:int(len(data) * frac)]
+    cut = data[: int(len(data) * frac)]
     path = tmp_path / f'cut{frac}.jpg'
     path.write_bytes(cut)
-    ref = cv2.imread(str(path))        # The decoded part, missing blocks grey.
+    ref = cv2.imread(str(path))  # The decoded part, missing blocks grey.
     assert ref is not None and cv2.imdecode(np.frombuffer(cut, np.uint8), cv2.IMREAD_COLOR) is None
     np.testing.assert_array_equal(decode.decode_rgb(cut), ref[..., ::-1])
     with pytest.raises(decode.DecodeError, match='Premature end'):
       decode.decode_rgb(cut, strict=True)
-  with pytest.raises(decode.DecodeError):   # Header cut: cv2.imread returns None.
+  with pytest.raises(decode.DecodeError):  # Header cut: cv2.imread returns None.
     decode.decode_rgb(data[:200])

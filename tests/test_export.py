@@ -54,16 +54,25 @@ def exported(tmp_path_factory):
   d = tmp_path_factory.mktemp('export')
   cfg = tiny.get_config()
   model = models.build_model(cfg.model)
-  variables = _perturbed(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
-                                    train=False))
+  variables = _perturbed(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
   ckpt = str(d / 'tiny_converted')
   pretrained.save_converted(ckpt, cfg.model, variables)
   out = str(d / 'exported')
   res = subprocess.run(
-      [sys.executable, '-m', 'dolg_jax.export', '--config=configs/tiny.py',
-       f'--checkpoint={ckpt}', f'--out={out}'],
-      cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    [
+      sys.executable,
+      '-m',
+      'dolg_jax.export',
+      '--config=configs/tiny.py',
+      f'--checkpoint={ckpt}',
+      f'--out={out}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   ref_model, ref_vars = released.load(ckpt)
   reference = jax.jit(lambda x: ref_model.apply(ref_vars, x, train=False))
 
@@ -71,8 +80,15 @@ def exported(tmp_path_factory):
     d = np.asarray(reference(images), np.float32)
     return d / np.linalg.norm(d, axis=1, keepdims=True)
 
-  return {'dir': d, 'ckpt': ckpt, 'out': out, 'res': res, 'expected': expected,
-          'model': ref_model, 'variables': ref_vars}
+  return {
+    'dir': d,
+    'ckpt': ckpt,
+    'out': out,
+    'res': res,
+    'expected': expected,
+    'model': ref_model,
+    'variables': ref_vars,
+  }
 
 
 def test_command_writes_and_verifies_both(exported):
@@ -93,8 +109,9 @@ def test_command_writes_and_verifies_both(exported):
 
 
 def test_onnx_runtime_dynamic_n_h_w(exported):
-  session = onnxruntime.InferenceSession(os.path.join(exported['out'], 'model.onnx'),
-                                         providers=['CPUExecutionProvider'])
+  session = onnxruntime.InferenceSession(
+    os.path.join(exported['out'], 'model.onnx'), providers=['CPUExecutionProvider']
+  )
   (inp,), (outp,) = session.get_inputs(), session.get_outputs()
   assert inp.shape[:3] == ['N', 'H', 'W'] and inp.shape[3] == 3 and inp.type == 'tensor(float)'
   for k, (n, h, w) in enumerate(SHAPES):
@@ -124,10 +141,20 @@ def test_jax_export_runs_with_only_jax_and_numpy(exported, tmp_path):
   images = {f'x{k}': _images(n, h, w, seed=20 + k) for k, (n, h, w) in enumerate(SHAPES)}
   np.savez(tmp_path / 'in.npz', **images)
   res = subprocess.run(
-      [sys.executable, '-c', JAX_ONLY, os.path.join(exported['out'], 'model.jax_export'),
-       str(tmp_path / 'in.npz'), str(tmp_path / 'out.npz')],
-      cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=''))
+    [
+      sys.executable,
+      '-c',
+      JAX_ONLY,
+      os.path.join(exported['out'], 'model.jax_export'),
+      str(tmp_path / 'in.npz'),
+      str(tmp_path / 'out.npz'),
+    ],
+    cwd=str(tmp_path),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=''),
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   assert 'platforms cpu,cuda' in res.stdout
   got = np.load(tmp_path / 'out.npz')
@@ -152,8 +179,9 @@ def test_mismatch_is_detected_and_ends_in_one_failed_line(exported, tmp_path, mo
   fn = export_lib.descriptor_fn(lambda v, x: model.apply(v, x, train=False), other)
   lines = []
   with pytest.raises(export_lib.ExportMismatchError) as err:
-    export_lib.export_model(fn, str(tmp_path / 'bad'), verify_shapes=((2, 64, 64),),
-                            log=lines.append)
+    export_lib.export_model(
+      fn, str(tmp_path / 'bad'), verify_shapes=((2, 64, 64),), log=lines.append
+    )
   line = failures.describe(err.value, str(tmp_path / 'bad'))
   assert line.startswith('FAILED: the exported model disagrees') and '\n' not in line
   assert 'onnx' in line and 'jax_export' not in line.split('>')[0]  # only the ONNX one is off
@@ -164,8 +192,9 @@ def test_mismatch_is_detected_and_ends_in_one_failed_line(exported, tmp_path, mo
 
 def test_missing_checkpoint_fails_in_one_line(tmp_path):
   with pytest.raises(FileNotFoundError) as err:
-    export_lib.run(tiny.get_config(), checkpoint=str(tmp_path / 'nowhere'),
-                   out_dir=str(tmp_path / 'out'))
+    export_lib.run(
+      tiny.get_config(), checkpoint=str(tmp_path / 'nowhere'), out_dir=str(tmp_path / 'out')
+    )
   line = failures.describe(err.value, str(tmp_path / 'out'))
   assert line.startswith('FAILED: ') and 'nowhere does not exist' in line and '\n' not in line
   assert not os.path.exists(tmp_path / 'out' / 'model.onnx')
@@ -178,7 +207,8 @@ def test_both_refuse_batch_0_and_sides_under_64_alike(exported, shape):
   with pytest.raises(Exception, match='Input shapes do not match the') as onnx_error:
     session.run([export_lib.OUTPUT_NAME], {export_lib.INPUT_NAME: images})
   assert 'N >= 1, H >= 64, W >= 64' in str(onnx_error.value)
-  exported_fn = export_lib.load_jax_export(os.path.join(exported['out'],
-                                                        export_lib.JAX_EXPORT_FILE))
+  exported_fn = export_lib.load_jax_export(
+    os.path.join(exported['out'], export_lib.JAX_EXPORT_FILE)
+  )
   with pytest.raises(ValueError, match='Input shapes do not match the'):
     exported_fn.call(images)

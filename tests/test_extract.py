@@ -32,16 +32,24 @@ def stand_in_numpy(variables, img):
 
 def _vars(seed=0, dim=8):
   rng = np.random.default_rng(seed)
-  return {'w': jnp.asarray(rng.standard_normal((6, dim)), jnp.float32),
-          'b': jnp.asarray(rng.standard_normal(dim) * 0.1, jnp.float32)}
+  return {
+    'w': jnp.asarray(rng.standard_normal((6, dim)), jnp.float32),
+    'b': jnp.asarray(rng.standard_normal(dim) * 0.1, jnp.float32),
+  }
 
 
 def _images(rng, sizes):
   out = []
   for h, w in sizes:
     yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([np.sin(xx / (5 + rng.random() * 20)), np.cos(yy / (5 + rng.random() * 20)),
-                     np.sin((xx + yy) / 17.0)], -1)
+    base = np.stack(
+      [
+        np.sin(xx / (5 + rng.random() * 20)),
+        np.cos(yy / (5 + rng.random() * 20)),
+        np.sin((xx + yy) / 17.0),
+      ],
+      -1,
+    )
     out.append(np.clip(128 + 100 * base + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8))
   return out
 
@@ -79,8 +87,10 @@ def test_exact_extraction_matches_numpy_protocol():
   variables = _vars()
   cfg = extract_config(bucket=0, batch_size=2, scales=(0.7071, 1.0, 1.4142))
   boxes = [None, [10.6, 8.2, 80.9, 100.5], None, [3.0, 4.0, 120.0, 70.0]]
-  examples = [{'index': i, 'image': im, **({'bbx': b} if b is not None else {})}
-              for i, (im, b) in reversed(list(enumerate(zip(imgs, boxes))))]
+  examples = [
+    {'index': i, 'image': im, **({'bbx': b} if b is not None else {})}
+    for i, (im, b) in reversed(list(enumerate(zip(imgs, boxes))))
+  ]
   got = ex.extract_descriptors(stand_in_apply, variables, examples, num=4, cfg=cfg)
   for i, (im, b) in enumerate(zip(imgs, boxes)):
     if b is not None:
@@ -94,16 +104,21 @@ def test_exact_extraction_matches_numpy_protocol():
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
   # Bytes and arrays give the same result; missing indices are an error.
   from dolg_jax.data.synthetic import revisitop_fixture
+
   data = revisitop_fixture.jpeg_bytes(imgs[0])
   from dolg_jax.data import decode
-  a = ex.extract_descriptors(stand_in_apply, variables, [{'index': 0, 'image': data}], num=1,
-                             cfg=cfg)
-  b = ex.extract_descriptors(stand_in_apply, variables,
-                             [{'index': 0, 'image': decode.decode_rgb(data)}], num=1, cfg=cfg)
+
+  a = ex.extract_descriptors(
+    stand_in_apply, variables, [{'index': 0, 'image': data}], num=1, cfg=cfg
+  )
+  b = ex.extract_descriptors(
+    stand_in_apply, variables, [{'index': 0, 'image': decode.decode_rgb(data)}], num=1, cfg=cfg
+  )
   np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match='got no example'):
-    ex.extract_descriptors(stand_in_apply, variables, [{'index': 1, 'image': imgs[0]}], num=3,
-                           cfg=cfg)
+    ex.extract_descriptors(
+      stand_in_apply, variables, [{'index': 1, 'image': imgs[0]}], num=3, cfg=cfg
+    )
 
 
 def test_buckets_bound_compiles_and_stay_close_to_exact():
@@ -112,11 +127,13 @@ def test_buckets_bound_compiles_and_stay_close_to_exact():
   imgs = _images(rng, sizes)
   examples = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
   variables = _vars(1)
-  exact = ex.Extractor(stand_in_apply, variables,
-                       extract_config(bucket=0, batch_size=4, scales=(1.0,)))
+  exact = ex.Extractor(
+    stand_in_apply, variables, extract_config(bucket=0, batch_size=4, scales=(1.0,))
+  )
   d_exact = exact.extract(examples, len(imgs))
-  bucketed = ex.Extractor(stand_in_apply, variables,
-                          extract_config(bucket=32, batch_size=4, scales=(1.0,)))
+  bucketed = ex.Extractor(
+    stand_in_apply, variables, extract_config(bucket=32, batch_size=4, scales=(1.0,))
+  )
   d_b = bucketed.extract(examples, len(imgs))
   cos = (d_exact * d_b).sum(1)
   assert cos.min() > 0.999, cos.min()
@@ -146,8 +163,12 @@ def test_sharded_over_several_devices_matches_one(tmp_path):
   ''')
   out = os.path.join(tmp_path, 'd.npy')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
-  subprocess.run([sys.executable, '-c', code, out], check=True, env=env,
-                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  subprocess.run(
+    [sys.executable, '-c', code, out],
+    check=True,
+    env=env,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   rng = np.random.default_rng(3)
   imgs = _images(rng, [(90, 120)] * 5 + [(120, 90)] * 2)
   exs = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
@@ -159,6 +180,7 @@ def test_pad_mode_matches_exact_sizes_with_the_real_model_and_bounds_compiles():
   """Padded canvases + valid_hw (eval default): same descriptors as exact sizes, few shapes."""
   from configs import tiny
   from dolg_jax import models
+
   cfg = tiny.get_config()
   model = models.build_model(cfg.model)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)
@@ -180,5 +202,6 @@ def test_pad_mode_matches_exact_sizes_with_the_real_model_and_bounds_compiles():
   assert padded.compile_count < exact.compile_count
   ladder = ex.canvas_sides(padded.cfg)
   assert all(s[1] in ladder and s[2] in ladder for s in padded.shapes_seen)
-  assert ({s[:3] for s in padded.shapes_seen}
-          == ex.simulate_shapes(sizes, [None] * len(sizes), padded.cfg))
+  assert {s[:3] for s in padded.shapes_seen} == ex.simulate_shapes(
+    sizes, [None] * len(sizes), padded.cfg
+  )

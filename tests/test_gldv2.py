@@ -24,8 +24,16 @@ def fixture(tmp_path_factory):
 @pytest.fixture(scope='module')
 def built(fixture, tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('data'))
-  rc = prepare.main(['prepare', '--dataset=gldv2/clean', f'--manual_dir={fixture.manual_dir}',
-                     f'--data_dir={data_dir}', '--allow_missing', '--verify_md5'])
+  rc = prepare.main(
+    [
+      'prepare',
+      '--dataset=gldv2/clean',
+      f'--manual_dir={fixture.manual_dir}',
+      f'--data_dir={data_dir}',
+      '--allow_missing',
+      '--verify_md5',
+    ]
+  )
   assert rc == 0
   return data_dir
 
@@ -41,16 +49,26 @@ def _version_dir(data_dir):
 
 def test_fixture_layout_is_official_and_deterministic(fixture, tmp_path):
   names = sorted(os.listdir(fixture.manual_dir))
-  assert names == ['images_000.tar', 'images_001.tar', 'images_002.tar', 'md5.images_000.txt',
-                   'md5.images_001.txt', 'md5.images_002.txt', 'train.csv', 'train_clean.csv']
+  assert names == [
+    'images_000.tar',
+    'images_001.tar',
+    'images_002.tar',
+    'md5.images_000.txt',
+    'md5.images_001.txt',
+    'md5.images_002.txt',
+    'train.csv',
+    'train_clean.csv',
+  ]
   with open(os.path.join(fixture.manual_dir, 'train.csv')) as f:
     assert f.readline().strip() == 'id,url,landmark_id'
   with open(os.path.join(fixture.manual_dir, 'train_clean.csv')) as f:
     assert f.readline().strip() == 'landmark_id,images'
   again = gldv2_fixture.write_fixture(str(tmp_path), seed=0)
   for name in names:
-    with open(os.path.join(fixture.manual_dir, name), 'rb') as a, \
-         open(os.path.join(again.manual_dir, name), 'rb') as b:
+    with (
+      open(os.path.join(fixture.manual_dir, name), 'rb') as a,
+      open(os.path.join(again.manual_dir, name), 'rb') as b,
+    ):
       assert a.read() == b.read(), name
 
 
@@ -107,13 +125,14 @@ def test_split_is_seeded_and_stable():
   b, _ = gldv2.split_per_class(list(reversed(pairs)), 0.2, seed=0)
   c, _ = gldv2.split_per_class(pairs, 0.2, seed=1)
   split = lambda recs: {r.id: r.split for r in recs}
-  assert split(a) == split(b)            # Independent of CSV order.
-  assert split(a) != split(c)            # Depends on the seed.
+  assert split(a) == split(b)  # Independent of CSV order.
+  assert split(a) != split(c)  # Depends on the seed.
 
 
 def test_modes_decode_to_rgb_from_the_dataset(fixture, built):
-  records = {r['id'].decode(): r for r in _read_split(built, 'train') + _read_split(built,
-                                                                                     'validation')}
+  records = {
+    r['id'].decode(): r for r in _read_split(built, 'train') + _read_split(built, 'validation')
+  }
   for image_id in fixture.grayscale + fixture.cmyk + fixture.png:
     if image_id not in records:
       continue
@@ -130,8 +149,14 @@ def test_modes_decode_to_rgb_from_the_dataset(fixture, built):
 
 
 def test_missing_images_stop_the_build(fixture, tmp_path, capsys):
-  rc = prepare.main(['prepare', '--dataset=gldv2/clean', f'--manual_dir={fixture.manual_dir}',
-                     f'--data_dir={tmp_path}'])
+  rc = prepare.main(
+    [
+      'prepare',
+      '--dataset=gldv2/clean',
+      f'--manual_dir={fixture.manual_dir}',
+      f'--data_dir={tmp_path}',
+    ]
+  )
   err = capsys.readouterr().err
   assert rc == 1
   assert f'{len(fixture.missing)} of {len(fixture.clean_ids)} images' in err
@@ -166,8 +191,7 @@ def test_md5_mismatch_is_reported(fixture, tmp_path):
   with open(os.path.join(manual, 'md5.images_002.txt'), 'w') as f:
     f.write('0' * 32 + '  images_002.tar\n')
   with pytest.raises(gldv2.ChecksumError, match='images_002.tar'):
-    gldv2.make_plan(manual, 'clean', val_fraction=0.2, seed=0, allow_missing=True,
-                    check_md5=True)
+    gldv2.make_plan(manual, 'clean', val_fraction=0.2, seed=0, allow_missing=True, check_md5=True)
 
 
 def test_full_config_and_extracted_tree(fixture, tmp_path):

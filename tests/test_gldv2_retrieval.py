@@ -22,8 +22,16 @@ def fixture(tmp_path_factory):
 @pytest.fixture(scope='module')
 def built(fixture, tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('data'))
-  rc = prepare.main(['prepare', '--dataset=gldv2_retrieval', f'--manual_dir={fixture.manual_dir}',
-                     f'--data_dir={data_dir}', '--allow_missing', '--verify_md5'])
+  rc = prepare.main(
+    [
+      'prepare',
+      '--dataset=gldv2_retrieval',
+      f'--manual_dir={fixture.manual_dir}',
+      f'--data_dir={data_dir}',
+      '--allow_missing',
+      '--verify_md5',
+    ]
+  )
   assert rc == 0
   return data_dir, gldv2_retrieval.load_summary(data_dir)
 
@@ -32,9 +40,14 @@ def test_layout_and_solution(fixture):
   names = sorted(os.listdir(fixture.manual_dir))
   assert names == ['index', 'index.csv', 'retrieval_solution_v2.1.csv', 'test', 'test.csv']
   assert sorted(os.listdir(os.path.join(fixture.manual_dir, 'test'))) == [
-      'images_000.tar', 'images_001.tar', 'md5.images_000.txt', 'md5.images_001.txt']
+    'images_000.tar',
+    'images_001.tar',
+    'md5.images_000.txt',
+    'md5.images_001.txt',
+  ]
   public, private, ignored = gldv2_retrieval.read_solution(
-      os.path.join(fixture.manual_dir, 'retrieval_solution_v2.1.csv'))
+    os.path.join(fixture.manual_dir, 'retrieval_solution_v2.1.csv')
+  )
   assert (public, private, ignored) == (fixture.public, fixture.private, fixture.ignored)
   assert len(ignored) == 1 and public and private
 
@@ -56,8 +69,9 @@ def test_build(fixture, built):
       assert image_id == ids[row]
       assert 40 <= ex['height'] <= 72 and 40 <= ex['width'] <= 72
   listed = gldv2_retrieval.listed_ids(data_dir, 'test')
-  assert [i for i in listed if i is not None] == [t for t in fixture.test_ids
-                                                  if t not in fixture.missing_test]
+  assert [i for i in listed if i is not None] == [
+    t for t in fixture.test_ids if t not in fixture.missing_test
+  ]
   assert gldv2_retrieval.load_solution(data_dir)[0] == fixture.public
   ids = []
   num, examples = gldv2_retrieval.extraction_examples(data_dir, 'index', ids)
@@ -89,10 +103,12 @@ def test_known_map_with_and_without_rerank(fixture, built):
   def desc(lm):  # landmark lm -> its axis; unrelated -> the last axis (far from every landmark)
     return eye[lm] if lm >= 0 else eye[d - 1]
 
-  x = np.stack([desc(fixture.index_landmark[i]) if i else np.zeros(d, np.float32)
-                for i in index_ids]) + 0.01 * rng.standard_normal((len(index_ids), d))
-  q = np.stack([desc(fixture.test_landmark[t]) if t else np.zeros(d, np.float32)
-                for t in test_ids]) + 0.01 * rng.standard_normal((len(test_ids), d))
+  x = np.stack(
+    [desc(fixture.index_landmark[i]) if i else np.zeros(d, np.float32) for i in index_ids]
+  ) + 0.01 * rng.standard_normal((len(index_ids), d))
+  q = np.stack(
+    [desc(fixture.test_landmark[t]) if t else np.zeros(d, np.float32) for t in test_ids]
+  ) + 0.01 * rng.standard_normal((len(test_ids), d))
   x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
   q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
   public, private, _ = gldv2_retrieval.load_solution(data_dir)
@@ -100,8 +116,9 @@ def test_known_map_with_and_without_rerank(fixture, built):
   miss = fixture.missing_test[0]
   want = {'public': (4 - (miss in public)) / 4, 'private': (4 - (miss in private)) / 4}
   for rr in (None, {'M': 400, 'K': 9, 'beta': 0.15}, {'M': 5, 'K': 2, 'beta': 0.15}):
-    res = gldv2_eval.evaluate(q, test_ids, x, index_ids, public, private, rerank=rr,
-                              chunk_size=5, query_chunk=3)
+    res = gldv2_eval.evaluate(
+      q, test_ids, x, index_ids, public, private, rerank=rr, chunk_size=5, query_chunk=3
+    )
     assert res['num_index'] == 16
     for name in ('public', 'private'):
       assert res[name]['map@100'] == pytest.approx(want[name], abs=1e-12)
@@ -118,8 +135,9 @@ def test_ranked_lists_are_the_heads_of_the_full_rankings():
   plain = gldv2_eval.ranked_lists(q, x, k=20, chunk_size=64, query_chunk=3)
   np.testing.assert_array_equal(plain, search.full_ranks(search.similarity_matrix(q, x, 64))[:20].T)
   for m in (8, 40):  # re-ranked heads shorter and longer than k
-    got = gldv2_eval.ranked_lists(q, x, k=20, rerank={'M': m, 'K': 3, 'beta': 0.15},
-                                  chunk_size=64, query_chunk=3)
+    got = gldv2_eval.ranked_lists(
+      q, x, k=20, rerank={'M': m, 'K': 3, 'beta': 0.15}, chunk_size=64, query_chunk=3
+    )
     full = rerank.superglobal(q, x, M=m, K=3, beta=0.15, chunk_size=64)
     np.testing.assert_array_equal(got, full[:20].T)
 
@@ -129,6 +147,7 @@ def test_evaluate_prepared_end_to_end(built):
   of the same descriptors scored by the official-semantics metric."""
   import jax.numpy as jnp
   from dolg_jax.retrieval import extract, metrics
+
   data_dir, _ = built
   w = jnp.asarray(np.random.default_rng(5).standard_normal((6, 8)), jnp.float32)
 

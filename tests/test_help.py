@@ -26,10 +26,13 @@ PACKAGE = os.path.join(REPO, 'dolg_jax')
 
 
 def _is_main_guard(node: ast.stmt) -> bool:
-  return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-          and isinstance(node.test.left, ast.Name) and node.test.left.id == '__name__'
-          and any(isinstance(c, ast.Constant) and c.value == '__main__'
-                  for c in node.test.comparators))
+  return (
+    isinstance(node, ast.If)
+    and isinstance(node.test, ast.Compare)
+    and isinstance(node.test.left, ast.Name)
+    and node.test.left.id == '__name__'
+    and any(isinstance(c, ast.Constant) and c.value == '__main__' for c in node.test.comparators)
+  )
 
 
 def _flag_names(tree: ast.Module) -> list[str]:
@@ -41,8 +44,11 @@ def _flag_names(tree: ast.Module) -> list[str]:
       fname = func.attr if isinstance(func, ast.Attribute) else getattr(func, 'id', '')
       if not fname.startswith('DEFINE_') or fname == 'DEFINE_flag':
         continue
-      arg = node.args[0] if node.args else next(
-          (k.value for k in node.keywords if k.arg == 'name'), None)
+      arg = (
+        node.args[0]
+        if node.args
+        else next((k.value for k in node.keywords if k.arg == 'name'), None)
+      )
       if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
         names.append(arg.value)
   return names
@@ -106,28 +112,45 @@ _DRIVER = textwrap.dedent('''
 
 @pytest.fixture(scope='module')
 def helps():
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
-  proc = subprocess.run([sys.executable, '-c', _DRIVER, *sorted(COMMANDS), BAD_FLAG], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]),
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', _DRIVER, *sorted(COMMANDS), BAD_FLAG],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULTS '))
-  return json.loads(line[len('RESULTS '):])
+  return json.loads(line[len('RESULTS ') :])
 
 
 def test_the_known_commands_are_found():
   # A sample that must be there (the discovery itself covers commands added later).
-  assert {'dolg_jax.main', 'dolg_jax.eval', 'dolg_jax.convert', 'dolg_jax.data.prepare',
-          'dolg_jax.study', 'dolg_jax.tools.bench_eval', 'dolg_jax.tools.accelerator_check'
-          } <= set(COMMANDS)
+  assert {
+    'dolg_jax.main',
+    'dolg_jax.eval',
+    'dolg_jax.convert',
+    'dolg_jax.data.prepare',
+    'dolg_jax.study',
+    'dolg_jax.tools.bench_eval',
+    'dolg_jax.tools.accelerator_check',
+  } <= set(COMMANDS)
 
 
 @pytest.mark.parametrize('module', sorted(COMMANDS))
 def test_help_exits_0_and_lists_the_flags(module, helps):
   info = COMMANDS[module]
   missing = {'define_flags', 'main', 'run'} - info['functions']
-  assert not missing, (f'{module}: a command defines define_flags(), main(argv) and run() '
-                       f'(ARCHITECTURE.md); missing {sorted(missing)}')
+  assert not missing, (
+    f'{module}: a command defines define_flags(), main(argv) and run() '
+    f'(ARCHITECTURE.md); missing {sorted(missing)}'
+  )
   res = helps[module]
   assert res['rc'] == 0, f'{module} --help exited {res["rc"]}:\n{res["output"][-3000:]}'
   out = res['output']
@@ -135,7 +158,7 @@ def test_help_exits_0_and_lists_the_flags(module, helps):
   listed = lambda name: re.search(rf'^\s+--(\[no\])?{name}:', out, re.MULTILINE)  # noqa: E731
   absent = [n for n in info['flags'] if not listed(re.escape(n))]
   assert not absent, f'{module} --help does not list {absent}:\n{out[-3000:]}'
-  if not info['flags']:   # Flags defined elsewhere (a shared helper): at least some are listed.
+  if not info['flags']:  # Flags defined elsewhere (a shared helper): at least some are listed.
     assert listed(r'[\w.]+'), f'{module} --help lists no flag:\n{out[-3000:]}'
   assert 'Unknown command line flag' not in out and 'Traceback' not in out
 

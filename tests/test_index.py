@@ -71,21 +71,28 @@ def env(tmp_path_factory):
   wrapper = root / 'wrapped_index.py'
   wrapper.write_text(WRAPPER.format(repo=REPO))
   return {
-      'root': root,
-      'folder': ct.write_folder(str(root / 'images')),
-      'ckpt': ct.write_checkpoint(str(root / 'tiny_a'), 0),
-      'ckpt_b': ct.write_checkpoint(str(root / 'tiny_b'), 1),
-      'xla': str(root / 'xla'),
-      'wrapper': str(wrapper),
+    'root': root,
+    'folder': ct.write_folder(str(root / 'images')),
+    'ckpt': ct.write_checkpoint(str(root / 'tiny_a'), 0),
+    'ckpt_b': ct.write_checkpoint(str(root / 'tiny_b'), 1),
+    'xla': str(root / 'xla'),
+    'wrapper': str(wrapper),
   }
 
 
 def _index(env, out, *extra, images=None, ckpt=None, wrapped=False, extra_env=None):
   program = (env['wrapper'],) if wrapped else ('-m', 'dolg_jax.index')
-  cmd = ct.index_cmd(ckpt or env['ckpt'], images or env['folder'], out, env['xla'], *extra,
-                     program=program)
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                        env=dict(ct.env(), **(extra_env or {})))
+  cmd = ct.index_cmd(
+    ckpt or env['ckpt'], images or env['folder'], out, env['xla'], *extra, program=program
+  )
+  return subprocess.run(
+    cmd,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(ct.env(), **(extra_env or {})),
+  )
 
 
 @pytest.fixture(scope='module')
@@ -106,8 +113,13 @@ def test_folder_counts_skipped_and_manifest(env, clean):
   m = _manifest(out)
   n_good, n_bad = len(ct.IMAGES), len(ct.BAD)
   assert m['status'] == 'complete'
-  assert m['counts'] == {'found': n_good + n_bad, 'indexed': n_good, 'skipped': n_bad,
-                         'parts': 5, 'generations': 1}
+  assert m['counts'] == {
+    'found': n_good + n_bad,
+    'indexed': n_good,
+    'skipped': n_bad,
+    'parts': 5,
+    'generations': 1,
+  }
   assert f'found {n_good + n_bad} files = {n_good} indexed + {n_bad} skipped' in proc.stdout
   assert 'images/s' in proc.stderr and 'ETA' in proc.stderr  # the progress line
   skipped = {r['path']: r['reason'] for r in store_lib.IndexStore(out).read_skipped()}
@@ -130,6 +142,7 @@ def test_descriptors_equal_evaluation_extraction(env, clean):
   from configs import tiny
   from dolg_jax.data import decode
   from dolg_jax.retrieval import evaluate, extract
+
   out, _ = clean
   cfg = tiny.get_config()
   cfg.eval.scales = (1.0,)
@@ -140,12 +153,14 @@ def test_descriptors_equal_evaluation_extraction(env, clean):
     with open(os.path.join(env['folder'], p), 'rb') as f:
       examples.append({'index': i, 'image': decode.decode_rgb(f.read())})
   want = extract.Extractor(apply_fn, variables, extract.from_config(cfg.eval)).extract(
-      examples, len(examples))
+    examples, len(examples)
+  )
   np.testing.assert_allclose(rows.all_descriptors(), want, atol=1e-6)
 
 
 def test_exact_faiss_equals_brute_force(clean):
   from dolg_jax.collection import faiss_index, query
+
   out, _ = clean
   rows = store_lib.Rows(store_lib.IndexStore(out))
   x = rows.all_descriptors()
@@ -169,15 +184,15 @@ def test_kill9_mid_index_then_resume_equals_a_clean_run(env, clean):
   proc = _index(env, out, wrapped=True, extra_env={'KILL_AFTER_PARTS': '2'})
   assert proc.returncode == -9, ct.explain(proc)
   store = store_lib.IndexStore(out)
-  assert store.committed_parts() == [(0, 0), (0, 1)]            # two whole parts ...
-  assert os.path.exists(store.part_base(0, 2) + '.npy')        # ... and a partial third
+  assert store.committed_parts() == [(0, 0), (0, 1)]  # two whole parts ...
+  assert os.path.exists(store.part_base(0, 2) + '.npy')  # ... and a partial third
   assert _manifest(out)['status'] == 'building'
   proc = _index(env, out)
   assert proc.returncode == 0, ct.explain(proc)
   found = sorted([p for p, _ in ct.IMAGES] + list(ct.BAD))
   good = {p for p, _ in ct.IMAGES}
   assert _manifest(out)['last_run']['extracted_by_process_0'] == len(good.intersection(found[6:]))
-  assert ct.index_files(out) == ct.index_files(clean[0])       # bit for bit
+  assert ct.index_files(out) == ct.index_files(clean[0])  # bit for bit
   assert _manifest(out)['counts'] == _manifest(clean[0])['counts']
 
 
@@ -192,7 +207,7 @@ def test_images_added_later_are_appended(env, clean):
   assert proc.returncode == 0, ct.explain(proc)
   m = _manifest(out)
   assert m['last_run']['new'] == len(ct.LATER)
-  assert m['last_run']['extracted_by_process_0'] == len(ct.LATER)   # nothing else re-extracted
+  assert m['last_run']['extracted_by_process_0'] == len(ct.LATER)  # nothing else re-extracted
   assert m['counts']['found'] == len(ct.IMAGES) + len(ct.BAD) + len(ct.LATER)
   assert m['counts']['generations'] == 2
   assert m['faiss']['extended_from'] == len(ct.IMAGES)
@@ -200,8 +215,10 @@ def test_images_added_later_are_appended(env, clean):
   assert all(after[k] == v for k, v in before.items() if k.startswith(('parts/', 'plans/')))
   rows = store_lib.Rows(store_lib.IndexStore(out))
   assert rows.paths == sorted(p for p, _ in ct.IMAGES) + sorted(p for p, _ in ct.LATER)
-  np.testing.assert_array_equal(rows.all_descriptors()[:len(ct.IMAGES)],
-                                store_lib.Rows(store_lib.IndexStore(clean[0])).all_descriptors())
+  np.testing.assert_array_equal(
+    rows.all_descriptors()[: len(ct.IMAGES)],
+    store_lib.Rows(store_lib.IndexStore(clean[0])).all_descriptors(),
+  )
   assert faiss.read_index(os.path.join(out, 'faiss.index')).ntotal == len(rows)
 
 
@@ -214,7 +231,7 @@ def test_changed_model_is_refused_and_replace_builds_anew(env, clean):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('FAILED:') and 'built with another model_key' in last, last
   assert '--replace' in last
-  assert ct.index_files(out) == before                         # nothing mixed in
+  assert ct.index_files(out) == before  # nothing mixed in
   proc = _index(env, out, '--replace', ckpt=env['ckpt_b'])
   assert proc.returncode == 0, ct.explain(proc)
   new_key = _manifest(out)['fingerprint']['model_key']
@@ -227,11 +244,19 @@ def test_changed_model_is_refused_and_replace_builds_anew(env, clean):
 def test_changed_protocol_is_refused(env, clean):
   from configs import tiny
   from dolg_jax.collection import build
+
   cfg = tiny.get_config()
   cfg.eval.scales = (1.0,)
-  cfg.eval.max_side = 80   # another protocol
-  opts = build.Options(part_size=3, descriptor_dtype='float32', faiss=build.faiss_index.Spec(),
-                       replace=False, read_workers=0, recall_k=10, recall_sample=5)
+  cfg.eval.max_side = 80  # another protocol
+  opts = build.Options(
+    part_size=3,
+    descriptor_dtype='float32',
+    faiss=build.faiss_index.Spec(),
+    replace=False,
+    read_workers=0,
+    recall_k=10,
+    recall_sample=5,
+  )
   with pytest.raises(store_lib.IndexMismatchError, match='extraction.max_side'):
     build.build(cfg, checkpoint=env['ckpt'], images=env['folder'], out=clean[0], options=opts)
 
@@ -249,11 +274,26 @@ def test_two_processes_each_read_their_share_and_equal_one(env, clean):
   logs = [str(env['root'] / f'reads_{i}.txt') for i in range(2)]
   procs = []
   for i in range(2):
-    cmd = ct.index_cmd(env['ckpt'], env['folder'], out, env['xla'],
-                       f'--coordinator_address={address}', '--num_processes=2',
-                       f'--process_id={i}', program=(env['wrapper'],))
-    procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env=dict(ct.env(), READ_LOG=logs[i])))
+    cmd = ct.index_cmd(
+      env['ckpt'],
+      env['folder'],
+      out,
+      env['xla'],
+      f'--coordinator_address={address}',
+      '--num_processes=2',
+      f'--process_id={i}',
+      program=(env['wrapper'],),
+    )
+    procs.append(
+      subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(ct.env(), READ_LOG=logs[i]),
+      )
+    )
   outputs = []
   try:
     for p in procs:
@@ -276,6 +316,7 @@ def test_two_processes_each_read_their_share_and_equal_one(env, clean):
 
 def test_list_file_and_folder_listing(tmp_path):
   from dolg_jax.collection import files
+
   root = ct.write_folder(str(tmp_path / 'images'))
   lst = tmp_path / 'images' / 'list.txt'
   lst.write_text('# my picks\na/img04.jpeg\n\n./img00.jpg\na/img04.jpeg\nc/../c/img10.tif\n')
@@ -292,8 +333,9 @@ def test_rows_take_across_parts(tmp_path):
   rng = np.random.default_rng(0)
   parts = [rng.standard_normal((n, 4)).astype(np.float16) for n in (3, 0, 5, 2)]
   for c, d in enumerate(parts):
-    rows = [{'path': f'p{c}_{i}', 'height': 1, 'width': 1, 'bytes': 1, 'sha1': 'x'}
-            for i in range(len(d))]
+    rows = [
+      {'path': f'p{c}_{i}', 'height': 1, 'width': 1, 'bytes': 1, 'sha1': 'x'} for i in range(len(d))
+    ]
     store.write_part(0, c, d if len(d) else np.zeros((0, 0), np.float16), rows, [])
   r = store_lib.Rows(store)
   x = np.concatenate(parts).astype(np.float32)
@@ -316,9 +358,10 @@ def _overwrite(path, offset, data):
 
 def test_damaged_search_structure_is_named_and_rebuilt(env, clean):
   from dolg_jax.collection import query
+
   out = _damaged_copy(env, clean, 'damaged_faiss')
   path = os.path.join(out, 'faiss.index')
-  _overwrite(path, os.path.getsize(path) // 2, b'\xff' * 16)   # NaNs inside the vectors
+  _overwrite(path, os.path.getsize(path) // 2, b'\xff' * 16)  # NaNs inside the vectors
   with pytest.raises(store_lib.DamagedIndexError, match=r'faiss.index is damaged.*dolg_jax.index'):
     query.Collection(out)
   proc = _index(env, out)
@@ -326,8 +369,10 @@ def test_damaged_search_structure_is_named_and_rebuilt(env, clean):
   assert 'repairing' in proc.stderr and 'faiss.index' in proc.stderr
   assert ct.index_files(out) == ct.index_files(clean[0])
   q = store_lib.Rows(store_lib.IndexStore(clean[0])).all_descriptors()[::2] + 0.01
-  got, want = query.Collection(out).search_descriptors(q, k=5), \
-      query.Collection(clean[0]).search_descriptors(q, k=5)
+  got, want = (
+    query.Collection(out).search_descriptors(q, k=5),
+    query.Collection(clean[0]).search_descriptors(q, k=5),
+  )
   np.testing.assert_array_equal(got[1], want[1])
   np.testing.assert_array_equal(got[0], want[0])
   assert np.isfinite(got[0]).all()
@@ -335,11 +380,12 @@ def test_damaged_search_structure_is_named_and_rebuilt(env, clean):
 
 def test_deleted_and_truncated_parts_are_named_and_extracted_again(env, clean):
   from dolg_jax.collection import query
+
   out = _damaged_copy(env, clean, 'damaged_parts')
   store = store_lib.IndexStore(out)
-  for rel in store.part_files(0, 1):                             # a part deleted
+  for rel in store.part_files(0, 1):  # a part deleted
     os.remove(os.path.join(out, rel))
-  npy = store.part_base(0, 3) + '.npy'                           # a part truncated
+  npy = store.part_base(0, 3) + '.npy'  # a part truncated
   with open(npy, 'r+b') as f:
     f.truncate(os.path.getsize(npy) // 2)
   with pytest.raises(store_lib.DamagedIndexError, match=r'g00000-p000001\.\S+ is missing'):
@@ -352,24 +398,36 @@ def test_deleted_and_truncated_parts_are_named_and_extracted_again(env, clean):
   good = {p for p, _ in ct.IMAGES}
   redone = [f for _, c, fs in parts if c in (1, 3) for f in fs if f in good]
   assert m['last_run']['extracted_by_process_0'] == len(redone)  # those two parts' images only
-  assert ct.index_files(out) == ct.index_files(clean[0])       # byte for byte
+  assert ct.index_files(out) == ct.index_files(clean[0])  # byte for byte
   assert m['checksums'] == _manifest(clean[0])['checksums']
 
 
 def test_overwritten_part_and_manifest_are_named_never_nan(env, clean):
   from dolg_jax.collection import query
+
   out = _damaged_copy(env, clean, 'damaged_in_place')
   npy = store_lib.IndexStore(out).part_base(0, 0) + '.npy'
-  _overwrite(npy, os.path.getsize(npy) - 16, b'\xff' * 16)     # same size: NaN descriptors
-  col = query.Collection(out)                                   # sizes fine: opens
+  _overwrite(npy, os.path.getsize(npy) - 16, b'\xff' * 16)  # same size: NaN descriptors
+  col = query.Collection(out)  # sizes fine: opens
   q = store_lib.Rows(store_lib.IndexStore(clean[0])).all_descriptors()[:2]
   with pytest.raises(store_lib.DamagedIndexError, match='not finite'):
-    col.search_descriptors(q, k=5, rerank='superglobal')        # never a NaN score
-  with open(os.path.join(out, 'manifest.json'), 'r+b') as f:   # a truncated manifest
+    col.search_descriptors(q, k=5, rerank='superglobal')  # never a NaN score
+  with open(os.path.join(out, 'manifest.json'), 'r+b') as f:  # a truncated manifest
     f.truncate(100)
-  proc = subprocess.run([sys.executable, '-m', 'dolg_jax.search', f'--index={out}',
-                         f'--query={os.path.join(env["folder"], "img00.jpg")}'], cwd=REPO,
-                        capture_output=True, text=True, timeout=300, env=ct.env())
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'dolg_jax.search',
+      f'--index={out}',
+      f'--query={os.path.join(env["folder"], "img00.jpg")}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=ct.env(),
+  )
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('FAILED:') and os.path.join(out, 'manifest.json') in last, last
@@ -378,20 +436,22 @@ def test_overwritten_part_and_manifest_are_named_never_nan(env, clean):
 
 def test_ivfpq_rebuilt_from_its_record_equals_the_extended_structure():
   from dolg_jax.collection import faiss_index
+
   rng = np.random.default_rng(0)
   x = rng.standard_normal((3000, 32)).astype(np.float32)
   x /= np.linalg.norm(x, axis=1, keepdims=True)
 
   def blocks(a, b):
-    return lambda: ((s, x[s:s + 500]) for s in range(a, b, 500))
+    return lambda: ((s, x[s : s + 500]) for s in range(a, b, 500))
 
   def take(ids):
     return x[ids]
 
   spec = faiss_index.Spec(kind='ivfpq', nlist=16)
   first, resolved, info = faiss_index.build(blocks(0, 2000), take, 2000, 32, spec)
-  faiss_index.extend(first, blocks(2000, 3000)())        # images added later
-  again, _, _ = faiss_index.build(blocks(0, 3000), take, 3000, 32, spec, resolved=resolved,
-                                  trained_rows=info['trained_rows'])
+  faiss_index.extend(first, blocks(2000, 3000)())  # images added later
+  again, _, _ = faiss_index.build(
+    blocks(0, 3000), take, 3000, 32, spec, resolved=resolved, trained_rows=info['trained_rows']
+  )
   assert info['trained_rows'] == 2000
   np.testing.assert_array_equal(faiss.serialize_index(again), faiss.serialize_index(first))

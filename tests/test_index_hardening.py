@@ -32,26 +32,30 @@ SECRET = 'password=hunter2 and more text'
 
 
 PEAK_RSS_WRAPPER = (
-    "import atexit, runpy, sys\n"
-    "def peak():\n"
-    "  status = open('/proc/self/status').read()\n"
-    "  print('VmHWM_kB=' + status.split('VmHWM:')[1].split()[0], file=sys.stderr)\n"
-    "atexit.register(peak)\n"
-    "sys.argv[0] = 'dolg_jax.index'\n"
-    "runpy.run_module('dolg_jax.index', run_name='__main__')\n")
+  "import atexit, runpy, sys\n"
+  "def peak():\n"
+  "  status = open('/proc/self/status').read()\n"
+  "  print('VmHWM_kB=' + status.split('VmHWM:')[1].split()[0], file=sys.stderr)\n"
+  "atexit.register(peak)\n"
+  "sys.argv[0] = 'dolg_jax.index'\n"
+  "runpy.run_module('dolg_jax.index', run_name='__main__')\n"
+)
 
 
 def png_bomb(path: str, side: int) -> None:
   """A valid 1-bit greyscale PNG of side x side zero pixels (a few kB: zlib of zero rows)."""
+
   def chunk(kind, data):
     return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
   row = b'\x00' * (1 + (side + 7) // 8)
   z = zlib.compressobj(9)
   idat = b''.join(z.compress(row) for _ in range(side)) + z.flush()
   with open(path, 'wb') as f:
     header = struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0)
-    f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', idat)
-            + chunk(b'IEND', b''))
+    f.write(
+      b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', idat) + chunk(b'IEND', b'')
+    )
 
 
 def camera_photo(path: str) -> None:
@@ -61,9 +65,18 @@ def camera_photo(path: str) -> None:
 
 
 def _index_cmd(env, images, out, *extra):
-  return [sys.executable, '-m', 'dolg_jax.index', '--config=configs/tiny.py',
-          f'--checkpoint={env["ckpt"]}', f'--images={images}', f'--out={out}', '--part_size=2',
-          f'--config.eval.xla_cache_dir={env["xla"]}', *extra]
+  return [
+    sys.executable,
+    '-m',
+    'dolg_jax.index',
+    '--config=configs/tiny.py',
+    f'--checkpoint={env["ckpt"]}',
+    f'--images={images}',
+    f'--out={out}',
+    '--part_size=2',
+    f'--config.eval.xla_cache_dir={env["xla"]}',
+    *extra,
+  ]
 
 
 @pytest.fixture(scope='module')
@@ -79,15 +92,25 @@ def env(tmp_path_factory):
   os.mkfifo(folder / 'pipe.jpg')
   os.symlink('/dev/zero', folder / 'zero.jpg')
   (folder / 'secret.jpg').write_text(SECRET)
-  return {'root': root, 'folder': str(folder), 'ckpt': ct.write_checkpoint(str(root / 'ckpt'), 0),
-          'xla': str(root / 'xla')}
+  return {
+    'root': root,
+    'folder': str(folder),
+    'ckpt': ct.write_checkpoint(str(root / 'ckpt'), 0),
+    'xla': str(root / 'xla'),
+  }
 
 
 @pytest.fixture(scope='module')
 def odd_index(env):
   out = str(env['root'] / 'index')
-  proc = subprocess.run(_index_cmd(env, env['folder'], out), cwd=REPO, env=ct.env(),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    _index_cmd(env, env['folder'], out),
+    cwd=REPO,
+    env=ct.env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, ct.explain(proc)
   return out, proc
 
@@ -100,40 +123,57 @@ def test_every_file_is_a_row_or_a_skip(env, odd_index):
   assert m['counts']['indexed'] == 6 and m['counts']['skipped'] == 3
   skipped = {r['path']: r['reason'] for r in store_lib.IndexStore(out).read_skipped()}
   assert set(skipped) == {'pipe.jpg', 'zero.jpg', 'secret.jpg'}
-  assert 'FIFO' in skipped['pipe.jpg']                      # skipped, not waited on
-  assert 'character device' in skipped['zero.jpg']          # a link to a device: not read
+  assert 'FIFO' in skipped['pipe.jpg']  # skipped, not waited on
+  assert 'character device' in skipped['zero.jpg']  # a link to a device: not read
   assert 'not a decodable image' in skipped['secret.jpg']
   assert 'hunter2' not in skipped['secret.jpg'] and 'password' not in skipped['secret.jpg']
   rows = store_lib.Rows(store_lib.IndexStore(out))
-  assert sorted(rows.paths) == sorted(['camera.jpg', 'img0.jpg', 'img1.jpg', 'img2.jpg',
-                                       NON_UTF8, SPACED])    # exact names
+  assert sorted(rows.paths) == sorted(
+    ['camera.jpg', 'img0.jpg', 'img1.jpg', 'img2.jpg', NON_UTF8, SPACED]
+  )  # exact names
   camera = rows.meta[rows.paths.index('camera.jpg')]
   assert (int(camera['height']), int(camera['width'])) == (4000, 6000)
-  assert m['protocol']['long_side_cap'] == 5793             # 5793 * 1.4142 rounds to 8192
+  assert m['protocol']['long_side_cap'] == 5793  # 5793 * 1.4142 rounds to 8192
   assert m['protocol']['max_pixels'] == reading.MAX_PIXELS
   with open(os.path.join(out, 'skipped.csv'), 'rb') as f:
-    f.read().decode('utf-8')                                # the tables are UTF-8 ...
-  part_tables = b''.join(open(os.path.join(out, 'parts', n), 'rb').read()
-                         for n in os.listdir(os.path.join(out, 'parts')) if n.endswith('.csv'))
-  assert b'caf\\xe9 \\xff.jpg' in part_tables               # ... with the bytes escaped
+    f.read().decode('utf-8')  # the tables are UTF-8 ...
+  part_tables = b''.join(
+    open(os.path.join(out, 'parts', n), 'rb').read()
+    for n in os.listdir(os.path.join(out, 'parts'))
+    if n.endswith('.csv')
+  )
+  assert b'caf\\xe9 \\xff.jpg' in part_tables  # ... with the bytes escaped
 
 
 def test_camera_photo_and_non_utf8_name_are_found_by_themselves(env, odd_index):
   out, _ = odd_index
   res = str(env['root'] / 'search')
   queries = [os.path.join(env['folder'], 'camera.jpg'), os.path.join(env['folder'], NON_UTF8)]
-  proc = subprocess.run([sys.executable, '-m', 'dolg_jax.search', f'--index={out}',
-                         *(f'--query={q}' for q in queries), '--k=3', f'--out={res}'],
-                        cwd=REPO, env=ct.env(), capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'dolg_jax.search',
+      f'--index={out}',
+      *(f'--query={q}' for q in queries),
+      '--k=3',
+      f'--out={res}',
+    ],
+    cwd=REPO,
+    env=ct.env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, ct.explain(proc)
   with open(os.path.join(res, 'results.json')) as f:
     got = json.load(f)
-  assert [q['query'] for q in got['queries']] == queries    # round-trips exactly
+  assert [q['query'] for q in got['queries']] == queries  # round-trips exactly
   top = [q['results'][0] for q in got['queries']]
   assert [t['path'] for t in top] == ['camera.jpg', NON_UTF8]
   assert all(t['score'] > 0.9999 for t in top)
   assert os.path.exists(os.path.join(env['folder'], top[1]['path']))  # the name opens the file
-  assert 'caf\\xe9 \\xff.jpg' in proc.stdout                # printed escaped
+  assert 'caf\\xe9 \\xff.jpg' in proc.stdout  # printed escaped
   with open(os.path.join(res, 'report.html'), encoding='utf-8') as f:
     assert 'caf\\xe9 \\xff.jpg' in f.read()
 
@@ -142,7 +182,7 @@ def test_pixel_bomb_is_skipped_with_bounded_memory(env):
   folder = env['root'] / 'bomb'
   folder.mkdir()
   ct.save(str(folder / 'small.png'), ct.image(5), 'PNG')
-  png_bomb(str(folder / 'bomb.png'), 20000)                 # 400 MP; 1.2 GB decoded
+  png_bomb(str(folder / 'bomb.png'), 20000)  # 400 MP; 1.2 GB decoded
   assert os.path.getsize(folder / 'bomb.png') < 100_000
   out = str(env['root'] / 'bomb_index')
   cmd = _index_cmd(env, str(folder), out, '--config.eval.scales=(1.0,)')
@@ -153,7 +193,7 @@ def test_pixel_bomb_is_skipped_with_bounded_memory(env):
   assert proc.returncode == 0, ct.explain(proc)
   peak_mib = int(proc.stderr.rsplit('VmHWM_kB=', 1)[1].split()[0]) / 1024
   print(f'peak RSS of the indexing process with a 20000x20000 PNG: {peak_mib:.0f} MiB')
-  assert peak_mib < 1000, peak_mib                          # the decoded bomb alone is 1144 MiB
+  assert peak_mib < 1000, peak_mib  # the decoded bomb alone is 1144 MiB
   skipped = store_lib.IndexStore(out).read_skipped()
   assert [r['path'] for r in skipped] == ['bomb.png']
   assert skipped[0]['reason'] == f'too many pixels: 400000000 > --max_pixels={reading.MAX_PIXELS}'
@@ -176,13 +216,33 @@ def test_reading_refuses_what_is_not_a_regular_file_and_too_large(tmp_path):
 def test_list_files_exact_names_bom_duplicates_and_encoding(tmp_path):
   root = str(tmp_path)
   lst = tmp_path / 'list.txt'
-  lst.write_bytes(codecs.BOM_UTF8 + '\n'.join([
-      'a/x.jpg', f'{root}/a/x.jpg', './a/../a/x.jpg',       # one file, three spellings
-      SPACED, '# a comment', '   ', 'b/y.jpg\r', '/elsewhere/z.jpg', '../up.jpg']).encode())
+  lst.write_bytes(
+    codecs.BOM_UTF8
+    + '\n'.join(
+      [
+        'a/x.jpg',
+        f'{root}/a/x.jpg',
+        './a/../a/x.jpg',  # one file, three spellings
+        SPACED,
+        '# a comment',
+        '   ',
+        'b/y.jpg\r',
+        '/elsewhere/z.jpg',
+        '../up.jpg',
+      ]
+    ).encode()
+  )
   got_root, found = files.list_images(str(lst))
   assert got_root == root
-  assert found == sorted(['a/x.jpg', SPACED, 'b/y.jpg', '/elsewhere/z.jpg',
-                          os.path.join(os.path.dirname(root), 'up.jpg')])
+  assert found == sorted(
+    [
+      'a/x.jpg',
+      SPACED,
+      'b/y.jpg',
+      '/elsewhere/z.jpg',
+      os.path.join(os.path.dirname(root), 'up.jpg'),
+    ]
+  )
   lst.write_bytes('a.jpg\nb.jpg\n'.encode() + 'café.jpg\n'.encode('latin-1'))
   with pytest.raises(files.ListFileError, match=r'list.txt, line 3: not UTF-8 .*save the list'):
     files.list_images(str(lst))
@@ -190,13 +250,23 @@ def test_list_files_exact_names_bom_duplicates_and_encoding(tmp_path):
 
 def _options(**kw):
   from dolg_jax.collection import build
-  base = dict(part_size=2, descriptor_dtype='float32', faiss=build.faiss_index.Spec(),
-              replace=False, read_workers=0, recall_k=10, recall_sample=5, progress=False)
+
+  base = dict(
+    part_size=2,
+    descriptor_dtype='float32',
+    faiss=build.faiss_index.Spec(),
+    replace=False,
+    read_workers=0,
+    recall_k=10,
+    recall_sample=5,
+    progress=False,
+  )
   return build.Options(**(base | kw))
 
 
 def _tiny_config():
   from configs import tiny
+
   cfg = tiny.get_config()
   cfg.eval.scales = (1.0,)
   cfg.eval.xla_cache_dir = ''
@@ -205,18 +275,29 @@ def _tiny_config():
 
 def test_device_in_a_list_file_and_an_empty_folder(env, tmp_path):
   from dolg_jax.collection import build, query
+
   lst = tmp_path / 'list.txt'
   ct.save(str(tmp_path / 'one.png'), ct.image(4), 'PNG')
   lst.write_text(f'one.png\n{tmp_path}/one.png\n/dev/zero\n')
-  m = build.build(_tiny_config(), checkpoint=env['ckpt'], images=str(lst),
-                  out=str(tmp_path / 'listed'), options=_options())
+  m = build.build(
+    _tiny_config(),
+    checkpoint=env['ckpt'],
+    images=str(lst),
+    out=str(tmp_path / 'listed'),
+    options=_options(),
+  )
   assert m['counts'] == {'found': 2, 'indexed': 1, 'skipped': 1, 'parts': 1, 'generations': 1}
   skipped = store_lib.IndexStore(str(tmp_path / 'listed')).read_skipped()
   assert skipped == [{'path': '/dev/zero', 'reason': 'not a regular file: a character device'}]
 
   (tmp_path / 'empty').mkdir()
-  m = build.build(_tiny_config(), checkpoint=env['ckpt'], images=str(tmp_path / 'empty'),
-                  out=str(tmp_path / 'empty_index'), options=_options())
+  m = build.build(
+    _tiny_config(),
+    checkpoint=env['ckpt'],
+    images=str(tmp_path / 'empty'),
+    out=str(tmp_path / 'empty_index'),
+    options=_options(),
+  )
   assert m['status'] == 'complete' and m['counts']['found'] == 0 and m['faiss'] is None
   col = query.Collection(str(tmp_path / 'empty_index'))
   assert col.search_images([str(tmp_path / 'one.png')], k=5) == [[]]
@@ -228,18 +309,38 @@ def test_device_in_a_list_file_and_an_empty_folder(env, tmp_path):
 
 def test_bad_options_are_refused_before_anything_is_written(env, tmp_path):
   from dolg_jax.collection import build
-  for bad, match in ((dict(part_size=0), '--part_size must be >= 1; got 0'),
-                     (dict(read_workers=-1), '--read_workers'),
-                     (dict(limits=reading.Limits(max_pixels=0)), '--max_pixels')):
+
+  for bad, match in (
+    (dict(part_size=0), '--part_size must be >= 1; got 0'),
+    (dict(read_workers=-1), '--read_workers'),
+    (dict(limits=reading.Limits(max_pixels=0)), '--max_pixels'),
+  ):
     with pytest.raises(ValueError, match=match):
-      build.build(_tiny_config(), checkpoint=env['ckpt'], images=env['folder'],
-                  out=str(tmp_path / 'never'), options=_options(**bad))
+      build.build(
+        _tiny_config(),
+        checkpoint=env['ckpt'],
+        images=env['folder'],
+        out=str(tmp_path / 'never'),
+        options=_options(**bad),
+      )
     assert not os.path.exists(tmp_path / 'never')
 
 
 def test_search_k_is_checked(env, odd_index):
-  proc = subprocess.run([sys.executable, '-m', 'dolg_jax.search', f'--index={odd_index[0]}',
-                         f'--query={os.path.join(env["folder"], "img0.jpg")}', '--k=0'],
-                        cwd=REPO, env=ct.env(), capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'dolg_jax.search',
+      f'--index={odd_index[0]}',
+      f'--query={os.path.join(env["folder"], "img0.jpg")}',
+      '--k=0',
+    ],
+    cwd=REPO,
+    env=ct.env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 1
   assert '--k must be >= 1; got 0' in proc.stderr

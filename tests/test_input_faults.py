@@ -34,14 +34,17 @@ def _write(tmp_path, name, data):
 def test_valid_files_parse(tmp_path):
   clean = _write(tmp_path, 'train_clean.csv', f'landmark_id,images\n1,{A} {B}\n7,{C}\n')
   assert csv_metadata.read_train_clean(clean) == [(A, 1), (B, 1), (C, 7)]
-  full = _write(tmp_path, 'train.csv',
-                f'id,url,landmark_id\n{A},"http://x/a,b.jpg",1\n{B},http://x/b.jpg,2\n')
+  full = _write(
+    tmp_path, 'train.csv', f'id,url,landmark_id\n{A},"http://x/a,b.jpg",1\n{B},http://x/b.jpg,2\n'
+  )
   assert csv_metadata.read_train(full) == [(A, 1), (B, 2)]
   bom = _write(tmp_path, 'bom.csv', b'\xef\xbb\xbf' + f'landmark_id,images\n3,{A}\n'.encode())
   assert csv_metadata.read_train_clean(bom) == [(A, 3)]
 
 
-@pytest.mark.parametrize('body, expected', [
+@pytest.mark.parametrize(
+  'body, expected',
+  [
     (f'1,{A},{B}\n', ':2: 3 fields, the header has 2 (a comma where a space belongs?'),
     (f'1,{A}\n2,"{B}\n', ':3: malformed CSV'),
     (f'1,{A}\n2,{B}"x\n', ':3: image id'),
@@ -51,7 +54,8 @@ def test_valid_files_parse(tmp_path):
     (f'1,{A.upper()}\n', ':2: image id'),
     (f'1,{A}  {B}\n', ':2: empty image id'),
     ('1,\n', ':2: landmark 1 lists no images'),
-])
+  ],
+)
 def test_train_clean_faults(tmp_path, body, expected):
   path = _write(tmp_path, 'train_clean.csv', 'landmark_id,images\n' + body)
   with pytest.raises(csv_metadata.MetadataError) as e:
@@ -61,10 +65,16 @@ def test_train_clean_faults(tmp_path, body, expected):
 
 
 def test_encoding_fault_names_line_and_byte(tmp_path):
-  path = _write(tmp_path, 'train.csv',
-                f'id,url,landmark_id\n{A},http://x,1\n{B},http://\xe9t\xe9,2\n'.encode('latin-1'))
-  with pytest.raises(csv_metadata.MetadataError, match=r'train\.csv:3: not UTF-8 \(byte 0xe9 '
-                     r'at column 25\)'):
+  path = _write(
+    tmp_path,
+    'train.csv',
+    f'id,url,landmark_id\n{A},http://x,1\n{B},http://\xe9t\xe9,2\n'.encode('latin-1'),
+  )
+  with pytest.raises(
+    csv_metadata.MetadataError,
+    match=r'train\.csv:3: not UTF-8 \(byte 0xe9 '
+    r'at column 25\)',
+  ):
     csv_metadata.read_train(path)
 
 
@@ -87,16 +97,22 @@ def test_prepare_reports_csv_fault(tmp_path, capsys):
 
 
 def _gnd():
-  return {'imlist': ['a', 'b', 'c'], 'qimlist': ['q'],
-          'gnd': [{'bbx': [0.0, 1.0, 5.0, 6.0], 'easy': [0], 'hard': [1], 'junk': []}]}
+  return {
+    'imlist': ['a', 'b', 'c'],
+    'qimlist': ['q'],
+    'gnd': [{'bbx': [0.0, 1.0, 5.0, 6.0], 'easy': [0], 'hard': [1], 'junk': []}],
+  }
 
 
-@pytest.mark.parametrize('mutate, expected', [
+@pytest.mark.parametrize(
+  'mutate, expected',
+  [
     (lambda g: g['gnd'][0].update(easy=[3]), 'gnd[0].easy holds 3, not an index into the 3'),
     (lambda g: g['gnd'][0].update(bbx=[1, 2]), 'gnd[0].bbx [1, 2] is not 4 numbers'),
     (lambda g: g.update(imlist=['a', None, 'c']), 'imlist[1] is None'),
     (lambda g: g['gnd'].append(g['gnd'][0]), '2 gnd entries but 1 queries'),
-])
+  ],
+)
 def test_gnd_faults(tmp_path, mutate, expected):
   g = _gnd()
   mutate(g)
@@ -108,7 +124,7 @@ def test_gnd_faults(tmp_path, mutate, expected):
 
 def test_gnd_truncated_pickle(tmp_path):
   data = pickle.dumps(_gnd())
-  path = _write(tmp_path, 'gnd_rparis6k.pkl', data[:len(data) // 2])
+  path = _write(tmp_path, 'gnd_rparis6k.pkl', data[: len(data) // 2])
   with pytest.raises(csv_metadata.MetadataError, match='not a readable ground-truth pickle'):
     revisitop.read_gnd_file(path)
   assert revisitop.read_gnd_file(_write(tmp_path, 'ok.pkl', pickle.dumps(_gnd())))['imlist']
@@ -117,6 +133,7 @@ def test_gnd_truncated_pickle(tmp_path):
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
   from tests.helpers import train_testlib as tl
+
   return tl.ensure_fixture()
 
 
@@ -128,13 +145,13 @@ def test_verify_finds_damaged_array_record(prepared, tmp_path, capsys):
   builder = gldv2.builder('gldv2/clean', data_dir)
   path = os.path.join(os.fspath(builder.data_path), 'gldv2-train.array_record-00000-of-00001')
   size = os.path.getsize(path)
-  with open(path, 'r+b') as f:      # zero a block in the middle of the file
+  with open(path, 'r+b') as f:  # zero a block in the middle of the file
     f.seek(size // 2)
     f.write(b'\0' * 64)
   assert prepare.main(['prepare', '--verify', '--data_dir', data_dir]) == 1
   out, err = capsys.readouterr()
   assert f'DAMAGED {path}: ' in out and 'Corrupted Riegeli' in out
-  assert 'validation' not in out                      # the intact file is not reported
+  assert 'validation' not in out  # the intact file is not reported
   assert '1 of 2 files' in err
   # A read during training names the file and the command.
   source = record_check.NamedSource(builder.as_data_source()['train'], 'gldv2/clean', data_dir)
@@ -155,24 +172,30 @@ def test_eval_names_unprepared_datasets_and_the_command(tmp_path):
   with pytest.raises(revisitop.NotPreparedError) as e:
     evaluate.run(config, checkpoint=str(tmp_path / 'never_read.pyth'))
   assert str(e.value) == (
-      f'roxford5k, rparis6k, revisitop1m are not prepared under {data_dir}: prepare each with '
-      f'`python -m dolg_jax.data.prepare --dataset=NAME --manual_dir=M --data_dir={data_dir}`, M '
-      'holding its revisitop files (roxford5k: jpg/, gnd_roxford5k.pkl; rparis6k: jpg/, '
-      'gnd_rparis6k.pkl; revisitop1m: revisitop1m.txt, jpg/; github.com/filipradenovic/revisitop) '
-      '(or set --config.eval.data_dir to the TFDS data dir holding them)')
+    f'roxford5k, rparis6k, revisitop1m are not prepared under {data_dir}: prepare each with '
+    f'`python -m dolg_jax.data.prepare --dataset=NAME --manual_dir=M --data_dir={data_dir}`, M '
+    'holding its revisitop files (roxford5k: jpg/, gnd_roxford5k.pkl; rparis6k: jpg/, '
+    'gnd_rparis6k.pkl; revisitop1m: revisitop1m.txt, jpg/; github.com/filipradenovic/revisitop) '
+    '(or set --config.eval.data_dir to the TFDS data dir holding them)'
+  )
   # The command it names works, and then only the others are reported.
   manual = str(tmp_path / 'manual')
   fx.write_gnd_fixture(manual, 'rparis6k', num_landmarks=1)
-  assert prepare.main(['prepare', '--dataset=rparis6k', f'--manual_dir={manual}',
-                       f'--data_dir={data_dir}']) == 0
+  assert (
+    prepare.main(
+      ['prepare', '--dataset=rparis6k', f'--manual_dir={manual}', f'--data_dir={data_dir}']
+    )
+    == 0
+  )
   assert prepare.main(['prepare', '--verify', '--dataset=rparis6k', f'--data_dir={data_dir}']) == 0
   config.eval.use_distractors = False
   with pytest.raises(revisitop.NotPreparedError) as e:
     evaluate.check_datasets(config)
   assert str(e.value).startswith(
-      f'roxford5k is not prepared under {data_dir}: prepare it with `python -m '
-      f'dolg_jax.data.prepare --dataset=roxford5k --manual_dir=M --data_dir={data_dir}`, M holding '
-      'its revisitop files (jpg/, gnd_roxford5k.pkl; github.com/filipradenovic/revisitop)')
+    f'roxford5k is not prepared under {data_dir}: prepare it with `python -m '
+    f'dolg_jax.data.prepare --dataset=roxford5k --manual_dir=M --data_dir={data_dir}`, M holding '
+    'its revisitop files (jpg/, gnd_roxford5k.pkl; github.com/filipradenovic/revisitop)'
+  )
   config.eval.datasets = ('rparis6k',)
   evaluate.check_datasets(config)
   assert revisitop.load_gnd('rparis6k', data_dir)['qimlist'] == ['query_lm0_0']
@@ -196,61 +219,96 @@ def test_training_checks_eval_datasets_before_writing(tmp_path):
 
 def test_gldv2_retrieval_not_prepared_names_the_command(tmp_path):
   data_dir = str(tmp_path / 'tfds')
-  for read in (lambda: gldv2_retrieval.data_source(data_dir, 'test'),
-               lambda: gldv2_retrieval.load_solution(data_dir)):
+  for read in (
+    lambda: gldv2_retrieval.data_source(data_dir, 'test'),
+    lambda: gldv2_retrieval.load_solution(data_dir),
+  ):
     with pytest.raises(gldv2_retrieval.NotPreparedError) as e:
       read()
     assert str(e.value) == (
-        f'gldv2_retrieval is not prepared under {data_dir}: prepare with `python -m '
-        f'dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir={data_dir}` '
-        'with M holding the official index.csv, test.csv, retrieval_solution_v2.1.csv and the '
-        'index/ and test/ images_NNN.tar (github.com/cvdfoundation/google-landmark)')
+      f'gldv2_retrieval is not prepared under {data_dir}: prepare with `python -m '
+      f'dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir={data_dir}` '
+      'with M holding the official index.csv, test.csv, retrieval_solution_v2.1.csv and the '
+      'index/ and test/ images_NNN.tar (github.com/cvdfoundation/google-landmark)'
+    )
 
 
 # ------------------------------------------------- GLDv2 retrieval metadata and exclusion lists
 def test_retrieval_metadata_parses(tmp_path):
   index = _write(tmp_path, 'index.csv', f'id\n{A}\n{B}\n')
   assert gldv2_retrieval.read_ids(index) == [A, B]
-  solution = _write(tmp_path, 'retrieval_solution_v2.1.csv',
-                    f'id,images,Usage\n{C},{A} {B},Public\n{D},{B},Private\n{E},None,Ignored\n')
+  solution = _write(
+    tmp_path,
+    'retrieval_solution_v2.1.csv',
+    f'id,images,Usage\n{C},{A} {B},Public\n{D},{B},Private\n{E},None,Ignored\n',
+  )
   assert gldv2_retrieval.read_solution(solution) == ({C: [A, B]}, {D: [B]}, [E])
   excl = _write(tmp_path, 'exclude.csv', f'landmark_id,id\n7,\n, {A}\n')
   exclusion = gldv2.read_exclusion(excl)
   assert (exclusion.class_keys, exclusion.image_ids) == (frozenset({7}), frozenset({A}))
 
 
-@pytest.mark.parametrize('name, text, expected', [
+@pytest.mark.parametrize(
+  'name, text, expected',
+  [
     ('index.csv', f'id\n{A}\n{A},{B}\n', ':3: 2 fields, the header has 1'),
     ('index.csv', f'id\n{A}\n"{B}\n', ':3: malformed CSV'),
     ('index.csv', f'id\n{A}\n{B}"\n', f":3: image id '{B}\"' is not 16 lowercase hex digits"),
     ('index.csv', f'id\n{A}\n{B}\n{A}\n', f':4: image id {A} is listed again (first at line 2)'),
-    ('index.csv', b'id\n' + A.encode() + b'\n\xff' + B[1:].encode() + b'\n',
-     ':3: not UTF-8 (byte 0xff at column 1)'),
-    ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},{A},{B},Public\n',
-     ':2: 4 fields, the header has 3 (a comma where a space belongs?'),
+    (
+      'index.csv',
+      b'id\n' + A.encode() + b'\n\xff' + B[1:].encode() + b'\n',
+      ':3: not UTF-8 (byte 0xff at column 1)',
+    ),
+    (
+      'retrieval_solution_v2.1.csv',
+      f'id,images,Usage\n{C},{A},{B},Public\n',
+      ':2: 4 fields, the header has 3 (a comma where a space belongs?',
+    ),
     ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},"{A} {B},Public\n', ':2: malformed CSV'),
-    ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},{A}  {B},Public\n',
-     ':2: empty image id'),
-    ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},{A},Public\n{C},{B},Private\n',
-     f':3: test id {C} is listed again (first at line 2)'),
-    ('retrieval_solution_v2.1.csv', f'id,images,Usage\n{C},,Private\n',
-     f':2: Private test id {C} lists no images'),
-    ('retrieval_solution_v2.1.csv',
-     f'id,images,Usage\n{C},{A},Public\n{D},{B},Privé\n'.encode('latin-1'),
-     ':3: not UTF-8 (byte 0xe9 at column 39)'),
-    ('exclude.csv', 'landmark_id,id\n7,x1\n', ":2: image id 'x1' is not 16 lowercase hex digits; "
-     'fix the exclusion list exclude.csv'),
+    (
+      'retrieval_solution_v2.1.csv',
+      f'id,images,Usage\n{C},{A}  {B},Public\n',
+      ':2: empty image id',
+    ),
+    (
+      'retrieval_solution_v2.1.csv',
+      f'id,images,Usage\n{C},{A},Public\n{C},{B},Private\n',
+      f':3: test id {C} is listed again (first at line 2)',
+    ),
+    (
+      'retrieval_solution_v2.1.csv',
+      f'id,images,Usage\n{C},,Private\n',
+      f':2: Private test id {C} lists no images',
+    ),
+    (
+      'retrieval_solution_v2.1.csv',
+      f'id,images,Usage\n{C},{A},Public\n{D},{B},Privé\n'.encode('latin-1'),
+      ':3: not UTF-8 (byte 0xe9 at column 39)',
+    ),
+    (
+      'exclude.csv',
+      'landmark_id,id\n7,x1\n',
+      ":2: image id 'x1' is not 16 lowercase hex digits; fix the exclusion list exclude.csv",
+    ),
     ('exclude.csv', 'landmark_id\n7\n"8\n', ':3: malformed CSV'),
-    ('exclude.csv', b'landmark_id\n7\n\xe98\n',
-     ':3: not UTF-8 (byte 0xe9 at column 1); the file is damaged or was re-encoded: fix the '
-     'exclusion list exclude.csv'),
-])
+    (
+      'exclude.csv',
+      b'landmark_id\n7\n\xe98\n',
+      ':3: not UTF-8 (byte 0xe9 at column 1); the file is damaged or was re-encoded: fix the '
+      'exclusion list exclude.csv',
+    ),
+  ],
+)
 def test_retrieval_and_exclusion_faults(tmp_path, name, text, expected):
   """Comma, quote, encoding and id faults in index.csv, the solution file and exclusion lists are
   named with file and line, through the readers the builders use."""
   path = _write(tmp_path, name, text)
-  read = {'index.csv': gldv2_retrieval.read_ids, 'exclude.csv': gldv2.read_exclusion,
-          'retrieval_solution_v2.1.csv': gldv2_retrieval.read_solution}[name]
+  read = {
+    'index.csv': gldv2_retrieval.read_ids,
+    'exclude.csv': gldv2.read_exclusion,
+    'retrieval_solution_v2.1.csv': gldv2_retrieval.read_solution,
+  }[name]
   with pytest.raises(csv_metadata.MetadataError) as e:
     read(path)
   assert str(e.value).startswith(path + ':') and expected in str(e.value), str(e.value)
@@ -260,15 +318,27 @@ def test_prepare_retrieval_reports_solution_fault(tmp_path, capsys):
   manual = tmp_path / 'manual'
   manual.mkdir()
   (manual / 'retrieval_solution_v2.1.csv').write_text(f'id,images,Usage\n{C},{A},{B},Public\n')
-  rc = prepare.main(['prepare', '--dataset=gldv2_retrieval', '--manual_dir', str(manual),
-                     '--data_dir', str(tmp_path / 'out')])
+  rc = prepare.main(
+    [
+      'prepare',
+      '--dataset=gldv2_retrieval',
+      '--manual_dir',
+      str(manual),
+      '--data_dir',
+      str(tmp_path / 'out'),
+    ]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 1 and err[-1].startswith(
-      f'error: {manual}/retrieval_solution_v2.1.csv:2: 4 fields, the header has 3'), err
+    f'error: {manual}/retrieval_solution_v2.1.csv:2: 4 fields, the header has 3'
+  ), err
 
 
 def test_r1m_list_encoding_fault(tmp_path):
   path = _write(tmp_path, 'revisitop1m.txt', b'a/1.jpg\nb/2.jpg\nc/\xe93.jpg\n')
-  with pytest.raises(csv_metadata.MetadataError, match=r'revisitop1m\.txt:3: not UTF-8 \(byte '
-                     r'0xe9 at column 3\)'):
+  with pytest.raises(
+    csv_metadata.MetadataError,
+    match=r'revisitop1m\.txt:3: not UTF-8 \(byte '
+    r'0xe9 at column 3\)',
+  ):
     revisitop.read_r1m_list(path)

@@ -40,27 +40,48 @@ def site(tmp_path_factory):
       os.makedirs(os.path.dirname(dst), exist_ok=True)
       shutil.copy(src, dst)
   target = os.path.join(root, 'site')
-  proc = subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-index',
-                         '--no-build-isolation', '--target', target, os.path.join(root, 'src')],
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pip',
+      'install',
+      '-q',
+      '--no-deps',
+      '--no-index',
+      '--no-build-isolation',
+      '--target',
+      target,
+      os.path.join(root, 'src'),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   return target
 
 
 def _run(site_dir, cwd, *args):
   env = dict(os.environ, PYTHONPATH=site_dir, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                        timeout=120)
+  return subprocess.run(
+    [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+  )
 
 
 def test_the_installed_package_is_imported_and_ships_the_configs(site, tmp_path):
-  proc = _run(site, tmp_path, '-c', 'import sys; from dolg_jax import cli; print(cli.CONFIGS_DIR); '
-              'print(*cli.shipped_configs()); print(*sys.path, sep="\\n")')
+  proc = _run(
+    site,
+    tmp_path,
+    '-c',
+    'import sys; from dolg_jax import cli; print(cli.CONFIGS_DIR); '
+    'print(*cli.shipped_configs()); print(*sys.path, sep="\\n")',
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   configs_dir, names, *path = proc.stdout.splitlines()
-  assert REPO not in path                  # the source tree is not on sys.path
+  assert REPO not in path  # the source tree is not on sys.path
   assert configs_dir == os.path.join(site, 'dolg_jax', 'configs')
-  assert not os.path.islink(configs_dir)   # the wheel holds the files, not the repository's link
+  assert not os.path.islink(configs_dir)  # the wheel holds the files, not the repository's link
   assert set(names.split()) == set(cli.shipped_configs())
 
 
@@ -81,12 +102,22 @@ def test_a_config_by_name_from_an_empty_directory(site, tmp_path):
   # The ablation's argument reaches get_config, the config imports its base (r50, default) from
   # the installed package, and the run stops at the override it would ignore: nothing written.
   workdir = tmp_path / 'run'
-  proc = _run(site, tmp_path, '-m', 'dolg_jax.main', '--config=dolg_jax:ablation:no_local',
-              f'--workdir={workdir}', '--config.train.num_train_steps=5',
-              '--config.train.num_epochs=3')
+  proc = _run(
+    site,
+    tmp_path,
+    '-m',
+    'dolg_jax.main',
+    '--config=dolg_jax:ablation:no_local',
+    f'--workdir={workdir}',
+    '--config.train.num_train_steps=5',
+    '--config.train.num_epochs=3',
+  )
   assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1].startswith(
-      'FAILED: config.train.num_epochs=3: ignored: config.train.num_train_steps=5'), proc.stderr
+  assert (
+    proc.stderr.strip()
+    .splitlines()[-1]
+    .startswith('FAILED: config.train.num_epochs=3: ignored: config.train.num_train_steps=5')
+  ), proc.stderr
   assert not workdir.exists()
 
 
@@ -100,26 +131,44 @@ def test_names_resolve_to_the_shipped_files_and_paths_stay_as_given():
   fv = _config_flag(None)
   shipped = os.path.join(cli.CONFIGS_DIR, 'ablation.py')
   assert cli.resolve_config_args(['p', '--config=dolg_jax:ablation:no_local'], fv) == [
-      'p', f'--config={shipped}:no_local']
+    'p',
+    f'--config={shipped}:no_local',
+  ]
   assert cli.resolve_config_args(['p', '--config', 'dolg_jax:ablation'], fv) == [
-      'p', '--config', shipped]
+    'p',
+    '--config',
+    shipped,
+  ]
   assert cli.resolve_config_args(['p', '--config=configs/r101.py'], fv) == [
-      'p', '--config=configs/r101.py']        # a path is relative to the working directory
+    'p',
+    '--config=configs/r101.py',
+  ]  # a path is relative to the working directory
   assert cli.resolve_config_args(['p', '--', '--config=dolg_jax:r50'], fv) == [
-      'p', '--', '--config=dolg_jax:r50']     # not a flag after --
+    'p',
+    '--',
+    '--config=dolg_jax:r50',
+  ]  # not a flag after --
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # config_flags loads the default
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # config_flags loads the default
 def test_a_default_naming_a_shipped_config_is_that_file():
   tiny = os.path.join(cli.CONFIGS_DIR, 'tiny.py')
   for default in ('configs/tiny.py', 'dolg_jax:tiny'):
     assert cli.resolve_config_args(['p', '--config.seed=1'], _config_flag(default)) == [
-        'p', f'--config={tiny}', '--config.seed=1']
+      'p',
+      f'--config={tiny}',
+      '--config.seed=1',
+    ]
   assert cli.resolve_config_args(['p', '--config=x.py'], _config_flag('configs/tiny.py')) == [
-      'p', '--config=x.py']
+    'p',
+    '--config=x.py',
+  ]
 
 
 def test_an_unknown_name_lists_the_shipped_ones():
-  with pytest.raises(SystemExit, match=r"no shipped config 'r102'; the shipped ones are "
-                     r'dolg_jax:ablation, .*dolg_jax:r101'):
+  with pytest.raises(
+    SystemExit,
+    match=r"no shipped config 'r102'; the shipped ones are "
+    r'dolg_jax:ablation, .*dolg_jax:r101',
+  ):
     cli.resolve_config('dolg_jax:r102')

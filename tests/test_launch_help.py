@@ -14,8 +14,17 @@ from tests.helpers.paths import REPO
 LAUNCH = os.path.join(REPO, 'launch')
 SCRIPTS = sorted(f for f in os.listdir(LAUNCH) if f.endswith(('.sh', '.sbatch', '.py')))
 # Commands a launcher could start: each a stand-in on PATH that records its call.
-COMMANDS = ('python', 'python3', 'pip', 'pip3', 'nvidia-smi', 'gcloud', 'srun', 'sbatch',
-            'scontrol')
+COMMANDS = (
+  'python',
+  'python3',
+  'pip',
+  'pip3',
+  'nvidia-smi',
+  'gcloud',
+  'srun',
+  'sbatch',
+  'scontrol',
+)
 
 
 @pytest.fixture
@@ -30,8 +39,14 @@ def stand_ins(tmp_path):
 
 
 def test_the_known_scripts_are_found():
-  assert {'local_multiprocess.sh', 'tpu_pod.sh', 'accelerator_check.sh', 'slurm_gpu.sbatch',
-          'torch_reference_bench.py', 'torch_export_bench.py'} <= set(SCRIPTS)
+  assert {
+    'local_multiprocess.sh',
+    'tpu_pod.sh',
+    'accelerator_check.sh',
+    'slurm_gpu.sbatch',
+    'torch_reference_bench.py',
+    'torch_export_bench.py',
+  } <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize('flag', ['--help', '-h'])
@@ -40,13 +55,21 @@ def test_shell_launcher_help(script, flag, stand_ins, tmp_path):
   bin_dir, calls = stand_ins
   cwd = tmp_path / 'cwd'
   cwd.mkdir()
-  env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}',
-             PYTHON=str(bin_dir / 'python'))
-  proc = subprocess.run(['bash', os.path.join(LAUNCH, script), flag], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=30)
+  env = dict(
+    os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', PYTHON=str(bin_dir / 'python')
+  )
+  proc = subprocess.run(
+    ['bash', os.path.join(LAUNCH, script), flag],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert proc.stdout.startswith(next(l[2:] for l in open(os.path.join(LAUNCH, script))
-                                     if l.startswith('# ')))   # the script's own description
+  assert proc.stdout.startswith(
+    next(l[2:] for l in open(os.path.join(LAUNCH, script)) if l.startswith('# '))
+  )  # the script's own description
   assert 'Usage: ' in proc.stdout and 'Arguments:' in proc.stdout and '--help' in proc.stdout
   assert not proc.stderr
   assert not calls.exists(), calls.read_text()
@@ -55,8 +78,13 @@ def test_shell_launcher_help(script, flag, stand_ins, tmp_path):
 
 @pytest.mark.parametrize('script', [s for s in SCRIPTS if s.endswith('.py')])
 def test_python_launcher_help(script, tmp_path):
-  proc = subprocess.run([sys.executable, os.path.join(LAUNCH, script), '--help'], cwd=tmp_path,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(LAUNCH, script), '--help'],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.startswith('usage: ') and '--output' in proc.stdout
   assert not os.listdir(tmp_path)

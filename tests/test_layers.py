@@ -10,25 +10,46 @@ from tests.helpers.paths import REPO
 
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = (
-    ('dolg_jax.sharding', 'dolg_jax.models', 'dolg_jax.checksums', 'dolg_jax.errors',
-     'dolg_jax.profiling', 'dolg_jax.cli', 'dolg_jax.versions', 'dolg_jax.atomic',
-     'dolg_jax.progress', 'dolg_jax.config_rules', 'dolg_jax.defaults'),
-    ('dolg_jax.weights', 'dolg_jax.data'),
-    ('dolg_jax.data.synthetic', 'dolg_jax.pretrained'),
-    ('dolg_jax.retrieval', 'dolg_jax.collection'),
-    ('dolg_jax.training',),
-    ('dolg_jax.main', 'dolg_jax.eval', 'dolg_jax.export', 'dolg_jax.convert', 'dolg_jax.demo',
-     'dolg_jax.plan', 'dolg_jax.study', 'dolg_jax.index', 'dolg_jax.search', 'dolg_jax.tools',
-     'dolg_jax.serve', 'dolg_jax.publish'),
+  (
+    'dolg_jax.sharding',
+    'dolg_jax.models',
+    'dolg_jax.checksums',
+    'dolg_jax.errors',
+    'dolg_jax.profiling',
+    'dolg_jax.cli',
+    'dolg_jax.versions',
+    'dolg_jax.atomic',
+    'dolg_jax.progress',
+    'dolg_jax.config_rules',
+    'dolg_jax.defaults',
+  ),
+  ('dolg_jax.weights', 'dolg_jax.data'),
+  ('dolg_jax.data.synthetic', 'dolg_jax.pretrained'),
+  ('dolg_jax.retrieval', 'dolg_jax.collection'),
+  ('dolg_jax.training',),
+  (
+    'dolg_jax.main',
+    'dolg_jax.eval',
+    'dolg_jax.export',
+    'dolg_jax.convert',
+    'dolg_jax.demo',
+    'dolg_jax.plan',
+    'dolg_jax.study',
+    'dolg_jax.index',
+    'dolg_jax.search',
+    'dolg_jax.tools',
+    'dolg_jax.serve',
+    'dolg_jax.publish',
+  ),
 )
 # Function-level imports that remain, with the reason (see ARCHITECTURE.md).
 ALLOWED_LOCAL_IMPORTS = {
-    ('dolg_jax.weights.torch_format', 'torch'),  # optional: only .pth/.pyth reading needs torch
+  ('dolg_jax.weights.torch_format', 'torch')  # optional: only .pth/.pyth reading needs torch
 }
 
 
 def layer_of(module: str) -> int:
-  if module == 'dolg_jax':   # the package's __init__ (imports nothing)
+  if module == 'dolg_jax':  # the package's __init__ (imports nothing)
     return 0
   best = None
   for i, prefixes in enumerate(LAYERS):
@@ -51,7 +72,7 @@ def _modules():
 def _imports(path: str):
   """(imported module, is_module_level) of every import statement in the file."""
   tree = ast.parse(open(path).read(), path)
-  local = set()   # import nodes inside a function or class body
+  local = set()  # import nodes inside a function or class body
   for node in ast.walk(tree):
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
       local.update(id(n) for n in ast.walk(node) if n is not node)
@@ -73,14 +94,17 @@ def test_imports_only_lower_layers(module, path):
   own = layer_of(module)
   for name, top_level in _imports(path):
     assert name.split('.')[0] not in ('configs', 'tests'), (
-        f'{module} imports {name}: the package must not depend on the repository\'s configs/tests')
+      f'{module} imports {name}: the package must not depend on the repository\'s configs/tests'
+    )
     if not top_level:
       assert (module, name) in ALLOWED_LOCAL_IMPORTS, (
-          f'{module} imports {name} inside a function: import it at module level (a cycle means '
-          'the layering is wrong)')
+        f'{module} imports {name} inside a function: import it at module level (a cycle means '
+        'the layering is wrong)'
+      )
     if name.startswith('dolg_jax'):
-      assert layer_of(name) <= own, (f'{module} (layer {own}) imports {name} '
-                                     f'(layer {layer_of(name)})')
+      assert layer_of(name) <= own, (
+        f'{module} (layer {own}) imports {name} (layer {layer_of(name)})'
+      )
 
 
 def test_layer_table_catches_an_upward_import():

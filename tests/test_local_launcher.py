@@ -26,7 +26,9 @@ pytestmark = pytest.mark.multiprocess
 
 LAUNCHER = os.path.join(tl.REPO, 'launch', 'local_multiprocess.sh')
 FLAGS = tuple(f for f in tl.BASE_FLAGS if not f.startswith('--config=')) + (
-    tl.STEPS, '--config.train.preemption_sync_every_steps=1')
+  tl.STEPS,
+  '--config.train.preemption_sync_every_steps=1',
+)
 
 
 @pytest.fixture(scope='module')
@@ -36,9 +38,14 @@ def shim(tmp_path_factory):
 
 def launch(shim, workdir, log, **env_extra) -> subprocess.Popen:
   out = open(log, 'a')  # pylint: disable=consider-using-with
-  return subprocess.Popen(['bash', LAUNCHER, '2', 'configs/tiny.py', workdir, *FLAGS],
-                          env=tl.env(PYTHON=shim, **env_extra), cwd=tl.REPO, stdout=out,
-                          stderr=subprocess.STDOUT, start_new_session=True)
+  return subprocess.Popen(
+    ['bash', LAUNCHER, '2', 'configs/tiny.py', workdir, *FLAGS],
+    env=tl.env(PYTHON=shim, **env_extra),
+    cwd=tl.REPO,
+    stdout=out,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+  )
 
 
 def workdir_processes(workdir) -> list[int]:
@@ -83,7 +90,7 @@ def test_sigterm_is_forwarded_saved_and_resumed(shim, tmp_path):
   saved = tl.checkpoint_steps(workdir)
   assert saved and 1 < saved[-1] < int(tl.STEPS.split('=')[1]), (saved, read(log)[-6000:])
   text = read(log)
-  for p in (0, 1):   # Both processes stopped at the saved step.
+  for p in (0, 1):  # Both processes stopped at the saved step.
     assert f'[p{p}] Preempted: checkpoint of step {saved[-1]} saved' in text, text[-6000:]
   # The same command again resumes from the saved step.
   again = launch(shim, workdir, log)
@@ -91,8 +98,9 @@ def test_sigterm_is_forwarded_saved_and_resumed(shim, tmp_path):
   assert f'Resumed from step {saved[-1]}' in read(log)
   losses = tl.train_losses(workdir)
   assert sorted(losses) == sorted(reference)
-  np.testing.assert_allclose([losses[s] for s in sorted(losses)],
-                             [reference[s] for s in sorted(reference)], rtol=2e-4)
+  np.testing.assert_allclose(
+    [losses[s] for s in sorted(losses)], [reference[s] for s in sorted(reference)], rtol=2e-4
+  )
 
 
 # kill -9 of one process -> launcher exit: the survivor's next collective fails at once (gloo's
@@ -105,7 +113,7 @@ def test_dead_process_ends_the_launch(shim, tmp_path):
   proc = launch(shim, workdir, log, DOLG_TEST_SLOW_AFTER=2)
   try:
     wait_for_step(proc, workdir, 3)
-    deadline = time.time() + 60   # Checkpoint 2 committed (its directory renamed), 4 not yet.
+    deadline = time.time() + 60  # Checkpoint 2 committed (its directory renamed), 4 not yet.
     while 2 not in tl.checkpoint_steps(workdir):
       assert time.time() < deadline, tl.checkpoint_steps(workdir)
       time.sleep(0.1)
@@ -121,7 +129,7 @@ def test_dead_process_ends_the_launch(shim, tmp_path):
   assert rc not in (0, failures.EXIT_PREEMPTED), (rc, read(log)[-6000:])
   assert down <= DEAD_CHILD_BOUND_S, f'launcher took {down:.1f} s to end after a process died'
   assert workdir_processes(workdir) == [], 'a process outlived the launcher'
-  assert 2 in tl.checkpoint_steps(workdir)   # The last completed checkpoint is kept.
+  assert 2 in tl.checkpoint_steps(workdir)  # The last completed checkpoint is kept.
   print(f'\n[local launcher] kill -9 of process 1: launcher exit {rc} after {down:.1f} s')
 
 

@@ -67,8 +67,9 @@ def test_arcface_matches_numpy_including_fallback():
   cos = np_cos(e, w)
   assert cos[1, labels[1]] < math.cos(math.pi - 0.15)  # the fallback branch is exercised
   assert cos[0, labels[0]] > 0.99
-  logits = margins.arcface_logits(jnp.asarray(e), jnp.asarray(w), jnp.asarray(labels),
-                                  margin=0.15, scale=30.0)
+  logits = margins.arcface_logits(
+    jnp.asarray(e), jnp.asarray(w), jnp.asarray(labels), margin=0.15, scale=30.0
+  )
   assert logits.dtype == jnp.float32 and logits.shape == (6, 10)
   np.testing.assert_allclose(logits, np_arcface(e, w, labels, 0.15, 30.0), rtol=1e-5, atol=2e-4)
 
@@ -79,8 +80,11 @@ def test_arcface_large_margin_fallback_is_monotonic():
   thetas = np.linspace(0, math.pi, 50)
   e = np.stack([np.cos(thetas), np.sin(thetas)], -1).astype(np.float32)
   labels = np.zeros(50, np.int32)
-  logits = np.asarray(margins.arcface_logits(jnp.asarray(e), jnp.asarray(w), jnp.asarray(labels),
-                                             margin=0.5, scale=1.0))[:, 0]
+  logits = np.asarray(
+    margins.arcface_logits(
+      jnp.asarray(e), jnp.asarray(w), jnp.asarray(labels), margin=0.5, scale=1.0
+    )
+  )[:, 0]
   np.testing.assert_allclose(logits, np_arcface(e, w, labels, 0.5, 1.0)[:, 0], atol=2e-5)
   assert np.all(np.diff(logits) < 0)
 
@@ -90,8 +94,8 @@ def test_curricularface_matches_numpy(t0):
   e, w, labels = setup(seed=1)
   t = jnp.full((1,), t0, jnp.float32)
   logits, new_t = margins.curricularface_logits(
-      jnp.asarray(e), jnp.asarray(w), jnp.asarray(labels), t, margin=0.15, scale=30.0,
-      t_momentum=0.01)
+    jnp.asarray(e), jnp.asarray(w), jnp.asarray(labels), t, margin=0.15, scale=30.0, t_momentum=0.01
+  )
   ref, ref_t = np_curricularface(e, w, labels, t0, 0.15, 30.0, 0.01)
   assert new_t.shape == (1,) and logits.dtype == jnp.float32
   np.testing.assert_allclose(new_t, [ref_t], rtol=1e-5, atol=1e-7)
@@ -127,16 +131,19 @@ def test_gradients_finite_when_embedding_equals_class_weight():
   w = np.eye(4, dtype=np.float32)
   e = w[:2].copy()  # cos = 1 exactly for the targets, -> sin = 0
   labels = jnp.asarray([0, 1])
-  for fn in (lambda x: margins.arcface_logits(x, jnp.asarray(w), labels, margin=0.15, scale=30.),
-             lambda x: margins.curricularface_logits(x, jnp.asarray(w), labels, jnp.zeros(()))[0]):
+  for fn in (
+    lambda x: margins.arcface_logits(x, jnp.asarray(w), labels, margin=0.15, scale=30.0),
+    lambda x: margins.curricularface_logits(x, jnp.asarray(w), labels, jnp.zeros(()))[0],
+  ):
     g = jax.jit(jax.grad(lambda x: _cross_entropy(fn(x), labels)))(jnp.asarray(e))
     assert np.isfinite(np.asarray(g)).all()
 
 
 def test_bf16_embeddings_give_float32_logits():
   e, w, labels = setup()
-  logits = margins.arcface_logits(jnp.asarray(e, jnp.bfloat16), jnp.asarray(w), jnp.asarray(labels),
-                                  margin=0.15, scale=30.0)
+  logits = margins.arcface_logits(
+    jnp.asarray(e, jnp.bfloat16), jnp.asarray(w), jnp.asarray(labels), margin=0.15, scale=30.0
+  )
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, np_arcface(e, w, labels, 0.15, 30.0), atol=0.3)
 

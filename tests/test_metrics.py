@@ -10,6 +10,7 @@ from dolg_jax.retrieval import metrics
 from tests.helpers.revisitop_reference import reference_compute_map, reference_protocol_gnd
 
 from tests.helpers.paths import GND_DIR
+
 KAPPAS = (1, 5, 10)
 
 
@@ -70,8 +71,8 @@ def test_compute_map_matches_reference_on_real_gnd(name):
   n_distractors = 3000
   n_total = n_db + n_distractors
   rankings = {
-      'random': np.stack([rng.permutation(n_db) for _ in gnd], axis=1),
-      'random_distractors': np.stack([rng.permutation(n_total) for _ in gnd], axis=1),
+    'random': np.stack([rng.permutation(n_db) for _ in gnd], axis=1),
+    'random_distractors': np.stack([rng.permutation(n_total) for _ in gnd], axis=1),
   }
   rankings.update(_structured_rankings(gnd, n_db, n_total, rng))
   for protocol in metrics.PROTOCOLS:
@@ -115,8 +116,9 @@ def test_compute_map_hand_computed():
   np.testing.assert_allclose(prs[0], [1.0, 1 / 2, 3 / 5, 3 / 5])
   np.testing.assert_allclose(pr, prs[0])
   # Partial (truncated) rankings are fine while every query finds a positive.
-  _assert_same(metrics.compute_map(ranks[:4], gnd),
-               reference_compute_map(ranks[:4].copy(), gnd, KAPPAS))
+  _assert_same(
+    metrics.compute_map(ranks[:4], gnd), reference_compute_map(ranks[:4].copy(), gnd, KAPPAS)
+  )
 
 
 def test_compute_map_errors():

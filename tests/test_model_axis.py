@@ -50,17 +50,23 @@ _SCRIPT = textwrap.dedent('''
 
 
 def test_model_axis_gives_the_same_update_at_the_same_total_flops():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
-  proc = subprocess.run([sys.executable, '-c', _SCRIPT], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]),
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', _SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULT '))
-  out = json.loads(line[len('RESULT '):])
+  out = json.loads(line[len('RESULT ') :])
   one, two = out['1'], out['2']
   print(f"total FLOPs per step: mesh.model=1 {one['flops']:.4g}, mesh.model=2 {two['flops']:.4g}")
   assert abs(two['flops'] / one['flops'] - 1) < 0.10
-  assert (two['loss'] == np.float64(one['loss'])
-          or abs(two['loss'] - one['loss']) < 1e-5 * abs(one['loss']))
+  assert two['loss'] == np.float64(one['loss']) or abs(two['loss'] - one['loss']) < 1e-5 * abs(
+    one['loss']
+  )
   for a, b in zip(one['params'], two['params']):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -21,8 +21,17 @@ HEAD_CLASSES = 81313
 
 def tiny_cfg(**overrides):
   c = default.get_config().model
-  c.update(dict(width=4, stage_depths=(1, 1, 1, 1), local_dim=16, global_dim=16, atrous_dim=8,
-                embedding_dim=8, atrous_rates=(1, 2, 3)))
+  c.update(
+    dict(
+      width=4,
+      stage_depths=(1, 1, 1, 1),
+      local_dim=16,
+      global_dim=16,
+      atrous_dim=8,
+      embedding_dim=8,
+      atrous_rates=(1, 2, 3),
+    )
+  )
   c.update(overrides)
   return c
 
@@ -45,8 +54,7 @@ def fill_variables(model, images, seed=0):
     return rng.normal(0.0, 0.1, shape).astype(np.float32)  # bias, mean
 
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
-  return flax.traverse_util.unflatten_dict(
-      {k: jnp.asarray(fill(k, v)) for k, v in flat.items()})
+  return flax.traverse_util.unflatten_dict({k: jnp.asarray(fill(k, v)) for k, v in flat.items()})
 
 
 def images(n=2, h=64, w=64, seed=0):
@@ -58,7 +66,8 @@ def images(n=2, h=64, w=64, seed=0):
 def apply(model, variables, x, **kwargs):
   """Jitted apply: one XLA compile is much cheaper on CPU than eager per-op dispatch."""
   return jax.jit(model.apply, static_argnames=('train', 'return_features', 'mutable'))(
-      variables, x, **kwargs)
+    variables, x, **kwargs
+  )
 
 
 def run(cfg, x=None, dtype=jnp.float32, seed=0):
@@ -94,15 +103,20 @@ def np_conv(x, w, stride=1, pad=0, dilation=1, bias=None):
   out = np.zeros((n, oh, ow, cout))
   for i in range(kh):
     for j in range(kw):
-      patch = x[:, i * dilation: i * dilation + stride * (oh - 1) + 1: stride,
-                j * dilation: j * dilation + stride * (ow - 1) + 1: stride, :]
+      patch = x[
+        :,
+        i * dilation : i * dilation + stride * (oh - 1) + 1 : stride,
+        j * dilation : j * dilation + stride * (ow - 1) + 1 : stride,
+        :,
+      ]
       out += patch @ w[i, j]
   return out if bias is None else out + np.asarray(bias)
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-5):
-  np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol,
-                             atol=atol)
+  np.testing.assert_allclose(
+    np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol
+  )
 
 
 # ------------------------------------------------------------------ parameter counts and naming
@@ -111,7 +125,8 @@ def count_params(**overrides):
   c.update(overrides)
   model = build_model(c)
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False))
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False)
+  )
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes['params'])), shapes
 
 
@@ -121,16 +136,19 @@ def _torch_reference_sizes(depth, with_aspp, num_classes=1):
   head's weight separately."""
   import torch  # pylint: disable=import-outside-toplevel  # test-only dependency
   from tests.helpers import torch_reference as ref_lib  # pylint: disable=import-outside-toplevel
+
   with torch.device('meta'):
-    model = ref_lib.DOLGReference(depth=depth, with_aspp=with_aspp, gem_p_learnable=True,
-                                  num_classes=num_classes)
+    model = ref_lib.DOLGReference(
+      depth=depth, with_aspp=with_aspp, gem_p_learnable=True, num_classes=num_classes
+    )
   sizes = {n: p.numel() for n, p in model.named_parameters()}
   head = sizes.pop('desc_cls.weight')
   return sorted(sizes.values()), head
 
 
-@pytest.mark.parametrize('depth, multi_atrous, official_m', [
-    (50, False, 27.708), (50, True, 45.537), (101, False, 46.700)])
+@pytest.mark.parametrize(
+  'depth, multi_atrous, official_m', [(50, False, 27.708), (50, True, 45.537), (101, False, 46.700)]
+)
 def test_parameter_counts_equal_the_official_model(depth, multi_atrous, official_m):
   """Every tensor's size equals the PyTorch reference's (a model built by other code), and the
   totals round to the official counts (DESIGN.md section 3)."""
@@ -155,24 +173,24 @@ def test_param_tree_naming_and_layouts():
   _, shapes = count_params(use_multi_atrous=True, gem_p_learnable=True)
   p = flat_params(shapes)
   expected = {
-      'globalmodel/stem/conv/kernel': (7, 7, 3, 64),
-      'globalmodel/stem/bn/scale': (64,),
-      'globalmodel/s1/b1/a/kernel': (1, 1, 64, 64),
-      'globalmodel/s1/b1/proj/kernel': (1, 1, 64, 256),
-      'globalmodel/s1/b1/bn/bias': (256,),
-      'globalmodel/s2/b1/b/kernel': (3, 3, 128, 128),
-      'globalmodel/s3/b6/c/kernel': (1, 1, 256, 1024),
-      'globalmodel/s4/b3/c_bn/scale': (2048,),
-      'pool_g/p': (1,),
-      'fc_t/kernel': (2048, 1024),
-      'fc/kernel': (2048, 512),
-      'localmodel/aspp/im_pool/kernel': (1, 1, 1024, 512),
-      'localmodel/aspp/aspp_0/kernel': (1, 1, 1024, 512),
-      'localmodel/aspp/aspp_3/kernel': (3, 3, 1024, 512),
-      'localmodel/aspp/conv_after/kernel': (1, 1, 2560, 1024),
-      'localmodel/conv1/kernel': (1, 1, 1024, 1024),
-      'localmodel/bn/scale': (1024,),
-      'localmodel/conv2/kernel': (1, 1, 1024, 1),
+    'globalmodel/stem/conv/kernel': (7, 7, 3, 64),
+    'globalmodel/stem/bn/scale': (64,),
+    'globalmodel/s1/b1/a/kernel': (1, 1, 64, 64),
+    'globalmodel/s1/b1/proj/kernel': (1, 1, 64, 256),
+    'globalmodel/s1/b1/bn/bias': (256,),
+    'globalmodel/s2/b1/b/kernel': (3, 3, 128, 128),
+    'globalmodel/s3/b6/c/kernel': (1, 1, 256, 1024),
+    'globalmodel/s4/b3/c_bn/scale': (2048,),
+    'pool_g/p': (1,),
+    'fc_t/kernel': (2048, 1024),
+    'fc/kernel': (2048, 512),
+    'localmodel/aspp/im_pool/kernel': (1, 1, 1024, 512),
+    'localmodel/aspp/aspp_0/kernel': (1, 1, 1024, 512),
+    'localmodel/aspp/aspp_3/kernel': (3, 3, 1024, 512),
+    'localmodel/aspp/conv_after/kernel': (1, 1, 2560, 1024),
+    'localmodel/conv1/kernel': (1, 1, 1024, 1024),
+    'localmodel/bn/scale': (1024,),
+    'localmodel/conv2/kernel': (1, 1, 1024, 1),
   }
   for k, shape in expected.items():
     assert p[k].shape == shape, k
@@ -185,21 +203,25 @@ def test_param_tree_naming_and_layouts():
 
 
 # ------------------------------------------------------------------ padding / backbone
-@pytest.mark.parametrize('hw,res3,res4', [((200, 264), (13, 17), (7, 9)),
-                                          ((333, 250), (21, 16), (11, 8)),
-                                          ((64, 64), (4, 4), (2, 2))])
+@pytest.mark.parametrize(
+  'hw,res3,res4',
+  [((200, 264), (13, 17), (7, 9)), ((333, 250), (21, 16), (11, 8)), ((64, 64), (4, 4), (2, 2))],
+)
 def test_feature_map_sizes_follow_torch_padding(hw, res3, res4):
   model = build_model(tiny_cfg())
   x = jnp.zeros((1,) + hw + (3,))
-  out = jax.eval_shape(lambda: model.init_with_output(
-      jax.random.PRNGKey(0), x, return_features=True)[0])
+  out = jax.eval_shape(
+    lambda: model.init_with_output(jax.random.PRNGKey(0), x, return_features=True)[0]
+  )
   _, feats = out
   assert feats['res3'].shape[1:3] == res3
   assert feats['res4'].shape[1:3] == res4
 
 
-@pytest.mark.parametrize('k,stride,hw,dilation', [(3, 2, (8, 10), 1), (7, 2, (10, 12), 1),
-                                                  (1, 2, (6, 8), 1), (3, 1, (9, 8), 2)])
+@pytest.mark.parametrize(
+  'k,stride,hw,dilation',
+  [(3, 2, (8, 10), 1), (7, 2, (10, 12), 1), (1, 2, (6, 8), 1), (3, 1, (9, 8), 2)],
+)
 def test_conv_matches_torch_padding_reference(k, stride, hw, dilation):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1,) + hw + (3,)).astype(np.float32)
@@ -210,8 +232,13 @@ def test_conv_matches_torch_padding_reference(k, stride, hw, dilation):
   assert y.shape == ref.shape
   assert_close(y, ref, 1e-4, 1e-4)
   if stride == 2 and k > 1:  # Flax 'SAME' would differ on these even sizes.
-    same = jax.lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(w), (stride, stride), 'SAME',
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    same = jax.lax.conv_general_dilated(
+      jnp.asarray(x),
+      jnp.asarray(w),
+      (stride, stride),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
     assert not np.allclose(same, ref, atol=1e-3)
 
 
@@ -219,8 +246,13 @@ def test_max_pool_pads_with_minus_infinity():
   x = -1.0 - np.random.default_rng(0).uniform(size=(1, 6, 8, 2)).astype(np.float32)
   y = np.asarray(resnet.max_pool_torch(jnp.asarray(x)))
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
-  ref = np.stack([np.stack([xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2))
-                            for j in range(4)], 1) for i in range(3)], 1)
+  ref = np.stack(
+    [
+      np.stack([xp[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max(axis=(1, 2)) for j in range(4)], 1)
+      for i in range(3)
+    ],
+    1,
+  )
   assert y.shape == (1, 3, 4, 2)
   assert_close(y, ref, 0, 0)
   assert (y < -1).all()  # zero padding would leak 0 into the border windows
@@ -233,14 +265,19 @@ def test_bottleneck_block_matches_numpy():
   block = resnet.ResBottleneckBlock(3, 12, stride=2)
   shapes = jax.eval_shape(lambda: block.init(jax.random.PRNGKey(0), x, False))
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
-  vals = {k: rng.uniform(0.5, 1.5, v.shape).astype(np.float32) if k[-1] in ('scale', 'var')
-          else rng.normal(0, 0.5, v.shape).astype(np.float32) for k, v in flat.items()}
+  vals = {
+    k: rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
+    if k[-1] in ('scale', 'var')
+    else rng.normal(0, 0.5, v.shape).astype(np.float32)
+    for k, v in flat.items()
+  }
   variables = flax.traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in vals.items()})
   y = block.apply(variables, jnp.asarray(x), False)
 
   def bn(h, name):
-    return ((h - vals[('batch_stats', name, 'mean')]) / np.sqrt(vals[('batch_stats', name, 'var')]
-            + 1e-5) * vals[('params', name, 'scale')] + vals[('params', name, 'bias')])
+    return (h - vals[('batch_stats', name, 'mean')]) / np.sqrt(
+      vals[('batch_stats', name, 'var')] + 1e-5
+    ) * vals[('params', name, 'scale')] + vals[('params', name, 'bias')]
 
   def kern(name):
     return vals[('params', name, 'kernel')]
@@ -258,8 +295,12 @@ def test_images_normalised_like_official_bgr_pipeline():
   bgr = rgb[..., ::-1] / 255.0
   official = (bgr - np.array([0.406, 0.456, 0.485])) / np.array([0.225, 0.224, 0.229])
   assert_close(dolg.normalize_images(jnp.asarray(rgb)), official[..., ::-1], 1e-5, 1e-5)
-  assert_close(dolg.normalize_images(jnp.asarray(rgb.astype(np.uint8))),
-               dolg.normalize_images(jnp.asarray(rgb.astype(np.uint8).astype(np.float32))), 0, 0)
+  assert_close(
+    dolg.normalize_images(jnp.asarray(rgb.astype(np.uint8))),
+    dolg.normalize_images(jnp.asarray(rgb.astype(np.uint8).astype(np.float32))),
+    0,
+    0,
+  )
 
 
 # ------------------------------------------------------------------ pure fusion functions
@@ -269,7 +310,8 @@ def test_orthogonal_component_is_orthogonal_to_global():
   f_g = jnp.asarray(rng.normal(size=(3, 16)).astype(np.float32) * 7)
   comp = dolg.orthogonal_component(f_l, f_g, 0.0)
   cos = jnp.sum(comp * f_g[:, None, None], -1) / (
-      jnp.linalg.norm(comp, axis=-1) * jnp.linalg.norm(f_g, axis=-1)[:, None, None])
+    jnp.linalg.norm(comp, axis=-1) * jnp.linalg.norm(f_g, axis=-1)[:, None, None]
+  )
   assert float(jnp.max(jnp.abs(cos))) < 1e-5
   fused = dolg.orthogonal_fusion(f_l, f_g, 0.0)
   f_o = fused[:, 16:]
@@ -300,7 +342,7 @@ def test_pool_then_project_equals_project_then_pool():
 def test_gem_p1_is_average_pooling_and_large_p_approaches_max():
   x = jnp.asarray(np.random.default_rng(0).uniform(0.1, 2, (2, 5, 6, 8)).astype(np.float32))
   assert_close(dolg.gem_pool(x, 1.0), jnp.mean(x, (1, 2)), 1e-6, 1e-6)
-  assert_close(dolg.gem_pool(x, 3.0), jnp.mean(x ** 3, (1, 2)) ** (1 / 3), 1e-5, 1e-6)
+  assert_close(dolg.gem_pool(x, 3.0), jnp.mean(x**3, (1, 2)) ** (1 / 3), 1e-5, 1e-6)
   big_p = dolg.gem_pool(x, 100.0)
   assert_close(big_p, jnp.max(x, (1, 2)), 0.05, 0)
   assert bool(jnp.all(big_p <= jnp.max(x, (1, 2)) * (1 + 1e-5)))
@@ -322,11 +364,12 @@ def test_default_forward_contract():
   f_g, f_l = feats['f_g'], feats['f_l/localmodel']
   f_o = feats['local_vec']
   assert_close(feats['fused'], dolg.orthogonal_fusion(f_l, f_g, 1e-6), 1e-4, 1e-5)
-  assert float(jnp.max(jnp.abs(jnp.sum(f_o * f_g, -1)))) < 1e-4 * float(jnp.sum(f_g ** 2))
+  assert float(jnp.max(jnp.abs(jnp.sum(f_o * f_g, -1)))) < 1e-4 * float(jnp.sum(f_g**2))
   p = variables['params']
   assert_close(desc, feats['fused'] @ p['fc']['kernel'] + p['fc']['bias'], 1e-5, 1e-5)
-  assert_close(feats['f_g'], feats['pooled_g'] @ p['fc_t']['kernel'] + p['fc_t']['bias'], 1e-5,
-               1e-5)
+  assert_close(
+    feats['f_g'], feats['pooled_g'] @ p['fc_t']['kernel'] + p['fc_t']['bias'], 1e-5, 1e-5
+  )
   assert_close(feats['pooled_g'], dolg.gem_pool(feats['res4'], 3.0), 1e-5, 1e-6)
   # uint8 input gives the same descriptor.
   assert_close(apply(model, variables, images().astype(jnp.uint8)), desc, 1e-5, 1e-5)
@@ -352,16 +395,20 @@ def test_multi_atrous_matches_formula_with_image_pool_first():
   assert set(p) == {'im_pool', 'aspp_0', 'aspp_1', 'aspp_2', 'aspp_3', 'conv_after'}
   x = np.asarray(feats['res3'])
   n, h, w, _ = x.shape
-  im = np.maximum(np_conv(x.mean((1, 2), keepdims=True), p['im_pool']['kernel'],
-                          bias=p['im_pool']['bias']), 0)
-  outs = [np.broadcast_to(im, (n, h, w, 8)), np_conv(x, p['aspp_0']['kernel'],
-                                                     bias=p['aspp_0']['bias'])]
+  im = np.maximum(
+    np_conv(x.mean((1, 2), keepdims=True), p['im_pool']['kernel'], bias=p['im_pool']['bias']), 0
+  )
+  outs = [
+    np.broadcast_to(im, (n, h, w, 8)),
+    np_conv(x, p['aspp_0']['kernel'], bias=p['aspp_0']['bias']),
+  ]
   for j, r in enumerate((1, 2, 3)):
     q = p[f'aspp_{j + 1}']
     assert q['kernel'].shape[:2] == (3, 3)
     outs.append(np_conv(x, q['kernel'], pad=r, dilation=r, bias=q['bias']))
-  ref = np.maximum(np_conv(np.concatenate(outs, -1), p['conv_after']['kernel'],
-                           bias=p['conv_after']['bias']), 0)
+  ref = np.maximum(
+    np_conv(np.concatenate(outs, -1), p['conv_after']['kernel'], bias=p['conv_after']['bias']), 0
+  )
   # Without self-attention f_l is the multi-atrous output.
   assert_close(feats['f_l/localmodel'], ref, 1e-4, 1e-5)
 
@@ -426,8 +473,10 @@ def test_global_pool_gap_and_gem_p():
   # Learnable p: param pool_g/p init gem_p, and it is used.
   model, variables, desc, feats = run_tiny(gem_p_learnable=True)
   assert variables['params']['pool_g']['p'].shape == (1,)
-  changed = {'params': {**variables['params'], 'pool_g': {'p': jnp.asarray([2.0])}},
-             'batch_stats': variables['batch_stats']}  # a copy: run_tiny's results are shared
+  changed = {
+    'params': {**variables['params'], 'pool_g': {'p': jnp.asarray([2.0])}},
+    'batch_stats': variables['batch_stats'],
+  }  # a copy: run_tiny's results are shared
   _, feats2 = apply(model, changed, images(), return_features=True)
   assert_close(feats2['pooled_g'], dolg.gem_pool(feats['res4'], 2.0), 1e-5, 1e-6)
   assert not np.allclose(feats2['pooled_g'], feats['pooled_g'], atol=1e-4)
@@ -446,8 +495,10 @@ def test_local_stage_res4_and_both():
   assert p['localmodel_res4']['aspp']['aspp_0']['kernel'].shape == (1, 1, 128, 8)
   assert p['fc']['kernel'].shape == (32, 8)
   f_g = feats['f_g']
-  vecs = [dolg.orthogonal_component(dolg.avg_pool(feats[f'f_l/{n}']), f_g, 1e-6)
-          for n in ('localmodel', 'localmodel_res4')]
+  vecs = [
+    dolg.orthogonal_component(dolg.avg_pool(feats[f'f_l/{n}']), f_g, 1e-6)
+    for n in ('localmodel', 'localmodel_res4')
+  ]
   assert_close(feats['local_vec'], (vecs[0] + vecs[1]) / 2, 1e-5, 1e-6)
 
 
@@ -469,8 +520,9 @@ def test_invalid_configs_name_the_field():
     model = build_model(cfg)
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images(1)))
   with pytest.raises(ValueError, match='use_self_attention'):
-    model = build_model(tiny_cfg(local_stage='res4', use_multi_atrous=False,
-                                 use_self_attention=False))
+    model = build_model(
+      tiny_cfg(local_stage='res4', use_multi_atrous=False, use_self_attention=False)
+    )
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images(1)))
 
 
@@ -487,8 +539,12 @@ def test_train_mode_updates_batch_stats():
   res_in = np.asarray(dolg.normalize_images(x))
   w = np.asarray(variables['params']['globalmodel']['stem']['conv']['kernel'])
   batch_mean = np_conv(res_in, w, 2, 3).mean((0, 1, 2))
-  assert_close(new['globalmodel/stem/bn/mean'],
-               0.9 * old['globalmodel/stem/bn/mean'] + 0.1 * batch_mean, 1e-4, 1e-4)
+  assert_close(
+    new['globalmodel/stem/bn/mean'],
+    0.9 * old['globalmodel/stem/bn/mean'] + 0.1 * batch_mean,
+    1e-4,
+    1e-4,
+  )
 
 
 def test_bf16_compute_agrees_with_float32():
@@ -511,10 +567,12 @@ def test_bf16_compute_agrees_with_float32():
 def test_repository_configs_build(name):
   """Every model config shipped in configs/ builds and traces (eval_shape only)."""
   import importlib
+
   cfg = importlib.import_module(f'configs.{name}').get_config()
   model = build_model(cfg.model, cfg.compute_dtype)
-  out = jax.eval_shape(lambda: model.init_with_output(
-      jax.random.PRNGKey(0), jnp.zeros((1, 96, 128, 3), jnp.uint8))[0])
+  out = jax.eval_shape(
+    lambda: model.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 96, 128, 3), jnp.uint8))[0]
+  )
   assert out.shape == (1, cfg.model.embedding_dim) and out.dtype == jnp.float32
 
 
@@ -525,9 +583,13 @@ def test_gradients_flow_through_every_parameter_in_train_mode():
   variables = fill_variables(model, x)
 
   def loss(params):
-    desc, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
-                          train=True, mutable=['batch_stats'])
-    return jnp.sum(desc ** 2)
+    desc, _ = model.apply(
+      {'params': params, 'batch_stats': variables['batch_stats']},
+      x,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    return jnp.sum(desc**2)
 
   grads = jax.jit(jax.grad(loss))(variables['params'])
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(grads))
@@ -536,11 +598,14 @@ def test_gradients_flow_through_every_parameter_in_train_mode():
   assert not zero, f'parameters without gradient: {zero}'
 
 
-@pytest.mark.parametrize('overrides', [
+@pytest.mark.parametrize(
+  'overrides',
+  [
     {},  # multi-atrous + self-attention, orthogonal, GeM on res3
     {'use_multi_atrous': False, 'gem_p_learnable': True, 'local_dim': 64, 'global_dim': 64},
     {'local_stage': 'both', 'global_pool': 'gap'},
-])
+  ],
+)
 def test_padded_canvas_with_valid_hw_equals_each_image_alone(overrides):
   """valid_hw masks the padding: a batch of padded canvases gives each unpadded image's result."""
   model = build_model(tiny_cfg(**overrides))
@@ -551,12 +616,12 @@ def test_padded_canvas_with_valid_hw_equals_each_image_alone(overrides):
   variables = fill_variables(model, jnp.asarray(singles[0]))
   batch = rng.integers(0, 256, (len(sizes),) + canvas + (3,)).astype(np.float32)  # junk padding
   for k, img in enumerate(singles):
-    batch[k, :img.shape[1], :img.shape[2]] = img[0]
+    batch[k, : img.shape[1], : img.shape[2]] = img[0]
   valid = jnp.asarray(sizes, jnp.int32)
   padded = jax.jit(lambda v, x, hw: model.apply(v, x, valid_hw=hw))(variables, batch, valid)
   for k, img in enumerate(singles):
     alone = apply(model, variables, jnp.asarray(img))
-    assert_close(np.asarray(padded[k:k + 1]), np.asarray(alone), 1e-4, 1e-5)
+    assert_close(np.asarray(padded[k : k + 1]), np.asarray(alone), 1e-4, 1e-5)
   unmasked = apply(model, variables, jnp.asarray(batch))  # what the mask protects against
   assert not np.allclose(np.asarray(unmasked), np.asarray(padded), rtol=1e-3, atol=1e-4)
   with pytest.raises(ValueError, match='inference'):

@@ -38,14 +38,20 @@ def reference():
 
 def _assert_same_trajectory(losses, reference):
   assert sorted(losses) == sorted(reference)
-  np.testing.assert_allclose([losses[s] for s in sorted(losses)],
-                             [reference[s] for s in sorted(reference)], rtol=2e-4)
+  np.testing.assert_allclose(
+    [losses[s] for s in sorted(losses)], [reference[s] for s in sorted(reference)], rtol=2e-4
+  )
 
 
 def test_eight_devices_data_and_model_axes(reference, tmp_path):
   workdir = str(tmp_path)
-  proc = tl.run_main(workdir, STEPS, '--config.mesh.data=4', '--config.mesh.model=2',
-                     XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  proc = tl.run_main(
+    workdir,
+    STEPS,
+    '--config.mesh.data=4',
+    '--config.mesh.model=2',
+    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  )
   assert proc.returncode == 0, tl.explain(proc)
   with open(os.path.join(workdir, 'manifest.json')) as f:
     manifest = json.load(f)
@@ -58,9 +64,17 @@ def test_two_processes_match_single_process(reference, tmp_path):
   workdir = str(tmp_path / 'workdir')
   address = f'127.0.0.1:{_free_port()}'
   logs = [str(tmp_path / f'process_{i}.log') for i in range(2)]
-  procs = [tl.start_main(workdir, STEPS, f'--coordinator_address={address}',
-                         '--num_processes=2', f'--process_id={i}', log_file=logs[i])
-           for i in range(2)]
+  procs = [
+    tl.start_main(
+      workdir,
+      STEPS,
+      f'--coordinator_address={address}',
+      '--num_processes=2',
+      f'--process_id={i}',
+      log_file=logs[i],
+    )
+    for i in range(2)
+  ]
   try:
     for p in procs:
       p.wait(timeout=500)
@@ -75,7 +89,10 @@ def test_two_processes_match_single_process(reference, tmp_path):
     manifest = json.load(f)
   assert manifest['devices']['process_count'] == 2
   assert tl.checkpoint_steps(workdir) == [2, 4]
-  iter_files = sorted(n for n in os.listdir(os.path.join(workdir, 'checkpoints', '4', 'data_iter'))
-                      if n.endswith('.json'))
+  iter_files = sorted(
+    n
+    for n in os.listdir(os.path.join(workdir, 'checkpoints', '4', 'data_iter'))
+    if n.endswith('.json')
+  )
   assert iter_files == ['process_0-of-2.json', 'process_1-of-2.json']
   _assert_same_trajectory(tl.train_losses(workdir), reference)

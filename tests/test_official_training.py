@@ -68,13 +68,14 @@ def twin_path(fixture: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Tolerances:
   """Relative tolerances per quantity; step-indexed where the README gives one per step."""
+
   loss: tuple[float, ...]
   t: tuple[float, ...]
   grad_norm: tuple[float, ...]
   param_sumsq: float
-  param_sum: float        # |d sum| / sqrt(numel * sumsq) (README: sums near 0 are ill-conditioned)
-  probe: float            # relative L2 error per probe descriptor
-  init: float             # the loaded initial weights (sum / sumsq of what we imported)
+  param_sum: float  # |d sum| / sqrt(numel * sumsq) (README: sums near 0 are ill-conditioned)
+  probe: float  # relative L2 error per probe descriptor
+  init: float  # the loaded initial weights (sum / sumsq of what we imported)
 
 
 # Two independent float32 roundings (ours, the official run's) each about the official float32 run's
@@ -88,21 +89,48 @@ FLOOR = 1e-6
 FLOAT32_INIT = 1e-6
 # The README's float32 table (case_a's float32 vs float64 of the same official code), times SAFETY:
 # the tolerances of a float32 fixture that has no float64 twin.
-FLOAT32_TABLE = Tolerances(loss=tuple(SAFETY * v for v in (6e-7, 9e-6, 2.8e-4)),
-                           t=tuple(SAFETY * v for v in (6e-6, 3e-5, 8e-5)),
-                           grad_norm=tuple(SAFETY * v for v in (1.3e-6, 1.1e-4, 3.5e-4)),
-                           param_sumsq=SAFETY * 8e-4, param_sum=SAFETY * 3e-4,
-                           probe=SAFETY * 2.0e-3, init=FLOAT32_INIT)
+FLOAT32_TABLE = Tolerances(
+  loss=tuple(SAFETY * v for v in (6e-7, 9e-6, 2.8e-4)),
+  t=tuple(SAFETY * v for v in (6e-6, 3e-5, 8e-5)),
+  grad_norm=tuple(SAFETY * v for v in (1.3e-6, 1.1e-4, 3.5e-4)),
+  param_sumsq=SAFETY * 8e-4,
+  param_sum=SAFETY * 3e-4,
+  probe=SAFETY * 2.0e-3,
+  init=FLOAT32_INIT,
+)
 # The README's float64 section: ~1e-8 on loss, t, grad norm, probes; ~1e-6 on the fingerprints.
-FLOAT64 = Tolerances(loss=(1e-8,) * 3, t=(1e-8,) * 3, grad_norm=(1e-8,) * 3, param_sumsq=1e-6,
-                     param_sum=1e-6, probe=1e-8, init=1e-12)
+FLOAT64 = Tolerances(
+  loss=(1e-8,) * 3,
+  t=(1e-8,) * 3,
+  grad_norm=(1e-8,) * 3,
+  param_sumsq=1e-6,
+  param_sum=1e-6,
+  probe=1e-8,
+  init=1e-12,
+)
 
 # What a float32 fixture and its float64 twin share (the same case): its inputs and initial weights.
-_CASE_FIELDS = ('images', 'labels', 'lr', 'keys', 'grad_keys', 'param_numel', 'init_param_sum',
-                'init_param_sumsq', 'probe_sizes')
+_CASE_FIELDS = (
+  'images',
+  'labels',
+  'lr',
+  'keys',
+  'grad_keys',
+  'param_numel',
+  'init_param_sum',
+  'init_param_sumsq',
+  'probe_sizes',
+)
 # The results: what the official code computed (the fields the twin's distance is taken on).
-RESULT_FIELDS = ('loss', 't', 'grad_norm', 'grad_sumsq', 'param_sum', 'param_sumsq',
-                 'probe_descriptors')
+RESULT_FIELDS = (
+  'loss',
+  't',
+  'grad_norm',
+  'grad_sumsq',
+  'param_sum',
+  'param_sumsq',
+  'probe_descriptors',
+)
 # config_json entries that may differ between twins.
 _CONFIG_PRECISION = ('compute_dtype', 'description')
 
@@ -144,16 +172,22 @@ def check_twin(z32: dict, z64: dict, where: str) -> None:
   """Raises ValueError unless `z64` is `z32`'s case in float64 (same inputs, weights, config)."""
   c32, c64 = _config(z32), _config(z64)
   if (_fixture_dtype(c32), _fixture_dtype(c64)) != ('float32', 'float64'):
-    raise ValueError(f'{where}: compute_dtype {c32.get("compute_dtype")!r} and '
-                     f'{c64.get("compute_dtype")!r}, expected float32 and its float64 twin')
+    raise ValueError(
+      f'{where}: compute_dtype {c32.get("compute_dtype")!r} and '
+      f'{c64.get("compute_dtype")!r}, expected float32 and its float64 twin'
+    )
   for key in sorted(set(c32) | set(c64)):
     if key not in _CONFIG_PRECISION and c32.get(key) != c64.get(key):
-      raise ValueError(f'{where}: not the same case: config_json {key!r} is {c32.get(key)!r} in '
-                       f'the float32 file and {c64.get(key)!r} in its float64 twin')
+      raise ValueError(
+        f'{where}: not the same case: config_json {key!r} is {c32.get(key)!r} in '
+        f'the float32 file and {c64.get(key)!r} in its float64 twin'
+      )
   for field in (*_CASE_FIELDS, *_probe_fields(z32)):
     if field not in z64 or not np.array_equal(z32[field], z64[field]):
-      raise ValueError(f'{where}: not the same case: field {field!r} differs between the float32 '
-                       f'file and its float64 twin')
+      raise ValueError(
+        f'{where}: not the same case: field {field!r} differs between the float32 '
+        f'file and its float64 twin'
+      )
 
 
 def float32_distances(z32: dict, z64: dict) -> Tolerances:
@@ -162,24 +196,37 @@ def float32_distances(z32: dict, z64: dict) -> Tolerances:
   steps = int(_config(z32)['steps'])
   compared = _compared_tensors(z32)
   sumsq32, sumsq64 = z32['param_sumsq'][compared], z64['param_sumsq'][compared]
-  d_sum = (np.abs(z32['param_sum'][compared] - z64['param_sum'][compared])
-           / np.sqrt(z64['param_numel'][compared] * np.maximum(sumsq64, 1e-300)))
+  d_sum = np.abs(z32['param_sum'][compared] - z64['param_sum'][compared]) / np.sqrt(
+    z64['param_numel'][compared] * np.maximum(sumsq64, 1e-300)
+  )
   p32 = np.asarray(z32['probe_descriptors'], np.float64)
   p64 = np.asarray(z64['probe_descriptors'], np.float64)
   probe = np.linalg.norm(p32 - p64, axis=1) / np.linalg.norm(p64, axis=1)
   per_step = lambda name: tuple(float(v) for v in _rel(z32[name][:steps], z64[name][:steps]))
-  return Tolerances(loss=per_step('loss'), t=per_step('t'), grad_norm=per_step('grad_norm'),
-                    param_sumsq=float(np.max(_rel(sumsq32, sumsq64))),
-                    param_sum=float(np.max(d_sum)), probe=float(np.max(probe)), init=0.0)
+  return Tolerances(
+    loss=per_step('loss'),
+    t=per_step('t'),
+    grad_norm=per_step('grad_norm'),
+    param_sumsq=float(np.max(_rel(sumsq32, sumsq64))),
+    param_sum=float(np.max(d_sum)),
+    probe=float(np.max(probe)),
+    init=0.0,
+  )
 
 
 def tolerances_from_pair(z32: dict, z64: dict) -> Tolerances:
   """SAFETY x the pair's own float32 distance, per quantity and step, never below FLOOR."""
   d = float32_distances(z32, z64)
   scaled = lambda v: max(SAFETY * v, FLOOR)
-  return Tolerances(loss=tuple(map(scaled, d.loss)), t=tuple(map(scaled, d.t)),
-                    grad_norm=tuple(map(scaled, d.grad_norm)), param_sumsq=scaled(d.param_sumsq),
-                    param_sum=scaled(d.param_sum), probe=scaled(d.probe), init=FLOAT32_INIT)
+  return Tolerances(
+    loss=tuple(map(scaled, d.loss)),
+    t=tuple(map(scaled, d.t)),
+    grad_norm=tuple(map(scaled, d.grad_norm)),
+    param_sumsq=scaled(d.param_sumsq),
+    param_sum=scaled(d.param_sum),
+    probe=scaled(d.probe),
+    init=FLOAT32_INIT,
+  )
 
 
 def case_tolerances(fixture: str, z: dict | None = None) -> tuple[Tolerances, str]:
@@ -190,9 +237,11 @@ def case_tolerances(fixture: str, z: dict | None = None) -> tuple[Tolerances, st
   twin = twin_path(fixture)
   if os.path.exists(twin):
     check_twin(z, _load(twin), f'{fixture} and {twin}')
-    return (tolerances_from_pair(z, _load(twin)),
-            f'float32: {SAFETY:g} x {os.path.basename(fixture)} vs {os.path.basename(twin)}, '
-            f'floor {FLOOR:g}')
+    return (
+      tolerances_from_pair(z, _load(twin)),
+      f'float32: {SAFETY:g} x {os.path.basename(fixture)} vs {os.path.basename(twin)}, '
+      f'floor {FLOOR:g}',
+    )
   return FLOAT32_TABLE, f"float32: {SAFETY:g} x the README's table (no {os.path.basename(twin)})"
 
 
@@ -261,9 +310,13 @@ def _run_official_case(fixture: str, *, wrong_formula=None, probes: bool = True)
   wide = np.float64 if dtype == 'float64' else np.float32
   tol, tol_source = case_tolerances(fixture, z)
   ow = _official_weights_module(fixture)
-  sd = ow.state_dict(int(case['weights_seed']), depth=int(case['depth']),
-                     with_ma=bool(case['with_ma']), num_classes=int(case['num_classes']),
-                     learnable_p=bool(case['learnable_p']))
+  sd = ow.state_dict(
+    int(case['weights_seed']),
+    depth=int(case['depth']),
+    with_ma=bool(case['with_ma']),
+    num_classes=int(case['num_classes']),
+    learnable_p=bool(case['learnable_p']),
+  )
   model_cfg, variables, head = released.convert_state_dict(sd, fixture)
   # The float64 case: the float32 initial values cast to float64 (README), as the official run.
   cast = lambda tree: jax.tree.map(lambda v: jnp.asarray(np.asarray(v, wide)), tree)
@@ -273,30 +326,36 @@ def _run_official_case(fixture: str, *, wrong_formula=None, probes: bool = True)
   mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:1])
   setup = state_lib.make_setup(config, mesh)
   params = cast({'model': variables['params'], 'head': {'weight': head['weight']}})
-  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               batch_stats=cast(variables['batch_stats']),
-                               opt_state=setup.tx.init(params),
-                               head_t=jnp.asarray(np.asarray(head['t'], wide)))
+  state = state_lib.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=cast(variables['batch_stats']),
+    opt_state=setup.tx.init(params),
+    head_t=jnp.asarray(np.asarray(head['t'], wide)),
+  )
   state_sh = jax.tree.map(lambda _: shd.replicated(mesh), state)
   # Placed as the step returns it (else the second step compiles again for the new placement).
   state = jax.device_put(state, state_sh)
-  init_flat = _flat_state(state.params['model'], state.batch_stats, state.params['head']['weight'],
-                          state.head_t)
+  init_flat = _flat_state(
+    state.params['model'], state.batch_stats, state.params['head']['weight'], state.head_t
+  )
   train_step = step_lib.make_train_step(setup, state_sh)
   metrics = []
   for k in range(int(case['steps'])):
     batch = {'image': np.asarray(z['images'][k], wide), 'label': np.asarray(z['labels'][k])}
     state, m = train_step(state, batch, np.asarray(case['lr_per_step'][k], wide))
     metrics.append(jax.device_get(m))
-  final_flat = _flat_state(state.params['model'], state.batch_stats,
-                           state.params['head']['weight'], state.head_t)
+  final_flat = _flat_state(
+    state.params['model'], state.batch_stats, state.params['head']['weight'], state.head_t
+  )
   out = None
   if probes:
     model_vars = {'params': state.params['model'], 'batch_stats': state.batch_stats}
     # Jitted, as evaluation extracts (one compile per probe size; op by op takes twice as long).
     describe = jax.jit(lambda v, image: setup.model.apply(v, image[None], train=False)[0])
-    out = np.stack([np.asarray(describe(model_vars, np.asarray(z[f], wide)))
-                    for f in _probe_fields(z)])
+    out = np.stack(
+      [np.asarray(describe(model_vars, np.asarray(z[f], wide))) for f in _probe_fields(z)]
+    )
   return Run(case, z, tol, tol_source, init_flat, metrics, final_flat, out)
 
 
@@ -318,8 +377,9 @@ def _release_runs():
 
 def _require(fixture: str) -> None:
   if not os.path.exists(fixture):
-    pytest.fail(f'{fixture} does not exist: set ${ENV} to a fixture in the format of '
-                f'{FIXTURE_DIR}/README.md')
+    pytest.fail(
+      f'{fixture} does not exist: set ${ENV} to a fixture in the format of {FIXTURE_DIR}/README.md'
+    )
 
 
 @pytest.fixture(scope='module', params=_fixture_files(), ids=os.path.basename)
@@ -350,8 +410,9 @@ def errors(r: Run, z: dict) -> dict[str, np.ndarray]:
   sums = np.array([np.sum(r.final_flat[keys[i]]) for i in compared])
   ref_sumsq, ref_sum = z['param_sumsq'][compared], z['param_sum'][compared]
   out['param_sumsq'] = _rel(sumsq, ref_sumsq)
-  out['param_sum'] = (np.abs(sums - ref_sum)
-                      / np.sqrt(z['param_numel'][compared] * np.maximum(ref_sumsq, 1e-300)))
+  out['param_sum'] = np.abs(sums - ref_sum) / np.sqrt(
+    z['param_numel'][compared] * np.maximum(ref_sumsq, 1e-300)
+  )
   if r.probes is not None:
     # The reference is stored in float32 also in the float64 file: compare ours as it would be
     # stored (a float64 port equal to the official run rounds to the same float32 values).
@@ -364,8 +425,8 @@ def errors(r: Run, z: dict) -> dict[str, np.ndarray]:
 
 def _tolerance(tol: Tolerances, name: str, errs: np.ndarray) -> np.ndarray:
   value = np.asarray(getattr(tol, name), np.float64)
-  if value.ndim:   # per step
-    value = value[:errs.shape[0]]
+  if value.ndim:  # per step
+    value = value[: errs.shape[0]]
   return np.broadcast_to(value, errs.shape)
 
 
@@ -381,12 +442,15 @@ def over_tolerance(errs: dict[str, np.ndarray], tol: Tolerances) -> dict[str, li
 
 
 def _report(name, errs, tols):
-  errs, tols = np.asarray(errs, np.float64), np.broadcast_to(np.asarray(tols, np.float64),
-                                                              np.shape(errs))
+  errs, tols = (
+    np.asarray(errs, np.float64),
+    np.broadcast_to(np.asarray(tols, np.float64), np.shape(errs)),
+  )
   print(f'{name}: worst relative error {float(np.max(errs)):.3g}')
   bad = np.flatnonzero(errs > tols)
-  assert not bad.size, (f'{name}: {bad.size} over tolerance, e.g. #{bad[0]}: '
-                        f'{errs[bad[0]]:.3g} > {tols[bad[0]]:.3g}')
+  assert not bad.size, (
+    f'{name}: {bad.size} over tolerance, e.g. #{bad[0]}: {errs[bad[0]]:.3g} > {tols[bad[0]]:.3g}'
+  )
 
 
 def test_official_training_initial_weights_are_the_officials(official_run):
@@ -396,8 +460,7 @@ def test_official_training_initial_weights_are_the_officials(official_run):
   assert sorted(r.init_flat) == sorted(keys)
   idx = {k: i for i, k in enumerate(_official_keys(r.z))}
   sumsq = np.array([np.sum(r.init_flat[k] ** 2) for k in keys])
-  _report('init sumsq', _rel(sumsq, r.z['init_param_sumsq'][[idx[k] for k in keys]]),
-          r.tol.init)
+  _report('init sumsq', _rel(sumsq, r.z['init_param_sumsq'][[idx[k] for k in keys]]), r.tol.init)
 
 
 def test_official_training_loss_t_and_grad_norm_per_step(official_run):
@@ -437,9 +500,10 @@ def widened(z32: dict, z64: dict, factor: float) -> dict:
     r32, r64 = np.asarray(z32[field], np.float64), np.asarray(z64[field], np.float64)
     out[field] = (r64 + factor * (r32 - r64)).astype(z32[field].dtype)
   config = _config(z32)
-  config['description'] = (f'SYNTHETIC (tests): {os.path.basename(CASE_A)} with every float32 '
-                           f'result {factor:g}x as far from its float64 twin. ' +
-                           config['description'])
+  config['description'] = (
+    f'SYNTHETIC (tests): {os.path.basename(CASE_A)} with every float32 '
+    f'result {factor:g}x as far from its float64 twin. ' + config['description']
+  )
   out['config_json'] = np.asarray(json.dumps(config))
   return out
 
@@ -471,8 +535,9 @@ def test_official_training_float32_tolerances_follow_the_case(tmp_path):
   d = float32_distances(z32, z64)
   for name, value in _as_arrays(tol).items():
     if name != 'init':
-      np.testing.assert_allclose(value, np.maximum(SAFETY * _as_arrays(d)[name], FLOOR),
-                                 rtol=1e-12, err_msg=name)
+      np.testing.assert_allclose(
+        value, np.maximum(SAFETY * _as_arrays(d)[name], FLOOR), rtol=1e-12, err_msg=name
+      )
       np.testing.assert_allclose(value, _as_arrays(FLOAT32_TABLE)[name], rtol=0.15, err_msg=name)
   assert tol.init == FLOAT32_INIT
   assert case_tolerances(twin_path(CASE_A))[0] == FLOAT64
@@ -496,8 +561,9 @@ def test_official_training_float32_tolerances_follow_the_case(tmp_path):
   other_labels = dict(z64, labels=np.roll(z64['labels'], 1))
   with pytest.raises(ValueError, match="field 'labels' differs"):
     case_tolerances(_write_pair(tmp_path, 'labels', z32, other_labels))
-  other_config = dict(z64, config_json=np.asarray(json.dumps(
-      dict(_config(z64), weight_decay=0.05))))
+  other_config = dict(
+    z64, config_json=np.asarray(json.dumps(dict(_config(z64), weight_decay=0.05)))
+  )
   with pytest.raises(ValueError, match="config_json 'weight_decay'"):
     case_tolerances(_write_pair(tmp_path, 'config', z32, other_config))
   with pytest.raises(ValueError, match='compute_dtype'):
@@ -531,6 +597,7 @@ def plain_momentum_run():
 
   def wrong(config):
     config.train.nesterov = False
+
   return _run_official_case(CASE_A, wrong_formula=wrong, probes=False)
 
 

@@ -39,26 +39,46 @@ def _rel_err(ours: np.ndarray, theirs: np.ndarray) -> float:
 def _torch_forward(model: torch.nn.Module, images: np.ndarray) -> dict[str, np.ndarray]:
   with torch.no_grad():
     feats = model.forward_features(ref_lib.preprocess_rgb(images))
-  return {'descriptor': feats['descriptor'].numpy(), 'f_g': feats['f_g'].numpy(),
-          'f_o': feats['f_o'].numpy(), 'res3': feats['res3'].numpy().transpose(0, 2, 3, 1)}
+  return {
+    'descriptor': feats['descriptor'].numpy(),
+    'f_g': feats['f_g'].numpy(),
+    'f_o': feats['f_o'].numpy(),
+    'res3': feats['res3'].numpy().transpose(0, 2, 3, 1),
+  }
 
 
 VARIANTS = {
-    # name: (reference kwargs, image sizes and batch, file kind)
-    'r50_released': (dict(depth=50, with_aspp=False, gem_p=3.4, gem_p_learnable=True),
-                     ((200, 264, 2), (333, 250, 1)), 'pyth'),
-    'r50_multi_atrous': (dict(depth=50, with_aspp=True, gem_p=3.0, gem_p_learnable=False),
-                         ((200, 264, 1), (333, 250, 1)), 'pth'),
-    'r101': (dict(depth=101, with_aspp=False, gem_p=3.1, gem_p_learnable=True),
-             ((200, 264, 1),), 'pth_module'),
+  # name: (reference kwargs, image sizes and batch, file kind)
+  'r50_released': (
+    dict(depth=50, with_aspp=False, gem_p=3.4, gem_p_learnable=True),
+    ((200, 264, 2), (333, 250, 1)),
+    'pyth',
+  ),
+  'r50_multi_atrous': (
+    dict(depth=50, with_aspp=True, gem_p=3.0, gem_p_learnable=False),
+    ((200, 264, 1), (333, 250, 1)),
+    'pth',
+  ),
+  'r101': (
+    dict(depth=101, with_aspp=False, gem_p=3.1, gem_p_learnable=True),
+    ((200, 264, 1),),
+    'pth_module',
+  ),
 }
 
 
 def _save(model: torch.nn.Module, path: str, kind: str) -> None:
   sd = model.state_dict()
   if kind == 'pyth':  # the pycls container
-    torch.save({'epoch': 7, 'model_state': sd, 'optimizer_state': {'state': {}, 'param_groups': []},
-                'cfg': 'MODEL:\n  TYPE: dolg\n'}, path)
+    torch.save(
+      {
+        'epoch': 7,
+        'model_state': sd,
+        'optimizer_state': {'state': {}, 'param_groups': []},
+        'cfg': 'MODEL:\n  TYPE: dolg\n',
+      },
+      path,
+    )
   elif kind == 'pth_module':  # DataParallel-prefixed raw state dict
     torch.save({'module.' + k: v for k, v in sd.items()}, path)
   else:
@@ -103,12 +123,18 @@ def _check_parity(name, path, cases, loaded):
   apply = jax.jit(functools.partial(flax_model.apply, return_features=True))
   for (h, w), (images, expected) in cases.items():
     desc, feats = apply(variables, images)
-    ours = {'descriptor': desc, 'f_g': feats['f_g'], 'f_o': feats['local_vec'],
-            'res3': feats['res3']}
+    ours = {
+      'descriptor': desc,
+      'f_g': feats['f_g'],
+      'f_o': feats['local_vec'],
+      'res3': feats['res3'],
+    }
     assert ours['descriptor'].shape == (images.shape[0], 512)
     errs = {k: _rel_err(np.asarray(ours[k]), expected[k]) for k in expected}
-    print(f'\n[parity] {name} {h}x{w} batch {images.shape[0]}: max rel. error ' +
-          ', '.join(f'{k} {v:.2e}' for k, v in errs.items()))
+    print(
+      f'\n[parity] {name} {h}x{w} batch {images.shape[0]}: max rel. error '
+      + ', '.join(f'{k} {v:.2e}' for k, v in errs.items())
+    )
     for k, err in errs.items():
       assert err < TOL, (name, h, w, k, err)
 
@@ -142,13 +168,18 @@ def test_stem_channels_reversed_and_layouts(released):
   p, bs = variables['params'], variables['batch_stats']
   stem = np.asarray(p['globalmodel']['stem']['conv']['kernel'])
   np.testing.assert_array_equal(
-      stem, sd['globalmodel.stem.conv.weight'].transpose(2, 3, 1, 0)[:, :, ::-1])
-  np.testing.assert_array_equal(p['globalmodel']['s2']['b1']['b']['kernel'],
-                                sd['globalmodel.s2.b1.f.b.weight'].transpose(2, 3, 1, 0))
+    stem, sd['globalmodel.stem.conv.weight'].transpose(2, 3, 1, 0)[:, :, ::-1]
+  )
+  np.testing.assert_array_equal(
+    p['globalmodel']['s2']['b1']['b']['kernel'],
+    sd['globalmodel.s2.b1.f.b.weight'].transpose(2, 3, 1, 0),
+  )
   np.testing.assert_array_equal(p['fc_t']['kernel'], sd['fc_t.weight'].T)
   np.testing.assert_array_equal(p['fc']['bias'], sd['fc.bias'])
   np.testing.assert_array_equal(bs['localmodel']['bn']['var'], sd['localmodel.bn.running_var'])
-  np.testing.assert_array_equal(bs['globalmodel']['s3']['b1']['bn']['mean'],
-                                sd['globalmodel.s3.b1.bn.running_mean'])
-  np.testing.assert_array_equal(p['globalmodel']['s3']['b1']['bn']['scale'],
-                                sd['globalmodel.s3.b1.bn.weight'])
+  np.testing.assert_array_equal(
+    bs['globalmodel']['s3']['b1']['bn']['mean'], sd['globalmodel.s3.b1.bn.running_mean']
+  )
+  np.testing.assert_array_equal(
+    p['globalmodel']['s3']['b1']['bn']['scale'], sd['globalmodel.s3.b1.bn.weight']
+  )

@@ -14,17 +14,29 @@ from dolg_jax.training import plan as plan_lib
 
 from tests.helpers import train_testlib as tl
 
-KEYS = ('flops_per_step', 'peak_memory_bytes_per_device', 'argument_bytes_per_device',
-        'device_kind', 'device_memory_bytes', 'fits')
+KEYS = (
+  'flops_per_step',
+  'peak_memory_bytes_per_device',
+  'argument_bytes_per_device',
+  'device_kind',
+  'device_memory_bytes',
+  'fits',
+)
 
 
 def _plan(*flags, check=True, config='configs/tiny.py'):
-  proc = subprocess.run([sys.executable, '-m', 'dolg_jax.plan', f'--config={config}', *flags],
-                        cwd=tl.REPO, env=tl.env(), capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'dolg_jax.plan', f'--config={config}', *flags],
+    cwd=tl.REPO,
+    env=tl.env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   if check:
     assert proc.returncode == 0, tl.explain(proc)
     lines = [l for l in proc.stdout.splitlines() if l.strip()]
-    assert len(lines) == 1, proc.stdout   # One JSON object and nothing else on stdout.
+    assert len(lines) == 1, proc.stdout  # One JSON object and nothing else on stdout.
     return json.loads(lines[0])
   return proc
 
@@ -49,23 +61,28 @@ def test_plan_tiny_on_cpu():
 def test_plan_r50_at_a_reduced_size_on_cpu():
   """The paper's R50 (multi-atrous, the 81,313-class head) at 64 px, batch 2: the JSON's FLOPs
   grow with the image area and the state holds R50's parameters."""
-  out = _plan('--config.data.image_size=64', '--config.train.global_batch_size=2',
-              config='configs/r50.py')
+  out = _plan(
+    '--config.data.image_size=64', '--config.train.global_batch_size=2', config='configs/r50.py'
+  )
   assert all(k in out for k in KEYS), out
-  assert 87_000_000 < out['num_params'] < 88_000_000   # R50 DOLG + multi-atrous + 81,313 x 512 head
-  assert (out['optimizer_bytes_per_device'] == out['params_bytes_per_device']
-          == 4 * out['num_params'])
+  assert 87_000_000 < out['num_params'] < 88_000_000  # R50 DOLG + multi-atrous + 81,313 x 512 head
+  assert (
+    out['optimizer_bytes_per_device'] == out['params_bytes_per_device'] == 4 * out['num_params']
+  )
   # Forward + backward of R50-DOLG at 64 px: about 3 x 64^2/512^2 x 203 GFLOP per image.
   assert 2e9 < out['flops_per_step'] / 2 < 8e9, out['flops_per_step']
 
 
-@pytest.mark.parametrize('budget, accum, expected', [
-    (50_000, 1, 45),     # above the configured batch: doubling 8, 16, 32, 64 then bisection
-    (12_000, 1, 7),      # the configured batch does not fit: halving, then bisection
-    (4_500, 1, 0),       # nothing fits
-    (50_000, 4, 44),     # multiples of grad_accum_steps only
-    (10**9, 1, 100),     # everything up to the limit fits
-])
+@pytest.mark.parametrize(
+  'budget, accum, expected',
+  [
+    (50_000, 1, 45),  # above the configured batch: doubling 8, 16, 32, 64 then bisection
+    (12_000, 1, 7),  # the configured batch does not fit: halving, then bisection
+    (4_500, 1, 0),  # nothing fits
+    (50_000, 4, 44),  # multiples of grad_accum_steps only
+    (10**9, 1, 100),  # everything up to the limit fits
+  ],
+)
 def test_max_batch_bisection(monkeypatch, budget, accum, expected):
   """The search on a stand-in plan whose peak is 5,000 + 1,000 x batch bytes; batches above 60
   per device fail to compile with XLA's out-of-memory error, as TPU compiles do."""
@@ -83,7 +100,7 @@ def test_max_batch_bisection(monkeypatch, budget, accum, expected):
   config.train.grad_accum_steps = accum
   out = plan_lib.max_batch(config, jax.devices()[:1], memory_bytes=budget, limit=100)
   assert out['max_batch_per_device'] == expected, out
-  assert len(calls) == len(set(calls)) <= 12           # each batch compiled at most once
+  assert len(calls) == len(set(calls)) <= 12  # each batch compiled at most once
   assert all(c % accum == 0 for c in calls)
   assert [p['batch_per_device'] for p in out['max_batch_probes']] == calls
 
@@ -119,9 +136,14 @@ print(json.dumps(out))
 
 
 def test_plan_reports_collectives_global_vs_per_device_bn():
-  proc = subprocess.run([sys.executable, '-c', _COLLECTIVES_SCRIPT], cwd=tl.REPO, timeout=600,
-                        env=tl.env(XLA_FLAGS='--xla_force_host_platform_device_count=8'),
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+    [sys.executable, '-c', _COLLECTIVES_SCRIPT],
+    cwd=tl.REPO,
+    timeout=600,
+    env=tl.env(XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 0, tl.explain(proc)
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   g, d = out['global']['plan'], out['per_device']['plan']
@@ -129,8 +151,11 @@ def test_plan_reports_collectives_global_vs_per_device_bn():
     p = mode['plan']
     assert set(p['collectives']) == set(plan_lib.COLLECTIVE_KINDS)
     assert sum(v['count'] for v in p['collectives'].values()) == mode['n_ops']
-    assert p['collective_bytes_per_device_step'] == mode['op_bytes'] == sum(
-        v['bytes'] for v in p['collectives'].values())
+    assert (
+      p['collective_bytes_per_device_step']
+      == mode['op_bytes']
+      == sum(v['bytes'] for v in p['collectives'].values())
+    )
     # At least the gradients (every parameter, float32, data-parallel) are all-reduced.
     assert p['collectives']['all-reduce']['bytes'] >= 4 * p['num_params'] * 0.9, p['collectives']
   assert g['bn_mode'] == 'global' and d['bn_mode'] == 'per_device'

@@ -21,9 +21,9 @@ def test_sigterm_while_starting_reaches_the_loop():
   previous = signal.getsignal(signal.SIGTERM)
   try:
     with preemption.PreemptionHandler() as fresh:
-      assert not fresh.should_stop(1)          # No signal yet: training goes on.
+      assert not fresh.should_stop(1)  # No signal yet: training goes on.
     preemption.catch_early_sigterm()
-    os.kill(os.getpid(), signal.SIGTERM)       # Arrives while the run is still starting.
+    os.kill(os.getpid(), signal.SIGTERM)  # Arrives while the run is still starting.
     with preemption.PreemptionHandler() as handler:
       assert handler.should_stop(1)
   finally:
@@ -73,16 +73,24 @@ def _run_two(tmp_path, early=None):
   address = f'127.0.0.1:{_free_port()}'
   markers = [str(tmp_path / f'ready_{i}') for i in range(2)]
   env = tl.env(**({'EARLY_SIGTERM': early} if early is not None else {}))
-  procs = [subprocess.Popen([sys.executable, str(script), str(i), address, markers[i]],
-                            cwd=tl.REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(i), address, markers[i]],
+      cwd=tl.REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     if early is None:
       deadline = time.time() + 120
-      while not all(os.path.exists(m) for m in markers):   # both in the loop
+      while not all(os.path.exists(m) for m in markers):  # both in the loop
         assert time.time() < deadline and all(p.poll() is None for p in procs), 'not started'
         time.sleep(0.05)
-      procs[1].send_signal(signal.SIGTERM)                   # one process only
+      procs[1].send_signal(signal.SIGTERM)  # one process only
     outs = [p.communicate(timeout=120)[0] for p in procs]
   finally:
     for p in procs:

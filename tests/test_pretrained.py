@@ -41,9 +41,12 @@ def tiny(tmp_path_factory):
   """A small official-layout DOLG (width 8, blocks (1, 1, 2, 1), multi-atrous, learnable p)."""
   torch.manual_seed(1)
   model = ref_lib.randomize_(
-      ref_lib.DOLGReference(width=WIDTH, stage_depths=TINY_DEPTHS, with_aspp=True, gem_p=2.6,
-                            num_classes=7),
-      seed=3, calib_size=64)
+    ref_lib.DOLGReference(
+      width=WIDTH, stage_depths=TINY_DEPTHS, with_aspp=True, gem_p=2.6, num_classes=7
+    ),
+    seed=3,
+    calib_size=64,
+  )
   with torch.no_grad():
     model.desc_cls.t.fill_(0.25)
   d = tmp_path_factory.mktemp('tiny')
@@ -54,17 +57,32 @@ def tiny(tmp_path_factory):
   images = _images(97, 131)
   with torch.no_grad():
     expected = model(ref_lib.preprocess_rgb(images)).numpy()
-  return {'model': model, 'sd': sd, 'pyth': pyth, 'pth': pth, 'dir': d, 'images': images,
-          'expected': expected}
+  return {
+    'model': model,
+    'sd': sd,
+    'pyth': pyth,
+    'pth': pth,
+    'dir': d,
+    'images': images,
+    'expected': expected,
+  }
 
 
 # ------------------------------------------------------------------------------- released model
 def test_tiny_parity_and_inferred_config(tiny):
   model, variables = pretrained.load(tiny['pyth'])
-  assert (tuple(model.stage_depths), model.width, model.use_multi_atrous, model.gem_p_learnable
-          ) == (TINY_DEPTHS, WIDTH, True, True)
+  assert (
+    tuple(model.stage_depths),
+    model.width,
+    model.use_multi_atrous,
+    model.gem_p_learnable,
+  ) == (TINY_DEPTHS, WIDTH, True, True)
   assert (model.local_dim, model.global_dim, model.atrous_dim, model.embedding_dim) == (
-      16 * WIDTH, 16 * WIDTH, 8 * WIDTH, 512)
+    16 * WIDTH,
+    16 * WIDTH,
+    8 * WIDTH,
+    512,
+  )
   assert set(variables) == {'params', 'batch_stats'}
   err = _rel_err(jax.jit(model.apply)(variables, tiny['images']), tiny['expected'])
   assert err < 1e-4, err
@@ -89,10 +107,15 @@ def test_depth_inferred_from_block_counts(tmp_path, depth):
   torch.save(ref_lib.DOLGReference(depth=depth, width=WIDTH).state_dict(), path)
   cfg = pretrained.load_config(path)
   assert (cfg.depth, tuple(cfg.stage_depths), cfg.use_multi_atrous, cfg.gem_p_learnable) == (
-      depth, (), False, True)
+    depth,
+    (),
+    False,
+    True,
+  )
   bb_path = str(tmp_path / f'tv{depth}.pth')
-  torch.save(ref_lib.to_torchvision_state_dict(
-      ref_lib.ResNetBackbone(depth, WIDTH).state_dict()), bb_path)
+  torch.save(
+    ref_lib.to_torchvision_state_dict(ref_lib.ResNetBackbone(depth, WIDTH).state_dict()), bb_path
+  )
   bb = pretrained.load_backbone(bb_path)
   assert len(bb['params']['globalmodel']['s3']) == {50: 6, 101: 23}[depth]
 
@@ -121,16 +144,24 @@ def _legacy_bytes():
   return buf.getvalue()
 
 
-@pytest.mark.parametrize('name, make, found', [
-    ('random.pth', lambda: np.random.RandomState(0).bytes(4096),
-     'neither the zip archive nor the pickle that torch.save writes'),
-    ('notes.txt', lambda: b'hello, I am not a checkpoint',
-     'neither the zip archive nor the pickle that torch.save writes'),
+@pytest.mark.parametrize(
+  'name, make, found',
+  [
+    (
+      'random.pth',
+      lambda: np.random.RandomState(0).bytes(4096),
+      'neither the zip archive nor the pickle that torch.save writes',
+    ),
+    (
+      'notes.txt',
+      lambda: b'hello, I am not a checkpoint',
+      'neither the zip archive nor the pickle that torch.save writes',
+    ),
     ('empty.pth', lambda: b'', 'an empty file'),
-    ('plain.pkl', lambda: pickle.dumps({'w': 1}),
-     "a pickle without torch's magic number"),
+    ('plain.pkl', lambda: pickle.dumps({'w': 1}), "a pickle without torch's magic number"),
     ('legacy_cut.pth', lambda: _legacy_bytes()[:150], 'a legacy torch file cut short'),
-])
+  ],
+)
 def test_error_not_a_torch_file(tmp_path, name, make, found):
   """Damaged and non-torch files are named as such, with their size, never as 'Python objects'."""
   path = tmp_path / name
@@ -138,8 +169,10 @@ def test_error_not_a_torch_file(tmp_path, name, make, found):
   with pytest.raises(pretrained.CheckpointError) as e:
     pretrained.load(str(path))
   message = str(e.value)
-  assert message.startswith(f'{path}: not a torch checkpoint, or a truncated / damaged one ('
-                            f'{path.stat().st_size:,} bytes: {found}'), message
+  assert message.startswith(
+    f'{path}: not a torch checkpoint, or a truncated / damaged one ('
+    f'{path.stat().st_size:,} bytes: {found}'
+  ), message
   assert 'allow_pickle' not in message and '\n' not in message
   with pytest.raises(pretrained.CheckpointError, match='truncated / damaged'):  # also when trusted
     pretrained.load(str(path), allow_pickle=True)
@@ -166,18 +199,22 @@ def test_pickled_objects_need_allow_pickle(tiny, tmp_path):
   with pytest.raises(pretrained.CheckpointError) as e:
     pretrained.load(path)
   assert str(e.value) == (
-      f"{path}: a torch checkpoint holding Python objects besides tensors ('argparse.Namespace'); "
-      'unpickling them can run code, so they are not read. If you trust the file, convert it '
-      f'once with `python -m dolg_jax.convert --input {path} --output DIR --allow_pickle` and '
-      'load DIR')
-  assert convert.main(['convert', '--input', path, '--output', str(tmp_path / 'conv'),
-                       '--allow_pickle']) == 0
+    f"{path}: a torch checkpoint holding Python objects besides tensors ('argparse.Namespace'); "
+    'unpickling them can run code, so they are not read. If you trust the file, convert it '
+    f'once with `python -m dolg_jax.convert --input {path} --output DIR --allow_pickle` and '
+    'load DIR'
+  )
+  assert (
+    convert.main(['convert', '--input', path, '--output', str(tmp_path / 'conv'), '--allow_pickle'])
+    == 0
+  )
   model, variables = pretrained.load(path, allow_pickle=True, dtype='bfloat16')
   assert model.dtype == jax.numpy.bfloat16
   assert variables['params']['fc']['kernel'].dtype == np.float32
   converted = pretrained.load(str(tmp_path / 'conv'))[1]
-  np.testing.assert_array_equal(converted['params']['fc']['kernel'],
-                                variables['params']['fc']['kernel'])
+  np.testing.assert_array_equal(
+    converted['params']['fc']['kernel'], variables['params']['fc']['kernel']
+  )
 
 
 class _RemovesAFile:
@@ -221,8 +258,11 @@ def test_error_unknown_keys_are_listed(tiny, tmp_path):
 
 
 def test_error_missing_keys(tiny, tmp_path):
-  sd = {k: v for k, v in tiny['sd'].items()
-        if k not in ('fc.bias', 'globalmodel.s2.b1.f.b_bn.running_var')}
+  sd = {
+    k: v
+    for k, v in tiny['sd'].items()
+    if k not in ('fc.bias', 'globalmodel.s2.b1.f.b_bn.running_var')
+  }
   path = str(tmp_path / 'missing.pth')
   torch.save(sd, path)
   with pytest.raises(pretrained.MissingKeysError) as e:
@@ -280,8 +320,14 @@ assert 'globalmodel' in backbone['params']
 assert 'torch' not in sys.modules, 'torch was imported'
 print('ok')
 """
-  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
-                        env={**os.environ, 'PYTHONPATH': REPO}, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env={**os.environ, 'PYTHONPATH': REPO},
+    timeout=120,
+  )
   assert proc.returncode == 0 and 'ok' in proc.stdout, proc.stderr[-3000:]
 
 
@@ -294,8 +340,10 @@ def test_convert_no_head_and_overwrite(tiny, tmp_path):
   assert convert.main(['convert', '--input', tiny['pth'], '--output', out]) == 1
   assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--overwrite']) == 0
   assert pretrained.load_head(out)['weight'].shape == (7, 512)
-  assert convert.main(['convert', '--input', tiny['pth'], '--output', out, '--overwrite',
-                       '--nohead']) == 0
+  assert (
+    convert.main(['convert', '--input', tiny['pth'], '--output', out, '--overwrite', '--nohead'])
+    == 0
+  )
   assert not os.path.exists(os.path.join(out, pretrained.HEAD_FILE))
 
 
@@ -329,17 +377,23 @@ def backbone():
   """A small pycls ResNet backbone with random weights, torch features of an image (BGR/pycls and
   RGB/torchvision preprocessing), and a DOLG model of the same width with one jitted forward."""
   torch.manual_seed(2)
-  net = ref_lib.randomize_(ref_lib.ResNetBackbone(width=16, stage_depths=TINY_DEPTHS), seed=4,
-                           calib_size=64)
+  net = ref_lib.randomize_(
+    ref_lib.ResNetBackbone(width=16, stage_depths=TINY_DEPTHS), seed=4, calib_size=64
+  )
   images = _images(77, 101, seed=5)
   with torch.no_grad():
     bgr = [t.numpy().transpose(0, 2, 3, 1) for t in net(ref_lib.preprocess_rgb(images))]
-    rgb = [t.numpy().transpose(0, 2, 3, 1)
-           for t in net(ref_lib.preprocess_rgb_torchvision(images))]
+    rgb = [t.numpy().transpose(0, 2, 3, 1) for t in net(ref_lib.preprocess_rgb_torchvision(images))]
   model, variables = _fresh_model(16)
   apply = jax.jit(functools.partial(model.apply, return_features=True))
-  return {'net': net, 'images': images, 'pycls_feats': bgr, 'tv_feats': rgb,
-          'variables': variables, 'apply': apply}
+  return {
+    'net': net,
+    'images': images,
+    'pycls_feats': bgr,
+    'tv_feats': rgb,
+    'variables': variables,
+    'apply': apply,
+  }
 
 
 def _fresh_model(width: int):
@@ -358,8 +412,9 @@ def _check_backbone(fixture, backbone_vars, expected_feats):
   variables = fixture['variables']
   merged = pretrained.merge_backbone(variables, backbone_vars)
   # Everything outside the backbone is untouched.
-  np.testing.assert_array_equal(merged['params']['fc']['kernel'],
-                                variables['params']['fc']['kernel'])
+  np.testing.assert_array_equal(
+    merged['params']['fc']['kernel'], variables['params']['fc']['kernel']
+  )
   _, feats = fixture['apply'](merged, fixture['images'])
   for name, exp in zip(('res3', 'res4'), expected_feats):
     err = _rel_err(feats[name], exp)
@@ -386,16 +441,20 @@ def test_load_backbone_torchvision(backbone, tmp_path):
   path = str(tmp_path / 'resnet50.pth')
   torch.save(sd, path)
   bb = pretrained.load_backbone(path)
-  np.testing.assert_array_equal(bb['params']['globalmodel']['stem']['conv']['kernel'],
-                                sd['conv1.weight'].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    bb['params']['globalmodel']['stem']['conv']['kernel'],
+    sd['conv1.weight'].numpy().transpose(2, 3, 1, 0),
+  )
   _check_backbone(backbone, bb, backbone['tv_feats'])
 
 
 def test_load_backbone_from_dolg_checkpoint(tiny):
   bb = pretrained.load_backbone(tiny['pth'])
   _, variables = pretrained.load(tiny['pth'])
-  np.testing.assert_array_equal(bb['params']['globalmodel']['s4']['b1']['proj']['kernel'],
-                                variables['params']['globalmodel']['s4']['b1']['proj']['kernel'])
+  np.testing.assert_array_equal(
+    bb['params']['globalmodel']['s4']['b1']['proj']['kernel'],
+    variables['params']['globalmodel']['s4']['b1']['proj']['kernel'],
+  )
   assert set(bb['params']) == {'globalmodel'}
 
 
@@ -414,9 +473,11 @@ def test_load_backbone_errors(backbone, tmp_path):
     pretrained.load_backbone(path)
   sd['layer3.1.bn2.running_mean'] = torch.zeros(64)
   torch.save(sd, path)
-  with pytest.raises(pretrained.ShapeMismatchError,
-                     match=r'layer2.0.downsample.0.weight: expected \(128, 64, 1, 1\), '
-                           r'got \(1, 1, 1, 1\)'):
+  with pytest.raises(
+    pretrained.ShapeMismatchError,
+    match=r'layer2.0.downsample.0.weight: expected \(128, 64, 1, 1\), '
+    r'got \(1, 1, 1, 1\)',
+  ):
     pretrained.load_backbone(path)
   path = str(tmp_path / 'other.pth')
   torch.save({'encoder.weight': torch.zeros(2)}, path)

@@ -26,8 +26,15 @@ def env(tmp_path_factory):
 
 
 def publish_cmd(index, uri, *extra):
-  return [sys.executable, '-m', 'dolg_jax.publish', f'--index={index}', f'--milvus_uri={uri}',
-          '--milvus_collection=photos', *extra]
+  return [
+    sys.executable,
+    '-m',
+    'dolg_jax.publish',
+    f'--index={index}',
+    f'--milvus_uri={uri}',
+    '--milvus_collection=photos',
+    *extra,
+  ]
 
 
 _IDS = """
@@ -51,9 +58,14 @@ def _ids(uri, name='photos'):
 def published(env):
   """Publish one row per batch, kill -9 after three batches, publish again."""
   uri = os.path.join(os.path.dirname(env['index']), 'milvus.db')
-  proc = subprocess.Popen(publish_cmd(env['index'], uri, '--batch_rows=1'), cwd=REPO,
-                          env=ctl.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  proc = subprocess.Popen(
+    publish_cmd(env['index'], uri, '--batch_rows=1'),
+    cwd=REPO,
+    env=ctl.env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   lines = []
   for line in proc.stdout:
     lines.append(line)
@@ -72,6 +84,7 @@ def published(env):
 
 def test_killed_publish_resumes_without_duplicates(published):
   from dolg_jax.collection import store  # pylint: disable=import-outside-toplevel
+
   n = len(store.Rows(store.IndexStore(published['index'])))
   assert f'published {n} rows' in published['resumed_output'], published['resumed_output']
   assert f'({n} new)' not in published['resumed_output']  # the first batches were kept
@@ -86,14 +99,20 @@ def test_killed_publish_resumes_without_duplicates(published):
 
 def test_serve_milvus_equals_faiss_exact(published):
   from dolg_jax.collection import query  # pylint: disable=import-outside-toplevel
+
   col = query.Collection(published['index'])
-  server = stl.Server(f'--index={published["index"]}', '--backend=milvus',
-                      f'--milvus_uri={published["uri"]}', '--milvus_collection=photos',
-                      '--watch_s=0')
+  server = stl.Server(
+    f'--index={published["index"]}',
+    '--backend=milvus',
+    f'--milvus_uri={published["uri"]}',
+    '--milvus_collection=photos',
+    '--watch_s=0',
+  )
   try:
     q = col.rows.take(np.arange(len(col)))
-    r = requests.post(server.url + '/api/search', json={'descriptors': q.tolist()[:8], 'k': 5},
-                      timeout=60)
+    r = requests.post(
+      server.url + '/api/search', json={'descriptors': q.tolist()[:8], 'k': 5}, timeout=60
+    )
     assert r.status_code == 200, r.text
     scores, ids = col.search_descriptors(q[:8], 5)
     for got, s, i in zip(r.json()['queries'], scores, ids):
@@ -101,8 +120,12 @@ def test_serve_milvus_equals_faiss_exact(published):
       np.testing.assert_allclose([h['score'] for h in got['results']], s, atol=1e-5)
     path = os.path.join(published['images'], 'a/img06.jpg')
     with open(path, 'rb') as f:
-      r = requests.post(server.url + '/api/search', files={'image': ('img06.jpg', f.read())},
-                        data={'k': '6', 'rerank': 'superglobal'}, timeout=60)
+      r = requests.post(
+        server.url + '/api/search',
+        files={'image': ('img06.jpg', f.read())},
+        data={'k': '6', 'rerank': 'superglobal'},
+        timeout=60,
+      )
     assert r.status_code == 200, r.text
     want = col.search_images([path], k=6, rerank='superglobal')[0]
     assert [h['path'] for h in r.json()['queries'][0]['results']] == [p for p, _ in want]
@@ -114,11 +137,14 @@ def test_another_index_is_refused_and_replace_rebuilds(published, tmp_path):
   from dolg_jax import publish  # pylint: disable=import-outside-toplevel
   from dolg_jax.collection import store  # pylint: disable=import-outside-toplevel
   from pymilvus import MilvusClient  # pylint: disable=import-outside-toplevel
+
   uri = str(tmp_path / 'other.db')
   publish.publish(published['index'], uri, 'photos', batch_rows=100)
   cl = MilvusClient(uri)
-  cl.alter_collection_properties('photos', properties={
-      'dolg_jax.identity': json.dumps({'fingerprint': {'model': 'other'}, 'dim': 16})})
+  cl.alter_collection_properties(
+    'photos',
+    properties={'dolg_jax.identity': json.dumps({'fingerprint': {'model': 'other'}, 'dim': 16})},
+  )
   cl.close()
   with pytest.raises(store.IndexMismatchError, match='another index'):
     publish.publish(published['index'], uri, 'photos')

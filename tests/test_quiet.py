@@ -11,24 +11,38 @@ import pytest
 from dolg_jax import cli
 from tests.helpers import train_testlib as tl
 
-LIBRARY_LINES = ('orbax', 'checkpoint_manager.py', 'tensorflow_datasets', 'dataset_info.py',
-                 'xla_bridge.py', "Unable to initialize backend", 'Metadata file does not exist',
-                 'has no dataset_info.json')
+LIBRARY_LINES = (
+  'orbax',
+  'checkpoint_manager.py',
+  'tensorflow_datasets',
+  'dataset_info.py',
+  'xla_bridge.py',
+  "Unable to initialize backend",
+  'Metadata file does not exist',
+  'has no dataset_info.json',
+)
 
 
 def test_a_tiny_run_prints_its_own_lines_only(tmp_path):
   tl.ensure_fixture()
   env = tl.env()
-  env.pop('JAX_PLATFORMS')   # JAX probes its platforms (the TPU probe logs at INFO)
-  proc = subprocess.run(tl.main_cmd(str(tmp_path / 'run'), '--config.train.num_train_steps=2',
-                                    '--config.train.eval_every_steps=2'),
-                        cwd=tl.REPO, env=env, capture_output=True, text=True, timeout=600)
+  env.pop('JAX_PLATFORMS')  # JAX probes its platforms (the TPU probe logs at INFO)
+  proc = subprocess.run(
+    tl.main_cmd(
+      str(tmp_path / 'run'), '--config.train.num_train_steps=2', '--config.train.eval_every_steps=2'
+    ),
+    cwd=tl.REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, tl.explain(proc)
   output = proc.stdout + proc.stderr
   noise = [l for l in output.splitlines() if any(s in l for s in LIBRARY_LINES)]
   assert not noise, '\n'.join(noise[:20])
-  assert 'step 2/2 (100.0%)' in proc.stdout              # the progress line
-  assert 'loop.py' in proc.stderr and 'Mesh ' in proc.stderr   # our INFO lines
+  assert 'step 2/2 (100.0%)' in proc.stdout  # the progress line
+  assert 'loop.py' in proc.stderr and 'Mesh ' in proc.stderr  # our INFO lines
   assert len(output.splitlines()) < 20, output
 
 
@@ -45,25 +59,59 @@ def verbosity():
 
 
 def test_the_filter_keeps_ours_and_library_warnings_that_mean_something(verbosity):
-  keep = cli._QuietLibraries().filter   # pylint: disable=protected-access
+  keep = cli._QuietLibraries().filter  # pylint: disable=protected-access
   verbosity(0)
-  ours = logging.LogRecord('absl', logging.INFO,
-                           os.path.join(cli.PACKAGE_DIR, 'training', 'loop.py'), 1, 'Mesh %s',
-                           ({'data': 1},), None)
+  ours = logging.LogRecord(
+    'absl',
+    logging.INFO,
+    os.path.join(cli.PACKAGE_DIR, 'training', 'loop.py'),
+    1,
+    'Mesh %s',
+    ({'data': 1},),
+    None,
+  )
   assert keep(ours)
   assert not keep(_record(('orbax', 'checkpoint', 'checkpoint_manager.py'), logging.INFO, 'Saving'))
-  assert not keep(_record(('jax', '_src', 'xla_bridge.py'), logging.INFO,
-                          "Unable to initialize backend 'tpu': no libtpu"))
-  assert not keep(_record(('orbax', 'checkpoint', '_src', 'metadata', 'checkpoint.py'),
-                          logging.WARNING, 'Metadata file does not exist: %s', '/w/1/state'))
-  assert not keep(_record(('tensorflow_datasets', 'core', 'utils', 'file_utils.py'),
-                          logging.WARNING, 'Variant folder %s has no %s', '/d/1.0.0',
-                          'dataset_info.json'))
+  assert not keep(
+    _record(
+      ('jax', '_src', 'xla_bridge.py'),
+      logging.INFO,
+      "Unable to initialize backend 'tpu': no libtpu",
+    )
+  )
+  assert not keep(
+    _record(
+      ('orbax', 'checkpoint', '_src', 'metadata', 'checkpoint.py'),
+      logging.WARNING,
+      'Metadata file does not exist: %s',
+      '/w/1/state',
+    )
+  )
+  assert not keep(
+    _record(
+      ('tensorflow_datasets', 'core', 'utils', 'file_utils.py'),
+      logging.WARNING,
+      'Variant folder %s has no %s',
+      '/d/1.0.0',
+      'dataset_info.json',
+    )
+  )
   assert keep(_record(('orbax', 'checkpoint', 'x.py'), logging.WARNING, 'Something else'))
-  assert keep(_record(('jax', '_src', 'xla_bridge.py'), logging.WARNING,
-                      'An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib '
-                      'is not installed. Falling back to cpu.'))
+  assert keep(
+    _record(
+      ('jax', '_src', 'xla_bridge.py'),
+      logging.WARNING,
+      'An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib '
+      'is not installed. Falling back to cpu.',
+    )
+  )
   verbosity(1)
   assert keep(_record(('orbax', 'checkpoint', 'checkpoint_manager.py'), logging.INFO, 'Saving'))
-  assert keep(_record(('orbax', 'checkpoint', '_src', 'metadata', 'checkpoint.py'),
-                      logging.WARNING, 'Metadata file does not exist: %s', '/w/1/state'))
+  assert keep(
+    _record(
+      ('orbax', 'checkpoint', '_src', 'metadata', 'checkpoint.py'),
+      logging.WARNING,
+      'Metadata file does not exist: %s',
+      '/w/1/state',
+    )
+  )

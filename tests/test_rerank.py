@@ -68,7 +68,7 @@ def test_matches_loop_reference(data, with_distractors):
   assert got.shape == (full.shape[0], q.shape[0])
   np.testing.assert_array_equal(got, ref)
   np.testing.assert_array_equal(got[m:], initial[m:])  # the tail keeps its initial order
-  assert not np.array_equal(got[:m], initial[:m])       # and the head really moved
+  assert not np.array_equal(got[:m], initial[:m])  # and the head really moved
   for c in range(q.shape[0]):
     assert sorted(got[:m, c]) == sorted(initial[:m, c])
   # The sort-free path (device top-k) gives the same heads.

@@ -23,8 +23,13 @@ def built(tmp_path_factory):
   r1m_manual = os.path.join(root, 'manual', 'revisitop1m')
   names = fx.write_r1m_fixture(r1m_manual, 7)
   revisitop.prepare('revisitop1m', r1m_manual, data_dir)
-  return {'manual': manual, 'cfg': cfg, 'data_dir': data_dir, 'r1m_manual': r1m_manual,
-          'r1m_names': names}
+  return {
+    'manual': manual,
+    'cfg': cfg,
+    'data_dir': data_dir,
+    'r1m_manual': r1m_manual,
+    'r1m_names': names,
+  }
 
 
 def test_fixture_layout_matches_the_real_ground_truth(built):
@@ -75,7 +80,8 @@ def test_splits_hold_original_bytes_ids_and_boxes(built):
   assert summary['matches_official_counts'] is False  # a fixture, not the 4,993 + 70 images
   r1m = revisitop.data_source('revisitop1m', data_dir, 'index')
   assert sorted(ex['id'].decode() for ex in revisitop.iter_examples(r1m)) == sorted(
-      built['r1m_names'])
+    built['r1m_names']
+  )
 
 
 def test_missing_images_are_named(built, tmp_path):

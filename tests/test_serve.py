@@ -24,8 +24,9 @@ CHROMIUM = '/usr/bin/chromium'
 @pytest.fixture(scope='module')
 def served(tmp_path_factory):
   env = stl.build_index(str(tmp_path_factory.mktemp('serve')))
-  server = stl.Server(f'--index={env["index"]}', f'--token={TOKEN}', '--max_upload_mb=1',
-                      '--watch_s=0.3')
+  server = stl.Server(
+    f'--index={env["index"]}', f'--token={TOKEN}', '--max_upload_mb=1', '--watch_s=0.3'
+  )
   env['server'], env['url'] = server, server.url
   yield env
   server.stop()
@@ -34,12 +35,20 @@ def served(tmp_path_factory):
 @pytest.fixture(scope='module')
 def collection(served):
   from dolg_jax.collection import query  # pylint: disable=import-outside-toplevel
+
   return query.Collection(served['index'])
 
 
 def post(served, files=None, data=None, json=None, headers=AUTH, **kw):
-  return requests.post(served['url'] + '/api/search', files=files, data=data, json=json,
-                       headers=headers, timeout=120, **kw)
+  return requests.post(
+    served['url'] + '/api/search',
+    files=files,
+    data=data,
+    json=json,
+    headers=headers,
+    timeout=120,
+    **kw,
+  )
 
 
 def upload(served, rel):
@@ -58,16 +67,19 @@ def test_search_equals_the_search_library(served, collection):
     assert qres['query'] == os.path.basename(qname)
     assert [h['path'] for h in qres['results']] == [p for p, _ in w]
     assert [collection.paths[h['id']] for h in qres['results']] == [p for p, _ in w]
-    np.testing.assert_allclose([h['score'] for h in qres['results']], [s for _, s in w],
-                               atol=1e-5)
+    np.testing.assert_allclose([h['score'] for h in qres['results']], [s for _, s in w], atol=1e-5)
   assert got['queries'][0]['results'][0]['path'] == 'img00.jpg'
   # A box, and SuperGlobal re-ranking.
   box = (10, 5, 40, 50)
-  r = post(served, files={'image': upload(served, 'img02.png')},
-           data={'k': '4', 'box': ','.join(map(str, box)), 'rerank': 'superglobal'})
+  r = post(
+    served,
+    files={'image': upload(served, 'img02.png')},
+    data={'k': '4', 'box': ','.join(map(str, box)), 'rerank': 'superglobal'},
+  )
   assert r.status_code == 200, r.text
-  want = collection.search_images([os.path.join(served['images'], 'img02.png')], [box], k=4,
-                                  rerank='superglobal')[0]
+  want = collection.search_images(
+    [os.path.join(served['images'], 'img02.png')], [box], k=4, rerank='superglobal'
+  )[0]
   res = r.json()['queries'][0]['results']
   assert [h['path'] for h in res] == [p for p, _ in want]
   np.testing.assert_allclose([h['score'] for h in res], [s for _, s in want], atol=1e-5)
@@ -86,24 +98,31 @@ def test_descriptors_as_json(served, collection):
 
 def test_concurrent_requests_share_device_calls(served):
   names = [rel for rel, _ in ctl.IMAGES[:8]]
-  alone = {n: post(served, files={'image': upload(served, n)}, data={'k': '3'}).json()
-           for n in names[:2]}
+  alone = {
+    n: post(served, files={'image': upload(served, n)}, data={'k': '3'}).json() for n in names[:2]
+  }
   with concurrent.futures.ThreadPoolExecutor(8) as ex:
-    answers = list(ex.map(lambda n: post(served, files={'image': upload(served, n)},
-                                         data={'k': '3'}), names * 2))
+    answers = list(
+      ex.map(lambda n: post(served, files={'image': upload(served, n)}, data={'k': '3'}), names * 2)
+    )
   assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
   for n, a in zip(names * 2, answers):
     assert a.json()['queries'][0]['results'][0]['path'] == n
     if n in alone:
-      np.testing.assert_allclose([h['score'] for h in a.json()['queries'][0]['results']],
-                                 [h['score'] for h in alone[n]['queries'][0]['results']],
-                                 atol=1e-5)
+      np.testing.assert_allclose(
+        [h['score'] for h in a.json()['queries'][0]['results']],
+        [h['score'] for h in alone[n]['queries'][0]['results']],
+        atol=1e-5,
+      )
   metrics = requests.get(served['url'] + '/metrics', timeout=30).text
   count = _metric(metrics, 'dolg_batch_images_count')
   images = _metric(metrics, 'dolg_batch_images_sum')
   assert images > count, f'no device call held two requests:\n{metrics}'
-  for name in ('dolg_requests_total{route="/api/search",status="200"}', 'dolg_queue_depth',
-               'dolg_request_seconds_bucket{route="/api/search",le="+Inf"}'):
+  for name in (
+    'dolg_requests_total{route="/api/search",status="200"}',
+    'dolg_queue_depth',
+    'dolg_request_seconds_bucket{route="/api/search",le="+Inf"}',
+  ):
     assert name in metrics
 
 
@@ -113,12 +132,22 @@ def _metric(text, name):
 
 def _png_bomb(side=20000):
   """A 1-bit greyscale PNG of side x side zero pixels: a few kB on disk, 400M pixels."""
+
   def chunk(kind, data):
-    return (struct.pack('>I', len(data)) + kind + data
-            + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+    return (
+      struct.pack('>I', len(data))
+      + kind
+      + data
+      + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
+
   rows = zlib.compress(b'\0' * ((side // 8 + 1) * side), 9)
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0))
-          + chunk(b'IDAT', rows) + chunk(b'IEND', b''))
+  return (
+    b'\x89PNG\r\n\x1a\n'
+    + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0))
+    + chunk(b'IDAT', rows)
+    + chunk(b'IEND', b'')
+  )
 
 
 def _chunked_multipart():
@@ -134,42 +163,66 @@ def test_bad_input_is_a_4xx_json_naming_the_problem(served, collection):
   assert len(bomb) < 200_000
   one = lambda name, data, **fields: post(served, files={'image': (name, data)}, data=fields)
   cases = {
-      'text file': (one('notes.jpg', b'this is text, not an image'), 400, 'not a decodable'),
-      'truncated JPEG': (one('half.jpg', jpeg[:len(jpeg) // 2]), 400, 'truncated'),
-      'empty upload': (one('empty.jpg', b''), 400, 'empty'),
-      'PNG bomb': (one('bomb.png', bomb), 413, 'too many pixels'),
-      'body over max_upload_mb': (one('big.jpg', b'\xff' * (1 << 20) + jpeg), 413,
-                                  'max_upload_mb'),
-      'chunked body over max_upload_mb': (
-          post(served, data=_chunked_multipart(),
-               headers=dict(AUTH, **{'Content-Type': 'multipart/form-data; boundary=b'})),
-          413, 'max_upload_mb'),
-      'box outside': (one('q.jpg', jpeg, box='0,0,500,500'), 400, 'outside the image'),
-      'box not four numbers': (one('q.jpg', jpeg, box='1,2,3'), 400, 'TOP,LEFT,HEIGHT,WIDTH'),
-      'k = 0': (one('q.jpg', jpeg, k='0'), 400, 'k must be'),
-      'k < 0': (one('q.jpg', jpeg, k='-3'), 400, 'k must be'),
-      'k over the limit': (one('q.jpg', jpeg, k='100000'), 400, 'k must be'),
-      'k not a number': (one('q.jpg', jpeg, k='ten'), 400, 'k must be'),
-      'unknown reranker': (one('q.jpg', jpeg, rerank='magic'), 400, 'rerank'),
-      'no image': (post(served, data={'k': '3'}, files={'other': ('x', b'1')}), 400, 'no image'),
-      'image not a file': (post(served, files={'k': (None, '3')}, data={'image': 'x'}), 400,
-                           'file'),
-      'wrong content type': (post(served, data='hello', headers=dict(
-          AUTH, **{'Content-Type': 'text/plain'})), 415, 'multipart'),
-      'descriptor width': (post(served, json={'descriptors': [[1.0, 0.0]]}), 400, 'descriptors'),
-      'descriptor not unit': (post(served, json={'descriptors': [[0.5] * dim]}), 400, 'unit'),
-      'descriptor NaN': (post(served, data='{"descriptors": [[%s]]}' % ', '.join(['NaN'] * dim),
-                              headers=dict(
-          AUTH, **{'Content-Type': 'application/json'})), 400, 'finite'),
-      'descriptors not numbers': (post(served, json={'descriptors': 'abc'}), 400, 'descriptors'),
-      'JSON not JSON': (post(served, data='{', headers=dict(
-          AUTH, **{'Content-Type': 'application/json'})), 400, 'JSON'),
-      'unknown id': (requests.get(served['url'] + '/api/image/999999', headers=AUTH), 404,
-                     'no image with id'),
-      'id not a number': (requests.get(served['url'] + '/api/image/abc', headers=AUTH), 404,
-                          'integer'),
-      'a path as id': (requests.get(served['url'] + '/api/image/..%2F..%2Fetc%2Fpasswd',
-                                    headers=AUTH), 404, ''),
+    'text file': (one('notes.jpg', b'this is text, not an image'), 400, 'not a decodable'),
+    'truncated JPEG': (one('half.jpg', jpeg[: len(jpeg) // 2]), 400, 'truncated'),
+    'empty upload': (one('empty.jpg', b''), 400, 'empty'),
+    'PNG bomb': (one('bomb.png', bomb), 413, 'too many pixels'),
+    'body over max_upload_mb': (one('big.jpg', b'\xff' * (1 << 20) + jpeg), 413, 'max_upload_mb'),
+    'chunked body over max_upload_mb': (
+      post(
+        served,
+        data=_chunked_multipart(),
+        headers=dict(AUTH, **{'Content-Type': 'multipart/form-data; boundary=b'}),
+      ),
+      413,
+      'max_upload_mb',
+    ),
+    'box outside': (one('q.jpg', jpeg, box='0,0,500,500'), 400, 'outside the image'),
+    'box not four numbers': (one('q.jpg', jpeg, box='1,2,3'), 400, 'TOP,LEFT,HEIGHT,WIDTH'),
+    'k = 0': (one('q.jpg', jpeg, k='0'), 400, 'k must be'),
+    'k < 0': (one('q.jpg', jpeg, k='-3'), 400, 'k must be'),
+    'k over the limit': (one('q.jpg', jpeg, k='100000'), 400, 'k must be'),
+    'k not a number': (one('q.jpg', jpeg, k='ten'), 400, 'k must be'),
+    'unknown reranker': (one('q.jpg', jpeg, rerank='magic'), 400, 'rerank'),
+    'no image': (post(served, data={'k': '3'}, files={'other': ('x', b'1')}), 400, 'no image'),
+    'image not a file': (post(served, files={'k': (None, '3')}, data={'image': 'x'}), 400, 'file'),
+    'wrong content type': (
+      post(served, data='hello', headers=dict(AUTH, **{'Content-Type': 'text/plain'})),
+      415,
+      'multipart',
+    ),
+    'descriptor width': (post(served, json={'descriptors': [[1.0, 0.0]]}), 400, 'descriptors'),
+    'descriptor not unit': (post(served, json={'descriptors': [[0.5] * dim]}), 400, 'unit'),
+    'descriptor NaN': (
+      post(
+        served,
+        data='{"descriptors": [[%s]]}' % ', '.join(['NaN'] * dim),
+        headers=dict(AUTH, **{'Content-Type': 'application/json'}),
+      ),
+      400,
+      'finite',
+    ),
+    'descriptors not numbers': (post(served, json={'descriptors': 'abc'}), 400, 'descriptors'),
+    'JSON not JSON': (
+      post(served, data='{', headers=dict(AUTH, **{'Content-Type': 'application/json'})),
+      400,
+      'JSON',
+    ),
+    'unknown id': (
+      requests.get(served['url'] + '/api/image/999999', headers=AUTH),
+      404,
+      'no image with id',
+    ),
+    'id not a number': (
+      requests.get(served['url'] + '/api/image/abc', headers=AUTH),
+      404,
+      'integer',
+    ),
+    'a path as id': (
+      requests.get(served['url'] + '/api/image/..%2F..%2Fetc%2Fpasswd', headers=AUTH),
+      404,
+      '',
+    ),
   }
   wrong = {}
   for name, (r, status, words) in cases.items():
@@ -178,16 +231,25 @@ def test_bad_input_is_a_4xx_json_naming_the_problem(served, collection):
       wrong[name] = (r.status_code, r.text[:300])
   assert not wrong, wrong
   assert requests.get(served['url'] + '/healthz', timeout=30).status_code == 200  # still alive
-  rss_kb = int(next(line.split()[1] for line in open(f'/proc/{served["server"].proc.pid}/status')
-                    if line.startswith('VmRSS')))
+  rss_kb = int(
+    next(
+      line.split()[1]
+      for line in open(f'/proc/{served["server"].proc.pid}/status')
+      if line.startswith('VmRSS')
+    )
+  )
   assert rss_kb < 3 << 20, f'{rss_kb} kB resident after a 400M-pixel bomb'
 
 
 def test_token_cors_and_security_headers(served):
   url = served['url']
   assert requests.get(url + '/api/info', timeout=30).status_code == 401
-  assert requests.get(url + '/api/info', headers={'Authorization': 'Bearer nope'},
-                      timeout=30).status_code == 401
+  assert (
+    requests.get(
+      url + '/api/info', headers={'Authorization': 'Bearer nope'}, timeout=30
+    ).status_code
+    == 401
+  )
   r = requests.post(url + '/api/search', files={'image': upload(served, 'img00.jpg')}, timeout=30)
   assert r.status_code == 401 and 'Bearer' in r.json()['error']
   assert requests.get(url + '/api/image/0', timeout=30).status_code == 401
@@ -195,8 +257,11 @@ def test_token_cors_and_security_headers(served):
   r = requests.get(url + '/api/info', headers=dict(AUTH, Origin='http://evil.example'), timeout=30)
   assert r.status_code == 200
   assert not any(h.lower().startswith('access-control-') for h in r.headers)
-  r = requests.options(url + '/api/search', headers={
-      'Origin': 'http://evil.example', 'Access-Control-Request-Method': 'POST'}, timeout=30)
+  r = requests.options(
+    url + '/api/search',
+    headers={'Origin': 'http://evil.example', 'Access-Control-Request-Method': 'POST'},
+    timeout=30,
+  )
   assert not any(h.lower().startswith('access-control-') for h in r.headers)
   page = requests.get(url + '/', timeout=30)
   assert page.status_code == 200 and "default-src 'none'" in page.headers['content-security-policy']
@@ -224,9 +289,15 @@ def test_page_in_headless_chromium(served, collection):
     pytest.skip(f'{CHROMIUM} is absent (apt-get install chromium)')
   dialogs = []
   with sync_api.sync_playwright() as p:
-    browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-        '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-        '--disable-component-update'])
+    browser = p.chromium.launch(
+      executable_path=CHROMIUM,
+      args=[
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-background-networking',
+        '--disable-component-update',
+      ],
+    )
     try:
       # The page's CSP forbids eval, which Playwright's wait_for_function needs.
       page = browser.new_page(viewport={'width': 1280, 'height': 800}, bypass_csp=True)
@@ -241,22 +312,29 @@ def test_page_in_headless_chromium(served, collection):
       # The README's screenshot: DOLG_SCREENSHOT=docs/serve_page.png python -m pytest ... -k page
       shot = os.environ.get('DOLG_SCREENSHOT') or os.path.join(served['images'], '..', 'page.png')
       page.screenshot(path=shot)
-      assert os.path.getsize(shot) > 10_000                 # a rendered page, not a blank one
+      assert os.path.getsize(shot) > 10_000  # a rendered page, not a blank one
       # Clicking a result searches with it.
       second = page.locator('.hit').nth(1)
       path = second.get_attribute('data-path')
       second.click()
-      page.wait_for_function('p => document.getElementById("qname").textContent === p &&'
-                             ' document.querySelector(".hit").dataset.path === p', arg=path)
+      page.wait_for_function(
+        'p => document.getElementById("qname").textContent === p &&'
+        ' document.querySelector(".hit").dataset.path === p',
+        arg=path,
+      )
       # A file named like HTML is shown as text.
       page.set_input_files('#file', os.path.join(served['images'], stl.XSS_NAME))
-      page.wait_for_function('n => document.querySelector(".hit") && '
-                             'document.querySelector(".hit").dataset.path === n', arg=stl.XSS_NAME)
+      page.wait_for_function(
+        'n => document.querySelector(".hit") && document.querySelector(".hit").dataset.path === n',
+        arg=stl.XSS_NAME,
+      )
       assert page.locator('.hit .path').first.text_content() == stl.XSS_NAME
       assert page.locator('img[src="x"]').count() == 0 and not dialogs
       # A text file: the error is shown in the page.
-      page.set_input_files('#file', files=[{'name': 'notes.jpg', 'mimeType': 'image/jpeg',
-                                            'buffer': b'not an image at all'}])
+      page.set_input_files(
+        '#file',
+        files=[{'name': 'notes.jpg', 'mimeType': 'image/jpeg', 'buffer': b'not an image at all'}],
+      )
       page.wait_for_selector('#error', state='visible')
       assert 'not a decodable image' in page.text_content('#error')
     finally:
@@ -275,6 +353,7 @@ def test_reload_picks_up_added_images_then_sigterm_stops_cleanly(served):
     if got == before + len(ctl.LATER):
       break
     import time  # pylint: disable=import-outside-toplevel
+
     time.sleep(0.1)
   assert got == before + len(ctl.LATER), server.output()[-3000:]
   r = post(served, files={'image': upload(served, ctl.LATER[0][0])}, data={'k': '2'})

@@ -36,7 +36,7 @@ from tests.helpers import slurm_cluster
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slurm]
 
 SCRIPT = os.path.join(tl.REPO, 'launch', 'slurm_gpu.sbatch')
-STEPS = int(tl.STEPS.split('=')[1])   # 4: checkpoints at steps 2 and 4.
+STEPS = int(tl.STEPS.split('=')[1])  # 4: checkpoints at steps 2 and 4.
 # kill -9 of one task -> job in a final state: srun's --kill-on-bad-exit stops the other task at
 # once; the bound leaves room for a loaded 2-core machine.
 DEAD_TASK_BOUND_S = 30
@@ -78,9 +78,22 @@ def submit(cluster, job_env, workdir, *sbatch_args, steps=STEPS, flags=(), **env
   os.makedirs(workdir, exist_ok=True)
   env = dict(job_env, **{k: str(v) for k, v in env_extra.items()})
   return cluster.sbatch(
-      '--gpus-per-node=0', '--ntasks-per-node=2', '--cpus-per-task=1', '--time=10',
-      f'--output={workdir}/slurm-%j.out', *sbatch_args, SCRIPT, 'configs/tiny.py', workdir,
-      *FLAGS, f'--config.train.num_train_steps={steps}', SYNC, *flags, env=env, cwd=tl.REPO)
+    '--gpus-per-node=0',
+    '--ntasks-per-node=2',
+    '--cpus-per-task=1',
+    '--time=10',
+    f'--output={workdir}/slurm-%j.out',
+    *sbatch_args,
+    SCRIPT,
+    'configs/tiny.py',
+    workdir,
+    *FLAGS,
+    f'--config.train.num_train_steps={steps}',
+    SYNC,
+    *flags,
+    env=env,
+    cwd=tl.REPO,
+  )
 
 
 def job_log(workdir, job_id) -> str:
@@ -108,8 +121,9 @@ def wait_for_step(cluster, job_id, workdir, step, timeout=400):
 def assert_same_losses(losses, reference, rtol=0.0):
   """Same steps and losses (default: bit for bit)."""
   assert sorted(losses) == sorted(reference)
-  np.testing.assert_allclose([losses[s] for s in sorted(losses)],
-                             [reference[s] for s in sorted(reference)], rtol=rtol)
+  np.testing.assert_allclose(
+    [losses[s] for s in sorted(losses)], [reference[s] for s in sorted(reference)], rtol=rtol
+  )
 
 
 TIMES: dict[str, float] = {}
@@ -128,17 +142,20 @@ def uninterrupted(cluster, job_env):
 
 def test_run_to_the_end(cluster, uninterrupted):
   workdir, job_id, job = uninterrupted
-  assert (job.state, job.exit_code, job.restarts) == ('COMPLETED', '0:0', 0), \
-      explain(cluster, workdir, job_id)
+  assert (job.state, job.exit_code, job.restarts) == ('COMPLETED', '0:0', 0), explain(
+    cluster, workdir, job_id
+  )
   records = tl.read_metrics(workdir)
   # One metrics.jsonl written once per step (by process 0 only), both tasks in one program: the
   # single-process run's trajectory with the same global batch, up to float summation order.
   assert [r['step'] for r in records] == list(range(1, STEPS + 1))
   assert_same_losses(tl.train_losses(workdir), tl.train_losses(tl.reference_run()), rtol=2e-4)
-  assert tl.checkpoint_steps(workdir) == [2, 4]   # Every 2 steps.
+  assert tl.checkpoint_steps(workdir) == [2, 4]  # Every 2 steps.
   iter_files = sorted(os.listdir(os.path.join(workdir, 'checkpoints', str(STEPS), 'data_iter')))
-  assert [n for n in iter_files if n.endswith('.json')] == \
-      ['process_0-of-2.json', 'process_1-of-2.json']
+  assert [n for n in iter_files if n.endswith('.json')] == [
+    'process_0-of-2.json',
+    'process_1-of-2.json',
+  ]
   with open(os.path.join(workdir, 'manifest.json')) as f:
     assert json.load(f)['devices']['process_count'] == 2
   print(f'\n[slurm] run to the end: {TIMES["to_the_end"]:.1f} s, {job.state} {job.exit_code}')
@@ -156,11 +173,17 @@ def test_preemption_requeues_and_resumes_exactly(cluster, job_env, uninterrupted
   job = cluster.wait_final(job_id, 600)
   TIMES['preemption'] = time.time() - t0
   log = job_log(workdir, job_id)
-  assert (job.state, job.exit_code, job.restarts) == ('COMPLETED', '0:0', 1), \
-      explain(cluster, workdir, job_id)
+  assert (job.state, job.exit_code, job.restarts) == ('COMPLETED', '0:0', 1), explain(
+    cluster, workdir, job_id
+  )
   # Both tasks stopped at the same step (printed by each).
-  saved = sorted({int(l.split('checkpoint of step ')[1].split()[0]) for l in log.splitlines()
-                  if l.startswith('Preempted: checkpoint of step')})
+  saved = sorted(
+    {
+      int(l.split('checkpoint of step ')[1].split()[0])
+      for l in log.splitlines()
+      if l.startswith('Preempted: checkpoint of step')
+    }
+  )
   assert len(saved) == 1 and 1 < saved[0] < STEPS, log[-6000:]
   assert f'requeueing job {job_id}' in log
   assert f'Resumed from step {saved[0]}' in log
@@ -168,8 +191,10 @@ def test_preemption_requeues_and_resumes_exactly(cluster, job_env, uninterrupted
   # there) and the trajectory is the uninterrupted run's, bit for bit.
   assert [r['step'] for r in tl.read_metrics(workdir)] == list(range(1, STEPS + 1))
   assert_same_losses(tl.train_losses(workdir), reference)
-  print(f'\n[slurm] preemption: {TIMES["preemption"]:.1f} s, saved step {saved[0]}, requeued '
-        f'({requeued.state}), final {job.state} {job.exit_code} restarts {job.restarts}')
+  print(
+    f'\n[slurm] preemption: {TIMES["preemption"]:.1f} s, saved step {saved[0]}, requeued '
+    f'({requeued.state}), final {job.state} {job.exit_code} restarts {job.restarts}'
+  )
 
 
 def test_dead_task_ends_the_job_and_a_rerun_resumes(cluster, job_env, uninterrupted):
@@ -201,8 +226,10 @@ def test_dead_task_ends_the_job_and_a_rerun_resumes(cluster, job_env, uninterrup
   assert (rejob.state, rejob.exit_code) == ('COMPLETED', '0:0'), explain(cluster, workdir, rerun)
   assert 'Resumed from step 2' in job_log(workdir, rerun)
   assert_same_losses(tl.train_losses(workdir), reference)
-  print(f'\n[slurm] dead task: job {job.state} {job.exit_code} {down:.1f} s after kill -9; '
-        f'rerun {rejob.state} {rejob.exit_code}; {TIMES["dead_task"]:.1f} s in all')
+  print(
+    f'\n[slurm] dead task: job {job.state} {job.exit_code} {down:.1f} s after kill -9; '
+    f'rerun {rejob.state} {rejob.exit_code}; {TIMES["dead_task"]:.1f} s in all'
+  )
 
 
 def test_time_limit_saves_and_requeues(cluster, job_env):
@@ -210,8 +237,16 @@ def test_time_limit_saves_and_requeues(cluster, job_env):
   t0 = time.time()
   # 2 minutes with SIGTERM 60 s ahead (slurmctld checks every 30 s: it comes 60-90 s in); the
   # slowed run could not finish in time. Only the stop step is checkpointed.
-  job_id = submit(cluster, job_env, workdir, '--time=2', '--signal=TERM@60', steps=1000,
-                  flags=('--config.train.checkpoint_every_steps=1000',), DOLG_TEST_SLOW_AFTER=0)
+  job_id = submit(
+    cluster,
+    job_env,
+    workdir,
+    '--time=2',
+    '--signal=TERM@60',
+    steps=1000,
+    flags=('--config.train.checkpoint_every_steps=1000',),
+    DOLG_TEST_SLOW_AFTER=0,
+  )
   requeued = cluster.wait(job_id, lambda j: j.restarts >= 1, 240, 'a requeue')
   saved = tl.checkpoint_steps(workdir)
   assert len(saved) == 1, (saved, explain(cluster, workdir, job_id))
@@ -219,8 +254,9 @@ def test_time_limit_saves_and_requeues(cluster, job_env):
   deadline = time.time() + 300
   while not any(r['step'] > saved[0] for r in tl.read_metrics(workdir)):
     assert time.time() < deadline, explain(cluster, workdir, job_id)
-    assert cluster.job(job_id).state not in slurm_cluster.FINAL_STATES, \
-        explain(cluster, workdir, job_id)
+    assert cluster.job(job_id).state not in slurm_cluster.FINAL_STATES, explain(
+      cluster, workdir, job_id
+    )
     time.sleep(0.5)
   TIMES['time_limit'] = time.time() - t0
   log = job_log(workdir, job_id)
@@ -231,5 +267,7 @@ def test_time_limit_saves_and_requeues(cluster, job_env):
   assert steps == list(range(1, len(steps) + 1)), 'a step was lost or repeated'
   cluster.cmd('scancel', job_id)
   job = cluster.wait_final(job_id, 120)
-  print(f'\n[slurm] time limit: requeued after saving step {saved[0]} ({requeued.state}), '
-        f'resumed in {TIMES["time_limit"]:.1f} s; cancelled: {job.state} {job.exit_code}')
+  print(
+    f'\n[slurm] time limit: requeued after saving step {saved[0]} ({requeued.state}), '
+    f'resumed in {TIMES["time_limit"]:.1f} s; cancelled: {job.state} {job.exit_code}'
+  )

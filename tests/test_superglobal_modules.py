@@ -15,9 +15,19 @@ from tests.helpers.eval_config import extract_config
 def _tiny(**superglobal):
   """A tiny DOLG (learnable p, like the released weights) with SuperGlobal fields set."""
   c = default.get_config().model
-  c.update(dict(width=4, stage_depths=(1, 1, 1, 1), local_dim=16, global_dim=16, atrous_dim=8,
-                embedding_dim=8, atrous_rates=(1, 2, 3), use_multi_atrous=False,
-                gem_p_learnable=True))
+  c.update(
+    dict(
+      width=4,
+      stage_depths=(1, 1, 1, 1),
+      local_dim=16,
+      global_dim=16,
+      atrous_dim=8,
+      embedding_dim=8,
+      atrous_rates=(1, 2, 3),
+      use_multi_atrous=False,
+      gem_p_learnable=True,
+    )
+  )
   model = build_model(c).clone(**superglobal)
   model.check()
   return model
@@ -46,7 +56,8 @@ def _images(n=2, h=96, w=96, seed=0):
 
 def _run(model, variables, x, **kw):
   return jax.jit(model.apply, static_argnames=('return_features',))(
-      variables, x, return_features=True, **kw)
+    variables, x, return_features=True, **kw
+  )
 
 
 def _np_rgem(x, p=2.5, size=5):
@@ -54,7 +65,7 @@ def _np_rgem(x, p=2.5, size=5):
   r = (size - 1) // 2
   y = np.pad(np.asarray(x, np.float64) ** p, ((0, 0), (r, r), (r, r), (0, 0)), mode='reflect')
   h, w = x.shape[1:3]
-  acc = sum(y[:, i:i + h, j:j + w] for i in range(size) for j in range(size))
+  acc = sum(y[:, i : i + h, j : j + w] for i in range(size) for j in range(size))
   return 0.5 * (acc / size**2) ** (1 / p) + 0.5 * x
 
 
@@ -70,13 +81,13 @@ def test_regional_gem_matches_torch_lppool_with_reflection_padding():
 def test_regional_gem_masked_canvas_equals_each_image_alone():
   rng = np.random.default_rng(1)
   canvas = rng.uniform(0, 2, (3, 9, 10, 2)).astype(np.float32)  # padding holds garbage
-  valid = [(7, 6), (2, 10), (1, 3)]                              # small maps: repeated reflection
+  valid = [(7, 6), (2, 10), (1, 3)]  # small maps: repeated reflection
   mask = np.zeros((3, 9, 10, 1), np.float32)
   for k, (h, w) in enumerate(valid):
     mask[k, :h, :w] = 1
   got = np.asarray(dolg.regional_gem(jnp.asarray(canvas), mask=jnp.asarray(mask)))
   for k, (h, w) in enumerate(valid):
-    alone = canvas[k:k + 1, :h, :w]
+    alone = canvas[k : k + 1, :h, :w]
     np.testing.assert_allclose(got[k, :h, :w], _np_rgem(alone)[0], rtol=2e-5, atol=1e-6)
 
 
@@ -86,19 +97,19 @@ def test_gem_plus_and_regional_gem_in_the_global_branch():
   variables = _fill(base, x)
   _, f0 = _run(base, variables, x)
   plus = base.clone(gem_plus_p=4.6)
-  assert (jax.tree_util.tree_structure(jax.eval_shape(
-      lambda: plus.init(jax.random.PRNGKey(0), x, train=False)))
-          == jax.tree_util.tree_structure(variables))       # the learnable p stays in the tree
+  assert jax.tree_util.tree_structure(
+    jax.eval_shape(lambda: plus.init(jax.random.PRNGKey(0), x, train=False))
+  ) == jax.tree_util.tree_structure(variables)  # the learnable p stays in the tree
   res4 = np.asarray(f0['res4'], np.float64)
-  np.testing.assert_allclose(f0['pooled_g'],
-                             np.mean(np.maximum(res4, 1e-6) ** 3.3, axis=(1, 2)) ** (1 / 3.3),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    f0['pooled_g'], np.mean(np.maximum(res4, 1e-6) ** 3.3, axis=(1, 2)) ** (1 / 3.3), rtol=1e-4
+  )
   both = base.clone(gem_plus_p=4.6, regional_gem=True)
   _, f2 = _run(both, variables, x)
   rg = _np_rgem(res4)
-  np.testing.assert_allclose(f2['pooled_g'],
-                             np.mean(np.maximum(rg, 1e-8) ** 4.6, axis=(1, 2)) ** (1 / 4.6),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    f2['pooled_g'], np.mean(np.maximum(rg, 1e-8) ** 4.6, axis=(1, 2)) ** (1 / 4.6), rtol=1e-4
+  )
   np.testing.assert_array_equal(f2['res3'], f0['res3'])  # the local branch input is unchanged
 
 
@@ -107,33 +118,42 @@ def test_relu_plus_where_the_superglobal_resnet_clamps():
   model = resnet.ResNet(width=4, stage_depths=(1, 1, 1, 1), relu_plus=0.2)
   v = _fill(model, x)
   (res3, res4), state = jax.jit(
-      lambda v, x: model.apply(v, x, False, capture_intermediates=True,
-                               mutable=['intermediates']))(v, dolg.normalize_images(x))
+    lambda v, x: model.apply(v, x, False, capture_intermediates=True, mutable=['intermediates'])
+  )(v, dolg.normalize_images(x))
   inter = state['intermediates']
   assert float(jnp.min(res3)) == np.float32(0.2)  # stage 1-3 outputs: clamp(min=0.2)
-  assert float(jnp.min(res4)) == 0.0              # stage 4 keeps ReLU
+  assert float(jnp.min(res4)) == 0.0  # stage 4 keeps ReLU
   # Each block re-run alone with the floors we claim reproduces its captured output.
   prev = inter['stem']['__call__'][0]
   for i in range(4):
     name = f's{i + 1}'
     block_vars = {c: v[c][name]['b1'] for c in v}
     stride = 1 if i == 0 else 2
-    blk = resnet.ResBottleneckBlock(4 * 2**i, 16 * 2**i, stride,
-                                    inner_floor=0.2 if i == 0 else 0.0,
-                                    out_floor=0.2 if i < 3 else 0.0)
+    blk = resnet.ResBottleneckBlock(
+      4 * 2**i,
+      16 * 2**i,
+      stride,
+      inner_floor=0.2 if i == 0 else 0.0,
+      out_floor=0.2 if i < 3 else 0.0,
+    )
     out = inter[name]['b1']['__call__'][0]
-    np.testing.assert_allclose(jax.jit(blk.apply, static_argnums=2)(block_vars, prev, False), out,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+      jax.jit(blk.apply, static_argnums=2)(block_vars, prev, False), out, rtol=1e-6, atol=1e-6
+    )
     if i == 0:  # the stage-1 inner floors matter: without them the output differs
       wrong = blk.clone(inner_floor=0.0)
-      assert not np.allclose(jax.jit(wrong.apply, static_argnums=2)(block_vars, prev, False),
-                             out, rtol=1e-6, atol=1e-6)
+      assert not np.allclose(
+        jax.jit(wrong.apply, static_argnums=2)(block_vars, prev, False), out, rtol=1e-6, atol=1e-6
+      )
     prev = out
 
 
 def test_invalid_fields_name_the_field():
-  for kw, field in (({'gem_plus_p': -1.0}, 'gem_plus_p'), ({'relu_plus': -0.1}, 'relu_plus'),
-                    ({'regional_gem': True, 'regional_gem_p': 0.0}, 'regional_gem_p')):
+  for kw, field in (
+    ({'gem_plus_p': -1.0}, 'gem_plus_p'),
+    ({'relu_plus': -0.1}, 'relu_plus'),
+    ({'regional_gem': True, 'regional_gem_p': 0.0}, 'regional_gem_p'),
+  ):
     try:
       _tiny(**kw)
     except ValueError as e:
@@ -177,7 +197,8 @@ def test_scale_gem_is_max_of_normalised_scale_descriptors():
   scales = (0.7071, 1.0, 1.4142)
   cfg = extract_config(bucket=0, batch_size=2, scales=scales, scale_pool='max')
   got = ex.Extractor(apply, jnp.asarray(w), cfg).extract(
-      [{'index': i, 'image': im} for i, im in enumerate(imgs)], 2)
+    [{'index': i, 'image': im} for i, im in enumerate(imgs)], 2
+  )
   for i, im in enumerate(imgs):
     per = []
     for s in scales:
@@ -188,5 +209,5 @@ def test_scale_gem_is_max_of_normalised_scale_descriptors():
     np.testing.assert_allclose(got[i], m / np.linalg.norm(m), atol=2e-6)
     mean = np.mean(per, axis=0)
     assert not np.allclose(got[i], mean / np.linalg.norm(mean), atol=1e-3)
-  assert 'scale_pool' not in extract_config().key()   # old caches keep their keys
+  assert 'scale_pool' not in extract_config().key()  # old caches keep their keys
   assert extract_config(scale_pool='max').key()['scale_pool'] == 'max'

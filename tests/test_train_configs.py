@@ -9,8 +9,9 @@ import pytest
 from configs import ablation
 from dolg_jax import models
 
-CONFIGS = (['r50', 'r101', 'released_r101', 'official_r101', 'official_r101:paper_size', 'tiny']
-           + [f'ablation:{n}' for n in ablation.VARIANTS])
+CONFIGS = ['r50', 'r101', 'released_r101', 'official_r101', 'official_r101:paper_size', 'tiny'] + [
+  f'ablation:{n}' for n in ablation.VARIANTS
+]
 
 
 def _load(spec):
@@ -22,8 +23,16 @@ def _load(spec):
 @pytest.mark.parametrize('spec', CONFIGS)
 def test_config_fields_and_model(spec):
   c = _load(spec)
-  for key in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps', 'global_batch_size',
-              'base_learning_rate', 'warmup_epochs', 'bn_mode', 'weight_decay_mask'):
+  for key in (
+    'num_train_steps',
+    'log_every_steps',
+    'checkpoint_every_steps',
+    'global_batch_size',
+    'base_learning_rate',
+    'warmup_epochs',
+    'bn_mode',
+    'weight_decay_mask',
+  ):
     assert key in c.train, (spec, key)
   assert c.mesh.data == -1 and c.mesh.model >= 1
   model = models.build_model(c.model, c.compute_dtype)

@@ -74,7 +74,7 @@ def test_bit_flip_falls_back_to_the_previous_step(trained, workdir):
   assert 'Fell back to checkpoint step 2' in proc.stdout
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4.corrupt-checksum'))
   assert tl.checkpoint_steps(workdir) == [2, 4]
-  assert tl.train_losses(workdir) == tl.train_losses(trained)   # an exact replay from step 2
+  assert tl.train_losses(workdir) == tl.train_losses(trained)  # an exact replay from step 2
 
 
 def test_changed_config_on_resume(workdir):
@@ -89,57 +89,82 @@ def test_changed_config_on_resume(workdir):
   assert '--config.train.allow_recipe_change_on_resume=True' in _last_line(recipe)
   assert tl.checkpoint_steps(workdir) == [2, 4]
   assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if 'corrupt' in n]
-  allowed = tl.run_main(workdir, '--config.train.num_train_steps=6',
-                        '--config.train.base_learning_rate=0.1',
-                        '--config.train.allow_recipe_change_on_resume=True')
+  allowed = tl.run_main(
+    workdir,
+    '--config.train.num_train_steps=6',
+    '--config.train.base_learning_rate=0.1',
+    '--config.train.allow_recipe_change_on_resume=True',
+  )
   assert allowed.returncode == 0, tl.explain(allowed)
   with open(os.path.join(workdir, 'manifest.json')) as f:
     resume = json.load(f)['resumes'][-1]
   assert resume['start_step'] == 4
-  assert resume['config_changes'] == {'train.base_learning_rate': [0.05, 0.1],
-                                      'train.num_train_steps': [4, 6]}
+  assert resume['config_changes'] == {
+    'train.base_learning_rate': [0.05, 0.1],
+    'train.num_train_steps': [4, 6],
+  }
 
 
-@pytest.mark.parametrize('flag, expected', [
-    ('--config.train.global_batch_size=0',
-     'FAILED: config.train.global_batch_size=0: must be an integer >= 1'),
-    ('--config.train.global_batch_size=-8',
-     'FAILED: config.train.global_batch_size=-8: must be an integer >= 1'),
-    ('--config.train.checkpoint_every_steps=0',
-     'FAILED: config.train.checkpoint_every_steps=0: must be an integer >= 1'),
-    ('--config.train.keep_checkpoints=0',
-     'FAILED: config.train.keep_checkpoints=0: must be an integer >= 1'),
-    ('--config.train.global_batch_size=eight',
-     'FAILED: flag --config.train.global_batch_size=eight: invalid literal for int()'),
-])
+@pytest.mark.parametrize(
+  'flag, expected',
+  [
+    (
+      '--config.train.global_batch_size=0',
+      'FAILED: config.train.global_batch_size=0: must be an integer >= 1',
+    ),
+    (
+      '--config.train.global_batch_size=-8',
+      'FAILED: config.train.global_batch_size=-8: must be an integer >= 1',
+    ),
+    (
+      '--config.train.checkpoint_every_steps=0',
+      'FAILED: config.train.checkpoint_every_steps=0: must be an integer >= 1',
+    ),
+    (
+      '--config.train.keep_checkpoints=0',
+      'FAILED: config.train.keep_checkpoints=0: must be an integer >= 1',
+    ),
+    (
+      '--config.train.global_batch_size=eight',
+      'FAILED: flag --config.train.global_batch_size=eight: invalid literal for int()',
+    ),
+  ],
+)
 def test_bad_config_fails_before_writing(tmp_path, flag, expected):
   workdir = str(tmp_path / 'w')
   proc = tl.run_main(workdir, STEPS, flag, timeout=300)
   assert proc.returncode == 1 and _last_line(proc).startswith(expected), tl.explain(proc)
   _no_cascade(proc)
-  assert not os.path.exists(workdir)          # no manifest, no checkpoints dir
+  assert not os.path.exists(workdir)  # no manifest, no checkpoints dir
 
 
 def test_full_filesystem(tmp_path):
   tl.ensure_fixture()
   mount = str(tmp_path / 'tiny_fs')
   os.makedirs(mount)
-  made = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mount],
-                        capture_output=True, text=True)
+  made = subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mount], capture_output=True, text=True
+  )
   if made.returncode:
-    pytest.skip(f'cannot mount a 1 MiB tmpfs to fill (needs root / CAP_SYS_ADMIN): '
-                f'{made.stderr.strip()}')
+    pytest.skip(
+      f'cannot mount a 1 MiB tmpfs to fill (needs root / CAP_SYS_ADMIN): {made.stderr.strip()}'
+    )
   try:
     workdir = os.path.join(mount, 'w')
     proc = tl.run_main(workdir, STEPS)
     assert proc.returncode == 1
     last = _last_line(proc)
-    assert last.startswith(f'FAILED: writing checkpoint step 2 to {workdir}/checkpoints failed: '
-                           'No space left on device'), tl.explain(proc)
+    assert last.startswith(
+      f'FAILED: writing checkpoint step 2 to {workdir}/checkpoints failed: No space left on device'
+    ), tl.explain(proc)
     assert 'Free space on the filesystem holding' in last
     _no_cascade(proc)
-    leftovers = [os.path.join(r, n) for r, ds, fs in os.walk(workdir) for n in ds + fs
-                 if n.endswith('.tmp') or 'orbax-checkpoint-tmp' in n]
+    leftovers = [
+      os.path.join(r, n)
+      for r, ds, fs in os.walk(workdir)
+      for n in ds + fs
+      if n.endswith('.tmp') or 'orbax-checkpoint-tmp' in n
+    ]
     assert not leftovers
   finally:
     subprocess.run(['umount', mount], check=False)
@@ -148,6 +173,7 @@ def test_full_filesystem(tmp_path):
 def test_manifest_write_failure_leaves_no_temporary_file(tmp_path, monkeypatch):
   def full(*args, **kwargs):
     raise OSError(28, 'No space left on device')
+
   monkeypatch.setattr(json, 'dump', full)
   with pytest.raises(OSError, match='writing .*manifest.json failed: No space left') as e:
     manifest_lib.write_manifest(str(tmp_path), {'a': 1})
@@ -167,8 +193,9 @@ def test_damaged_array_record_during_training(tmp_path):
   last = _last_line(proc)
   assert last.startswith('FAILED: reading example ') and path in last, tl.explain(proc)
   assert 'Corrupted Riegeli' in last
-  assert (f'python -m dolg_jax.data.prepare --verify --dataset=gldv2/clean --data_dir={data_dir}'
-          in last)
+  assert (
+    f'python -m dolg_jax.data.prepare --verify --dataset=gldv2/clean --data_dir={data_dir}' in last
+  )
   _no_cascade(proc)
 
 
@@ -187,9 +214,18 @@ def test_local_launcher_forwards_sigterm_and_waits(tmp_path):
   fake.chmod(0o755)
   log = str(tmp_path / 'exited')
   env = dict(os.environ, PYTHON=str(fake), FAKE_LOG=log)
-  proc = subprocess.Popen(['bash', os.path.join(tl.REPO, 'launch', 'local_multiprocess.sh'), '3',
-                           'configs/tiny.py', str(tmp_path / 'w')], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [
+      'bash',
+      os.path.join(tl.REPO, 'launch', 'local_multiprocess.sh'),
+      '3',
+      'configs/tiny.py',
+      str(tmp_path / 'w'),
+    ],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 30
   while time.time() < deadline:
     if os.path.exists(log + '.started') and len(open(log + '.started').readlines()) == 3:
@@ -197,7 +233,7 @@ def test_local_launcher_forwards_sigterm_and_waits(tmp_path):
     time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=30) == failures.EXIT_PREEMPTED
-  with open(log) as f:   # every process had exited (1 s after its SIGTERM) before the launcher
+  with open(log) as f:  # every process had exited (1 s after its SIGTERM) before the launcher
     assert sorted(f.read().split()) == ['0', '1', '2']
 
 
@@ -207,17 +243,21 @@ def test_eval_loader_verifies_the_model_arrays(workdir):
     data = json.load(f)
   key = ".params['model']['fc']['kernel']"
   assert key in data['state_digests']
-  data['state_digests'][key] = '0' * 16       # as if the array's bytes had changed
+  data['state_digests'][key] = '0' * 16  # as if the array's bytes had changed
   with open(record, 'w') as f:
     json.dump(data, f)
-  with pytest.raises(ckpt_lib.CheckpointCorruptError, match=r"1 model arrays differ .*"
-                     r"\['fc'\]\['kernel'\]"):
+  with pytest.raises(
+    ckpt_lib.CheckpointCorruptError,
+    match=r"1 model arrays differ .*"
+    r"\['fc'\]\['kernel'\]",
+  ):
     ckpt_lib.load_variables(workdir)
   assert ckpt_lib.load_variables(os.path.join(workdir, 'checkpoints', '2'))['params']
 
 
 def test_non_finite_advice_right_after_a_restore():
   from dolg_jax.training import loop
+
   nan = [{'loss': float('nan'), 'grad_norm': 1.0, 'param_norm': 1.0, 'nonfinite_state': 0.0}]
   with pytest.raises(loop.NonFiniteLossError) as fresh:
     loop._check_finite(nan, 7, '/w', last_saved=6, restored=None)
@@ -227,7 +267,7 @@ def test_non_finite_advice_right_after_a_restore():
   msg = str(resumed.value)
   assert 'learning_rate' not in msg and 'within 1 step(s) of resuming from step 4' in msg
   assert 'prepare --verify' in msg
-  with pytest.raises(loop.NonFiniteLossError) as later:   # saved since the restore: usual advice
+  with pytest.raises(loop.NonFiniteLossError) as later:  # saved since the restore: usual advice
     loop._check_finite(nan, 9, '/w', last_saved=8, restored=4)
   assert 'Lower config.train.base_learning_rate' in str(later.value)
 
@@ -235,12 +275,14 @@ def test_non_finite_advice_right_after_a_restore():
 def test_closing_line_classification():
   def raise_(e):
     raise e
+
   try:
-    raise_(ValueError('config.x=1: bad'))   # raised in this package's tests: not dolg_jax code
+    raise_(ValueError('config.x=1: bad'))  # raised in this package's tests: not dolg_jax code
   except ValueError as e:
     unexpected = e
   assert failures.describe(unexpected, '/w').startswith('FAILED: unexpected ValueError: config.x=1')
   from dolg_jax.training import config_check
+
   try:
     config_check._fail('train.x', 0, 'must be >= 1')
   except ValueError as e:
@@ -249,7 +291,8 @@ def test_closing_line_classification():
   assert failures.describe(ours, '/w') == 'FAILED: config.train.x=0: must be >= 1'
   full = OSError(28, 'No space left on device')
   assert 'No space left on device. Free space on the filesystem holding /w' in failures.describe(
-      full, '/w')
+    full, '/w'
+  )
 
 
 @pytest.mark.parametrize('python_rc, requeued', [(75, True), (0, False), (1, False)])
@@ -258,21 +301,37 @@ def test_slurm_script_requeues_a_preempted_job(tmp_path, python_rc, requeued):
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   scripts = {
-      'srun': '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
-      'scontrol': '#!/usr/bin/env bash\necho "$@" >> "$FAKE_LOG"\n',
-      'python': f'#!/usr/bin/env bash\necho "python $*" >> "$FAKE_LOG"\nexit {python_rc}\n',
+    'srun': '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+    'scontrol': '#!/usr/bin/env bash\necho "$@" >> "$FAKE_LOG"\n',
+    'python': f'#!/usr/bin/env bash\necho "python $*" >> "$FAKE_LOG"\nexit {python_rc}\n',
   }
   for name, text in scripts.items():
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(0o755)
   log = tmp_path / 'calls'
-  env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', FAKE_LOG=str(log),
-             SLURM_JOB_ID='4242', SLURM_SUBMIT_DIR=tl.REPO)
-  proc = subprocess.run(['bash', os.path.join(tl.REPO, 'launch', 'slurm_gpu.sbatch'),
-                         'configs/tiny.py', str(tmp_path / 'w'), '--config.seed=1'],
-                        env=env, capture_output=True, text=True, timeout=30)
+  env = dict(
+    os.environ,
+    PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}',
+    FAKE_LOG=str(log),
+    SLURM_JOB_ID='4242',
+    SLURM_SUBMIT_DIR=tl.REPO,
+  )
+  proc = subprocess.run(
+    [
+      'bash',
+      os.path.join(tl.REPO, 'launch', 'slurm_gpu.sbatch'),
+      'configs/tiny.py',
+      str(tmp_path / 'w'),
+      '--config.seed=1',
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert proc.returncode == python_rc, proc.stderr
   calls = log.read_text().splitlines()
-  assert calls[0] == (f'python -m dolg_jax.main --config=configs/tiny.py '
-                      f'--workdir={tmp_path / "w"} --config.seed=1')
+  assert calls[0] == (
+    f'python -m dolg_jax.main --config=configs/tiny.py --workdir={tmp_path / "w"} --config.seed=1'
+  )
   assert (calls[1:] == ['requeue 4242']) == requeued, calls

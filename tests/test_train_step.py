@@ -55,8 +55,10 @@ def _setup(config, model):
 
 def _batch(n=8, size=8, seed=0):
   rng = np.random.default_rng(seed)
-  return {'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-          'label': rng.integers(0, 6, (n,), dtype=np.int32)}
+  return {
+    'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+    'label': rng.integers(0, 6, (n,), dtype=np.int32),
+  }
 
 
 def test_one_step_updates_params_and_reports_metrics():
@@ -86,18 +88,29 @@ def test_gradient_accumulation_equals_full_batch():
   for params, metrics in results[1:]:
     assert metrics['loss'] == pytest.approx(results[0][1]['loss'], rel=1e-5)
     assert metrics['accuracy'] == results[0][1]['accuracy']
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 params, results[0][0])
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, results[0][0]
+    )
 
 
-@pytest.mark.parametrize('optimizer, nesterov, rtol, atol', [
-    ('sgd', False, 1e-6, 0.0), ('sgd', True, 1e-6, 0.0), ('adamw', False, 1e-5, 1e-6)])
+@pytest.mark.parametrize(
+  'optimizer, nesterov, rtol, atol',
+  [('sgd', False, 1e-6, 0.0), ('sgd', True, 1e-6, 0.0), ('adamw', False, 1e-5, 1e-6)],
+)
 def test_optimizer_matches_torch_with_a_changing_learning_rate(optimizer, nesterov, rtol, atol):
   """Unit-lr optax chain x the step's lr == torch.optim.SGD / AdamW with that lr each step."""
   torch = pytest.importorskip('torch')
-  cfg = ml_collections.ConfigDict(dict(optimizer=optimizer, weight_decay=1e-2,
-                                       weight_decay_mask='all', momentum=0.9, nesterov=nesterov,
-                                       adam_b1=0.9, adam_b2=0.999))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      optimizer=optimizer,
+      weight_decay=1e-2,
+      weight_decay_mask='all',
+      momentum=0.9,
+      nesterov=nesterov,
+      adam_b1=0.9,
+      adam_b2=0.999,
+    )
+  )
   tx = state_lib.create_optimizer(cfg)
   w0 = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
   params = {'w': jnp.asarray(w0)}
@@ -120,18 +133,25 @@ def test_optimizer_matches_torch_with_a_changing_learning_rate(optimizer, nester
 
 def test_unknown_optimizer_is_an_error_naming_the_field():
   with pytest.raises(ValueError, match='optimizer'):
-    state_lib.create_optimizer(ml_collections.ConfigDict(dict(optimizer='lamb', weight_decay=0.0,
-                                                              weight_decay_mask='all')))
+    state_lib.create_optimizer(
+      ml_collections.ConfigDict(dict(optimizer='lamb', weight_decay=0.0, weight_decay_mask='all'))
+    )
 
 
 def test_weight_decay_mask():
-  params = {'conv': {'kernel': jnp.ones((3, 3, 2, 2)), 'bias': jnp.ones((2,))},
-            'bn': {'scale': jnp.ones((2,))}, 'head': {'weight': jnp.ones((4, 2))}}
+  params = {
+    'conv': {'kernel': jnp.ones((3, 3, 2, 2)), 'bias': jnp.ones((2,))},
+    'bn': {'scale': jnp.ones((2,))},
+    'head': {'weight': jnp.ones((4, 2))},
+  }
   zero = jax.tree.map(jnp.zeros_like, params)
-  for kind, decayed in (('all', {'kernel', 'bias', 'scale', 'weight'}),
-                        ('kernels', {'kernel', 'weight'})):
-    cfg = ml_collections.ConfigDict(dict(optimizer='sgd', weight_decay=0.5,
-                                         weight_decay_mask=kind, momentum=0.0, nesterov=False))
+  for kind, decayed in (
+    ('all', {'kernel', 'bias', 'scale', 'weight'}),
+    ('kernels', {'kernel', 'weight'}),
+  ):
+    cfg = ml_collections.ConfigDict(
+      dict(optimizer='sgd', weight_decay=0.5, weight_decay_mask=kind, momentum=0.0, nesterov=False)
+    )
     tx = state_lib.create_optimizer(cfg)
     updates, _ = tx.update(zero, tx.init(params), params)
     flat = jax.tree_util.tree_flatten_with_path(updates)[0]
@@ -154,14 +174,15 @@ def test_padded_head_classes_are_masked_out():
   np.testing.assert_allclose(logits_pad[:, :6], logits)
   loss = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
   np.testing.assert_allclose(
-      optax.losses.softmax_cross_entropy_with_integer_labels(logits_pad, labels), loss, rtol=1e-6)
+    optax.losses.softmax_cross_entropy_with_integer_labels(logits_pad, labels), loss, rtol=1e-6
+  )
   mesh = shd.make_mesh(ml_collections.ConfigDict(dict(data=-1, model=1)))
   assert state_lib.padded_num_classes(81313, mesh) == 81313
 
 
 def test_mesh_config_errors():
   with pytest.raises(ValueError, match='config.mesh'):
-    shd.make_mesh(ml_collections.ConfigDict(dict(data=2, model=1)))   # 1 CPU device here
+    shd.make_mesh(ml_collections.ConfigDict(dict(data=2, model=1)))  # 1 CPU device here
   with pytest.raises(ValueError, match='config.train.bn_mode'):
     _setup(_config(bn_mode='per_gpu'), DenseEmbed())
 
@@ -269,10 +290,20 @@ def test_per_device_bn_gradients_equal_groups_and_a_torch_per_gpu_reference():
   (shard_map) has the gradients, loss and running statistics of global mode with
   bn_group_size=2, and its gradients equal a PyTorch per-GPU BatchNorm reference (8 ranks), not
   the same reference with whole-batch statistics."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
-  proc = subprocess.run([sys.executable, '-c', _BN_SCRIPT], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]),
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', _BN_SCRIPT],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0 and 'BN_OK' in proc.stdout, proc.stderr[-4000:]
 
 
@@ -281,14 +312,16 @@ def test_load_backbone_replaces_only_given_leaves(monkeypatch):
   mesh, state, _ = _setup(config, DenseEmbed())
   shardings = jax.tree.map(lambda x: x.sharding, state)
   kernel = np.full((8 * 8 * 3, 32), 0.5, np.float32)
-  monkeypatch.setattr(backbone_lib, 'load_backbone',
-                      lambda path: {'params': {'Dense_1': {'kernel': kernel}}})
+  monkeypatch.setattr(
+    backbone_lib, 'load_backbone', lambda path: {'params': {'Dense_1': {'kernel': kernel}}}
+  )
   before = jax.device_get(state.params)
   new = state_lib.load_backbone(state, shardings, 'fake.pyth')
   after = jax.device_get(new.params)
   np.testing.assert_array_equal(after['model']['Dense_1']['kernel'], kernel)
-  np.testing.assert_array_equal(after['model']['Dense_0']['kernel'],
-                                before['model']['Dense_0']['kernel'])
+  np.testing.assert_array_equal(
+    after['model']['Dense_0']['kernel'], before['model']['Dense_0']['kernel']
+  )
   np.testing.assert_array_equal(after['head']['weight'], before['head']['weight'])
   placed = new.params['model']['Dense_1']['kernel']
   assert placed.sharding == shardings.params['model']['Dense_1']['kernel']
@@ -342,8 +375,9 @@ def test_validation_logits_use_the_training_cosine_at_highest_precision():
         elif isinstance(p, jax.extend.core.Jaxpr):
           yield from dots(p)
 
-  head_dots = [e for e in dots(jaxpr.jaxpr) if any(tuple(v.aval.shape) == head_shape
-                                                     for v in e.invars)]
+  head_dots = [
+    e for e in dots(jaxpr.jaxpr) if any(tuple(v.aval.shape) == head_shape for v in e.invars)
+  ]
   assert head_dots, 'no matmul against the head weight found'
   for e in head_dots:
     precision = e.params['precision']

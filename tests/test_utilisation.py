@@ -48,7 +48,7 @@ def profiled_run(tmp_path_factory):
 def test_training_trace_names_the_parts_of_a_step(profiled_run):
   events = _trace_events(os.path.join(profiled_run, utilisation.PROFILE_DIR))
   steps = sorted(int(e['args']['step_num']) for e in events if e['name'] == 'train')
-  assert steps == [2, 3]   # profile_steps=(1, 2): the steps after state.step 1 and 2.
+  assert steps == [2, 3]  # profile_steps=(1, 2): the steps after state.step 1 and 2.
   names = {e['name'] for e in events}
   assert {'input_wait', 'checkpoint'} <= names, sorted(n for n in names if '$' not in n)
   assert any('train_step' in n for n in names)  # The jitted step's dispatch/execution.
@@ -58,13 +58,13 @@ def test_metrics_carry_utilisation(profiled_run):
   """The loop's wiring (the fields' values are checked against independent measurements below)."""
   records = tl.read_metrics(profiled_run)
   assert [r['step'] for r in records] == [1, 2, 3, 4]
-  assert 'tflops_per_sec' not in records[0]   # Step 1 compiles: the clocks restart after it.
+  assert 'tflops_per_sec' not in records[0]  # Step 1 compiles: the clocks restart after it.
   for r in records[1:]:
     assert r['images_per_sec_per_device'] == pytest.approx(r['images_per_sec'])  # one device
     assert 0.0 <= r['input_wait_fraction'] <= 1.0 and 0.0 <= r['checkpoint_fraction'] <= 1.0
     assert r['input_wait_s'] > 0.0 and r['tflops_per_sec'] > 0.0
     assert r['tflops_per_sec_per_device'] == pytest.approx(r['tflops_per_sec'])
-    assert 'fraction_of_peak' not in r           # CPU: no peak
+    assert 'fraction_of_peak' not in r  # CPU: no peak
   # Every step is the same program: the same FLOPs per image on every line, however fast it ran.
   per_image = [r['tflops_per_sec'] / r['images_per_sec'] for r in records[1:]]
   np.testing.assert_allclose(per_image, per_image[0], rtol=1e-6)
@@ -82,9 +82,11 @@ KNOWN_FLOPS = 2 * _N * _HO * _WO * _O * (_K * _K * _C) + 2 * _N * (_HO * _WO * _
 
 def _known_program():
   def f(x, w1, w2):
-    y = jax.lax.conv_general_dilated(x, w1, (1, 1), 'VALID',
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = jax.lax.conv_general_dilated(
+      x, w1, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
     return y.reshape(y.shape[0], -1) @ w2
+
   args = (jnp.ones((_N, _H, _W, _C)), jnp.ones((_K, _K, _C, _O)), jnp.ones((_HO * _WO * _O, _M)))
   return jax.jit(f), args
 
@@ -112,11 +114,18 @@ _SHARDED_FLOPS = textwrap.dedent('''
 def test_train_step_flops_of_a_sharded_step_are_all_devices_flops():
   """8 devices, each multiplying 1/8 of the rows: the count is the whole batch's 2*n*k*m."""
   env = tl.env(XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-c', _SHARDED_FLOPS], cwd=tl.REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, '-c', _SHARDED_FLOPS],
+    cwd=tl.REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, tl.explain(proc)
-  _, devices, flops, expected = next(l for l in proc.stdout.splitlines()
-                                     if l.startswith('FLOPS')).split()
+  _, devices, flops, expected = next(
+    l for l in proc.stdout.splitlines() if l.startswith('FLOPS')
+  ).split()
   assert int(devices) == 8 and float(flops) == float(expected)
 
 
@@ -126,7 +135,7 @@ def test_fields_equal_what_the_test_measures(tmp_path):
   batch, steps = 32, 4
   util = utilisation.Utilisation(str(tmp_path), (0, 0), batch, True, 'float32')
   progress = metric_logging.Progress(10, 0, batch)
-  util.restart(1, KNOWN_FLOPS)          # after the (compiling) first step, as the loop does
+  util.restart(1, KNOWN_FLOPS)  # after the (compiling) first step, as the loop does
   progress.restart(1)
   waited = saved = 0.0
   t0 = time.perf_counter()
@@ -135,7 +144,7 @@ def test_fields_equal_what_the_test_measures(tmp_path):
     with util.region('input_wait'):
       time.sleep(0.02)
     waited += time.perf_counter() - t
-    time.sleep(0.03)                    # the device step
+    time.sleep(0.03)  # the device step
     if step == 3:
       t = time.perf_counter()
       with util.region('checkpoint'):
@@ -150,7 +159,7 @@ def test_fields_equal_what_the_test_measures(tmp_path):
   assert fields['input_wait_fraction'] == pytest.approx(waited / wall, rel=0.03)
   assert fields['checkpoint_time_s'] == pytest.approx(saved, rel=0.02)
   assert fields['checkpoint_fraction'] == pytest.approx(saved / wall, rel=0.03)
-  assert 'fraction_of_peak' not in fields   # CPU
+  assert 'fraction_of_peak' not in fields  # CPU
   # The next interval starts empty: no step, no fields; then only what happened in it.
   assert util.fields(1 + steps, {}) == {}
 
@@ -172,7 +181,7 @@ def test_fraction_of_peak_is_of_the_runs_compute_dtype(tmp_path, monkeypatch, ki
     util = utilisation.Utilisation(str(tmp_path), (0, 0), 8, True, dtype)
     util.restart(0, 1e15)
     out[dtype] = util.fields(1, {'step_time_s': 2.0})
-  for dtype, fields in out.items():   # 0.5 PFLOP/s achieved on one device
+  for dtype, fields in out.items():  # 0.5 PFLOP/s achieved on one device
     assert fields['fraction_of_peak'] * peaks.peak_tflops(kind, dtype) == pytest.approx(500.0)
   f32, bf16 = out['float32']['fraction_of_peak'], out['bfloat16']['fraction_of_peak']
   assert f32 == pytest.approx(2 * bf16)
@@ -180,7 +189,7 @@ def test_fraction_of_peak_is_of_the_runs_compute_dtype(tmp_path, monkeypatch, ki
   monkeypatch.setattr(jax, 'devices', lambda *a: [_FakeDevice('TPU v5 lite')])
   util = utilisation.Utilisation(str(tmp_path), (0, 0), 8, True, 'float16')
   util.restart(0, 1e15)
-  assert 'fraction_of_peak' not in util.fields(1, {'step_time_s': 2.0})   # no TPU fp16 figure
+  assert 'fraction_of_peak' not in util.fields(1, {'step_time_s': 2.0})  # no TPU fp16 figure
 
 
 def _stand_in(variables, images):
@@ -191,13 +200,17 @@ def test_extraction_trace_covers_its_window(tmp_path):
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 255, (64, 80, 3), dtype=np.uint8) for _ in range(5)]
   window = profiling.Window(str(tmp_path), 1, 2)
-  extractor = ex.Extractor(_stand_in, {'w': jnp.ones((3, 4))},
-                           extract_config(scales=(1.0,), batch_size=1, num_workers=0),
-                           profile=window)
+  extractor = ex.Extractor(
+    _stand_in,
+    {'w': jnp.ones((3, 4))},
+    extract_config(scales=(1.0,), batch_size=1, num_workers=0),
+    profile=window,
+  )
   extractor.extract([{'index': i, 'image': im} for i, im in enumerate(images)], len(images))
   assert window.done and not window.active
-  batches = sorted(int(e['args']['step_num']) for e in _trace_events(str(tmp_path))
-                   if e['name'] == 'extract')
+  batches = sorted(
+    int(e['args']['step_num']) for e in _trace_events(str(tmp_path)) if e['name'] == 'extract'
+  )
   assert batches == [1, 2]
 
 
@@ -229,10 +242,10 @@ def test_peak_table():
   assert peaks.peak_tflops('NVIDIA A100-SXM4-80GB', 'float32') == 156.0
   assert peaks.peak_tflops('Tesla V100-SXM2-16GB', 'float32') == 15.7
   assert peaks.peak_tflops('TPU v5 lite', 'float32') == 197.0
-  for kind in peaks.PEAK_TFLOPS:   # Nowhere is float32 faster than bf16.
+  for kind in peaks.PEAK_TFLOPS:  # Nowhere is float32 faster than bf16.
     f32 = peaks.peak_tflops(kind, 'float32')
     assert f32 is None or f32 <= peaks.peak_tflops(kind, 'bfloat16'), kind
   assert peaks.peak_tflops('TPU v5 lite', 'float16') is None
   assert peaks.peak_tflops('NVIDIA H100 80GB HBM3', 'float64') is None
   assert peaks.peak_tflops('cpu', 'bfloat16') is None
-  assert peaks.memory_bytes('TPU v5 lite') == 16 * 1024 ** 3 and peaks.memory_bytes('cpu') is None
+  assert peaks.memory_bytes('TPU v5 lite') == 16 * 1024**3 and peaks.memory_bytes('cpu') is None

@@ -63,16 +63,22 @@ def test_second_run_refused_then_kill_9_and_immediate_rerun(tmp_path):
   paused, go = str(tmp_path / 'paused'), str(tmp_path / 'go')
   cmd = [sys.executable, '-c', _HOLDING, f'--workdir={workdir}', *tl.BASE_FLAGS, tl.STEPS]
   with open(log, 'w') as out:
-    holder = subprocess.Popen(cmd, cwd=tl.REPO, env=tl.env(DOLG_TEST_PAUSED=paused,
-                                                           DOLG_TEST_GO=go),
-                              stdout=out, stderr=subprocess.STDOUT)
+    holder = subprocess.Popen(
+      cmd,
+      cwd=tl.REPO,
+      env=tl.env(DOLG_TEST_PAUSED=paused, DOLG_TEST_GO=go),
+      stdout=out,
+      stderr=subprocess.STDOUT,
+    )
   try:
     _wait(lambda: os.path.exists(paused), holder, 'batch 3')
     second = tl.run_main(workdir, tl.STEPS)
     assert second.returncode == 1, tl.explain(second)
     last = second.stderr.strip().splitlines()[-1]
-    assert last.startswith(f'FAILED: workdir {workdir} is in use by host {socket.gethostname()} '
-                           f'pid {holder.pid} (started 20'), last
+    assert last.startswith(
+      f'FAILED: workdir {workdir} is in use by host {socket.gethostname()} '
+      f'pid {holder.pid} (started 20'
+    ), last
     assert 'one run per workdir' in last
     print(f'\n[workdir lock] second run: {last}')
     info = workdir_lock.holder(workdir)
@@ -81,13 +87,13 @@ def test_second_run_refused_then_kill_9_and_immediate_rerun(tmp_path):
     _wait(lambda: 2 in tl.checkpoint_steps(workdir), holder, 'checkpoint 2')
     assert [r['step'] for r in tl.read_metrics(workdir) if 'loss' in r] == [1, 2]
     assert tl.checkpoint_steps(workdir) == [2]
-    os.kill(holder.pid, signal.SIGKILL)            # kill -9 of the holder, mid-run
+    os.kill(holder.pid, signal.SIGKILL)  # kill -9 of the holder, mid-run
     holder.wait(timeout=60)
   finally:
     if holder.poll() is None:
       holder.kill()
   assert holder.returncode == -signal.SIGKILL
-  again = tl.run_main(workdir, tl.STEPS)           # at once: no stale lock
+  again = tl.run_main(workdir, tl.STEPS)  # at once: no stale lock
   assert again.returncode == 0, tl.explain(again)
   assert 'Resumed from step' in again.stdout + again.stderr
   assert tl.checkpoint_steps(workdir)[-1] == 4
@@ -105,4 +111,4 @@ def test_lock_in_this_process(tmp_path):
     assert workdir_lock.holder(workdir)['pid'] == os.getpid()
   finally:
     workdir_lock.release(workdir)
-  workdir_lock.release(workdir)   # no-op
+  workdir_lock.release(workdir)  # no-op

@@ -61,21 +61,31 @@ from dolg_jax.retrieval import extract as extract_lib
 
 DECODER = 'data.decode.decode_rgb (cv2.imread-exact, EXIF orientation; JPEGs checked strictly)'
 DESCRIPTOR_DTYPES = ('float32', 'float16')
-_PACKAGES = ('jax', 'jaxlib', 'flax', 'numpy', 'opencv-python-headless', 'pillow', 'simplejpeg',
-             'faiss-cpu', 'faiss-gpu')
+_PACKAGES = (
+  'jax',
+  'jaxlib',
+  'flax',
+  'numpy',
+  'opencv-python-headless',
+  'pillow',
+  'simplejpeg',
+  'faiss-cpu',
+  'faiss-gpu',
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
   """How to build (the index command's flags)."""
-  part_size: int                  # files per part (the unit of resumption and of work sharing)
-  descriptor_dtype: str           # 'float32' | 'float16' (stored descriptors)
-  faiss: faiss_index.Spec         # the search structure
-  replace: bool                   # a changed model/protocol: move the old index aside, start anew
-  read_workers: int               # threads reading + decoding files
-  recall_k: int                   # recall@k measured at build time ...
-  recall_sample: int              # ... over this many stored descriptors as queries
-  progress: bool = True           # print a progress line (process 0)
+
+  part_size: int  # files per part (the unit of resumption and of work sharing)
+  descriptor_dtype: str  # 'float32' | 'float16' (stored descriptors)
+  faiss: faiss_index.Spec  # the search structure
+  replace: bool  # a changed model/protocol: move the old index aside, start anew
+  read_workers: int  # threads reading + decoding files
+  recall_k: int  # recall@k measured at build time ...
+  recall_sample: int  # ... over this many stored descriptors as queries
+  progress: bool = True  # print a progress line (process 0)
   limits: reading.Limits = reading.Limits()  # what one file may cost (pixels, bytes)
 
   def check(self) -> None:
@@ -83,13 +93,16 @@ class Options:
     if self.part_size < 1:
       raise ValueError(f'--part_size must be >= 1; got {self.part_size}')
     if self.descriptor_dtype not in DESCRIPTOR_DTYPES:
-      raise ValueError(f'--descriptor_dtype must be one of {DESCRIPTOR_DTYPES}; got '
-                       f'{self.descriptor_dtype!r}')
+      raise ValueError(
+        f'--descriptor_dtype must be one of {DESCRIPTOR_DTYPES}; got {self.descriptor_dtype!r}'
+      )
     if self.read_workers < 0:
       raise ValueError(f'--read_workers must be >= 0; got {self.read_workers}')
     if self.recall_k < 1 or self.recall_sample < 0:
-      raise ValueError(f'--recall_k must be >= 1 and --recall_sample >= 0; got '
-                       f'{self.recall_k}, {self.recall_sample}')
+      raise ValueError(
+        f'--recall_k must be >= 1 and --recall_sample >= 0; got '
+        f'{self.recall_k}, {self.recall_sample}'
+      )
     self.limits.check()
     faiss_index.resolve(self.faiss, 1, 8)  # the kind and its parameters
 
@@ -114,21 +127,28 @@ def architecture(apply_fn: Callable) -> dict:
   return out
 
 
-def fingerprint(config: ml_collections.ConfigDict, apply_fn: Callable, variables: Any,
-                cfg: extract_lib.ExtractConfig, descriptor_dtype: str) -> dict:
+def fingerprint(
+  config: ml_collections.ConfigDict,
+  apply_fn: Callable,
+  variables: Any,
+  cfg: extract_lib.ExtractConfig,
+  descriptor_dtype: str,
+) -> dict:
   """Everything the stored descriptors depend on (compared on every run)."""
   return {
-      'model_key': descriptor_cache.model_key(variables, evaluate.eval_dtype(config),
-                                              evaluate.model_overrides(config)),
-      'architecture': architecture(apply_fn),
-      'extraction': json.loads(json.dumps(cfg.key())),
-      'decoder': DECODER,
-      'descriptor_dtype': descriptor_dtype,
+    'model_key': descriptor_cache.model_key(
+      variables, evaluate.eval_dtype(config), evaluate.model_overrides(config)
+    ),
+    'architecture': architecture(apply_fn),
+    'extraction': json.loads(json.dumps(cfg.key())),
+    'decoder': DECODER,
+    'descriptor_dtype': descriptor_dtype,
   }
 
 
-def read_image(root: str, rel: str, limits: reading.Limits = reading.Limits()
-               ) -> tuple[Optional[dict], Any]:
+def read_image(
+  root: str, rel: str, limits: reading.Limits = reading.Limits()
+) -> tuple[Optional[dict], Any]:
   """(metadata row, uint8 RGB image) of one file, or (None, reason) when it cannot be indexed."""
   got = reading.read_image(files_lib.absolute(root, rel), limits)
   if got.reason is not None:
@@ -136,8 +156,9 @@ def read_image(root: str, rel: str, limits: reading.Limits = reading.Limits()
   return got.row(rel), got.image
 
 
-INDEX_PROGRESS = ('index: {n}/{total} images ({percentage:.1f}%), {rate_noinv:.1f} images/s, '
-                  'ETA {remaining}')
+INDEX_PROGRESS = (
+  'index: {n}/{total} images ({percentage:.1f}%), {rate_noinv:.1f} images/s, ETA {remaining}'
+)
 
 
 def progress_printer(total: int, enabled: bool) -> progress_lib.Printer:
@@ -157,17 +178,21 @@ def _now() -> str:
 # ----------------------------------------------------------------------------- parts
 
 
-def extract_part(extractor: extract_lib.Extractor, root: str, rel_paths: list[str],
-                 options: Options, progress: progress_lib.Printer, dtype: np.dtype
-                 ) -> tuple[np.ndarray, list[dict], list[tuple[str, str]]]:
+def extract_part(
+  extractor: extract_lib.Extractor,
+  root: str,
+  rel_paths: list[str],
+  options: Options,
+  progress: progress_lib.Printer,
+  dtype: np.dtype,
+) -> tuple[np.ndarray, list[dict], list[tuple[str, str]]]:
   """(descriptors (n_ok, D), rows, skipped) of one part's files."""
   skipped: list[tuple[str, str]] = []
   rows: list[dict] = []
 
   def read(rel):  # capped here (as the extractor would) so that the read-ahead stays small
     row, img = read_image(root, rel, options.limits)
-    return (row, img) if row is None else (row, extract_lib.prepare_image(img, None,
-                                                                          extractor.cfg))
+    return (row, img) if row is None else (row, extract_lib.prepare_image(img, None, extractor.cfg))
 
   def examples():
     images = extract_lib.ordered_map(read, rel_paths, options.read_workers, window=32)
@@ -206,15 +231,23 @@ def _check_existing(store: store_lib.IndexStore, fp: dict, root: str, replace: b
     return True
   detail = ', '.join(diff)
   raise store_lib.IndexMismatchError(
-      f'{store.path} was built with another {detail} (index: model '
-      f'{old["fingerprint"]["model_key"]}, images {old.get("images_root")}; this run: model '
-      f'{fp["model_key"]}, images {root}); '
-      'nothing was mixed into it. Pass --replace to move the old index aside and build a new one, '
-      'or choose another --out.')
+    f'{store.path} was built with another {detail} (index: model '
+    f'{old["fingerprint"]["model_key"]}, images {old.get("images_root")}; this run: model '
+    f'{fp["model_key"]}, images {root}); '
+    'nothing was mixed into it. Pass --replace to move the old index aside and build a new one, '
+    'or choose another --out.'
+  )
 
 
-def build(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
-          checkpoint: Optional[str] = None, images: str, out: str, options: Options) -> dict:
+def build(
+  config: ml_collections.ConfigDict,
+  *,
+  workdir: Optional[str] = None,
+  checkpoint: Optional[str] = None,
+  images: str,
+  out: str,
+  options: Options,
+) -> dict:
   """Indexes `images` into `out` (module docstring); returns the summary (the manifest)."""
   options.check()
   t_start = time.perf_counter()
@@ -237,16 +270,31 @@ def build(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
         dest, k = f'{store.path}.replaced-{old_key}-{k}', k + 1
       os.rename(store.path, dest)
       print(f'index: the old index (model {old_key}) moved to {dest}', file=sys.stderr)
-    manifest = store.manifest() if store.exists() else {
-        'format': store_lib.FORMAT, 'version': store_lib.VERSION, 'created': _now(),
-        'fingerprint': fp, 'images_root': root}
-    manifest.update({
-        'status': 'building', 'updated': _now(), 'versions': package_versions(),
-        'model': {'source': source,
-                  'workdir': os.path.abspath(workdir) if workdir else None,
-                  'checkpoint': os.path.abspath(checkpoint) if checkpoint else None,
-                  'config': json.loads(config.to_json())},
-        'protocol': protocol(config, cfg, options)})
+    manifest = (
+      store.manifest()
+      if store.exists()
+      else {
+        'format': store_lib.FORMAT,
+        'version': store_lib.VERSION,
+        'created': _now(),
+        'fingerprint': fp,
+        'images_root': root,
+      }
+    )
+    manifest.update(
+      {
+        'status': 'building',
+        'updated': _now(),
+        'versions': package_versions(),
+        'model': {
+          'source': source,
+          'workdir': os.path.abspath(workdir) if workdir else None,
+          'checkpoint': os.path.abspath(checkpoint) if checkpoint else None,
+          'config': json.loads(config.to_json()),
+        },
+        'protocol': protocol(config, cfg, options),
+      }
+    )
     store.write_manifest(manifest)
     verified = repair(store, manifest)
     planned = {f for plan in store.plans() for f in plan['files']}
@@ -269,26 +317,39 @@ def build(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
   _barrier('collection_extracted')
   summary = {}
   if pid == 0:
-    summary = finalize(store, options, {
-        'found': len(found), 'new': len(new_files), 'extracted_by_process_0': extracted,
-        'processes': nproc, 'extract_seconds': t_extract,
-        'images_per_second_process_0': extracted / t_extract if t_extract > 0 else 0.0},
-        verified)
+    summary = finalize(
+      store,
+      options,
+      {
+        'found': len(found),
+        'new': len(new_files),
+        'extracted_by_process_0': extracted,
+        'processes': nproc,
+        'extract_seconds': t_extract,
+        'images_per_second_process_0': extracted / t_extract if t_extract > 0 else 0.0,
+      },
+      verified,
+    )
   _barrier('collection_finalized')
   if pid != 0:
     summary = store.manifest()
   return summary
 
 
-def protocol(config: ml_collections.ConfigDict, cfg: extract_lib.ExtractConfig,
-             options: Options) -> dict:
+def protocol(
+  config: ml_collections.ConfigDict, cfg: extract_lib.ExtractConfig, options: Options
+) -> dict:
   """The manifest's 'protocol': how descriptors are made (queries follow it)."""
-  return {'extraction': json.loads(json.dumps(cfg.key())), 'decoder': DECODER,
-          'compute_dtype': evaluate.eval_dtype(config),
-          'model_overrides': evaluate.model_overrides(config),
-          'descriptor_dtype': options.descriptor_dtype,
-          'long_side_cap': extract_lib.long_side_cap(cfg),
-          'max_pixels': options.limits.max_pixels, 'max_file_mb': options.limits.max_file_mb}
+  return {
+    'extraction': json.loads(json.dumps(cfg.key())),
+    'decoder': DECODER,
+    'compute_dtype': evaluate.eval_dtype(config),
+    'model_overrides': evaluate.model_overrides(config),
+    'descriptor_dtype': options.descriptor_dtype,
+    'long_side_cap': extract_lib.long_side_cap(cfg),
+    'max_pixels': options.limits.max_pixels,
+    'max_file_mb': options.limits.max_file_mb,
+  }
 
 
 def repair(store: store_lib.IndexStore, manifest: dict) -> dict:
@@ -298,49 +359,74 @@ def repair(store: store_lib.IndexStore, manifest: dict) -> dict:
   for rel, want in sorted((recorded or {}).items()):
     if rel.startswith('plans/') and store_lib.file_digest(os.path.join(store.path, rel)) != want:
       raise store_lib.DamagedIndexError(
-          f'{os.path.join(store.path, rel)} differs from its checksum in {store_lib.MANIFEST} '
-          f'(a plan fixes which files form each part); {store_lib.UNREPAIRABLE}')
+        f'{os.path.join(store.path, rel)} differs from its checksum in {store_lib.MANIFEST} '
+        f'(a plan fixes which files form each part); {store_lib.UNREPAIRABLE}'
+      )
   verified = {}
   for g, p in store.committed_parts():
     problem = store.part_problem(g, p, recorded)
     if problem:
       store.remove_part(g, p)
-      print(f'index: repairing {store.path}: {problem}; the part is extracted again',
-            file=sys.stderr)
+      print(
+        f'index: repairing {store.path}: {problem}; the part is extracted again', file=sys.stderr
+      )
     elif recorded and all(rel in recorded for rel in store.part_files(g, p)):
       verified.update({rel: recorded[rel] for rel in store.part_files(g, p)})
   return verified
 
 
-def finalize(store: store_lib.IndexStore, options: Options, last_run: dict,
-             verified: Optional[dict] = None) -> dict:
+def finalize(
+  store: store_lib.IndexStore, options: Options, last_run: dict, verified: Optional[dict] = None
+) -> dict:
   """Counts, skipped.csv, the FAISS structure and its recall, checksums (`verified`: part digests
   `repair` checked this run), manifest status 'complete'."""
   manifest = store.manifest()
   parts = store.all_parts()
   missing = [(g, p) for g, p, _ in parts if not store.is_committed(g, p)]
   if missing:
-    raise RuntimeError(f'{store.path}: {len(missing)} parts are missing after extraction (first '
-                       f'{store.part_base(*missing[0])}): another process failed; rerun the same '
-                       'command to finish them')
+    raise RuntimeError(
+      f'{store.path}: {len(missing)} parts are missing after extraction (first '
+      f'{store.part_base(*missing[0])}): another process failed; rerun the same '
+      'command to finish them'
+    )
   rows = store_lib.Rows(store, [(g, p) for g, p, _ in parts])
   skipped = [(r['path'], r['reason']) for g, p, _ in parts for r in store.part_skipped(g, p)]
   store.write_skipped(skipped)
   n_files = sum(len(f) for _, _, f in parts)
-  counts = {'found': n_files, 'indexed': len(rows), 'skipped': len(skipped), 'parts': len(parts),
-            'generations': len(store.plans())}
+  counts = {
+    'found': n_files,
+    'indexed': len(rows),
+    'skipped': len(skipped),
+    'parts': len(parts),
+    'generations': len(store.plans()),
+  }
   if counts['found'] != counts['indexed'] + counts['skipped']:
     raise AssertionError(f'counts do not add up: {counts}')
   committed = [(g, p) for g, p, _ in parts]
   old = manifest.get('checksums') or {}
-  parts_sums = store.part_checksums(committed, verified)   # hashes only parts new this run
+  parts_sums = store.part_checksums(committed, verified)  # hashes only parts new this run
   info = None
   if len(rows):
-    info = build_faiss(store, rows, options.faiss, manifest.get('faiss'), options,
-                       reusable=_faiss_reusable(store, old, parts_sums))
+    info = build_faiss(
+      store,
+      rows,
+      options.faiss,
+      manifest.get('faiss'),
+      options,
+      reusable=_faiss_reusable(store, old, parts_sums),
+    )
   sums = store.checksums(committed, parts_sums)  # with skipped.csv and faiss.index as written now
-  manifest.update({'status': 'complete', 'updated': _now(), 'counts': counts, 'dim': rows.dim,
-                   'faiss': info, 'last_run': last_run, 'checksums': sums})
+  manifest.update(
+    {
+      'status': 'complete',
+      'updated': _now(),
+      'counts': counts,
+      'dim': rows.dim,
+      'faiss': info,
+      'last_run': last_run,
+      'checksums': sums,
+    }
+  )
   store.write_manifest(manifest)
   return manifest
 
@@ -350,16 +436,26 @@ def _faiss_reusable(store: store_lib.IndexStore, old: dict, sums: dict) -> bool:
   checksums: trusted) and every part it was built from unchanged."""
   if not os.path.exists(store.faiss_path):
     return False
-  if store_lib.FAISS_FILE in old and (store_lib.file_digest(store.faiss_path)
-                                      != old[store_lib.FAISS_FILE]):
-    print(f'index: repairing {store.faiss_path}: it differs from its checksum; rebuilt from the '
-          'stored descriptors', file=sys.stderr)
+  if store_lib.FAISS_FILE in old and (
+    store_lib.file_digest(store.faiss_path) != old[store_lib.FAISS_FILE]
+  ):
+    print(
+      f'index: repairing {store.faiss_path}: it differs from its checksum; rebuilt from the '
+      'stored descriptors',
+      file=sys.stderr,
+    )
     return False
   return all(old[rel] == sums.get(rel) for rel in old if rel.startswith('parts/'))
 
 
-def build_faiss(store: store_lib.IndexStore, rows: store_lib.Rows, spec: faiss_index.Spec,
-                old: Optional[dict], options: Options, reusable: bool = True) -> dict:
+def build_faiss(
+  store: store_lib.IndexStore,
+  rows: store_lib.Rows,
+  spec: faiss_index.Spec,
+  old: Optional[dict],
+  options: Options,
+  reusable: bool = True,
+) -> dict:
   """Extends the existing structure when it is `reusable`, has the same spec and a prefix of the
   rows; else builds it anew (a rebuild of the same spec keeps its resolved parameters and training
   sample). Returns the manifest's 'faiss' entry."""
@@ -372,24 +468,45 @@ def build_faiss(store: store_lib.IndexStore, rows: store_lib.Rows, spec: faiss_i
     try:
       loaded = faiss_index.load(store.faiss_path, resolved)
     except RuntimeError as e:  # unreadable (an index from before checksums): rebuilt
-      print(f'index: repairing {store.faiss_path}: {str(e).splitlines()[0]}; rebuilt from the '
-            'stored descriptors', file=sys.stderr)
+      print(
+        f'index: repairing {store.faiss_path}: {str(e).splitlines()[0]}; rebuilt from the '
+        'stored descriptors',
+        file=sys.stderr,
+      )
       loaded = None
-    if loaded is not None and loaded.ntotal == old.get('ntotal') and loaded.ntotal <= n \
-        and loaded.d == d:
+    if (
+      loaded is not None
+      and loaded.ntotal == old.get('ntotal')
+      and loaded.ntotal <= n
+      and loaded.d == d
+    ):
       start = loaded.ntotal
       faiss_index.extend(loaded, ((s, b) for s, b in rows.iter_blocks() if s >= start))
       index, info = loaded, dict(old, ntotal=int(loaded.ntotal), extended_from=int(start))
   if index is None:
-    first = (faiss_index.Spec(**old['spec'])
-             if same and 0 < old.get('trained_rows', 0) <= n else None)
+    first = (
+      faiss_index.Spec(**old['spec']) if same and 0 < old.get('trained_rows', 0) <= n else None
+    )
     index, resolved, info = faiss_index.build(
-        rows.iter_blocks, rows.take, n, d, spec, resolved=first,
-        trained_rows=old.get('trained_rows') if first else None)
+      rows.iter_blocks,
+      rows.take,
+      n,
+      d,
+      spec,
+      resolved=first,
+      trained_rows=old.get('trained_rows') if first else None,
+    )
   info['requested'] = spec.to_json()
   info['seconds'] = time.perf_counter() - t0
-  info['recall'] = faiss_index.measure_recall(index, resolved, rows.take, rows.iter_blocks, n,
-                                              k=options.recall_k, sample=options.recall_sample,
-                                              seed=resolved.seed)
+  info['recall'] = faiss_index.measure_recall(
+    index,
+    resolved,
+    rows.take,
+    rows.iter_blocks,
+    n,
+    k=options.recall_k,
+    sample=options.recall_sample,
+    seed=resolved.seed,
+  )
   faiss_index.save(index, store.faiss_path)
   return info

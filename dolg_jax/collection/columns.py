@@ -30,9 +30,16 @@ from dolg_jax.collection import files as files_lib
 
 TABLE_FILE = 'rows.arrow'
 KEY = b'dolg_jax.parts'
-ESCAPED = b'dolg_jax.escaped'   # rows whose CSV path is escaped (\xNN), found at conversion
-SCHEMA = pa.schema([('path', pa.large_string()), ('height', pa.int64()), ('width', pa.int64()),
-                    ('bytes', pa.int64()), ('sha1', pa.large_string())])
+ESCAPED = b'dolg_jax.escaped'  # rows whose CSV path is escaped (\xNN), found at conversion
+SCHEMA = pa.schema(
+  [
+    ('path', pa.large_string()),
+    ('height', pa.int64()),
+    ('width', pa.int64()),
+    ('bytes', pa.int64()),
+    ('sha1', pa.large_string()),
+  ]
+)
 
 
 class TableError(ValueError):
@@ -50,10 +57,15 @@ def _key(store, parts) -> list:
 def _read_part(store, g: int, p: int) -> pa.Table:
   path = store.part_base(g, p) + '.csv'
   try:
-    t = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-                        convert_options=pa_csv.ConvertOptions(
-                            column_types={f.name: f.type for f in SCHEMA},
-                            include_columns=SCHEMA.names, strings_can_be_null=False))
+    t = pa_csv.read_csv(
+      path,
+      parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+      convert_options=pa_csv.ConvertOptions(
+        column_types={f.name: f.type for f in SCHEMA},
+        include_columns=SCHEMA.names,
+        strings_can_be_null=False,
+      ),
+    )
   except (pa.ArrowInvalid, OSError, KeyError) as e:
     if isinstance(e, FileNotFoundError):
       raise TableError(f'{path} is missing') from None
@@ -73,16 +85,20 @@ def _open(path: str, key: list) -> Optional[pa.Table]:
     stored = json.loads(meta.get(KEY, b'null'))
   except ValueError:
     return None
-  if (not isinstance(stored, list) or [k[:4] for k in stored] != key
-      or reader.schema.remove_metadata() != SCHEMA):
+  if (
+    not isinstance(stored, list)
+    or [k[:4] for k in stored] != key
+    or reader.schema.remove_metadata() != SCHEMA
+  ):
     return None
   return reader.read_all()
 
 
 def _write(path: str, table: pa.Table, key: list, escaped: list) -> None:
   tmp = f'{path}.tmp-{os.getpid()}'
-  schema = SCHEMA.with_metadata({KEY: json.dumps(key).encode(),
-                                 ESCAPED: json.dumps(escaped).encode()})
+  schema = SCHEMA.with_metadata(
+    {KEY: json.dumps(key).encode(), ESCAPED: json.dumps(escaped).encode()}
+  )
   try:
     with pa.OSFile(tmp, 'wb') as f, ipc.new_file(f, schema) as w:
       w.write_table(table.replace_schema_metadata(schema.metadata), max_chunksize=1 << 62)
@@ -166,8 +182,12 @@ class RowTable:
     single = all(c.num_chunks <= 1 for c in table.columns)
     self.table = table if single else table.combine_chunks()
     self.part_counts = part_counts
-    self.paths = Column(self.table.column('path').chunk(0) if self.table.num_rows else
-                        pa.array([], pa.large_string()), overrides)
+    self.paths = Column(
+      self.table.column('path').chunk(0)
+      if self.table.num_rows
+      else pa.array([], pa.large_string()),
+      overrides,
+    )
     self.meta = Meta(self.table, self.paths)
 
   def __len__(self) -> int:
@@ -181,8 +201,7 @@ def row_table(store, parts: Sequence[tuple[int, int]]) -> RowTable:
   table = _open(path, key) if os.path.exists(path) else None
   if table is None:
     pieces = [_read_part(store, g, p) for g, p in parts]
-    table = (pa.concat_tables(pieces).combine_chunks() if pieces
-             else SCHEMA.empty_table())
+    table = pa.concat_tables(pieces).combine_chunks() if pieces else SCHEMA.empty_table()
     counts = [t.num_rows for t in pieces]
     escaped = _escaped_rows(table)
     _write(path, table, [k + [c] for k, c in zip(key, counts)], escaped)

@@ -37,15 +37,15 @@ KINDS = ('flat', 'ivfpq', 'hnsw')
 @dataclasses.dataclass(frozen=True)
 class Spec:
   kind: str = 'flat'
-  nlist: int = 0          # ivfpq: inverted lists (0: ~4 sqrt(n), a power of two, <= n / 39)
-  pq_m: int = 0           # ivfpq: sub-quantizers (0: D / 8, a divisor of D)
-  pq_bits: int = 4        # ivfpq: bits per code (4: SIMD fast scan; lowered for small samples)
-  nprobe: int = 32        # ivfpq: lists visited per query
-  refine: int = 10        # ivfpq: shortlist k * refine re-scored exactly (1 = off)
-  hnsw_m: int = 32        # hnsw: links per node
+  nlist: int = 0  # ivfpq: inverted lists (0: ~4 sqrt(n), a power of two, <= n / 39)
+  pq_m: int = 0  # ivfpq: sub-quantizers (0: D / 8, a divisor of D)
+  pq_bits: int = 4  # ivfpq: bits per code (4: SIMD fast scan; lowered for small samples)
+  nprobe: int = 32  # ivfpq: lists visited per query
+  refine: int = 10  # ivfpq: shortlist k * refine re-scored exactly (1 = off)
+  hnsw_m: int = 32  # hnsw: links per node
   ef_construction: int = 80
   ef_search: int = 400
-  train_size: int = 0     # ivfpq: training sample (0: min(n, max(64 nlist, 40 * 2^bits), 262144))
+  train_size: int = 0  # ivfpq: training sample (0: min(n, max(64 nlist, 40 * 2^bits), 262144))
   seed: int = 0
 
   def to_json(self) -> dict:
@@ -63,7 +63,7 @@ def resolve(spec: Spec, n: int, d: int) -> Spec:
   m = spec.pq_m or max(1, d // 8)
   while d % m:
     m -= 1
-  train = spec.train_size or min(n, max(32 * nlist, 40 * 2 ** spec.pq_bits, 1), 131072)
+  train = spec.train_size or min(n, max(32 * nlist, 40 * 2**spec.pq_bits, 1), 131072)
   train = min(train, n)
   bits = max(1, min(spec.pq_bits, int(math.floor(math.log2(max(train, 2))))))
   return dataclasses.replace(spec, nlist=nlist, pq_m=m, pq_bits=bits, train_size=train)
@@ -81,8 +81,7 @@ def description(spec: Spec) -> str:
     return 'IndexFlatIP'
   if spec.kind == 'hnsw':
     return f'HNSW{spec.hnsw_m},Flat'
-  return factory_string(spec) + (
-      f' + exact refine x{spec.refine}' if spec.refine > 1 else '')
+  return factory_string(spec) + (f' + exact refine x{spec.refine}' if spec.refine > 1 else '')
 
 
 def _empty(spec: Spec, d: int):
@@ -103,9 +102,15 @@ def configure(index, spec: Spec) -> None:
     index.hnsw.efSearch = spec.ef_search
 
 
-def build(blocks: Callable[[], Iterable[tuple[int, np.ndarray]]], take: Callable, n: int, d: int,
-          spec: Spec, resolved: Optional[Spec] = None, trained_rows: Optional[int] = None
-          ) -> tuple[object, Spec, dict]:
+def build(
+  blocks: Callable[[], Iterable[tuple[int, np.ndarray]]],
+  take: Callable,
+  n: int,
+  d: int,
+  spec: Spec,
+  resolved: Optional[Spec] = None,
+  trained_rows: Optional[int] = None,
+) -> tuple[object, Spec, dict]:
   """(index, resolved spec, info) over n rows of width d.
 
   blocks(): yields (start, float32 block) in row order; take(ids): float32 rows (training sample).
@@ -115,8 +120,12 @@ def build(blocks: Callable[[], Iterable[tuple[int, np.ndarray]]], take: Callable
   spec = resolved or resolve(spec, n, d)
   trained_rows = int(trained_rows or n)
   index = _empty(spec, d)
-  info = {'type': description(spec), 'spec': spec.to_json(), 'ntotal': 0,
-          'trained_rows': trained_rows}
+  info = {
+    'type': description(spec),
+    'spec': spec.to_json(),
+    'ntotal': 0,
+    'trained_rows': trained_rows,
+  }
   t0 = time.perf_counter()
   if spec.kind == 'ivfpq':
     rng = np.random.default_rng(spec.seed)
@@ -140,8 +149,9 @@ def extend(index, blocks: Iterable[tuple[int, np.ndarray]]) -> None:
   """Appends blocks (start, float32 rows) whose start must be index.ntotal."""
   for start, block in blocks:
     if start != index.ntotal:
-      raise ValueError(f'rows must be added in order: block starts at {start}, index has '
-                       f'{index.ntotal}')
+      raise ValueError(
+        f'rows must be added in order: block starts at {start}, index has {index.ntotal}'
+      )
     index.add(np.ascontiguousarray(block, np.float32))
 
 
@@ -165,8 +175,11 @@ def _merge(best_s, best_i, s, i, k):
   all_s = np.concatenate([best_s, s], axis=1)
   all_i = np.concatenate([best_i, i], axis=1)
   kk = min(k, all_s.shape[1])
-  part = np.argpartition(-all_s, kk - 1, axis=1)[:, :kk] if all_s.shape[1] > kk else \
-      np.broadcast_to(np.arange(all_s.shape[1]), all_s.shape).copy()
+  part = (
+    np.argpartition(-all_s, kk - 1, axis=1)[:, :kk]
+    if all_s.shape[1] > kk
+    else np.broadcast_to(np.arange(all_s.shape[1]), all_s.shape).copy()
+  )
   return np.take_along_axis(all_s, part, 1), np.take_along_axis(all_i, part, 1)
 
 
@@ -180,8 +193,9 @@ def sort_results(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.nd
   return out_s, out_i
 
 
-def exact_topk(queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], k: int
-               ) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(
+  queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Exact top k by float32 matmul + argpartition over (start, block) rows; best first."""
   q = np.ascontiguousarray(queries, np.float32)
   best_s = np.zeros((q.shape[0], 0), np.float32)
@@ -204,12 +218,16 @@ def flat_vectors(index) -> np.ndarray:
 def flat_blocks(index, rows: int = 65536):
   x = flat_vectors(index)
   for a in range(0, x.shape[0], rows):
-    yield a, x[a:a + rows]
+    yield a, x[a : a + rows]
 
 
-def search(index, spec: Spec, queries: np.ndarray, k: int,
-           take: Optional[Callable[[np.ndarray], np.ndarray]] = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def search(
+  index,
+  spec: Spec,
+  queries: np.ndarray,
+  k: int,
+  take: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """(scores, ids), each (nq, k'), k' = min(k, ntotal), best first, scores exact for 'flat',
   'hnsw' and refined 'ivfpq' (take: row ids -> stored float32 descriptors, for the refine)."""
   q = np.ascontiguousarray(queries, np.float32)
@@ -226,8 +244,11 @@ def search(index, spec: Spec, queries: np.ndarray, k: int,
     vecs = take(np.where(valid, ids, 0))
     s = np.einsum('qd,qmd->qm', q, vecs).astype(np.float32)
     s = np.where(valid, s, -np.inf)
-    part = np.argpartition(-s, k - 1, axis=1)[:, :k] if short > k else \
-        np.broadcast_to(np.arange(short), s.shape)
+    part = (
+      np.argpartition(-s, k - 1, axis=1)[:, :k]
+      if short > k
+      else np.broadcast_to(np.arange(short), s.shape)
+    )
     s, ids = np.take_along_axis(s, part, 1), np.take_along_axis(ids, part, 1)
     return sort_results(s, ids)
   s, ids = index.search(q, k)
@@ -236,13 +257,22 @@ def search(index, spec: Spec, queries: np.ndarray, k: int,
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
   """Mean over rows of |approx ∩ exact| / |exact| (ids; -1 never counts)."""
-  hits = [len(set(a[a >= 0].tolist()) & set(e.tolist())) / max(1, len(e))
-          for a, e in zip(approx, exact)]
+  hits = [
+    len(set(a[a >= 0].tolist()) & set(e.tolist())) / max(1, len(e)) for a, e in zip(approx, exact)
+  ]
   return float(np.mean(hits)) if hits else 1.0
 
 
-def measure_recall(index, spec: Spec, take: Callable, blocks: Callable, n: int, k: int = 100,
-                   sample: int = 200, seed: int = 0) -> dict:
+def measure_recall(
+  index,
+  spec: Spec,
+  take: Callable,
+  blocks: Callable,
+  n: int,
+  k: int = 100,
+  sample: int = 200,
+  seed: int = 0,
+) -> dict:
   """recall@k of `search` against exact search, a seeded sample of stored rows as queries."""
   k = int(min(k, n))
   m = int(min(sample, n))
@@ -255,5 +285,9 @@ def measure_recall(index, spec: Spec, take: Callable, blocks: Callable, n: int, 
   t0 = time.perf_counter()
   _, approx = search(index, spec, q, k, take)
   seconds = time.perf_counter() - t0
-  return {'k': k, 'queries': m, 'recall': recall_at_k(approx, exact),
-          'ms_per_query_batched': 1000 * seconds / m}
+  return {
+    'k': k,
+    'queries': m,
+    'recall': recall_at_k(approx, exact),
+    'ms_per_query_batched': 1000 * seconds / m,
+  }

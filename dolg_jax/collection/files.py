@@ -58,14 +58,16 @@ def _list_file(path: str, root: str) -> list[str]:
   with open(path, 'rb') as f:
     data = f.read()
   if data.startswith(codecs.BOM_UTF8):
-    data = data[len(codecs.BOM_UTF8):]
+    data = data[len(codecs.BOM_UTF8) :]
   out = []
   for number, raw in enumerate(data.split(b'\n'), 1):
     try:
       line = raw.decode('utf-8').removesuffix('\r')
     except UnicodeDecodeError as e:
-      raise ListFileError(f'{path}, line {number}: not UTF-8 text (byte {raw[e.start]:#04x} at '
-                          f'column {e.start + 1}); save the list as UTF-8') from None
+      raise ListFileError(
+        f'{path}, line {number}: not UTF-8 text (byte {raw[e.start]:#04x} at '
+        f'column {e.start + 1}); save the list as UTF-8'
+      ) from None
     if line.strip() and not line.startswith('#'):
       out.append(normalise(root, line))
   return out

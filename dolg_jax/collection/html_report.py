@@ -22,8 +22,12 @@ from dolg_jax.collection import files as files_lib
 from dolg_jax.collection import reading
 
 
-def thumbnail_uri(path: str, height: int, box: Optional[Sequence[float]] = None,
-                  limits: reading.Limits = reading.Limits()) -> Optional[str]:
+def thumbnail_uri(
+  path: str,
+  height: int,
+  box: Optional[Sequence[float]] = None,
+  limits: reading.Limits = reading.Limits(),
+) -> Optional[str]:
   """A JPEG data URI of the image scaled to `height` (box drawn in blue), None if unreadable."""
   got = reading.read_image(path, limits)
   if got.image is None:
@@ -31,8 +35,9 @@ def thumbnail_uri(path: str, height: int, box: Optional[Sequence[float]] = None,
   im = Image.fromarray(np.ascontiguousarray(got.image))
   if box is not None:
     top, left, h, w = (float(v) for v in box)
-    ImageDraw.Draw(im).rectangle([left, top, left + w, top + h], outline=(40, 90, 220),
-                                 width=max(2, im.height // 60))
+    ImageDraw.Draw(im).rectangle(
+      [left, top, left + w, top + h], outline=(40, 90, 220), width=max(2, im.height // 60)
+    )
   scale = height / im.height
   im = im.resize((max(1, round(im.width * scale)), height), Image.BILINEAR)
   buf = io.BytesIO()
@@ -45,20 +50,34 @@ def _text(s: str) -> str:
 
 
 def _figure(uri: Optional[str], caption: str, border: str) -> str:
-  img = (f'<img src="{uri}" style="border:3px solid {border}">' if uri
-         else '<div style="width:96px;height:96px;background:#eee">unreadable</div>')
-  return (f'<figure style="display:inline-block;margin:4px;vertical-align:top;max-width:160px">'
-          f'{img}<figcaption style="font:11px monospace;word-break:break-all">'
-          f'{_text(caption)}</figcaption></figure>')
+  img = (
+    f'<img src="{uri}" style="border:3px solid {border}">'
+    if uri
+    else '<div style="width:96px;height:96px;background:#eee">unreadable</div>'
+  )
+  return (
+    f'<figure style="display:inline-block;margin:4px;vertical-align:top;max-width:160px">'
+    f'{img}<figcaption style="font:11px monospace;word-break:break-all">'
+    f'{_text(caption)}</figcaption></figure>'
+  )
 
 
-def write(out_dir: str, index_dir: str, images_root: str, queries: Sequence[dict],
-          boxes: Sequence[Optional[Sequence[float]]], height: int = 96,
-          title: str = 'dolg_jax search', limits: reading.Limits = reading.Limits()) -> str:
+def write(
+  out_dir: str,
+  index_dir: str,
+  images_root: str,
+  queries: Sequence[dict],
+  boxes: Sequence[Optional[Sequence[float]]],
+  height: int = 96,
+  title: str = 'dolg_jax search',
+  limits: reading.Limits = reading.Limits(),
+) -> str:
   """Writes OUT_DIR/report.html. queries: results.json's entries ({'query', 'results'})."""
-  parts = ['<html><head><meta charset="utf-8"><title>' + html.escape(title) + '</title></head>'
-           f'<body><h1>{html.escape(title)}</h1><p>index: {_text(index_dir)} '
-           f'(images under {_text(images_root)}); score = cosine similarity</p>']
+  parts = [
+    '<html><head><meta charset="utf-8"><title>' + html.escape(title) + '</title></head>'
+    f'<body><h1>{html.escape(title)}</h1><p>index: {_text(index_dir)} '
+    f'(images under {_text(images_root)}); score = cosine similarity</p>'
+  ]
   for q, box in zip(queries, boxes):
     parts.append(f'<h2>{_text(q["query"])}</h2><div>')
     parts.append(_figure(thumbnail_uri(q['query'], height, box, limits), 'query', '#285adc'))

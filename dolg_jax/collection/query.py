@@ -68,8 +68,9 @@ def box_to_bbx(box: Sequence[float]) -> np.ndarray:
   return np.asarray([left, top, left + width, top + height], np.float64)
 
 
-def rerank_candidates(queries: np.ndarray, candidates: np.ndarray, K: int = 9, beta: float = 0.15
-                      ) -> np.ndarray:
+def rerank_candidates(
+  queries: np.ndarray, candidates: np.ndarray, K: int = 9, beta: float = 0.15
+) -> np.ndarray:
   """SuperGlobal re-ranking of candidate lists from any system.
 
   queries (nq, D) and candidates (nq, M, D) in their initial order (both L2-normalised, as the
@@ -93,15 +94,22 @@ def check_k(k: int) -> None:
 class Collection:
   """An opened index: search by descriptors or by images, re-rank (module docstring)."""
 
-  def __init__(self, index_dir: str, *, checkpoint: Optional[str] = None,
-               workdir: Optional[str] = None, mmap_faiss: bool = False):
+  def __init__(
+    self,
+    index_dir: str,
+    *,
+    checkpoint: Optional[str] = None,
+    workdir: Optional[str] = None,
+    mmap_faiss: bool = False,
+  ):
     self.index_dir = index_dir
     self.store = store_lib.IndexStore(index_dir)
     self.manifest = self.store.manifest()
     if self.manifest.get('status') != 'complete':
       raise store_lib.NotAnIndexError(
-          f'{self.store.path}: the index is not complete (status {self.manifest.get("status")!r}'
-          '); rerun the index command that built it')
+        f'{self.store.path}: the index is not complete (status {self.manifest.get("status")!r}'
+        '); rerun the index command that built it'
+      )
     self.store.verify_for_search(self.manifest)
     self.rows = store_lib.Rows(self.store)
     self.spec, self.index = None, None
@@ -110,12 +118,15 @@ class Collection:
       self.index = faiss_index.load(self.store.faiss_path, self.spec, mmap=mmap_faiss)
     if (self.index.ntotal if self.index is not None else 0) != len(self.rows):
       raise store_lib.DamagedIndexError(
-          f'{self.store.faiss_path} does not hold the {len(self.rows)} rows of the parts; '
-          f'{store_lib.REPAIR}')
+        f'{self.store.faiss_path} does not hold the {len(self.rows)} rows of the parts; '
+        f'{store_lib.REPAIR}'
+      )
     self.root = self.manifest['images_root']
     protocol = self.manifest.get('protocol', {})
-    self.limits = reading.Limits(protocol.get('max_pixels', reading.MAX_PIXELS),
-                                 protocol.get('max_file_mb', reading.MAX_FILE_MB))
+    self.limits = reading.Limits(
+      protocol.get('max_pixels', reading.MAX_PIXELS),
+      protocol.get('max_file_mb', reading.MAX_FILE_MB),
+    )
     self.config = config_of(self.manifest)
     self._model_paths = {'checkpoint': checkpoint, 'workdir': workdir}
     self._extractor: Optional[extract_lib.Extractor] = None
@@ -134,29 +145,32 @@ class Collection:
     """The index's model and protocol, loaded once (fingerprint checked)."""
     if self._extractor is None:
       given = {k: v for k, v in self._model_paths.items() if v}
-      recorded = {k: v for k in ('checkpoint', 'workdir')
-                  if (v := self.manifest['model'].get(k))}
+      recorded = {k: v for k in ('checkpoint', 'workdir') if (v := self.manifest['model'].get(k))}
       paths = given or recorded
       apply_fn, variables, _ = evaluate.load_model(self.config, **paths)
       cfg = extract_lib.from_config(self.config.eval)
-      fp = build_lib.fingerprint(self.config, apply_fn, variables, cfg,
-                                 self.manifest['fingerprint']['descriptor_dtype'])
+      fp = build_lib.fingerprint(
+        self.config, apply_fn, variables, cfg, self.manifest['fingerprint']['descriptor_dtype']
+      )
       diff = store_lib.fingerprint_diff(self.manifest['fingerprint'], fp)
       if diff:
         raise store_lib.IndexMismatchError(
-            f'the model at {paths} differs from the one {self.store.path} was built with '
-            f'({", ".join(diff)}): pass the checkpoint the index was built with')
+          f'the model at {paths} differs from the one {self.store.path} was built with '
+          f'({", ".join(diff)}): pass the checkpoint the index was built with'
+        )
       cap = self.manifest.get('protocol', {}).get('long_side_cap')
       if cap is not None and cap != extract_lib.long_side_cap(cfg):
         raise store_lib.IndexMismatchError(
-            f'{self.store.path} capped long sides at {cap} pixels, this version at '
-            f'{extract_lib.long_side_cap(cfg)}: rebuild the index (--replace) or use the version '
-            'that built it')
+          f'{self.store.path} capped long sides at {cap} pixels, this version at '
+          f'{extract_lib.long_side_cap(cfg)}: rebuild the index (--replace) or use the version '
+          'that built it'
+        )
       self._extractor = extract_lib.Extractor(apply_fn, variables, cfg)
     return self._extractor
 
-  def describe_images(self, paths: Sequence[str],
-                      boxes: Optional[Sequence[Optional[Sequence[float]]]] = None) -> np.ndarray:
+  def describe_images(
+    self, paths: Sequence[str], boxes: Optional[Sequence[Optional[Sequence[float]]]] = None
+  ) -> np.ndarray:
     """(n, D) query descriptors of image files (boxes: (top, left, height, width) or None each)."""
     boxes = list(boxes) if boxes is not None else [None] * len(paths)
     if len(boxes) != len(paths):
@@ -180,8 +194,9 @@ class Collection:
     e = self.config.eval
     return {'M': int(e.rerank_m), 'K': int(e.rerank_k), 'beta': float(e.rerank_beta)}
 
-  def search_descriptors(self, queries: np.ndarray, k: int = 100, rerank: str = ''
-                         ) -> tuple[np.ndarray, np.ndarray]:
+  def search_descriptors(
+    self, queries: np.ndarray, k: int = 100, rerank: str = ''
+  ) -> tuple[np.ndarray, np.ndarray]:
     """(scores (nq, k'), row ids (nq, k')), best first, k' = min(k, len(self))."""
     if rerank not in RERANKERS:
       raise ValueError(f'rerank must be one of {RERANKERS}; got {rerank!r}')
@@ -197,8 +212,9 @@ class Collection:
     bad = ~np.isfinite(scores)
     if bad.any():
       raise store_lib.DamagedIndexError(
-          f'{self.store.path}: stored descriptors of rows {sorted(set(ids[bad].tolist()))[:5]} '
-          f'are not finite (a damaged part); {store_lib.REPAIR}')
+        f'{self.store.path}: stored descriptors of rows {sorted(set(ids[bad].tolist()))[:5]} '
+        f'are not finite (a damaged part); {store_lib.REPAIR}'
+      )
     return scores, ids
 
   def candidates(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -213,15 +229,18 @@ class Collection:
     m = min(max(p['M'], k), len(self))
     _, top = self.candidates(q, m)
     if top.shape[1] < m or (top < 0).any():
-      raise ValueError(f'the search structure returned fewer than M={m} candidates; raise '
-                       'nprobe / ef_search when building the index')
+      raise ValueError(
+        f'the search structure returned fewer than M={m} candidates; raise '
+        'nprobe / ef_search when building the index'
+      )
     self.rows.take(top)  # raises on damaged (non-finite) candidates before they are re-ranked
-    new = rerank_lib.rerank_heads(q, self.rows.segments, top, p['K'], p['beta'])[:, :min(k, m)]
+    new = rerank_lib.rerank_heads(q, self.rows.segments, top, p['K'], p['beta'])[:, : min(k, m)]
     scores = np.einsum('qd,qkd->qk', q, self.rows.take(new)).astype(np.float32)
     return scores, new
 
-  def search_images(self, paths: Sequence[str], boxes=None, k: int = 100, rerank: str = ''
-                    ) -> list[list[tuple[str, float]]]:
+  def search_images(
+    self, paths: Sequence[str], boxes=None, k: int = 100, rerank: str = ''
+  ) -> list[list[tuple[str, float]]]:
     """Per query: [(path as indexed, cosine similarity), ...] best first."""
     check_k(k)
     if self.index is None:  # an index of 0 images: the queries are still read (named errors)
@@ -230,14 +249,23 @@ class Collection:
           raise ValueError(f'query {files_lib.escape(p)}: {reason}')
       return [[] for _ in paths]
     scores, ids = self.search_descriptors(self.describe_images(paths, boxes), k, rerank)
-    return [[(self.paths[i], float(s)) for s, i in zip(sr, ir) if i >= 0]
-            for sr, ir in zip(scores, ids)]
+    return [
+      [(self.paths[i], float(s)) for s, i in zip(sr, ir) if i >= 0] for sr, ir in zip(scores, ids)
+    ]
 
 
-def search_to_dir(index_dir: str, queries: Sequence[str],
-                  boxes: Optional[Sequence[Optional[Sequence[float]]]], out_dir: str, *,
-                  k: int = 100, rerank: str = '', checkpoint: Optional[str] = None,
-                  workdir: Optional[str] = None, report: bool = True) -> dict:
+def search_to_dir(
+  index_dir: str,
+  queries: Sequence[str],
+  boxes: Optional[Sequence[Optional[Sequence[float]]]],
+  out_dir: str,
+  *,
+  k: int = 100,
+  rerank: str = '',
+  checkpoint: Optional[str] = None,
+  workdir: Optional[str] = None,
+  report: bool = True,
+) -> dict:
   """Searches image files; writes OUT_DIR/results.json and OUT_DIR/report.html.
 
   results.json: {"index": INDEX_DIR (as given), "queries": [{"query": PATH (as given), "results":
@@ -246,9 +274,13 @@ def search_to_dir(index_dir: str, queries: Sequence[str],
   col = Collection(index_dir, checkpoint=checkpoint, workdir=workdir)
   boxes = list(boxes) if boxes is not None else [None] * len(queries)
   hits = col.search_images(list(queries), boxes, k=k, rerank=rerank)
-  out = {'index': index_dir,
-         'queries': [{'query': q, 'results': [{'path': p, 'score': s} for p, s in h]}
-                     for q, h in zip(queries, hits)]}
+  out = {
+    'index': index_dir,
+    'queries': [
+      {'query': q, 'results': [{'path': p, 'score': s} for p, s in h]}
+      for q, h in zip(queries, hits)
+    ],
+  }
   os.makedirs(out_dir, exist_ok=True)
   store_lib.atomic_write_json(os.path.join(out_dir, 'results.json'), out)
   if report:

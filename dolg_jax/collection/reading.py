@@ -25,8 +25,8 @@ from PIL import Image
 
 from dolg_jax.data import decode
 
-MAX_PIXELS = 150_000_000   # the default pixel limit: every camera photo; a 20000^2 bomb is 400M
-MAX_FILE_MB = 512          # the default size limit of one file
+MAX_PIXELS = 150_000_000  # the default pixel limit: every camera photo; a 20000^2 bomb is 400M
+MAX_FILE_MB = 512  # the default size limit of one file
 _CHUNK = 1 << 20
 
 # Our limit replaces Pillow's warning for images between its threshold and ours.
@@ -36,7 +36,8 @@ warnings.simplefilter('ignore', Image.DecompressionBombWarning)
 @dataclasses.dataclass(frozen=True)
 class Limits:
   """What one file may cost before it is refused (the index and search flags)."""
-  max_pixels: int = MAX_PIXELS   # from the header, before decoding
+
+  max_pixels: int = MAX_PIXELS  # from the header, before decoding
   max_file_mb: int = MAX_FILE_MB
 
   @property
@@ -45,28 +46,39 @@ class Limits:
 
   def check(self) -> None:
     if self.max_pixels < 1 or self.max_file_mb < 1:
-      raise ValueError(f'--max_pixels and --max_file_mb must be >= 1; got {self.max_pixels}, '
-                       f'{self.max_file_mb}')
+      raise ValueError(
+        f'--max_pixels and --max_file_mb must be >= 1; got {self.max_pixels}, {self.max_file_mb}'
+      )
 
 
 @dataclasses.dataclass
 class Read:
   """One file's outcome: `image` (uint8 RGB, EXIF-oriented) and its row, or `reason`."""
+
   reason: Optional[str] = None
   image: Optional[np.ndarray] = None
-  height: int = 0       # of the decoded image (before any resize)
+  height: int = 0  # of the decoded image (before any resize)
   width: int = 0
   bytes: int = 0
   sha1: str = ''
 
   def row(self, path: str) -> dict:
-    return {'path': path, 'height': self.height, 'width': self.width, 'bytes': self.bytes,
-            'sha1': self.sha1}
+    return {
+      'path': path,
+      'height': self.height,
+      'width': self.width,
+      'bytes': self.bytes,
+      'sha1': self.sha1,
+    }
 
 
-_KINDS = ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO (named pipe)'),
-          (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'),
-          (stat.S_ISSOCK, 'a socket'))
+_KINDS = (
+  (stat.S_ISDIR, 'a folder'),
+  (stat.S_ISFIFO, 'a FIFO (named pipe)'),
+  (stat.S_ISCHR, 'a character device'),
+  (stat.S_ISBLK, 'a block device'),
+  (stat.S_ISSOCK, 'a socket'),
+)
 
 
 def _kind(mode: int) -> str:
@@ -160,6 +172,10 @@ def read_image(path: str, limits: Limits = Limits()) -> Read:
   img, reason = decode_image(data, limits.max_pixels)
   if reason:
     return Read(reason=reason, bytes=len(data))
-  return Read(image=img, height=int(img.shape[0]), width=int(img.shape[1]), bytes=len(data),
-              sha1=hashlib.sha1(data).hexdigest())
-
+  return Read(
+    image=img,
+    height=int(img.shape[0]),
+    width=int(img.shape[1]),
+    bytes=len(data),
+    sha1=hashlib.sha1(data).hexdigest(),
+  )

@@ -83,8 +83,10 @@ class DamagedIndexError(ValueError):
 REPAIR = 'rerun the python -m dolg_jax.index command that built it (it repairs what is damaged)'
 
 
-UNREPAIRABLE = ('restore it from a backup, or move the index aside and index again (it records '
-                'what the stored files are; they cannot be verified without it)')
+UNREPAIRABLE = (
+  'restore it from a backup, or move the index aside and index again (it records '
+  'what the stored files are; they cannot be verified without it)'
+)
 
 
 def read_json(path: str) -> Any:
@@ -159,8 +161,10 @@ class IndexStore:
 
   def manifest(self) -> dict:
     if not self.exists():
-      raise NotAnIndexError(f'{self.path} holds no collection index (no {MANIFEST}); build one '
-                            'with python -m dolg_jax.index --images=... --out=...')
+      raise NotAnIndexError(
+        f'{self.path} holds no collection index (no {MANIFEST}); build one '
+        'with python -m dolg_jax.index --images=... --out=...'
+      )
     m = read_json(self.manifest_path)
     if not isinstance(m, dict) or m.get('format') != FORMAT:
       raise NotAnIndexError(f'{self.manifest_path} is not a {FORMAT} manifest')
@@ -193,8 +197,9 @@ class IndexStore:
   def plan_parts(plan: dict) -> list[tuple[int, int, list[str]]]:
     """(generation, part, files) of every part of a plan."""
     files, size = plan['files'], plan['part_size']
-    return [(plan['generation'], c, files[a:a + size])
-            for c, a in enumerate(range(0, len(files), size))]
+    return [
+      (plan['generation'], c, files[a : a + size]) for c, a in enumerate(range(0, len(files), size))
+    ]
 
   def all_parts(self) -> list[tuple[int, int, list[str]]]:
     return [p for plan in self.plans() for p in self.plan_parts(plan)]
@@ -207,8 +212,14 @@ class IndexStore:
   def is_committed(self, gen: int, part: int) -> bool:
     return os.path.exists(self.part_base(gen, part) + '.csv')
 
-  def write_part(self, gen: int, part: int, descriptors: np.ndarray, rows: Sequence[dict],
-                 skipped: Sequence[tuple[str, str]]) -> None:
+  def write_part(
+    self,
+    gen: int,
+    part: int,
+    descriptors: np.ndarray,
+    rows: Sequence[dict],
+    skipped: Sequence[tuple[str, str]],
+  ) -> None:
     """Descriptors (n, D) of `rows` (dicts with META_FIELDS) and the part's skipped files."""
     if descriptors.shape[0] != len(rows):
       raise ValueError(f'{descriptors.shape[0]} descriptors for {len(rows)} rows')
@@ -218,8 +229,9 @@ class IndexStore:
     np.save(buf, np.ascontiguousarray(descriptors))
     atomic_write_bytes(base + '.npy', buf.getvalue())
     atomic_write_bytes(base + '.skipped.csv', _csv_bytes(('path', 'reason'), skipped))
-    atomic_write_bytes(base + '.csv', _csv_bytes(META_FIELDS,
-                                                 ([r[k] for k in META_FIELDS] for r in rows)))
+    atomic_write_bytes(
+      base + '.csv', _csv_bytes(META_FIELDS, ([r[k] for k in META_FIELDS] for r in rows))
+    )
 
   def part_files(self, gen: int, part: int) -> list[str]:
     """The part's files relative to the index directory, the commit marker (.csv) last."""
@@ -255,13 +267,15 @@ class IndexStore:
       return f'{files[0]} holds {d.shape[0]} descriptors for {len(rows)} rows'
     return None
 
-  def part_checksums(self, parts: Sequence[tuple[int, int]], known: Optional[dict] = None
-                     ) -> dict:
+  def part_checksums(self, parts: Sequence[tuple[int, int]], known: Optional[dict] = None) -> dict:
     """{relative path: {'bytes', 'sha256'}} of the parts' files; entries of `known` (digests this
     run made or verified) are taken as they are, the others read and hashed."""
     known = known or {}
-    return {rel: known.get(rel) or file_digest(os.path.join(self.path, rel))
-            for g, p in parts for rel in self.part_files(g, p)}
+    return {
+      rel: known.get(rel) or file_digest(os.path.join(self.path, rel))
+      for g, p in parts
+      for rel in self.part_files(g, p)
+    }
 
   def checksums(self, parts: Sequence[tuple[int, int]], known: Optional[dict] = None) -> dict:
     """`part_checksums` plus the plans, skipped.csv and faiss.index (the manifest's 'checksums')."""
@@ -286,16 +300,19 @@ class IndexStore:
         raise DamagedIndexError(f'{path} is missing; {REPAIR}')
       size = os.path.getsize(path)
       if size != want['bytes']:
-        raise DamagedIndexError(f'{path} is damaged ({size} bytes; {MANIFEST} recorded '
-                                f'{want["bytes"]}); {REPAIR}')
+        raise DamagedIndexError(
+          f'{path} is damaged ({size} bytes; {MANIFEST} recorded {want["bytes"]}); {REPAIR}'
+        )
     parts = {f for g, p in self.committed_parts() for f in self.part_files(g, p)}
     extra = sorted(parts - set(recorded))
     if extra:
-      raise DamagedIndexError(f'{os.path.join(self.path, extra[0])} is not in {MANIFEST} (an '
-                              f'unfinished run?); {REPAIR}')
+      raise DamagedIndexError(
+        f'{os.path.join(self.path, extra[0])} is not in {MANIFEST} (an unfinished run?); {REPAIR}'
+      )
     if FAISS_FILE in recorded and file_digest(self.faiss_path) != recorded[FAISS_FILE]:
-      raise DamagedIndexError(f'{self.faiss_path} is damaged (its sha256 differs from '
-                              f'{MANIFEST}); {REPAIR}')
+      raise DamagedIndexError(
+        f'{self.faiss_path} is damaged (its sha256 differs from {MANIFEST}); {REPAIR}'
+      )
 
   def committed_parts(self) -> list[tuple[int, int]]:
     """(generation, part) of the parts on disk, in row order."""
@@ -354,8 +371,9 @@ class Rows:
     for (g, p), count in zip(self.parts, self.table.part_counts):
       d = store.part_descriptors(g, p)
       if d.shape[0] != count:
-        raise DamagedIndexError(f'{store.part_base(g, p)}.npy holds {d.shape[0]} descriptors for '
-                                f'{count} rows; {REPAIR}')
+        raise DamagedIndexError(
+          f'{store.part_base(g, p)}.npy holds {d.shape[0]} descriptors for {count} rows; {REPAIR}'
+        )
       if d.shape[0]:
         self.segments.append(d)
     sizes = [s.shape[0] for s in self.segments]
@@ -385,15 +403,17 @@ class Rows:
         out[sel] = self.segments[s][flat[sel] - self.offsets[s]]
     if not np.isfinite(out).all():  # damaged in place (same size): never a NaN score
       bad = np.unique(flat[~np.isfinite(out).all(axis=1)])
-      raise DamagedIndexError(f'{self.store.path}: the stored descriptors of rows '
-                              f'{bad[:5].tolist()} are not finite (a damaged part); {REPAIR}')
+      raise DamagedIndexError(
+        f'{self.store.path}: the stored descriptors of rows '
+        f'{bad[:5].tolist()} are not finite (a damaged part); {REPAIR}'
+      )
     return out.reshape(ids.shape + (self.dim,))
 
   def iter_blocks(self, rows: int = 65536):
     """(start, float32 block) over all descriptors, part by part (blocks of at most `rows`)."""
     for s, off in zip(self.segments, self.offsets):
       for a in range(0, s.shape[0], rows):
-        yield int(off) + a, np.asarray(s[a:a + rows], np.float32)
+        yield int(off) + a, np.asarray(s[a : a + rows], np.float32)
 
   def all_descriptors(self) -> np.ndarray:
     if not self.segments:

@@ -24,16 +24,17 @@ class MissingImagesError(RuntimeError):
 @dataclasses.dataclass(frozen=True, slots=True)
 class Location:
   """Where the bytes of one image are: a tar member (offset/size) or a plain file."""
+
   path: str
-  offset: int = -1   # -1: the whole file at `path`.
+  offset: int = -1  # -1: the whole file at `path`.
   size: int = -1
 
 
 @dataclasses.dataclass(slots=True)
 class Record:
   id: str
-  class_key: Hashable   # GLDv2: the landmark id (int); folder: the class name (str).
-  label: int            # Contiguous, in sorted class-key order; -1 when unassigned.
+  class_key: Hashable  # GLDv2: the landmark id (int); folder: the class name (str).
+  label: int  # Contiguous, in sorted class-key order; -1 when unassigned.
   split: str
   location: Optional[Location] = None
 
@@ -41,18 +42,20 @@ class Record:
 @dataclasses.dataclass
 class BuildPlan:
   """Everything decided before a byte of image data is read."""
-  records: List[Record]                  # Every listed image, in listing order.
-  class_keys: list                       # label -> class key (sorted).
-  shards: List[str]                      # Tar shards searched (paths relative to the manual dir).
-  extracted_dir: Optional[str]           # Extracted tree (folder) searched, if any.
+
+  records: List[Record]  # Every listed image, in listing order.
+  class_keys: list  # label -> class key (sorted).
+  shards: List[str]  # Tar shards searched (paths relative to the manual dir).
+  extracted_dir: Optional[str]  # Extracted tree (folder) searched, if any.
   missing: List[Record]
-  duplicates: int = 0                    # Listings repeating an id already listed (ignored).
-  excluded: Optional[dict] = None        # Exclusion list applied (its counts), if any.
+  duplicates: int = 0  # Listings repeating an id already listed (ignored).
+  excluded: Optional[dict] = None  # Exclusion list applied (its counts), if any.
 
 
 @dataclasses.dataclass(frozen=True)
 class Exclusion:
   """An exclusion list: class keys and image ids to leave out of the dataset."""
+
   path: str
   sha256: str
   class_keys: frozenset
@@ -66,13 +69,16 @@ class Exclusion:
     return class_key in self.class_keys or image_id in self.image_ids
 
 
-def exclude_pairs(pairs: Sequence[Tuple[str, Hashable]], exclusion: Exclusion
-                  ) -> Tuple[List[Tuple[str, Hashable]], dict]:
+def exclude_pairs(
+  pairs: Sequence[Tuple[str, Hashable]], exclusion: Exclusion
+) -> Tuple[List[Tuple[str, Hashable]], dict]:
   """Drops the (id, class key) pairs the exclusion names; returns the rest and the counts
   (`images_removed`, `classes_removed`, `excluded_classes_not_listed`)."""
   kept = [(i, c) for i, c in pairs if not exclusion.excludes(i, c)]
   listed = {c for _, c in pairs}
   kept_classes = {c for _, c in kept}
-  return kept, {'images_removed': len(pairs) - len(kept),
-                'classes_removed': len(listed - kept_classes),
-                'excluded_classes_not_listed': len(exclusion.class_keys - listed)}
+  return kept, {
+    'images_removed': len(pairs) - len(kept),
+    'classes_removed': len(listed - kept_classes),
+    'excluded_classes_not_listed': len(exclusion.class_keys - listed),
+  }

@@ -20,8 +20,9 @@ def class_seed(key) -> int:
   return int(key)
 
 
-def split_per_class(pairs: Sequence[Tuple[str, Hashable]], val_fraction: float, seed: int
-                    ) -> Tuple[List[Record], list]:
+def split_per_class(
+  pairs: Sequence[Tuple[str, Hashable]], val_fraction: float, seed: int
+) -> Tuple[List[Record], list]:
   """(records in listing order, label -> class key): labels follow the sorted class keys.
 
   Each class's ids are sorted, permuted by a generator seeded with (seed, class_seed(key)), and

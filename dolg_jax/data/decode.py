@@ -131,8 +131,9 @@ def _reason(e: Exception) -> str:
   return f'{type(e).__name__}: {e}'
 
 
-def decode_rgb(data: bytes, *, min_height: int = 0, min_width: int = 0,
-               strict: bool = False, fast: bool = False) -> np.ndarray:
+def decode_rgb(
+  data: bytes, *, min_height: int = 0, min_width: int = 0, strict: bool = False, fast: bool = False
+) -> np.ndarray:
   """Decodes image bytes to (H, W, 3) uint8 RGB with the EXIF orientation applied.
 
   With the defaults, the result equals `cv2.imread(path)[..., ::-1]` for the same file, pixel for
@@ -159,9 +160,15 @@ def decode_rgb(data: bytes, *, min_height: int = 0, min_width: int = 0,
     if orientation in _TRANSPOSING:
       min_h, min_w = min_w, min_h
     try:
-      img = simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=True, fastupsample=True,
-                                   min_height=min_h if fast else 1,
-                                   min_width=min_w if fast else 1, strict=strict)
+      img = simplejpeg.decode_jpeg(
+        data,
+        colorspace='RGB',
+        fastdct=True,
+        fastupsample=True,
+        min_height=min_h if fast else 1,
+        min_width=min_w if fast else 1,
+        strict=strict,
+      )
     except ValueError as e:
       # libjpeg-turbo's simple API rejects some JPEGs that the full one (OpenCV) or Pillow reads.
       jpeg_error = e
@@ -180,8 +187,9 @@ def decode_rgb(data: bytes, *, min_height: int = 0, min_width: int = 0,
     # Truncated JPEG: cv2.imdecode gives up, but cv2.imread returns the decoded part (missing
     # blocks grey); libjpeg-turbo's accurate route through simplejpeg returns the same pixels.
     try:
-      img = simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=False, fastupsample=False,
-                                   strict=False)
+      img = simplejpeg.decode_jpeg(
+        data, colorspace='RGB', fastdct=False, fastupsample=False, strict=False
+      )
     except ValueError as e:
       jpeg_error = e
     else:
@@ -215,9 +223,15 @@ def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
   return cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=interp)
 
 
-def decode_crop_resize(data: bytes, box: Box, size: Tuple[int, int], *,
-                       image_hw: Optional[Tuple[int, int]] = None, flip: bool = False,
-                       fast: bool = False) -> np.ndarray:
+def decode_crop_resize(
+  data: bytes,
+  box: Box,
+  size: Tuple[int, int],
+  *,
+  image_hw: Optional[Tuple[int, int]] = None,
+  flip: bool = False,
+  fast: bool = False,
+) -> np.ndarray:
   """Decodes the `box` of the image and resizes it to `size` = (height, width); uint8 RGB.
 
   `fast`: the fast route of `decode_rgb`, which downscales in the DCT domain as far as it can while
@@ -243,9 +257,13 @@ def decode_crop_resize(data: bytes, box: Box, size: Tuple[int, int], *,
   return out
 
 
-def random_resized_crop_box(rng: np.random.Generator, image_hw: Tuple[int, int],
-                            scale: Tuple[float, float], ratio: Tuple[float, float],
-                            attempts: int = 10) -> Box:
+def random_resized_crop_box(
+  rng: np.random.Generator,
+  image_hw: Tuple[int, int],
+  scale: Tuple[float, float],
+  ratio: Tuple[float, float],
+  attempts: int = 10,
+) -> Box:
   """Inception-style crop: area fraction in `scale`, aspect w/h log-uniform in `ratio`.
 
   Falls back to the central crop with the aspect clamped to `ratio` (torchvision's rule).

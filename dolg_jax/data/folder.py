@@ -39,7 +39,7 @@ PREFIX = 'folder/'
 CLASS_COLUMN = 'class_name'
 DEFAULT_VAL_FRACTION = 0.2
 _NAME_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*')
-_SHOW = 3   # examples named in one warning line
+_SHOW = 3  # examples named in one warning line
 
 
 class FolderError(ValueError):
@@ -53,6 +53,7 @@ class FolderChangedError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Labels:
   """A labels file: (line, relative path, label) rows and the file's sha256."""
+
   path: str
   sha256: str
   rows: Tuple[Tuple[int, str, str], ...]
@@ -64,9 +65,10 @@ class Labels:
 @dataclasses.dataclass
 class FolderPlan:
   """Everything decided before a byte is written."""
+
   manual_dir: str
-  build: build_plan.BuildPlan                   # records (all splits + unassigned), class names
-  sha256: Dict[str, str]                        # id -> sha256 of the bytes that were checked
+  build: build_plan.BuildPlan  # records (all splits + unassigned), class names
+  sha256: Dict[str, str]  # id -> sha256 of the bytes that were checked
   skipped: List[Tuple[build_plan.Record, str]]  # skipped before the split (split 'unassigned')
   warnings: List[str]
 
@@ -78,11 +80,13 @@ def parse_name(dataset: str) -> str:
   """'folder/NAME' -> NAME (letters, digits, '_', '.', '-'; FolderError otherwise)."""
   if not is_folder_dataset(dataset):
     raise ValueError(f'not a folder dataset name: {dataset!r} (expected folder/NAME)')
-  name = dataset[len(PREFIX):]
+  name = dataset[len(PREFIX) :]
   if not _NAME_RE.fullmatch(name):
-    raise FolderError(f'bad dataset name {dataset!r}: NAME in folder/NAME must start with a letter '
-                      'or digit and hold only letters, digits, "_", "." and "-" (it names a '
-                      'directory of the data dir; the class names come from the sub-folders)')
+    raise FolderError(
+      f'bad dataset name {dataset!r}: NAME in folder/NAME must start with a letter '
+      'or digit and hold only letters, digits, "_", "." and "-" (it names a '
+      'directory of the data dir; the class names come from the sub-folders)'
+    )
   return name
 
 
@@ -99,8 +103,9 @@ def _nfc(name: str) -> str:
 
 def _bad_entry_reason(path: str, error: OSError) -> str:
   if error.errno == errno.ELOOP:
-    return (f'symlink loop ({path} -> {os.readlink(path)})' if os.path.islink(path)
-            else 'symlink loop')
+    return (
+      f'symlink loop ({path} -> {os.readlink(path)})' if os.path.islink(path) else 'symlink loop'
+    )
   if os.path.islink(path) and error.errno == errno.ENOENT:
     return f'broken symlink (-> {os.readlink(path)})'
   return f'unreadable: {error.strerror or error}'
@@ -111,12 +116,15 @@ def _scandir(path: str) -> list:
     with os.scandir(path) as it:
       return sorted(it, key=lambda e: e.name)
   except OSError as e:
-    raise FolderError(f'{path}: cannot list the folder ({e.strerror or e}); fix its permissions '
-                      'or move it out of --manual_dir') from None
+    raise FolderError(
+      f'{path}: cannot list the folder ({e.strerror or e}); fix its permissions '
+      'or move it out of --manual_dir'
+    ) from None
 
 
-def scan_folder(manual_dir: str) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str, str]],
-                                           List[str], List[str]]:
+def scan_folder(
+  manual_dir: str,
+) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str, str]], List[str], List[str]]:
   """(files (id, class), skipped (id, class, reason), warnings, class names) of a class-folder tree.
 
   ids are paths relative to `manual_dir` with '/' separators.
@@ -140,11 +148,14 @@ def scan_folder(manual_dir: str) -> Tuple[List[Tuple[str, str]], List[Tuple[str,
         key = (st.st_dev, st.st_ino)
         if key in ancestors:
           target = os.readlink(sub) if entry.is_symlink() else sub
-          warnings.append(f'symlink loop: {sub_rel} -> {target} leads back to '
-                          f'{ancestors[key]!r}; not followed')
+          warnings.append(
+            f'symlink loop: {sub_rel} -> {target} leads back to {ancestors[key]!r}; not followed'
+          )
         elif key in visited:
-          warnings.append(f'{sub_rel} is the folder {visited[key]!r} again (a symlink); its files '
-                          'are listed once, there')
+          warnings.append(
+            f'{sub_rel} is the folder {visited[key]!r} again (a symlink); its files '
+            'are listed once, there'
+          )
         else:
           visited[key] = sub_rel
           walk(sub, sub_rel, cls, {**ancestors, key: sub_rel})
@@ -160,21 +171,31 @@ def scan_folder(manual_dir: str) -> Tuple[List[Tuple[str, str]], List[Tuple[str,
       skipped.append((entry.name, '', _bad_entry_reason(entry.path, e)))
       continue
     if not stat.S_ISDIR(st.st_mode):
-      skipped.append((entry.name, '', 'not in a class folder (--manual_dir holds one sub-folder '
-                                       'per class)' if stat.S_ISREG(st.st_mode)
-                      else 'not a regular file'))
+      skipped.append(
+        (
+          entry.name,
+          '',
+          'not in a class folder (--manual_dir holds one sub-folder per class)'
+          if stat.S_ISREG(st.st_mode)
+          else 'not a regular file',
+        )
+      )
       continue
     if entry.name.startswith('.'):
       warnings.append(f'hidden folder {entry.name!r} is not a class: ignored')
       continue
     name = _nfc(entry.name)
     if name in classes:
-      raise FolderError(f'{manual_dir}: class folders {classes[name]!r} and {entry.name!r} have '
-                        'the same name after Unicode normalisation (NFC); rename or merge them')
+      raise FolderError(
+        f'{manual_dir}: class folders {classes[name]!r} and {entry.name!r} have '
+        'the same name after Unicode normalisation (NFC); rename or merge them'
+      )
     key = (st.st_dev, st.st_ino)
     if key in visited:
-      warnings.append(f'class folder {entry.name!r} is the folder {visited[key]!r} again (a '
-                      'symlink): not a class of its own')
+      warnings.append(
+        f'class folder {entry.name!r} is the folder {visited[key]!r} again (a '
+        'symlink): not a class of its own'
+      )
       continue
     classes[name] = entry.name
     visited[key] = entry.name
@@ -206,8 +227,9 @@ def list_labelled(manual_dir: str, labels: Labels) -> Tuple[list, list, list]:
       continue
     if stat.S_ISDIR(st.st_mode):
       raise csv_metadata.MetadataError(
-          f'{labels.path}:{line}: {rel} is a folder, not an image file; list its files one per '
-          f'row; fix the labels file {os.path.basename(labels.path)}')
+        f'{labels.path}:{line}: {rel} is a folder, not an image file; list its files one per '
+        f'row; fix the labels file {os.path.basename(labels.path)}'
+      )
     if not stat.S_ISREG(st.st_mode):
       skipped.append((rel, cls, 'not a regular file'))
       continue
@@ -247,14 +269,21 @@ def _read(manual_dir: str, image_id: str) -> bytes:
 
 def _vanished(manual_dir: str, image_id: str, when: str) -> FolderChangedError:
   return FolderChangedError(
-      f'{os.path.join(manual_dir, image_id)} vanished {when}; nothing was written. Keep '
-      '--manual_dir unchanged while preparing and run again, or pass --allow_missing to build '
-      'without such files (listed in missing.csv)')
+    f'{os.path.join(manual_dir, image_id)} vanished {when}; nothing was written. Keep '
+    '--manual_dir unchanged while preparing and run again, or pass --allow_missing to build '
+    'without such files (listed in missing.csv)'
+  )
 
 
-def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
-              exclusion: Optional[build_plan.Exclusion] = None, labels: Optional[Labels] = None,
-              allow_missing: bool = False) -> FolderPlan:
+def make_plan(
+  manual_dir: str,
+  *,
+  val_fraction: float,
+  seed: int = 0,
+  exclusion: Optional[build_plan.Exclusion] = None,
+  labels: Optional[Labels] = None,
+  allow_missing: bool = False,
+) -> FolderPlan:
   """Lists, reads, hashes and checks every file, then splits (docs/design_notes.md)."""
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(f'manual dir {manual_dir} does not exist')
@@ -273,10 +302,11 @@ def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
     classes = [c for c in classes if c not in exclusion.class_keys]
   if absent and not allow_missing:
     raise build_plan.MissingImagesError(
-        f'{len(absent)} of {len(absent) + len(files) + len(skipped)} files listed in '
-        f'{labels.path} are absent from {manual_dir}; first: '
-        f'{_examples([a for a, _ in absent])}. Fix the labels file, or pass --allow_missing to '
-        'build without them (listed in missing.csv)')
+      f'{len(absent)} of {len(absent) + len(files) + len(skipped)} files listed in '
+      f'{labels.path} are absent from {manual_dir}; first: '
+      f'{_examples([a for a, _ in absent])}. Fix the labels file, or pass --allow_missing to '
+      'build without them (listed in missing.csv)'
+    )
   # Every file is read once here: its sha256 (duplicates; the writer checks it again) and a strict
   # decode (a non-image never gets a label).
   sha: Dict[str, str] = {}
@@ -312,54 +342,70 @@ def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
     if len({c for _, c in items}) > 1:
       for image_id, cls in items:
         other_id, other_cls = next((o, c) for o, c in items if c != cls)
-        dropped[image_id] = (f'same content as {other_id} of class {other_cls!r}: the label is '
-                             'ambiguous, every copy is skipped')
+        dropped[image_id] = (
+          f'same content as {other_id} of class {other_cls!r}: the label is '
+          'ambiguous, every copy is skipped'
+        )
       across.append(' = '.join(i for i, _ in items))
     else:
       for image_id, _ in items[1:]:
         dropped[image_id] = f'same content as {items[0][0]} (same class): kept once'
       within.append(' = '.join(i for i, _ in items))
   if across:
-    warnings.append(f'{len(across)} image(s) occur in more than one class (same sha256), every '
-                    f'copy is skipped: {_examples(across)} (skipped.csv)')
+    warnings.append(
+      f'{len(across)} image(s) occur in more than one class (same sha256), every '
+      f'copy is skipped: {_examples(across)} (skipped.csv)'
+    )
   if within:
-    warnings.append(f'{len(within)} image(s) occur more than once in one class (same sha256), kept '
-                    f'once: {_examples(within)} (skipped.csv)')
+    warnings.append(
+      f'{len(within)} image(s) occur more than once in one class (same sha256), kept '
+      f'once: {_examples(within)} (skipped.csv)'
+    )
   usable = [u for u in usable if u[0] not in dropped]
   skipped += [(i, c, dropped[i]) for i, c in files if i in dropped]
 
   per_class = collections.Counter(cls for _, cls in usable)
   empty = [c for c in classes if per_class[c] == 0]
   if empty:
-    warnings.append(f'{len(empty)} class(es) without a usable image are not classes of the '
-                    f'dataset: {_examples([repr(c) for c in empty])}'
-                    + (' (their files are in skipped.csv)'
-                       if any(s[1] in empty for s in skipped) else ' (empty folders)'))
+    warnings.append(
+      f'{len(empty)} class(es) without a usable image are not classes of the '
+      f'dataset: {_examples([repr(c) for c in empty])}'
+      + (
+        ' (their files are in skipped.csv)'
+        if any(s[1] in empty for s in skipped)
+        else ' (empty folders)'
+      )
+    )
   single = sorted(c for c, n in per_class.items() if n == 1)
   if single:
-    warnings.append(f'{len(single)} class(es) have a single image (kept in train, no validation '
-                    f'image): {_examples([repr(c) for c in single])}')
+    warnings.append(
+      f'{len(single)} class(es) have a single image (kept in train, no validation '
+      f'image): {_examples([repr(c) for c in single])}'
+    )
   if not usable:
     first = '; '.join(f'{i}: {why}' for i, _, why in sorted(skipped)[:_SHOW])
     raise FolderError(
-        f'{manual_dir}: no usable image ({len(files) + len(skipped)} files found, every one '
-        f'skipped{": " + first if first else ""}); --manual_dir must hold one sub-folder per class '
-        'with the images in it (or pass --labels=CSV with path,label rows)')
+      f'{manual_dir}: no usable image ({len(files) + len(skipped)} files found, every one '
+      f'skipped{": " + first if first else ""}); --manual_dir must hold one sub-folder per class '
+      'with the images in it (or pass --labels=CSV with path,label rows)'
+    )
 
   records, class_names = class_split.split_per_class(usable, val_fraction, seed)
   if val_fraction > 0 and not any(r.split == 'validation' for r in records):
-    warnings.append(f'no class has enough images for a validation image at val_fraction '
-                    f'{val_fraction:g} (a class needs {math.ceil(1 / val_fraction - 1e-9)}): the '
-                    'dataset has no validation split')
+    warnings.append(
+      f'no class has enough images for a validation image at val_fraction '
+      f'{val_fraction:g} (a class needs {math.ceil(1 / val_fraction - 1e-9)}): the '
+      'dataset has no validation split'
+    )
   for rec in records:
     rec.location = build_plan.Location(os.path.join(manual_dir, rec.id))
   pre = sorted(skipped)
   unassigned = [build_plan.Record(i, c, -1, build_plan.UNASSIGNED) for i, c, _ in pre]
   missing = [build_plan.Record(i, c, -1, build_plan.UNASSIGNED) for i, c in sorted(absent)]
-  build = build_plan.BuildPlan(records + unassigned + missing, class_names, [], manual_dir,
-                               missing, excluded=excluded)
-  return FolderPlan(manual_dir, build, sha, list(zip(unassigned, (r for _, _, r in pre))),
-                    warnings)
+  build = build_plan.BuildPlan(
+    records + unassigned + missing, class_names, [], manual_dir, missing, excluded=excluded
+  )
+  return FolderPlan(manual_dir, build, sha, list(zip(unassigned, (r for _, _, r in pre))), warnings)
 
 
 # ------------------------------------------------------------------------------------ builder
@@ -368,8 +414,9 @@ def make_plan(manual_dir: str, *, val_fraction: float, seed: int = 0,
 class FolderConfig(tfds.core.BuilderConfig):
   """One user dataset `folder/NAME`; `plan` and `options` only when building."""
 
-  def __init__(self, *, name: str, plan: Optional[FolderPlan] = None,
-               options: Optional[dict] = None, **kwargs):
+  def __init__(
+    self, *, name: str, plan: Optional[FolderPlan] = None, options: Optional[dict] = None, **kwargs
+  ):
     super().__init__(name=name, description=f'folder/{name}: your labelled images', **kwargs)
     self.plan = plan
     self.options = options
@@ -397,22 +444,26 @@ class Folder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(), dtype=np.object_),
-            'label': tfds.features.Scalar(dtype=np.int64),
-            CLASS_COLUMN: tfds.features.Text(),
-            'id': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
-        metadata=tfds.core.MetadataDict(),
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+          'label': tfds.features.Scalar(dtype=np.int64),
+          CLASS_COLUMN: tfds.features.Text(),
+          'id': tfds.features.Text(),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
     if cfg.plan is None:
-      raise FolderError(f'folder/{cfg.name} is not prepared in {self.data_dir}: run python -m '
-                        f'dolg_jax.data.prepare --dataset=folder/{cfg.name} --manual_dir=DIR '
-                        f'--data_dir={self.data_dir}')
+      raise FolderError(
+        f'folder/{cfg.name} is not prepared in {self.data_dir}: run python -m '
+        f'dolg_jax.data.prepare --dataset=folder/{cfg.name} --manual_dir=DIR '
+        f'--data_dir={self.data_dir}'
+      )
     self._skipped = list(cfg.plan.skipped)
     self._written = {s: 0 for s in build_plan.SPLITS}
     splits = {'train': self._generate_examples('train')}
@@ -431,28 +482,35 @@ class Folder(tfds.core.GeneratorBasedBuilder):
       except FileNotFoundError:
         if not allow_missing:
           raise _vanished(plan.manual_dir, rec.id, 'while the dataset was being written') from None
-        plan.warnings.append(f'{rec.id} vanished while the dataset was being written: listed in '
-                             'missing.csv')
+        plan.warnings.append(
+          f'{rec.id} vanished while the dataset was being written: listed in missing.csv'
+        )
         plan.build.missing.append(rec)
         continue
       if hashlib.sha256(data).hexdigest() != plan.sha256[rec.id]:
         raise FolderChangedError(
-            f'{os.path.join(plan.manual_dir, rec.id)} changed while the dataset was being '
-            'written (its sha256 differs from the one checked first); nothing was written. Keep '
-            '--manual_dir unchanged while preparing and run again')
+          f'{os.path.join(plan.manual_dir, rec.id)} changed while the dataset was being '
+          'written (its sha256 differs from the one checked first); nothing was written. Keep '
+          '--manual_dir unchanged while preparing and run again'
+        )
       self._written[split] += 1
-      yield rec.id, {'image': data, 'label': rec.label, CLASS_COLUMN: rec.class_key,
-                     'id': rec.id}
+      yield rec.id, {'image': data, 'label': rec.label, CLASS_COLUMN: rec.class_key, 'id': rec.id}
 
   def _download_and_prepare(self, dl_manager, download_config):
     super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
     cfg = self.builder_config
     summary = side_files.write_side_files(
-        os.fspath(self.data_path), cfg.plan.build, self._skipped, self._written,
-        name=f'folder/{cfg.name}', build_options=cfg.options, class_column=CLASS_COLUMN,
-        extra={'warnings': list(cfg.plan.warnings)})
+      os.fspath(self.data_path),
+      cfg.plan.build,
+      self._skipped,
+      self._written,
+      name=f'folder/{cfg.name}',
+      build_options=cfg.options,
+      class_column=CLASS_COLUMN,
+      extra={'warnings': list(cfg.plan.warnings)},
+    )
     for key in ('shards_searched', 'extracted_dir', 'duplicate_listings_ignored'):
-      summary.pop(key, None)   # GLDv2's; the folder is in build_options.
+      summary.pop(key, None)  # GLDv2's; the folder is in build_options.
     self.info.metadata.update({k: v for k, v in summary.items() if k != 'skipped_examples'})
     self.summary = summary
 
@@ -466,20 +524,33 @@ def builder(dataset: str, data_dir: Optional[str] = None, **kwargs) -> Folder:
   return Folder(config=FolderConfig(name=parse_name(dataset)), data_dir=data_dir, **kwargs)
 
 
-def build_options(manual_dir: str, *, val_fraction: float, split_seed: int,
-                  exclusion: Optional[build_plan.Exclusion], labels: Optional[Labels]) -> dict:
-  return {'source': 'labels file' if labels is not None else 'class folders',
-          'manual_dir': os.path.abspath(manual_dir), 'val_fraction': val_fraction,
-          'split_seed': split_seed,
-          'exclusion': _exclusion_record(exclusion),
-          'labels': labels.describe() if labels else None}
+def build_options(
+  manual_dir: str,
+  *,
+  val_fraction: float,
+  split_seed: int,
+  exclusion: Optional[build_plan.Exclusion],
+  labels: Optional[Labels],
+) -> dict:
+  return {
+    'source': 'labels file' if labels is not None else 'class folders',
+    'manual_dir': os.path.abspath(manual_dir),
+    'val_fraction': val_fraction,
+    'split_seed': split_seed,
+    'exclusion': _exclusion_record(exclusion),
+    'labels': labels.describe() if labels else None,
+  }
 
 
 def _exclusion_record(exclusion: Optional[build_plan.Exclusion]) -> Optional[dict]:
   if exclusion is None:
     return None
-  return {'file': os.path.abspath(exclusion.path), 'sha256': exclusion.sha256,
-          'num_labels': len(exclusion.class_keys), 'num_paths': len(exclusion.image_ids)}
+  return {
+    'file': os.path.abspath(exclusion.path),
+    'sha256': exclusion.sha256,
+    'num_labels': len(exclusion.class_keys),
+    'num_paths': len(exclusion.image_ids),
+  }
 
 
 def _remove_empty_parents(path: str, stop: str) -> None:
@@ -490,9 +561,17 @@ def _remove_empty_parents(path: str, stop: str) -> None:
     path = os.path.dirname(path)
 
 
-def prepare(dataset: str, manual_dir: str, data_dir: str, *, val_fraction: Optional[float] = None,
-            exclude: Optional[str] = None, labels: Optional[str] = None,
-            allow_missing: bool = False, split_seed: int = 0) -> Folder:
+def prepare(
+  dataset: str,
+  manual_dir: str,
+  data_dir: str,
+  *,
+  val_fraction: Optional[float] = None,
+  exclude: Optional[str] = None,
+  labels: Optional[str] = None,
+  allow_missing: bool = False,
+  split_seed: int = 0,
+) -> Folder:
   """Builds `folder/NAME` (no-op if already built with the same options); returns the builder
   (`.summary` when built now). Every check happens before anything is written."""
   name = parse_name(dataset)
@@ -501,8 +580,9 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, val_fraction: Optio
     raise ValueError(f'val_fraction must be in [0, 1), got {val}')
   exclusion = read_exclusion(exclude) if exclude else None
   labels_file = read_labels(labels) if labels else None
-  options = build_options(manual_dir, val_fraction=val, split_seed=split_seed,
-                          exclusion=exclusion, labels=labels_file)
+  options = build_options(
+    manual_dir, val_fraction=val, split_seed=split_seed, exclusion=exclusion, labels=labels_file
+  )
   existing = builder(dataset, data_dir)
   if existing.is_prepared():
     recorded = dict(existing.info.metadata.get('build_options') or {})
@@ -510,12 +590,19 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, val_fraction: Optio
     if recorded != options:
       changed = sorted(k for k in set(recorded) | set(options) if recorded.get(k) != options.get(k))
       raise FolderError(
-          f'{dataset} is already prepared in {existing.data_path} with other options ('
-          + ', '.join(f'{k}: {recorded.get(k)!r} then, {options.get(k)!r} now' for k in changed)
-          + f'); prepare it under another NAME, or delete {existing.data_path} first')
+        f'{dataset} is already prepared in {existing.data_path} with other options ('
+        + ', '.join(f'{k}: {recorded.get(k)!r} then, {options.get(k)!r} now' for k in changed)
+        + f'); prepare it under another NAME, or delete {existing.data_path} first'
+      )
     return existing
-  plan = make_plan(manual_dir, val_fraction=val, seed=split_seed, exclusion=exclusion,
-                   labels=labels_file, allow_missing=allow_missing)
+  plan = make_plan(
+    manual_dir,
+    val_fraction=val,
+    seed=split_seed,
+    exclusion=exclusion,
+    labels=labels_file,
+    allow_missing=allow_missing,
+  )
   config = FolderConfig(name=name, plan=plan, options={**options, 'allow_missing': allow_missing})
   b = Folder(config=config, data_dir=data_dir, file_format='array_record')
   try:

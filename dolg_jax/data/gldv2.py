@@ -21,32 +21,70 @@ import tensorflow_datasets as tfds
 
 from dolg_jax.data import decode
 from dolg_jax.data import gldv2_config
-from dolg_jax.data.build_plan import (SPLITS, UNASSIGNED, BuildPlan, Exclusion, Location,
-                                      MissingImagesError, Record)
+from dolg_jax.data.build_plan import (
+  SPLITS,
+  UNASSIGNED,
+  BuildPlan,
+  Exclusion,
+  Location,
+  MissingImagesError,
+  Record,
+)
 from dolg_jax.data.class_split import split_per_class
 from dolg_jax.data.gldv2_config import Gldv2Config, resolve_config
 from dolg_jax.data.gldv2_listing import exclude_pairs, read_exclusion, read_listing
 from dolg_jax.data.md5_check import ChecksumError, verify_md5
 from dolg_jax.data.side_files import SIDE_FILES, format_summary, write_side_files
-from dolg_jax.data.tar_index import (TruncatedShardError, describe_shards, find_shards,
-                                     index_shard, read_bytes)
+from dolg_jax.data.tar_index import (
+  TruncatedShardError,
+  describe_shards,
+  find_shards,
+  index_shard,
+  read_bytes,
+)
 
 # The builder's API, and the names its callers and tests use from here (defined in the modules
 # above: build_plan, class_split, gldv2_config, gldv2_listing, md5_check, side_files, tar_index).
 __all__ = [
-    'BuildPlan', 'ChecksumError', 'Exclusion', 'Gldv2', 'Gldv2Config', 'Location',
-    'MissingImagesError', 'Record', 'SIDE_FILES', 'SPLITS', 'TruncatedShardError', 'UNASSIGNED',
-    'builder', 'data_sources', 'format_summary', 'index_shard', 'make_plan', 'num_classes',
-    'prepare', 'read_bytes', 'read_exclusion', 'read_label_map', 'resolve_config',
-    'split_per_class',
+  'BuildPlan',
+  'ChecksumError',
+  'Exclusion',
+  'Gldv2',
+  'Gldv2Config',
+  'Location',
+  'MissingImagesError',
+  'Record',
+  'SIDE_FILES',
+  'SPLITS',
+  'TruncatedShardError',
+  'UNASSIGNED',
+  'builder',
+  'data_sources',
+  'format_summary',
+  'index_shard',
+  'make_plan',
+  'num_classes',
+  'prepare',
+  'read_bytes',
+  'read_exclusion',
+  'read_label_map',
+  'resolve_config',
+  'split_per_class',
 ]
 
 _MAX_IDS_IN_MESSAGE = 10
 
 
-def make_plan(manual_dir: str, subset: str, *, val_fraction: float, seed: int,
-              allow_missing: bool = False, check_md5: bool = False,
-              exclusion: Optional[Exclusion] = None) -> BuildPlan:
+def make_plan(
+  manual_dir: str,
+  subset: str,
+  *,
+  val_fraction: float,
+  seed: int,
+  allow_missing: bool = False,
+  check_md5: bool = False,
+  exclusion: Optional[Exclusion] = None,
+) -> BuildPlan:
   """Parses the listing, applies the exclusion list, splits it, and locates every image (raising
   on missing unless allowed)."""
   if not os.path.isdir(manual_dir):
@@ -84,11 +122,19 @@ def make_plan(manual_dir: str, subset: str, *, val_fraction: float, seed: int,
       searched += f' and the extracted tree {extracted_dir}'
     first = ', '.join(r.id for r in missing[:_MAX_IDS_IN_MESSAGE])
     raise MissingImagesError(
-        f'{len(missing)} of {len(records)} images listed for gldv2/{subset} are absent from '
-        f'{manual_dir} (searched {searched}); first ids: {first}. Download the missing shards, '
-        'or pass --allow_missing to build without them (they are listed in missing.csv).')
-  return BuildPlan(records, landmark_ids, shard_names, extracted_dir, missing,
-                   duplicates=len(pairs) - len(records), excluded=excluded)
+      f'{len(missing)} of {len(records)} images listed for gldv2/{subset} are absent from '
+      f'{manual_dir} (searched {searched}); first ids: {first}. Download the missing shards, '
+      'or pass --allow_missing to build without them (they are listed in missing.csv).'
+    )
+  return BuildPlan(
+    records,
+    landmark_ids,
+    shard_names,
+    extracted_dir,
+    missing,
+    duplicates=len(pairs) - len(records),
+    excluded=excluded,
+  )
 
 
 class Gldv2(tfds.core.GeneratorBasedBuilder):
@@ -120,27 +166,36 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(), dtype=np.object_),
-            'label': tfds.features.Scalar(dtype=np.int64),
-            'landmark_id': tfds.features.Scalar(dtype=np.int64),
-            'id': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://github.com/cvdfoundation/google-landmark',
-        metadata=tfds.core.MetadataDict(),
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+          'label': tfds.features.Scalar(dtype=np.int64),
+          'landmark_id': tfds.features.Scalar(dtype=np.int64),
+          'id': tfds.features.Text(),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      homepage='https://github.com/cvdfoundation/google-landmark',
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
     if cfg.exclusion_tag and cfg.exclusion is None:
-      raise ValueError(f'gldv2/{cfg.name} is not prepared and needs its exclusion list to be '
-                       'built: pass it (prepare --exclude=FILE, whose sha256 starts with '
-                       f'{cfg.exclusion_tag})')
-    self._plan = make_plan(os.fspath(dl_manager.manual_dir), cfg.subset,
-                           val_fraction=cfg.val_fraction, seed=cfg.split_seed,
-                           allow_missing=self._allow_missing, check_md5=self._verify_md5,
-                           exclusion=cfg.exclusion)
+      raise ValueError(
+        f'gldv2/{cfg.name} is not prepared and needs its exclusion list to be '
+        'built: pass it (prepare --exclude=FILE, whose sha256 starts with '
+        f'{cfg.exclusion_tag})'
+      )
+    self._plan = make_plan(
+      os.fspath(dl_manager.manual_dir),
+      cfg.subset,
+      val_fraction=cfg.val_fraction,
+      seed=cfg.split_seed,
+      allow_missing=self._allow_missing,
+      check_md5=self._verify_md5,
+      exclusion=cfg.exclusion,
+    )
     self._skipped = []
     self._written = {s: 0 for s in SPLITS}
     splits = {'train': self._generate_examples('train')}
@@ -161,25 +216,37 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
           self._skipped.append((rec, reason))
           continue
         self._written[split] += 1
-        yield rec.id, {'image': data, 'label': rec.label, 'landmark_id': rec.class_key,
-                       'id': rec.id}
+        yield (
+          rec.id,
+          {'image': data, 'label': rec.label, 'landmark_id': rec.class_key, 'id': rec.id},
+        )
     finally:
       for f in handles.values():
         f.close()
 
   def _download_and_prepare(self, dl_manager, download_config):
     super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
-    summary = write_side_files(os.fspath(self.data_path), self._plan, self._skipped,
-                               self._written, name=f'gldv2/{self.builder_config.name}',
-                               build_options=self.builder_config.build_options(),
-                               class_column='landmark_id')
+    summary = write_side_files(
+      os.fspath(self.data_path),
+      self._plan,
+      self._skipped,
+      self._written,
+      name=f'gldv2/{self.builder_config.name}',
+      build_options=self.builder_config.build_options(),
+      class_column='landmark_id',
+    )
     self.info.metadata.update({k: v for k, v in summary.items() if k != 'skipped_examples'})
     self.summary = summary
 
 
-def builder(dataset: str = 'gldv2/clean', data_dir: Optional[str] = None, *,
-            val_fraction: Optional[float] = None, exclude: Optional[str] = None,
-            **kwargs) -> Gldv2:
+def builder(
+  dataset: str = 'gldv2/clean',
+  data_dir: Optional[str] = None,
+  *,
+  val_fraction: Optional[float] = None,
+  exclude: Optional[str] = None,
+  **kwargs,
+) -> Gldv2:
   """The builder of a gldv2 dataset name (kwargs: allow_missing, verify_md5).
 
   Names: 'gldv2/clean', 'gldv2/full', 'gldv2/clean_all', 'gldv2/full_all', with optional
@@ -192,16 +259,29 @@ def builder(dataset: str = 'gldv2/clean', data_dir: Optional[str] = None, *,
   return Gldv2(config=config, data_dir=data_dir, **kwargs)
 
 
-def prepare(dataset: str, manual_dir: str, data_dir: str, *, allow_missing: bool = False,
-            verify_md5: bool = False, val_fraction: Optional[float] = None,
-            exclude: Optional[str] = None) -> Gldv2:
+def prepare(
+  dataset: str,
+  manual_dir: str,
+  data_dir: str,
+  *,
+  allow_missing: bool = False,
+  verify_md5: bool = False,
+  val_fraction: Optional[float] = None,
+  exclude: Optional[str] = None,
+) -> Gldv2:
   """Builds the dataset (no-op if already built); returns the builder (`.summary` when built).
 
   The dataset's full name (to put in config.data.dataset) is
   `'gldv2/' + builder.builder_config.name`.
   """
-  b = builder(dataset, data_dir, allow_missing=allow_missing, verify_md5=verify_md5,
-              val_fraction=val_fraction, exclude=exclude)
+  b = builder(
+    dataset,
+    data_dir,
+    allow_missing=allow_missing,
+    verify_md5=verify_md5,
+    val_fraction=val_fraction,
+    exclude=exclude,
+  )
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return b
 

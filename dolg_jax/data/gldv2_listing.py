@@ -17,8 +17,10 @@ from dolg_jax.data.build_plan import Exclusion
 
 
 # subset -> (file, its columns, reader)
-_LISTINGS = {'clean': ('train_clean.csv', 'landmark_id,images', csv_metadata.read_train_clean),
-             'full': ('train.csv', 'id,url,landmark_id', csv_metadata.read_train)}
+_LISTINGS = {
+  'clean': ('train_clean.csv', 'landmark_id,images', csv_metadata.read_train_clean),
+  'full': ('train.csv', 'id,url,landmark_id', csv_metadata.read_train),
+}
 
 
 def read_listing(manual_dir: str, subset: str) -> List[Tuple[str, int]]:
@@ -28,8 +30,9 @@ def read_listing(manual_dir: str, subset: str) -> List[Tuple[str, int]]:
   name, columns, read = _LISTINGS[subset]
   path = os.path.join(manual_dir, name)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
-                            f'{name} ({columns})')
+    raise FileNotFoundError(
+      f'{path} not found: the manual dir must hold the official {name} ({columns})'
+    )
   return read(path)
 
 
@@ -45,16 +48,22 @@ def read_exclusion(path: str) -> Exclusion:
 
 def describe_exclusion(exclusion: Exclusion) -> dict:
   """The exclusion list as recorded in build_options (metadata, summary.json)."""
-  return {'file': os.path.abspath(exclusion.path), 'sha256': exclusion.sha256,
-          'num_landmark_ids': len(exclusion.class_keys),
-          'num_image_ids': len(exclusion.image_ids)}
+  return {
+    'file': os.path.abspath(exclusion.path),
+    'sha256': exclusion.sha256,
+    'num_landmark_ids': len(exclusion.class_keys),
+    'num_image_ids': len(exclusion.image_ids),
+  }
 
 
-def exclude_pairs(pairs: Sequence[Tuple[str, int]], exclusion: Exclusion
-                  ) -> Tuple[List[Tuple[str, int]], dict]:
+def exclude_pairs(
+  pairs: Sequence[Tuple[str, int]], exclusion: Exclusion
+) -> Tuple[List[Tuple[str, int]], dict]:
   """Drops the listed pairs the exclusion names; returns the rest and the summary's counts."""
   kept, counts = build_plan.exclude_pairs(pairs, exclusion)
-  return kept, {**describe_exclusion(exclusion),
-                'images_removed': counts['images_removed'],
-                'landmarks_removed': counts['classes_removed'],
-                'excluded_landmarks_not_listed': counts['excluded_classes_not_listed']}
+  return kept, {
+    **describe_exclusion(exclusion),
+    'images_removed': counts['images_removed'],
+    'landmarks_removed': counts['classes_removed'],
+    'excluded_landmarks_not_listed': counts['excluded_classes_not_listed'],
+  }

@@ -52,8 +52,10 @@ def read_ids(path: str) -> List[str]:
   """The `id` column of index.csv / test.csv, in file order (csv_metadata.read_image_ids: 16-hex
   ids, no repeats; errors name the file and line)."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
-                            f'{os.path.basename(path)} (column id)')
+    raise FileNotFoundError(
+      f'{path} not found: the manual dir must hold the official '
+      f'{os.path.basename(path)} (column id)'
+    )
   return csv_metadata.read_image_ids(path)
 
 
@@ -65,13 +67,15 @@ def read_solution(path: str) -> Tuple[Dict[str, List[str]], Dict[str, List[str]]
   `private` (or a dict with None for ignored ids). Parsed by csv_metadata.read_retrieval_solution.
   """
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: the manual dir must hold the official '
-                            f'{SOLUTION_FILE} (id,images,Usage)')
+    raise FileNotFoundError(
+      f'{path} not found: the manual dir must hold the official {SOLUTION_FILE} (id,images,Usage)'
+    )
   return csv_metadata.read_retrieval_solution(path)
 
 
-def _locate(manual_dir: str, split: str, ids: Sequence[str], check_md5: bool
-            ) -> Tuple[Dict[str, build_plan.Location], List[str], Optional[str]]:
+def _locate(
+  manual_dir: str, split: str, ids: Sequence[str], check_md5: bool
+) -> Tuple[Dict[str, build_plan.Location], List[str], Optional[str]]:
   """Locations of the listed ids in <split>/images_NNN.tar or the tree <split>/a/b/c/<id>.jpg."""
   sub = os.path.join(manual_dir, split)
   shards = tar_index.find_shards(sub) if os.path.isdir(sub) else []
@@ -118,15 +122,17 @@ class Gldv2Retrieval(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(), dtype=np.object_),
-            'id': tfds.features.Text(),
-            'index': tfds.features.Scalar(dtype=np.int64),
-            'height': tfds.features.Scalar(dtype=np.int64),
-            'width': tfds.features.Scalar(dtype=np.int64),
-        }),
-        homepage='https://github.com/cvdfoundation/google-landmark',
-        metadata=tfds.core.MetadataDict(),
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+          'id': tfds.features.Text(),
+          'index': tfds.features.Scalar(dtype=np.int64),
+          'height': tfds.features.Scalar(dtype=np.int64),
+          'width': tfds.features.Scalar(dtype=np.int64),
+        }
+      ),
+      homepage='https://github.com/cvdfoundation/google-landmark',
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -149,24 +155,32 @@ class Gldv2Retrieval(tfds.core.GeneratorBasedBuilder):
         where = tar_index.describe_shards(shards)
         first = ', '.join(self._missing[split][:10])
         raise build_plan.MissingImagesError(
-            f'{len(self._missing[split])} of {len(ids)} images listed in {split}.csv are absent '
-            f'from {os.path.join(root, split)} (searched {where}'
-            f'{" and the extracted tree" if tree else ""}); first ids: {first}. Download the '
-            'missing shards, or pass allow_missing=True (they are listed in missing.csv).')
+          f'{len(self._missing[split])} of {len(ids)} images listed in {split}.csv are absent '
+          f'from {os.path.join(root, split)} (searched {where}'
+          f'{" and the extracted tree" if tree else ""}); first ids: {first}. Download the '
+          'missing shards, or pass allow_missing=True (they are listed in missing.csv).'
+        )
     test_ids = set(self._ids['test'])
     index_ids = set(self._ids['index'])
     unknown = [t for t in list(public) + list(private) + ignored if t not in test_ids]
     if unknown:
-      raise ValueError(f'{self._solution_path}: {len(unknown)} test ids are not in test.csv '
-                       f'(first: {unknown[:5]})')
-    bad_refs = [i for v in list(public.values()) + list(private.values()) for i in v
-                if i not in index_ids]
+      raise ValueError(
+        f'{self._solution_path}: {len(unknown)} test ids are not in test.csv (first: {unknown[:5]})'
+      )
+    bad_refs = [
+      i for v in list(public.values()) + list(private.values()) for i in v if i not in index_ids
+    ]
     if bad_refs:
-      raise ValueError(f'{self._solution_path}: {len(bad_refs)} relevant ids are not in index.csv '
-                       f'(first: {bad_refs[:5]})')
+      raise ValueError(
+        f'{self._solution_path}: {len(bad_refs)} relevant ids are not in index.csv '
+        f'(first: {bad_refs[:5]})'
+      )
     self._searched = searched
-    self._solution_counts = {'public': len(public), 'private': len(private),
-                             'ignored': len(ignored)}
+    self._solution_counts = {
+      'public': len(public),
+      'private': len(private),
+      'ignored': len(ignored),
+    }
     return {split: self._generate_examples(split) for split in SPLITS}
 
   def _generate_examples(self, split: str):
@@ -182,8 +196,10 @@ class Gldv2Retrieval(tfds.core.GeneratorBasedBuilder):
           continue
         h, w = decode.image_size(data)
         self._written[split] += 1
-        yield image_id, {'image': data, 'id': image_id, 'index': order[image_id], 'height': h,
-                         'width': w}
+        yield (
+          image_id,
+          {'image': data, 'id': image_id, 'index': order[image_id], 'height': h, 'width': w},
+        )
     finally:
       for f in handles.values():
         f.close()
@@ -204,16 +220,23 @@ class Gldv2Retrieval(tfds.core.GeneratorBasedBuilder):
         w.writerows((split, i) for i in self._missing[split])
     per = {}
     for split in SPLITS:
-      per[split] = {'listed': len(self._ids[split]), 'written': self._written[split],
-                    'skipped': len(self._skipped[split]), 'missing': len(self._missing[split]),
-                    'official_count': OFFICIAL_COUNTS[split], **self._searched[split]}
+      per[split] = {
+        'listed': len(self._ids[split]),
+        'written': self._written[split],
+        'skipped': len(self._skipped[split]),
+        'missing': len(self._missing[split]),
+        'official_count': OFFICIAL_COUNTS[split],
+        **self._searched[split],
+      }
       counts = per[split]
       if counts['listed'] != counts['written'] + counts['skipped'] + counts['missing']:
         raise AssertionError(f'gldv2_retrieval summary does not add up for {split}: {per[split]}')
-    self.summary = {'dataset': 'gldv2_retrieval', 'per_split': per,
-                    'solution': self._solution_counts,
-                    'matches_official_counts': all(per[s]['listed'] == OFFICIAL_COUNTS[s]
-                                                   for s in SPLITS)}
+    self.summary = {
+      'dataset': 'gldv2_retrieval',
+      'per_split': per,
+      'solution': self._solution_counts,
+      'matches_official_counts': all(per[s]['listed'] == OFFICIAL_COUNTS[s] for s in SPLITS),
+    }
     with open(os.path.join(out, 'summary.json'), 'w') as f:
       json.dump(self.summary, f, indent=1)
     self.info.metadata.update({f'num_{s}': per[s]['listed'] for s in SPLITS})
@@ -225,8 +248,9 @@ def builder(data_dir: Optional[str] = None, **kwargs) -> Gldv2Retrieval:
   return Gldv2Retrieval(data_dir=data_dir, **kwargs)
 
 
-def prepare(manual_dir: str, data_dir: str, *, allow_missing: bool = False,
-            verify_md5: bool = False) -> Gldv2Retrieval:
+def prepare(
+  manual_dir: str, data_dir: str, *, allow_missing: bool = False, verify_md5: bool = False
+) -> Gldv2Retrieval:
   """Builds the dataset (no-op if already built); returns the builder (`.summary` when built)."""
   b = builder(data_dir, allow_missing=allow_missing, verify_md5=verify_md5)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -238,8 +262,10 @@ class NotPreparedError(FileNotFoundError):
 
 
 def prepare_command(data_dir: str) -> str:
-  return (f'python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M '
-          f'--data_dir={data_dir or "DATA_DIR"}')
+  return (
+    f'python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M '
+    f'--data_dir={data_dir or "DATA_DIR"}'
+  )
 
 
 def require_prepared(data_dir: str) -> Gldv2Retrieval:
@@ -248,10 +274,11 @@ def require_prepared(data_dir: str) -> Gldv2Retrieval:
   if not b.is_prepared():
     where = data_dir or 'the current directory (the data dir is empty)'
     raise NotPreparedError(
-        f'gldv2_retrieval is not prepared under {where}: prepare with '
-        f'`{prepare_command(data_dir)}` with M holding the official '
-        'index.csv, test.csv, retrieval_solution_v2.1.csv and the index/ and test/ images_NNN.tar '
-        '(github.com/cvdfoundation/google-landmark)')
+      f'gldv2_retrieval is not prepared under {where}: prepare with '
+      f'`{prepare_command(data_dir)}` with M holding the official '
+      'index.csv, test.csv, retrieval_solution_v2.1.csv and the index/ and test/ images_NNN.tar '
+      '(github.com/cvdfoundation/google-landmark)'
+    )
   return b
 
 
@@ -265,8 +292,7 @@ def data_source(data_dir: str, split: str):
 
 def load_solution(data_dir: str):
   """(public, private, ignored) from the solution copied next to the prepared data."""
-  return read_solution(os.path.join(os.fspath(require_prepared(data_dir).data_path),
-                                    SOLUTION_FILE))
+  return read_solution(os.path.join(os.fspath(require_prepared(data_dir).data_path), SOLUTION_FILE))
 
 
 def load_summary(data_dir: str) -> dict:

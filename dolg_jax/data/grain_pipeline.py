@@ -63,10 +63,14 @@ def fast_decode(cfg) -> bool:
 
 AUGMENTATIONS = ('paper', 'official')
 CONFIG_RULES = {
-    'data.augmentation': rules.one_of(AUGMENTATIONS), 'data.decode': rules.one_of(DECODE_ROUTES),
-    'data.image_size': rules.POSITIVE_INT, 'data.random_flip': rules.BOOL,
-    **{f'data.{f}': rules.NON_NEGATIVE_INT
-       for f in ('num_workers', 'prefetch_buffer_size', 'read_threads', 'worker_buffer_size')},
+  'data.augmentation': rules.one_of(AUGMENTATIONS),
+  'data.decode': rules.one_of(DECODE_ROUTES),
+  'data.image_size': rules.POSITIVE_INT,
+  'data.random_flip': rules.BOOL,
+  **{
+    f'data.{f}': rules.NON_NEGATIVE_INT
+    for f in ('num_workers', 'prefetch_buffer_size', 'read_threads', 'worker_buffer_size')
+  },
 }
 
 
@@ -77,10 +81,20 @@ def check_config(config) -> None:
     v = rules.get(config, path)
     if v is rules.MISSING:
       continue
-    if (not isinstance(v, (tuple, list)) or len(v) != 2 or not all(map(rules.is_number, v))
-        or not 0.0 < v[0] <= v[1] or (path == 'data.crop_scale' and v[1] > 1)):
-      rules.fail(path, v, 'must be (min, max) with 0 < min <= max <= 1' if path == 'data.crop_scale'
-                 else 'must be (min, max) with 0 < min <= max')
+    if (
+      not isinstance(v, (tuple, list))
+      or len(v) != 2
+      or not all(map(rules.is_number, v))
+      or not 0.0 < v[0] <= v[1]
+      or (path == 'data.crop_scale' and v[1] > 1)
+    ):
+      rules.fail(
+        path,
+        v,
+        'must be (min, max) with 0 < min <= max <= 1'
+        if path == 'data.crop_scale'
+        else 'must be (min, max) with 0 < min <= max',
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +113,7 @@ class TrainTransform:
   Called with the GLOBAL index of the element in the repeated, shuffled stream; its RNG is
   Philox seeded from (seed, epoch, index in epoch), so it does not depend on workers or threads.
   """
+
   image_size: int
   scale: Tuple[float, float]
   ratio: Tuple[float, float]
@@ -112,48 +127,65 @@ class TrainTransform:
   def __post_init__(self):
     rules.check_value('data.augmentation', self.augmentation, CONFIG_RULES['data.augmentation'])
     if self.augmentation == 'official' and self.scale[1] != 1.0:
-      raise ValueError(f"config.data.crop_scale={self.scale}: augmentation='official' draws the "
-                       'area fraction from crop_scale[0] to 1; set crop_scale[1] to 1.0')
+      raise ValueError(
+        f"config.data.crop_scale={self.scale}: augmentation='official' draws the "
+        'area fraction from crop_scale[0] to 1; set crop_scale[1] to 1.0'
+      )
     if self.augmentation == 'paper' and self.lighting_std:
-      raise ValueError(f'config.data.lighting_std={self.lighting_std}: lighting noise is part of '
-                       "augmentation='official' only; set it to 0 or use the official recipe")
+      raise ValueError(
+        f'config.data.lighting_std={self.lighting_std}: lighting noise is part of '
+        "augmentation='official' only; set it to 0 or use the official recipe"
+      )
 
   def rng(self, index: int) -> np.random.Generator:
     epoch, position = divmod(int(index), self.epoch_length)
-    return np.random.Generator(np.random.Philox(np.random.SeedSequence(
-        [self.seed % _U32, epoch, position])))
+    return np.random.Generator(
+      np.random.Philox(np.random.SeedSequence([self.seed % _U32, epoch, position]))
+    )
 
   def __call__(self, index: int, record: Dict[str, Any]) -> Dict[str, np.ndarray]:
     rng = self.rng(index)
     data = record['image']
     if self.augmentation == 'official':
       image, lighting = official_augment.official_train_example(
-          data, self.image_size, rng, area_frac=self.scale[0], ratio=self.ratio, flip=self.flip,
-          lighting_std=self.lighting_std)
+        data,
+        self.image_size,
+        rng,
+        area_frac=self.scale[0],
+        ratio=self.ratio,
+        flip=self.flip,
+        lighting_std=self.lighting_std,
+      )
       return {'image': image, 'lighting': lighting, 'label': np.int32(record['label'])}
     hw = decode.image_size(data)
     box = decode.random_resized_crop_box(rng, hw, self.scale, self.ratio)
     flip = bool(self.flip and rng.random() < 0.5)
-    image = decode.decode_crop_resize(data, box, (self.image_size, self.image_size),
-                                      image_hw=hw, flip=flip, fast=self.fast_decode)
+    image = decode.decode_crop_resize(
+      data, box, (self.image_size, self.image_size), image_hw=hw, flip=flip, fast=self.fast_decode
+    )
     return {'image': image, 'label': np.int32(record['label'])}
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
   """record -> {'image': uint8 (S, S, 3) central square resized, 'label': int32, 'mask': bool}."""
+
   image_size: int
   fast_decode: bool
 
   def __call__(self, record: Dict[str, Any]) -> Dict[str, np.ndarray]:
     size = self.image_size
     if not record:  # Padding element (an empty dict: grain drops None elements).
-      return {'image': np.zeros((size, size, 3), np.uint8), 'label': np.int32(-1),
-              'mask': np.bool_(False)}
+      return {
+        'image': np.zeros((size, size, 3), np.uint8),
+        'label': np.int32(-1),
+        'mask': np.bool_(False),
+      }
     data = record['image']
     hw = decode.image_size(data)
-    image = decode.decode_crop_resize(data, decode.center_square_box(hw), (size, size),
-                                      image_hw=hw, fast=self.fast_decode)
+    image = decode.decode_crop_resize(
+      data, decode.center_square_box(hw), (size, size), image_hw=hw, fast=self.fast_decode
+    )
     return {'image': image, 'label': np.int32(record['label']), 'mask': np.bool_(True)}
 
 
@@ -183,39 +215,60 @@ def _check_process(process_index: Optional[int], process_count: Optional[int]) -
   return int(process_index), int(process_count)
 
 
-def _to_iterator(ds: grain.MapDataset, cfg, num_workers: Optional[int],
-                 read_threads: Optional[int]) -> grain.DatasetIterator:
+def _to_iterator(
+  ds: grain.MapDataset, cfg, num_workers: Optional[int], read_threads: Optional[int]
+) -> grain.DatasetIterator:
   num_workers = int(cfg.num_workers if num_workers is None else num_workers)
   read_threads = int(cfg.read_threads if read_threads is None else read_threads)
   buffer = max(int(cfg.prefetch_buffer_size), read_threads)
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                               prefetch_buffer_size=buffer))
+  it_ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer)
+  )
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use
-      flags.FLAGS.mark_as_parsed()   # their defaults.
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=int(cfg.worker_buffer_size)))
+      flags.FLAGS.mark_as_parsed()  # their defaults.
+    it_ds = it_ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=int(cfg.worker_buffer_size)
+      )
+    )
   return iter(it_ds)
 
 
-def train_dataset(config, data_source, *, seed: int, process_index: int, process_count: int,
-                  per_host_batch: int, num_epochs: Optional[int] = None) -> grain.MapDataset:
+def train_dataset(
+  config,
+  data_source,
+  *,
+  seed: int,
+  process_index: int,
+  process_count: int,
+  per_host_batch: int,
+  num_epochs: Optional[int] = None,
+) -> grain.MapDataset:
   """The training pipeline as a grain MapDataset of batches (random access by step)."""
   cfg = _data_config(config)
   n = len(data_source)
   usable = n - n % process_count
   per_process = usable // process_count
   if per_process < per_host_batch:
-    raise ValueError(f'{n} training records over {process_count} process(es) give {per_process} '
-                     f'per process: fewer than one batch of {per_host_batch}')
+    raise ValueError(
+      f'{n} training records over {process_count} process(es) give {per_process} '
+      f'per process: fewer than one batch of {per_host_batch}'
+    )
   transform = TrainTransform(
-      image_size=int(cfg.image_size), scale=tuple(float(x) for x in cfg.crop_scale),
-      ratio=tuple(float(x) for x in cfg.crop_ratio), flip=bool(cfg.random_flip),
-      seed=int(seed), epoch_length=n, fast_decode=fast_decode(cfg),
-      augmentation=str(cfg.augmentation), lighting_std=float(cfg.lighting_std))
+    image_size=int(cfg.image_size),
+    scale=tuple(float(x) for x in cfg.crop_scale),
+    ratio=tuple(float(x) for x in cfg.crop_ratio),
+    flip=bool(cfg.random_flip),
+    seed=int(seed),
+    epoch_length=n,
+    fast_decode=fast_decode(cfg),
+    augmentation=str(cfg.augmentation),
+    lighting_std=float(cfg.lighting_std),
+  )
   ds = grain.MapDataset.source(data_source)
-  ds = ds.shuffle(seed=int(seed) % _U32)       # Reshuffled each epoch (seed + epoch).
-  ds = ds.map_with_index(transform)            # Index = global position in the stream.
+  ds = ds.shuffle(seed=int(seed) % _U32)  # Reshuffled each epoch (seed + epoch).
+  ds = ds.map_with_index(transform)  # Index = global position in the stream.
   ds = ds[:usable][process_index::process_count]
   ds = ds.batch(per_host_batch, drop_remainder=True)
   return ds.repeat(num_epochs)
@@ -246,7 +299,7 @@ class TrainIterator(grain.DatasetIterator):
 
   def _ensure_inner(self) -> grain.DatasetIterator:
     if self._inner is None:
-      self._inner = self._make_iter(self._ds[self._next_step:])
+      self._inner = self._make_iter(self._ds[self._next_step :])
     return self._inner
 
   def __next__(self) -> Dict[str, np.ndarray]:
@@ -259,12 +312,18 @@ class TrainIterator(grain.DatasetIterator):
     return {'next_step': self._next_step, **self._stream}
 
   def set_state(self, state: Dict[str, Any]) -> None:
-    diffs = [f'{k}: saved {state.get(k)!r}, now {v!r}' for k, v in self._stream.items()
-             if state.get(k) != v]
+    diffs = [
+      f'{k}: saved {state.get(k)!r}, now {v!r}'
+      for k, v in self._stream.items()
+      if state.get(k) != v
+    ]
     if diffs:
-      raise ValueError('the saved input-pipeline state belongs to a different stream ('
-                       + '; '.join(diffs) + '); restore with the same data arguments or start '
-                       'the data iterator afresh')
+      raise ValueError(
+        'the saved input-pipeline state belongs to a different stream ('
+        + '; '.join(diffs)
+        + '); restore with the same data arguments or start '
+        'the data iterator afresh'
+      )
     if self._inner is not None:
       self._inner.close()
       self._inner = None
@@ -283,10 +342,18 @@ class TrainIterator(grain.DatasetIterator):
     return f'TrainIterator(next_step={self._next_step}, {self._stream})'
 
 
-def make_train_iterator(config, data_source, *, seed: int, process_index: Optional[int] = None,
-                        process_count: Optional[int] = None, per_host_batch: int,
-                        num_epochs: Optional[int] = None, num_workers: Optional[int] = None,
-                        read_threads: Optional[int] = None) -> TrainIterator:
+def make_train_iterator(
+  config,
+  data_source,
+  *,
+  seed: int,
+  process_index: Optional[int] = None,
+  process_count: Optional[int] = None,
+  per_host_batch: int,
+  num_epochs: Optional[int] = None,
+  num_workers: Optional[int] = None,
+  read_threads: Optional[int] = None,
+) -> TrainIterator:
   """Iterator of {'image': (B, S, S, 3), 'label': int32 (B,)} for this process.
 
   Images are uint8; with `augmentation='official'` each batch also holds 'lighting' (B, 3) float32,
@@ -310,14 +377,26 @@ def make_train_iterator(config, data_source, *, seed: int, process_index: Option
   """
   process_index, process_count = _check_process(process_index, process_count)
   cfg = _data_config(config)
-  ds = train_dataset(config, data_source, seed=seed, process_index=process_index,
-                     process_count=process_count, per_host_batch=per_host_batch,
-                     num_epochs=num_epochs)
-  stream = {'seed': int(seed), 'process_index': process_index, 'process_count': process_count,
-            'per_host_batch': int(per_host_batch), 'num_records': len(data_source),
-            'image_size': int(cfg.image_size)}
-  make_iter = functools.partial(_to_iterator, cfg=cfg, num_workers=num_workers,
-                                read_threads=read_threads)
+  ds = train_dataset(
+    config,
+    data_source,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    per_host_batch=per_host_batch,
+    num_epochs=num_epochs,
+  )
+  stream = {
+    'seed': int(seed),
+    'process_index': process_index,
+    'process_count': process_count,
+    'per_host_batch': int(per_host_batch),
+    'num_records': len(data_source),
+    'image_size': int(cfg.image_size),
+  }
+  make_iter = functools.partial(
+    _to_iterator, cfg=cfg, num_workers=num_workers, read_threads=read_threads
+  )
   return TrainIterator(ds, make_iter, stream)
 
 
@@ -327,22 +406,30 @@ def steps_per_epoch(num_records: int, *, process_count: int, per_host_batch: int
   return (num_records - num_records % process_count) // process_count // per_host_batch
 
 
-def eval_dataset(config, data_source, *, process_index: int, process_count: int,
-                 per_host_batch: int) -> grain.MapDataset:
+def eval_dataset(
+  config, data_source, *, process_index: int, process_count: int, per_host_batch: int
+) -> grain.MapDataset:
   cfg = _data_config(config)
   n = len(data_source)
   per_process = math.ceil(n / process_count)
   num_batches = math.ceil(per_process / per_host_batch)
-  source = _ShardedPaddedSource(data_source, process_index, process_count,
-                                num_batches * per_host_batch)
+  source = _ShardedPaddedSource(
+    data_source, process_index, process_count, num_batches * per_host_batch
+  )
   ds = grain.MapDataset.source(source).map(EvalTransform(int(cfg.image_size), fast_decode(cfg)))
   return ds.batch(per_host_batch, drop_remainder=False)
 
 
-def make_eval_iterator(config, data_source, *, process_index: Optional[int] = None,
-                       process_count: Optional[int] = None, per_host_batch: int,
-                       num_workers: Optional[int] = None,
-                       read_threads: Optional[int] = None) -> grain.DatasetIterator:
+def make_eval_iterator(
+  config,
+  data_source,
+  *,
+  process_index: Optional[int] = None,
+  process_count: Optional[int] = None,
+  per_host_batch: int,
+  num_workers: Optional[int] = None,
+  read_threads: Optional[int] = None,
+) -> grain.DatasetIterator:
   """One pass over `data_source` (e.g. the 'validation' split), this process's share.
 
   Yields {'image': uint8 (B, S, S, 3), 'label': int32 (B,), 'mask': bool (B,)}; every process
@@ -350,8 +437,13 @@ def make_eval_iterator(config, data_source, *, process_index: Optional[int] = No
   label -1.
   """
   process_index, process_count = _check_process(process_index, process_count)
-  ds = eval_dataset(config, data_source, process_index=process_index,
-                    process_count=process_count, per_host_batch=per_host_batch)
+  ds = eval_dataset(
+    config,
+    data_source,
+    process_index=process_index,
+    process_count=process_count,
+    per_host_batch=per_host_batch,
+  )
   return _to_iterator(ds, _data_config(config), num_workers, read_threads)
 
 
@@ -370,7 +462,7 @@ class ValidationPasses:
     self._repeated = ds.repeat(None)
     self._make_iter = make_iter
     self._inner: Optional[grain.DatasetIterator] = None
-    self._position = 0   # batches consumed in the current pass
+    self._position = 0  # batches consumed in the current pass
 
   def next_pass(self):
     """A generator of this pass's batches (each a dict as `make_eval_iterator` yields)."""
@@ -394,20 +486,35 @@ class ValidationPasses:
     self._close_inner()
 
 
-def make_validation_passes(config, data_source, *, process_index: Optional[int] = None,
-                           process_count: Optional[int] = None, per_host_batch: int,
-                           max_batches: int = 0, num_workers: Optional[int] = None,
-                           read_threads: Optional[int] = None) -> ValidationPasses:
+def make_validation_passes(
+  config,
+  data_source,
+  *,
+  process_index: Optional[int] = None,
+  process_count: Optional[int] = None,
+  per_host_batch: int,
+  max_batches: int = 0,
+  num_workers: Optional[int] = None,
+  read_threads: Optional[int] = None,
+) -> ValidationPasses:
   """`make_eval_iterator`'s batches (the first `max_batches` when > 0) as repeatable passes; every
   process gets the same `num_batches`."""
   process_index, process_count = _check_process(process_index, process_count)
-  ds = eval_dataset(config, data_source, process_index=process_index,
-                    process_count=process_count, per_host_batch=per_host_batch)
+  ds = eval_dataset(
+    config,
+    data_source,
+    process_index=process_index,
+    process_count=process_count,
+    per_host_batch=per_host_batch,
+  )
   if max_batches > 0:
     ds = ds[:max_batches]
-  return ValidationPasses(ds, functools.partial(_to_iterator, cfg=_data_config(config),
-                                                num_workers=num_workers,
-                                                read_threads=read_threads))
+  return ValidationPasses(
+    ds,
+    functools.partial(
+      _to_iterator, cfg=_data_config(config), num_workers=num_workers, read_threads=read_threads
+    ),
+  )
 
 
 def first_batches(iterator, n: int) -> Sequence[Dict[str, np.ndarray]]:

@@ -20,7 +20,7 @@ class ChecksumError(RuntimeError):
 
 def md5_file_for(shard_path: str, manual_dir: Optional[str] = None) -> Optional[str]:
   """md5.images_NNN.txt of a shard: beside it, or (manual dir) in train/ or md5sum/train/."""
-  name = 'md5.' + os.path.basename(shard_path)[:-len('.tar')] + '.txt'
+  name = 'md5.' + os.path.basename(shard_path)[: -len('.tar')] + '.txt'
   candidates = [os.path.join(os.path.dirname(shard_path), name)]
   if manual_dir is not None:
     candidates += [os.path.join(manual_dir, sub, name) for sub in MD5_DIRS]
@@ -44,16 +44,20 @@ def verify_md5(shard_path: str, manual_dir: Optional[str] = None) -> None:
   name = os.path.basename(shard_path)
   md5_path = md5_file_for(shard_path, manual_dir)
   if md5_path is None:
-    where = [os.path.dirname(shard_path)] + ([os.path.join(manual_dir, d) for d in MD5_DIRS]
-                                             if manual_dir else [])
-    raise FileNotFoundError(f'md5.{name[:-len(".tar")]}.txt not found in {sorted(set(where))} '
-                            f'(needed to verify {name}; build without verify_md5 to skip the '
-                            'check)')
+    where = [os.path.dirname(shard_path)] + (
+      [os.path.join(manual_dir, d) for d in MD5_DIRS] if manual_dir else []
+    )
+    raise FileNotFoundError(
+      f'md5.{name[: -len(".tar")]}.txt not found in {sorted(set(where))} '
+      f'(needed to verify {name}; build without verify_md5 to skip the '
+      'check)'
+    )
   expected = read_md5_file(md5_path)
   digest = hashlib.md5()
   with open(shard_path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 22), b''):
       digest.update(chunk)
   if digest.hexdigest() != expected:
-    raise ChecksumError(f'{shard_path}: md5 {digest.hexdigest()} != {expected} from {md5_path} '
-                        f'(re-download {name})')
+    raise ChecksumError(
+      f'{shard_path}: md5 {digest.hexdigest()} != {expected} from {md5_path} (re-download {name})'
+    )

@@ -22,16 +22,17 @@ from dolg_jax.data import decode
 # pycls datasets/imagenet.py: eigenvalues and eigenvectors (rows: R, G, B) of the ImageNet pixel
 # covariance, on the [0, 1] scale.
 EIG_VALS = np.array([0.2175, 0.0188, 0.0045])
-EIG_VECS = np.array([[-0.5675, 0.7192, 0.4009],
-                     [-0.5808, -0.0045, -0.8140],
-                     [-0.5836, -0.6948, 0.4203]])
+EIG_VECS = np.array(
+  [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]
+)
 LIGHTING_STD = 0.1
 MAX_ITER = 10
 
 
 def _resize_float(im: np.ndarray, height: int, width: int) -> np.ndarray:
-  return cv2.resize(np.ascontiguousarray(im, np.float32), (width, height),
-                    interpolation=cv2.INTER_LINEAR)
+  return cv2.resize(
+    np.ascontiguousarray(im, np.float32), (width, height), interpolation=cv2.INTER_LINEAR
+  )
 
 
 def scale_short_side(size: int, im: np.ndarray) -> np.ndarray:
@@ -52,12 +53,17 @@ def center_crop(size: int, im: np.ndarray) -> np.ndarray:
   h, w = im.shape[:2]
   y = int(math.ceil((h - size) / 2))
   x = int(math.ceil((w - size) / 2))
-  return im[y:y + size, x:x + size]
+  return im[y : y + size, x : x + size]
 
 
-def random_sized_crop(im: np.ndarray, size: int, rng, area_frac: float = 0.08,
-                      ratio: Tuple[float, float] = (3 / 4, 4 / 3),
-                      max_iter: int = MAX_ITER) -> np.ndarray:
+def random_sized_crop(
+  im: np.ndarray,
+  size: int,
+  rng,
+  area_frac: float = 0.08,
+  ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+  max_iter: int = MAX_ITER,
+) -> np.ndarray:
   """pycls `random_sized_crop` on an (H, W, C) float32 image (docs/design_notes.md).
 
   `rng` needs `uniform(low, high)`, `uniform()` and `integers(low, high)` (numpy Generator).
@@ -66,12 +72,17 @@ def random_sized_crop(im: np.ndarray, size: int, rng, area_frac: float = 0.08,
   if box is None:
     return np.asarray(center_crop(size, scale_short_side(size, im)), np.float32)
   y, x, h, w = box
-  return _resize_float(im[y:y + h, x:x + w], size, size)
+  return _resize_float(im[y : y + h, x : x + w], size, size)
 
 
-def random_sized_crop_box(h: int, w: int, rng, area_frac: float = 0.08,
-                          ratio: Tuple[float, float] = (3 / 4, 4 / 3),
-                          max_iter: int = MAX_ITER) -> Tuple[int, int, int, int] | None:
+def random_sized_crop_box(
+  h: int,
+  w: int,
+  rng,
+  area_frac: float = 0.08,
+  ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+  max_iter: int = MAX_ITER,
+) -> Tuple[int, int, int, int] | None:
   """The draws of `random_sized_crop` for an h x w image: the (top, left, height, width) box, or
   None after `max_iter` misses (then: scale the short side and take the centre crop)."""
   area = h * w
@@ -104,9 +115,16 @@ def _scale_short_side_uint8(size: int, im: np.ndarray) -> np.ndarray:
   return _resize_uint8(im, size, int(math.floor(float(w) / h * size)))
 
 
-def augment_rgb_uint8(rgb: np.ndarray, size: int, rng, *, area_frac: float = 0.08,
-                      ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                      lighting_std: float = LIGHTING_STD) -> Tuple[np.ndarray, np.ndarray]:
+def augment_rgb_uint8(
+  rgb: np.ndarray,
+  size: int,
+  rng,
+  *,
+  area_frac: float = 0.08,
+  ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+  flip: bool = True,
+  lighting_std: float = LIGHTING_STD,
+) -> Tuple[np.ndarray, np.ndarray]:
   """The uint8 form of `augment_rgb` (same draws): (uint8 (size, size, 3) image, float32 (3,) RGB
   lighting offset on the [0, 255] scale, to be added after the conversion to float)."""
   box = random_sized_crop_box(rgb.shape[0], rgb.shape[1], rng, area_frac, ratio)
@@ -114,19 +132,33 @@ def augment_rgb_uint8(rgb: np.ndarray, size: int, rng, *, area_frac: float = 0.0
     im = center_crop(size, _scale_short_side_uint8(size, rgb))
   else:
     y, x, h, w = box
-    im = _resize_uint8(rgb[y:y + h, x:x + w], size, size)
+    im = _resize_uint8(rgb[y : y + h, x : x + w], size, size)
   if flip:
     im = horizontal_flip(im, rng)
   offset = (255.0 * lighting_offset(rng, lighting_std)).astype(np.float32)
   return np.ascontiguousarray(im), offset
 
 
-def official_train_example(data: bytes, size: int, rng, *, area_frac: float = 0.08,
-                           ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                           lighting_std: float = LIGHTING_STD) -> Tuple[np.ndarray, np.ndarray]:
+def official_train_example(
+  data: bytes,
+  size: int,
+  rng,
+  *,
+  area_frac: float = 0.08,
+  ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+  flip: bool = True,
+  lighting_std: float = LIGHTING_STD,
+) -> Tuple[np.ndarray, np.ndarray]:
   """Encoded image bytes -> (uint8 image, float32 (3,) lighting offset); see the module doc."""
-  return augment_rgb_uint8(decode.decode_rgb(data), size, rng, area_frac=area_frac, ratio=ratio,
-                           flip=flip, lighting_std=lighting_std)
+  return augment_rgb_uint8(
+    decode.decode_rgb(data),
+    size,
+    rng,
+    area_frac=area_frac,
+    ratio=ratio,
+    flip=flip,
+    lighting_std=lighting_std,
+  )
 
 
 def horizontal_flip(im: np.ndarray, rng, p: float = 0.5) -> np.ndarray:
@@ -144,9 +176,16 @@ def lighting_offset(rng, alpha_std: float = LIGHTING_STD) -> np.ndarray:
   return np.sum(EIG_VECS * (alpha * EIG_VALS[None, :]), axis=1)
 
 
-def augment_rgb(rgb: np.ndarray, size: int, rng, *, area_frac: float = 0.08,
-                ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                lighting_std: float = LIGHTING_STD) -> np.ndarray:
+def augment_rgb(
+  rgb: np.ndarray,
+  size: int,
+  rng,
+  *,
+  area_frac: float = 0.08,
+  ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+  flip: bool = True,
+  lighting_std: float = LIGHTING_STD,
+) -> np.ndarray:
   """Crop, flip and lighting of a decoded (H, W, 3) RGB image -> float32 (size, size, 3), [0, 255]
   scale."""
   im = random_sized_crop(np.asarray(rgb, np.float32), size, rng, area_frac, ratio)
@@ -156,9 +195,23 @@ def augment_rgb(rgb: np.ndarray, size: int, rng, *, area_frac: float = 0.08,
   return np.ascontiguousarray(im + offset[None, None, :], np.float32)
 
 
-def official_train_image(data: bytes, size: int, rng, *, area_frac: float = 0.08,
-                         ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                         lighting_std: float = LIGHTING_STD) -> np.ndarray:
+def official_train_image(
+  data: bytes,
+  size: int,
+  rng,
+  *,
+  area_frac: float = 0.08,
+  ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+  flip: bool = True,
+  lighting_std: float = LIGHTING_STD,
+) -> np.ndarray:
   """Encoded image bytes -> the official training image (float32 RGB, [0, 255] scale)."""
-  return augment_rgb(decode.decode_rgb(data), size, rng, area_frac=area_frac, ratio=ratio,
-                     flip=flip, lighting_std=lighting_std)
+  return augment_rgb(
+    decode.decode_rgb(data),
+    size,
+    rng,
+    area_frac=area_frac,
+    ratio=ratio,
+    flip=flip,
+    lighting_std=lighting_std,
+  )

@@ -42,33 +42,64 @@ from dolg_jax.data import gldv2_retrieval
 from dolg_jax.data import record_check
 from dolg_jax.data import revisitop
 
-_BUILD_ERRORS = (gldv2.MissingImagesError, gldv2.TruncatedShardError, gldv2.ChecksumError,
-                 revisitop.MissingImagesError, folder.FolderChangedError, FileNotFoundError,
-                 ValueError)
+_BUILD_ERRORS = (
+  gldv2.MissingImagesError,
+  gldv2.TruncatedShardError,
+  gldv2.ChecksumError,
+  revisitop.MissingImagesError,
+  folder.FolderChangedError,
+  FileNotFoundError,
+  ValueError,
+)
 REVISITOP = revisitop.NAMES
 
 
 def define_flags(fv: flags.FlagValues) -> None:
   """Defines the command-line flags on `fv` (at entry only)."""
-  flags.DEFINE_string('dataset', 'gldv2/clean', 'gldv2/clean, gldv2/full, gldv2/clean_all, '
-                      'gldv2/full_all, gldv2_retrieval (index + test sets), roxford5k, rparis6k, '
-                      'revisitop1m or rdemo (the demo benchmark, same layout).', flag_values=fv)
-  flags.DEFINE_string('manual_dir', None, 'Directory holding the official files (to prepare).',
-                      flag_values=fv)
+  flags.DEFINE_string(
+    'dataset',
+    'gldv2/clean',
+    'gldv2/clean, gldv2/full, gldv2/clean_all, '
+    'gldv2/full_all, gldv2_retrieval (index + test sets), roxford5k, rparis6k, '
+    'revisitop1m or rdemo (the demo benchmark, same layout).',
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    'manual_dir', None, 'Directory holding the official files (to prepare).', flag_values=fv
+  )
   flags.DEFINE_string('data_dir', None, 'TFDS data dir to write into.', flag_values=fv)
-  flags.DEFINE_bool('allow_missing', False, 'Build even if listed images are absent (listed in '
-                    'missing.csv).', flag_values=fv)
-  flags.DEFINE_bool('verify_md5', False, 'Check every tar shard against its md5 file first.',
-                    flag_values=fv)
-  flags.DEFINE_float('val_fraction', None, "Validation fraction per class (default: the named "
-                     "config's; 0 = every image in train).", flag_values=fv)
-  flags.DEFINE_string('exclude', None, 'CSV of landmark ids (column landmark_id) and/or image ids '
-                      '(column id) to leave out, e.g. landmarks shared with the test sets.',
-                      flag_values=fv)
-  flags.DEFINE_string('labels', None, 'folder/NAME only: CSV with path,label rows (paths relative '
-                      'to --manual_dir) instead of one sub-folder per class.', flag_values=fv)
-  flags.DEFINE_bool('verify', False, 'Read back every record of the prepared dataset in '
-                    '--data_dir.', flag_values=fv)
+  flags.DEFINE_bool(
+    'allow_missing',
+    False,
+    'Build even if listed images are absent (listed in missing.csv).',
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    'verify_md5', False, 'Check every tar shard against its md5 file first.', flag_values=fv
+  )
+  flags.DEFINE_float(
+    'val_fraction',
+    None,
+    "Validation fraction per class (default: the named config's; 0 = every image in train).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    'exclude',
+    None,
+    'CSV of landmark ids (column landmark_id) and/or image ids '
+    '(column id) to leave out, e.g. landmarks shared with the test sets.',
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    'labels',
+    None,
+    'folder/NAME only: CSV with path,label rows (paths relative '
+    'to --manual_dir) instead of one sub-folder per class.',
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    'verify', False, 'Read back every record of the prepared dataset in --data_dir.', flag_values=fv
+  )
   flags.mark_flag_as_required('data_dir', flag_values=fv)
 
 
@@ -88,15 +119,22 @@ def main(argv: list[str]) -> int:
       raise flags.ValidationError(f'--labels applies to folder/NAME only, not to {fv.dataset}')
     if folder.is_folder_dataset(fv.dataset) and fv.verify_md5:
       raise flags.ValidationError(f'--verify_md5: {fv.dataset} has no md5 files (gldv2* only)')
-    if (not fv.dataset.startswith('gldv2') and fv.dataset not in REVISITOP
-        and not folder.is_folder_dataset(fv.dataset)):
-      raise flags.ValidationError(f'unsupported --dataset {fv.dataset!r} (this command builds '
-                                  'gldv2/clean, gldv2/full, gldv2/clean_all, gldv2/full_all, '
-                                  f'gldv2_retrieval, {", ".join(REVISITOP)}, folder/NAME)')
-    if fv.dataset in REVISITOP + ('gldv2_retrieval',) and (fv.val_fraction is not None or
-                                                           fv.exclude):
-      raise flags.ValidationError(f'--val_fraction and --exclude apply to gldv2/* only, not to '
-                                  f'{fv.dataset}')
+    if (
+      not fv.dataset.startswith('gldv2')
+      and fv.dataset not in REVISITOP
+      and not folder.is_folder_dataset(fv.dataset)
+    ):
+      raise flags.ValidationError(
+        f'unsupported --dataset {fv.dataset!r} (this command builds '
+        'gldv2/clean, gldv2/full, gldv2/clean_all, gldv2/full_all, '
+        f'gldv2_retrieval, {", ".join(REVISITOP)}, folder/NAME)'
+      )
+    if fv.dataset in REVISITOP + ('gldv2_retrieval',) and (
+      fv.val_fraction is not None or fv.exclude
+    ):
+      raise flags.ValidationError(
+        f'--val_fraction and --exclude apply to gldv2/* only, not to {fv.dataset}'
+      )
     if fv.dataset in REVISITOP and fv.verify_md5:
       raise flags.ValidationError(f'--verify_md5: {fv.dataset} has no md5 files (gldv2* only)')
   except flags.Error as e:
@@ -111,9 +149,15 @@ def main(argv: list[str]) -> int:
       return _prepare_revisitop(fv)
     if folder.is_folder_dataset(fv.dataset):
       return _prepare_folder(fv)
-    builder = gldv2.prepare(fv.dataset, fv.manual_dir, fv.data_dir,
-                            allow_missing=fv.allow_missing, verify_md5=fv.verify_md5,
-                            val_fraction=fv.val_fraction, exclude=fv.exclude)
+    builder = gldv2.prepare(
+      fv.dataset,
+      fv.manual_dir,
+      fv.data_dir,
+      allow_missing=fv.allow_missing,
+      verify_md5=fv.verify_md5,
+      val_fraction=fv.val_fraction,
+      exclude=fv.exclude,
+    )
   except _BUILD_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -130,12 +174,21 @@ def main(argv: list[str]) -> int:
 
 
 def _prepare_folder(fv: flags.FlagValues) -> int:
-  b = folder.prepare(fv.dataset, fv.manual_dir, fv.data_dir, val_fraction=fv.val_fraction,
-                     exclude=fv.exclude, labels=fv.labels, allow_missing=fv.allow_missing)
+  b = folder.prepare(
+    fv.dataset,
+    fv.manual_dir,
+    fv.data_dir,
+    val_fraction=fv.val_fraction,
+    exclude=fv.exclude,
+    labels=fv.labels,
+    allow_missing=fv.allow_missing,
+  )
   summary = getattr(b, 'summary', None)
   if summary is None:
-    print(f'{fv.dataset} is already prepared in {b.data_path} (with the same options; delete it '
-          'to prepare it again)')
+    print(
+      f'{fv.dataset} is already prepared in {b.data_path} (with the same options; delete it '
+      'to prepare it again)'
+    )
     with open(os.path.join(os.fspath(b.data_path), 'summary.json')) as f:
       summary = json.load(f)
   for warning in summary.get('warnings', []):
@@ -147,11 +200,13 @@ def _prepare_folder(fv: flags.FlagValues) -> int:
 
 
 def _prepare_retrieval(fv: flags.FlagValues) -> int:
-  b = gldv2_retrieval.prepare(fv.manual_dir, fv.data_dir, allow_missing=fv.allow_missing,
-                              verify_md5=fv.verify_md5)
+  b = gldv2_retrieval.prepare(
+    fv.manual_dir, fv.data_dir, allow_missing=fv.allow_missing, verify_md5=fv.verify_md5
+  )
   print(json.dumps(b.summary or gldv2_retrieval.load_summary(fv.data_dir), indent=1))
-  print(f'data: {b.data_path} (retrieval_solution_v2.1.csv, skipped.csv, missing.csv, '
-        'summary.json)')
+  print(
+    f'data: {b.data_path} (retrieval_solution_v2.1.csv, skipped.csv, missing.csv, summary.json)'
+  )
   return 0
 
 
@@ -182,12 +237,17 @@ def verify(dataset: str, data_dir: str) -> int:
   for path, problem in sorted(result['damaged'].items()):
     print(f'DAMAGED {path}: {problem}')
   if result['damaged']:
-    print(f'error: {len(result["damaged"])} of {result["files"]} files of {dataset} in '
-          f'{builder.data_path} are damaged; prepare the dataset again (delete '
-          f'{builder.data_path} first)', file=sys.stderr)
+    print(
+      f'error: {len(result["damaged"])} of {result["files"]} files of {dataset} in '
+      f'{builder.data_path} are damaged; prepare the dataset again (delete '
+      f'{builder.data_path} first)',
+      file=sys.stderr,
+    )
     return 1
-  print(f'{dataset}: {result["files"]} files, {result["records"]} records, all readable '
-        f'({builder.data_path})')
+  print(
+    f'{dataset}: {result["files"]} files, {result["records"]} records, all readable '
+    f'({builder.data_path})'
+  )
   return 0
 
 

@@ -42,8 +42,10 @@ def verify_file(path: str, expected: int | None, features=None) -> str | None:
       try:
         records = reader.read(start, min(n, start + _CHUNK))
       except Exception as e:  # pylint: disable=broad-except  # reported per file
-        return (f'records {start}..{min(n, start + _CHUNK) - 1} unreadable '
-                f'({errors.first_line(e, limit=300)})')
+        return (
+          f'records {start}..{min(n, start + _CHUNK) - 1} unreadable '
+          f'({errors.first_line(e, limit=300)})'
+        )
       if features is not None:
         for k, record in enumerate(records):
           try:
@@ -96,7 +98,8 @@ class NamedSource:
       return self._source[index]
     except Exception as e:  # pylint: disable=broad-except  # re-raised naming the file
       raise DamagedRecordError(
-          f'reading example {int(index)} from {self._where(int(index))} failed: '
-          f'{errors.first_line(e, limit=300)}. The prepared data is damaged: run '
-          f'`{verify_command(self._dataset, self._data_dir)}` to list the damaged files, then '
-          'prepare the dataset again') from e
+        f'reading example {int(index)} from {self._where(int(index))} failed: '
+        f'{errors.first_line(e, limit=300)}. The prepared data is damaged: run '
+        f'`{verify_command(self._dataset, self._data_dir)}` to list the damaged files, then '
+        'prepare the dataset again'
+      ) from e

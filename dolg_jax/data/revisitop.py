@@ -48,10 +48,10 @@ _MAX_IN_MESSAGE = 5
 
 # What the manual dir of each dataset holds (for messages; the module docstring has the details).
 MANUAL_LAYOUT = {
-    'roxford5k': 'jpg/, gnd_roxford5k.pkl',
-    'rparis6k': 'jpg/, gnd_rparis6k.pkl',
-    'revisitop1m': 'revisitop1m.txt, jpg/',
-    'rdemo': 'jpg/, gnd_rdemo.pkl, as python -m dolg_jax.demo writes them',
+  'roxford5k': 'jpg/, gnd_roxford5k.pkl',
+  'rparis6k': 'jpg/, gnd_rparis6k.pkl',
+  'revisitop1m': 'revisitop1m.txt, jpg/',
+  'rdemo': 'jpg/, gnd_rdemo.pkl, as python -m dolg_jax.demo writes them',
 }
 
 
@@ -65,21 +65,27 @@ class NotPreparedError(FileNotFoundError):
 
 def prepare_command(name: str, data_dir: str) -> str:
   """The command that prepares `name` (or NAME) into `data_dir`."""
-  return (f'python -m dolg_jax.data.prepare --dataset={name} --manual_dir=M '
-          f'--data_dir={data_dir or "DATA_DIR"}')
+  return (
+    f'python -m dolg_jax.data.prepare --dataset={name} --manual_dir=M '
+    f'--data_dir={data_dir or "DATA_DIR"}'
+  )
 
 
 def not_prepared_message(names: Sequence[str], data_dir: str) -> str:
   """One line: which of `names` are not prepared under `data_dir` and the command to do it."""
   where = data_dir or 'the current directory (the data dir is empty)'
   if len(names) == 1:
-    return (f'{names[0]} is not prepared under {where}: prepare it with '
-            f'`{prepare_command(names[0], data_dir)}`, M holding its revisitop files '
-            f'({MANUAL_LAYOUT[names[0]]}; github.com/filipradenovic/revisitop)')
+    return (
+      f'{names[0]} is not prepared under {where}: prepare it with '
+      f'`{prepare_command(names[0], data_dir)}`, M holding its revisitop files '
+      f'({MANUAL_LAYOUT[names[0]]}; github.com/filipradenovic/revisitop)'
+    )
   layouts = '; '.join(f'{n}: {MANUAL_LAYOUT[n]}' for n in names)
-  return (f'{", ".join(names)} are not prepared under {where}: prepare each with '
-          f'`{prepare_command("NAME", data_dir)}`, M holding its revisitop files ({layouts}; '
-          'github.com/filipradenovic/revisitop)')
+  return (
+    f'{", ".join(names)} are not prepared under {where}: prepare each with '
+    f'`{prepare_command("NAME", data_dir)}`, M holding its revisitop files ({layouts}; '
+    'github.com/filipradenovic/revisitop)'
+  )
 
 
 def require_prepared(names: Sequence[str], data_dir: str) -> None:
@@ -91,24 +97,35 @@ def require_prepared(names: Sequence[str], data_dir: str) -> None:
 
 def _missing_message(name: str, root: str, missing: Sequence[str], total: int) -> str:
   first = ', '.join(missing[:_MAX_IN_MESSAGE])
-  return (f'{name}: {len(missing)} of {total} listed images are missing under {root} '
-          f'(first: {first}). Download/extract them into that directory, or pass '
-          'allow_missing=True.')
+  return (
+    f'{name}: {len(missing)} of {total} listed images are missing under {root} '
+    f'(first: {first}). Download/extract them into that directory, or pass '
+    'allow_missing=True.'
+  )
 
 
 def read_gnd_file(path: str) -> dict:
   """Reads and checks gnd_<name>.pkl; returns the dict."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: the manual dir must hold the revisitop ground '
-                            'truth')
+    raise FileNotFoundError(
+      f'{path} not found: the manual dir must hold the revisitop ground truth'
+    )
   try:
     with open(path, 'rb') as f:
       cfg = pickle.load(f)
-  except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError,
-          AttributeError, ImportError, IndexError) as e:
+  except (
+    pickle.UnpicklingError,
+    EOFError,
+    UnicodeDecodeError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    ImportError,
+    IndexError,
+  ) as e:
     raise csv_metadata.MetadataError(
-        f'{path}: not a readable ground-truth pickle ({type(e).__name__}: {e}); re-download '
-        'it') from None
+      f'{path}: not a readable ground-truth pickle ({type(e).__name__}: {e}); re-download it'
+    ) from None
   return csv_metadata.check_gnd(cfg, path)
 
 
@@ -144,16 +161,18 @@ class _RevisitopBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(), dtype=np.object_),
-            'id': tfds.features.Text(),
-            'index': tfds.features.Scalar(dtype=np.int64),
-            'height': tfds.features.Scalar(dtype=np.int64),
-            'width': tfds.features.Scalar(dtype=np.int64),
-            'bbx': tfds.features.Tensor(shape=(4,), dtype=np.float32),
-        }),
-        homepage='https://github.com/filipradenovic/revisitop',
-        metadata=tfds.core.MetadataDict(),
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+          'id': tfds.features.Text(),
+          'index': tfds.features.Scalar(dtype=np.int64),
+          'height': tfds.features.Scalar(dtype=np.int64),
+          'width': tfds.features.Scalar(dtype=np.int64),
+          'bbx': tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        }
+      ),
+      homepage='https://github.com/filipradenovic/revisitop',
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _example(self, path: str, image_id: str, index: int, bbx=None) -> dict:
@@ -189,10 +208,13 @@ class _GndBuilder(_RevisitopBuilder, skip_registration=True):
     missing = _check_present(self.name, root, sorted(set(rel)), self._allow_missing)
     official = OFFICIAL_COUNTS.get(self.name)
     self._summary = {
-        'name': self.name, 'num_index': len(cfg['imlist']), 'num_query': len(cfg['qimlist']),
-        'official_counts': list(official) if official else None,
-        'matches_official_counts': (len(cfg['imlist']), len(cfg['qimlist'])) == official,
-        'num_missing': len(missing), 'missing': missing,
+      'name': self.name,
+      'num_index': len(cfg['imlist']),
+      'num_query': len(cfg['qimlist']),
+      'official_counts': list(official) if official else None,
+      'matches_official_counts': (len(cfg['imlist']), len(cfg['qimlist'])) == official,
+      'num_missing': len(missing),
+      'missing': missing,
     }
     self._root, self._cfg, self._missing = root, cfg, set(missing)
     return {'index': self._generate_examples('index'), 'query': self._generate_examples('query')}
@@ -234,12 +256,18 @@ class Revisitop1m(_RevisitopBuilder):
   def _split_generators(self, dl_manager):
     root = os.fspath(dl_manager.manual_dir)
     names = read_r1m_list(os.path.join(root, 'revisitop1m.txt'))
-    missing = _check_present(self.name, root, [os.path.join('jpg', n) for n in names],
-                             self._allow_missing)
-    self._summary = {'name': self.name, 'num_index': len(names), 'num_query': 0,
-                     'official_counts': list(OFFICIAL_COUNTS[self.name]),
-                     'matches_official_counts': len(names) == OFFICIAL_COUNTS[self.name][0],
-                     'num_missing': len(missing), 'missing': missing}
+    missing = _check_present(
+      self.name, root, [os.path.join('jpg', n) for n in names], self._allow_missing
+    )
+    self._summary = {
+      'name': self.name,
+      'num_index': len(names),
+      'num_query': 0,
+      'official_counts': list(OFFICIAL_COUNTS[self.name]),
+      'matches_official_counts': len(names) == OFFICIAL_COUNTS[self.name][0],
+      'num_missing': len(missing),
+      'missing': missing,
+    }
     self._root, self._names, self._missing = root, names, set(missing)
     return {'index': self._generate_examples('index')}
 
@@ -251,8 +279,12 @@ class Revisitop1m(_RevisitopBuilder):
       yield f'{split}_{i:08d}', self._example(os.path.join(self._root, rel), n, i)
 
 
-_BUILDERS = {'roxford5k': Roxford5k, 'rparis6k': Rparis6k, 'revisitop1m': Revisitop1m,
-             'rdemo': Rdemo}
+_BUILDERS = {
+  'roxford5k': Roxford5k,
+  'rparis6k': Rparis6k,
+  'revisitop1m': Revisitop1m,
+  'rdemo': Rdemo,
+}
 
 
 def builder(name: str, data_dir: Optional[str] = None, **kwargs) -> _RevisitopBuilder:

@@ -19,9 +19,17 @@ from dolg_jax.data.build_plan import SPLITS, UNASSIGNED, BuildPlan, Record
 SIDE_FILES = ('label_map.csv', 'skipped.csv', 'missing.csv', 'summary.json')
 
 
-def write_side_files(out_dir: str, plan: BuildPlan, skipped: Sequence[Tuple[Record, str]],
-                     written: Dict[str, int], *, name: str, class_column: str,
-                     build_options: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
+def write_side_files(
+  out_dir: str,
+  plan: BuildPlan,
+  skipped: Sequence[Tuple[Record, str]],
+  written: Dict[str, int],
+  *,
+  name: str,
+  class_column: str,
+  build_options: Optional[dict] = None,
+  extra: Optional[dict] = None,
+) -> dict:
   """label_map.csv, skipped.csv, missing.csv, summary.json; returns the summary dict.
 
   `class_column`: the name of the class key column (`landmark_id`, `class_name`). Records of
@@ -52,21 +60,28 @@ def write_side_files(out_dir: str, plan: BuildPlan, skipped: Sequence[Tuple[Reco
   n_skipped = {s: sum(1 for r, _ in skipped if r.split == s) for s in splits}
   n_missing = {s: sum(1 for r in plan.missing if r.split == s) for s in splits}
   summary = {
-      'dataset': name,
-      'num_classes': len(plan.class_keys),
-      'listed': sum(listed.values()),
-      'duplicate_listings_ignored': plan.duplicates,
-      'written': sum(written.values()),
-      'skipped': sum(n_skipped.values()),
-      'missing': len(plan.missing),
-      'per_split': {s: {'listed': listed[s], 'written': written[s], 'skipped': n_skipped[s],
-                        'missing': n_missing[s]} for s in splits},
-      'build_options': build_options,
-      'excluded': plan.excluded,
-      'shards_searched': list(plan.shards),
-      'extracted_dir': plan.extracted_dir,
-      'skipped_examples': [{'id': r.id, 'reason': why} for r, why in skipped[:20]],
-      **(extra or {}),
+    'dataset': name,
+    'num_classes': len(plan.class_keys),
+    'listed': sum(listed.values()),
+    'duplicate_listings_ignored': plan.duplicates,
+    'written': sum(written.values()),
+    'skipped': sum(n_skipped.values()),
+    'missing': len(plan.missing),
+    'per_split': {
+      s: {
+        'listed': listed[s],
+        'written': written[s],
+        'skipped': n_skipped[s],
+        'missing': n_missing[s],
+      }
+      for s in splits
+    },
+    'build_options': build_options,
+    'excluded': plan.excluded,
+    'shards_searched': list(plan.shards),
+    'extracted_dir': plan.extracted_dir,
+    'skipped_examples': [{'id': r.id, 'reason': why} for r, why in skipped[:20]],
+    **(extra or {}),
   }
   for s in splits:
     per = summary['per_split'][s]
@@ -80,21 +95,32 @@ def write_side_files(out_dir: str, plan: BuildPlan, skipped: Sequence[Tuple[Reco
 
 def format_summary(summary: dict) -> str:
   """Human-readable summary (printed by prepare)."""
-  lines = [f"{summary['dataset']}: {summary['num_classes']} classes; listed {summary['listed']} = "
-           f"written {summary['written']} + skipped {summary['skipped']} + missing "
-           f"{summary['missing']}"]
+  lines = [
+    f"{summary['dataset']}: {summary['num_classes']} classes; listed {summary['listed']} = "
+    f"written {summary['written']} + skipped {summary['skipped']} + missing "
+    f"{summary['missing']}"
+  ]
   for s, per in summary['per_split'].items():
-    lines.append(f"  {s}: listed {per['listed']}, written {per['written']}, skipped "
-                 f"{per['skipped']}, missing {per['missing']}")
+    lines.append(
+      f"  {s}: listed {per['listed']}, written {per['written']}, skipped "
+      f"{per['skipped']}, missing {per['missing']}"
+    )
   if summary.get('excluded'):
     ex = summary['excluded']
-    lines.append(f"  exclusion list {ex['file']} (sha256 {ex['sha256'][:12]}): removed "
-                 f"{ex['images_removed']} listed images, "
-                 + (f"{ex['landmarks_removed']} landmarks" if 'landmarks_removed' in ex
-                    else f"{ex['classes_removed']} classes"))
+    lines.append(
+      f"  exclusion list {ex['file']} (sha256 {ex['sha256'][:12]}): removed "
+      f"{ex['images_removed']} listed images, "
+      + (
+        f"{ex['landmarks_removed']} landmarks"
+        if 'landmarks_removed' in ex
+        else f"{ex['classes_removed']} classes"
+      )
+    )
   if summary.get('duplicate_listings_ignored'):
-    lines.append(f"  {summary['duplicate_listings_ignored']} duplicate CSV listings of an id were "
-                 'ignored (each id is used once)')
+    lines.append(
+      f"  {summary['duplicate_listings_ignored']} duplicate CSV listings of an id were "
+      'ignored (each id is used once)'
+    )
   for warning in summary.get('warnings', []):
     lines.append(f'  warning: {warning}')
   for item in summary.get('skipped_examples', []):

@@ -35,8 +35,10 @@ def find_shards(manual_dir: str) -> List[str]:
       if not _SHARD_RE.match(name):
         continue
       if name in found:
-        raise ValueError(f'{manual_dir}: {name} is both at {found[name]} and at {p}; keep one '
-                         '(the official layout has the shards in train/)')
+        raise ValueError(
+          f'{manual_dir}: {name} is both at {found[name]} and at {p}; keep one '
+          '(the official layout has the shards in train/)'
+        )
       found[name] = p
   return [found[n] for n in sorted(found, key=lambda n: int(_SHARD_RE.match(n).group(1)))]
 
@@ -71,23 +73,26 @@ def index_shard(path: str) -> Dict[str, Location]:
         end = member.offset_data + member.size
         if end > file_size:
           raise TruncatedShardError(
-              f'{path}: tar shard {name} is truncated: member {member.name} needs bytes up to '
-              f'{end} but the file has {file_size} (re-download {name})')
+            f'{path}: tar shard {name} is truncated: member {member.name} needs bytes up to '
+            f'{end} but the file has {file_size} (re-download {name})'
+          )
         image_id = _id_from_member(member.name)
         if image_id is not None and image_id not in index:
           index[image_id] = Location(path, member.offset_data, member.size)
       end_of_members = tar.offset
   except tarfile.TarError as e:
-    raise TruncatedShardError(f'{path}: tar shard {name} is unreadable or truncated: {e} '
-                              f'(re-download {name})') from e
+    raise TruncatedShardError(
+      f'{path}: tar shard {name} is unreadable or truncated: {e} (re-download {name})'
+    ) from e
   # A complete archive ends with zero blocks; without them the file was cut between members.
   with open(path, 'rb') as f:
     f.seek(end_of_members)
     trailer = f.read(1024)
   if len(trailer) < 1024 or trailer.strip(b'\0'):
     raise TruncatedShardError(
-        f'{path}: tar shard {name} is truncated: no end-of-archive marker after byte '
-        f'{end_of_members} of {file_size} (re-download {name})')
+      f'{path}: tar shard {name} is truncated: no end-of-archive marker after byte '
+      f'{end_of_members} of {file_size} (re-download {name})'
+    )
   return index
 
 
@@ -103,6 +108,8 @@ def read_bytes(loc: Location, handles: Dict[str, object]) -> bytes:
   data = f.read(loc.size)
   if len(data) != loc.size:
     name = os.path.basename(loc.path)
-    raise TruncatedShardError(f'{loc.path}: tar shard {name} is truncated (short read at byte '
-                              f'{loc.offset}; re-download {name})')
+    raise TruncatedShardError(
+      f'{loc.path}: tar shard {name} is truncated (short read at byte '
+      f'{loc.offset}; re-download {name})'
+    )
   return data

@@ -22,20 +22,28 @@ ARCHITECTURE_FIELDS = config_fields('model', architecture=True)
 
 # The rules of the c.model fields (and the compute dtypes' choices).
 CONFIG_RULES = {
-    'model.depth': rules.one_of(tuple(sorted(resnet.STAGE_DEPTHS))),
-    **{f'model.{name}': rule for name, rule in dolg_lib.CHOICE_RULES.items()},
-    **{f'model.{f}': rules.POSITIVE_INT
-       for f in ('width', 'atrous_dim', 'local_dim', 'global_dim', 'embedding_dim')},
-    **{f'model.{f}': rules.BOOL for f in ('use_local_branch', 'use_multi_atrous',
-                                           'use_self_attention', 'gem_p_learnable')},
-    'model.gem_p': rules.POSITIVE,
-    'model.bn_epsilon': rules.POSITIVE,
-    'model.fusion_eps': rules.NON_NEGATIVE,
-    'model.bn_momentum': rules.UNIT_INTERVAL,
+  'model.depth': rules.one_of(tuple(sorted(resnet.STAGE_DEPTHS))),
+  **{f'model.{name}': rule for name, rule in dolg_lib.CHOICE_RULES.items()},
+  **{
+    f'model.{f}': rules.POSITIVE_INT
+    for f in ('width', 'atrous_dim', 'local_dim', 'global_dim', 'embedding_dim')
+  },
+  **{
+    f'model.{f}': rules.BOOL
+    for f in ('use_local_branch', 'use_multi_atrous', 'use_self_attention', 'gem_p_learnable')
+  },
+  'model.gem_p': rules.POSITIVE,
+  'model.bn_epsilon': rules.POSITIVE,
+  'model.fusion_eps': rules.NON_NEGATIVE,
+  'model.bn_momentum': rules.UNIT_INTERVAL,
 }
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16,
-           'float64': jnp.float64}
+_DTYPES = {
+  'float32': jnp.float32,
+  'bfloat16': jnp.bfloat16,
+  'float16': jnp.float16,
+  'float64': jnp.float64,
+}
 COMPUTE_DTYPES = tuple(sorted(_DTYPES))  # the choices of config.compute_dtype / eval.compute_dtype
 
 
@@ -49,8 +57,10 @@ def resolve_dtype(dtype: Any) -> Any:
     if dtype not in _DTYPES:
       raise ValueError(f'compute dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}')
     if dtype == 'float64' and not jax.config.jax_enable_x64:
-      raise ValueError("compute dtype 'float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 (or "
-                       "jax.config.update('jax_enable_x64', True)) before anything runs")
+      raise ValueError(
+        "compute dtype 'float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 (or "
+        "jax.config.update('jax_enable_x64', True)) before anything runs"
+      )
     return _DTYPES[dtype]
   return dtype
 
@@ -77,25 +87,41 @@ def build_model(model_cfg: ml_collections.ConfigDict | dict, dtype: Any = jnp.fl
 def check_config(config: ml_collections.ConfigDict) -> None:
   """ValueError `config.PATH=VALUE: allowed` for a model field or compute dtype it cannot use."""
   rules.check(config, CONFIG_RULES)
-  rules.check(config, {p: rules.one_of(COMPUTE_DTYPES) for p in ('compute_dtype',
-                                                                  'eval.compute_dtype')})
+  rules.check(
+    config, {p: rules.one_of(COMPUTE_DTYPES) for p in ('compute_dtype', 'eval.compute_dtype')}
+  )
   for path in ('compute_dtype', 'eval.compute_dtype'):
     value = rules.get(config, path)
     if value is not rules.MISSING:
       try:
-        resolve_dtype(value)   # float64 needs 64-bit JAX
+        resolve_dtype(value)  # float64 needs 64-bit JAX
       except ValueError as e:
         rules.fail(path, value, str(e))
   depths = rules.get(config, 'model.stage_depths')
-  if depths is not rules.MISSING and depths and (
-      not isinstance(depths, (tuple, list)) or len(depths) != 4
-      or not all(rules.is_int(d) and d >= 1 for d in depths)):
+  if (
+    depths is not rules.MISSING
+    and depths
+    and (
+      not isinstance(depths, (tuple, list))
+      or len(depths) != 4
+      or not all(rules.is_int(d) and d >= 1 for d in depths)
+    )
+  ):
     rules.fail('model.stage_depths', depths, 'must be () or four integers >= 1')
   rates = rules.get(config, 'model.atrous_rates')
-  if rates is not rules.MISSING and (not isinstance(rates, (tuple, list))
-                                     or not all(rules.is_int(r) and r >= 1 for r in rates)):
+  if rates is not rules.MISSING and (
+    not isinstance(rates, (tuple, list)) or not all(rules.is_int(r) and r >= 1 for r in rates)
+  ):
     rules.fail('model.atrous_rates', rates, 'must be integers >= 1')
 
 
-__all__ = ['DOLG', 'ResNet', 'build_model', 'margins', 'resolve_dtype', 'MODEL_FIELDS',
-           'EVAL_FIELDS', 'ARCHITECTURE_FIELDS']
+__all__ = [
+  'DOLG',
+  'ResNet',
+  'build_model',
+  'margins',
+  'resolve_dtype',
+  'MODEL_FIELDS',
+  'EVAL_FIELDS',
+  'ARCHITECTURE_FIELDS',
+]

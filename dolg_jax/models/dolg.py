@@ -39,34 +39,49 @@ LOCAL_STAGES = ('res3', 'res4', 'both')
 dense_kernel_init = nn.initializers.normal(0.01)
 DENSE_INITS = ('pycls', 'torch')
 # The choices of the model's string fields (config.model.NAME).
-CHOICE_RULES = {'fusion': rules.one_of(FUSIONS), 'dense_init': rules.one_of(DENSE_INITS),
-                'bn_running_var': rules.one_of(resnet.BN_RUNNING_VARS),
-                'global_pool': rules.one_of(GLOBAL_POOLS),
-                'local_stage': rules.one_of(LOCAL_STAGES)}
+CHOICE_RULES = {
+  'fusion': rules.one_of(FUSIONS),
+  'dense_init': rules.one_of(DENSE_INITS),
+  'bn_running_var': rules.one_of(resnet.BN_RUNNING_VARS),
+  'global_pool': rules.one_of(GLOBAL_POOLS),
+  'local_stage': rules.one_of(LOCAL_STAGES),
+}
 
 
 def torch_linear_inits(fan_in: int):
   """torch.nn.Linear's default init: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 
-  (kaiming_uniform with a = sqrt(5) for the weight gives exactly this bound.) What fc_t and fc of the
-  official DOLG model start from: its init_weights is applied to the ResNet trunk only.
+  (kaiming_uniform with a = sqrt(5) for the weight gives exactly this bound.) What fc_t and fc of
+  the official DOLG model start from: its init_weights is applied to the ResNet trunk only.
   """
   bound = 1.0 / math.sqrt(fan_in)
   uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(  # pylint: disable=g-long-lambda
-      key, shape, dtype, -bound, bound)
+    key, shape, dtype, -bound, bound
+  )
   return uniform, uniform
 
 
-def head_dense(features: int, fan_in: int, dense_init: str = 'pycls',
-               name: Optional[str] = None, dtype: Dtype = jnp.float32) -> nn.Dense:
+def head_dense(
+  features: int,
+  fan_in: int,
+  dense_init: str = 'pycls',
+  name: Optional[str] = None,
+  dtype: Dtype = jnp.float32,
+) -> nn.Dense:
   """fc_t / fc: float32 (`dtype`, float64 for a float64 model) whatever the compute dtype (tiny,
   feeds the loss); init by `dense_init`."""
   if dense_init == 'torch':
     kernel_init, bias_init = torch_linear_inits(fan_in)
   else:
     kernel_init, bias_init = dense_kernel_init, nn.initializers.zeros
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=kernel_init, bias_init=bias_init, name=name)
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    name=name,
+  )
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -79,19 +94,22 @@ def normalize_images(images: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array
   return (x - mean) / std
 
 
-def masked_mean(x: jax.Array, mask: Optional[jax.Array] = None, keepdims: bool = False
-                ) -> jax.Array:
+def masked_mean(
+  x: jax.Array, mask: Optional[jax.Array] = None, keepdims: bool = False
+) -> jax.Array:
   """Mean over H, W of an NHWC map, float32; with an (N, H, W, 1) 0/1 mask, over its cells only."""
   x = widen(x)
   if mask is None:
     return jnp.mean(x, axis=(1, 2), keepdims=keepdims)
   mask = mask.astype(x.dtype)
-  return (jnp.sum(x * mask, axis=(1, 2), keepdims=keepdims)
-          / jnp.sum(mask, axis=(1, 2), keepdims=keepdims))
+  return jnp.sum(x * mask, axis=(1, 2), keepdims=keepdims) / jnp.sum(
+    mask, axis=(1, 2), keepdims=keepdims
+  )
 
 
-def gem_pool(x: jax.Array, p: jax.Array | float, eps: float = 1e-6,
-             mask: Optional[jax.Array] = None) -> jax.Array:
+def gem_pool(
+  x: jax.Array, p: jax.Array | float, eps: float = 1e-6, mask: Optional[jax.Array] = None
+) -> jax.Array:
   """Generalised-mean pooling over H, W of an NHWC map: mean(clamp(x, eps)^p)^(1/p), float32."""
   return masked_mean(jnp.maximum(widen(x), eps) ** p, mask) ** (1.0 / p)
 
@@ -103,8 +121,9 @@ def _reflect(i: jax.Array, n: jax.Array) -> jax.Array:
   return jnp.where(n > 1, jnp.minimum(j, period - j), 0)
 
 
-def regional_gem(x: jax.Array, p: float = 2.5, size: int = 5,
-                 mask: Optional[jax.Array] = None) -> jax.Array:
+def regional_gem(
+  x: jax.Array, p: float = 2.5, size: int = 5, mask: Optional[jax.Array] = None
+) -> jax.Array:
   """SuperGlobal's regional-GeM (`rgem`): 0.5 * LPPool_p(ReflectionPad(x / size^(2/p))) + 0.5 x.
 
   LP pooling over size x size windows, stride 1, after reflection padding of (size - 1) // 2:
@@ -121,7 +140,7 @@ def regional_gem(x: jax.Array, p: float = 2.5, size: int = 5,
   else:
     hv = jnp.sum(mask[:, :, 0, 0] > 0, axis=1).astype(jnp.int32)
     wv = jnp.sum(mask[:, 0, :, 0] > 0, axis=1).astype(jnp.int32)
-  y = x ** p
+  y = x**p
   r = (size - 1) // 2
   rows = jnp.arange(h)[None, :]
   cols = jnp.arange(w)[None, :]
@@ -189,6 +208,7 @@ class GeM(nn.Module):
   test_p > 0: SuperGlobal's GeM+, the power test_p (clamp 1e-8) instead of p (the param, if any,
   stays in the tree, unused).
   """
+
   p: float = 3.0
   learnable: bool = False
   eps: float = 1e-6
@@ -204,15 +224,18 @@ class GeM(nn.Module):
     return gem_pool(x, p, self.eps, mask)
 
 
-def _conv_bias(features: int, kernel_size: int, name: str, dtype: Dtype,
-               dilation: int = 1) -> nn.Conv:
-  return resnet.conv(features, kernel_size, dilation=dilation, use_bias=True, dtype=dtype,
-                     name=name)
+def _conv_bias(
+  features: int, kernel_size: int, name: str, dtype: Dtype, dilation: int = 1
+) -> nn.Conv:
+  return resnet.conv(
+    features, kernel_size, dilation=dilation, use_bias=True, dtype=dtype, name=name
+  )
 
 
 class MultiAtrous(nn.Module):
   """The official `ASPP`: image-pool branch FIRST, a 1x1 branch, 3x3 branches with dilations
   `rates` (padding = dilation), concat -> 1x1 conv -> ReLU. All convs have a bias; no BN."""
+
   rates: Sequence[int] = (6, 12, 18)
   branch_dim: int = 512
   out_dim: int = 1024
@@ -239,6 +262,7 @@ class LocalBranch(nn.Module):
 
   Returns f_l as a float32 (N, H, W, local_dim) map.
   """
+
   use_multi_atrous: bool = True
   atrous_rates: Sequence[int] = (6, 12, 18)
   atrous_dim: int = 512
@@ -252,19 +276,25 @@ class LocalBranch(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None) -> jax.Array:
     if self.use_multi_atrous:
-      x = MultiAtrous(self.atrous_rates, self.atrous_dim, self.local_dim, self.dtype,
-                      name='aspp')(resnet.apply_mask(x, mask), mask)
+      x = MultiAtrous(self.atrous_rates, self.atrous_dim, self.local_dim, self.dtype, name='aspp')(
+        resnet.apply_mask(x, mask), mask
+      )
     if not self.use_self_attention:
       if x.shape[-1] != self.local_dim:
         raise ValueError(
-            f'model.use_self_attention=False without multi-atrous uses the backbone map as f_l, '
-            f'which has {x.shape[-1]} channels but model.local_dim={self.local_dim}; use '
-            f"local_stage='res3' with local_dim=1024 or enable use_multi_atrous.")
+          f'model.use_self_attention=False without multi-atrous uses the backbone map as f_l, '
+          f'which has {x.shape[-1]} channels but model.local_dim={self.local_dim}; use '
+          f"local_stage='res3' with local_dim=1024 or enable use_multi_atrous."
+        )
       return widen(x)
     x = _conv_bias(self.local_dim, 1, 'conv1', self.dtype)(x)
-    x = resnet.batch_norm('bn', momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                          dtype=self.dtype, running_var=self.bn_running_var)(
-                              x, use_running_average=not train)
+    x = resnet.batch_norm(
+      'bn',
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      running_var=self.bn_running_var,
+    )(x, use_running_average=not train)
     features = l2_normalize(widen(x), axis=-1)
     att = nn.softplus(widen(_conv_bias(1, 1, 'conv2', self.dtype)(nn.relu(x))))
     return att * features
@@ -283,8 +313,11 @@ def _eval(off: Any) -> Any:
 def config_fields(section: str, architecture: bool = False) -> tuple[str, ...]:
   """The DOLG attributes set from config.`section` ('model' or 'eval'), in declaration order;
   with `architecture`, only those that shape the variables or the computation."""
-  return tuple(f.name for f in dataclasses.fields(DOLG) if f.metadata.get('config') == section
-               and (f.metadata.get('architecture') or not architecture))
+  return tuple(
+    f.name
+    for f in dataclasses.fields(DOLG)
+    if f.metadata.get('config') == section and (f.metadata.get('architecture') or not architecture)
+  )
 
 
 class DOLG(nn.Module):
@@ -300,6 +333,7 @@ class DOLG(nn.Module):
     'local_vec'      f_o (orthogonal) or avgpool(f_l) (concat, hadamard), mean over branches;
     'fused'          the input of fc.
   """
+
   # config.model fields (same names; documented and defaulted in configs/default.py only);
   # `_model(architecture=True)`: shapes the variables or the computation (init_checkpoint compares).
   depth: int = _model(architecture=True)
@@ -338,48 +372,74 @@ class DOLG(nn.Module):
     """Raises ValueError naming the config field when the configuration is inconsistent."""
     for name, rule in CHOICE_RULES.items():
       rules.check_value(f'model.{name}', getattr(self, name), rule)
-    if (self.use_local_branch and self.fusion in ('orthogonal', 'hadamard')
-        and self.local_dim != self.global_dim):
-      raise ValueError(f'model.fusion={self.fusion!r} needs model.local_dim == model.global_dim, '
-                       f'got {self.local_dim} and {self.global_dim}')
+    if (
+      self.use_local_branch
+      and self.fusion in ('orthogonal', 'hadamard')
+      and self.local_dim != self.global_dim
+    ):
+      raise ValueError(
+        f'model.fusion={self.fusion!r} needs model.local_dim == model.global_dim, '
+        f'got {self.local_dim} and {self.global_dim}'
+      )
     if self.gem_plus_p < 0 or (self.gem_plus_p > 0 and self.global_pool != 'gem'):
-      raise ValueError(f'model.gem_plus_p={self.gem_plus_p} needs a value >= 0 and '
-                       f"global_pool='gem' (got {self.global_pool!r}); 0 turns GeM+ off")
+      raise ValueError(
+        f'model.gem_plus_p={self.gem_plus_p} needs a value >= 0 and '
+        f"global_pool='gem' (got {self.global_pool!r}); 0 turns GeM+ off"
+      )
     if self.regional_gem and (self.regional_gem_p <= 0 or self.regional_gem_size < 1):
-      raise ValueError(f'model.regional_gem_p must be > 0 and model.regional_gem_size >= 1; got '
-                       f'{self.regional_gem_p}, {self.regional_gem_size}')
+      raise ValueError(
+        f'model.regional_gem_p must be > 0 and model.regional_gem_size >= 1; got '
+        f'{self.regional_gem_p}, {self.regional_gem_size}'
+      )
     if self.relu_plus < 0:
       raise ValueError(f'model.relu_plus must be >= 0 (0 = ReLU); got {self.relu_plus}')
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False, return_features: bool = False,
-               valid_hw: Optional[jax.Array] = None):
+  def __call__(
+    self,
+    images: jax.Array,
+    train: bool = False,
+    return_features: bool = False,
+    valid_hw: Optional[jax.Array] = None,
+  ):
     """valid_hw: optional (N, 2) int (height, width) of each image inside `images`, a batch of
     top-left anchored canvases padded with anything: the result is then what each unpadded image
     alone gives (up to float rounding), so images of different sizes share one compiled shape.
     Inference only (BatchNorm batch statistics would see the padding)."""
     self.check()
     if valid_hw is not None and train:
-      raise ValueError('valid_hw (padded canvases) is for inference; train=True would let the '
-                       'padding into the BatchNorm batch statistics')
+      raise ValueError(
+        'valid_hw (padded canvases) is for inference; train=True would let the '
+        'padding into the BatchNorm batch statistics'
+      )
     feats = {}
     x = normalize_images(images, wide_dtype(self.dtype)).astype(self.dtype)
-    res3, res4 = resnet.ResNet(self.depth, self.width, tuple(self.stage_depths),
-                               self.bn_momentum, self.bn_epsilon, self.dtype,
-                               zero_init_final_gamma=self.zero_init_final_gamma,
-                               relu_plus=self.relu_plus, bn_running_var=self.bn_running_var,
-                               name='globalmodel')(x, train, valid_hw)
+    res3, res4 = resnet.ResNet(
+      self.depth,
+      self.width,
+      tuple(self.stage_depths),
+      self.bn_momentum,
+      self.bn_epsilon,
+      self.dtype,
+      zero_init_final_gamma=self.zero_init_final_gamma,
+      relu_plus=self.relu_plus,
+      bn_running_var=self.bn_running_var,
+      name='globalmodel',
+    )(x, train, valid_hw)
     feats['res3'], feats['res4'] = res3, res4
-    masks = {'res3': resnet.valid_mask(valid_hw, 16, res3),
-             'res4': resnet.valid_mask(valid_hw, 32, res4)}
+    masks = {
+      'res3': resnet.valid_mask(valid_hw, 16, res3),
+      'res4': resnet.valid_mask(valid_hw, 32, res4),
+    }
 
     # Global branch (float32 from the pooling on).
     g_map = res4
     if self.regional_gem:
       g_map = regional_gem(res4, self.regional_gem_p, self.regional_gem_size, masks['res4'])
     if self.global_pool == 'gem':
-      pooled_g = GeM(self.gem_p, self.gem_p_learnable, test_p=self.gem_plus_p,
-                     name='pool_g')(g_map, masks['res4'])
+      pooled_g = GeM(self.gem_p, self.gem_p_learnable, test_p=self.gem_plus_p, name='pool_g')(
+        g_map, masks['res4']
+      )
     else:
       pooled_g = avg_pool(g_map, masks['res4'])
     f_g = self._dense(self.global_dim, 'fc_t', pooled_g.shape[-1])(pooled_g)
@@ -388,15 +448,25 @@ class DOLG(nn.Module):
     if not self.use_local_branch:
       fused = f_g
     else:
-      inputs = {'res3': [('localmodel', 'res3')], 'res4': [('localmodel', 'res4')],
-                'both': [('localmodel', 'res3'), ('localmodel_res4', 'res4')]}[self.local_stage]
+      inputs = {
+        'res3': [('localmodel', 'res3')],
+        'res4': [('localmodel', 'res4')],
+        'both': [('localmodel', 'res3'), ('localmodel_res4', 'res4')],
+      }[self.local_stage]
       local_vecs = []
       for name, stage in inputs:
-        f_l = LocalBranch(self.use_multi_atrous, tuple(self.atrous_rates), self.atrous_dim,
-                          self.local_dim, self.use_self_attention, self.bn_momentum,
-                          self.bn_epsilon, self.dtype, bn_running_var=self.bn_running_var,
-                          name=name)(
-                              feats[stage], train, masks[stage])
+        f_l = LocalBranch(
+          self.use_multi_atrous,
+          tuple(self.atrous_rates),
+          self.atrous_dim,
+          self.local_dim,
+          self.use_self_attention,
+          self.bn_momentum,
+          self.bn_epsilon,
+          self.dtype,
+          bn_running_var=self.bn_running_var,
+          name=name,
+        )(feats[stage], train, masks[stage])
         feats[f'f_l/{name}'] = f_l
         v = avg_pool(f_l, masks[stage])
         if self.fusion == 'orthogonal':

@@ -26,13 +26,16 @@ from dolg_jax.models.normalize import widen
 
 HEAD_INIT_STD = 0.01
 HEAD_TYPES = ('arcface', 'curricularface')  # the choices of config.head.type
-CONFIG_RULES = {'head.type': rules.one_of(HEAD_TYPES), 'head.scale': rules.POSITIVE,
-                'head.margin': rules.NON_NEGATIVE, 'head.t_momentum': rules.UNIT_INTERVAL,
-                'head.num_classes': rules.NON_NEGATIVE_INT}
+CONFIG_RULES = {
+  'head.type': rules.one_of(HEAD_TYPES),
+  'head.scale': rules.POSITIVE,
+  'head.margin': rules.NON_NEGATIVE,
+  'head.t_momentum': rules.UNIT_INTERVAL,
+  'head.num_classes': rules.NON_NEGATIVE_INT,
+}
 
 
-def init_head_weight(rng: jax.Array, num_classes: int, dim: int,
-                     dtype=jnp.float32) -> jax.Array:
+def init_head_weight(rng: jax.Array, num_classes: int, dim: int, dtype=jnp.float32) -> jax.Array:
   """(num_classes, dim) weight, normal(0, 0.01) as the official CurricularFace code initialises it.
 
   (DOLG's released head was never initialised explicitly; rows are L2-normalised in the forward
@@ -62,8 +65,14 @@ def _margin_target(cos_y: jax.Array, margin: float) -> tuple[jax.Array, jax.Arra
   return cos_ym, jnp.where(cos_y > th, cos_ym, cos_y - mm)
 
 
-def arcface_logits(embeddings: jax.Array, weight: jax.Array, labels: jax.Array, *,
-                   margin: float = 0.15, scale: float = 30.0) -> jax.Array:
+def arcface_logits(
+  embeddings: jax.Array,
+  weight: jax.Array,
+  labels: jax.Array,
+  *,
+  margin: float = 0.15,
+  scale: float = 30.0,
+) -> jax.Array:
   """ArcFace logits (N, num_classes), float32. labels: int (N,) class indices."""
   cos = cosine_logits(embeddings, weight)
   onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=jnp.bool_)
@@ -72,9 +81,16 @@ def arcface_logits(embeddings: jax.Array, weight: jax.Array, labels: jax.Array, 
   return scale * jnp.where(onehot, phi, cos)
 
 
-def curricularface_logits(embeddings: jax.Array, weight: jax.Array, labels: jax.Array,
-                          t: jax.Array, *, margin: float = 0.15, scale: float = 30.0,
-                          t_momentum: float = 0.01) -> tuple[jax.Array, jax.Array]:
+def curricularface_logits(
+  embeddings: jax.Array,
+  weight: jax.Array,
+  labels: jax.Array,
+  t: jax.Array,
+  *,
+  margin: float = 0.15,
+  scale: float = 30.0,
+  t_momentum: float = 0.01,
+) -> tuple[jax.Array, jax.Array]:
   """CurricularFace logits (N, num_classes) float32 and the updated t (same shape as `t`).
 
   `t` is the EMA state (torch buffer `desc_cls.t`, shape (1,) or ()); it carries no gradient.
@@ -85,8 +101,7 @@ def curricularface_logits(embeddings: jax.Array, weight: jax.Array, labels: jax.
   cos_y = jnp.sum(jnp.where(onehot, cos, 0.0), axis=-1, keepdims=True)
   cos_ym, target = _margin_target(cos_y, margin)
   t = jnp.asarray(t, cos.dtype)
-  new_t = jax.lax.stop_gradient(
-      t_momentum * jnp.mean(cos_y) + (1.0 - t_momentum) * t)
+  new_t = jax.lax.stop_gradient(t_momentum * jnp.mean(cos_y) + (1.0 - t_momentum) * t)
   hard = cos > cos_ym
   t_b = jnp.reshape(new_t, ())
   logits = jnp.where(hard, cos * (t_b + cos), cos)

@@ -33,15 +33,30 @@ def torch_padding(kernel_size: int, dilation: int = 1) -> tuple[tuple[int, int],
   return ((p, p), (p, p))
 
 
-def conv(features: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
-         use_bias: bool = False, dtype: Dtype = jnp.float32, name: str | None = None,
-         kernel_init=conv_kernel_init) -> nn.Conv:
+def conv(
+  features: int,
+  kernel_size: int,
+  *,
+  stride: int = 1,
+  dilation: int = 1,
+  use_bias: bool = False,
+  dtype: Dtype = jnp.float32,
+  name: str | None = None,
+  kernel_init=conv_kernel_init,
+) -> nn.Conv:
   """A torch-padded 2-D convolution (float32 params, `dtype` compute)."""
   return nn.Conv(
-      features, (kernel_size, kernel_size), strides=(stride, stride),
-      padding=torch_padding(kernel_size, dilation), kernel_dilation=(dilation, dilation),
-      use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
-      name=name)
+    features,
+    (kernel_size, kernel_size),
+    strides=(stride, stride),
+    padding=torch_padding(kernel_size, dilation),
+    kernel_dilation=(dilation, dilation),
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=kernel_init,
+    name=name,
+  )
 
 
 def max_pool_torch(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
@@ -66,6 +81,7 @@ class BatchNorm(nn.Module):
   flax.linen.BatchNorm's. Variables as flax's: params `scale`, `bias`; batch_stats `mean`, `var`.
   Flax has no option for the unbiased estimate, hence this module.
   """
+
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
@@ -75,8 +91,9 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
     if self.running_var not in BN_RUNNING_VARS:
-      raise ValueError(f'model.bn_running_var must be one of {BN_RUNNING_VARS}, got '
-                       f'{self.running_var!r}')
+      raise ValueError(
+        f'model.bn_running_var must be one of {BN_RUNNING_VARS}, got {self.running_var!r}'
+      )
     c = x.shape[-1]
     wide = jnp.promote_types(self.dtype, jnp.float32)
     scale = self.param('scale', self.scale_init, (c,), jnp.float32)
@@ -100,10 +117,23 @@ class BatchNorm(nn.Module):
     return ((xw - mean) * mul + bias.astype(wide)).astype(self.dtype)
 
 
-def batch_norm(name: str, *, momentum: float, epsilon: float, dtype: Dtype,
-               running_var: str = 'unbiased', scale_init=nn.initializers.ones) -> BatchNorm:
-  return BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, running_var=running_var,
-                   scale_init=scale_init, name=name)
+def batch_norm(
+  name: str,
+  *,
+  momentum: float,
+  epsilon: float,
+  dtype: Dtype,
+  running_var: str = 'unbiased',
+  scale_init=nn.initializers.ones,
+) -> BatchNorm:
+  return BatchNorm(
+    momentum=momentum,
+    epsilon=epsilon,
+    dtype=dtype,
+    running_var=running_var,
+    scale_init=scale_init,
+    name=name,
+  )
 
 
 def valid_mask(valid_hw: Optional[jax.Array], stride: int, x: jax.Array) -> Optional[jax.Array]:
@@ -129,6 +159,7 @@ def apply_mask(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
 
 class ResStem(nn.Module):
   """pycls ResStemIN: 7x7/2 conv (pad 3), BN, ReLU, 3x3/2 max-pool (pad 1)."""
+
   width: int
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
@@ -136,12 +167,16 @@ class ResStem(nn.Module):
   bn_running_var: str = 'unbiased'
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None
-               ) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None) -> jax.Array:
     x = apply_mask(x, valid_mask(valid_hw, 1, x))
     x = conv(self.width, 7, stride=2, dtype=self.dtype, name='conv')(x)
-    x = batch_norm('bn', momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
-                   running_var=self.bn_running_var)(x, use_running_average=not train)
+    x = batch_norm(
+      'bn',
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      running_var=self.bn_running_var,
+    )(x, use_running_average=not train)
     # After the ReLU every value is >= 0, so zeros in the padding act as the pool's -inf padding.
     x = apply_mask(nn.relu(x), valid_mask(valid_hw, 2, x))
     return max_pool_torch(x, 3, 2)
@@ -158,6 +193,7 @@ class ResBottleneckBlock(nn.Module):
   inner_floor / out_floor: the floor of the two inner activations and of the block output's
   activation (0 = ReLU; > 0 = ReLU+, see ResNet.relu_plus).
   """
+
   inner_width: int
   out_width: int
   stride: int = 1
@@ -170,12 +206,20 @@ class ResBottleneckBlock(nn.Module):
   bn_running_var: str = 'unbiased'
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None,
-               in_stride: int = 1) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None, in_stride: int = 1
+  ) -> jax.Array:
     """valid_hw / in_stride: image sizes in a padded canvas, the stride of `x` (see valid_mask)."""
+
     def bn(name, scale_init=nn.initializers.ones):
-      return batch_norm(name, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                        dtype=self.dtype, running_var=self.bn_running_var, scale_init=scale_init)
+      return batch_norm(
+        name,
+        momentum=self.bn_momentum,
+        epsilon=self.bn_epsilon,
+        dtype=self.dtype,
+        running_var=self.bn_running_var,
+        scale_init=scale_init,
+      )
 
     ura = not train
     shortcut = x
@@ -188,13 +232,15 @@ class ResBottleneckBlock(nn.Module):
     y = conv(self.inner_width, 3, stride=self.stride, dtype=self.dtype, name='b')(y)
     y = relu_floor(bn('b_bn')(y, use_running_average=ura), self.inner_floor)
     y = conv(self.out_width, 1, dtype=self.dtype, name='c')(y)
-    y = bn('c_bn', nn.initializers.zeros if self.zero_init_final_gamma
-           else nn.initializers.ones)(y, use_running_average=ura)
+    y = bn('c_bn', nn.initializers.zeros if self.zero_init_final_gamma else nn.initializers.ones)(
+      y, use_running_average=ura
+    )
     return relu_floor(shortcut + y, self.out_floor)
 
 
 class ResStage(nn.Module):
   """A stage of `num_blocks` bottleneck blocks `b1..bK`; the first one strides and projects."""
+
   inner_width: int
   num_blocks: int
   stride: int
@@ -207,15 +253,23 @@ class ResStage(nn.Module):
   bn_running_var: str = 'unbiased'
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None,
-               in_stride: int = 1) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, train: bool, valid_hw: Optional[jax.Array] = None, in_stride: int = 1
+  ) -> jax.Array:
     for k in range(self.num_blocks):
       x = ResBottleneckBlock(
-          self.inner_width, 4 * self.inner_width, self.stride if k == 0 else 1,
-          self.bn_momentum, self.bn_epsilon, self.dtype,
-          zero_init_final_gamma=self.zero_init_final_gamma, inner_floor=self.inner_floor,
-          out_floor=self.out_floor, bn_running_var=self.bn_running_var, name=f'b{k + 1}')(
-              x, train, valid_hw, in_stride if k == 0 else in_stride * self.stride)
+        self.inner_width,
+        4 * self.inner_width,
+        self.stride if k == 0 else 1,
+        self.bn_momentum,
+        self.bn_epsilon,
+        self.dtype,
+        zero_init_final_gamma=self.zero_init_final_gamma,
+        inner_floor=self.inner_floor,
+        out_floor=self.out_floor,
+        bn_running_var=self.bn_running_var,
+        name=f'b{k + 1}',
+      )(x, train, valid_hw, in_stride if k == 0 else in_stride * self.stride)
     return x
 
 
@@ -232,6 +286,7 @@ class ResNet(nn.Module):
       (stage 4 keeps ReLU) and the two inner activations of the stage-1 blocks (its code passes
       the truthy `relup` class as the flag there).
   """
+
   depth: int = 50
   width: int = 64
   stage_depths: Sequence[int] = ()
@@ -240,7 +295,7 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   zero_init_final_gamma: bool = False
   relu_plus: float = 0.0
-  bn_running_var: str = 'unbiased'   # 'unbiased' (torch, official) | 'biased' (flax): BatchNorm.
+  bn_running_var: str = 'unbiased'  # 'unbiased' (torch, official) | 'biased' (flax): BatchNorm.
 
   def block_counts(self) -> tuple[int, ...]:
     if self.stage_depths:
@@ -252,23 +307,36 @@ class ResNet(nn.Module):
     return STAGE_DEPTHS[self.depth]
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, valid_hw: Optional[jax.Array] = None
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, x: jax.Array, train: bool = False, valid_hw: Optional[jax.Array] = None
+  ) -> tuple[jax.Array, jax.Array]:
     """valid_hw: optional (N, 2) image sizes inside a zero-padded canvas (see valid_mask); the
     cells the images cover then hold exactly what unpadded images would give."""
-    x = ResStem(self.width, self.bn_momentum, self.bn_epsilon, self.dtype,
-                bn_running_var=self.bn_running_var, name='stem')(
-        x, train, valid_hw)
+    x = ResStem(
+      self.width,
+      self.bn_momentum,
+      self.bn_epsilon,
+      self.dtype,
+      bn_running_var=self.bn_running_var,
+      name='stem',
+    )(x, train, valid_hw)
     feats = []
     stride = 4
     for i, n_blocks in enumerate(self.block_counts()):
       stage_stride = 1 if i == 0 else 2
-      x = ResStage(self.width * 2**i, n_blocks, stage_stride, self.bn_momentum,
-                   self.bn_epsilon, self.dtype,
-                   zero_init_final_gamma=self.zero_init_final_gamma,
-                   inner_floor=self.relu_plus if i == 0 else 0.0,
-                   out_floor=self.relu_plus if i < 3 else 0.0,
-                   bn_running_var=self.bn_running_var, name=f's{i + 1}')(x, train, valid_hw, stride)
+      x = ResStage(
+        self.width * 2**i,
+        n_blocks,
+        stage_stride,
+        self.bn_momentum,
+        self.bn_epsilon,
+        self.dtype,
+        zero_init_final_gamma=self.zero_init_final_gamma,
+        inner_floor=self.relu_plus if i == 0 else 0.0,
+        out_floor=self.relu_plus if i < 3 else 0.0,
+        bn_running_var=self.bn_running_var,
+        name=f's{i + 1}',
+      )(x, train, valid_hw, stride)
       stride *= stage_stride
       feats.append(x)
     return feats[2], feats[3]

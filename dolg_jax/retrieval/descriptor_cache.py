@@ -40,8 +40,9 @@ Ids = Optional[list]
 def variables_hash(variables: Any) -> str:
   """Content hash of a variables tree (names, shapes, dtypes and bytes)."""
   h = hashlib.sha1()
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(variables)[0],
-                           key=lambda kv: jax.tree_util.keystr(kv[0])):
+  for path, leaf in sorted(
+    jax.tree_util.tree_flatten_with_path(variables)[0], key=lambda kv: jax.tree_util.keystr(kv[0])
+  ):
     a = np.asarray(leaf)
     h.update(jax.tree_util.keystr(path).encode())
     h.update(str((a.shape, a.dtype.str)).encode())
@@ -69,8 +70,9 @@ def _atomic_save(path: str, array: np.ndarray) -> None:
     np.save(f, array)
 
 
-def cached(cache_dir: Optional[str], key: Mapping[str, Any],
-           compute: Callable[[], tuple[np.ndarray, Ids]]) -> tuple[np.ndarray, Ids]:
+def cached(
+  cache_dir: Optional[str], key: Mapping[str, Any], compute: Callable[[], tuple[np.ndarray, Ids]]
+) -> tuple[np.ndarray, Ids]:
   """(descriptors, ids or None) of `key`: from the cache when present, else `compute()` (saved
   when `cache_dir` is set)."""
   path = cache_path(cache_dir, key) if cache_dir else None
@@ -81,8 +83,13 @@ def cached(cache_dir: Optional[str], key: Mapping[str, Any],
     return np.load(path), ids
   t0 = time.perf_counter()
   desc, ids = compute()
-  logging.info('%s/%s: %d images in %.1fs', key['dataset'], key['split'], desc.shape[0],
-               time.perf_counter() - t0)
+  logging.info(
+    '%s/%s: %d images in %.1fs',
+    key['dataset'],
+    key['split'],
+    desc.shape[0],
+    time.perf_counter() - t0,
+  )
   if path and jax.process_index() == 0:
     os.makedirs(cache_dir, exist_ok=True)
     atomic.write_json(path[:-4] + '.json', dict(key), indent=1)
@@ -92,14 +99,28 @@ def cached(cache_dir: Optional[str], key: Mapping[str, Any],
   return desc, ids
 
 
-def _key(extractor: extract_lib.Extractor, name: str, split: str, model: str,
-         use_crop: bool) -> dict:
-  return {'dataset': name, 'split': split, 'model': model, 'crop': use_crop,
-          'extract': extractor.cfg.key()}
+def _key(
+  extractor: extract_lib.Extractor, name: str, split: str, model: str, use_crop: bool
+) -> dict:
+  return {
+    'dataset': name,
+    'split': split,
+    'model': model,
+    'crop': use_crop,
+    'extract': extractor.cfg.key(),
+  }
 
 
-def split_descriptors(extractor: extract_lib.Extractor, name: str, data_dir: str, split: str,
-                      *, cache_dir: Optional[str], model_key: str, use_crop: bool) -> np.ndarray:
+def split_descriptors(
+  extractor: extract_lib.Extractor,
+  name: str,
+  data_dir: str,
+  split: str,
+  *,
+  cache_dir: Optional[str],
+  model_key: str,
+  use_crop: bool,
+) -> np.ndarray:
   """(n, D) descriptors of one split of a revisitop-layout dataset, from the cache when present."""
 
   def compute():
@@ -120,14 +141,22 @@ def split_descriptors(extractor: extract_lib.Extractor, name: str, data_dir: str
   return cached(cache_dir, key, compute)[0]
 
 
-def gldv2_split_descriptors(extractor: extract_lib.Extractor, data_dir: str, split: str, *,
-                            cache_dir: Optional[str], model_key: str
-                            ) -> tuple[np.ndarray, list[str]]:
+def gldv2_split_descriptors(
+  extractor: extract_lib.Extractor,
+  data_dir: str,
+  split: str,
+  *,
+  cache_dir: Optional[str],
+  model_key: str,
+) -> tuple[np.ndarray, list[str]]:
   """(descriptors (n, D), ids) of the stored images of one gldv2_retrieval split, cached."""
   key = _key(extractor, 'gldv2_retrieval', split, model_key, False)
-  desc, ids = cached(cache_dir, key,
-                     lambda: gldv2_eval.split_descriptors(extractor, data_dir, split))
+  desc, ids = cached(
+    cache_dir, key, lambda: gldv2_eval.split_descriptors(extractor, data_dir, split)
+  )
   if ids is None or len(ids) != desc.shape[0]:
-    raise ValueError(f'{cache_path(cache_dir, key)}: the cached descriptors have no matching '
-                     'ids file (.ids.npy); delete the entry to re-extract it.')
+    raise ValueError(
+      f'{cache_path(cache_dir, key)}: the cached descriptors have no matching '
+      'ids file (.ids.npy); delete the entry to re-extract it.'
+    )
   return desc, ids

@@ -89,34 +89,48 @@ def eval_dtype(config: ml_collections.ConfigDict) -> str:
 def make_apply_fn(config: ml_collections.ConfigDict) -> Callable:
   """`model_apply_fn` of the model `config.model` describes, in the eval compute dtype, with the
   evaluation-time model overrides."""
-  return model_apply_fn(with_overrides(models.build_model(config.model, dtype=eval_dtype(config)),
-                                       config))
+  return model_apply_fn(
+    with_overrides(models.build_model(config.model, dtype=eval_dtype(config)), config)
+  )
 
 
 def _is_released(path: str) -> bool:
   return os.path.isfile(path) or converted.is_converted_dir(path)
 
 
-def load_model(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
-               checkpoint: Optional[str] = None) -> tuple[Callable, Any, str]:
+def load_model(
+  config: ml_collections.ConfigDict,
+  *,
+  workdir: Optional[str] = None,
+  checkpoint: Optional[str] = None,
+) -> tuple[Callable, Any, str]:
   """(apply_fn, variables, source description) from a workdir or a checkpoint path."""
   if bool(workdir) == bool(checkpoint):
     raise ValueError('give exactly one of --workdir and --checkpoint')
   path = os.fspath(workdir or checkpoint)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: pass a training workdir (--workdir) or a '
-                            'released .pyth/.pth, converted directory or step directory '
-                            '(--checkpoint)')
+    raise FileNotFoundError(
+      f'{path} does not exist: pass a training workdir (--workdir) or a '
+      'released .pyth/.pth, converted directory or step directory '
+      '(--checkpoint)'
+    )
   if checkpoint and _is_released(path):
     model, variables = released.load(path, dtype=eval_dtype(config))
-    return (model_apply_fn(with_overrides(model, config)), variables,
-            f'released:{os.path.abspath(path)}')
+    return (
+      model_apply_fn(with_overrides(model, config)),
+      variables,
+      f'released:{os.path.abspath(path)}',
+    )
   variables = ckpt_lib.load_variables(path)
   return make_apply_fn(config), variables, f'ours:{os.path.abspath(path)}'
 
 
-def output_dir_for(config: ml_collections.ConfigDict, workdir: Optional[str],
-                   checkpoint: Optional[str], output_dir: Optional[str] = None) -> str:
+def output_dir_for(
+  config: ml_collections.ConfigDict,
+  workdir: Optional[str],
+  checkpoint: Optional[str],
+  output_dir: Optional[str] = None,
+) -> str:
   """The explicit `output_dir`, else config.eval.output_dir, else WORKDIR/eval or <ckpt>_eval."""
   if output_dir or config.eval.output_dir:
     return output_dir or config.eval.output_dir
@@ -144,7 +158,8 @@ def check_datasets(config: ml_collections.ConfigDict) -> None:
       messages.append(str(error))
   if messages:
     raise revisitop.NotPreparedError(
-        '; '.join(messages) + ' (or set --config.eval.data_dir to the TFDS data dir holding them)')
+      '; '.join(messages) + ' (or set --config.eval.data_dir to the TFDS data dir holding them)'
+    )
 
 
 class RunEvaluator:
@@ -159,17 +174,25 @@ class RunEvaluator:
 
   def __call__(self, variables: Any, output_dir: str, *, source: str = '') -> dict:
     if self.extractor is None:
-      self.extractor = extract_lib.Extractor(self.apply_fn, variables,
-                                             extract_lib.from_config(self.config.eval))
+      self.extractor = extract_lib.Extractor(
+        self.apply_fn, variables, extract_lib.from_config(self.config.eval)
+      )
     else:
       self.extractor.set_variables(variables)
-    return evaluate_variables(self.config, self.apply_fn, variables, output_dir, source=source,
-                              extractor=self.extractor)
+    return evaluate_variables(
+      self.config, self.apply_fn, variables, output_dir, source=source, extractor=self.extractor
+    )
 
 
-def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, variables: Any,
-                       output_dir: str, *, source: str = '',
-                       extractor: Optional[extract_lib.Extractor] = None) -> dict:
+def evaluate_variables(
+  config: ml_collections.ConfigDict,
+  apply_fn: Callable,
+  variables: Any,
+  output_dir: str,
+  *,
+  source: str = '',
+  extractor: Optional[extract_lib.Extractor] = None,
+) -> dict:
   """Evaluates (apply_fn, variables) on config.eval.datasets; writes results.json and reports.
 
   `apply_fn` must be the model with `model_overrides(config)` applied (`make_apply_fn`,
@@ -181,8 +204,9 @@ def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, va
   data_dir = os.path.expanduser(e.data_dir)
   check_datasets(config)
   cfg = extract_lib.from_config(e)
-  profile = profiling.Window(os.path.join(output_dir, 'profile'), *e.profile_batches,
-                             enabled=jax.process_index() == 0)
+  profile = profiling.Window(
+    os.path.join(output_dir, 'profile'), *e.profile_batches, enabled=jax.process_index() == 0
+  )
   if extractor is None:
     extractor = extract_lib.Extractor(apply_fn, variables, cfg, profile=profile)
   else:
@@ -196,55 +220,90 @@ def evaluate_variables(config: ml_collections.ConfigDict, apply_fn: Callable, va
   distractors = None
   if e.use_distractors and any(n != scoring.GLDV2 for n in e.datasets):
     distractors = descriptor_cache.split_descriptors(
-        extractor, e.distractors, data_dir, 'index', cache_dir=cache_dir, model_key=model_key,
-        use_crop=False)
+      extractor,
+      e.distractors,
+      data_dir,
+      'index',
+      cache_dir=cache_dir,
+      model_key=model_key,
+      use_crop=False,
+    )
   results, reports = {}, {}
   for name in e.datasets:
     if name == scoring.GLDV2:
       q, q_ids = descriptor_cache.gldv2_split_descriptors(
-          extractor, data_dir, 'test', cache_dir=cache_dir, model_key=model_key)
+        extractor, data_dir, 'test', cache_dir=cache_dir, model_key=model_key
+      )
       x, x_ids = descriptor_cache.gldv2_split_descriptors(
-          extractor, data_dir, 'index', cache_dir=cache_dir, model_key=model_key)
+        extractor, data_dir, 'index', cache_dir=cache_dir, model_key=model_key
+      )
       public, private, _ = gldv2_retrieval.load_solution(data_dir)
       results[name] = scoring.score_gldv2(q, q_ids, x, x_ids, public, private, e)
       continue
     gnd_cfg = revisitop.load_gnd(name, data_dir)
-    db = descriptor_cache.split_descriptors(extractor, name, data_dir, 'index',
-                                            cache_dir=cache_dir, model_key=model_key,
-                                            use_crop=False)
-    q = descriptor_cache.split_descriptors(extractor, name, data_dir, 'query',
-                                           cache_dir=cache_dir, model_key=model_key,
-                                           use_crop=True)
+    db = descriptor_cache.split_descriptors(
+      extractor, name, data_dir, 'index', cache_dir=cache_dir, model_key=model_key, use_crop=False
+    )
+    q = descriptor_cache.split_descriptors(
+      extractor, name, data_dir, 'query', cache_dir=cache_dir, model_key=model_key, use_crop=True
+    )
     res = scoring.score_dataset(q, db, gnd_cfg['gnd'], e, distractors)
     topk = res.pop('topk')
     results[name] = res
     if int(e.report_queries) > 0 and jax.process_index() == 0:
-      reports[name] = report.write_dataset_report(output_dir, name, data_dir, gnd_cfg, topk,
-                                                  res['base'], int(e.report_queries),
-                                                  cfg.crop_rounding, search_cfg)
-  profile.stop()   # A window longer than the batches run ends here.
-  out = {'source': source, 'model_hash': model_key, 'model_overrides': overrides,
-         'extraction': cfg.key(), 'search': search_cfg,
-         'use_distractors': bool(e.use_distractors), 'results': results,
-         'compile_count': extractor.compile_count,
-         'reports': {k: list(v) for k, v in reports.items()},
-         'seconds': time.perf_counter() - t_start}
+      reports[name] = report.write_dataset_report(
+        output_dir,
+        name,
+        data_dir,
+        gnd_cfg,
+        topk,
+        res['base'],
+        int(e.report_queries),
+        cfg.crop_rounding,
+        search_cfg,
+      )
+  profile.stop()  # A window longer than the batches run ends here.
+  out = {
+    'source': source,
+    'model_hash': model_key,
+    'model_overrides': overrides,
+    'extraction': cfg.key(),
+    'search': search_cfg,
+    'use_distractors': bool(e.use_distractors),
+    'results': results,
+    'compile_count': extractor.compile_count,
+    'reports': {k: list(v) for k, v in reports.items()},
+    'seconds': time.perf_counter() - t_start,
+  }
   if jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, 'results.json'), 'w') as f:
       json.dump(out, f, indent=1)
   out['table'] = scoring.format_table(results, search_cfg)
   if overrides or cfg.scale_pool != 'mean':  # SuperGlobal's extraction modules: say they are on
-    out['table'] += ('\nextraction: scale_pool=' + cfg.scale_pool
-                     + ''.join(f', {k}={v}' for k, v in overrides.items()))
+    out['table'] += (
+      '\nextraction: scale_pool='
+      + cfg.scale_pool
+      + ''.join(f', {k}={v}' for k, v in overrides.items())
+    )
   out['output_dir'] = output_dir
   return out
 
 
-def run(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
-        checkpoint: Optional[str] = None, output_dir: Optional[str] = None) -> dict:
+def run(
+  config: ml_collections.ConfigDict,
+  *,
+  workdir: Optional[str] = None,
+  checkpoint: Optional[str] = None,
+  output_dir: Optional[str] = None,
+) -> dict:
   """Loads the model (workdir or checkpoint) and evaluates it; see `evaluate_variables`."""
   check_datasets(config)  # before loading the model
   apply_fn, variables, source = load_model(config, workdir=workdir, checkpoint=checkpoint)
-  return evaluate_variables(config, apply_fn, variables,
-                            output_dir_for(config, workdir, checkpoint, output_dir), source=source)
+  return evaluate_variables(
+    config,
+    apply_fn,
+    variables,
+    output_dir_for(config, workdir, checkpoint, output_dir),
+    source=source,
+  )

@@ -76,8 +76,9 @@ def descriptor_fn(apply_fn: Callable, variables: Any) -> Callable[[jax.Array], j
 
 
 SHAPE_CONSTRAINTS = ('N >= 1', f'H >= {MIN_SIDE}', f'W >= {MIN_SIDE}')
-GUARD_NAME = ('Input shapes do not match the symbolic shape constraints '
-              + ', '.join(SHAPE_CONSTRAINTS))
+GUARD_NAME = 'Input shapes do not match the symbolic shape constraints ' + ', '.join(
+  SHAPE_CONSTRAINTS
+)
 
 
 def input_spec() -> jax.ShapeDtypeStruct:
@@ -90,8 +91,9 @@ def jax_input_spec() -> jax.ShapeDtypeStruct:
   """input_spec for jax.export: the same bounds as dimension variables of at least 1, which
   `Exported.call` checks first (a constraint is checked only after shape refinement, which a
   side under 64 breaks inside the model with 'Error refining shapes')."""
-  shape = jax.export.symbolic_shape(f'N, H_minus_{MIN_SIDE - 1} + {MIN_SIDE - 1}, '
-                                    f'W_minus_{MIN_SIDE - 1} + {MIN_SIDE - 1}, 3')
+  shape = jax.export.symbolic_shape(
+    f'N, H_minus_{MIN_SIDE - 1} + {MIN_SIDE - 1}, W_minus_{MIN_SIDE - 1} + {MIN_SIDE - 1}, 3'
+  )
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
@@ -103,26 +105,36 @@ def export_jax(fn: Callable, spec: Optional[jax.ShapeDtypeStruct] = None) -> byt
 
 
 # ------------------------------------------------------------------------------------- ONNX
-def _max_pool_nchw(x, *, window_dimensions, window_strides, padding, base_dilation,
-                   window_dilation):
+def _max_pool_nchw(
+  x, *, window_dimensions, window_strides, padding, base_dilation, window_dilation
+):
   """The 4-D NHWC max reduce-window (unit window on N and C) as a 3-D one over (N*C, H, W)."""
   n, h, w, c = x.shape
   y = jnp.transpose(x, (0, 3, 1, 2)).reshape(n * c, h, w)
-  y = lax.reduce_window(y, -jnp.inf, lax.max, (1,) + tuple(window_dimensions[1:3]),
-                        (1,) + tuple(window_strides[1:3]), ((0, 0),) + tuple(padding[1:3]),
-                        base_dilation=(1,) + tuple(base_dilation[1:3]),
-                        window_dilation=(1,) + tuple(window_dilation[1:3]))
+  y = lax.reduce_window(
+    y,
+    -jnp.inf,
+    lax.max,
+    (1,) + tuple(window_dimensions[1:3]),
+    (1,) + tuple(window_strides[1:3]),
+    ((0, 0),) + tuple(padding[1:3]),
+    base_dilation=(1,) + tuple(base_dilation[1:3]),
+    window_dilation=(1,) + tuple(window_dilation[1:3]),
+  )
   return jnp.transpose(y.reshape(n, c, y.shape[1], y.shape[2]), (0, 2, 3, 1))
 
 
 def _is_nhwc_pool(eqn) -> bool:
   p = eqn.params
-  return (eqn.primitive is lax.reduce_window_max_p and len(p['window_dimensions']) == 4
-          and p['window_dimensions'][0] == p['window_dimensions'][3] == 1
-          and p['window_strides'][0] == p['window_strides'][3] == 1
-          and tuple(p['padding'][0]) == tuple(p['padding'][3]) == (0, 0)
-          and p['base_dilation'][0] == p['base_dilation'][3] == 1
-          and p['window_dilation'][0] == p['window_dilation'][3] == 1)
+  return (
+    eqn.primitive is lax.reduce_window_max_p
+    and len(p['window_dimensions']) == 4
+    and p['window_dimensions'][0] == p['window_dimensions'][3] == 1
+    and p['window_strides'][0] == p['window_strides'][3] == 1
+    and tuple(p['padding'][0]) == tuple(p['padding'][3]) == (0, 0)
+    and p['base_dilation'][0] == p['base_dilation'][3] == 1
+    and p['window_dilation'][0] == p['window_dilation'][3] == 1
+  )
 
 
 def _replay(jaxpr, consts, *args) -> list:
@@ -158,8 +170,9 @@ def _quiet_converter():
   """jax2onnx logs its settings on the root logger (info), a warning per optional plugin it cannot
   import, and prints debug lines on stdout; onnx_ir logs a warning per untyped shape helper. None
   concerns this graph; errors still show."""
-  names = [n for n in list(logging.root.manager.loggerDict)
-           if n.split('.')[0] in ('jax2onnx', 'onnx_ir')] + ['jax2onnx', 'onnx_ir']
+  names = [
+    n for n in list(logging.root.manager.loggerDict) if n.split('.')[0] in ('jax2onnx', 'onnx_ir')
+  ] + ['jax2onnx', 'onnx_ir']
   loggers = [logging.getLogger(n) for n in names] + [logging.root]
   levels = [lg.level for lg in loggers]
   for lg in loggers[:-1]:
@@ -200,9 +213,16 @@ def export_onnx(fn: Callable, spec: Optional[jax.ShapeDtypeStruct] = None) -> on
 
   with _quiet_converter():
     _load_jax_plugins()
-    return guard_shape(jax2onnx.to_onnx(replayed, [spec], model_name='dolg_descriptor',
-                                        opset=ONNX_OPSET, input_names=[INPUT_NAME],
-                                        output_names=[OUTPUT_NAME]))
+    return guard_shape(
+      jax2onnx.to_onnx(
+        replayed,
+        [spec],
+        model_name='dolg_descriptor',
+        opset=ONNX_OPSET,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+      )
+    )
 
 
 def guard_shape(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -214,17 +234,25 @@ def guard_shape(model: onnx.ModelProto) -> onnx.ModelProto:
   for node in graph.node:
     node.output[:] = [unchecked if o == OUTPUT_NAME else o for o in node.output]
   h = onnx.helper
-  graph.initializer.append(h.make_tensor('guard_min', onnx.TensorProto.INT64, [3],
-                                         [1, MIN_SIDE, MIN_SIDE]))
-  graph.node.extend([
+  graph.initializer.append(
+    h.make_tensor('guard_min', onnx.TensorProto.INT64, [3], [1, MIN_SIDE, MIN_SIDE])
+  )
+  graph.node.extend(
+    [
       h.make_node('Shape', [INPUT_NAME], ['guard_shape'], end=3),
       h.make_node('Sub', ['guard_shape', 'guard_min'], ['guard_margin']),
       h.make_node('ReduceMin', ['guard_margin'], ['guard_length'], keepdims=1),
-      h.make_node('ConstantOfShape', ['guard_length'], ['guard_zeros'], name=GUARD_NAME,
-                  value=h.make_tensor('zero', onnx.TensorProto.FLOAT, [1], [0.0])),
+      h.make_node(
+        'ConstantOfShape',
+        ['guard_length'],
+        ['guard_zeros'],
+        name=GUARD_NAME,
+        value=h.make_tensor('zero', onnx.TensorProto.FLOAT, [1], [0.0]),
+      ),
       h.make_node('ReduceSum', ['guard_zeros'], ['guard_zero'], keepdims=0),
       h.make_node('Add', [unchecked, 'guard_zero'], [OUTPUT_NAME]),
-  ])
+    ]
+  )
   return model
 
 
@@ -241,8 +269,9 @@ def load_jax_export(path: str) -> jax.export.Exported:
 
 
 # ---------------------------------------------------------------------------- verification
-def verification_images(shapes: Sequence[tuple[int, int, int]] = VERIFY_SHAPES, seed: int = 0
-                        ) -> list[np.ndarray]:
+def verification_images(
+  shapes: Sequence[tuple[int, int, int]] = VERIFY_SHAPES, seed: int = 0
+) -> list[np.ndarray]:
   """Random integer-valued float32 RGB batches (N, H, W, 3) in [0, 255], one per shape."""
   rng = np.random.RandomState(seed)
   return [rng.randint(0, 256, (n, h, w, 3)).astype(np.float32) for n, h, w in shapes]
@@ -256,8 +285,13 @@ def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
   return float(np.max(np.abs(out - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
 
 
-def verify(fn: Callable, out_dir: str, shapes: Sequence[tuple[int, int, int]] = VERIFY_SHAPES,
-           *, log: Callable[[str], None] = print) -> dict:
+def verify(
+  fn: Callable,
+  out_dir: str,
+  shapes: Sequence[tuple[int, int, int]] = VERIFY_SHAPES,
+  *,
+  log: Callable[[str], None] = print,
+) -> dict:
   """Runs OUT_DIR/model.onnx (onnxruntime) and OUT_DIR/model.jax_export against jit(fn).
 
   Returns {'shapes': [{'shape': [N, H, W], 'onnx': err, 'jax_export': err}, ...],
@@ -269,24 +303,39 @@ def verify(fn: Callable, out_dir: str, shapes: Sequence[tuple[int, int, int]] = 
   rows = []
   for images in verification_images(shapes):
     ref = np.asarray(reference(images))
-    errs = {'onnx': relative_error(session.run([OUTPUT_NAME], {INPUT_NAME: images})[0], ref),
-            'jax_export': relative_error(np.asarray(exported.call(images)), ref)}
+    errs = {
+      'onnx': relative_error(session.run([OUTPUT_NAME], {INPUT_NAME: images})[0], ref),
+      'jax_export': relative_error(np.asarray(exported.call(images)), ref),
+    }
     rows.append({'shape': list(images.shape[:3]), **errs})
-    log(f'verify {"x".join(map(str, images.shape[:3]))} (N x H x W): relative error '
-        f'onnx {errs["onnx"]:.2e}, jax_export {errs["jax_export"]:.2e}')
+    log(
+      f'verify {"x".join(map(str, images.shape[:3]))} (N x H x W): relative error '
+      f'onnx {errs["onnx"]:.2e}, jax_export {errs["jax_export"]:.2e}'
+    )
   worst = {k: max(r[k] for r in rows) for k in ('onnx', 'jax_export')}
   return {'shapes': rows, 'worst': worst}
 
 
 def _versions() -> dict:
-  return {'python': sys.version.split()[0], 'jax': jax.__version__,
-          'jax2onnx': getattr(jax2onnx, '__version__', 'unknown'), 'onnx': onnx.__version__,
-          'onnxruntime': onnxruntime.__version__, 'numpy': np.__version__}
+  return {
+    'python': sys.version.split()[0],
+    'jax': jax.__version__,
+    'jax2onnx': getattr(jax2onnx, '__version__', 'unknown'),
+    'onnx': onnx.__version__,
+    'onnxruntime': onnxruntime.__version__,
+    'numpy': np.__version__,
+  }
 
 
-def export_model(fn: Callable, out_dir: str, *, verify_shapes=VERIFY_SHAPES,
-                 tolerance: float = TOLERANCE, info: Optional[dict] = None,
-                 log: Callable[[str], None] = print) -> dict:
+def export_model(
+  fn: Callable,
+  out_dir: str,
+  *,
+  verify_shapes=VERIFY_SHAPES,
+  tolerance: float = TOLERANCE,
+  info: Optional[dict] = None,
+  log: Callable[[str], None] = print,
+) -> dict:
   """Writes both artifacts of `fn` and export.json into `out_dir`, verifies them; the summary.
 
   Raises ExportMismatchError when an artifact's worst relative error exceeds `tolerance`.
@@ -305,44 +354,83 @@ def export_model(fn: Callable, out_dir: str, *, verify_shapes=VERIFY_SHAPES,
   log(f'wrote {JAX_EXPORT_FILE} ({t1 - t0:.1f} s) and {ONNX_FILE} ({t2 - t1:.1f} s) in {out_dir}')
   checks = verify(fn, out_dir, verify_shapes, log=log)
   summary = dict(info or {})
-  summary.update({
+  summary.update(
+    {
       'files': {'onnx': ONNX_FILE, 'jax_export': JAX_EXPORT_FILE},
-      'input': {'name': INPUT_NAME, 'shape': ['N', 'H', 'W', 3], 'dtype': 'float32',
-                'range': [0, 255], 'channels': 'RGB', 'min_side': MIN_SIDE,
-                'constraints': list(SHAPE_CONSTRAINTS)},
-      'output': {'name': OUTPUT_NAME, 'shape': ['N', int(jax.eval_shape(
-          fn, jax.ShapeDtypeStruct((1, MIN_SIDE, MIN_SIDE, 3), jnp.float32)).shape[1])],
-                 'dtype': 'float32', 'l2_normalised': True},
-      'platforms': list(PLATFORMS), 'onnx_opset': ONNX_OPSET, 'tolerance': tolerance,
-      'verification': checks, 'versions': _versions(),
-      'seconds': {'jax_export': round(t1 - t0, 2), 'onnx': round(t2 - t1, 2)}})
+      'input': {
+        'name': INPUT_NAME,
+        'shape': ['N', 'H', 'W', 3],
+        'dtype': 'float32',
+        'range': [0, 255],
+        'channels': 'RGB',
+        'min_side': MIN_SIDE,
+        'constraints': list(SHAPE_CONSTRAINTS),
+      },
+      'output': {
+        'name': OUTPUT_NAME,
+        'shape': [
+          'N',
+          int(
+            jax.eval_shape(fn, jax.ShapeDtypeStruct((1, MIN_SIDE, MIN_SIDE, 3), jnp.float32)).shape[
+              1
+            ]
+          ),
+        ],
+        'dtype': 'float32',
+        'l2_normalised': True,
+      },
+      'platforms': list(PLATFORMS),
+      'onnx_opset': ONNX_OPSET,
+      'tolerance': tolerance,
+      'verification': checks,
+      'versions': _versions(),
+      'seconds': {'jax_export': round(t1 - t0, 2), 'onnx': round(t2 - t1, 2)},
+    }
+  )
   bad = {k: v for k, v in checks['worst'].items() if not v <= tolerance}
   summary['verified'] = not bad
   atomic.write_bytes(summary_path, json.dumps(summary, indent=2, sort_keys=True).encode())
   if bad:
     worst = ', '.join(f'{k} {v:.2e}' for k, v in bad.items())
     raise ExportMismatchError(
-        f'the exported model disagrees with the JAX model: worst relative error {worst} > '
-        f'{tolerance:g} (per shape in {os.path.join(out_dir, SUMMARY_FILE)}); do not serve '
-        f'{out_dir}')
+      f'the exported model disagrees with the JAX model: worst relative error {worst} > '
+      f'{tolerance:g} (per shape in {os.path.join(out_dir, SUMMARY_FILE)}); do not serve '
+      f'{out_dir}'
+    )
   return summary
 
 
-def run(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
-        checkpoint: Optional[str] = None, out_dir: str, verify_shapes=VERIFY_SHAPES,
-        tolerance: float = TOLERANCE, log: Callable[[str], None] = print) -> dict:
+def run(
+  config: ml_collections.ConfigDict,
+  *,
+  workdir: Optional[str] = None,
+  checkpoint: Optional[str] = None,
+  out_dir: str,
+  verify_shapes=VERIFY_SHAPES,
+  tolerance: float = TOLERANCE,
+  log: Callable[[str], None] = print,
+) -> dict:
   """Loads the model as evaluation does (float32), exports and verifies it; the summary."""
   if not out_dir:
     raise ValueError('give --out=EXPORT_DIR, the folder model.onnx and model.jax_export go to')
   config = export_config(config)
-  apply_fn, variables, source = evaluate.load_model(config, workdir=workdir,
-                                                    checkpoint=checkpoint)
-  info = {'source': source, 'compute_dtype': 'float32',
-          'model': {k: _jsonable(getattr(apply_fn.model, k))
-                    for k in models.MODEL_FIELDS + models.EVAL_FIELDS},
-          'overrides': evaluate.model_overrides(config)}
-  return export_model(descriptor_fn(apply_fn, variables), out_dir, verify_shapes=verify_shapes,
-                      tolerance=tolerance, info=info, log=log)
+  apply_fn, variables, source = evaluate.load_model(config, workdir=workdir, checkpoint=checkpoint)
+  info = {
+    'source': source,
+    'compute_dtype': 'float32',
+    'model': {
+      k: _jsonable(getattr(apply_fn.model, k)) for k in models.MODEL_FIELDS + models.EVAL_FIELDS
+    },
+    'overrides': evaluate.model_overrides(config),
+  }
+  return export_model(
+    descriptor_fn(apply_fn, variables),
+    out_dir,
+    verify_shapes=verify_shapes,
+    tolerance=tolerance,
+    info=info,
+    log=log,
+  )
 
 
 def _jsonable(v):

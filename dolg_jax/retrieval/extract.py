@@ -32,8 +32,8 @@ from dolg_jax.models.normalize import l2_normalize
 
 
 OFFICIAL_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
-LARGEST_SIDE = 8192             # the longest side a scaled image may have (the ladders end here)
-MAX_BATCH_PIXELS = 16 * 2048 ** 2  # pixels of one batch, padding rows included
+LARGEST_SIDE = 8192  # the longest side a scaled image may have (the ladders end here)
+MAX_BATCH_PIXELS = 16 * 2048**2  # pixels of one batch, padding rows included
 SCALE_POOLS = ('mean', 'max')
 
 
@@ -41,19 +41,20 @@ SCALE_POOLS = ('mean', 'max')
 class ExtractConfig:
   """Extraction settings; built from the `c.eval` config section (`from_config`), which holds
   every default and documents each field (configs/default.py)."""
+
   scales: tuple[float, ...]
-  max_side: int                      # long-side cap before scaling (0 = none; DELG 1024)
-  crop_rounding: str                 # 'trunc' | 'round' | 'expand'
-  bucket: int                        # 0 = exact sizes (one compile per shape)
-  geometric_from: int                # > 0: beyond this side, geometric buckets (0 = never)
-  steps_per_octave: int              # geometric bucket density
-  batch_size: int                    # per process; padded to powers of two >= device count
-  num_workers: int                   # host threads decoding / cropping / resizing (0 = inline)
-  min_side: int                      # the model needs H, W >= this
-  pad: bool                          # exact sizes in padded canvases; apply_fn takes valid_hw
-  canvas_steps_per_octave: int       # canvas ladder density above 256
+  max_side: int  # long-side cap before scaling (0 = none; DELG 1024)
+  crop_rounding: str  # 'trunc' | 'round' | 'expand'
+  bucket: int  # 0 = exact sizes (one compile per shape)
+  geometric_from: int  # > 0: beyond this side, geometric buckets (0 = never)
+  steps_per_octave: int  # geometric bucket density
+  batch_size: int  # per process; padded to powers of two >= device count
+  num_workers: int  # host threads decoding / cropping / resizing (0 = inline)
+  min_side: int  # the model needs H, W >= this
+  pad: bool  # exact sizes in padded canvases; apply_fn takes valid_hw
+  canvas_steps_per_octave: int  # canvas ladder density above 256
   crop_canvas_steps_per_octave: int  # the same for query crops, which come in every size
-  scale_pool: str                    # 'mean' (official) | 'max' (SuperGlobal scale-GeM)
+  scale_pool: str  # 'mean' (official) | 'max' (SuperGlobal scale-GeM)
 
   def key(self) -> dict:
     """What determines the descriptors (for caching)."""
@@ -69,8 +70,10 @@ def from_config(eval_cfg: Mapping[str, Any], **overrides: Any) -> ExtractConfig:
   fields = [f.name for f in dataclasses.fields(ExtractConfig)]
   missing = [k for k in fields if k not in eval_cfg and k not in overrides]
   if missing:
-    raise KeyError(f'config.eval lacks the extraction field(s) {missing}; start the config from '
-                   'configs/default.py')
+    raise KeyError(
+      f'config.eval lacks the extraction field(s) {missing}; start the config from '
+      'configs/default.py'
+    )
   kwargs = {k: eval_cfg[k] for k in fields if k in eval_cfg} | overrides
   kwargs['scales'] = tuple(float(s) for s in kwargs['scales'])
   return ExtractConfig(**kwargs)
@@ -80,24 +83,33 @@ def from_config(eval_cfg: Mapping[str, Any], **overrides: Any) -> ExtractConfig:
 
 
 CROP_ROUNDINGS = ('trunc', 'round', 'expand')  # the choices of config.eval.crop_rounding
-CONFIG_RULES = {'eval.crop_rounding': rules.one_of(CROP_ROUNDINGS),
-                'eval.batch_size': rules.POSITIVE_INT, 'eval.max_side': rules.NON_NEGATIVE_INT,
-                'eval.bucket': rules.NON_NEGATIVE_INT, 'eval.pad': rules.BOOL,
-                'eval.regional_gem': rules.BOOL, 'eval.gem_plus_p': rules.NON_NEGATIVE,
-                'eval.relu_plus': rules.NON_NEGATIVE}
+CONFIG_RULES = {
+  'eval.crop_rounding': rules.one_of(CROP_ROUNDINGS),
+  'eval.batch_size': rules.POSITIVE_INT,
+  'eval.max_side': rules.NON_NEGATIVE_INT,
+  'eval.bucket': rules.NON_NEGATIVE_INT,
+  'eval.pad': rules.BOOL,
+  'eval.regional_gem': rules.BOOL,
+  'eval.gem_plus_p': rules.NON_NEGATIVE,
+  'eval.relu_plus': rules.NON_NEGATIVE,
+}
 
 
 def check_config(config: Mapping[str, Any]) -> None:
   """ValueError `config.PATH=VALUE: allowed` for an extraction field of config.eval."""
   rules.check(config, CONFIG_RULES)
   scales = rules.get(config, 'eval.scales')
-  if scales is not rules.MISSING and (not isinstance(scales, (tuple, list)) or not scales
-                                      or not all(rules.is_number(s) and s > 0 for s in scales)):
+  if scales is not rules.MISSING and (
+    not isinstance(scales, (tuple, list))
+    or not scales
+    or not all(rules.is_number(s) and s > 0 for s in scales)
+  ):
     rules.fail('eval.scales', scales, 'must be one or more numbers > 0')
 
 
-def crop_box(bbx: Sequence[float], height: int, width: int, rounding: str = 'trunc'
-             ) -> tuple[int, int, int, int]:
+def crop_box(
+  bbx: Sequence[float], height: int, width: int, rounding: str = 'trunc'
+) -> tuple[int, int, int, int]:
   """(y0, y1, x0, x1) pixel bounds (end exclusive) of box [x1, y1, x2, y2], clipped to the image."""
   x1, y1, x2, y2 = (float(v) for v in bbx)
   if rounding == 'trunc':
@@ -229,8 +241,9 @@ def resize_bilinear(img: np.ndarray, height: int, width: int) -> np.ndarray:
   return cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def prepare_image(image: np.ndarray | bytes, bbx: Optional[Sequence[float]],
-                  cfg: ExtractConfig) -> np.ndarray:
+def prepare_image(
+  image: np.ndarray | bytes, bbx: Optional[Sequence[float]], cfg: ExtractConfig
+) -> np.ndarray:
   """Decoded (and cropped, capped) uint8 RGB image before scaling."""
   img = decode.decode_rgb(image) if isinstance(image, (bytes, bytearray)) else np.asarray(image)
   if img.dtype != np.uint8:
@@ -272,9 +285,14 @@ class Extractor:
   the device's work that was real images).
   """
 
-  def __init__(self, apply_fn: Callable[..., jax.Array], variables: Any,
-               cfg: ExtractConfig, mesh: Optional[Mesh] = None,
-               profile: Optional[profiling.Window] = None):
+  def __init__(
+    self,
+    apply_fn: Callable[..., jax.Array],
+    variables: Any,
+    cfg: ExtractConfig,
+    mesh: Optional[Mesh] = None,
+    profile: Optional[profiling.Window] = None,
+  ):
     """`profile`: a profiler window over the batches run (counted from 0 across calls)."""
     self.cfg = cfg
     self.profile = profile
@@ -311,8 +329,9 @@ class Extractor:
     """Distinct input shapes run so far (= XLA compilations of the forward pass)."""
     return len(self.shapes_seen)
 
-  def run_batch(self, images: list[np.ndarray], canvas: Optional[tuple[int, int]] = None
-                ) -> jax.Array:
+  def run_batch(
+    self, images: list[np.ndarray], canvas: Optional[tuple[int, int]] = None
+  ) -> jax.Array:
     """Unit-norm descriptors (len(images), D) of uint8 images (async).
 
     Without `canvas` the images share one shape; with it (pad mode) each is placed top-left in a
@@ -328,7 +347,7 @@ class Extractor:
     else:
       valid_hw = np.full((b, 2), min(shape[0], shape[1]), np.int32)  # padding rows: any size
       for k, im in enumerate(images):
-        batch[k, :im.shape[0], :im.shape[1]] = im
+        batch[k, : im.shape[0], : im.shape[1]] = im
         valid_hw[k] = im.shape[:2]
       valid_hw = jax.device_put(valid_hw, self.batch_sharding)
     self.shapes_seen.add(batch.shape)
@@ -344,9 +363,14 @@ class Extractor:
       self.profile.after(i, out)
     return out[:n]
 
-  def extract_own(self, examples: Iterable[Mapping[str, Any]], *,
-                  progress: Optional[Callable[[int], None]] = None, presharded: bool = False,
-                  num: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  def extract_own(
+    self,
+    examples: Iterable[Mapping[str, Any]],
+    *,
+    progress: Optional[Callable[[int], None]] = None,
+    presharded: bool = False,
+    num: Optional[int] = None,
+  ) -> tuple[np.ndarray, np.ndarray]:
     """(indices (m,) int64, descriptors (m, D) float32) of THIS process's examples, in the order
     they came; nothing is gathered.
 
@@ -359,13 +383,15 @@ class Extractor:
     if cfg.scale_pool not in SCALE_POOLS:
       raise ValueError(f'eval.scale_pool must be one of {SCALE_POOLS}; got {cfg.scale_pool!r}')
     run = _OwnExtraction(self, progress)
-    for idx, scaled in ordered_map(self._scaled_images, _own_examples(examples, presharded, num),
-                                   cfg.num_workers):
+    for idx, scaled in ordered_map(
+      self._scaled_images, _own_examples(examples, presharded, num), cfg.num_workers
+    ):
       run.add(idx, scaled)
     return run.finish()
 
-  def _scaled_images(self, item: tuple[int, Mapping[str, Any]]
-                     ) -> tuple[int, list[tuple[tuple[int, int], np.ndarray]]]:
+  def _scaled_images(
+    self, item: tuple[int, Mapping[str, Any]]
+  ) -> tuple[int, list[tuple[tuple[int, int], np.ndarray]]]:
     """(index, [(batch key, resized uint8 image) per scale]) of one example."""
     idx, ex = item
     cfg = self.cfg
@@ -377,9 +403,14 @@ class Extractor:
       out.append((batch_key(th, tw, cfg, ladder), resize_bilinear(img, th, tw)))
     return idx, out
 
-  def extract(self, examples: Iterable[Mapping[str, Any]], num: int,
-              progress: Optional[Callable[[int], None]] = None, *,
-              presharded: bool = False) -> np.ndarray:
+  def extract(
+    self,
+    examples: Iterable[Mapping[str, Any]],
+    num: int,
+    progress: Optional[Callable[[int], None]] = None,
+    *,
+    presharded: bool = False,
+  ) -> np.ndarray:
     """Descriptors (num, D) float32, row ex['index'] for each example, on every process.
 
     examples: dicts with 'index' (int), 'image' (encoded bytes or uint8 HWC array) and optionally
@@ -394,9 +425,9 @@ class Extractor:
       counts = multihost_utils.process_allgather(np.asarray([idx.size, dim], np.int32))
       dim, cap = int(counts[:, 1].max()), int(counts[:, 0].max())
       own = np.zeros((cap, dim), np.float32)
-      own[:idx.size] = desc if idx.size else 0
+      own[: idx.size] = desc if idx.size else 0
       own_idx = np.full(cap, -1, np.int64)
-      own_idx[:idx.size] = idx
+      own_idx[: idx.size] = idx
       idx = multihost_utils.process_allgather(own_idx).reshape(-1)
       desc = multihost_utils.process_allgather(own).reshape(-1, dim)
       keep = idx >= 0
@@ -407,13 +438,15 @@ class Extractor:
     have[idx] = True
     if not have.all():
       missing = np.flatnonzero(~have)
-      raise ValueError(f'{missing.size} of {num} indices got no example (first: '
-                       f'{missing[:5].tolist()})')
+      raise ValueError(
+        f'{missing.size} of {num} indices got no example (first: {missing[:5].tolist()})'
+      )
     return out
 
 
-def _own_examples(examples: Iterable[Mapping[str, Any]], presharded: bool, num: Optional[int]
-                  ) -> Iterator[tuple[int, Mapping[str, Any]]]:
+def _own_examples(
+  examples: Iterable[Mapping[str, Any]], presharded: bool, num: Optional[int]
+) -> Iterator[tuple[int, Mapping[str, Any]]]:
   """(index, example) of this process's examples: all of them when `presharded`, else every
   process_count-th; an index outside [0, num) is an error."""
   pid, nproc = jax.process_index(), jax.process_count()
@@ -485,8 +518,10 @@ class _OwnExtraction:
     if not self.order:
       return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     n_scales = len(self.cfg.scales)
-    rows = [l2_normalize(self.pooled[i] if self.use_max else self.pooled[i] / n_scales)
-            for i in self.order]
+    rows = [
+      l2_normalize(self.pooled[i] if self.use_max else self.pooled[i] / n_scales)
+      for i in self.order
+    ]
     return np.asarray(self.order, np.int64), np.stack(rows).astype(np.float32)
 
 
@@ -496,8 +531,12 @@ def own_share(num: int) -> range:
   return range(jax.process_index(), num, jax.process_count())
 
 
-def simulate_shapes(sizes: Sequence[tuple[int, int]], boxes: Sequence[Optional[Sequence[float]]],
-                    cfg: ExtractConfig, n_dev: int = 1) -> set[tuple[int, int, int]]:
+def simulate_shapes(
+  sizes: Sequence[tuple[int, int]],
+  boxes: Sequence[Optional[Sequence[float]]],
+  cfg: ExtractConfig,
+  n_dev: int = 1,
+) -> set[tuple[int, int, int]]:
   """The (batch, H, W) inputs Extractor.extract would compile for images of these (H, W) sizes
   (boxes: query crops or None), without running anything. len() = the compile count."""
   sides = allowed_sides(cfg)
@@ -521,8 +560,9 @@ def simulate_shapes(sizes: Sequence[tuple[int, int]], boxes: Sequence[Optional[S
   return shapes
 
 
-def extract_descriptors(apply_fn, variables, images_iter, *, num: int, cfg: ExtractConfig,
-                        **cfg_overrides) -> np.ndarray:
+def extract_descriptors(
+  apply_fn, variables, images_iter, *, num: int, cfg: ExtractConfig, **cfg_overrides
+) -> np.ndarray:
   """Functional form: (num, D) unit-norm multi-scale descriptors (see Extractor.extract)."""
   cfg = dataclasses.replace(cfg, **cfg_overrides)
   return Extractor(apply_fn, variables, cfg).extract(images_iter, num)

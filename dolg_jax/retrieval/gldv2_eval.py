@@ -42,9 +42,14 @@ def _present(desc, ids, what: str) -> tuple[np.ndarray, list[str]]:
   return desc[keep], [str(ids[i]) for i in keep]
 
 
-def ranked_lists(queries: np.ndarray, index: np.ndarray, k: int = 100,
-                 rerank: Optional[Mapping] = None, chunk_size: int = 65536,
-                 query_chunk: int = 2048) -> np.ndarray:
+def ranked_lists(
+  queries: np.ndarray,
+  index: np.ndarray,
+  k: int = 100,
+  rerank: Optional[Mapping] = None,
+  chunk_size: int = 65536,
+  query_chunk: int = 2048,
+) -> np.ndarray:
   """(n_queries, min(k, n_index)) index rows, best first, plain or SuperGlobal-re-ranked.
 
   Queries go in chunks of `query_chunk` (device memory: query_chunk x chunk_size float32 scores).
@@ -53,48 +58,60 @@ def ranked_lists(queries: np.ndarray, index: np.ndarray, k: int = 100,
   k = min(int(k), n)
   out = np.empty((queries.shape[0], k), np.int64)
   for a in range(0, queries.shape[0], query_chunk):
-    q = queries[a:a + query_chunk]
+    q = queries[a : a + query_chunk]
     if rerank is None:
-      out[a:a + query_chunk] = search.topk(q, index, k, chunk_size)[1]
+      out[a : a + query_chunk] = search.topk(q, index, k, chunk_size)[1]
       continue
     m = min(int(rerank['M']), n)
-    _, head = rerank_lib.superglobal_topm(q, index, m, int(rerank['K']), float(rerank['beta']),
-                                          chunk_size)
+    _, head = rerank_lib.superglobal_topm(
+      q, index, m, int(rerank['K']), float(rerank['beta']), chunk_size
+    )
     if k <= m:
-      out[a:a + query_chunk] = head[:, :k]
+      out[a : a + query_chunk] = head[:, :k]
     else:
       initial = search.topk(q, index, k, chunk_size)[1]
-      out[a:a + query_chunk] = np.concatenate([head, initial[:, m:]], axis=1)
+      out[a : a + query_chunk] = np.concatenate([head, initial[:, m:]], axis=1)
   return out
 
 
-def evaluate(query_desc, query_ids: Sequence[Optional[str]], index_desc,
-             index_ids: Sequence[Optional[str]], public: Mapping[str, Sequence[str]],
-             private: Mapping[str, Sequence[str]], k: int = 100,
-             rerank: Optional[Mapping] = None, chunk_size: int = 65536,
-             query_chunk: int = 2048) -> dict:
+def evaluate(
+  query_desc,
+  query_ids: Sequence[Optional[str]],
+  index_desc,
+  index_ids: Sequence[Optional[str]],
+  public: Mapping[str, Sequence[str]],
+  private: Mapping[str, Sequence[str]],
+  k: int = 100,
+  rerank: Optional[Mapping] = None,
+  chunk_size: int = 65536,
+  query_chunk: int = 2048,
+) -> dict:
   """Private / Public mAP@k and mP@k of the descriptors (see the module docstring)."""
   q, qids = _present(query_desc, query_ids, 'queries')
   x, xids = _present(index_desc, index_ids, 'index')
   if not x.shape[0]:
     raise ValueError('the index has no image with a descriptor.')
-  rows = (ranked_lists(q, x, k, rerank, chunk_size, query_chunk) if q.shape[0]
-          else np.zeros((0, 0), np.int64))
+  rows = (
+    ranked_lists(q, x, k, rerank, chunk_size, query_chunk)
+    if q.shape[0]
+    else np.zeros((0, 0), np.int64)
+  )
   predictions = {t: [xids[j] for j in r] for t, r in zip(qids, rows)}
   out = {'num_index': len(xids), 'k': int(k), 'rerank': dict(rerank) if rerank else None}
   for name, solution in (('public', public), ('private', private)):
     preds = {t: p for t, p in predictions.items() if t in solution}
     out[name] = {
-        f'map@{k}': metrics.gldv2_map_at_k(preds, solution, k),
-        f'mp@{k}': float(metrics.gldv2_mean_precisions(preds, solution, k)[k - 1]),
-        'num_queries': len(solution),
-        'num_predicted': len(preds),
+      f'map@{k}': metrics.gldv2_map_at_k(preds, solution, k),
+      f'mp@{k}': float(metrics.gldv2_mean_precisions(preds, solution, k)[k - 1]),
+      'num_queries': len(solution),
+      'num_predicted': len(preds),
     }
   return out
 
 
-def split_descriptors(extractor: extract_lib.Extractor, data_dir: str, split: str
-                      ) -> tuple[np.ndarray, list[str]]:
+def split_descriptors(
+  extractor: extract_lib.Extractor, data_dir: str, split: str
+) -> tuple[np.ndarray, list[str]]:
   """(descriptors (n, D), ids) of the stored images of one split ('index' or 'test')."""
   ids: list[str] = []
   num, examples = gldv2_retrieval.extraction_examples(data_dir, split, ids)
@@ -104,8 +121,13 @@ def split_descriptors(extractor: extract_lib.Extractor, data_dir: str, split: st
   return desc, ids
 
 
-def evaluate_prepared(extractor: extract_lib.Extractor, data_dir: str, k: int = 100,
-                      rerank: Optional[Mapping] = None, chunk_size: int = 65536) -> dict:
+def evaluate_prepared(
+  extractor: extract_lib.Extractor,
+  data_dir: str,
+  k: int = 100,
+  rerank: Optional[Mapping] = None,
+  chunk_size: int = 65536,
+) -> dict:
   """Extracts both splits of the prepared gldv2_retrieval and evaluates them (no cache)."""
   q, q_ids = split_descriptors(extractor, data_dir, 'test')
   x, x_ids = split_descriptors(extractor, data_dir, 'index')

@@ -63,8 +63,9 @@ def _as_index_array(values, what: str) -> np.ndarray:
   return arr
 
 
-def summarize(query_ids: np.ndarray, positions: np.ndarray, nres: np.ndarray,
-              kappas: Sequence[int]) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+def summarize(
+  query_ids: np.ndarray, positions: np.ndarray, nres: np.ndarray, kappas: Sequence[int]
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
   """Turns junk-free positive positions into (map, aps, pr, prs), revisitop-exact.
 
   Args:
@@ -87,8 +88,9 @@ def summarize(query_ids: np.ndarray, positions: np.ndarray, nres: np.ndarray,
   missing = (nres > 0) & (counts == 0)
   if missing.any():
     raise ValueError(
-        f'Queries {np.flatnonzero(missing)[:5].tolist()} have positives but none appears in the '
-        'ranking; revisitop cannot score them (pass a ranking that covers the database).')
+      f'Queries {np.flatnonzero(missing)[:5].tolist()} have positives but none appears in the '
+      'ranking; revisitop cannot score them (pass a ranking that covers the database).'
+    )
   # Trapezoid rule, term by term exactly as the reference writes it.
   rf = r.astype(np.float64)
   jf = j.astype(np.float64)
@@ -121,8 +123,9 @@ def summarize(query_ids: np.ndarray, positions: np.ndarray, nres: np.ndarray,
   return mean_ap / valid.size, aps, pr / valid.size, prs
 
 
-def compute_map(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10)
-                ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+def compute_map(
+  ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10)
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
   """revisitop's compute_map, vectorised. See the module docstring for the semantics.
 
   Args:
@@ -168,8 +171,12 @@ def compute_map(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10
   return summarize(query_ids, positions, nres, kappas)
 
 
-def compute_protocols(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10),
-                      protocols: Sequence[str] = PROTOCOLS) -> dict[str, dict]:
+def compute_protocols(
+  ranks,
+  gnd: Sequence[Mapping],
+  kappas: Sequence[int] = (1, 5, 10),
+  protocols: Sequence[str] = PROTOCOLS,
+) -> dict[str, dict]:
   """Runs compute_map for each revisited protocol on the raw gnd ('easy'/'hard'/'junk').
 
   Returns {protocol: {'map', 'aps', 'mp' (mean P@k), 'prs', 'kappas'}}.
@@ -184,25 +191,33 @@ def compute_protocols(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1,
 # ----------------------------------------------------------------------------- GLDv2 retrieval
 
 
-def _gldv2_scored(predictions: Mapping[str, Sequence[str]],
-                  solution: Mapping[str, Sequence[str] | None]) -> dict:
+def _gldv2_scored(
+  predictions: Mapping[str, Sequence[str]], solution: Mapping[str, Sequence[str] | None]
+) -> dict:
   """Solution without ignored queries (value None); checks predictions refer to known queries."""
   scored = {key: list(v) for key, v in solution.items() if v is not None}
   for key, v in scored.items():
     if not v:
-      raise ValueError(f'GLDv2 solution: query {key} has an empty list of relevant images (use '
-                       'None for an ignored query).')
+      raise ValueError(
+        f'GLDv2 solution: query {key} has an empty list of relevant images (use '
+        'None for an ignored query).'
+      )
   unknown = [key for key in predictions if key not in solution]
   if unknown:
-    raise ValueError(f'GLDv2 predictions: {len(unknown)} test ids are not in the solution '
-                     f'(first: {unknown[:5]}); predictions must come from the same test set.')
+    raise ValueError(
+      f'GLDv2 predictions: {len(unknown)} test ids are not in the solution '
+      f'(first: {unknown[:5]}); predictions must come from the same test set.'
+    )
   if not scored:
     raise ValueError('GLDv2 solution has no scored query (all are None/ignored).')
   return scored
 
 
-def gldv2_map_at_k(predictions: Mapping[str, Sequence[str]],
-                   solution: Mapping[str, Sequence[str] | None], k: int = 100) -> float:
+def gldv2_map_at_k(
+  predictions: Mapping[str, Sequence[str]],
+  solution: Mapping[str, Sequence[str] | None],
+  k: int = 100,
+) -> float:
   """mAP@k of the Google Landmarks v2 retrieval challenge (DELF google_landmarks_dataset/metrics.py
   MeanAveragePrecision).
 
@@ -235,9 +250,11 @@ def gldv2_map_at_k(predictions: Mapping[str, Sequence[str]],
   return mean_ap / len(scored)
 
 
-def gldv2_mean_precisions(predictions: Mapping[str, Sequence[str]],
-                          solution: Mapping[str, Sequence[str] | None], k: int = 100
-                          ) -> np.ndarray:
+def gldv2_mean_precisions(
+  predictions: Mapping[str, Sequence[str]],
+  solution: Mapping[str, Sequence[str] | None],
+  k: int = 100,
+) -> np.ndarray:
   """Mean precision at 1..k (array (k,)) as DELF's MeanPrecisions: duplicates skipped, P@i =
   hits in the first i / i (a short list keeps its hits, so P@i falls as i grows), mean over all
   scored queries of the solution (a query without prediction has P@i = 0). mP@100 = [99]."""

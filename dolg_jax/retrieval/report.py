@@ -19,8 +19,12 @@ from dolg_jax.data import revisitop
 from dolg_jax.retrieval import extract as extract_lib
 from dolg_jax.retrieval import scoring
 
-COLOURS = {'pos': (40, 170, 60), 'neg': (210, 40, 40), 'junk': (150, 150, 150),
-           'query': (40, 90, 220)}
+COLOURS = {
+  'pos': (40, 170, 60),
+  'neg': (210, 40, 40),
+  'junk': (150, 150, 150),
+  'query': (40, 90, 220),
+}
 _CSS = {'pos': 'green', 'neg': 'red', 'junk': 'grey'}
 
 
@@ -47,8 +51,9 @@ def render_grid(rows: Sequence[dict], height: int = 96, gap: int = 6) -> Image.I
   """rows: [{'query': HWC uint8, 'results': [(HWC uint8, label), ...]}] -> one PIL image."""
   tiles = []
   for row in rows:
-    t = [thumbnail(row['query'], height, 'query')] + [thumbnail(im, height, lab)
-                                                      for im, lab in row['results']]
+    t = [thumbnail(row['query'], height, 'query')] + [
+      thumbnail(im, height, lab) for im, lab in row['results']
+    ]
     tiles.append(t)
   width = max(sum(t.width for t in r) + gap * len(r) for r in tiles) + gap if tiles else 1
   row_h = height + 8 + gap
@@ -61,8 +66,9 @@ def render_grid(rows: Sequence[dict], height: int = 96, gap: int = 6) -> Image.I
   return canvas
 
 
-def write_report(out_dir: str, name: str, rows: Sequence[dict], summary: str = ''
-                 ) -> tuple[str, str]:
+def write_report(
+  out_dir: str, name: str, rows: Sequence[dict], summary: str = ''
+) -> tuple[str, str]:
   """Writes <out_dir>/<name>.png and <out_dir>/<name>.html; returns both paths.
 
   rows: as render_grid, plus 'query_name' and per result a name/score in 'result_meta'
@@ -71,19 +77,25 @@ def write_report(out_dir: str, name: str, rows: Sequence[dict], summary: str = '
   os.makedirs(out_dir, exist_ok=True)
   png = os.path.join(out_dir, f'{name}.png')
   render_grid(rows).save(png)
-  parts = [f'<html><head><meta charset="utf-8"><title>{html.escape(name)}</title></head><body>',
-           f'<h1>{html.escape(name)}</h1><pre>{html.escape(summary)}</pre>',
-           '<p>Frames: <b style="color:green">positive</b>, <b style="color:red">negative</b>, '
-           '<b style="color:grey">junk</b> (Medium protocol); blue = query crop.</p>',
-           f'<img src="{html.escape(os.path.basename(png))}"><table border="1" cellpadding="3">',
-           '<tr><th>query</th><th>AP (M)</th><th>top results (name, score, label)</th></tr>']
+  parts = [
+    f'<html><head><meta charset="utf-8"><title>{html.escape(name)}</title></head><body>',
+    f'<h1>{html.escape(name)}</h1><pre>{html.escape(summary)}</pre>',
+    '<p>Frames: <b style="color:green">positive</b>, <b style="color:red">negative</b>, '
+    '<b style="color:grey">junk</b> (Medium protocol); blue = query crop.</p>',
+    f'<img src="{html.escape(os.path.basename(png))}"><table border="1" cellpadding="3">',
+    '<tr><th>query</th><th>AP (M)</th><th>top results (name, score, label)</th></tr>',
+  ]
   for row in rows:
     meta = row.get('result_meta', [])
-    cells = ', '.join(f'<span style="color:{_CSS[lab]}">{html.escape(str(n))} ({s:.3f})</span>'
-                      for (n, s), (_, lab) in zip(meta, row['results']))
+    cells = ', '.join(
+      f'<span style="color:{_CSS[lab]}">{html.escape(str(n))} ({s:.3f})</span>'
+      for (n, s), (_, lab) in zip(meta, row['results'])
+    )
     ap = row.get('ap')
-    parts.append(f'<tr><td>{html.escape(str(row.get("query_name", "")))}</td>'
-                 f'<td>{"" if ap is None else f"{ap:.4f}"}</td><td>{cells}</td></tr>')
+    parts.append(
+      f'<tr><td>{html.escape(str(row.get("query_name", "")))}</td>'
+      f'<td>{"" if ap is None else f"{ap:.4f}"}</td><td>{cells}</td></tr>'
+    )
   parts.append('</table></body></html>')
   path = os.path.join(out_dir, f'{name}.html')
   with open(path, 'w') as f:
@@ -100,9 +112,17 @@ def _images_by_index(src, wanted: set[int]) -> dict[int, dict]:
   return out
 
 
-def write_dataset_report(out_dir: str, name: str, data_dir: str, gnd_cfg: dict, topk,
-                         table: dict, n_queries: int, crop_rounding: str,
-                         search_cfg: dict) -> tuple[str, str]:
+def write_dataset_report(
+  out_dir: str,
+  name: str,
+  data_dir: str,
+  gnd_cfg: dict,
+  topk,
+  table: dict,
+  n_queries: int,
+  crop_rounding: str,
+  search_cfg: dict,
+) -> tuple[str, str]:
   """report_<name>.html/.png of the first `n_queries` queries with their top-k (`topk`, in the
   final order: re-ranked when `search_cfg` says so, which the summary line states)."""
   scores, idx = topk
@@ -121,7 +141,14 @@ def write_dataset_report(out_dir: str, name: str, data_dir: str, gnd_cfg: dict, 
       ex = index[int(i)]
       results.append((decode.decode_rgb(ex['image']), label_of(int(i), g)))
       meta.append((ex['id'].decode() if isinstance(ex['id'], bytes) else ex['id'], float(s)))
-    rows.append({'query': img[y0:y1, x0:x1], 'results': results, 'result_meta': meta,
-                 'query_name': gnd_cfg['qimlist'][qi], 'ap': table['medium']['aps'][qi]})
+    rows.append(
+      {
+        'query': img[y0:y1, x0:x1],
+        'results': results,
+        'result_meta': meta,
+        'query_name': gnd_cfg['qimlist'][qi],
+        'ap': table['medium']['aps'][qi],
+      }
+    )
   summary = scoring.format_table({name: {'base': table}}, search_cfg)
   return write_report(out_dir, f'report_{name}', rows, summary)

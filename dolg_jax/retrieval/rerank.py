@@ -71,8 +71,7 @@ def _check(queries, db, M, K, beta) -> tuple[np.ndarray, int]:
   if segs[0].shape[1] != queries.shape[1]:
     raise ValueError(f'queries have width {queries.shape[1]} but the database {segs[0].shape[1]}.')
   if int(M) < 1 or int(K) < 0 or not beta >= 0:
-    raise ValueError(f'superglobal needs M >= 1, K >= 0, beta >= 0; got M={M}, K={K}, '
-                     f'beta={beta}.')
+    raise ValueError(f'superglobal needs M >= 1, K >= 0, beta >= 0; got M={M}, K={K}, beta={beta}.')
   if not np.all(np.isfinite(queries)):
     raise ValueError('queries contain NaN or inf.')
   n = search.db_size(db)
@@ -81,8 +80,14 @@ def _check(queries, db, M, K, beta) -> tuple[np.ndarray, int]:
   return queries, min(int(M), n)
 
 
-def rerank_heads(queries: np.ndarray, db: search.DbLike, top: np.ndarray, K: int = 9,
-                 beta: float = 0.15, query_chunk: int = 16) -> np.ndarray:
+def rerank_heads(
+  queries: np.ndarray,
+  db: search.DbLike,
+  top: np.ndarray,
+  K: int = 9,
+  beta: float = 0.15,
+  query_chunk: int = 16,
+) -> np.ndarray:
   """Re-ranks given initial heads: top (nq, M) database indices, best first -> (nq, M)."""
   queries = np.asarray(queries, np.float32)
   top = np.asarray(top, np.int64)
@@ -91,17 +96,23 @@ def rerank_heads(queries: np.ndarray, db: search.DbLike, top: np.ndarray, K: int
   for a in range(0, nq, query_chunk):
     b = min(nq, a + query_chunk)
     qb = np.zeros((query_chunk, queries.shape[1]), np.float32)
-    qb[:b - a] = queries[a:b]
+    qb[: b - a] = queries[a:b]
     tb = np.zeros((query_chunk, m), np.int64)
-    tb[:b - a] = top[a:b]
+    tb[: b - a] = top[a:b]
     order, _ = _rerank_chunk(jnp.asarray(qb), jnp.asarray(take_rows(db, tb)), int(K), float(beta))
-    out[a:b] = np.take_along_axis(tb, np.asarray(order), axis=1)[:b - a]
+    out[a:b] = np.take_along_axis(tb, np.asarray(order), axis=1)[: b - a]
   return out
 
 
-def superglobal_topm(queries, db: search.DbLike, M: int = 400, K: int = 9, beta: float = 0.15,
-                     chunk_size: int = 65536, query_chunk: int = 16
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def superglobal_topm(
+  queries,
+  db: search.DbLike,
+  M: int = 400,
+  K: int = 9,
+  beta: float = 0.15,
+  chunk_size: int = 65536,
+  query_chunk: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
   """Re-ranked top M without any full sort: (initial top-M (nq, M), re-ranked top-M (nq, M)).
 
   Both best first; the initial top M come from the chunked device top-k (`search.topk`). M is
@@ -112,8 +123,15 @@ def superglobal_topm(queries, db: search.DbLike, M: int = 400, K: int = 9, beta:
   return top, rerank_heads(queries, db, top, K, beta, query_chunk)
 
 
-def superglobal(queries, db: search.DbLike, M: int = 400, K: int = 9, beta: float = 0.15,
-                chunk_size: int = 65536, query_chunk: int = 16) -> np.ndarray:
+def superglobal(
+  queries,
+  db: search.DbLike,
+  M: int = 400,
+  K: int = 9,
+  beta: float = 0.15,
+  chunk_size: int = 65536,
+  query_chunk: int = 16,
+) -> np.ndarray:
   """Full ranks (n_db, n_queries), revisitop convention: re-ranked top M, then the initial order.
 
   The tail's order needs the full initial ranking anyway, so here each chunk of queries is scored
@@ -131,9 +149,17 @@ def superglobal(queries, db: search.DbLike, M: int = 400, K: int = 9, beta: floa
   return ranks
 
 
-def superglobal_positions(queries, db: search.DbLike, items: Sequence[np.ndarray], M: int = 400,
-                          K: int = 9, beta: float = 0.15, chunk_size: int = 65536,
-                          query_chunk: int = 16, method: str = 'auto') -> list[np.ndarray]:
+def superglobal_positions(
+  queries,
+  db: search.DbLike,
+  items: Sequence[np.ndarray],
+  M: int = 400,
+  K: int = 9,
+  beta: float = 0.15,
+  chunk_size: int = 65536,
+  query_chunk: int = 16,
+  method: str = 'auto',
+) -> list[np.ndarray]:
   """0-based positions of items[q] in query q's `superglobal` ranking, without sorting the tail.
 
   The re-ranking permutes the initial top M among themselves, so an item's position is its place
@@ -153,27 +179,38 @@ def superglobal_positions(queries, db: search.DbLike, items: Sequence[np.ndarray
   return out
 
 
-def fast_compute_protocols(queries, db: search.DbLike, gnd_raw, kappas=(1, 5, 10), M: int = 400,
-                           K: int = 9, beta: float = 0.15, chunk_size: int = 65536,
-                           method: str = 'auto') -> dict[str, dict]:
+def fast_compute_protocols(
+  queries,
+  db: search.DbLike,
+  gnd_raw,
+  kappas=(1, 5, 10),
+  M: int = 400,
+  K: int = 9,
+  beta: float = 0.15,
+  chunk_size: int = 65536,
+  method: str = 'auto',
+) -> dict[str, dict]:
   """`metrics.compute_protocols(superglobal(queries, db, M, K, beta), gnd_raw)`, without the
   full sort (same numbers; the +1M path)."""
   n = search.db_size(db)
   items = []
   for g in gnd_raw:
-    allk = np.concatenate([np.asarray(g[k], np.int64).reshape(-1)
-                           for k in ('easy', 'hard', 'junk')])
+    allk = np.concatenate(
+      [np.asarray(g[k], np.int64).reshape(-1) for k in ('easy', 'hard', 'junk')]
+    )
     items.append(np.unique(allk[(allk >= 0) & (allk < n)]))
   positions = superglobal_positions(queries, db, items, M, K, beta, chunk_size, method=method)
   out = {}
   for p in metrics.PROTOCOLS:
     mp, aps, pr, prs = search._summarize_from_positions(  # pylint: disable=protected-access
-        metrics.protocol_gnd(gnd_raw, p), items, positions, n, kappas)
+      metrics.protocol_gnd(gnd_raw, p), items, positions, n, kappas
+    )
     out[p] = {'map': mp, 'aps': aps, 'mp': pr, 'prs': prs, 'kappas': tuple(kappas)}
   return out
 
 
 # ----------------------------------------------------------------------------- timing
+
 
 def _l2n(x):
   return x / np.linalg.norm(x, axis=1, keepdims=True)

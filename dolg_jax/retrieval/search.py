@@ -44,14 +44,14 @@ def _gather_rows(segs: list[np.ndarray], start: int, stop: int, chunk: int) -> n
   offset = 0
   for s in segs:
     if offset <= start and stop <= offset + s.shape[0] and stop - start == chunk:
-      return np.asarray(s[start - offset:stop - offset], np.float32)  # a view, no copy
+      return np.asarray(s[start - offset : stop - offset], np.float32)  # a view, no copy
     offset += s.shape[0]
   out = np.zeros((chunk, segs[0].shape[1]), np.float32)
   offset = 0
   for s in segs:
     lo, hi = max(start, offset), min(stop, offset + s.shape[0])
     if lo < hi:
-      out[lo - start:hi - start] = s[lo - offset:hi - offset]
+      out[lo - start : hi - start] = s[lo - offset : hi - offset]
     offset += s.shape[0]
   return out
 
@@ -61,9 +61,9 @@ def _chunk_scores(queries: jax.Array, block: jax.Array) -> jax.Array:
   return jnp.matmul(queries, block.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def iter_score_chunks(queries, db: DbLike, chunk_size: int = 65536,
-                      only_chunks: Sequence[int] | None = None
-                      ) -> Iterator[tuple[int, int, jax.Array]]:
+def iter_score_chunks(
+  queries, db: DbLike, chunk_size: int = 65536, only_chunks: Sequence[int] | None = None
+) -> Iterator[tuple[int, int, jax.Array]]:
   """Yields (start, n_valid, scores) with scores (n_queries, chunk) float32 on device.
 
   The chunk is min(chunk_size, N) rows; the last chunk is zero-padded (its columns beyond n_valid
@@ -89,7 +89,7 @@ def similarity_matrix(queries, db: DbLike, chunk_size: int = 65536) -> np.ndarra
   n = db_size(db)
   out = np.empty((np.shape(queries)[0], n), np.float32)
   for start, n_valid, s in iter_score_chunks(queries, db, chunk_size):
-    out[:, start:start + n_valid] = np.asarray(s)[:, :n_valid]
+    out[:, start : start + n_valid] = np.asarray(s)[:, :n_valid]
   return out
 
 
@@ -222,7 +222,7 @@ def _positions_host(queries, db, items, chunk_size, bins_bits):
   return positions
 
 
-@functools.lru_cache(maxsize=None)   # one compiled counter per length, reused by every evaluation
+@functools.lru_cache(maxsize=None)  # one compiled counter per length, reused by every evaluation
 def _device_counter(steps: int):
   @jax.jit
   def count(scores, start, n_valid, srt_s, srt_i, hist):
@@ -245,6 +245,7 @@ def _device_counter(steps: int):
     valid = (y < start + n_valid).astype(jnp.int32)
     rows = jnp.broadcast_to(jnp.arange(scores.shape[0])[:, None], scores.shape)
     return hist.at[rows, lo].add(jnp.broadcast_to(valid, scores.shape))
+
   return count
 
 
@@ -258,8 +259,8 @@ def _positions_device(queries, db, items, chunk_size):
   for q, (v, it) in enumerate(zip(item_s, items)):
     order = np.lexsort((it, -v))  # rank order: score desc, index asc
     orders.append(order)
-    srt_s[q, :len(it)] = v[order]
-    srt_i[q, :len(it)] = it[order]
+    srt_s[q, : len(it)] = v[order]
+    srt_i[q, : len(it)] = it[order]
   count = _device_counter(int(np.ceil(np.log2(m + 1))))
   hist = jnp.zeros((nq, m + 1), jnp.int32)
   ss, si = jnp.asarray(srt_s), jnp.asarray(srt_i)
@@ -270,13 +271,19 @@ def _positions_device(queries, db, items, chunk_size):
   for q, it in enumerate(items):
     pos = np.empty(len(it), np.int64)
     # k-th item in rank order: #{y with at most k items before it} - 1 (itself).
-    pos[orders[q]] = cum[q, :len(it)] - 1
+    pos[orders[q]] = cum[q, : len(it)] - 1
     positions.append(pos)
   return positions
 
 
-def item_positions(queries, db: DbLike, items: Sequence[np.ndarray], chunk_size: int = 65536,
-                   method: str = 'auto', bins_bits: int = 18) -> list[np.ndarray]:
+def item_positions(
+  queries,
+  db: DbLike,
+  items: Sequence[np.ndarray],
+  chunk_size: int = 65536,
+  method: str = 'auto',
+  bins_bits: int = 18,
+) -> list[np.ndarray]:
   """0-based positions of `items[q]` (unique database indices) in query q's full stable ranking."""
   n = db_size(db)
   items = [np.asarray(it, np.int64).reshape(-1) for it in items]
@@ -329,8 +336,14 @@ def _summarize_from_positions(gnd_p, items, positions, n, kappas):
   return metrics.summarize(qids, rs, nres, kappas)
 
 
-def fast_compute_map(queries, db: DbLike, gnd: Sequence[Mapping], kappas=(1, 5, 10),
-                     chunk_size: int = 65536, method: str = 'auto'):
+def fast_compute_map(
+  queries,
+  db: DbLike,
+  gnd: Sequence[Mapping],
+  kappas=(1, 5, 10),
+  chunk_size: int = 65536,
+  method: str = 'auto',
+):
   """Exactly metrics.compute_map(full_ranks(similarity_matrix(queries, db)), gnd, kappas)."""
   n = db_size(db)
   oks, junks = _labelled(gnd, n)
@@ -339,21 +352,29 @@ def fast_compute_map(queries, db: DbLike, gnd: Sequence[Mapping], kappas=(1, 5, 
   return _summarize_from_positions(gnd, items, positions, n, kappas)
 
 
-def fast_compute_protocols(queries, db: DbLike, gnd_raw: Sequence[Mapping], kappas=(1, 5, 10),
-                           protocols: Sequence[str] = metrics.PROTOCOLS, chunk_size: int = 65536,
-                           method: str = 'auto') -> dict[str, dict]:
+def fast_compute_protocols(
+  queries,
+  db: DbLike,
+  gnd_raw: Sequence[Mapping],
+  kappas=(1, 5, 10),
+  protocols: Sequence[str] = metrics.PROTOCOLS,
+  chunk_size: int = 65536,
+  method: str = 'auto',
+) -> dict[str, dict]:
   """metrics.compute_protocols over the full ranking, from one pass over the database."""
   n = db_size(db)
   items = []
   for g in gnd_raw:
-    allk = np.concatenate([np.asarray(g[k], np.int64).reshape(-1)
-                           for k in ('easy', 'hard', 'junk')])
+    allk = np.concatenate(
+      [np.asarray(g[k], np.int64).reshape(-1) for k in ('easy', 'hard', 'junk')]
+    )
     items.append(np.unique(allk[(allk >= 0) & (allk < n)]))
   positions = item_positions(queries, db, items, chunk_size, method)
   out = {}
   for p in protocols:
-    m, aps, pr, prs = _summarize_from_positions(metrics.protocol_gnd(gnd_raw, p), items, positions,
-                                                n, kappas)
+    m, aps, pr, prs = _summarize_from_positions(
+      metrics.protocol_gnd(gnd_raw, p), items, positions, n, kappas
+    )
     out[p] = {'map': m, 'aps': aps, 'mp': pr, 'prs': prs, 'kappas': tuple(kappas)}
   return out
 
@@ -361,8 +382,9 @@ def fast_compute_protocols(queries, db: DbLike, gnd_raw: Sequence[Mapping], kapp
 # ----------------------------------------------------------------------------- QE / DBA
 
 
-def _weighted_neighbours(vectors, db: DbLike, k: int, alpha: float, chunk_size: int,
-                         include_self: bool) -> np.ndarray:
+def _weighted_neighbours(
+  vectors, db: DbLike, k: int, alpha: float, chunk_size: int, include_self: bool
+) -> np.ndarray:
   segs = as_segments(db)
   s, idx = topk(vectors, segs, k, chunk_size)
   w = np.maximum(s, 0.0) ** alpha
@@ -373,22 +395,24 @@ def _weighted_neighbours(vectors, db: DbLike, k: int, alpha: float, chunk_size: 
     for g, seg in enumerate(segs):
       sel = (idx[:, r] >= offsets[g]) & (idx[:, r] < offsets[g + 1])
       rows[sel] = seg[idx[sel, r] - offsets[g]]
-    out += w[:, r:r + 1] * rows
+    out += w[:, r : r + 1] * rows
   if include_self:
     out += np.asarray(vectors, np.float64)
   return l2_normalize(out).astype(np.float32)
 
 
-def alpha_query_expansion(queries, db: DbLike, k: int = 2, alpha: float = 3.0,
-                          chunk_size: int = 65536) -> np.ndarray:
+def alpha_query_expansion(
+  queries, db: DbLike, k: int = 2, alpha: float = 3.0, chunk_size: int = 65536
+) -> np.ndarray:
   """alpha-QE (Radenovic et al.): q' = normalise(q + sum_top-k max(s,0)^alpha d_i)."""
   if k <= 0:
     return np.asarray(queries, np.float32)
   return _weighted_neighbours(queries, db, k, alpha, chunk_size, include_self=True)
 
 
-def database_augmentation(db: np.ndarray, k: int = 2, alpha: float = 3.0,
-                          chunk_size: int = 65536, block: int = 4096) -> np.ndarray:
+def database_augmentation(
+  db: np.ndarray, k: int = 2, alpha: float = 3.0, chunk_size: int = 65536, block: int = 4096
+) -> np.ndarray:
   """DBA: every database vector replaced by normalise(sum over its top-k neighbours, itself
   included as the first, of max(s,0)^alpha d_i). Quadratic in N: meant for the base sets."""
   db = np.asarray(db, np.float32)
@@ -396,6 +420,7 @@ def database_augmentation(db: np.ndarray, k: int = 2, alpha: float = 3.0,
     return db
   out = np.empty_like(db)
   for b in range(0, db.shape[0], block):
-    out[b:b + block] = _weighted_neighbours(db[b:b + block], db, k, alpha, chunk_size,
-                                            include_self=False)
+    out[b : b + block] = _weighted_neighbours(
+      db[b : b + block], db, k, alpha, chunk_size, include_self=False
+    )
   return out

@@ -38,8 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-PUBLISHED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                              'published_results.json')
+PUBLISHED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'published_results.json')
 DATASETS = ('roxford5k', 'rparis6k')
 DATASET_LABELS = {'roxford5k': 'ROxf', 'rparis6k': 'RPar'}
 SETTINGS = ('base', '+1m')
@@ -50,12 +49,29 @@ OUR_QUERY_CROP = True
 
 # Config fields that do not change what a run computes (paths, logging, checkpoints, loaders).
 IGNORED_FIELDS = (
-    'seed', 'data.data_dir', 'data.num_workers', 'data.prefetch_buffer_size', 'data.read_threads',
-    'data.worker_buffer_size', 'data.make_fixture', 'eval.data_dir', 'eval.output_dir',
-    'eval.xla_cache_dir', 'eval.batch_size', 'eval.report_queries', 'eval.search_chunk_size',
-    'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
-    'train.async_checkpointing', 'train.preemption_sync_every_steps', 'train.eval_every_steps',
-    'train.eval_batches', 'train.eval_retrieval', 'train.init_on_one_device')
+  'seed',
+  'data.data_dir',
+  'data.num_workers',
+  'data.prefetch_buffer_size',
+  'data.read_threads',
+  'data.worker_buffer_size',
+  'data.make_fixture',
+  'eval.data_dir',
+  'eval.output_dir',
+  'eval.xla_cache_dir',
+  'eval.batch_size',
+  'eval.report_queries',
+  'eval.search_chunk_size',
+  'train.log_every_steps',
+  'train.checkpoint_every_steps',
+  'train.keep_checkpoints',
+  'train.async_checkpointing',
+  'train.preemption_sync_every_steps',
+  'train.eval_every_steps',
+  'train.eval_batches',
+  'train.eval_retrieval',
+  'train.init_on_one_device',
+)
 _STEP_DIR = re.compile(r'step_(\d+)$')
 
 
@@ -67,13 +83,14 @@ class StudyError(ValueError):
 @dataclasses.dataclass
 class Run:
   """One evaluated run."""
+
   name: str
   workdir: str
   results_path: str
-  config: Dict[str, Any]            # Flattened 'a.b' -> value (empty without a manifest).
+  config: Dict[str, Any]  # Flattened 'a.b' -> value (empty without a manifest).
   has_manifest: bool
   seed: Optional[int]
-  maps: Dict[Tuple[str, str, str], float]   # (dataset, setting, protocol) -> mAP in percent.
+  maps: Dict[Tuple[str, str, str], float]  # (dataset, setting, protocol) -> mAP in percent.
   protocol: Dict[str, Any]
 
 
@@ -103,9 +120,11 @@ def find_results(workdir: str) -> str:
   last = os.path.join(workdir, 'results.json')
   if os.path.isfile(last):
     return last
-  raise StudyError(f'{workdir}: no results.json (looked for eval/results.json, '
-                   'eval/step_N/results.json and results.json); evaluate the run first: '
-                   f'python -m dolg_jax.eval --config=CONFIG --workdir={workdir}')
+  raise StudyError(
+    f'{workdir}: no results.json (looked for eval/results.json, '
+    'eval/step_N/results.json and results.json); evaluate the run first: '
+    f'python -m dolg_jax.eval --config=CONFIG --workdir={workdir}'
+  )
 
 
 def _load_json(path: str) -> dict:
@@ -130,8 +149,9 @@ def read_run(workdir: str) -> Run:
   results_path = find_results(workdir)
   results = _load_json(results_path)
   if 'results' not in results or 'extraction' not in results:
-    raise StudyError(f'{results_path}: not a dolg_jax.eval results.json (no "results" / '
-                     '"extraction" keys)')
+    raise StudyError(
+      f'{results_path}: not a dolg_jax.eval results.json (no "results" / "extraction" keys)'
+    )
   maps = {}
   for d, sets in results['results'].items():
     for s, table in sets.items():
@@ -145,15 +165,23 @@ def read_run(workdir: str) -> Run:
   search = results.get('search') or {}
   qe, dba = int(search.get('qe_k') or 0), int(search.get('dba_k') or 0)
   protocol = {
-      'scales': tuple(float(x) for x in results['extraction'].get('scales', ())),
-      'query_crop': OUR_QUERY_CROP,
-      'plus_1m': bool(results.get('use_distractors')),
-      'training_set': _training_set(manifest) if has_manifest else None,
-      'search': 'none' if not (qe or dba) else f'qe_k={qe} dba_k={dba}',
+    'scales': tuple(float(x) for x in results['extraction'].get('scales', ())),
+    'query_crop': OUR_QUERY_CROP,
+    'plus_1m': bool(results.get('use_distractors')),
+    'training_set': _training_set(manifest) if has_manifest else None,
+    'search': 'none' if not (qe or dba) else f'qe_k={qe} dba_k={dba}',
   }
   seed = manifest.get('seeds', {}).get('seed', config.get('seed')) if has_manifest else None
-  return Run(os.path.basename(os.path.normpath(workdir)), workdir, results_path, config,
-             has_manifest, seed, maps, protocol)
+  return Run(
+    os.path.basename(os.path.normpath(workdir)),
+    workdir,
+    results_path,
+    config,
+    has_manifest,
+    seed,
+    maps,
+    protocol,
+  )
 
 
 def load_published(path: str = PUBLISHED_PATH) -> dict:
@@ -172,6 +200,7 @@ def published_maps(row: Mapping[str, Any]) -> Dict[Tuple[str, str, str], Optiona
 @dataclasses.dataclass
 class Group:
   """Runs that differ only in seed and bookkeeping, evaluated the same way."""
+
   runs: List[Run]
   mean: Dict[Tuple[str, str, str], float]
   std: Dict[Tuple[str, str, str], Optional[float]]
@@ -198,8 +227,9 @@ def _group_key(run: Run) -> str:
   proto = dict(run.protocol)
   if not run.has_manifest:  # Without a manifest nothing says two runs are alike.
     return json.dumps({'run': run.workdir})
-  return json.dumps({'config': _semantic(run.config), 'protocol': proto}, sort_keys=True,
-                    default=str)
+  return json.dumps(
+    {'config': _semantic(run.config), 'protocol': proto}, sort_keys=True, default=str
+  )
 
 
 def group_runs(runs: Sequence[Run]) -> List[Group]:
@@ -245,25 +275,29 @@ def _variant(config: Mapping[str, Any]) -> str:
   return str(config.get('ablation', 'full'))
 
 
-def protocol_differences(ours: Mapping[str, Any], published: Mapping[str, Any],
-                         published_cells: Mapping[Tuple[str, str, str], Optional[float]],
-                         our_cells: Sequence[Tuple[str, str, str]]
-                         ) -> Tuple[List[str], List[str]]:
+def protocol_differences(
+  ours: Mapping[str, Any],
+  published: Mapping[str, Any],
+  published_cells: Mapping[Tuple[str, str, str], Optional[float]],
+  our_cells: Sequence[Tuple[str, str, str]],
+) -> Tuple[List[str], List[str]]:
   """(known differences, unknowns) between our protocol and a published row's."""
   diffs, unknown = [], []
   scales = published.get('scales')
   if scales is None:
     unknown.append('scales')
   elif [round(float(s), 4) for s in scales] != [round(float(s), 4) for s in ours['scales']]:
-    diffs.append(f'scales {len(ours["scales"])} {list(ours["scales"])} vs {len(scales)} '
-                 f'{list(scales)}')
+    diffs.append(
+      f'scales {len(ours["scales"])} {list(ours["scales"])} vs {len(scales)} {list(scales)}'
+    )
   if published.get('query_crop') is None:
     unknown.append('query crop')
   elif bool(published['query_crop']) != bool(ours['query_crop']):
     diffs.append('query crop' if ours['query_crop'] else 'no query crop')
     diffs[-1] += ' vs ' + ('crop' if published['query_crop'] else 'no crop')
-  if ours['plus_1m'] and not any(published_cells[c] is not None for c in our_cells
-                                 if c[1] == '+1m'):
+  if ours['plus_1m'] and not any(
+    published_cells[c] is not None for c in our_cells if c[1] == '+1m'
+  ):
     diffs.append('+1M: not published')
   tset = ours.get('training_set')
   if tset is None:
@@ -282,8 +316,10 @@ def choose_published(group: Group, published: dict, compare_to: str = 'auto') ->
     for row in rows:
       if row['id'] == compare_to:
         return row
-    raise StudyError(f'--compare_to={compare_to!r} is not a published row; known: '
-                     f'{[r["id"] for r in rows]} or auto')
+    raise StudyError(
+      f'--compare_to={compare_to!r} is not a published row; known: '
+      f'{[r["id"] for r in rows]} or auto'
+    )
   depth = group.config.get('model.depth')
   if depth is None:
     return None
@@ -291,14 +327,18 @@ def choose_published(group: Group, published: dict, compare_to: str = 'auto') ->
   if not candidates:
     return None
   cells = list(group.mean)
-  return min(candidates, key=lambda r: len(protocol_differences(
-      group.protocol, r['protocol'], published_maps(r), cells)[0]))
+  return min(
+    candidates,
+    key=lambda r: len(
+      protocol_differences(group.protocol, r['protocol'], published_maps(r), cells)[0]
+    ),
+  )
 
 
 # ----------------------------------------------------------------------------- the table
 @dataclasses.dataclass
 class StudyRow:
-  kind: str                          # 'ours' | 'published'
+  kind: str  # 'ours' | 'published'
   label: str
   mean: Dict[Tuple[str, str, str], Optional[float]]
   std: Dict[Tuple[str, str, str], Optional[float]]
@@ -310,8 +350,9 @@ class StudyRow:
   seeds: str = ''
 
 
-def build_study(runs: Sequence[Run], published: dict, compare_to: str = 'auto'
-                ) -> Tuple[List[StudyRow], List[str]]:
+def build_study(
+  runs: Sequence[Run], published: dict, compare_to: str = 'auto'
+) -> Tuple[List[StudyRow], List[str]]:
   """(rows, differing config fields): our groups, each followed by its published row."""
   groups = group_runs(runs)
   fields = differing_fields(groups)
@@ -320,8 +361,10 @@ def build_study(runs: Sequence[Run], published: dict, compare_to: str = 'auto'
   for g in groups:
     pub = choose_published(g, published, compare_to)
     pub_cells = published_maps(pub) if pub else {}
-    delta = {c: (g.mean[c] - pub_cells[c]) if pub and pub_cells.get(c) is not None else None
-             for c in g.mean}
+    delta = {
+      c: (g.mean[c] - pub_cells[c]) if pub and pub_cells.get(c) is not None else None
+      for c in g.mean
+    }
     if pub:
       diffs, unknown = protocol_differences(g.protocol, pub['protocol'], pub_cells, list(g.mean))
       flags = '; '.join(diffs + [f'{u}: published unknown' for u in unknown])
@@ -333,13 +376,32 @@ def build_study(runs: Sequence[Run], published: dict, compare_to: str = 'auto'
       fields_txt = ', '.join(f'{k}={_fmt_value(g.config.get(k, "<absent>"))}' for k in fields)
     seeds = ','.join(str(r.seed) for r in g.runs)
     n = max(g.n.values()) if g.n else 0
-    rows.append(StudyRow('ours', g.label, dict(g.mean), dict(g.std), n,
-                         pub['id'] if pub else '', delta, fields_txt, flags or 'none', seeds))
+    rows.append(
+      StudyRow(
+        'ours',
+        g.label,
+        dict(g.mean),
+        dict(g.std),
+        n,
+        pub['id'] if pub else '',
+        delta,
+        fields_txt,
+        flags or 'none',
+        seeds,
+      )
+    )
     if pub and pub['id'] not in shown:
       shown.add(pub['id'])
-      rows.append(StudyRow('published', f'{pub["label"]} [{pub["id"]}]', pub_cells,
-                           {c: None for c in CELLS}, 0,
-                           flags=published['sources'][pub['source']].get('protocol_notes', '')))
+      rows.append(
+        StudyRow(
+          'published',
+          f'{pub["label"]} [{pub["id"]}]',
+          pub_cells,
+          {c: None for c in CELLS},
+          0,
+          flags=published['sources'][pub['source']].get('protocol_notes', ''),
+        )
+      )
   return rows, fields
 
 
@@ -384,10 +446,14 @@ def to_markdown(rows: Sequence[StudyRow], fields: Sequence[str]) -> str:
     values = [label, str(r.n) if r.kind == 'ours' else 'pub'] + [_fmt_cell(r, c) for c in cells]
     values += [r.compared_to, r.fields, r.flags]
     lines.append('| ' + ' | '.join(v.replace('|', '/') for v in values) + ' |')
-  notes = ['', 'mAP in percent: mean ± sample std over seeds (n runs), (delta to the compared '
-           'published row); -- = not available / not published.',
-           'Fields in which the rows differ (seed and bookkeeping excluded): '
-           + (', '.join(fields) if fields else 'none') + '.']
+  notes = [
+    '',
+    'mAP in percent: mean ± sample std over seeds (n runs), (delta to the compared '
+    'published row); -- = not available / not published.',
+    'Fields in which the rows differ (seed and bookkeeping excluded): '
+    + (', '.join(fields) if fields else 'none')
+    + '.',
+  ]
   return '\n'.join(lines + notes) + '\n'
 
 
@@ -412,8 +478,18 @@ def _num(v: Optional[float]) -> str:
   return '' if v is None else f'{v:.4f}'
 
 
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+_PALETTE = [
+  (31, 119, 180),
+  (255, 127, 14),
+  (44, 160, 44),
+  (214, 39, 40),
+  (148, 103, 189),
+  (140, 86, 75),
+  (227, 119, 194),
+  (127, 127, 127),
+  (188, 189, 34),
+  (23, 190, 207),
+]
 
 
 def render_chart(rows: Sequence[StudyRow], path: str) -> None:
@@ -428,7 +504,7 @@ def render_chart(rows: Sequence[StudyRow], path: str) -> None:
   height = top + 300 + bottom + legend_h
   img = Image.new('RGB', (max(width, 420), height), (255, 255, 255))
   draw = ImageDraw.Draw(img)
-  y0, scale = top + 300, 3.0   # 100 % = 300 px
+  y0, scale = top + 300, 3.0  # 100 % = 300 px
   for v in range(0, 101, 20):
     y = y0 - v * scale
     draw.line([(left, y), (img.width - 10, y)], fill=(225, 225, 225))
@@ -459,14 +535,19 @@ def render_chart(rows: Sequence[StudyRow], path: str) -> None:
   img.save(path)
 
 
-def write_study(workdirs: Sequence[str], out_dir: str, *, compare_to: str = 'auto',
-                published_path: str = PUBLISHED_PATH) -> Dict[str, Any]:
+def write_study(
+  workdirs: Sequence[str],
+  out_dir: str,
+  *,
+  compare_to: str = 'auto',
+  published_path: str = PUBLISHED_PATH,
+) -> Dict[str, Any]:
   """Reads the runs, writes study.md/.csv/.png/.json into out_dir; returns paths and the table."""
   if not workdirs:
     raise StudyError('give at least one run directory')
   runs = [read_run(w) for w in workdirs]
   names = [r.name for r in runs]
-  for i, r in enumerate(runs):   # Unique labels when two workdirs share a basename.
+  for i, r in enumerate(runs):  # Unique labels when two workdirs share a basename.
     if names.count(r.name) > 1:
       r.name = f'{r.name}#{i}'
   rows, fields = build_study(runs, load_published(published_path), compare_to)
@@ -478,15 +559,33 @@ def write_study(workdirs: Sequence[str], out_dir: str, *, compare_to: str = 'aut
   write_csv(paths['csv'], rows, fields)
   render_chart(rows, paths['png'])
   with open(paths['json'], 'w') as f:
-    json.dump({'differing_fields': fields,
-               'runs': [{'name': r.name, 'workdir': os.path.abspath(r.workdir),
-                         'results': os.path.abspath(r.results_path), 'seed': r.seed}
-                        for r in runs],
-               'rows': [{**{k: v for k, v in dataclasses.asdict(r).items()
-                            if k not in ('mean', 'std', 'delta')},
-                         **{k: {'/'.join(c): v for c, v in getattr(r, k).items()}
-                            for k in ('mean', 'std', 'delta')}} for r in rows]},
-              f, indent=1, default=_json_default)
+    json.dump(
+      {
+        'differing_fields': fields,
+        'runs': [
+          {
+            'name': r.name,
+            'workdir': os.path.abspath(r.workdir),
+            'results': os.path.abspath(r.results_path),
+            'seed': r.seed,
+          }
+          for r in runs
+        ],
+        'rows': [
+          {
+            **{k: v for k, v in dataclasses.asdict(r).items() if k not in ('mean', 'std', 'delta')},
+            **{
+              k: {'/'.join(c): v for c, v in getattr(r, k).items()}
+              for k in ('mean', 'std', 'delta')
+            },
+          }
+          for r in rows
+        ],
+      },
+      f,
+      indent=1,
+      default=_json_default,
+    )
   return {'markdown': markdown, 'paths': paths, 'rows': rows, 'fields': fields}
 
 

@@ -41,36 +41,65 @@ def define_flags() -> None:
   flags.DEFINE_string('index', None, 'Index directory (python -m dolg_jax.index --out).')
   flags.DEFINE_string('host', _D.host, 'Address to bind (127.0.0.1: this machine only).')
   flags.DEFINE_integer('port', _D.port, 'Port (0 = any free port, named in the ready line).')
-  flags.DEFINE_string('token', _D.token, 'If set, every /api call needs Authorization: Bearer '
-                      'TOKEN (else 401).')
+  flags.DEFINE_string(
+    'token', _D.token, 'If set, every /api call needs Authorization: Bearer TOKEN (else 401).'
+  )
   flags.DEFINE_string('cors_origin', _D.cors_origin, 'Origin allowed by CORS (default: none).')
   flags.DEFINE_string('checkpoint', None, 'The checkpoint the index was built with, if it moved.')
   flags.DEFINE_string('workdir', None, 'The same for a training workdir.')
-  flags.DEFINE_enum('backend', _D.backend, list(backends.BACKENDS), 'Nearest neighbours from the '
-                    "index's FAISS structure or from a Milvus collection (python -m "
-                    'dolg_jax.publish).')
+  flags.DEFINE_enum(
+    'backend',
+    _D.backend,
+    list(backends.BACKENDS),
+    'Nearest neighbours from the '
+    "index's FAISS structure or from a Milvus collection (python -m "
+    'dolg_jax.publish).',
+  )
   flags.DEFINE_string('milvus_uri', _D.milvus_uri, 'milvus-lite file or http://host:19530.')
   flags.DEFINE_string('milvus_collection', _D.milvus_collection, 'Milvus collection name.')
   flags.DEFINE_integer('max_upload_mb', _D.max_upload_mb, 'Largest request body (413 above).')
   flags.DEFINE_integer('max_k', _D.max_k, 'Largest k a request may ask for.')
   flags.DEFINE_integer('max_queries', _D.max_queries, 'Images or descriptors per request.')
-  flags.DEFINE_float('max_wait_ms', _D.max_wait_ms, 'Micro-batching: how long the first '
-                     'waiting request waits for others (0 = one request per device call).')
-  flags.DEFINE_integer('max_batch_images', _D.max_batch_images, 'Micro-batching: images per '
-                       'device call (1 = one at a time).')
-  flags.DEFINE_float('watch_s', _D.watch_s, 'Seconds between manifest checks for a grown index '
-                     '(0 = reload only on POST /api/reload).')
-  flags.DEFINE_integer('warmup_shapes', _D.warmup_shapes, 'Most common indexed image sizes '
-                       'compiled before the ready line.')
+  flags.DEFINE_float(
+    'max_wait_ms',
+    _D.max_wait_ms,
+    'Micro-batching: how long the first '
+    'waiting request waits for others (0 = one request per device call).',
+  )
+  flags.DEFINE_integer(
+    'max_batch_images',
+    _D.max_batch_images,
+    'Micro-batching: images per device call (1 = one at a time).',
+  )
+  flags.DEFINE_float(
+    'watch_s',
+    _D.watch_s,
+    'Seconds between manifest checks for a grown index (0 = reload only on POST /api/reload).',
+  )
+  flags.DEFINE_integer(
+    'warmup_shapes',
+    _D.warmup_shapes,
+    'Most common indexed image sizes compiled before the ready line.',
+  )
 
 
 def settings_from_flags() -> service_lib.Settings:
   return service_lib.Settings(
-      host=FLAGS.host, port=FLAGS.port, token=FLAGS.token, cors_origin=FLAGS.cors_origin,
-      max_upload_mb=FLAGS.max_upload_mb, max_k=FLAGS.max_k, max_queries=FLAGS.max_queries,
-      max_wait_ms=FLAGS.max_wait_ms, max_batch_images=FLAGS.max_batch_images,
-      watch_s=FLAGS.watch_s, warmup_shapes=FLAGS.warmup_shapes, backend=FLAGS.backend,
-      milvus_uri=FLAGS.milvus_uri, milvus_collection=FLAGS.milvus_collection)
+    host=FLAGS.host,
+    port=FLAGS.port,
+    token=FLAGS.token,
+    cors_origin=FLAGS.cors_origin,
+    max_upload_mb=FLAGS.max_upload_mb,
+    max_k=FLAGS.max_k,
+    max_queries=FLAGS.max_queries,
+    max_wait_ms=FLAGS.max_wait_ms,
+    max_batch_images=FLAGS.max_batch_images,
+    watch_s=FLAGS.watch_s,
+    warmup_shapes=FLAGS.warmup_shapes,
+    backend=FLAGS.backend,
+    milvus_uri=FLAGS.milvus_uri,
+    milvus_collection=FLAGS.milvus_collection,
+  )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -95,20 +124,29 @@ def main(argv):
   try:
     manifest = store_lib.IndexStore(FLAGS.index).manifest()
     cli.enable_compilation_cache(query.config_of(manifest).eval.get('xla_cache_dir', ''))
-    svc = service_lib.Service(FLAGS.index, settings, checkpoint=FLAGS.checkpoint,
-                              workdir=FLAGS.workdir)
+    svc = service_lib.Service(
+      FLAGS.index, settings, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir
+    )
     sock = bind(settings.host, settings.port)
   except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
     failures.exit_in_one_line(e, None)
   host, port = sock.getsockname()[:2]
   shown = f'[{host}]' if ':' in host else host
-  server = uvicorn.Server(uvicorn.Config(
-      app_lib.create_app(svc), log_level='warning', access_log=False, lifespan='off',
-      timeout_graceful_shutdown=30, server_header=False))
-  print(f'serving {files.escape(FLAGS.index)} ({len(svc)} images) on http://{shown}:{port}',
-        flush=True)
+  server = uvicorn.Server(
+    uvicorn.Config(
+      app_lib.create_app(svc),
+      log_level='warning',
+      access_log=False,
+      lifespan='off',
+      timeout_graceful_shutdown=30,
+      server_header=False,
+    )
+  )
+  print(
+    f'serving {files.escape(FLAGS.index)} ({len(svc)} images) on http://{shown}:{port}', flush=True
+  )
   for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal after its graceful
-    signal.signal(sig, lambda *_: None)       # shutdown: then this ends the process, rc 0
+    signal.signal(sig, lambda *_: None)  # shutdown: then this ends the process, rc 0
   try:
     server.run(sockets=[sock])
   finally:

@@ -37,10 +37,21 @@ from dolg_jax.serve import page
 from dolg_jax.serve import service as service_lib
 
 BadRequest = service_lib.BadRequest
-ROUTES = ('/api/search', '/api/image', '/api/reload', '/api/info', '/healthz', '/metrics',
-          '/openapi.json', '/')
-SECURITY_HEADERS = [(b'x-content-type-options', b'nosniff'), (b'x-frame-options', b'DENY'),
-                    (b'referrer-policy', b'no-referrer')]
+ROUTES = (
+  '/api/search',
+  '/api/image',
+  '/api/reload',
+  '/api/info',
+  '/healthz',
+  '/metrics',
+  '/openapi.json',
+  '/',
+)
+SECURITY_HEADERS = [
+  (b'x-content-type-options', b'nosniff'),
+  (b'x-frame-options', b'DENY'),
+  (b'referrer-policy', b'no-referrer'),
+]
 
 
 class AsciiJSON(JSONResponse):
@@ -97,13 +108,22 @@ class Guard:
         headers = dict(scope.get('headers') or [])
         auth = headers.get(b'authorization', b'').decode('latin-1')
         if not hmac.compare_digest(auth.encode(), f'Bearer {self.token}'.encode()):
-          return await respond(error(401, 'this service needs Authorization: Bearer TOKEN on '
-                                     '/api (--token); missing or wrong token',
-                                     {'WWW-Authenticate': 'Bearer'}))
+          return await respond(
+            error(
+              401,
+              'this service needs Authorization: Bearer TOKEN on '
+              '/api (--token); missing or wrong token',
+              {'WWW-Authenticate': 'Bearer'},
+            )
+          )
       length = dict(scope.get('headers') or []).get(b'content-length')
       if length is not None and length.isdigit() and int(length) > self.max_bytes:
-        return await respond(error(413, f'request body of {int(length)} bytes is over '
-                                   f'--max_upload_mb={self.max_bytes >> 20}'))
+        return await respond(
+          error(
+            413,
+            f'request body of {int(length)} bytes is over --max_upload_mb={self.max_bytes >> 20}',
+          )
+        )
       seen = 0
 
       async def receive_limited():
@@ -119,16 +139,20 @@ class Guard:
         await self.app(scope, receive_limited, send_wrapped)
       except _TooLarge:
         if not status['started']:
-          await respond(error(413, f'request body is over --max_upload_mb='
-                                   f'{self.max_bytes >> 20}'))
+          await respond(error(413, f'request body is over --max_upload_mb={self.max_bytes >> 20}'))
     finally:
       self.metrics.request(route, status['code'], time.perf_counter() - t0)
 
 
 def create_app(svc: service_lib.Service) -> FastAPI:
   settings = svc.settings
-  api = FastAPI(title='dolg_jax search', version='1', docs_url=None, redoc_url=None,
-                default_response_class=AsciiJSON)
+  api = FastAPI(
+    title='dolg_jax search',
+    version='1',
+    docs_url=None,
+    redoc_url=None,
+    default_response_class=AsciiJSON,
+  )
 
   @api.exception_handler(BadRequest)
   async def _bad(_, e: BadRequest):
@@ -140,8 +164,7 @@ def create_app(svc: service_lib.Service) -> FastAPI:
 
   @api.exception_handler(RequestValidationError)
   async def _validation(_, e: RequestValidationError):
-    return error(422, '; '.join(f'{".".join(map(str, x["loc"]))}: {x["msg"]}'
-                                for x in e.errors()))
+    return error(422, '; '.join(f'{".".join(map(str, x["loc"]))}: {x["msg"]}' for x in e.errors()))
 
   @api.exception_handler(store_lib.DamagedIndexError)
   async def _damaged(_, e):
@@ -165,17 +188,27 @@ def create_app(svc: service_lib.Service) -> FastAPI:
 
   @api.get('/', include_in_schema=False)
   async def index_page():
-    return Response(page.html(), media_type='text/html; charset=utf-8',
-                    headers={'Content-Security-Policy': page.CSP})
+    return Response(
+      page.html(),
+      media_type='text/html; charset=utf-8',
+      headers={'Content-Security-Policy': page.CSP},
+    )
 
   @api.get('/api/info')
   async def info():
     col = svc.col
-    return {'index': svc.index_dir, 'images': len(col), 'dim': col.rows.dim,
-            'max_k': settings.max_k, 'max_queries': settings.max_queries,
-            'max_upload_mb': settings.max_upload_mb, 'rerankers': ['', 'superglobal'],
-            'backend': settings.backend, 'generation': svc.generation,
-            'last_reload_error': svc.last_reload_error}
+    return {
+      'index': svc.index_dir,
+      'images': len(col),
+      'dim': col.rows.dim,
+      'max_k': settings.max_k,
+      'max_queries': settings.max_queries,
+      'max_upload_mb': settings.max_upload_mb,
+      'rerankers': ['', 'superglobal'],
+      'backend': settings.backend,
+      'generation': svc.generation,
+      'last_reload_error': svc.last_reload_error,
+    }
 
   @api.post('/api/reload')
   async def reload():
@@ -191,20 +224,49 @@ def create_app(svc: service_lib.Service) -> FastAPI:
     data, kind = await run_in_threadpool(svc.image, int(row), thumb not in ('', '0', 'false'))
     return Response(data, media_type=kind, headers={'Cache-Control': 'private, max-age=60'})
 
-  @api.post('/api/search', openapi_extra={'requestBody': {'content': {
-      'multipart/form-data': {'schema': {'type': 'object', 'properties': {
-          'image': {'type': 'array', 'items': {'type': 'string', 'format': 'binary'}},
-          'box': {'type': 'string'}, 'k': {'type': 'integer'}, 'rerank': {'type': 'string'}}}},
-      'application/json': {'schema': {'type': 'object', 'properties': {
-          'descriptors': {'type': 'array', 'items': {'type': 'array', 'items': {
-              'type': 'number'}}}, 'k': {'type': 'integer'}, 'rerank': {'type': 'string'}}}}}}})
+  @api.post(
+    '/api/search',
+    openapi_extra={
+      'requestBody': {
+        'content': {
+          'multipart/form-data': {
+            'schema': {
+              'type': 'object',
+              'properties': {
+                'image': {'type': 'array', 'items': {'type': 'string', 'format': 'binary'}},
+                'box': {'type': 'string'},
+                'k': {'type': 'integer'},
+                'rerank': {'type': 'string'},
+              },
+            }
+          },
+          'application/json': {
+            'schema': {
+              'type': 'object',
+              'properties': {
+                'descriptors': {
+                  'type': 'array',
+                  'items': {'type': 'array', 'items': {'type': 'number'}},
+                },
+                'k': {'type': 'integer'},
+                'rerank': {'type': 'string'},
+              },
+            }
+          },
+        }
+      }
+    },
+  )
   async def search(request: Request):
     kind = request.headers.get('content-type', '').split(';')[0].strip().lower()
     if kind == 'application/json':
       return await _search_json(request)
     if kind != 'multipart/form-data':
-      raise BadRequest(f'POST /api/search takes multipart/form-data (image files) or '
-                       f'application/json (descriptors); got {kind or "no content type"!r}', 415)
+      raise BadRequest(
+        f'POST /api/search takes multipart/form-data (image files) or '
+        f'application/json (descriptors); got {kind or "no content type"!r}',
+        415,
+      )
     arriving = [1]  # this request counts as on its way to the batcher until it is submitted
     svc.arriving(+1)
     try:
@@ -238,8 +300,10 @@ def create_app(svc: service_lib.Service) -> FastAPI:
     svc.arriving(-1)  # before submitting: the batcher must not wait for this request itself
     arriving[0] = 0
     results = await asyncio.wrap_future(svc.search_images(images, bbxs, k, rerank))
-    return {'index': svc.index_dir,
-            'queries': [{'query': n, 'results': r} for n, r in zip(names, results)]}
+    return {
+      'index': svc.index_dir,
+      'queries': [{'query': n, 'results': r} for n, r in zip(names, results)],
+    }
 
   async def _search_json(request: Request):
     try:
@@ -251,12 +315,17 @@ def create_app(svc: service_lib.Service) -> FastAPI:
     k = svc.check_k(body.get('k', 100))
     rerank = svc.check_rerank(body.get('rerank') or '')
     results = await run_in_threadpool(svc.search_descriptors, body['descriptors'], k, rerank)
-    return {'index': svc.index_dir,
-            'queries': [{'query': f'descriptors[{i}]', 'results': r}
-                        for i, r in enumerate(results)]}
+    return {
+      'index': svc.index_dir,
+      'queries': [{'query': f'descriptors[{i}]', 'results': r} for i, r in enumerate(results)],
+    }
 
   app: Any = api
   if settings.cors_origin:
-    app = CORSMiddleware(app, allow_origins=[settings.cors_origin], allow_methods=['GET', 'POST'],
-                         allow_headers=['Authorization', 'Content-Type'])
+    app = CORSMiddleware(
+      app,
+      allow_origins=[settings.cors_origin],
+      allow_methods=['GET', 'POST'],
+      allow_headers=['Authorization', 'Content-Type'],
+    )
   return Guard(app, settings, svc.metrics)

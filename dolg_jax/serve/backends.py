@@ -54,29 +54,41 @@ class MilvusCollection(query.Collection):
   def __init__(self, index_dir: str, uri: str, name: str, **kw: Any):
     super().__init__(index_dir, **kw)
     if not uri:
-      raise ValueError('--backend=milvus needs --milvus_uri (a milvus-lite file or '
-                       'http://host:19530)')
+      raise ValueError(
+        '--backend=milvus needs --milvus_uri (a milvus-lite file or http://host:19530)'
+      )
     self.milvus_uri, self.milvus_collection = uri, name
     self.client = client(uri)
     if not self.client.has_collection(name):
-      raise ValueError(f'{uri} has no collection {name!r}: run python -m dolg_jax.publish '
-                       f'--index={index_dir} --milvus_uri={uri} --milvus_collection={name}')
+      raise ValueError(
+        f'{uri} has no collection {name!r}: run python -m dolg_jax.publish '
+        f'--index={index_dir} --milvus_uri={uri} --milvus_collection={name}'
+      )
     load(self.client, name)
     got, want = published_identity(self.client, name), identity(self.manifest)
     if got != want:
-      raise ValueError(f'Milvus collection {name!r} at {uri} was published from another index '
-                       '(fingerprint or dimension differ): publish this one with --replace')
+      raise ValueError(
+        f'Milvus collection {name!r} at {uri} was published from another index '
+        '(fingerprint or dimension differ): publish this one with --replace'
+      )
     n = row_count(self.client, name)
     if n != len(self.rows):
-      raise ValueError(f'Milvus collection {name!r} holds {n} rows, the index {len(self.rows)}: '
-                       f'run python -m dolg_jax.publish --index={index_dir} --milvus_uri={uri} '
-                       f'--milvus_collection={name}')
+      raise ValueError(
+        f'Milvus collection {name!r} holds {n} rows, the index {len(self.rows)}: '
+        f'run python -m dolg_jax.publish --index={index_dir} --milvus_uri={uri} '
+        f'--milvus_collection={name}'
+      )
 
   def candidates(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, len(self.rows), MAX_MILVUS_LIMIT)
-    got = self.client.search(self.milvus_collection, data=np.asarray(q, np.float32).tolist(),
-                             limit=k, output_fields=['id'], search_params={'metric_type': 'IP'},
-                             consistency_level='Strong')
+    got = self.client.search(
+      self.milvus_collection,
+      data=np.asarray(q, np.float32).tolist(),
+      limit=k,
+      output_fields=['id'],
+      search_params={'metric_type': 'IP'},
+      consistency_level='Strong',
+    )
     scores = np.full((len(q), k), -np.inf, np.float32)
     ids = np.full((len(q), k), -1, np.int64)
     for r, hits in enumerate(got):
@@ -85,16 +97,23 @@ class MilvusCollection(query.Collection):
     # Scores as FAISS exact reports them: the inner products of the stored descriptors.
     ok = ids >= 0
     if ok.any():
-      scores[ok] = np.einsum('nd,nd->n', np.repeat(np.asarray(q, np.float32), ok.sum(1), axis=0),
-                             self.rows.take(ids[ok]))
+      scores[ok] = np.einsum(
+        'nd,nd->n', np.repeat(np.asarray(q, np.float32), ok.sum(1), axis=0), self.rows.take(ids[ok])
+      )
     return scores, ids
 
 
-def open_collection(index_dir: str, settings: Any, *, checkpoint: Optional[str] = None,
-                    workdir: Optional[str] = None) -> query.Collection:
+def open_collection(
+  index_dir: str, settings: Any, *, checkpoint: Optional[str] = None, workdir: Optional[str] = None
+) -> query.Collection:
   if settings.backend not in BACKENDS:
     raise ValueError(f'backend must be one of {BACKENDS}; got {settings.backend!r}')
   if settings.backend == 'milvus':
-    return MilvusCollection(index_dir, settings.milvus_uri, settings.milvus_collection,
-                            checkpoint=checkpoint, workdir=workdir)
+    return MilvusCollection(
+      index_dir,
+      settings.milvus_uri,
+      settings.milvus_collection,
+      checkpoint=checkpoint,
+      workdir=workdir,
+    )
   return query.Collection(index_dir, checkpoint=checkpoint, workdir=workdir)

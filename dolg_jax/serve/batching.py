@@ -19,11 +19,15 @@ from typing import Any, Callable, Optional, Sequence
 
 
 class MicroBatcher:
-
-  def __init__(self, process: Callable[[Sequence[Any]], Sequence[Any]], max_wait_s: float,
-               max_images: int, on_batch: Optional[Callable[[int], None]] = None,
-               on_depth: Optional[Callable[[int], None]] = None,
-               expect_more: Optional[Callable[[], bool]] = None):
+  def __init__(
+    self,
+    process: Callable[[Sequence[Any]], Sequence[Any]],
+    max_wait_s: float,
+    max_images: int,
+    on_batch: Optional[Callable[[int], None]] = None,
+    on_depth: Optional[Callable[[int], None]] = None,
+    expect_more: Optional[Callable[[], bool]] = None,
+  ):
     if max_wait_s < 0 or max_images < 1:
       raise ValueError(f'max_wait_s >= 0 and max_images >= 1; got {max_wait_s}, {max_images}')
     self._process = process
@@ -61,8 +65,7 @@ class MicroBatcher:
       if not self._queue:
         return []
       deadline = time.monotonic() + self.max_wait_s
-      while (self._waiting_images < self.max_images and not self._closed
-             and self._expect_more()):
+      while self._waiting_images < self.max_images and not self._closed and self._expect_more():
         left = deadline - time.monotonic()
         if left <= 0:
           break

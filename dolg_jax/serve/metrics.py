@@ -65,20 +65,32 @@ class Metrics:
 
   def text(self) -> str:
     with self._lock:
-      out = ['# HELP dolg_requests_total HTTP requests by route and status.',
-             '# TYPE dolg_requests_total counter']
-      out += [f'dolg_requests_total{{route="{r}",status="{s}"}} {n}'
-              for (r, s), n in sorted(self.requests.items())]
-      out += ['# HELP dolg_request_seconds Request latency by route.',
-              '# TYPE dolg_request_seconds histogram']
+      out = [
+        '# HELP dolg_requests_total HTTP requests by route and status.',
+        '# TYPE dolg_requests_total counter',
+      ]
+      out += [
+        f'dolg_requests_total{{route="{r}",status="{s}"}} {n}'
+        for (r, s), n in sorted(self.requests.items())
+      ]
+      out += [
+        '# HELP dolg_request_seconds Request latency by route.',
+        '# TYPE dolg_request_seconds histogram',
+      ]
       for r, h in sorted(self.latency.items()):
         out += h.lines('dolg_request_seconds', f'route="{r}"')
-      out += ['# HELP dolg_batch_images Query images per device call (micro-batch size).',
-              '# TYPE dolg_batch_images histogram', *self.batch_images.lines('dolg_batch_images'),
-              '# HELP dolg_queue_depth Query images waiting for the device.',
-              '# TYPE dolg_queue_depth gauge', f'dolg_queue_depth {self.queue_depth}',
-              '# HELP dolg_index_images Images in the served index.',
-              '# TYPE dolg_index_images gauge', f'dolg_index_images {self.images}',
-              '# HELP dolg_reloads_total Index reloads since start.',
-              '# TYPE dolg_reloads_total counter', f'dolg_reloads_total {self.reloads}']
+      out += [
+        '# HELP dolg_batch_images Query images per device call (micro-batch size).',
+        '# TYPE dolg_batch_images histogram',
+        *self.batch_images.lines('dolg_batch_images'),
+        '# HELP dolg_queue_depth Query images waiting for the device.',
+        '# TYPE dolg_queue_depth gauge',
+        f'dolg_queue_depth {self.queue_depth}',
+        '# HELP dolg_index_images Images in the served index.',
+        '# TYPE dolg_index_images gauge',
+        f'dolg_index_images {self.images}',
+        '# HELP dolg_reloads_total Index reloads since start.',
+        '# TYPE dolg_reloads_total counter',
+        f'dolg_reloads_total {self.reloads}',
+      ]
     return '\n'.join(out) + '\n'

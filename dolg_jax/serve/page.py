@@ -5,10 +5,11 @@ it; errors are shown in the page. Names and paths are set with textContent, neve
 """
 
 # Inline script and style only; images from this origin or the page's own blob: URLs.
-CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-       "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-       "frame-ancestors 'none'")
-
+CSP = (
+  "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+  "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+  "frame-ancestors 'none'"
+)
 
 
 def html() -> bytes:

@@ -37,22 +37,23 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Every default of the service (the flags of `python -m dolg_jax.serve` take theirs here)."""
+
   host: str = '127.0.0.1'
   port: int = 8080
   token: str = ''
   cors_origin: str = ''
   max_upload_mb: int = 20
   max_k: int = 1000
-  max_queries: int = 16          # image files (or descriptors) per request
-  max_wait_ms: float = 5.0       # how long the batcher waits for more requests
-  max_batch_images: int = 32     # images per device call
-  watch_s: float = 2.0           # manifest polling for reloads (0 = only POST /api/reload)
+  max_queries: int = 16  # image files (or descriptors) per request
+  max_wait_ms: float = 5.0  # how long the batcher waits for more requests
+  max_batch_images: int = 32  # images per device call
+  watch_s: float = 2.0  # manifest polling for reloads (0 = only POST /api/reload)
   thumb_side: int = 256
-  warmup_shapes: int = 3         # most common indexed image sizes compiled before `ready`
+  warmup_shapes: int = 3  # most common indexed image sizes compiled before `ready`
   backend: str = 'faiss'
   milvus_uri: str = ''
   milvus_collection: str = backends.DEFAULT_COLLECTION
-  unit_tolerance: float = 1e-3   # |norm - 1| allowed for descriptors given as JSON
+  unit_tolerance: float = 1e-3  # |norm - 1| allowed for descriptors given as JSON
 
 
 class BadRequest(ValueError):
@@ -86,9 +87,16 @@ def _content_type(data: bytes) -> Optional[str]:
 class Service:
   """See the module docstring."""
 
-  def __init__(self, index_dir: str, settings: Settings = Settings(), *,
-               checkpoint: Optional[str] = None, workdir: Optional[str] = None,
-               metrics: Optional[metrics_lib.Metrics] = None, warmup: bool = True):
+  def __init__(
+    self,
+    index_dir: str,
+    settings: Settings = Settings(),
+    *,
+    checkpoint: Optional[str] = None,
+    workdir: Optional[str] = None,
+    metrics: Optional[metrics_lib.Metrics] = None,
+    warmup: bool = True,
+  ):
     self.index_dir = index_dir
     self.settings = settings
     self.metrics = metrics or metrics_lib.Metrics()
@@ -106,9 +114,13 @@ class Service:
     self._arriving = 0  # search requests being read or decoded (not yet in the batcher)
     self._arriving_lock = threading.Lock()
     self.batcher = batching.MicroBatcher(
-        self._process, settings.max_wait_ms / 1000.0, settings.max_batch_images,
-        on_batch=self.metrics.batch, on_depth=self.metrics.set_queue_depth,
-        expect_more=lambda: self._arriving > 0)
+      self._process,
+      settings.max_wait_ms / 1000.0,
+      settings.max_batch_images,
+      on_batch=self.metrics.batch,
+      on_depth=self.metrics.set_queue_depth,
+      expect_more=lambda: self._arriving > 0,
+    )
     self._stop = threading.Event()
     self._watcher = None
     if settings.watch_s > 0:
@@ -135,8 +147,9 @@ class Service:
       ws = table.column('width').to_numpy()[::step]
       sizes.update(zip(hs.tolist(), ws.tolist()))
     shapes = [hw for hw, _ in sizes.most_common(self.settings.warmup_shapes)] or [(224, 224)]
-    examples = [{'index': i, 'image': np.full(hw + (3,), 128, np.uint8)}
-                for i, hw in enumerate(shapes)]
+    examples = [
+      {'index': i, 'image': np.full(hw + (3,), 128, np.uint8)} for i, hw in enumerate(shapes)
+    ]
     _, desc = col.extractor().extract_own(examples, presharded=True)
     if len(col):
       col.search_descriptors(desc[:1], 1)
@@ -181,8 +194,10 @@ class Service:
     top, left, height, width = vals
     h, w = image.shape[:2]
     if height <= 0 or width <= 0 or top < 0 or left < 0 or top + height > h or left + width > w:
-      raise BadRequest(f'box {text} of {name} is outside the image ({h} high, {w} wide): '
-                       'TOP,LEFT >= 0, HEIGHT,WIDTH > 0, TOP+HEIGHT <= height, LEFT+WIDTH <= width')
+      raise BadRequest(
+        f'box {text} of {name} is outside the image ({h} high, {w} wide): '
+        'TOP,LEFT >= 0, HEIGHT,WIDTH > 0, TOP+HEIGHT <= height, LEFT+WIDTH <= width'
+      )
     return query.box_to_bbx(vals)
 
   def arriving(self, delta: int) -> None:
@@ -190,11 +205,13 @@ class Service:
     with self._arriving_lock:
       self._arriving += delta
 
-  def search_images(self, images: Sequence[np.ndarray], bbxs: Sequence[Optional[np.ndarray]],
-                    k: int, rerank: str):
+  def search_images(
+    self, images: Sequence[np.ndarray], bbxs: Sequence[Optional[np.ndarray]], k: int, rerank: str
+  ):
     """A future of [[{'id', 'path', 'score'}, ...] per image] (micro-batched)."""
-    return self.batcher.submit({'images': list(images), 'bbxs': list(bbxs), 'k': k,
-                                'rerank': rerank}, len(images))
+    return self.batcher.submit(
+      {'images': list(images), 'bbxs': list(bbxs), 'k': k, 'rerank': rerank}, len(images)
+    )
 
   def _process(self, jobs: Sequence[dict]) -> list:
     col = self.col  # one index for the whole batch, even if a reload swaps it meanwhile
@@ -245,18 +262,22 @@ class Service:
     except (TypeError, ValueError):
       raise BadRequest('descriptors must be a list of lists of numbers') from None
     if arr.ndim != 2 or arr.shape[0] < 1 or (dim and arr.shape[1] != dim):
-      raise BadRequest(f'descriptors must be a non-empty list of {dim}-number lists; got shape '
-                       f'{list(arr.shape)}')
+      raise BadRequest(
+        f'descriptors must be a non-empty list of {dim}-number lists; got shape {list(arr.shape)}'
+      )
     if arr.shape[0] > self.settings.max_queries:
-      raise BadRequest(f'at most {self.settings.max_queries} descriptors per request; got '
-                       f'{arr.shape[0]}')
+      raise BadRequest(
+        f'at most {self.settings.max_queries} descriptors per request; got {arr.shape[0]}'
+      )
     if not np.isfinite(arr).all():
       raise BadRequest('descriptors must be finite numbers')
     norms = np.linalg.norm(arr, axis=1)
     bad = np.flatnonzero(np.abs(norms - 1) > self.settings.unit_tolerance)
     if bad.size:
-      raise BadRequest(f'descriptors must be unit norm (L2-normalised): descriptor {int(bad[0])} '
-                       f'has norm {norms[bad[0]]:.6g}')
+      raise BadRequest(
+        f'descriptors must be unit norm (L2-normalised): descriptor {int(bad[0])} '
+        f'has norm {norms[bad[0]]:.6g}'
+      )
     scores, ids = col.search_descriptors(arr.astype(np.float32), k, rerank)
     return [hits(col, sr, ir) for sr, ir in zip(scores, ids)]
 
@@ -290,8 +311,9 @@ class Service:
       h, w = img.shape[:2]
       s = self.settings.thumb_side / max(h, w)
       if s < 1:
-        img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))),
-                         interpolation=cv2.INTER_AREA)
+        img = cv2.resize(
+          img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA
+        )
       ok, enc = cv2.imencode('.jpg', img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85])
       return enc.tobytes(), 'image/jpeg'
     ok, enc = cv2.imencode('.png', img[..., ::-1])
@@ -309,8 +331,10 @@ class Service:
         self._failed_signature = sig
         raise
       old = self.col
-      if (new.manifest['fingerprint'] == old.manifest['fingerprint']
-          and new.manifest['model'] == old.manifest['model']):
+      if (
+        new.manifest['fingerprint'] == old.manifest['fingerprint']
+        and new.manifest['model'] == old.manifest['model']
+      ):
         new._extractor = old._extractor  # pylint: disable=protected-access  # same model
       else:
         new.extractor()
@@ -341,5 +365,8 @@ class Service:
 
 
 def hits(col: query.Collection, scores: np.ndarray, ids: np.ndarray) -> list[dict]:
-  return [{'id': int(i), 'path': col.paths[int(i)], 'score': float(s)}
-          for s, i in zip(scores, ids) if i >= 0]
+  return [
+    {'id': int(i), 'path': col.paths[int(i)], 'score': float(s)}
+    for s, i in zip(scores, ids)
+    if i >= 0
+  ]

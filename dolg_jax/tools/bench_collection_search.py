@@ -54,8 +54,9 @@ def define_flags() -> None:
   flags.DEFINE_integer('n', 1_000_000, 'Database vectors.')
   flags.DEFINE_integer('dim', 512, 'Dimension.')
   flags.DEFINE_integer('clusters', 2000, 'Gaussian clusters.')
-  flags.DEFINE_float('noise', 0.6, 'Noise std relative to the centres (per dimension, x 1/sqrt(d) '
-                     'of a unit centre).')
+  flags.DEFINE_float(
+    'noise', 0.6, 'Noise std relative to the centres (per dimension, x 1/sqrt(d) of a unit centre).'
+  )
   flags.DEFINE_integer('queries', 200, 'Queries.')
   flags.DEFINE_integer('k', 100, 'Results per query (recall@k).')
   flags.DEFINE_integer('threads', 2, 'Threads (FAISS OpenMP and BLAS).')
@@ -79,8 +80,9 @@ def centres_of(clusters: int, d: int, seed: int) -> np.ndarray:
   return c / np.linalg.norm(c, axis=1, keepdims=True)
 
 
-def clustered(centres: np.ndarray, n: int, noise: float, seed: int, block: int = 100_000
-              ) -> np.ndarray:
+def clustered(
+  centres: np.ndarray, n: int, noise: float, seed: int, block: int = 100_000
+) -> np.ndarray:
   """n unit vectors: a random centre each plus Gaussian noise (noise / sqrt(d) per dimension)."""
   rng = np.random.default_rng(seed)
   d = centres.shape[1]
@@ -103,7 +105,7 @@ def numpy_topk(q: np.ndarray, x: np.ndarray, k: int, block: int = 65536):
   best_s = np.zeros((q.shape[0], 0), np.float32)
   best_i = np.zeros((q.shape[0], 0), np.int64)
   for a in range(0, x.shape[0], block):
-    s = q @ x[a:a + block].T
+    s = q @ x[a : a + block].T
     p = np.argpartition(-s, k - 1, axis=1)[:, :k]
     best_s = np.concatenate([best_s, np.take_along_axis(s, p, 1)], 1)
     best_i = np.concatenate([best_i, p + a], 1)
@@ -121,29 +123,43 @@ def timed(fn, queries: np.ndarray, single: int) -> dict:
   lat = []
   for i in range(min(single, queries.shape[0])):
     t0 = time.perf_counter()
-    fn(queries[i:i + 1])
+    fn(queries[i : i + 1])
     lat.append(time.perf_counter() - t0)
   lat = np.asarray(lat) * 1000
-  return {'ids': ids, 'batched_ms': 1000 * batched, 'p50_ms': float(np.percentile(lat, 50)),
-          'p99_ms': float(np.percentile(lat, 99))}
+  return {
+    'ids': ids,
+    'batched_ms': 1000 * batched,
+    'p50_ms': float(np.percentile(lat, 50)),
+    'p99_ms': float(np.percentile(lat, 99)),
+  }
 
 
 def run_methods(x: np.ndarray, q: np.ndarray) -> list[dict]:
   k = FLAGS.k
   take = lambda ids: x[ids]
-  blocks = lambda: ((a, x[a:a + 65536]) for a in range(0, x.shape[0], 65536))
+  blocks = lambda: ((a, x[a : a + 65536]) for a in range(0, x.shape[0], 65536))
   t0 = time.perf_counter()
   _, exact = numpy_topk(q, x, k)
   print(f'exact reference: {time.perf_counter() - t0:.1f}s', flush=True)
   rows = []
   specs = {
-      'flat': faiss_index.Spec(kind='flat'),
-      'faiss_flat': faiss_index.Spec(kind='flat'),
-      'ivfpq': faiss_index.Spec(kind='ivfpq', nlist=FLAGS.nlist, pq_m=FLAGS.pq_m,
-                                pq_bits=FLAGS.pq_bits, nprobe=FLAGS.nprobe, refine=FLAGS.refine,
-                                train_size=FLAGS.train_size),
-      'hnsw': faiss_index.Spec(kind='hnsw', hnsw_m=FLAGS.hnsw_m,
-                               ef_construction=FLAGS.ef_construction, ef_search=FLAGS.ef_search),
+    'flat': faiss_index.Spec(kind='flat'),
+    'faiss_flat': faiss_index.Spec(kind='flat'),
+    'ivfpq': faiss_index.Spec(
+      kind='ivfpq',
+      nlist=FLAGS.nlist,
+      pq_m=FLAGS.pq_m,
+      pq_bits=FLAGS.pq_bits,
+      nprobe=FLAGS.nprobe,
+      refine=FLAGS.refine,
+      train_size=FLAGS.train_size,
+    ),
+    'hnsw': faiss_index.Spec(
+      kind='hnsw',
+      hnsw_m=FLAGS.hnsw_m,
+      ef_construction=FLAGS.ef_construction,
+      ef_search=FLAGS.ef_search,
+    ),
   }
   built = {}
   for method in FLAGS.methods:
@@ -166,16 +182,25 @@ def run_methods(x: np.ndarray, q: np.ndarray) -> list[dict]:
         fn = lambda qq, index=index: index.search(qq, k)
       else:
         fn = lambda qq, index=index, spec=spec: faiss_index.search(index, spec, qq, k, take)
-      desc = ('IndexFlatIP.search' if method == 'faiss_flat'
-              else faiss_index.description(spec))
-      per_vec = {'flat': 4 * x.shape[1], 'hnsw': 4 * x.shape[1] + 2 * 4 * spec.hnsw_m,
-                 'ivfpq': spec.pq_m * spec.pq_bits // 8 + 8}[key]
+      desc = 'IndexFlatIP.search' if method == 'faiss_flat' else faiss_index.description(spec)
+      per_vec = {
+        'flat': 4 * x.shape[1],
+        'hnsw': 4 * x.shape[1] + 2 * 4 * spec.hnsw_m,
+        'ivfpq': spec.pq_m * spec.pq_bits // 8 + 8,
+      }[key]
       if method == 'ivfpq':
         per_vec_note = f'{per_vec} B codes+ids (+ {4 * x.shape[1]} B stored descriptors, on disk)'
     t = timed(fn, q, FLAGS.single_queries)
     ids = np.asarray(t.pop('ids'))
-    row = {'method': method, 'structure': desc, 'build_s': build_s, 'mem_mb': mem / 2 ** 20,
-           'bytes_per_vector': per_vec, 'recall': faiss_index.recall_at_k(ids, exact), **t}
+    row = {
+      'method': method,
+      'structure': desc,
+      'build_s': build_s,
+      'mem_mb': mem / 2**20,
+      'bytes_per_vector': per_vec,
+      'recall': faiss_index.recall_at_k(ids, exact),
+      **t,
+    }
     if method == 'ivfpq':
       row['note'] = per_vec_note
     rows.append(row)
@@ -191,8 +216,13 @@ def project(rows: list[dict], n: int, target: int) -> list[dict]:
       lat = r['batched_ms'] * (f if r['method'] != 'hnsw' else math.log(target) / math.log(n))
     else:
       lat = r['p50_ms'] * math.sqrt(f)
-    out.append({'method': r['method'], 'memory_gb': r['bytes_per_vector'] * target / 2 ** 30,
-                'latency_ms': lat})
+    out.append(
+      {
+        'method': r['method'],
+        'memory_gb': r['bytes_per_vector'] * target / 2**30,
+        'latency_ms': lat,
+      }
+    )
   return out
 
 
@@ -203,27 +233,60 @@ def main(argv):
   centres = centres_of(FLAGS.clusters, FLAGS.dim, FLAGS.seed)
   x = clustered(centres, FLAGS.n, FLAGS.noise, FLAGS.seed + 1)
   q = clustered(centres, FLAGS.queries, FLAGS.noise, FLAGS.seed + 2)  # near the data, not copies
-  print(f'data: {FLAGS.n} x {FLAGS.dim}, {FLAGS.clusters} clusters, '
-        f'{time.perf_counter() - t0:.1f}s; '
-        f'{FLAGS.queries} queries, k={FLAGS.k}, {FLAGS.threads} threads, faiss {faiss.__version__}',
-        flush=True)
+  print(
+    f'data: {FLAGS.n} x {FLAGS.dim}, {FLAGS.clusters} clusters, '
+    f'{time.perf_counter() - t0:.1f}s; '
+    f'{FLAGS.queries} queries, k={FLAGS.k}, {FLAGS.threads} threads, faiss {faiss.__version__}',
+    flush=True,
+  )
   rows = run_methods(x, q)
-  print(f'\n{"method":16s} {"structure":36s} {"build s":>8s} {"mem MB":>8s} {"B/vec":>6s} '
-        f'{"p50 ms":>8s} {"p99 ms":>8s} {"batch ms/q":>10s} {"recall@" + str(FLAGS.k):>10s}')
+  print(
+    f'\n{"method":16s} {"structure":36s} {"build s":>8s} {"mem MB":>8s} {"B/vec":>6s} '
+    f'{"p50 ms":>8s} {"p99 ms":>8s} {"batch ms/q":>10s} {"recall@" + str(FLAGS.k):>10s}'
+  )
   for r in rows:
-    print(f'{r["method"]:16s} {r["structure"][:36]:36s} {r["build_s"]:8.1f} {r["mem_mb"]:8.0f} '
-          f'{r["bytes_per_vector"]:6d} {r["p50_ms"]:8.2f} {r["p99_ms"]:8.2f} '
-          f'{r["batched_ms"]:10.2f} {r["recall"]:10.4f}')
+    print(
+      f'{r["method"]:16s} {r["structure"][:36]:36s} {r["build_s"]:8.1f} {r["mem_mb"]:8.0f} '
+      f'{r["bytes_per_vector"]:6d} {r["p50_ms"]:8.2f} {r["p99_ms"]:8.2f} '
+      f'{r["batched_ms"]:10.2f} {r["recall"]:10.4f}'
+    )
   proj = project(rows, FLAGS.n, FLAGS.project_to)
   print(f'\nprojection to {FLAGS.project_to:,} vectors (see the module docstring for the model):')
   for p in proj:
-    print(f'  {p["method"]:16s} memory {p["memory_gb"]:8.1f} GB   latency ~{p["latency_ms"]:10.1f} '
-          'ms/query')
-  print(json.dumps({'config': {k: FLAGS[k].value for k in (
-      'n', 'dim', 'clusters', 'noise', 'queries', 'k', 'threads', 'nlist', 'pq_m', 'pq_bits',
-      'nprobe',
-      'refine', 'train_size', 'hnsw_m', 'ef_construction', 'ef_search')},
-      'faiss': faiss.__version__, 'rows': rows, 'projection': proj}))
+    print(
+      f'  {p["method"]:16s} memory {p["memory_gb"]:8.1f} GB   latency ~{p["latency_ms"]:10.1f} '
+      'ms/query'
+    )
+  print(
+    json.dumps(
+      {
+        'config': {
+          k: FLAGS[k].value
+          for k in (
+            'n',
+            'dim',
+            'clusters',
+            'noise',
+            'queries',
+            'k',
+            'threads',
+            'nlist',
+            'pq_m',
+            'pq_bits',
+            'nprobe',
+            'refine',
+            'train_size',
+            'hnsw_m',
+            'ef_construction',
+            'ef_search',
+          )
+        },
+        'faiss': faiss.__version__,
+        'rows': rows,
+        'projection': proj,
+      }
+    )
+  )
 
 
 def run() -> None:

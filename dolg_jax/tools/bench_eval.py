@@ -38,25 +38,41 @@ from dolg_jax.retrieval import search
 from dolg_jax.weights import released
 
 FLAGS = flags.FLAGS
-REPO_GND_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), '..', 'shared', 'data', 'revisitop')
+REPO_GND_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+  '..',
+  'shared',
+  'data',
+  'revisitop',
+)
 
 
 def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
-  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model and c.eval settings.',
-                                  lock_config=True)
-  flags.DEFINE_string('gnd_dir', os.environ.get('REVISITOP_GND_DIR', REPO_GND_DIR),
-                      'Directory holding gnd_roxford5k.pkl (synthetic ground truth if absent).')
+  config_flags.DEFINE_config_file(
+    'config', 'configs/default.py', 'Model and c.eval settings.', lock_config=True
+  )
+  flags.DEFINE_string(
+    'gnd_dir',
+    os.environ.get('REVISITOP_GND_DIR', REPO_GND_DIR),
+    'Directory holding gnd_roxford5k.pkl (synthetic ground truth if absent).',
+  )
   flags.DEFINE_integer('distractors', 1_000_000, '+1M distractor count.')
   flags.DEFINE_integer('dim', 512, 'Descriptor width.')
   flags.DEFINE_integer('chunk', 131072, 'Database rows per similarity chunk.')
   flags.DEFINE_bool('search', True, 'Run the search part.')
   flags.DEFINE_bool('extract', True, 'Run the extraction part.')
-  flags.DEFINE_string('checkpoint', '', 'Released .pyth/.pth or converted dir (else random init '
-                      'of the config\'s model).')
-  flags.DEFINE_integer('extract_images', 0, 'Images timed (0: config.eval.batch_size, which fills '
-                       'every scale\'s batch; with fewer, the padded batch slots cost time too).')
+  flags.DEFINE_string(
+    'checkpoint',
+    '',
+    'Released .pyth/.pth or converted dir (else random init of the config\'s model).',
+  )
+  flags.DEFINE_integer(
+    'extract_images',
+    0,
+    'Images timed (0: config.eval.batch_size, which fills '
+    'every scale\'s batch; with fewer, the padded batch slots cost time too).',
+  )
   flags.DEFINE_list('extract_hw', ['768', '1024'], 'H,W of the timed images.')
   flags.DEFINE_string('cosine_sizes', '683,1024;771,1024', "'H,W;H,W' ('' = skip)")
   flags.DEFINE_list('cosine_buckets', ['32', '64'], 'Bucket sizes compared with exact sizes.')
@@ -74,8 +90,14 @@ def _gnd(n_db: int, nq: int, rng, gnd_dir: str) -> list:
   gnd = []
   for _ in range(nq):
     idx = rng.choice(n_db, 120, replace=False)
-    gnd.append({'easy': idx[:50].tolist(), 'hard': idx[50:90].tolist(), 'junk': idx[90:].tolist(),
-                'bbx': [0, 0, 500, 500]})
+    gnd.append(
+      {
+        'easy': idx[:50].tolist(),
+        'hard': idx[50:90].tolist(),
+        'junk': idx[90:].tolist(),
+        'bbx': [0, 0, 500, 500],
+      }
+    )
   return gnd
 
 
@@ -95,10 +117,12 @@ def bench_search(n_distractors: int, dim: int, chunk: int, gnd_dir: str) -> None
   dis = np.empty((n_distractors, dim), np.float32)
   for s in range(0, n_distractors, 100000):
     blk = rng.standard_normal((min(100000, n_distractors - s), dim), dtype=np.float32)
-    dis[s:s + blk.shape[0]] = blk / np.linalg.norm(blk, axis=1, keepdims=True)
+    dis[s : s + blk.shape[0]] = blk / np.linalg.norm(blk, axis=1, keepdims=True)
   db = [base, dis]
-  print(f'[search] {nq} queries x ({n_db} + {n_distractors}) x {dim}, chunk {chunk}; '
-        f'data made in {time.perf_counter() - t:.1f}s')
+  print(
+    f'[search] {nq} queries x ({n_db} + {n_distractors}) x {dim}, chunk {chunk}; '
+    f'data made in {time.perf_counter() - t:.1f}s'
+  )
 
   # Warm-up (compiles) on a small slice so both timings exclude compilation.
   search.fast_compute_protocols(q, [base], gnd, chunk_size=chunk)
@@ -110,8 +134,10 @@ def bench_search(n_distractors: int, dim: int, chunk: int, gnd_dir: str) -> None
   t2 = time.perf_counter()
   full = metrics.compute_protocols(ranks, gnd)
   t3 = time.perf_counter()
-  print(f'[search] full argsort path: scores {t1 - t0:.2f}s + stable argsort {t2 - t1:.2f}s + '
-        f'compute_map x3 {t3 - t2:.2f}s = {t3 - t0:.2f}s (peak RSS {_rss_gib():.2f} GiB)')
+  print(
+    f'[search] full argsort path: scores {t1 - t0:.2f}s + stable argsort {t2 - t1:.2f}s + '
+    f'compute_map x3 {t3 - t2:.2f}s = {t3 - t0:.2f}s (peak RSS {_rss_gib():.2f} GiB)'
+  )
   del ranks, scores
   for method in ('host', 'device'):
     if method == 'device' and n_distractors > 200000:
@@ -120,12 +146,16 @@ def bench_search(n_distractors: int, dim: int, chunk: int, gnd_dir: str) -> None
     t5 = time.perf_counter()
     fast = search.fast_compute_protocols(q, db, gnd, chunk_size=chunk, method=method)
     t6 = time.perf_counter()
-    same = all(fast[p]['map'] == full[p]['map'] and np.array_equal(fast[p]['prs'], full[p]['prs'],
-                                                                   equal_nan=True)
-               and np.array_equal(fast[p]['aps'], full[p]['aps'], equal_nan=True)
-               for p in metrics.PROTOCOLS)
-    print(f'[search] fast path ({method}): {t6 - t5:.2f}s incl. its scores; identical to full '
-          f'sort: {same}')
+    same = all(
+      fast[p]['map'] == full[p]['map']
+      and np.array_equal(fast[p]['prs'], full[p]['prs'], equal_nan=True)
+      and np.array_equal(fast[p]['aps'], full[p]['aps'], equal_nan=True)
+      for p in metrics.PROTOCOLS
+    )
+    print(
+      f'[search] fast path ({method}): {t6 - t5:.2f}s incl. its scores; identical to full '
+      f'sort: {same}'
+    )
   print('[search] mAP E/M/H: ' + ' '.join(f'{100 * full[p]["map"]:.2f}' for p in metrics.PROTOCOLS))
 
 
@@ -156,20 +186,24 @@ def bench_compiles(base: ex.ExtractConfig, gnd_dir: str) -> None:
   gnd = _gnd(4993, 70, rng, gnd_dir)
   sizes, boxes = roxf_like_sizes(rng, gnd)
   nopad = dataclasses.replace(base, pad=False, bucket=32, geometric_from=0)
-  for label, cfg in (('exact sizes', dataclasses.replace(nopad, bucket=0)),
-                     ('padded canvases (eval default, exact descriptors)',
-                      dataclasses.replace(base, pad=True)),
-                     ('resize to bucket 32', nopad),
-                     ('bucket 64', dataclasses.replace(nopad, bucket=64)),
-                     ('bucket 32, geometric 2^(1/8) above 512',
-                      dataclasses.replace(nopad, geometric_from=512, steps_per_octave=8)),
-                     ('bucket 32, official 5 scales',
-                      dataclasses.replace(nopad, scales=ex.OFFICIAL_SCALES)),
-                     ('bucket 32, max_side 1024', dataclasses.replace(nopad, max_side=1024))):
+  for label, cfg in (
+    ('exact sizes', dataclasses.replace(nopad, bucket=0)),
+    ('padded canvases (eval default, exact descriptors)', dataclasses.replace(base, pad=True)),
+    ('resize to bucket 32', nopad),
+    ('bucket 64', dataclasses.replace(nopad, bucket=64)),
+    (
+      'bucket 32, geometric 2^(1/8) above 512',
+      dataclasses.replace(nopad, geometric_from=512, steps_per_octave=8),
+    ),
+    ('bucket 32, official 5 scales', dataclasses.replace(nopad, scales=ex.OFFICIAL_SCALES)),
+    ('bucket 32, max_side 1024', dataclasses.replace(nopad, max_side=1024)),
+  ):
     shapes = ex.simulate_shapes(sizes, boxes, cfg)
     n_q = len(ex.simulate_shapes(sizes[-70:], boxes[-70:], cfg))
-    print(f'[compiles] ROxf-like mix (4,993 index + 70 query crops), {label}: {len(shapes)} '
-          f'compilations ({n_q} for the queries alone)')
+    print(
+      f'[compiles] ROxf-like mix (4,993 index + 70 query crops), {label}: {len(shapes)} '
+      f'compilations ({n_q} for the queries alone)'
+    )
 
 
 def _model(model_cfg, checkpoint: str, dtype: str):
@@ -207,13 +241,21 @@ def time_extraction(extractor: ex.Extractor, examples: list) -> dict:
   extractor.extract(examples, n)
   dt = time.perf_counter() - t
   rows, slots = extractor.rows_run - rows, extractor.slots_run - slots
-  return {'images': n, 'image_scales': rows, 'batch_slots': slots, 'slot_fill': rows / slots,
-          'first_pass_s': first, 'compilations': extractor.compile_count, 'seconds': dt,
-          'images_per_sec': n / dt}
+  return {
+    'images': n,
+    'image_scales': rows,
+    'batch_slots': slots,
+    'slot_fill': rows / slots,
+    'first_pass_s': first,
+    'compilations': extractor.compile_count,
+    'seconds': dt,
+    'images_per_sec': n / dt,
+  }
 
 
-def bench_extraction(config, checkpoint: str, n_images: int, hw: tuple[int, int],
-                     cosine_sizes: list, buckets=(32, 64)) -> None:
+def bench_extraction(
+  config, checkpoint: str, n_images: int, hw: tuple[int, int], cosine_sizes: list, buckets=(32, 64)
+) -> None:
   """Extraction images/s, compilations and bucketed-vs-exact cosine (config.model, config.eval).
 
   `n_images` 0: config.eval.batch_size (every scale's batches full)."""
@@ -228,26 +270,33 @@ def bench_extraction(config, checkpoint: str, n_images: int, hw: tuple[int, int]
   exs = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
   e = ex.Extractor(apply, variables, dataclasses.replace(base, pad=True))
   r = time_extraction(e, exs)
-  print(f'[extract] {what}, {dtype}, {hw[0]}x{hw[1]}, scales {e.cfg.scales}, batch {batch}: '
-        f'{r["images_per_sec"]:.3f} images/s ({n_images} images in {r["seconds"]:.1f}s, '
-        f'{r["image_scales"]} image-scales in {r["batch_slots"]} batch slots; first call incl. '
-        f'{r["compilations"]} compilations {r["first_pass_s"]:.1f}s)')
+  print(
+    f'[extract] {what}, {dtype}, {hw[0]}x{hw[1]}, scales {e.cfg.scales}, batch {batch}: '
+    f'{r["images_per_sec"]:.3f} images/s ({n_images} images in {r["seconds"]:.1f}s, '
+    f'{r["image_scales"]} image-scales in {r["batch_slots"]} batch slots; first call incl. '
+    f'{r["compilations"]} compilations {r["first_pass_s"]:.1f}s)'
+  )
   if r['slot_fill'] < 1.0:
-    print(f'[extract] only {100 * r["slot_fill"]:.0f}% of the batch slots held images: pass '
-          f'--extract_images as a multiple of the batch ({batch}) for full-batch throughput')
+    print(
+      f'[extract] only {100 * r["slot_fill"]:.0f}% of the batch slots held images: pass '
+      f'--extract_images as a multiple of the batch ({batch}) for full-batch throughput'
+    )
   if cosine_sizes:
     imgs = _natural_images(rng, cosine_sizes)
     exs = [{'index': i, 'image': im} for i, im in enumerate(imgs)]
     nopad = dataclasses.replace(base, pad=False, geometric_from=0)
     d0 = ex.Extractor(apply, variables, dataclasses.replace(nopad, bucket=0)).extract(
-        exs, len(imgs))
+      exs, len(imgs)
+    )
     variants = [('padded canvas', dataclasses.replace(base, pad=True))]
     variants += [(f'resize to bucket {b}', dataclasses.replace(nopad, bucket=b)) for b in buckets]
     for label, cfg in variants:
       d1 = ex.Extractor(apply, variables, cfg).extract(exs, len(imgs))
       cos = (d0 * d1).sum(1)
-      print(f'[extract] cosine {label} vs exact size, {what}, sizes {cosine_sizes}: '
-            f'min {cos.min():.6f} mean {cos.mean():.6f}')
+      print(
+        f'[extract] cosine {label} vs exact size, {what}, sizes {cosine_sizes}: '
+        f'min {cos.min():.6f} mean {cos.mean():.6f}'
+      )
 
 
 def main(argv) -> None:
@@ -260,8 +309,14 @@ def main(argv) -> None:
   if FLAGS.extract:
     hw = tuple(int(v) for v in FLAGS.extract_hw)
     cos_sizes = [tuple(int(v) for v in s.split(',')) for s in FLAGS.cosine_sizes.split(';') if s]
-    bench_extraction(config, FLAGS.checkpoint, FLAGS.extract_images, hw, cos_sizes,
-                     tuple(int(b) for b in FLAGS.cosine_buckets))
+    bench_extraction(
+      config,
+      FLAGS.checkpoint,
+      FLAGS.extract_images,
+      hw,
+      cos_sizes,
+      tuple(int(b) for b in FLAGS.cosine_buckets),
+    )
 
 
 def run() -> None:

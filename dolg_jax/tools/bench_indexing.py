@@ -48,21 +48,24 @@ def define_flags() -> None:
   flags.DEFINE_integer('num_images', 128, 'Images indexed.')
   flags.DEFINE_list('size', ['160', '120'], 'WIDTH,HEIGHT of the images.')
   flags.DEFINE_integer('read_workers', 4, 'Index reader threads.')
-  flags.DEFINE_string('workdir', None, 'Where images, checkpoint and index go (default: a '
-                      'temporary directory).')
+  flags.DEFINE_string(
+    'workdir', None, 'Where images, checkpoint and index go (default: a temporary directory).'
+  )
 
 
 def random_variables(model_cfg, seed: int = 0):
   model = models.build_model(model_cfg)
-  shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False),
-                          jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(
+    lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.PRNGKey(0)
+  )
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
     name = jax.tree_util.keystr(path[-1:])
     if 'kernel' in name:
-      return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-              ).astype(leaf.dtype)
+      return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))).astype(
+        leaf.dtype
+      )
     if 'scale' in name or 'var' in name:
       return np.ones(leaf.shape, leaf.dtype)
     if name == "['p']":
@@ -119,7 +122,7 @@ def host_split(paths: list[str], extractor: extract_lib.Extractor) -> dict:
   for shape, ims in by_shape.items():
     for a in range(0, len(ims), bs):
       t0 = time.perf_counter()
-      extractor.run_batch(ims[a:a + bs], shape if cfg.pad else None).block_until_ready()
+      extractor.run_batch(ims[a : a + bs], shape if cfg.pad else None).block_until_ready()
       t['device'] += time.perf_counter() - t0
   return {k: 1000 * v / len(paths) for k, v in t.items()}
 
@@ -138,33 +141,52 @@ def main(argv):
   apply_fn, variables, _ = evaluate.load_model(config, checkpoint=ckpt)
   cfg = extract_lib.from_config(config.eval)
   extractor = extract_lib.Extractor(apply_fn, variables, cfg)
-  split = host_split(paths[:max(cfg.batch_size, min(len(paths), 64))], extractor)
-  print('host time per image (ms, one thread): ' + ', '.join(f'{k} {v:.1f}'
-                                                           for k, v in split.items()), flush=True)
-  options = build_lib.Options(part_size=1024, descriptor_dtype='float32',
-                              faiss=faiss_index.Spec(), replace=False,
-                              read_workers=FLAGS.read_workers, recall_k=100, recall_sample=200,
-                              progress=False)
+  split = host_split(paths[: max(cfg.batch_size, min(len(paths), 64))], extractor)
+  print(
+    'host time per image (ms, one thread): ' + ', '.join(f'{k} {v:.1f}' for k, v in split.items()),
+    flush=True,
+  )
+  options = build_lib.Options(
+    part_size=1024,
+    descriptor_dtype='float32',
+    faiss=faiss_index.Spec(),
+    replace=False,
+    read_workers=FLAGS.read_workers,
+    recall_k=100,
+    recall_sample=200,
+    progress=False,
+  )
   warm_list = os.path.join(folder, 'warm.txt')
   with open(warm_list, 'w') as f:
-    f.write('\n'.join(os.path.relpath(p, folder) for p in paths[:cfg.batch_size]))
-  build_lib.build(config, checkpoint=ckpt, images=warm_list, out=os.path.join(work, 'warm'),
-                  options=options)
+    f.write('\n'.join(os.path.relpath(p, folder) for p in paths[: cfg.batch_size]))
+  build_lib.build(
+    config, checkpoint=ckpt, images=warm_list, out=os.path.join(work, 'warm'), options=options
+  )
   t0 = time.perf_counter()
-  m = build_lib.build(config, checkpoint=ckpt, images=folder, out=os.path.join(work, 'index'),
-                      options=options)
+  m = build_lib.build(
+    config, checkpoint=ckpt, images=folder, out=os.path.join(work, 'index'), options=options
+  )
   wall = time.perf_counter() - t0
-  out = {'config': config_flags.get_config_filename(FLAGS['config']),
-         'model': {'depth': config.model.depth, 'width': config.model.width},
-         'images': len(paths), 'size': [width, height], 'scales': list(cfg.scales),
-         'batch_size': cfg.batch_size, 'num_workers': cfg.num_workers,
-         'read_workers': FLAGS.read_workers, 'devices': [str(d) for d in jax.local_devices()],
-         'host_ms_per_image': split, 'end_to_end_seconds': wall,
-         'images_per_second': m['counts']['indexed'] / wall,
-         'extract_images_per_second': m['last_run']['images_per_second_process_0']}
-  print(f'end to end: {m["counts"]["indexed"]} images in {wall:.1f}s = '
-        f'{out["images_per_second"]:.2f} images/s (extraction phase '
-        f'{out["extract_images_per_second"]:.2f} images/s)')
+  out = {
+    'config': config_flags.get_config_filename(FLAGS['config']),
+    'model': {'depth': config.model.depth, 'width': config.model.width},
+    'images': len(paths),
+    'size': [width, height],
+    'scales': list(cfg.scales),
+    'batch_size': cfg.batch_size,
+    'num_workers': cfg.num_workers,
+    'read_workers': FLAGS.read_workers,
+    'devices': [str(d) for d in jax.local_devices()],
+    'host_ms_per_image': split,
+    'end_to_end_seconds': wall,
+    'images_per_second': m['counts']['indexed'] / wall,
+    'extract_images_per_second': m['last_run']['images_per_second_process_0'],
+  }
+  print(
+    f'end to end: {m["counts"]["indexed"]} images in {wall:.1f}s = '
+    f'{out["images_per_second"]:.2f} images/s (extraction phase '
+    f'{out["extract_images_per_second"]:.2f} images/s)'
+  )
   print(json.dumps(out))
 
 

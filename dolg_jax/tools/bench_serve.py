@@ -75,8 +75,12 @@ def define_flags() -> None:
 
 
 def _env() -> dict:
-  return dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [os.path.dirname(cli.PACKAGE_DIR), os.environ.get('PYTHONPATH', '')]))
+  return dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(cli.PACKAGE_DIR), os.environ.get('PYTHONPATH', '')]
+    ),
+  )
 
 
 def photos(root: str, n: int, side: int) -> list[str]:
@@ -88,8 +92,13 @@ def photos(root: str, n: int, side: int) -> list[str]:
     img[:] = rng.integers(0, 256, 3)
     for _ in range(6):
       c = tuple(int(v) for v in rng.integers(0, 256, 3))
-      cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))),
-                 int(rng.integers(5, side // 3)), c, -1)
+      cv2.circle(
+        img,
+        (int(rng.integers(0, w)), int(rng.integers(0, h))),
+        int(rng.integers(5, side // 3)),
+        c,
+        -1,
+      )
     path = os.path.join(root, f'p{i:04d}.jpg')
     cv2.imwrite(path, img)
     out.append(path)
@@ -99,17 +108,22 @@ def photos(root: str, n: int, side: int) -> list[str]:
 def checkpoint(name: str, path: str) -> str:
   cfg = __import__(f'dolg_jax.configs.{name}', fromlist=['get_config']).get_config()
   model = models.build_model(cfg.model)
-  shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False),
-                          jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(
+    lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.PRNGKey(0)
+  )
   rng = np.random.default_rng(0)
 
   def fill(p, leaf):
     key = jax.tree_util.keystr(p[-1:])
     if 'kernel' in key:
-      return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-              ).astype(leaf.dtype)
-    return np.ones(leaf.shape, leaf.dtype) if ('scale' in key or 'var' in key) else \
-        np.zeros(leaf.shape, leaf.dtype)
+      return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))).astype(
+        leaf.dtype
+      )
+    return (
+      np.ones(leaf.shape, leaf.dtype)
+      if ('scale' in key or 'var' in key)
+      else np.zeros(leaf.shape, leaf.dtype)
+    )
 
   pretrained.save_converted(path, cfg.model, jax.tree_util.tree_map_with_path(fill, shapes))
   return path
@@ -118,9 +132,13 @@ def checkpoint(name: str, path: str) -> str:
 class Server:
   def __init__(self, *args: str):
     t0 = time.perf_counter()
-    self.proc = subprocess.Popen([sys.executable, '-m', 'dolg_jax.serve', '--port=0', *args],
-                                 env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True)
+    self.proc = subprocess.Popen(
+      [sys.executable, '-m', 'dolg_jax.serve', '--port=0', *args],
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
     self.lines, self.url = [], None
     for line in self.proc.stdout:
       self.lines.append(line)
@@ -156,8 +174,12 @@ def load(url: str, files: list[str], clients: int, requests_n: int) -> dict:
       if i is None:
         return
       t = time.perf_counter()
-      r = s.post(url + '/api/search', files={'image': (f'q{i}.jpg', datas[i % len(datas)])},
-                 data={'k': '10'}, timeout=600)
+      r = s.post(
+        url + '/api/search',
+        files={'image': (f'q{i}.jpg', datas[i % len(datas)])},
+        data={'k': '10'},
+        timeout=600,
+      )
       r.raise_for_status()
       with lock:
         lat.append(time.perf_counter() - t)
@@ -167,8 +189,11 @@ def load(url: str, files: list[str], clients: int, requests_n: int) -> dict:
     for f in [ex.submit(client) for _ in range(clients)]:
       f.result()
   wall = time.perf_counter() - t0
-  return {'rps': requests_n / wall, 'p50_ms': 1000 * float(np.percentile(lat, 50)),
-          'p99_ms': 1000 * float(np.percentile(lat, 99))}
+  return {
+    'rps': requests_n / wall,
+    'p50_ms': 1000 * float(np.percentile(lat, 50)),
+    'p99_ms': 1000 * float(np.percentile(lat, 99)),
+  }
 
 
 def bench_config(name: str, work: str) -> tuple[dict, str, str]:
@@ -178,14 +203,31 @@ def bench_config(name: str, work: str) -> tuple[dict, str, str]:
   ckpt = checkpoint(name, os.path.join(root, 'ckpt'))
   index = os.path.join(root, 'index')
   cache = os.path.join(work, 'xla_cache')
-  proto = ['--config.eval.scales=(1.0,)', '--config.eval.num_workers=0',
-           f'--config.eval.xla_cache_dir={cache}']
-  subprocess.run([sys.executable, '-m', 'dolg_jax.index', f'--config=dolg_jax:{name}',
-                  f'--checkpoint={ckpt}', f'--images={root}/photos', f'--out={index}', *proto],
-                 env=_env(), check=True, capture_output=True)
+  proto = [
+    '--config.eval.scales=(1.0,)',
+    '--config.eval.num_workers=0',
+    f'--config.eval.xla_cache_dir={cache}',
+  ]
+  subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'dolg_jax.index',
+      f'--config=dolg_jax:{name}',
+      f'--checkpoint={ckpt}',
+      f'--images={root}/photos',
+      f'--out={index}',
+      *proto,
+    ],
+    env=_env(),
+    check=True,
+    capture_output=True,
+  )
   out = {'config': name, 'levels': {}}
-  for mode, extra in (('batched', []), ('one_at_a_time', ['--max_batch_images=1',
-                                                         '--max_wait_ms=0'])):
+  for mode, extra in (
+    ('batched', []),
+    ('one_at_a_time', ['--max_batch_images=1', '--max_wait_ms=0']),
+  ):
     server = Server(f'--index={index}', '--watch_s=0', *extra)
     try:
       load(server.url, files, 1, len(files))  # every query shape compiled (or cached) first
@@ -198,12 +240,26 @@ def bench_config(name: str, work: str) -> tuple[dict, str, str]:
   times = []
   for i in range(FLAGS.search_calls):
     t = time.perf_counter()
-    subprocess.run([sys.executable, '-m', 'dolg_jax.search', f'--index={index}',
-                    f'--query={files[i]}', '--k=10', f'--out={root}/search{i}', '--report=false'],
-                   env=_env(), check=True, capture_output=True)
+    subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'dolg_jax.search',
+        f'--index={index}',
+        f'--query={files[i]}',
+        '--k=10',
+        f'--out={root}/search{i}',
+        '--report=false',
+      ],
+      env=_env(),
+      check=True,
+      capture_output=True,
+    )
     times.append(time.perf_counter() - t)
-  out['search_process'] = {'rps': 1 / float(np.mean(times)),
-                           'p50_ms': 1000 * float(np.median(times))}
+  out['search_process'] = {
+    'rps': 1 / float(np.mean(times)),
+    'p50_ms': 1000 * float(np.median(times)),
+  }
   return out, index, files[0]
 
 
@@ -217,17 +273,27 @@ def synthetic_index(base: str, out: str, n: int, part_size: int) -> dict:
   for g, p, names in store.plan_parts(plan):
     d = rng.standard_normal((len(names), dim), dtype=np.float32)
     d /= np.linalg.norm(d, axis=1, keepdims=True)
-    rows = [{'path': f, 'height': 480, 'width': 640, 'bytes': 123456, 'sha1': '0' * 40}
-            for f in names]
+    rows = [
+      {'path': f, 'height': 480, 'width': 640, 'bytes': 123456, 'sha1': '0' * 40} for f in names
+    ]
     store.write_part(g, p, d, rows, [])
-  options = build.Options(part_size=part_size, descriptor_dtype='float32',
-                          faiss=faiss_index.Spec(), replace=False, read_workers=0, recall_k=100,
-                          recall_sample=20, progress=False)
+  options = build.Options(
+    part_size=part_size,
+    descriptor_dtype='float32',
+    faiss=faiss_index.Spec(),
+    replace=False,
+    read_workers=0,
+    recall_k=100,
+    recall_sample=20,
+    progress=False,
+  )
   build.finalize(store, options, {'synthetic': True})
-  npy = sum(os.path.getsize(os.path.join(store.parts_dir, f))
-            for f in os.listdir(store.parts_dir) if f.endswith('.npy'))
-  return {'rows': n,
-          'dim': dim, 'write_s': time.perf_counter() - t0, 'descriptor_mb': npy / 2**20}
+  npy = sum(
+    os.path.getsize(os.path.join(store.parts_dir, f))
+    for f in os.listdir(store.parts_dir)
+    if f.endswith('.npy')
+  )
+  return {'rows': n, 'dim': dim, 'write_s': time.perf_counter() - t0, 'descriptor_mb': npy / 2**20}
 
 
 def bench_synthetic(base: str, work: str, query_file: str) -> dict:
@@ -252,16 +318,18 @@ def bench_synthetic(base: str, work: str, query_file: str) -> dict:
     lat = []
     for _ in range(20):
       t = time.perf_counter()
-      s.post(server.url + '/api/search', json={'descriptors': q.tolist(), 'k': 100},
-             timeout=600).raise_for_status()
+      s.post(
+        server.url + '/api/search', json={'descriptors': q.tolist(), 'k': 100}, timeout=600
+      ).raise_for_status()
       lat.append(time.perf_counter() - t)
     info['descriptor_search_p50_ms'] = 1000 * float(np.median(lat))
     data = open(query_file, 'rb').read()
     lat = []
     for _ in range(10):
       t = time.perf_counter()
-      s.post(server.url + '/api/search', files={'image': ('q.jpg', data)}, data={'k': '100'},
-             timeout=600).raise_for_status()
+      s.post(
+        server.url + '/api/search', files={'image': ('q.jpg', data)}, data={'k': '100'}, timeout=600
+      ).raise_for_status()
       lat.append(time.perf_counter() - t)
     info['image_search_p50_ms'] = 1000 * float(np.median(lat))
     info['serve_rss_after_mb'] = server.rss_mb()
@@ -285,22 +353,32 @@ def main(argv):
       print(f'{"clients":>8} {"batched":>26} {"one at a time":>26} {"speed-up":>9}')
       for c, lv in res['levels'].items():
         b, o = lv['batched'], lv['one_at_a_time']
-        print(f'{c:>8} {b["rps"]:8.1f} ({b["p50_ms"]:7.1f} / {b["p99_ms"]:7.1f}) '
-              f'{o["rps"]:8.1f} ({o["p50_ms"]:7.1f} / {o["p99_ms"]:7.1f}) {lv["speedup"]:8.2f}x')
+        print(
+          f'{c:>8} {b["rps"]:8.1f} ({b["p50_ms"]:7.1f} / {b["p99_ms"]:7.1f}) '
+          f'{o["rps"]:8.1f} ({o["p50_ms"]:7.1f} / {o["p99_ms"]:7.1f}) {lv["speedup"]:8.2f}x'
+        )
       sp = res['search_process']
-      print(f'python -m dolg_jax.search, one process per call: {sp["rps"]:.2f} requests/s '
-            f'({sp["p50_ms"]:.0f} ms per call)')
+      print(
+        f'python -m dolg_jax.search, one process per call: {sp["rps"]:.2f} requests/s '
+        f'({sp["p50_ms"]:.0f} ms per call)'
+      )
     if FLAGS.synthetic_rows and first:
       syn = bench_synthetic(first[0], work, first[1])
       results['synthetic'] = syn
-      print(f'\nsynthetic index: {syn["rows"]} rows x {syn["dim"]} ({syn["descriptor_mb"]:.0f} MB '
-            f'of descriptors, written in {syn["write_s"]:.0f} s)')
-      print(f'row table: {syn["rows_open_from_csv_s"]:.1f} s from the CSV parts (converted), '
-            f'{syn["rows_open_mmap_s"]:.2f} s memory-mapped')
-      print(f'serve: start-up {syn["serve_startup_s"]:.1f} s to the ready line, RSS '
-            f'{syn["serve_rss_mb"]:.0f} MB ({syn["serve_rss_after_mb"]:.0f} MB after searching); '
-            f'search p50 through HTTP: {syn["descriptor_search_p50_ms"]:.1f} ms (descriptor), '
-            f'{syn["image_search_p50_ms"]:.1f} ms (image), k=100')
+      print(
+        f'\nsynthetic index: {syn["rows"]} rows x {syn["dim"]} ({syn["descriptor_mb"]:.0f} MB '
+        f'of descriptors, written in {syn["write_s"]:.0f} s)'
+      )
+      print(
+        f'row table: {syn["rows_open_from_csv_s"]:.1f} s from the CSV parts (converted), '
+        f'{syn["rows_open_mmap_s"]:.2f} s memory-mapped'
+      )
+      print(
+        f'serve: start-up {syn["serve_startup_s"]:.1f} s to the ready line, RSS '
+        f'{syn["serve_rss_mb"]:.0f} MB ({syn["serve_rss_after_mb"]:.0f} MB after searching); '
+        f'search p50 through HTTP: {syn["descriptor_search_p50_ms"]:.1f} ms (descriptor), '
+        f'{syn["image_search_p50_ms"]:.1f} ms (image), k=100'
+      )
     print(json.dumps(results))
   finally:
     if not FLAGS.out:

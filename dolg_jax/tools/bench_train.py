@@ -36,8 +36,9 @@ def define_flags() -> None:
   flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device (default: table).')
 
 
-def benchmark(config, batch: int, steps: int, warmup: int,
-              peak_override: float | None = None) -> dict:
+def benchmark(
+  config, batch: int, steps: int, warmup: int, peak_override: float | None = None
+) -> dict:
   """Compiles and times the train step; returns the figures."""
   config.train.global_batch_size = batch
   mesh = shd.make_mesh(config.mesh)
@@ -48,9 +49,13 @@ def benchmark(config, batch: int, steps: int, warmup: int,
   rng = np.random.default_rng(0)
   size = config.data.image_size
   local = batch // jax.process_count()
-  images = shd.global_batch(mesh, {
+  images = shd.global_batch(
+    mesh,
+    {
       'image': rng.integers(0, 256, (local, size, size, 3), dtype=np.uint8),
-      'label': rng.integers(0, n_classes, (local,), dtype=np.int32)})
+      'label': rng.integers(0, n_classes, (local,), dtype=np.int32),
+    },
+  )
   lr = np.float32(1e-4)
 
   t0 = time.perf_counter()
@@ -68,11 +73,19 @@ def benchmark(config, batch: int, steps: int, warmup: int,
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
   n_dev = jax.device_count()
-  out = {'device_kind': jax.devices()[0].device_kind, 'devices': n_dev, 'batch': batch,
-         'image_size': size, 'compute_dtype': config.compute_dtype,
-         'grad_accum_steps': config.train.grad_accum_steps, 'compile_s': compile_s,
-         'step_time_s': step_s, 'step_time_min_s': float(np.min(times)),
-         'images_per_sec': batch / step_s, 'loss': float(metrics['loss'])}
+  out = {
+    'device_kind': jax.devices()[0].device_kind,
+    'devices': n_dev,
+    'batch': batch,
+    'image_size': size,
+    'compute_dtype': config.compute_dtype,
+    'grad_accum_steps': config.train.grad_accum_steps,
+    'compile_s': compile_s,
+    'step_time_s': step_s,
+    'step_time_min_s': float(np.min(times)),
+    'images_per_sec': batch / step_s,
+    'loss': float(metrics['loss']),
+  }
   if flops:
     total = flops * n_dev
     out.update({'gflop_per_step': total / 1e9, 'tflops_per_sec': total / step_s / 1e12})
@@ -86,20 +99,33 @@ def benchmark(config, batch: int, steps: int, warmup: int,
 def main(argv):
   del argv
   config = FLAGS.config
-  determinism.apply(config.train.deterministic, at_entry=True)   # Before the XLA backend starts.
-  res = benchmark(config, FLAGS.batch or config.train.global_batch_size, FLAGS.steps,
-                  FLAGS.warmup, FLAGS.peak_tflops)
-  print(f"{res['device_kind']} x{res['devices']}  batch {res['batch']}  {res['image_size']}px  "
-        f"{res['compute_dtype']}  accum {res['grad_accum_steps']}")
+  determinism.apply(config.train.deterministic, at_entry=True)  # Before the XLA backend starts.
+  res = benchmark(
+    config,
+    FLAGS.batch or config.train.global_batch_size,
+    FLAGS.steps,
+    FLAGS.warmup,
+    FLAGS.peak_tflops,
+  )
+  print(
+    f"{res['device_kind']} x{res['devices']}  batch {res['batch']}  {res['image_size']}px  "
+    f"{res['compute_dtype']}  accum {res['grad_accum_steps']}"
+  )
   print(f"compile {res['compile_s']:.1f} s")
-  print(f"train: {res['images_per_sec']:.2f} images/s, step {1e3 * res['step_time_s']:.1f} ms "
-        f"(median of {FLAGS.steps}; min {1e3 * res['step_time_min_s']:.1f} ms)")
+  print(
+    f"train: {res['images_per_sec']:.2f} images/s, step {1e3 * res['step_time_s']:.1f} ms "
+    f"(median of {FLAGS.steps}; min {1e3 * res['step_time_min_s']:.1f} ms)"
+  )
   if 'tflops_per_sec' in res:
-    line = (f"XLA cost analysis: {res['gflop_per_step']:.1f} GFLOP/step -> "
-            f"{res['tflops_per_sec']:.3f} TFLOP/s achieved")
+    line = (
+      f"XLA cost analysis: {res['gflop_per_step']:.1f} GFLOP/step -> "
+      f"{res['tflops_per_sec']:.3f} TFLOP/s achieved"
+    )
     if 'fraction_of_peak' in res:
-      line += (f", {100 * res['fraction_of_peak']:.1f}% of peak "
-               f"({res['peak_tflops_per_device']:.0f} TFLOP/s/device)")
+      line += (
+        f", {100 * res['fraction_of_peak']:.1f}% of peak "
+        f"({res['peak_tflops_per_device']:.0f} TFLOP/s/device)"
+      )
     print(line)
   else:
     print('XLA cost analysis unavailable on this backend.')

@@ -27,8 +27,9 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
-  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config whose c.model is '
-                                  'measured.', lock_config=True)
+  config_flags.DEFINE_config_file(
+    'config', 'configs/default.py', 'Config whose c.model is measured.', lock_config=True
+  )
   flags.DEFINE_integer('size', 512, 'Image side.')
   flags.DEFINE_integer('batch', 2, 'Images.')
   flags.DEFINE_integer('seed', 0, 'Weights and images seed.')
@@ -61,7 +62,8 @@ def check(cfg, size: int, batch: int, seed: int) -> dict:
     if label == 'calibrated':
       calib = build_model({**dict(cfg), 'bn_momentum': 0.0}, jnp.float32)
       _, upd = jax.jit(lambda v, x: calib.apply(v, x, train=True, mutable=['batch_stats']))(
-          variables, images)
+        variables, images
+      )
       variables = {'params': variables['params'], 'batch_stats': upd['batch_stats']}
     t0 = time.time()
     d32 = jax.block_until_ready(fwd32(variables, images))
@@ -73,12 +75,14 @@ def check(cfg, size: int, batch: int, seed: int) -> dict:
     results[label] = cos
     # For scale: how similar the float32 descriptors of different images are.
     cross = cosine(d32[:-1], d32[1:]) if batch > 1 else np.array([np.nan])
-    print(f'R{cfg.depth} {"with" if cfg.use_multi_atrous else "without"} multi-atrous '
-          f'{size}x{size} batch {batch} [{label} BN stats]: bf16 vs float32 '
-          f'descriptor cosine {np.array2string(cos, precision=6)} (min {cos.min():.6f}), '
-          f'relative L2 error {rel:.4f}; float32 cosine between different images '
-          f'{np.array2string(cross, precision=4)}  '
-          f'(f32 {t1 - t0:.1f}s, bf16 {t2 - t1:.1f}s incl. compile)')
+    print(
+      f'R{cfg.depth} {"with" if cfg.use_multi_atrous else "without"} multi-atrous '
+      f'{size}x{size} batch {batch} [{label} BN stats]: bf16 vs float32 '
+      f'descriptor cosine {np.array2string(cos, precision=6)} (min {cos.min():.6f}), '
+      f'relative L2 error {rel:.4f}; float32 cosine between different images '
+      f'{np.array2string(cross, precision=4)}  '
+      f'(f32 {t1 - t0:.1f}s, bf16 {t2 - t1:.1f}s incl. compile)'
+    )
   return results
 
 

@@ -70,8 +70,9 @@ class IteratorStateHandler(ocp.CheckpointHandler):
     path = directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
     if not path.exists():
       raise FileNotFoundError(
-          f'{path} is missing: the checkpoint was written by a different number of processes '
-          f'({sorted(p.name for p in directory.iterdir())}); resume with the same process count.')
+        f'{path} is missing: the checkpoint was written by a different number of processes '
+        f'({sorted(p.name for p in directory.iterdir())}); resume with the same process count.'
+      )
     return json.loads(path.read_text())
 
   def metadata(self, directory: epath.Path) -> Any:
@@ -115,15 +116,18 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
   pass
 
 
-CONFIG_RULES = {'train.checkpoint_every_steps': rules.POSITIVE_INT,
-                'train.keep_checkpoints': rules.POSITIVE_INT,
-                'train.async_checkpointing': rules.BOOL}
+CONFIG_RULES = {
+  'train.checkpoint_every_steps': rules.POSITIVE_INT,
+  'train.keep_checkpoints': rules.POSITIVE_INT,
+  'train.async_checkpointing': rules.BOOL,
+}
 
 
 @dataclasses.dataclass
 class Manager:
   """The checkpoints of a workdir: orbax's CheckpointManager and the step of the async save
   requested last (`pending_step`, None before any), which a failure reported later is about."""
+
   orbax: ocp.CheckpointManager
   pending_step: Optional[int] = None
 
@@ -137,13 +141,19 @@ class Manager:
 
 def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> Manager:
   """The Manager of `workdir`'s checkpoints; every save is requested explicitly by the loop."""
-  if keep < 1:   # orbax would delete every step, the newest included.
+  if keep < 1:  # orbax would delete every step, the newest included.
     raise ValueError(f'config.train.keep_checkpoints={keep}: must be >= 1 (checkpoints kept)')
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True)
-  return Manager(ocp.CheckpointManager(checkpoint_dir(workdir).resolve(), options=options,
-                                       item_names=(STATE, DATA_ITER, RECORD)))
+    max_to_keep=keep,
+    create=True,
+    enable_async_checkpointing=async_save,
+    cleanup_tmp_directories=True,
+  )
+  return Manager(
+    ocp.CheckpointManager(
+      checkpoint_dir(workdir).resolve(), options=options, item_names=(STATE, DATA_ITER, RECORD)
+    )
+  )
 
 
 def _json_sha256(obj: Any) -> str:
@@ -152,13 +162,17 @@ def _json_sha256(obj: Any) -> str:
 
 def make_record(step: int, state: Any, iterator_state: Any, mesh, config_json: Any) -> dict:
   """This process's run record of `step` (collective: digests are computed on the global state)."""
-  return {'format': RECORD_FORMAT, 'step': int(step),
-          'state_digests': checksums.tree_digests(state, mesh), 'state_shapes': _shapes(state),
-          'data_iter_sha256': _json_sha256(iterator_state), 'config': config_json}
+  return {
+    'format': RECORD_FORMAT,
+    'step': int(step),
+    'state_digests': checksums.tree_digests(state, mesh),
+    'state_shapes': _shapes(state),
+    'data_iter_sha256': _json_sha256(iterator_state),
+    'config': config_json,
+  }
 
 
-def save(manager: Manager, step: int, state: Any, iterator_state: Any,
-         record: dict) -> None:
+def save(manager: Manager, step: int, state: Any, iterator_state: Any, record: dict) -> None:
   """Requests an (async) save of `state`, the already-captured `iterator_state` and `record`.
 
   Raises CheckpointWriteError naming the step whose write failed: a failure of the previous async
@@ -166,10 +180,17 @@ def save(manager: Manager, step: int, state: Any, iterator_state: Any,
   """
   finish(manager)
   try:
-    manager.orbax.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state),
-        DATA_ITER: IteratorStateSave(iterator_state),
-        RECORD: RunRecordSave(record)}), force=True)
+    manager.orbax.save(
+      step,
+      args=ocp.args.Composite(
+        **{
+          STATE: ocp.args.StandardSave(state),
+          DATA_ITER: IteratorStateSave(iterator_state),
+          RECORD: RunRecordSave(record),
+        }
+      ),
+      force=True,
+    )
   except Exception as e:  # pylint: disable=broad-except  # re-raised with the step and path
     raise _write_error(manager, step, e) from e
   manager.pending_step = step
@@ -188,12 +209,18 @@ def _write_error(manager: Manager, step: Optional[int], e: BaseException) -> Che
   removed = remove_unfinished(manager.directory)
   detail = 'No space left on device' if failures.is_disk_full(e) else errors.first_line(e)
   peer = jax.process_count() > 1 and any(
-      k in detail for k in ('Gloo', 'AllGather', 'collective', 'DEADLINE_EXCEEDED', 'barrier'))
+    k in detail for k in ('Gloo', 'AllGather', 'collective', 'DEADLINE_EXCEEDED', 'barrier')
+  )
   err = CheckpointWriteError(
-      f'writing checkpoint step {step} to {manager.directory} failed: {detail}'
-      + (' (its unfinished files were removed)' if removed else '')
-      + ('; the save waits for every process, so another process of this run probably stopped: '
-         'see its log' if peer else ''))
+    f'writing checkpoint step {step} to {manager.directory} failed: {detail}'
+    + (' (its unfinished files were removed)' if removed else '')
+    + (
+      '; the save waits for every process, so another process of this run probably stopped: '
+      'see its log'
+      if peer
+      else ''
+    )
+  )
   if failures.is_disk_full(e):
     err.errno = errno.ENOSPC
   return err
@@ -217,25 +244,35 @@ def read_record(step_dir: epath.Path) -> dict:
   path = step_dir / RECORD / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
   if not (step_dir / RECORD).is_dir():
     raise CheckpointCorruptError(
-        os.fspath(step_dir), 'no-record',
-        f'no {RECORD}/ (digests) in the step: written before verified checkpoints existed, or '
-        'removed')
+      os.fspath(step_dir),
+      'no-record',
+      f'no {RECORD}/ (digests) in the step: written before verified checkpoints existed, or '
+      'removed',
+    )
   try:
     record = json.loads(path.read_text())
   except (OSError, ValueError) as e:
-    raise CheckpointCorruptError(os.fspath(path), 'unreadable-record',
-                                 f'cannot read the run record: {errors.first_line(e)}') from e
-  if not isinstance(record, dict) or record.get('format') != RECORD_FORMAT or not all(
-      isinstance(record.get(k), dict) for k in ('state_digests', 'state_shapes', 'config')):
-    raise CheckpointCorruptError(os.fspath(path), 'unreadable-record',
-                                 'the run record is not a dolg_jax record of format '
-                                 f'{RECORD_FORMAT}')
+    raise CheckpointCorruptError(
+      os.fspath(path), 'unreadable-record', f'cannot read the run record: {errors.first_line(e)}'
+    ) from e
+  if (
+    not isinstance(record, dict)
+    or record.get('format') != RECORD_FORMAT
+    or not all(isinstance(record.get(k), dict) for k in ('state_digests', 'state_shapes', 'config'))
+  ):
+    raise CheckpointCorruptError(
+      os.fspath(path),
+      'unreadable-record',
+      f'the run record is not a dolg_jax record of format {RECORD_FORMAT}',
+    )
   return record
 
 
 def _shapes(tree: Any) -> dict[str, list[int]]:
-  return {jax.tree_util.keystr(p): [int(d) for d in x.shape]
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(p): [int(d) for d in x.shape]
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _check_shapes(step_dir: epath.Path, record: dict, abstract_state: Any) -> None:
@@ -243,22 +280,31 @@ def _check_shapes(step_dir: epath.Path, record: dict, abstract_state: Any) -> No
   model's: a config change, not corruption."""
   saved = record.get('state_shapes')
   if not isinstance(saved, dict):
-    raise CheckpointCorruptError(os.fspath(step_dir / RECORD), 'unreadable-record',
-                                 'the run record lacks the state shapes')
+    raise CheckpointCorruptError(
+      os.fspath(step_dir / RECORD), 'unreadable-record', 'the run record lacks the state shapes'
+    )
   wanted = _shapes(abstract_state)
-  diffs = [f'{k}: saved {tuple(saved[k])}, model {tuple(v)}' for k, v in wanted.items()
-           if k in saved and list(saved[k]) != v]
+  diffs = [
+    f'{k}: saved {tuple(saved[k])}, model {tuple(v)}'
+    for k, v in wanted.items()
+    if k in saved and list(saved[k]) != v
+  ]
   diffs += [f'{k}: missing in the checkpoint' for k in wanted if k not in saved]
   diffs += [f'{k}: not in the model' for k in saved if k not in wanted]
   if diffs:
     raise IncompatibleCheckpointError(
-        f'{step_dir} does not fit the configured model ({len(diffs)} arrays differ: '
-        + '; '.join(diffs[:5]) + '); resume with the config that wrote it or use a new workdir')
+      f'{step_dir} does not fit the configured model ({len(diffs)} arrays differ: '
+      + '; '.join(diffs[:5])
+      + '); resume with the config that wrote it or use a new workdir'
+    )
 
 
-def _restore_local(manager: Manager, step: int, abstract_state: Any,
-                   check_record: Optional[Callable[[dict], None]] = None
-                   ) -> tuple[Any, Any, dict]:
+def _restore_local(
+  manager: Manager,
+  step: int,
+  abstract_state: Any,
+  check_record: Optional[Callable[[dict], None]] = None,
+) -> tuple[Any, Any, dict]:
   """(state, iterator_state, record) of `step`; checks everything but the array digests.
 
   Raises CheckpointCorruptError (path, reason), IncompatibleCheckpointError (the model differs) or
@@ -270,16 +316,23 @@ def _restore_local(manager: Manager, step: int, abstract_state: Any,
     check_record(record)
   _check_shapes(step_dir, record, abstract_state)
   try:
-    out = manager.orbax.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(abstract_state),
-        DATA_ITER: IteratorStateRestore()}))
+    out = manager.orbax.restore(
+      step,
+      args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract_state), DATA_ITER: IteratorStateRestore()}
+      ),
+    )
   except Exception as e:  # pylint: disable=broad-except  # classified as corruption
-    raise CheckpointCorruptError(os.fspath(step_dir), 'unreadable',
-                                 f'restoring failed: {errors.first_line(e)}') from e
+    raise CheckpointCorruptError(
+      os.fspath(step_dir), 'unreadable', f'restoring failed: {errors.first_line(e)}'
+    ) from e
   state, iter_state = out[STATE], out[DATA_ITER]
   if _json_sha256(iter_state) != record.get('data_iter_sha256'):
-    raise CheckpointCorruptError(os.fspath(step_dir / DATA_ITER), 'checksum',
-                                 'the input-pipeline state does not match its sha256')
+    raise CheckpointCorruptError(
+      os.fspath(step_dir / DATA_ITER),
+      'checksum',
+      'the input-pipeline state does not match its sha256',
+    )
   return state, iter_state, record
 
 
@@ -290,9 +343,11 @@ def _verify_digests(step_dir: epath.Path, state: Any, record: dict, mesh) -> Non
   bad = sorted(k for k in set(digests) | set(saved) if digests.get(k) != saved.get(k))
   if bad:
     raise CheckpointCorruptError(
-        os.fspath(step_dir / STATE), 'checksum',
-        f'{len(bad)} of {len(saved)} arrays differ from the digests written at save '
-        f'(first: {", ".join(bad[:3])})')
+      os.fspath(step_dir / STATE),
+      'checksum',
+      f'{len(bad)} of {len(saved)} arrays differ from the digests written at save '
+      f'(first: {", ".join(bad[:3])})',
+    )
 
 
 def _agree(ok: bool) -> bool:
@@ -316,9 +371,9 @@ def move_aside(step_dir: epath.Path, reason: str) -> epath.Path:
   return target
 
 
-def restore_verified(manager: Manager, abstract_state: Any, mesh,
-                     check_record: Optional[Callable[[dict], None]] = None
-                     ) -> Optional[tuple[int, Any, Any, dict]]:
+def restore_verified(
+  manager: Manager, abstract_state: Any, mesh, check_record: Optional[Callable[[dict], None]] = None
+) -> Optional[tuple[int, Any, Any, dict]]:
   """(step, state, iterator_state, record) of the newest step that verifies; None without steps.
 
   `check_record(record)` (optional) runs before a step is restored, e.g. to refuse an incompatible
@@ -327,13 +382,15 @@ def restore_verified(manager: Manager, abstract_state: Any, mesh,
   steps = sorted(manager.orbax.all_steps(), reverse=True)
   if not steps:
     root = epath.Path(manager.directory)
-    corrupt = (sorted(p.name for p in root.iterdir() if '.corrupt-' in p.name)
-               if root.is_dir() else [])
-    if corrupt:   # Never restart from scratch silently over damaged checkpoints.
+    corrupt = (
+      sorted(p.name for p in root.iterdir() if '.corrupt-' in p.name) if root.is_dir() else []
+    )
+    if corrupt:  # Never restart from scratch silently over damaged checkpoints.
       raise NoValidCheckpointError(
-          f'{root} holds only checkpoints that failed verification ({", ".join(corrupt)}); '
-          'move them out of that directory to start this workdir from scratch, or use a new '
-          'workdir')
+        f'{root} holds only checkpoints that failed verification ({", ".join(corrupt)}); '
+        'move them out of that directory to start this workdir from scratch, or use a new '
+        'workdir'
+      )
     return None
   bad: list[str] = []
   for step in steps:
@@ -353,13 +410,17 @@ def restore_verified(manager: Manager, abstract_state: Any, mesh,
         problem = e
       if _agree(problem is None):
         if bad:
-          print(f'Fell back to checkpoint step {step} (the newest that verifies; {len(bad)} '
-                'newer step(s) failed verification and were moved aside).', flush=True)
+          print(
+            f'Fell back to checkpoint step {step} (the newest that verifies; {len(bad)} '
+            'newer step(s) failed verification and were moved aside).',
+            flush=True,
+          )
         state, iter_state, record = result
         return step, state, iter_state, record
     if problem is None:
-      problem = CheckpointCorruptError(os.fspath(step_dir), 'other-process',
-                                       'failed verification on another process')
+      problem = CheckpointCorruptError(
+        os.fspath(step_dir), 'other-process', 'failed verification on another process'
+      )
     moved = move_aside(step_dir, problem.reason)
     line = f'step {step}: {problem} -> moved to {moved}'
     logging.error('Checkpoint %s', line)
@@ -367,5 +428,7 @@ def restore_verified(manager: Manager, abstract_state: Any, mesh,
     bad.append(line)
     manager.orbax.reload()
   raise NoValidCheckpointError(
-      f'no checkpoint in {manager.directory} verifies ({len(bad)} found, each moved aside: '
-      + ' | '.join(bad) + '); restore a copy of the workdir or start again in a new workdir')
+    f'no checkpoint in {manager.directory} verifies ({len(bad)} found, each moved aside: '
+    + ' | '.join(bad)
+    + '); restore a copy of the workdir or start again in a new workdir'
+  )

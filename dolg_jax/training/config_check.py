@@ -1,11 +1,11 @@
 """Checks a training config before anything is written or compiled.
 
-`validate(config, device_count=..., process_count=...)` raises `ConfigError` with one line naming the
-field, its value and what is allowed, for: wrong types, non-positive sizes and intervals, a global
-batch that the processes / devices (the batch is split over every mesh axis) / accumulation steps
-cannot split evenly,
-`train.keep_checkpoints < 1` (orbax would delete every checkpoint), unknown choices (optimizer,
-fusion, head type, dtypes, ...), and inconsistent ranges (crop scale / ratio).
+`validate(config, device_count=..., process_count=...)` raises `ConfigError` with one line naming
+the field, its value and what is allowed, for: wrong types, non-positive sizes and intervals, a
+global batch that the processes / devices (the batch is split over every mesh axis) / accumulation
+steps cannot split evenly, `train.keep_checkpoints < 1` (orbax would delete every checkpoint),
+unknown choices (optimizer, fusion, head type, dtypes, ...), and inconsistent ranges (crop scale /
+ratio).
 Each field's rule is declared by the module that uses it (`CONFIG_RULES` / `check_config` of the
 models, the data pipeline, the schedule, the optimizer, the step, checkpointing, extraction and
 scoring; `init_checkpoint.validate`; `dolg_jax.config_rules`): `validate` runs them all, then the
@@ -38,16 +38,28 @@ class ConfigError(ValueError):
 
 # The fields the training loop itself reads (the other fields' rules are their owners').
 _RUN_RULES = {
-    'seed': rules.NON_NEGATIVE_INT, 'data.dataset': rules.STRING, 'data.data_dir': rules.STRING,
-    'train.log_every_steps': rules.POSITIVE_INT, 'train.eval_every_steps': rules.NON_NEGATIVE_INT,
-    'train.eval_batches': rules.NON_NEGATIVE_INT, 'train.eval_retrieval': rules.BOOL,
-    'train.deterministic': rules.BOOL, 'train.preemption_sync_every_steps': rules.POSITIVE_INT,
-    **checkpointing.CONFIG_RULES, **state_lib.CONFIG_RULES, **step_lib.CONFIG_RULES,
-    **margins.CONFIG_RULES,
+  'seed': rules.NON_NEGATIVE_INT,
+  'data.dataset': rules.STRING,
+  'data.data_dir': rules.STRING,
+  'train.log_every_steps': rules.POSITIVE_INT,
+  'train.eval_every_steps': rules.NON_NEGATIVE_INT,
+  'train.eval_batches': rules.NON_NEGATIVE_INT,
+  'train.eval_retrieval': rules.BOOL,
+  'train.deterministic': rules.BOOL,
+  'train.preemption_sync_every_steps': rules.POSITIVE_INT,
+  **checkpointing.CONFIG_RULES,
+  **state_lib.CONFIG_RULES,
+  **step_lib.CONFIG_RULES,
+  **margins.CONFIG_RULES,
 }
 # The owners' checks of a whole config, in the order a config's sections are read.
-_OWNER_CHECKS = (models.check_config, grain_pipeline.check_config, schedule.check_config,
-                 extract.check_config, scoring.check_config)
+_OWNER_CHECKS = (
+  models.check_config,
+  grain_pipeline.check_config,
+  schedule.check_config,
+  extract.check_config,
+  scoring.check_config,
+)
 
 _MISSING = rules.MISSING
 _get = rules.get
@@ -82,31 +94,42 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   mesh_data = _get(config, 'mesh.data')
   if mesh_model is not _MISSING:
     if not rules.is_int(mesh_model) or mesh_model < 1 or device_count % mesh_model:
-      _fail('mesh.model', mesh_model, f'must be an integer >= 1 dividing the {device_count} '
-            'devices')
+      _fail(
+        'mesh.model', mesh_model, f'must be an integer >= 1 dividing the {device_count} devices'
+      )
   model_axis = mesh_model if mesh_model is not _MISSING else 1
   if mesh_data is not _MISSING:
     if not rules.is_int(mesh_data) or (mesh_data != -1 and mesh_data < 1):
       _fail('mesh.data', mesh_data, 'must be -1 (all devices / mesh.model) or an integer >= 1')
     if mesh_data != -1 and mesh_data * model_axis != device_count:
-      _fail('mesh.data', mesh_data, f'times mesh.model={model_axis} must equal the '
-            f'{device_count} devices (or use -1)')
+      _fail(
+        'mesh.data',
+        mesh_data,
+        f'times mesh.model={model_axis} must equal the {device_count} devices (or use -1)',
+      )
   batch = t.global_batch_size
   if batch % process_count:
     _fail('train.global_batch_size', batch, f'must be divisible by the {process_count} processes')
   accum = _get(config, 'train.grad_accum_steps')
   accum = 1 if accum is _MISSING else accum
-  if batch % (accum * device_count):   # the batch is split over data x model = all devices
-    _fail('train.global_batch_size', batch, f'must be divisible by train.grad_accum_steps={accum} '
-          f'x {device_count} devices (the batch is split over every mesh axis)')
+  if batch % (accum * device_count):  # the batch is split over data x model = all devices
+    _fail(
+      'train.global_batch_size',
+      batch,
+      f'must be divisible by train.grad_accum_steps={accum} '
+      f'x {device_count} devices (the batch is split over every mesh axis)',
+    )
   group = _get(config, 'train.bn_group_size')
   if group not in (_MISSING, 0):
     per_device = _get(config, 'train.bn_mode') == 'per_device'
     split = batch // accum // (device_count if per_device else 1)
     if split % group:
-      _fail('train.bn_group_size', group,
-            f'must divide the {split} images each BatchNorm call sees (train.global_batch_size / '
-            f'grad_accum_steps{" / devices (bn_mode=per_device)" if per_device else ""})')
+      _fail(
+        'train.bn_group_size',
+        group,
+        f'must divide the {split} images each BatchNorm call sees (train.global_batch_size / '
+        f'grad_accum_steps{" / devices (bn_mode=per_device)" if per_device else ""})',
+      )
 
 
 def check_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
@@ -115,9 +138,16 @@ def check_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
   steps = _get(config, 'train.num_train_steps')
   if 'train.num_epochs' in overrides and steps not in (_MISSING, -1):
     epochs = overrides['train.num_epochs']
-    where = ('also on the command line' if 'train.num_train_steps' in overrides
-             else 'set by the config file')
-    _fail('train.num_epochs', epochs, f'ignored: config.train.num_train_steps={steps} ({where}) '
-          'sets the run\'s length, num_epochs counts only with num_train_steps=-1. Add '
-          f'--config.train.num_train_steps=-1 to train {epochs} epochs, or drop '
-          '--config.train.num_epochs')
+    where = (
+      'also on the command line'
+      if 'train.num_train_steps' in overrides
+      else 'set by the config file'
+    )
+    _fail(
+      'train.num_epochs',
+      epochs,
+      f'ignored: config.train.num_train_steps={steps} ({where}) '
+      'sets the run\'s length, num_epochs counts only with num_train_steps=-1. Add '
+      f'--config.train.num_train_steps=-1 to train {epochs} epochs, or drop '
+      '--config.train.num_epochs',
+    )

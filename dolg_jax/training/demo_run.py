@@ -45,15 +45,19 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
   spec = demo_data.DemoSpec(**{k: config.demo[k] for k in config.demo if k != 'root'})
   if not gldv2.builder(config.data.dataset, train_dir).is_prepared():
     manual = os.path.join(root, 'manual', 'gldv2')
-    _say(f'writing {spec.num_train_places} training places x {spec.train_views} views '
-         f'(GLDv2 layout) to {manual}')
+    _say(
+      f'writing {spec.num_train_places} training places x {spec.train_views} views '
+      f'(GLDv2 layout) to {manual}'
+    )
     demo_data.write_gldv2(manual, spec)
     _say('converting with the GLDv2 builder')
     gldv2.prepare(config.data.dataset, manual, train_dir)
   if not revisitop.builder('rdemo', eval_dir).is_prepared():
     manual = os.path.join(root, 'manual', 'rdemo')
-    _say(f'writing the rdemo benchmark ({spec.num_query_places} query places, '
-         f'{spec.num_distractor_places} distractor places; revisitop layout) to {manual}')
+    _say(
+      f'writing the rdemo benchmark ({spec.num_query_places} query places, '
+      f'{spec.num_distractor_places} distractor places; revisitop layout) to {manual}'
+    )
     demo_data.write_revisited(manual, 'rdemo', spec)
     _say('converting with the revisitop builder')
     revisitop.prepare('rdemo', manual, eval_dir)
@@ -62,9 +66,16 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
 def initial_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The model variables the training run starts from (same initialiser, same seed)."""
   model = models.build_model(config.model, config.compute_dtype)
-  v = jax.jit(lambda rng: state_lib.init_variables(
-      model, models.margins.init_head_weight, rng, config.data.image_size,
-      config.head.num_classes, config.model.embedding_dim))(jax.random.key(config.seed))
+  v = jax.jit(
+    lambda rng: state_lib.init_variables(
+      model,
+      models.margins.init_head_weight,
+      rng,
+      config.data.image_size,
+      config.head.num_classes,
+      config.model.embedding_dim,
+    )
+  )(jax.random.key(config.seed))
   return {'params': v['params']['model'], 'batch_stats': v['batch_stats']}
 
 
@@ -76,8 +87,10 @@ def format_table(rows: dict[str, dict]) -> str:
     lines.append(f'{"":>24}   ' + ' '.join(f'{"mAP  mP@10":>13}' for _ in range(3)))
     for label, results in rows.items():
       base = results[dataset]['base']
-      cells = ' '.join(f'{100 * base[p]["map"]:6.2f} {100 * base[p]["mp@10"]:6.2f}'
-                       for p in ('easy', 'medium', 'hard'))
+      cells = ' '.join(
+        f'{100 * base[p]["map"]:6.2f} {100 * base[p]["mp@10"]:6.2f}'
+        for p in ('easy', 'medium', 'hard')
+      )
       lines.append(f'{label:>24}   {cells}')
   return '\n'.join(lines)
 
@@ -91,29 +104,42 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   _say('evaluating the untrained model (the training run\'s initial weights)')
   apply_fn = evaluate_lib.make_apply_fn(config)
-  untrained = evaluate_lib.evaluate_variables(config, apply_fn, initial_variables(config),
-                                          os.path.join(workdir, 'eval_untrained'),
-                                          source='untrained')
+  untrained = evaluate_lib.evaluate_variables(
+    config,
+    apply_fn,
+    initial_variables(config),
+    os.path.join(workdir, 'eval_untrained'),
+    source='untrained',
+  )
   saved = checkpointing.list_steps(checkpointing.checkpoint_dir(workdir))
   if saved:
-    _say(f'{workdir} holds a checkpoint of step {saved[-1]}: resuming from it (pass a new '
-         '--workdir to train from scratch)')
-  _say(f'training {config.train.num_train_steps} steps of {config.train.global_batch_size} '
-       f'images ({config.data.image_size}x{config.data.image_size})')
+    _say(
+      f'{workdir} holds a checkpoint of step {saved[-1]}: resuming from it (pass a new '
+      '--workdir to train from scratch)'
+    )
+  _say(
+    f'training {config.train.num_train_steps} steps of {config.train.global_batch_size} '
+    f'images ({config.data.image_size}x{config.data.image_size})'
+  )
   t1 = time.time()
   loop.train_and_evaluate(config, workdir)
   t_train = time.time() - t1
 
   _say('evaluating the trained checkpoint (the evaluation library, as dolg_jax.eval runs it)')
   trained = evaluate_lib.run(config, workdir=workdir, output_dir=os.path.join(workdir, 'eval'))
-  sg = ' SG' if config.eval.rerank else ''   # re-ranked rows say so (as in scoring.format_table)
+  sg = ' SG' if config.eval.rerank else ''  # re-ranked rows say so (as in scoring.format_table)
   rows = {f'untrained{sg}': untrained['results'], f'trained{sg}': trained['results']}
-  out = {'untrained': untrained['results'], 'trained': trained['results'],
-         'seconds': {'data': t_data, 'train': t_train, 'total': time.time() - t0},
-         'num_train_steps': config.train.num_train_steps}
+  out = {
+    'untrained': untrained['results'],
+    'trained': trained['results'],
+    'seconds': {'data': t_data, 'train': t_train, 'total': time.time() - t0},
+    'num_train_steps': config.train.num_train_steps,
+  }
   with open(os.path.join(workdir, 'demo_results.json'), 'w') as f:
     json.dump(out, f, indent=1)
   print('\n' + format_table(rows) + '\n', flush=True)
-  _say(f'done in {out["seconds"]["total"]:.0f}s (data {t_data:.0f}s, training {t_train:.0f}s); '
-       f'visual report: {os.path.join(workdir, "eval")}')
+  _say(
+    f'done in {out["seconds"]["total"]:.0f}s (data {t_data:.0f}s, training {t_train:.0f}s); '
+    f'visual report: {os.path.join(workdir, "eval")}'
+  )
   return out

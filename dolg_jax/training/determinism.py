@@ -33,7 +33,10 @@ def apply(deterministic: bool, *, at_entry: bool = False) -> bool:
     return FLAG in flags
   os.environ['XLA_FLAGS'] = (flags + ' ' + FLAG).strip()
   if not at_entry:
-    logging.warning('config.train.deterministic=True: added %s to XLA_FLAGS now; if the JAX '
-                    'backend has already started in this process it does not apply (set it '
-                    'before starting Python, as python -m dolg_jax.main does).', FLAG)
+    logging.warning(
+      'config.train.deterministic=True: added %s to XLA_FLAGS now; if the JAX '
+      'backend has already started in this process it does not apply (set it '
+      'before starting Python, as python -m dolg_jax.main does).',
+      FLAG,
+    )
   return True

@@ -75,16 +75,20 @@ def describe(error: BaseException, workdir: str) -> str:
     message = errors.first_line(error, with_type=False, limit=None)
     if 'No space left' not in message and 'quota' not in message:
       message = f'no space left on the device: {message}'
-    return (f'FAILED: {message}. Free space on the filesystem holding {workdir} (or choose a '
-            'workdir elsewhere), then rerun the same command: it resumes from the last complete '
-            'checkpoint.')
+    return (
+      f'FAILED: {message}. Free space on the filesystem holding {workdir} (or choose a '
+      'workdir elsewhere), then rerun the same command: it resumes from the last complete '
+      'checkpoint.'
+    )
   if is_expected(error):
     return f'FAILED: {errors.first_line(error, with_type=False, limit=None)}'
-  return (f'FAILED: unexpected {type(error).__name__}: '
-          f"{errors.first_line(error, with_type=False, limit=None)} "
-          f'(raised at {_origin(error)}); the traceback is above.'
-          ' Rerun the same command to resume from the '
-          'last checkpoint; if it fails the same way, report it with that traceback.')
+  return (
+    f'FAILED: unexpected {type(error).__name__}: '
+    f"{errors.first_line(error, with_type=False, limit=None)} "
+    f'(raised at {_origin(error)}); the traceback is above.'
+    ' Rerun the same command to resume from the '
+    'last checkpoint; if it fails the same way, report it with that traceback.'
+  )
 
 
 # Libraries whose background threads log each failure with its traceback before the main thread
@@ -96,8 +100,9 @@ class _NoLibraryTracebacks(logging.Filter):
   """Drops the traceback (not the message) of error records logged inside _QUIET_LIBRARIES."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and any(f'{os.sep}{name}{os.sep}' in record.pathname
-                               for name in _QUIET_LIBRARIES):
+    if record.exc_info and any(
+      f'{os.sep}{name}{os.sep}' in record.pathname for name in _QUIET_LIBRARIES
+    ):
       record.exc_info = None
       record.exc_text = None
     return True
@@ -118,8 +123,11 @@ def quiet_library_tracebacks() -> None:
     handler.addFilter(_NoLibraryTracebacks())
   if getattr(sys.excepthook, '_dolg_quiet', False):
     return
-  excepthook, unraisablehook, thread_hook = (sys.excepthook, sys.unraisablehook,
-                                             threading.excepthook)
+  excepthook, unraisablehook, thread_hook = (
+    sys.excepthook,
+    sys.unraisablehook,
+    threading.excepthook,
+  )
 
   def quiet_excepthook(exc_type, exc, tb):
     if not _is_secondary(exc):

@@ -37,6 +37,7 @@ from dolg_jax.training import manifest
 @dataclasses.dataclass
 class Data:
   """An opened dataset."""
+
   train_source: Any
   val_source: Any
   num_train_examples: int
@@ -56,8 +57,16 @@ class SyntheticIterator:
   is independent of the process count.
   """
 
-  def __init__(self, *, image_size: int, num_classes: int, global_batch: int, seed: int,
-               process_index: int, process_count: int):
+  def __init__(
+    self,
+    *,
+    image_size: int,
+    num_classes: int,
+    global_batch: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+  ):
     self.image_size, self.num_classes = image_size, num_classes
     self.global_batch, self.seed = global_batch, seed
     self.local = global_batch // process_count
@@ -78,8 +87,10 @@ class SyntheticIterator:
     base = self.step * self.global_batch + self.offset
     examples = [self._example(base + j) for j in range(self.local)]
     self.step += 1
-    return {'image': np.stack([e[0] for e in examples]),
-            'label': np.array([e[1] for e in examples], np.int32)}
+    return {
+      'image': np.stack([e[0] for e in examples]),
+      'label': np.array([e[1] for e in examples], np.int32),
+    }
 
   def get_state(self) -> dict[str, Any]:
     return {'step': self.step}
@@ -114,8 +125,13 @@ def open_data(config: ml_collections.ConfigDict) -> Data:
   d = config.data
   if d.dataset == 'synthetic':
     n_classes = config.head.num_classes or SYNTHETIC_CLASSES
-    return Data(None, None, SYNTHETIC_TRAIN_EXAMPLES, n_classes,
-                {'name': 'synthetic', 'num_classes': n_classes})
+    return Data(
+      None,
+      None,
+      SYNTHETIC_TRAIN_EXAMPLES,
+      n_classes,
+      {'name': 'synthetic', 'num_classes': n_classes},
+    )
   return _open_tfds(config)
 
 
@@ -123,12 +139,21 @@ def train_iterator(config: ml_collections.ConfigDict, data: Data, *, per_host_ba
   """This process's training iterator (state restorable with `set_state`)."""
   if config.data.dataset == 'synthetic':
     return SyntheticIterator(
-        image_size=config.data.image_size, num_classes=data.num_classes,
-        global_batch=config.train.global_batch_size, seed=data_seed(config),
-        process_index=jax.process_index(), process_count=jax.process_count())
+      image_size=config.data.image_size,
+      num_classes=data.num_classes,
+      global_batch=config.train.global_batch_size,
+      seed=data_seed(config),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
   return grain_pipeline.make_train_iterator(
-      config, data.train_source, seed=data_seed(config), process_index=jax.process_index(),
-      process_count=jax.process_count(), per_host_batch=per_host_batch)
+    config,
+    data.train_source,
+    seed=data_seed(config),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    per_host_batch=per_host_batch,
+  )
 
 
 def validation_passes(config: ml_collections.ConfigDict, data: Data, per_host_batch: int):
@@ -138,9 +163,13 @@ def validation_passes(config: ml_collections.ConfigDict, data: Data, per_host_ba
   if data.val_source is None:
     return None
   return grain_pipeline.make_validation_passes(
-      config, data.val_source, process_index=jax.process_index(),
-      process_count=jax.process_count(), per_host_batch=per_host_batch,
-      max_batches=int(config.train.eval_batches))
+    config,
+    data.val_source,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    per_host_batch=per_host_batch,
+    max_batches=int(config.train.eval_batches),
+  )
 
 
 def _open_tfds(config: ml_collections.ConfigDict) -> Data:
@@ -160,28 +189,37 @@ def _open_tfds(config: ml_collections.ConfigDict) -> Data:
       # Every process learns whether process 0 succeeded (instead of waiting for it forever).
       ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
       if not ok and error is None:
-        raise RuntimeError(f'process 0 failed to build the fixture dataset in {data_dir}; see '
-                           'its log')
+        raise RuntimeError(
+          f'process 0 failed to build the fixture dataset in {data_dir}; see its log'
+        )
     if error is not None:
       raise error
   open_builder = folder.builder if folder.is_folder_dataset(d.dataset) else gldv2.builder
   builder = open_builder(d.dataset, data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f'config.data.dataset={d.dataset!r} is not prepared under config.data.data_dir='
-        f'{d.data_dir!r} ({builder.data_path}); run `python -m dolg_jax.data.prepare` first.')
+      f'config.data.dataset={d.dataset!r} is not prepared under config.data.data_dir='
+      f'{d.data_dir!r} ({builder.data_path}); run `python -m dolg_jax.data.prepare` first.'
+    )
   sources = builder.as_data_source()
   info = builder.info
   splits = {name: int(split.num_examples) for name, split in info.splits.items()}
   n_classes = int(info.metadata['num_classes'])
-  record = {'name': d.dataset, 'version': str(info.version),
-            'data_path': os.fspath(builder.data_path),
-            'splits': splits, 'num_classes': n_classes,
-            # Build options: listing (gldv2) or folder / labels file, validation fraction,
-            # exclusion list (file + sha256).
-            'build_options': info.metadata.get('build_options'),
-            # Only process 0 writes the manifest: the others skip reading every shard.
-            'fingerprint': (manifest.directory_fingerprint(os.fspath(builder.data_path))
-                            if jax.process_index() == 0 else None)}
+  record = {
+    'name': d.dataset,
+    'version': str(info.version),
+    'data_path': os.fspath(builder.data_path),
+    'splits': splits,
+    'num_classes': n_classes,
+    # Build options: listing (gldv2) or folder / labels file, validation fraction,
+    # exclusion list (file + sha256).
+    'build_options': info.metadata.get('build_options'),
+    # Only process 0 writes the manifest: the others skip reading every shard.
+    'fingerprint': (
+      manifest.directory_fingerprint(os.fspath(builder.data_path))
+      if jax.process_index() == 0
+      else None
+    ),
+  }
   named = {k: record_check.NamedSource(v, d.dataset, data_dir or '') for k, v in sources.items()}
   return Data(named['train'], named.get('validation'), len(sources['train']), n_classes, record)

@@ -22,9 +22,21 @@ import ml_collections
 from dolg_jax import atomic
 from dolg_jax import versions
 
-PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'ml_collections',
-            'numpy', 'tensorflow-datasets', 'array_record', 'simplejpeg', 'jax-cuda12-plugin',
-            'libtpu')
+PACKAGES = (
+  'jax',
+  'jaxlib',
+  'flax',
+  'optax',
+  'orbax-checkpoint',
+  'grain',
+  'ml_collections',
+  'numpy',
+  'tensorflow-datasets',
+  'array_record',
+  'simplejpeg',
+  'jax-cuda12-plugin',
+  'libtpu',
+)
 _FULL_HASH_BYTES = 16 << 20
 _CHUNK = 1 << 20
 
@@ -77,31 +89,47 @@ def directory_fingerprint(directory: str) -> dict[str, Any]:
       size = os.path.getsize(path)
       h.update(f'{rel}\0{size}\0{file_fingerprint(path)}\n'.encode())
       n, total = n + 1, total + size
-  return {'sha256': h.hexdigest(), 'num_files': n, 'total_bytes': total,
-          'method': 'sha256 over (relative path, size, sha256 of file or of size+first+last MiB)'}
+  return {
+    'sha256': h.hexdigest(),
+    'num_files': n,
+    'total_bytes': total,
+    'method': 'sha256 over (relative path, size, sha256 of file or of size+first+last MiB)',
+  }
 
 
 def device_info() -> dict[str, Any]:
   devices = jax.devices()
-  return {'platform': devices[0].platform, 'device_kind': devices[0].device_kind,
-          'device_count': jax.device_count(), 'local_device_count': jax.local_device_count(),
-          'process_count': jax.process_count()}
-
-
-def build_manifest(config: ml_collections.ConfigDict, *, seeds: Mapping[str, int],
-                   dataset: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict:
   return {
-      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      'command': sys.argv,
-      'config': json.loads(config.to_json_best_effort()),
-      'git': git_info(),
-      'packages': package_versions(),
-      'devices': device_info(),
-      'seeds': dict(seeds),
-      'dataset': dict(dataset),
-      'env': {k: os.environ[k] for k in ('XLA_FLAGS', 'TF_CUDNN_DETERMINISTIC', 'SLURM_JOB_ID')
-              if k in os.environ},
-      **(dict(extra) if extra else {}),
+    'platform': devices[0].platform,
+    'device_kind': devices[0].device_kind,
+    'device_count': jax.device_count(),
+    'local_device_count': jax.local_device_count(),
+    'process_count': jax.process_count(),
+  }
+
+
+def build_manifest(
+  config: ml_collections.ConfigDict,
+  *,
+  seeds: Mapping[str, int],
+  dataset: Mapping[str, Any],
+  extra: Mapping[str, Any] | None = None,
+) -> dict:
+  return {
+    'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    'command': sys.argv,
+    'config': json.loads(config.to_json_best_effort()),
+    'git': git_info(),
+    'packages': package_versions(),
+    'devices': device_info(),
+    'seeds': dict(seeds),
+    'dataset': dict(dataset),
+    'env': {
+      k: os.environ[k]
+      for k in ('XLA_FLAGS', 'TF_CUDNN_DETERMINISTIC', 'SLURM_JOB_ID')
+      if k in os.environ
+    },
+    **(dict(extra) if extra else {}),
   }
 
 
@@ -113,7 +141,7 @@ def write_manifest(workdir: str, manifest: dict) -> str:
       first = json.load(f)
     first.setdefault('resumes', []).append(manifest)
     manifest = first
-  try:   # no half-written file is left behind
+  try:  # no half-written file is left behind
     atomic.write_json(path, manifest, indent=1, sort_keys=True, default=str)
   except OSError as e:
     raise OSError(e.errno, f'writing {path} failed: {e.strerror or e}', path) from e

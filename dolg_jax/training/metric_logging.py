@@ -68,7 +68,7 @@ class JsonlWriter:
     try:
       with open(self.path, 'a') as f:
         f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + '\n')
-    except OSError as e:   # Name the file (a bare ENOSPC names none).
+    except OSError as e:  # Name the file (a bare ENOSPC names none).
       raise OSError(e.errno, f'writing {self.path} failed: {e.strerror or e}') from e
 
 
@@ -110,6 +110,7 @@ class MultiWriter:
     def call(*args, **kwargs):
       for w in self._writers:
         getattr(w, name)(*args, **kwargs)
+
     return call
 
 
@@ -121,8 +122,10 @@ def create_writer(workdir: str, is_primary: bool) -> MultiWriter:
   return MultiWriter(writers)
 
 
-TRAIN_PROGRESS = ('step {n}/{total} ({percentage:.1f}%) loss {loss:.4f} acc {accuracy:.3f} '
-                  'lr {learning_rate:.5f} {images_per_sec:.1f} img/s ETA {eta}')
+TRAIN_PROGRESS = (
+  'step {n}/{total} ({percentage:.1f}%) loss {loss:.4f} acc {accuracy:.3f} '
+  'lr {learning_rate:.5f} {images_per_sec:.1f} img/s ETA {eta}'
+)
 
 
 class Progress:
@@ -150,13 +153,19 @@ class Progress:
     step_time = (now - self._t) / max(step - self._step, 1)
     self._t, self._step = now, step
     self._steps.at(step)
-    return {'step_time_s': step_time, 'images_per_sec': self.images_per_step / step_time,
-            'eta_s': self._steps.eta_s()}
+    return {
+      'step_time_s': step_time,
+      'images_per_sec': self.images_per_step / step_time,
+      'eta_s': self._steps.eta_s(),
+    }
 
   def line(self, step: int, metrics: Mapping[str, Any]) -> str:
     eta = int(metrics.get('eta_s', 0))
     self._steps.at(step)
-    return self._steps.line(loss=metrics['loss'], accuracy=metrics['accuracy'],
-                            learning_rate=metrics['learning_rate'],
-                            images_per_sec=metrics['images_per_sec'],
-                            eta=f'{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+    return self._steps.line(
+      loss=metrics['loss'],
+      accuracy=metrics['accuracy'],
+      learning_rate=metrics['learning_rate'],
+      images_per_sec=metrics['images_per_sec'],
+      eta=f'{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}',
+    )

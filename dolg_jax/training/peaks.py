@@ -9,33 +9,76 @@ figure means and the source of every number: docs/design_notes.md.
 """
 
 PEAK_TFLOPS = {
-    'H100': 989.4, 'H100 PCIe': 756.0, 'H100 NVL': 835.0,
-    'H200': 989.4, 'H200 NVL': 835.0, 'GH200': 989.4,
-    'B200': 2250.0, 'GB200': 2500.0,
-    'A100': 312.0, 'A10': 125.0, 'L4': 121.0, 'L40': 181.0, 'L40S': 362.0,
-    'V100': 125.0, 'RTX 4090': 165.0,
-    'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0, 'TPU v5': 459.0, 'TPU v5p': 459.0,
-    'TPU v6 lite': 918.0, 'TPU v6e': 918.0, 'TPU7x': 1153.5,
+  'H100': 989.4,
+  'H100 PCIe': 756.0,
+  'H100 NVL': 835.0,
+  'H200': 989.4,
+  'H200 NVL': 835.0,
+  'GH200': 989.4,
+  'B200': 2250.0,
+  'GB200': 2500.0,
+  'A100': 312.0,
+  'A10': 125.0,
+  'L4': 121.0,
+  'L40': 181.0,
+  'L40S': 362.0,
+  'V100': 125.0,
+  'RTX 4090': 165.0,
+  'TPU v4': 275.0,
+  'TPU v5 lite': 197.0,
+  'TPU v5e': 197.0,
+  'TPU v5': 459.0,
+  'TPU v5p': 459.0,
+  'TPU v6 lite': 918.0,
+  'TPU v6e': 918.0,
+  'TPU7x': 1153.5,
 }
 
-_TPU_KINDS = ('TPU v4', 'TPU v5 lite', 'TPU v5e', 'TPU v5', 'TPU v5p', 'TPU v6 lite', 'TPU v6e',
-              'TPU7x')
+_TPU_KINDS = (
+  'TPU v4',
+  'TPU v5 lite',
+  'TPU v5e',
+  'TPU v5',
+  'TPU v5p',
+  'TPU v6 lite',
+  'TPU v6e',
+  'TPU7x',
+)
 FLOAT16_TFLOPS = {k: v for k, v in PEAK_TFLOPS.items() if k not in _TPU_KINDS}
 FLOAT32_TFLOPS = {
-    'H100': 494.7, 'H100 PCIe': 378.0, 'H100 NVL': 417.5,
-    'H200': 494.7, 'H200 NVL': 417.5, 'GH200': 494.7,
-    'B200': 1100.0, 'GB200': 1250.0,
-    'A100': 156.0, 'A10': 62.5, 'L4': 60.0, 'L40': 90.5, 'L40S': 183.0,
-    'V100': 15.7, 'RTX 4090': 82.6,
-    **{k: PEAK_TFLOPS[k] for k in _TPU_KINDS},
+  'H100': 494.7,
+  'H100 PCIe': 378.0,
+  'H100 NVL': 417.5,
+  'H200': 494.7,
+  'H200 NVL': 417.5,
+  'GH200': 494.7,
+  'B200': 1100.0,
+  'GB200': 1250.0,
+  'A100': 156.0,
+  'A10': 62.5,
+  'L4': 60.0,
+  'L40': 90.5,
+  'L40S': 183.0,
+  'V100': 15.7,
+  'RTX 4090': 82.6,
+  **{k: PEAK_TFLOPS[k] for k in _TPU_KINDS},
 }
-PEAK_TFLOPS_BY_DTYPE = {'bfloat16': PEAK_TFLOPS, 'float16': FLOAT16_TFLOPS,
-                        'float32': FLOAT32_TFLOPS}
+PEAK_TFLOPS_BY_DTYPE = {
+  'bfloat16': PEAK_TFLOPS,
+  'float16': FLOAT16_TFLOPS,
+  'float32': FLOAT32_TFLOPS,
+}
 
-_GIB = 1024 ** 3
+_GIB = 1024**3
 TPU_MEMORY_BYTES = {
-    'TPU v4': 32 * _GIB, 'TPU v5 lite': 16 * _GIB, 'TPU v5e': 16 * _GIB, 'TPU v5': 95 * _GIB,
-    'TPU v5p': 95 * _GIB, 'TPU v6 lite': 32 * _GIB, 'TPU v6e': 32 * _GIB, 'TPU7x': 96 * _GIB,
+  'TPU v4': 32 * _GIB,
+  'TPU v5 lite': 16 * _GIB,
+  'TPU v5e': 16 * _GIB,
+  'TPU v5': 95 * _GIB,
+  'TPU v5p': 95 * _GIB,
+  'TPU v6 lite': 32 * _GIB,
+  'TPU v6e': 32 * _GIB,
+  'TPU7x': 96 * _GIB,
 }
 
 

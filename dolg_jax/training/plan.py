@@ -37,14 +37,18 @@ def topology_devices(name: str) -> list:
   """Compile-only devices of the Cloud TPU topology `name` (libtpu's names, e.g. 'v5e:2x4',
   'v4:2x2x2', 'v5p:2x2x2', 'v6e:4x4'); needs libtpu."""
   if importlib.util.find_spec('libtpu') is None:
-    raise PlanError(f'--topology={name} needs libtpu to compile for TPUs on this host: pip install '
-                    '"jax[tpu]==0.10.2" (see requirements.txt), or drop --topology to plan for '
-                    'the local devices.')
+    raise PlanError(
+      f'--topology={name} needs libtpu to compile for TPUs on this host: pip install '
+      '"jax[tpu]==0.10.2" (see requirements.txt), or drop --topology to plan for '
+      'the local devices.'
+    )
   try:
     return list(topologies.get_topology_desc(topology_name=name, platform='tpu').devices)
   except Exception as e:  # pylint: disable=broad-except  # libtpu's errors name the bad topology.
-    raise PlanError(f'--topology={name}: libtpu cannot describe it ({e}); use a name such as '
-                    "'v5e:2x4', 'v4:2x2x2', 'v5p:2x2x2' or 'v6e:4x4'.") from e
+    raise PlanError(
+      f'--topology={name}: libtpu cannot describe it ({e}); use a name such as '
+      "'v5e:2x4', 'v4:2x2x2', 'v5p:2x2x2' or 'v6e:4x4'."
+    ) from e
 
 
 def device_memory_bytes(device) -> int | None:
@@ -60,17 +64,39 @@ def device_memory_bytes(device) -> int | None:
   return None
 
 
-COLLECTIVE_KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute',
-                    'all-to-all')
-_DTYPE_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2,
-                'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
-                'c128': 16}
+COLLECTIVE_KINDS = (
+  'all-reduce',
+  'all-gather',
+  'reduce-scatter',
+  'collective-permute',
+  'all-to-all',
+)
+_DTYPE_BYTES = {
+  'pred': 1,
+  's4': 0.5,
+  'u4': 0.5,
+  's8': 1,
+  'u8': 1,
+  's16': 2,
+  'u16': 2,
+  'f16': 2,
+  'bf16': 2,
+  's32': 4,
+  'u32': 4,
+  'f32': 4,
+  's64': 8,
+  'u64': 8,
+  'f64': 8,
+  'c64': 8,
+  'c128': 16,
+}
 # `%name = SHAPE kind(` (synchronous) or `%name = SHAPE kind-done(` (the result of an async pair;
 # its -start is skipped so that each collective counts once). Async wrappers (`async-start` with
 # calls=%wrapped_reduce-scatter) print the synchronous op inside the wrapped computation.
 _COLLECTIVE_RE = re.compile(
-    r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s+'
-    r'(?P<kind>' + '|'.join(COLLECTIVE_KINDS) + r')(?:-done)?\(')
+  r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s+'
+  r'(?P<kind>' + '|'.join(COLLECTIVE_KINDS) + r')(?:-done)?\('
+)
 _ARRAY_RE = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
 
 
@@ -80,7 +106,7 @@ def shape_bytes(shape: str) -> int:
   for dtype, dims in _ARRAY_RE.findall(shape):
     size = _DTYPE_BYTES.get(dtype, 1 if dtype.startswith('f8') else None)
     if size is None:
-      continue   # token[] and other non-array types carry no data
+      continue  # token[] and other non-array types carry no data
     total += size * math.prod(int(d) for d in dims.split(',') if d)
   return int(total)
 
@@ -100,7 +126,7 @@ def collective_ops(hlo_text: str) -> list[dict]:
   count counts once).
   """
   ops, comp = [], None
-  parent: dict[str, tuple[str, int]] = {}      # while body -> (computation holding the while, n)
+  parent: dict[str, tuple[str, int]] = {}  # while body -> (computation holding the while, n)
   for line in hlo_text.splitlines():
     c = _COMPUTATION_RE.match(line)
     if c and '=' not in line.split('(')[0]:
@@ -112,8 +138,14 @@ def collective_ops(hlo_text: str) -> list[dict]:
       parent[w.group('body')] = (comp, int(t.group('n')) if t else 1)
     m = _COLLECTIVE_RE.match(line)
     if m:
-      ops.append({'kind': m.group('kind'), 'shape': m.group('shape'),
-                  'bytes': shape_bytes(m.group('shape')), 'computation': comp})
+      ops.append(
+        {
+          'kind': m.group('kind'),
+          'shape': m.group('shape'),
+          'bytes': shape_bytes(m.group('shape')),
+          'computation': comp,
+        }
+      )
 
   def times(name, depth=0):
     if name not in parent or depth > 64:
@@ -152,8 +184,13 @@ def _with_batch(config: ml_collections.ConfigDict, global_batch: int | None):
   return config
 
 
-def plan(config: ml_collections.ConfigDict, devices: Sequence | None = None, *,
-         global_batch: int | None = None, memory_bytes: int | None = None) -> dict:
+def plan(
+  config: ml_collections.ConfigDict,
+  devices: Sequence | None = None,
+  *,
+  global_batch: int | None = None,
+  memory_bytes: int | None = None,
+) -> dict:
   """Compiles the train step for `config` on `devices` (default: all local) and returns the plan.
 
   `global_batch` replaces config.train.global_batch_size; `memory_bytes` replaces the device
@@ -167,8 +204,10 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence | None = None, *,
   train_step = step_lib.make_train_step(setup, state_sh)
   b, size = int(config.train.global_batch_size), int(config.data.image_size)
   batch_sh = shd.batch_sharding(mesh)
-  batch = {'image': jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=batch_sh),
-           'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh)}
+  batch = {
+    'image': jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=batch_sh),
+    'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
+  }
   lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(mesh))
 
   t0 = time.perf_counter()
@@ -191,33 +230,41 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence | None = None, *,
   opt_bytes = _shard_bytes(abstract_state.opt_state)
   coll = collectives(compiled.as_text())
   out = {
-      'device_kind': kind, 'platform': devices[0].platform, 'devices': n_dev,
-      'mesh': {k: int(v) for k, v in mesh.shape.items()},
-      'global_batch': b, 'batch_per_device': b // shd.batch_devices(mesh),
-      'grad_accum_steps': int(config.train.grad_accum_steps), 'image_size': size,
-      'compute_dtype': config.compute_dtype, 'num_classes': setup.num_classes,
-      'num_params': int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))),
-      'flops_per_step': flops_dev * n_dev if flops_dev else None,
-      'flops_per_device_step': flops_dev,
-      'flops_per_step_unoptimised': step_lib.train_flops_per_step(lowered),
-      'peak_memory_bytes_per_device': peak,
-      'argument_bytes_per_device': _shard_bytes(abstract_state),
-      'params_bytes_per_device': params_bytes,
-      'optimizer_bytes_per_device': opt_bytes,
-      'batch_bytes_per_device': _shard_bytes(batch),
-      'compiled_argument_bytes_per_device': args,
-      'output_bytes_per_device': outs, 'alias_bytes_per_device': alias,
-      'temp_bytes_per_device': temp, 'xla_peak_memory_bytes_per_device': reported_peak,
-      'device_memory_bytes': limit,
-      'fits': (peak <= limit) if limit else None,
-      'collectives': coll,
-      'collective_bytes_per_device_step': sum(v['bytes'] for v in coll.values()),
-      'bn_mode': str(config.train.bn_mode),
-      'bn_group_size': int(config.train.bn_group_size),
-      'compile_s': compile_s,
+    'device_kind': kind,
+    'platform': devices[0].platform,
+    'devices': n_dev,
+    'mesh': {k: int(v) for k, v in mesh.shape.items()},
+    'global_batch': b,
+    'batch_per_device': b // shd.batch_devices(mesh),
+    'grad_accum_steps': int(config.train.grad_accum_steps),
+    'image_size': size,
+    'compute_dtype': config.compute_dtype,
+    'num_classes': setup.num_classes,
+    'num_params': int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))),
+    'flops_per_step': flops_dev * n_dev if flops_dev else None,
+    'flops_per_device_step': flops_dev,
+    'flops_per_step_unoptimised': step_lib.train_flops_per_step(lowered),
+    'peak_memory_bytes_per_device': peak,
+    'argument_bytes_per_device': _shard_bytes(abstract_state),
+    'params_bytes_per_device': params_bytes,
+    'optimizer_bytes_per_device': opt_bytes,
+    'batch_bytes_per_device': _shard_bytes(batch),
+    'compiled_argument_bytes_per_device': args,
+    'output_bytes_per_device': outs,
+    'alias_bytes_per_device': alias,
+    'temp_bytes_per_device': temp,
+    'xla_peak_memory_bytes_per_device': reported_peak,
+    'device_memory_bytes': limit,
+    'fits': (peak <= limit) if limit else None,
+    'collectives': coll,
+    'collective_bytes_per_device_step': sum(v['bytes'] for v in coll.values()),
+    'bn_mode': str(config.train.bn_mode),
+    'bn_group_size': int(config.train.bn_group_size),
+    'compile_s': compile_s,
   }
-  peak_tflops = (peaks.peak_tflops(kind, config.compute_dtype) if devices[0].platform != 'cpu'
-                 else None)
+  peak_tflops = (
+    peaks.peak_tflops(kind, config.compute_dtype) if devices[0].platform != 'cpu' else None
+  )
   if peak_tflops and flops_dev:
     out['peak_tflops_per_device'] = peak_tflops
     out['step_time_at_peak_s'] = flops_dev / (peak_tflops * 1e12)
@@ -230,8 +277,13 @@ def _is_oom(e: Exception) -> bool:
   return 'resource_exhausted' in text or 'out of memory' in text
 
 
-def max_batch(config: ml_collections.ConfigDict, devices: Sequence | None = None, *,
-              memory_bytes: int | None = None, limit: int = 4096) -> dict:
+def max_batch(
+  config: ml_collections.ConfigDict,
+  devices: Sequence | None = None,
+  *,
+  memory_bytes: int | None = None,
+  limit: int = 4096,
+) -> dict:
   """The largest per-device batch (a multiple of grad_accum_steps, <= `limit`) whose train step
   fits in device memory: doubling from the configured batch, then bisection.
 
@@ -241,10 +293,15 @@ def max_batch(config: ml_collections.ConfigDict, devices: Sequence | None = None
   devices = list(jax.devices() if devices is None else devices)
   limit_bytes = int(memory_bytes) if memory_bytes else device_memory_bytes(devices[0])
   if not limit_bytes:
-    return {'max_batch_per_device': None, 'max_batch_probes': [],
-            'max_batch_note': (f'device memory of {devices[0].device_kind!r} '
-                               f'({devices[0].platform}) is unknown: run on the accelerator, use '
-                               '--topology for a TPU, or pass --device_memory_bytes.')}
+    return {
+      'max_batch_per_device': None,
+      'max_batch_probes': [],
+      'max_batch_note': (
+        f'device memory of {devices[0].device_kind!r} '
+        f'({devices[0].platform}) is unknown: run on the accelerator, use '
+        '--topology for a TPU, or pass --device_memory_bytes.'
+      ),
+    }
   k = int(config.train.grad_accum_steps)
   n_data = shd.batch_devices(shd.make_mesh(config.mesh, devices))
   probes: list[dict] = []
@@ -256,19 +313,25 @@ def max_batch(config: ml_collections.ConfigDict, devices: Sequence | None = None
       try:
         p = plan(config, devices, global_batch=per_device * n_data, memory_bytes=limit_bytes)
         fits_cache[units] = bool(p['fits'])
-        probes.append({'batch_per_device': per_device, 'fits': fits_cache[units],
-                       'peak_memory_bytes_per_device': p['peak_memory_bytes_per_device']})
+        probes.append(
+          {
+            'batch_per_device': per_device,
+            'fits': fits_cache[units],
+            'peak_memory_bytes_per_device': p['peak_memory_bytes_per_device'],
+          }
+        )
       except Exception as e:  # pylint: disable=broad-except
         if not _is_oom(e):
           raise
         fits_cache[units] = False
-        probes.append({'batch_per_device': per_device, 'fits': False,
-                       'error': str(e).splitlines()[0][:200]})
+        probes.append(
+          {'batch_per_device': per_device, 'fits': False, 'error': str(e).splitlines()[0][:200]}
+        )
     return fits_cache[units]
 
   max_units = max(limit // k, 1)
   start = max(int(config.train.global_batch_size) // n_data // k, 1)
-  lo, hi = 0, None                  # lo fits (0: nothing known to fit), hi does not.
+  lo, hi = 0, None  # lo fits (0: nothing known to fit), hi does not.
   u = min(start, max_units)
   while hi is None:
     if fits(u):
@@ -279,7 +342,7 @@ def max_batch(config: ml_collections.ConfigDict, devices: Sequence | None = None
     else:
       hi = u
   if hi is not None:
-    if lo == 0 and hi > 1:          # The configured batch does not fit: search below it.
+    if lo == 0 and hi > 1:  # The configured batch does not fit: search below it.
       lo_try = hi // 2
       while lo_try >= 1 and not fits(lo_try):
         hi, lo_try = lo_try, lo_try // 2
@@ -290,8 +353,11 @@ def max_batch(config: ml_collections.ConfigDict, devices: Sequence | None = None
         lo = mid
       else:
         hi = mid
-  out = {'max_batch_per_device': lo * k, 'max_batch_probes': probes,
-         'max_batch_memory_bytes': limit_bytes}
+  out = {
+    'max_batch_per_device': lo * k,
+    'max_batch_probes': probes,
+    'max_batch_memory_bytes': limit_bytes,
+  }
   if lo >= max_units:
     out['max_batch_note'] = f'every batch up to the search limit {limit} fits'
   return out

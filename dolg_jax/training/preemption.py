@@ -48,8 +48,11 @@ def catch_early_sigterm() -> None:
 
 def coordination_service_agreement() -> bool:
   """True when several processes agree on the stopping step through JAX's preemption service."""
-  return (jax.process_count() > 1 and jax.distributed.is_initialized()
-          and bool(jax.config.jax_enable_preemption_service))
+  return (
+    jax.process_count() > 1
+    and jax.distributed.is_initialized()
+    and bool(jax.config.jax_enable_preemption_service)
+  )
 
 
 class PreemptionHandler:
@@ -65,13 +68,13 @@ class PreemptionHandler:
   def __enter__(self) -> 'PreemptionHandler':
     self._service = coordination_service_agreement()
     if self._service:
-      if _EARLY.is_set():   # Received before the notifier existed: hand it to the notifier.
+      if _EARLY.is_set():  # Received before the notifier existed: hand it to the notifier.
         _EARLY.clear()
         os.kill(os.getpid(), signal.SIGTERM)
       return self
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-    if _EARLY.is_set():   # Received while the run was starting.
+    if _EARLY.is_set():  # Received while the run was starting.
       self._event.set()
     return self
 

@@ -19,18 +19,45 @@ Fields not named here count as recipe (a new field is never ignored silently).
 from typing import Any, Mapping
 
 STATE_OR_STREAM_PREFIXES = ('model.',)
-STATE_OR_STREAM = frozenset({
-    'head.type', 'head.num_classes', 'train.optimizer', 'seed', 'data.dataset',
-    'data.image_size', 'data.crop_scale', 'data.crop_ratio', 'data.random_flip',
-    'train.global_batch_size'})
+STATE_OR_STREAM = frozenset(
+  {
+    'head.type',
+    'head.num_classes',
+    'train.optimizer',
+    'seed',
+    'data.dataset',
+    'data.image_size',
+    'data.crop_scale',
+    'data.crop_ratio',
+    'data.random_flip',
+    'train.global_batch_size',
+  }
+)
 OPERATIONAL_PREFIXES = ('eval.', 'mesh.', 'demo.')
-OPERATIONAL = frozenset({
-    'data.data_dir', 'data.make_fixture', 'data.num_workers', 'data.prefetch_buffer_size',
-    'data.read_threads', 'data.worker_buffer_size', 'train.log_every_steps',
-    'train.checkpoint_every_steps', 'train.keep_checkpoints', 'train.async_checkpointing',
-    'train.preemption_sync_every_steps', 'train.eval_every_steps', 'train.eval_batches',
-    'train.eval_retrieval', 'train.backbone_init', 'train.init_checkpoint', 'train.deterministic',
-    'train.init_on_one_device', 'train.allow_recipe_change_on_resume', 'train.profile_steps'})
+OPERATIONAL = frozenset(
+  {
+    'data.data_dir',
+    'data.make_fixture',
+    'data.num_workers',
+    'data.prefetch_buffer_size',
+    'data.read_threads',
+    'data.worker_buffer_size',
+    'train.log_every_steps',
+    'train.checkpoint_every_steps',
+    'train.keep_checkpoints',
+    'train.async_checkpointing',
+    'train.preemption_sync_every_steps',
+    'train.eval_every_steps',
+    'train.eval_batches',
+    'train.eval_retrieval',
+    'train.backbone_init',
+    'train.init_checkpoint',
+    'train.deterministic',
+    'train.init_on_one_device',
+    'train.allow_recipe_change_on_resume',
+    'train.profile_steps',
+  }
+)
 
 
 class ResumeConfigError(ValueError):
@@ -67,16 +94,20 @@ def differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, t
   a, b = flatten(saved), flatten(new)
   if a:
     a = {**{k: v for k, v in ADDED_FIELDS.items() if k in b}, **a}
-  return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
-          if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+  return {
+    k: (a.get(k, _ABSENT), b.get(k, _ABSENT))
+    for k in sorted(set(a) | set(b))
+    if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+  }
 
 
 def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
   return ', '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in changes.items())
 
 
-def check(saved: Mapping[str, Any], new: Mapping[str, Any], *, allow_recipe_change: bool,
-          where: str) -> dict[str, list[Any]]:
+def check(
+  saved: Mapping[str, Any], new: Mapping[str, Any], *, allow_recipe_change: bool, where: str
+) -> dict[str, list[Any]]:
   """Raises ResumeConfigError for forbidden changes; returns the allowed recipe changes
   {field: [old, new]} (empty when the run resumes unchanged). `where`: the checkpoint, for the
   message."""
@@ -85,12 +116,14 @@ def check(saved: Mapping[str, Any], new: Mapping[str, Any], *, allow_recipe_chan
   recipe = {k: v for k, v in changes.items() if kind(k) == 'recipe'}
   if state:
     raise ResumeConfigError(
-        f'{where} was written with a different model or data stream: {_describe(state)}. These '
-        'cannot change on resume: rerun with the values it was written with, or train in a new '
-        'workdir')
+      f'{where} was written with a different model or data stream: {_describe(state)}. These '
+      'cannot change on resume: rerun with the values it was written with, or train in a new '
+      'workdir'
+    )
   if recipe and not allow_recipe_change:
     raise ResumeConfigError(
-        f'{where} was written with a different recipe: {_describe(recipe)}. Rerun with the '
-        'values it was written with, or pass --config.train.allow_recipe_change_on_resume=True '
-        'to continue with the new values (recorded in manifest.json under resumes)')
+      f'{where} was written with a different recipe: {_describe(recipe)}. Rerun with the '
+      'values it was written with, or pass --config.train.allow_recipe_change_on_resume=True '
+      'to continue with the new values (recorded in manifest.json under resumes)'
+    )
   return {k: [old, new] for k, (old, new) in recipe.items()}

@@ -38,17 +38,25 @@ def peak_learning_rate(train_cfg: ml_collections.ConfigDict) -> float:
 
 def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
   """Steps of one epoch of the training iterator (at least 1), whatever the process count."""
-  return max(1, grain_pipeline.steps_per_epoch(num_train_examples, process_count=1,
-                                               per_host_batch=global_batch_size))
+  return max(
+    1,
+    grain_pipeline.steps_per_epoch(
+      num_train_examples, process_count=1, per_host_batch=global_batch_size
+    ),
+  )
 
 
 SCHEDULES = ('per_step', 'per_epoch')
-CONFIG_RULES = {'train.lr_schedule': rules.one_of(SCHEDULES),
-                'train.base_learning_rate': rules.POSITIVE,
-                'train.warmup_epochs': rules.NON_NEGATIVE,
-                'train.warmup_factor': rules.CLOSED_UNIT_INTERVAL}
-_STEPS = rules.Rule('must be an integer >= 1, or -1 (from num_epochs)',
-                    lambda v: rules.is_int(v) and (v >= 1 or v == -1))
+CONFIG_RULES = {
+  'train.lr_schedule': rules.one_of(SCHEDULES),
+  'train.base_learning_rate': rules.POSITIVE,
+  'train.warmup_epochs': rules.NON_NEGATIVE,
+  'train.warmup_factor': rules.CLOSED_UNIT_INTERVAL,
+}
+_STEPS = rules.Rule(
+  'must be an integer >= 1, or -1 (from num_epochs)',
+  lambda v: rules.is_int(v) and (v >= 1 or v == -1),
+)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -56,20 +64,30 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   rules.check(config, CONFIG_RULES)
   rules.check(config, {'train.num_train_steps': _STEPS})
   epochs = rules.get(config, 'train.num_epochs')
-  if rules.get(config, 'train.num_train_steps') == -1 and epochs is not rules.MISSING and (
-      not rules.is_number(epochs) or not epochs > 0):
+  if (
+    rules.get(config, 'train.num_train_steps') == -1
+    and epochs is not rules.MISSING
+    and (not rules.is_number(epochs) or not epochs > 0)
+  ):
     rules.fail('train.num_epochs', epochs, 'must be a number > 0 when train.num_train_steps is -1')
-  if (rules.get(config, 'train.lr_schedule') == 'per_epoch'
-      and rules.get(config, 'train.warmup_factor') == 0
-      and rules.get(config, 'train.warmup_epochs') not in (rules.MISSING, 0)):
-    rules.fail('train.warmup_factor', 0, "with train.lr_schedule='per_epoch' the first epoch "
-               'would train at learning rate 0 (the per-epoch warm-up starts at warmup_factor x '
-               "lr); use the official 0.1, or train.warmup_epochs=0")
+  if (
+    rules.get(config, 'train.lr_schedule') == 'per_epoch'
+    and rules.get(config, 'train.warmup_factor') == 0
+    and rules.get(config, 'train.warmup_epochs') not in (rules.MISSING, 0)
+  ):
+    rules.fail(
+      'train.warmup_factor',
+      0,
+      "with train.lr_schedule='per_epoch' the first epoch "
+      'would train at learning rate 0 (the per-epoch warm-up starts at warmup_factor x '
+      "lr); use the official 0.1, or train.warmup_epochs=0",
+    )
 
 
 def schedule_kind(train_cfg: ml_collections.ConfigDict) -> str:
-  return rules.check_value('train.lr_schedule', train_cfg.lr_schedule,
-                           CONFIG_RULES['train.lr_schedule'])
+  return rules.check_value(
+    'train.lr_schedule', train_cfg.lr_schedule, CONFIG_RULES['train.lr_schedule']
+  )
 
 
 def num_train_steps(train_cfg: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -82,13 +100,17 @@ def num_train_steps(train_cfg: ml_collections.ConfigDict, num_train_examples: in
     return int(train_cfg.num_train_steps)
   rules.check_value('train.num_train_steps', train_cfg.num_train_steps, _STEPS)
   if schedule_kind(train_cfg) == 'per_epoch':
-    return int(math.ceil(train_cfg.num_epochs
-                         * steps_per_epoch(num_train_examples, train_cfg.global_batch_size)))
+    return int(
+      math.ceil(
+        train_cfg.num_epochs * steps_per_epoch(num_train_examples, train_cfg.global_batch_size)
+      )
+    )
   return int(math.ceil(train_cfg.num_epochs * num_train_examples / train_cfg.global_batch_size))
 
 
-def create_learning_rate_fn(train_cfg: ml_collections.ConfigDict, steps_per_epoch_: int,
-                            total_steps: int) -> Callable[[Any], np.ndarray]:
+def create_learning_rate_fn(
+  train_cfg: ml_collections.ConfigDict, steps_per_epoch_: int, total_steps: int
+) -> Callable[[Any], np.ndarray]:
   """Returns lr(step) (numpy float32) where `step` counts optimizer updates from 0.
 
   Evaluated on the host each step and passed to the jitted step (see state.create_optimizer).
@@ -113,19 +135,26 @@ def create_learning_rate_fn(train_cfg: ml_collections.ConfigDict, steps_per_epoc
 
 
 def _warmup_factor(train_cfg: ml_collections.ConfigDict) -> float:
-  return float(rules.check_value('train.warmup_factor', train_cfg.warmup_factor,
-                                 CONFIG_RULES['train.warmup_factor']))
+  return float(
+    rules.check_value(
+      'train.warmup_factor', train_cfg.warmup_factor, CONFIG_RULES['train.warmup_factor']
+    )
+  )
 
 
-def _per_epoch_fn(train_cfg: ml_collections.ConfigDict, steps_per_epoch_: int,
-                  total_steps: int) -> Callable[[Any], np.ndarray]:
+def _per_epoch_fn(
+  train_cfg: ml_collections.ConfigDict, steps_per_epoch_: int, total_steps: int
+) -> Callable[[Any], np.ndarray]:
   """The official per-epoch schedule (see the module docstring)."""
   peak = peak_learning_rate(train_cfg)
   factor = _warmup_factor(train_cfg)
   warmup = float(train_cfg.warmup_epochs)
   # E: num_epochs, or the epochs that num_train_steps covers when it is set.
-  epochs = (float(train_cfg.num_epochs) if train_cfg.num_train_steps == -1
-            else math.ceil(total_steps / max(steps_per_epoch_, 1)))
+  epochs = (
+    float(train_cfg.num_epochs)
+    if train_cfg.num_train_steps == -1
+    else math.ceil(total_steps / max(steps_per_epoch_, 1))
+  )
   epochs = max(epochs, 1.0)
 
   def lr_fn(step):

@@ -41,6 +41,7 @@ class TrainState:
 class TrainSetup:
   """The collaborators every train-setup function takes: the run's config (its
   `head.num_classes` is the dataset's), the DOLG module, the unit-lr optimizer and the mesh."""
+
   config: ml_collections.ConfigDict
   model: nn.Module
   tx: optax.GradientTransformation
@@ -51,8 +52,9 @@ class TrainSetup:
     return int(self.config.head.num_classes)
 
 
-def make_setup(config: ml_collections.ConfigDict, mesh: Mesh,
-               num_classes: int | None = None) -> TrainSetup:
+def make_setup(
+  config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int | None = None
+) -> TrainSetup:
   """TrainSetup of `config` on `mesh`; `num_classes` (the dataset's) replaces config.head's in a
   copy of the config (the caller's config is not modified).
 
@@ -66,13 +68,15 @@ def make_setup(config: ml_collections.ConfigDict, mesh: Mesh,
     config.head.num_classes = int(num_classes)
   t = config.train
   model = models.build_model(config.model, config.compute_dtype)
-  tx = scale_param_groups(create_optimizer(t), model=t.model_lr_multiplier,
-                          head=t.head_lr_multiplier)
+  tx = scale_param_groups(
+    create_optimizer(t), model=t.model_lr_multiplier, head=t.head_lr_multiplier
+  )
   return TrainSetup(config, model, tx, mesh)
 
 
-def scale_param_groups(tx: optax.GradientTransformation, *, model: float, head: float
-                       ) -> optax.GradientTransformation:
+def scale_param_groups(
+  tx: optax.GradientTransformation, *, model: float, head: float
+) -> optax.GradientTransformation:
   """`tx` whose update of params['model'] is multiplied by `model` and of params['head'] by
   `head` (per-group learning-rate multipliers; the state is `tx`'s own, so changing them keeps
   the checkpoint layout). `tx` itself when both are 1.
@@ -87,8 +91,10 @@ def scale_param_groups(tx: optax.GradientTransformation, *, model: float, head: 
 
   def update(updates, state, params=None):
     updates, state = tx.update(updates, state, params)
-    return {k: jax.tree.map(lambda u, s=scales[k]: u * jnp.asarray(s, u.dtype), v)
-            for k, v in updates.items()}, state
+    return {
+      k: jax.tree.map(lambda u, s=scales[k]: u * jnp.asarray(s, u.dtype), v)
+      for k, v in updates.items()
+    }, state
 
   return optax.GradientTransformation(tx.init, update)
 
@@ -115,12 +121,17 @@ def weight_decay_mask(kind: str) -> Callable[[Any], Any] | None:
 
 
 OPTIMIZERS = ('sgd', 'adamw')
-CONFIG_RULES = {'train.optimizer': rules.one_of(OPTIMIZERS),
-                'train.weight_decay_mask': rules.one_of(WEIGHT_DECAY_MASKS),
-                'train.weight_decay': rules.NON_NEGATIVE, 'train.momentum': rules.UNIT_INTERVAL,
-                'train.adam_b1': rules.UNIT_INTERVAL, 'train.adam_b2': rules.UNIT_INTERVAL,
-                'train.nesterov': rules.BOOL, 'train.init_on_one_device': rules.BOOL,
-                'train.backbone_init': rules.STRING}
+CONFIG_RULES = {
+  'train.optimizer': rules.one_of(OPTIMIZERS),
+  'train.weight_decay_mask': rules.one_of(WEIGHT_DECAY_MASKS),
+  'train.weight_decay': rules.NON_NEGATIVE,
+  'train.momentum': rules.UNIT_INTERVAL,
+  'train.adam_b1': rules.UNIT_INTERVAL,
+  'train.adam_b2': rules.UNIT_INTERVAL,
+  'train.nesterov': rules.BOOL,
+  'train.init_on_one_device': rules.BOOL,
+  'train.backbone_init': rules.STRING,
+}
 
 
 def create_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -137,26 +148,37 @@ def create_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTran
   (changing num_train_steps or the lr does not recompile it).
   """
   kind = train_cfg.optimizer
-  decay = optax.add_decayed_weights(train_cfg.weight_decay,
-                                    mask=weight_decay_mask(train_cfg.weight_decay_mask))
+  decay = optax.add_decayed_weights(
+    train_cfg.weight_decay, mask=weight_decay_mask(train_cfg.weight_decay_mask)
+  )
   if kind == 'sgd':
-    return optax.chain(decay, optax.sgd(1.0, momentum=train_cfg.momentum,
-                                        nesterov=train_cfg.nesterov))
+    return optax.chain(
+      decay, optax.sgd(1.0, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov)
+    )
   if kind == 'adamw':
-    return optax.chain(optax.scale_by_adam(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2),
-                       decay, optax.scale(-1.0))
+    return optax.chain(
+      optax.scale_by_adam(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2), decay, optax.scale(-1.0)
+    )
   rules.check_value('train.optimizer', kind, CONFIG_RULES['train.optimizer'])
 
 
-def init_variables(model: nn.Module, head_init: Callable, rng: jax.Array, image_size: int,
-                   num_classes_padded: int, embedding_dim: int) -> dict:
+def init_variables(
+  model: nn.Module,
+  head_init: Callable,
+  rng: jax.Array,
+  image_size: int,
+  num_classes_padded: int,
+  embedding_dim: int,
+) -> dict:
   """Model and head variables from `rng` (pure; jit it with out_shardings)."""
   model_rng, head_rng = jax.random.split(rng)
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = model.init(model_rng, dummy, train=False)
   weight = head_init(head_rng, num_classes_padded, embedding_dim)
-  return {'params': {'model': variables['params'], 'head': {'weight': weight}},
-          'batch_stats': variables.get('batch_stats', {})}
+  return {
+    'params': {'model': variables['params'], 'head': {'weight': weight}},
+    'batch_stats': variables.get('batch_stats', {}),
+  }
 
 
 def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
@@ -172,11 +194,11 @@ def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
     return rep
 
   return TrainState(
-      step=rep,
-      params=param_sh,
-      batch_stats=jax.tree.map(lambda _: rep, abstract_state.batch_stats),
-      opt_state=jax.tree_util.tree_map_with_path(opt_spec, abstract_state.opt_state),
-      head_t=rep,
+    step=rep,
+    params=param_sh,
+    batch_stats=jax.tree.map(lambda _: rep, abstract_state.batch_stats),
+    opt_state=jax.tree_util.tree_map_with_path(opt_spec, abstract_state.opt_state),
+    head_t=rep,
   )
 
 
@@ -185,11 +207,22 @@ def _state_init_fn(setup: TrainSetup) -> Callable:
   config, tx = setup.config, setup.tx
 
   def init(rng):
-    v = init_variables(setup.model, models.margins.init_head_weight, rng, config.data.image_size,
-                       c_pad, config.model.embedding_dim)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
-                      batch_stats=v['batch_stats'], opt_state=tx.init(v['params']),
-                      head_t=jnp.zeros((), jnp.float32))
+    v = init_variables(
+      setup.model,
+      models.margins.init_head_weight,
+      rng,
+      config.data.image_size,
+      c_pad,
+      config.model.embedding_dim,
+    )
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=v['params'],
+      batch_stats=v['batch_stats'],
+      opt_state=tx.init(v['params']),
+      head_t=jnp.zeros((), jnp.float32),
+    )
+
   return init
 
 
@@ -216,9 +249,11 @@ def create_train_state(setup: TrainSetup, rng: jax.Array) -> tuple[TrainState, T
 def uncovered_backbone_leaves(variables: Any, backbone: Any) -> list[str]:
   """The model's `globalmodel` leaves (key strings) that `backbone` does not provide."""
   given = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(backbone)}
-  return [k for k in (jax.tree_util.keystr(p) for p, _ in
-                      jax.tree_util.tree_leaves_with_path(variables))
-          if "'globalmodel'" in k and k not in given]
+  return [
+    k
+    for k in (jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables))
+    if "'globalmodel'" in k and k not in given
+  ]
 
 
 def load_backbone(state: TrainState, shardings: TrainState, path: str) -> TrainState:
@@ -232,19 +267,24 @@ def load_backbone(state: TrainState, shardings: TrainState, path: str) -> TrainS
   backbone = backbone_lib.load_backbone(path)
   missing = uncovered_backbone_leaves(current, backbone)
   if missing:  # E.g. a ResNet-50 file for a ResNet-101 model: its blocks are a subset.
-    raise ValueError(f'{path}: the backbone lacks {len(missing)} of the model\'s backbone '
-                     f'variables (first: {missing[:3]}); it does not match config.model (depth, '
-                     f'stage_depths, width)')
+    raise ValueError(
+      f'{path}: the backbone lacks {len(missing)} of the model\'s backbone '
+      f'variables (first: {missing[:3]}); it does not match config.model (depth, '
+      f'stage_depths, width)'
+    )
   merged = backbone_lib.merge_backbone(shd.host_replicated(current), backbone)
   target = {'params': shardings.params['model'], 'batch_stats': shardings.batch_stats}
   placed = shd.place(merged, {k: target[k] for k in merged})
-  return state.replace(params={**state.params, 'model': placed['params']},
-                       batch_stats=placed.get('batch_stats', state.batch_stats))
+  return state.replace(
+    params={**state.params, 'model': placed['params']},
+    batch_stats=placed.get('batch_stats', state.batch_stats),
+  )
 
 
 def abstract_train_state(setup: TrainSetup) -> tuple[TrainState, TrainState]:
   """Shape/dtype/sharding of the state without allocating it (target for restoring)."""
   abstract = jax.eval_shape(_state_init_fn(setup), jax.random.key(0))
   shardings = state_shardings(setup.mesh, abstract)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings), shardings
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  ), shardings

@@ -40,10 +40,8 @@ def train_step_flops(train_step: Callable, *args) -> float | None:
   except Exception as e:  # pylint: disable=broad-except  # Utilisation is reported without FLOPs.
     logging.warning('No XLA cost analysis of the train step (%s): no TFLOP/s in the logs.', e)
     return None
-  flops = (per_device * jax.device_count() if per_device
-           else step_lib.train_flops_per_step(lowered))
-  logging.info('Train step: %s FLOPs (XLA cost analysis, %.2f s).', flops,
-               time.perf_counter() - t0)
+  flops = per_device * jax.device_count() if per_device else step_lib.train_flops_per_step(lowered)
+  logging.info('Train step: %s FLOPs (XLA cost analysis, %.2f s).', flops, time.perf_counter() - t0)
   return flops
 
 
@@ -55,14 +53,18 @@ def device_peak_tflops(device, compute_dtype: str) -> float | None:
 class Utilisation:
   """Timings of the parts of training steps and the profiler window (docs/design_notes.md)."""
 
-  def __init__(self, workdir: str, profile_steps, images_per_step: int, is_primary: bool,
-               compute_dtype: str):
+  def __init__(
+    self, workdir: str, profile_steps, images_per_step: int, is_primary: bool, compute_dtype: str
+  ):
     if len(tuple(profile_steps)) != 2:
-      raise ValueError(f'config.train.profile_steps={tuple(profile_steps)!r} must be (start_step, '
-                       'num_steps); (0, 0) turns profiling off.')
+      raise ValueError(
+        f'config.train.profile_steps={tuple(profile_steps)!r} must be (start_step, '
+        'num_steps); (0, 0) turns profiling off.'
+      )
     start, num = (int(v) for v in profile_steps)
-    self.profile = profiling.Window(os.path.join(workdir, PROFILE_DIR), start, num,
-                                    enabled=is_primary)
+    self.profile = profiling.Window(
+      os.path.join(workdir, PROFILE_DIR), start, num, enabled=is_primary
+    )
     self.images_per_step = images_per_step
     self.n_devices = jax.device_count()
     self.peak = device_peak_tflops(jax.devices()[0], compute_dtype)
@@ -76,7 +78,7 @@ class Utilisation:
     self.profile.before(step)
 
   def after_step(self, step: int, outputs: Any) -> None:
-    if self.profile.active:   # Writing the trace takes time: reported as profiler_time_s.
+    if self.profile.active:  # Writing the trace takes time: reported as profiler_time_s.
       t0 = time.perf_counter()
       self.profile.after(step - 1, outputs)
       self._add('profiler', time.perf_counter() - t0)
@@ -118,13 +120,15 @@ class Utilisation:
     steps = step - self._last_step
     self._last_step = step
     totals, self._totals = self._totals, {}
-    if 'step_time_s' not in timing or steps <= 0:   # No step timed (the line of the restart step).
+    if 'step_time_s' not in timing or steps <= 0:  # No step timed (the line of the restart step).
       return {}
     step_time = timing['step_time_s']
     wall = step_time * steps
-    out = {'images_per_sec_per_device': self.images_per_step / step_time / self.n_devices,
-           'input_wait_s': totals.get('input_wait', 0.0),
-           'checkpoint_time_s': totals.get('checkpoint', 0.0)}
+    out = {
+      'images_per_sec_per_device': self.images_per_step / step_time / self.n_devices,
+      'input_wait_s': totals.get('input_wait', 0.0),
+      'checkpoint_time_s': totals.get('checkpoint', 0.0),
+    }
     out['input_wait_fraction'] = out['input_wait_s'] / wall if wall > 0 else 0.0
     out['checkpoint_fraction'] = out['checkpoint_time_s'] / wall if wall > 0 else 0.0
     if 'profiler' in totals:

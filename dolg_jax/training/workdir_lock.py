@@ -47,7 +47,7 @@ LOCK_FILE = 'run.lock'
 _MESSAGE_BYTES = 1024
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
-_held: dict[str, int] = {}   # realpath of the workdir -> fd of its lock file (kept open)
+_held: dict[str, int] = {}  # realpath of the workdir -> fd of its lock file (kept open)
 
 
 class WorkdirBusyError(RuntimeError):
@@ -68,10 +68,15 @@ def holder(workdir: str) -> dict | None:
 
 
 def _describe(workdir: str, info: dict | None) -> str:
-  who = ('a run that has not recorded itself yet' if not info else
-         f"host {info.get('host')} pid {info.get('pid')} (started {info.get('start_time')})")
-  return (f'workdir {workdir} is in use by {who}: one run per workdir (lock {lock_path(workdir)}). '
-          'Wait for that run to end or stop it, or choose another --workdir; nothing was written.')
+  who = (
+    'a run that has not recorded itself yet'
+    if not info
+    else f"host {info.get('host')} pid {info.get('pid')} (started {info.get('start_time')})"
+  )
+  return (
+    f'workdir {workdir} is in use by {who}: one run per workdir (lock {lock_path(workdir)}). '
+    'Wait for that run to end or stop it, or choose another --workdir; nothing was written.'
+  )
 
 
 def _try_lock(workdir: str) -> str | None:
@@ -88,19 +93,25 @@ def _try_lock(workdir: str) -> str | None:
     if e.errno in (errno.EAGAIN, errno.EACCES):
       return _describe(workdir, holder(workdir))
     if e.errno in _UNSUPPORTED:
-      logging.warning('The filesystem of %s refuses file locks (%s): running without the '
-                      'one-run-per-workdir lock; make sure no other run uses this workdir.',
-                      workdir, os.strerror(e.errno))
+      logging.warning(
+        'The filesystem of %s refuses file locks (%s): running without the '
+        'one-run-per-workdir lock; make sure no other run uses this workdir.',
+        workdir,
+        os.strerror(e.errno),
+      )
       return None
     raise
-  info = {'host': socket.gethostname(), 'pid': os.getpid(),
-          'start_time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-          'argv': sys.argv}
+  info = {
+    'host': socket.gethostname(),
+    'pid': os.getpid(),
+    'start_time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    'argv': sys.argv,
+  }
   data = json.dumps(info).encode()
   os.ftruncate(fd, 0)
   os.pwrite(fd, data, 0)
   os.fsync(fd)
-  _held[key] = fd   # Never closed here: closing any descriptor of the file drops a POSIX lock.
+  _held[key] = fd  # Never closed here: closing any descriptor of the file drops a POSIX lock.
   return None
 
 
@@ -112,7 +123,7 @@ def acquire(workdir: str) -> None:
     buf = np.zeros(_MESSAGE_BYTES, np.uint8)
     if refusal:
       raw = refusal.encode()[:_MESSAGE_BYTES]
-      buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+      buf[: len(raw)] = np.frombuffer(raw, np.uint8)
     buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
     refusal = bytes(buf).rstrip(b'\0').decode(errors='replace') or None
   if refusal:

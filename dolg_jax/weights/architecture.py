@@ -37,8 +37,9 @@ def _block_counts(sd: Mapping[str, Any], prefix: str) -> tuple[int, ...]:
   return tuple(counts)
 
 
-def infer_backbone(sd: Mapping[str, np.ndarray], source: Any, prefix: str = ''
-                   ) -> tuple[int, int, tuple[int, ...]]:
+def infer_backbone(
+  sd: Mapping[str, np.ndarray], source: Any, prefix: str = ''
+) -> tuple[int, int, tuple[int, ...]]:
   """(depth, width, stage_depths) of a pycls-keyed ResNet under `prefix`.
 
   stage_depths is () for the standard depths (50, 101, 152) and the block counts otherwise (then
@@ -50,8 +51,10 @@ def infer_backbone(sd: Mapping[str, np.ndarray], source: Any, prefix: str = ''
     return DEPTH_FROM_BLOCKS[counts], width, ()
   if min(counts) < 1:
     raise torch_format.CheckpointError(
-        source, f'cannot infer the ResNet: blocks per stage {counts} (keys {prefix}s1..s4.bK); '
-        'every stage needs at least one block')
+      source,
+      f'cannot infer the ResNet: blocks per stage {counts} (keys {prefix}s1..s4.bK); '
+      'every stage needs at least one block',
+    )
   return 50, width, counts
 
 
@@ -64,15 +67,21 @@ def default_model_config() -> ml_collections.ConfigDict:
   return m
 
 
-def infer_model_config(sd: Mapping[str, np.ndarray], source: Any = '<state dict>'
-                       ) -> ml_collections.ConfigDict:
+def infer_model_config(
+  sd: Mapping[str, np.ndarray], source: Any = '<state dict>'
+) -> ml_collections.ConfigDict:
   """The model config of an official DOLG state dict (keys without `module.`)."""
   if not any(k.startswith('globalmodel.') for k in sd):
-    hint = (' (it looks like an ImageNet backbone: use pretrained.load_backbone)'
-            if any(k.startswith(('stem.', 'conv1.', 'layer1.')) for k in sd) else '')
+    hint = (
+      ' (it looks like an ImageNet backbone: use pretrained.load_backbone)'
+      if any(k.startswith(('stem.', 'conv1.', 'layer1.')) for k in sd)
+      else ''
+    )
     raise torch_format.CheckpointError(
-        source, f'not a DOLG state dict: no "globalmodel.*" keys{hint}; '
-        f'first keys: {torch_format.format_keys(list(sd), 5)}')
+      source,
+      f'not a DOLG state dict: no "globalmodel.*" keys{hint}; '
+      f'first keys: {torch_format.format_keys(list(sd), 5)}',
+    )
   m = default_model_config()
   m.depth, m.width, m.stage_depths = infer_backbone(sd, source, 'globalmodel.')
   m.global_dim = int(torch_format.require_key(sd, 'fc_t.weight', source).shape[0])
@@ -89,9 +98,12 @@ def infer_model_config(sd: Mapping[str, np.ndarray], source: Any = '<state dict>
     m.atrous_dim = int(atrous0.shape[0])
     n_atrous = len({k.split('.')[3] for k in sd if k.startswith('localmodel.aspp.aspp.')}) - 1
     if n_atrous != len(m.atrous_rates):
-      raise torch_format.CheckpointError(source, f'{n_atrous} dilated multi-atrous convolutions '
-                            f'(localmodel.aspp.aspp.1..); only the official 3 (rates 6, 12, 18) '
-                            f'can be imported')
+      raise torch_format.CheckpointError(
+        source,
+        f'{n_atrous} dilated multi-atrous convolutions '
+        f'(localmodel.aspp.aspp.1..); only the official 3 (rates 6, 12, 18) '
+        f'can be imported',
+      )
   return m
 
 

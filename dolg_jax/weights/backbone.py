@@ -24,8 +24,16 @@ from dolg_jax.weights import converted
 from dolg_jax.weights import torch_format
 
 # --------------------------------------------------------------------------------- ImageNet init
-_TV_BLOCK = {'conv1': 'f.a', 'conv2': 'f.b', 'conv3': 'f.c', 'bn1': 'f.a_bn', 'bn2': 'f.b_bn',
-             'bn3': 'f.c_bn', 'downsample.0': 'proj', 'downsample.1': 'bn'}
+_TV_BLOCK = {
+  'conv1': 'f.a',
+  'conv2': 'f.b',
+  'conv3': 'f.c',
+  'bn1': 'f.a_bn',
+  'bn2': 'f.b_bn',
+  'bn3': 'f.c_bn',
+  'downsample.0': 'proj',
+  'downsample.1': 'bn',
+}
 
 
 def torchvision_to_pycls_key(key: str) -> str | None:
@@ -33,9 +41,9 @@ def torchvision_to_pycls_key(key: str) -> str | None:
   if key.startswith('fc.'):
     return None
   if key.startswith('conv1.'):
-    return 'stem.conv.' + key[len('conv1.'):]
+    return 'stem.conv.' + key[len('conv1.') :]
   if key.startswith('bn1.'):
-    return 'stem.bn.' + key[len('bn1.'):]
+    return 'stem.bn.' + key[len('bn1.') :]
   m = re.match(r'layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.\d)\.(.+)$', key)
   if not m or m.group(3) not in _TV_BLOCK:
     return key  # reported as unknown later
@@ -54,8 +62,9 @@ def pycls_to_torchvision_key(key: str) -> str:
   return f'layer{m.group(1)}.{int(m.group(2)) - 1}.{inverse[m.group(3)]}.{m.group(4)}'
 
 
-def _backbone_expected(depth: int, width: int, stage_depths: tuple[int, ...]
-                       ) -> dict[torch_format.Path, tuple]:
+def _backbone_expected(
+  depth: int, width: int, stage_depths: tuple[int, ...]
+) -> dict[torch_format.Path, tuple]:
   cfg = architecture.default_model_config()
   cfg.depth, cfg.width, cfg.stage_depths = depth, width, tuple(stage_depths)
   cfg.local_dim = cfg.global_dim = 16 * width
@@ -72,15 +81,16 @@ def load_backbone(path: str | os.PathLike) -> dict:
   """
   path = os.fspath(path)
   if os.path.isdir(path):
-    _, variables = (converted.load_converted(path) if converted.is_converted_dir(path)
-                    else (None, None))
+    _, variables = (
+      converted.load_converted(path) if converted.is_converted_dir(path) else (None, None)
+    )
     if variables is None:
       raise torch_format.CheckpointError(path, f'a directory without {converted.CONFIG_FILE}')
     return architecture.to_jax({c: {'globalmodel': t['globalmodel']} for c, t in variables.items()})
   sd = torch_format.read_torch_state_dict(path)
   if any(k.startswith('globalmodel.') for k in sd):
     kind, reverse = 'dolg', True
-    sd = {k[len('globalmodel.'):]: v for k, v in sd.items() if k.startswith('globalmodel.')}
+    sd = {k[len('globalmodel.') :]: v for k, v in sd.items() if k.startswith('globalmodel.')}
   elif 'conv1.weight' in sd or any(k.startswith('layer1.') for k in sd):
     kind, reverse = 'torchvision', False
     renamed = {}
@@ -94,22 +104,30 @@ def load_backbone(path: str | os.PathLike) -> dict:
     sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
   else:
     raise torch_format.CheckpointError(
-        path, 'not a ResNet backbone state dict (pycls `stem.*`, torchvision `conv1.*` or DOLG '
-        f'`globalmodel.*`); first keys: {torch_format.format_keys(list(sd), 5)}')
+      path,
+      'not a ResNet backbone state dict (pycls `stem.*`, torchvision `conv1.*` or DOLG '
+      f'`globalmodel.*`); first keys: {torch_format.format_keys(list(sd), 5)}',
+    )
   depth, width, stage_depths = architecture.infer_backbone(sd, path)
   sd = {'globalmodel.' + k: v for k, v in sd.items()}
   try:
     variables = torch_format.state_dict_to_variables(
-        sd, _backbone_expected(depth, width, stage_depths), source=path, reverse_bgr=reverse)
-  except (torch_format.UnknownKeysError, torch_format.MissingKeysError,
-          torch_format.ShapeMismatchError) as e:
+      sd, _backbone_expected(depth, width, stage_depths), source=path, reverse_bgr=reverse
+    )
+  except (
+    torch_format.UnknownKeysError,
+    torch_format.MissingKeysError,
+    torch_format.ShapeMismatchError,
+  ) as e:
     # Name the keys as the file does (the mapping above prefixed/renamed them).
     def name(k: str) -> str:
-      k = k[len('globalmodel.'):]
+      k = k[len('globalmodel.') :]
       return {'dolg': 'globalmodel.' + k, 'pycls': k}.get(kind) or pycls_to_torchvision_key(k)
+
     if isinstance(e, torch_format.ShapeMismatchError):
       raise torch_format.ShapeMismatchError(
-          path, [(name(k), a, b) for k, a, b in e.mismatches]) from e
+        path, [(name(k), a, b) for k, a, b in e.mismatches]
+      ) from e
     raise type(e)(path, [name(k) for k in e.keys]) from e
   return architecture.to_jax(variables)
 

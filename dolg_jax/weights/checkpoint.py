@@ -27,7 +27,7 @@ from dolg_jax import errors
 CHECKPOINT_DIR = 'checkpoints'
 STATE = 'state'
 DATA_ITER = 'data_iter'
-RECORD = 'record'      # per-process run record: array digests, iterator-state sha256, config
+RECORD = 'record'  # per-process run record: array digests, iterator-state sha256, config
 RECORD_FORMAT = 1
 
 
@@ -49,8 +49,9 @@ def list_steps(directory: str | os.PathLike, *, item: str = '') -> list[int]:
   root = epath.Path(directory)
   if not root.is_dir():
     return []
-  return sorted(int(c.name) for c in root.iterdir()
-                if c.name.isdigit() and (not item or (c / item).is_dir()))
+  return sorted(
+    int(c.name) for c in root.iterdir() if c.name.isdigit() and (not item or (c / item).is_dir())
+  )
 
 
 def _resolve_state_dir(path: str) -> epath.Path:
@@ -64,8 +65,10 @@ def _resolve_state_dir(path: str) -> epath.Path:
     steps = list_steps(root, item=STATE)
     if steps:
       return root / str(steps[-1]) / STATE
-  raise FileNotFoundError(f'No checkpoint found at {path} (expected a workdir with '
-                          f'{CHECKPOINT_DIR}/<step>/{STATE}, or a step directory).')
+  raise FileNotFoundError(
+    f'No checkpoint found at {path} (expected a workdir with '
+    f'{CHECKPOINT_DIR}/<step>/{STATE}, or a step directory).'
+  )
 
 
 def _get(tree: Any, key: str) -> Any:
@@ -86,10 +89,14 @@ def load_state(path: str) -> tuple[dict[str, Any], dict[str, Any], dict]:
   record's config) of a checkpoint; the model arrays are verified against the step's record."""
   state_dir = _resolve_state_dir(path)
   restored = _restore_host(state_dir)
-  out = {'params': _get(_get(restored, 'params'), 'model'),
-         'batch_stats': _get(restored, 'batch_stats')}
-  head = {'weight': _get(_get(_get(restored, 'params'), 'head'), 'weight'),
-          't': np.asarray(_get(restored, 'head_t'))}
+  out = {
+    'params': _get(_get(restored, 'params'), 'model'),
+    'batch_stats': _get(restored, 'batch_stats'),
+  }
+  head = {
+    'weight': _get(_get(_get(restored, 'params'), 'head'), 'weight'),
+    't': np.asarray(_get(restored, 'head_t')),
+  }
   config = _verify_host_variables(state_dir.parent, {**out, 'head': head})
   return out, head, config
 
@@ -106,7 +113,8 @@ def _restore_host(state_dir: epath.Path) -> Any:
   tree = getattr(tree, 'tree', tree)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   return ocp.PyTreeCheckpointer().restore(
-      state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+  )
 
 
 def _verify_host_variables(step_dir: epath.Path, variables: dict[str, Any]) -> dict:
@@ -114,20 +122,26 @@ def _verify_host_variables(step_dir: epath.Path, variables: dict[str, Any]) -> d
   the record's config."""
   files = sorted((step_dir / RECORD).glob('process_*.json')) if (step_dir / RECORD).is_dir() else []
   if not files:
-    raise CheckpointCorruptError(os.fspath(step_dir), 'no-record',
-                                 f'{step_dir} has no {RECORD}/ (digests), so its contents cannot '
-                                 'be verified; evaluate a step written by this version')
+    raise CheckpointCorruptError(
+      os.fspath(step_dir),
+      'no-record',
+      f'{step_dir} has no {RECORD}/ (digests), so its contents cannot '
+      'be verified; evaluate a step written by this version',
+    )
   try:
     record = json.loads(files[0].read_text())
     saved = record['state_digests']
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointCorruptError(os.fspath(files[0]), 'unreadable-record',
-                                 f'cannot read the run record: {errors.first_line(e)}') from e
+    raise CheckpointCorruptError(
+      os.fspath(files[0]),
+      'unreadable-record',
+      f'cannot read the run record: {errors.first_line(e)}',
+    ) from e
   prefixes = {'params': ".params['model']", 'batch_stats': '.batch_stats'}
   bad = []
   for name, tree in variables.items():
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      if name == 'head':   # {'weight', 't'}: the state's params['head']['weight'] and head_t
+      if name == 'head':  # {'weight', 't'}: the state's params['head']['weight'] and head_t
         key = ".params['head']['weight']" if path[0].key == 'weight' else '.head_t'
       else:
         key = prefixes[name] + jax.tree_util.keystr(path)
@@ -135,8 +149,10 @@ def _verify_host_variables(step_dir: epath.Path, variables: dict[str, Any]) -> d
         bad.append(key)
   if bad:
     raise CheckpointCorruptError(
-        os.fspath(step_dir / STATE), 'checksum',
-        f'{len(bad)} model arrays differ from the digests written at save (first: '
-        f'{", ".join(bad[:3])}); the checkpoint is damaged: evaluate another step '
-        f'({step_dir.parent}/<step>)')
+      os.fspath(step_dir / STATE),
+      'checksum',
+      f'{len(bad)} model arrays differ from the digests written at save (first: '
+      f'{", ".join(bad[:3])}); the checkpoint is damaged: evaluate another step '
+      f'({step_dir.parent}/<step>)',
+    )
   return record.get('config') or {}

@@ -31,8 +31,14 @@ def is_converted_dir(path: str | os.PathLike) -> bool:
   return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
-def save_converted(out_dir: str | os.PathLike, cfg: ml_collections.ConfigDict, variables: Mapping,
-                   head: Mapping | None = None, *, source: str = '') -> None:
+def save_converted(
+  out_dir: str | os.PathLike,
+  cfg: ml_collections.ConfigDict,
+  variables: Mapping,
+  head: Mapping | None = None,
+  *,
+  source: str = '',
+) -> None:
   """Writes config.json, variables.msgpack and (if given) head.msgpack into `out_dir`."""
   os.makedirs(out_dir, exist_ok=True)
   np_vars = jax.tree.map(np.asarray, dict(variables))
@@ -44,8 +50,13 @@ def save_converted(out_dir: str | os.PathLike, cfg: ml_collections.ConfigDict, v
       f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(head))))
   elif os.path.exists(head_path):
     os.remove(head_path)  # a stale head from an earlier conversion
-  meta = {'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'source': str(source),
-          'has_head': head is not None, 'model': architecture.config_to_json(cfg)}
+  meta = {
+    'format': FORMAT_NAME,
+    'version': FORMAT_VERSION,
+    'source': str(source),
+    'has_head': head is not None,
+    'model': architecture.config_to_json(cfg),
+  }
   with open(os.path.join(out_dir, CONFIG_FILE), 'w') as f:
     json.dump(meta, f, indent=2, sort_keys=True)
 
@@ -59,7 +70,8 @@ def read_converted_meta(path: str) -> dict:
     raise torch_format.CheckpointError(cfg_path, f'unreadable: {e}') from e
   if meta.get('format') != FORMAT_NAME or 'model' not in meta:
     raise torch_format.CheckpointError(
-        cfg_path, f'not a {FORMAT_NAME} config (format={meta.get("format")!r})')
+      cfg_path, f'not a {FORMAT_NAME} config (format={meta.get("format")!r})'
+    )
   if meta.get('version') != FORMAT_VERSION:
     raise torch_format.CheckpointError(cfg_path, f'unsupported version {meta.get("version")!r}')
   return meta
@@ -71,10 +83,12 @@ def read_msgpack(path: str) -> dict:
       tree = serialization.msgpack_restore(f.read())
   except Exception as e:  # msgpack raises several types on truncated data
     raise torch_format.CheckpointError(
-        path, f'unreadable or truncated msgpack: {type(e).__name__}: {e}') from e
+      path, f'unreadable or truncated msgpack: {type(e).__name__}: {e}'
+    ) from e
   if not isinstance(tree, Mapping):
     raise torch_format.CheckpointError(
-        path, f'expected a dict of arrays, got {type(tree).__name__}')
+      path, f'expected a dict of arrays, got {type(tree).__name__}'
+    )
   return tree
 
 
@@ -90,8 +104,11 @@ def load_converted(path: str) -> tuple[ml_collections.ConfigDict, dict]:
   missing = ['/'.join(p) for p in expected if p not in flat]
   if missing:
     raise torch_format.MissingKeysError(var_path, missing)
-  bad = [('/'.join(p), expected[p], tuple(np.shape(v))) for p, v in flat.items()
-         if tuple(np.shape(v)) != tuple(expected[p])]
+  bad = [
+    ('/'.join(p), expected[p], tuple(np.shape(v)))
+    for p, v in flat.items()
+    if tuple(np.shape(v)) != tuple(expected[p])
+  ]
   if bad:
     raise torch_format.ShapeMismatchError(var_path, bad)
   return cfg, torch_format.unflatten_tree(flat)

@@ -46,9 +46,10 @@ _CHUNK = 1 << 20
 @dataclasses.dataclass(frozen=True)
 class Backbone:
   """A published ImageNet backbone: where it is and what it is."""
+
   url: str
   depth: int
-  layout: str          # 'pycls' (BGR input, stem/s{i}.b{j} keys) | 'torchvision' (RGB, layer{i}).
+  layout: str  # 'pycls' (BGR input, stem/s{i}.b{j} keys) | 'torchvision' (RGB, layer{i}).
   width: int = 64
 
   @property
@@ -61,10 +62,10 @@ class Backbone:
 
 
 BACKBONES: Mapping[str, Backbone] = {
-    'pycls_r50': Backbone(PYCLS_BASE + '161235311/R-50-1x64d_dds_8gpu.pyth', 50, 'pycls'),
-    'pycls_r101': Backbone(PYCLS_BASE + '161167170/R-101-1x64d_dds_8gpu.pyth', 101, 'pycls'),
-    'torchvision_r50': Backbone(TORCHVISION_BASE + 'resnet50-0676ba61.pth', 50, 'torchvision'),
-    'torchvision_r101': Backbone(TORCHVISION_BASE + 'resnet101-63fe2227.pth', 101, 'torchvision'),
+  'pycls_r50': Backbone(PYCLS_BASE + '161235311/R-50-1x64d_dds_8gpu.pyth', 50, 'pycls'),
+  'pycls_r101': Backbone(PYCLS_BASE + '161167170/R-101-1x64d_dds_8gpu.pyth', 101, 'pycls'),
+  'torchvision_r50': Backbone(TORCHVISION_BASE + 'resnet50-0676ba61.pth', 50, 'torchvision'),
+  'torchvision_r101': Backbone(TORCHVISION_BASE + 'resnet101-63fe2227.pth', 101, 'torchvision'),
 }
 
 
@@ -89,6 +90,7 @@ class ChecksumError(WeightsError):
 @dataclasses.dataclass(frozen=True)
 class Resolved:
   """Where the backbone comes from. `path` is None for 'none' (random initialisation)."""
+
   spec: str
   path: str | None
   name: str | None = None
@@ -105,18 +107,26 @@ class Resolved:
 
   def record(self) -> dict[str, Any]:
     """The manifest entry."""
-    return {'spec': self.spec, 'source': self.source, 'name': self.name, 'url': self.url,
-            'path': self.path, 'sha256': self.sha256, 'verification': self.verification,
-            'downloaded': self.downloaded}
+    return {
+      'spec': self.spec,
+      'source': self.source,
+      'name': self.name,
+      'url': self.url,
+      'path': self.path,
+      'sha256': self.sha256,
+      'verification': self.verification,
+      'downloaded': self.downloaded,
+    }
 
   def describe(self) -> str:
     """One log line."""
     if self.path is None:
-      return (f"none: random initialisation (config.train.backbone_init={self.spec!r}); the paper "
-              f"and the official code start from ImageNet weights")
+      return (
+        f"none: random initialisation (config.train.backbone_init={self.spec!r}); the paper "
+        f"and the official code start from ImageNet weights"
+      )
     where = f' ({self.url})' if self.url and self.name else ''
-    return (f'{self.source}{where} sha256 {self.sha256} [{self.verification}] '
-            f'file {self.path}')
+    return f'{self.source}{where} sha256 {self.sha256} [{self.verification}] file {self.path}'
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -140,8 +150,9 @@ def is_url(spec: str) -> bool:
 
 def resolve_cache_dir(configured: str = '') -> str:
   """`configured` if non-empty, else $DOLG_JAX_WEIGHTS_CACHE, else ~/.cache/dolg_jax/weights."""
-  return os.path.abspath(os.path.expanduser(
-      configured or os.environ.get(ENV_CACHE_DIR) or DEFAULT_CACHE_DIR))
+  return os.path.abspath(
+    os.path.expanduser(configured or os.environ.get(ENV_CACHE_DIR) or DEFAULT_CACHE_DIR)
+  )
 
 
 def sha256_file(path: str) -> str:
@@ -170,14 +181,17 @@ def read_record(record_path: str) -> str | None:
   with open(record_path) as f:
     fields = f.read().split()
   if not fields or not re.fullmatch(r'[0-9a-f]{64}', fields[0]):
-    raise ChecksumError(f'{record_path}: not a sha256 record (expected "<64 hex digits>  <file>"); '
-                        f'delete it to record the file again')
+    raise ChecksumError(
+      f'{record_path}: not a sha256 record (expected "<64 hex digits>  <file>"); '
+      f'delete it to record the file again'
+    )
   return fields[0]
 
 
 def _write_atomic(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.part',
-                             dir=os.path.dirname(path))
+  fd, tmp = tempfile.mkstemp(
+    prefix='.' + os.path.basename(path) + '.', suffix='.part', dir=os.path.dirname(path)
+  )
   try:
     with os.fdopen(fd, 'w') as f:
       f.write(text)
@@ -198,8 +212,15 @@ class _Progress:
     self.total, self.name, self.done, self.next_log = total, name, 0, 0.1
     self.bar = None
     if enabled and tqdm is not None:
-      self.bar = tqdm.tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=name,
-                           file=sys.stderr, leave=True)
+      self.bar = tqdm.tqdm(
+        total=total,
+        unit='B',
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=name,
+        file=sys.stderr,
+        leave=True,
+      )
     self.log = enabled and tqdm is None
 
   def update(self, n: int) -> None:
@@ -209,8 +230,9 @@ class _Progress:
     elif self.log:
       if self.total:
         while self.done >= self.next_log * self.total and self.next_log <= 1.0:
-          logging.info('%s: %d%% of %.1f MiB', self.name, round(self.next_log * 100),
-                       self.total / 2**20)
+          logging.info(
+            '%s: %d%% of %.1f MiB', self.name, round(self.next_log * 100), self.total / 2**20
+          )
           self.next_log += 0.1
       elif self.done >= self.next_log * 640 * 2**20:
         logging.info('%s: %.0f MiB', self.name, self.done / 2**20)
@@ -223,15 +245,23 @@ class _Progress:
 
 def _offline(url: str, dest: str, reason: str) -> OfflineError:
   return OfflineError(
-      f'cannot download {url} ({reason}). Without internet, fetch {os.path.basename(dest)} '
-      f'elsewhere and put it at {dest} (cache directory: config.train.backbone_cache_dir, '
-      f'${ENV_CACHE_DIR} or {DEFAULT_CACHE_DIR}), or set config.train.backbone_init to its path.')
+    f'cannot download {url} ({reason}). Without internet, fetch {os.path.basename(dest)} '
+    f'elsewhere and put it at {dest} (cache directory: config.train.backbone_cache_dir, '
+    f'${ENV_CACHE_DIR} or {DEFAULT_CACHE_DIR}), or set config.train.backbone_init to its path.'
+  )
 
 
 # ------------------------------------------------------------------------------------ download
-def download(url: str, dest: str, *, sha256_prefix: str | None = None,
-             expected_sha256: str | None = None, record_path: str | None = None,
-             progress: bool = True, timeout: float = 60.0) -> str:
+def download(
+  url: str,
+  dest: str,
+  *,
+  sha256_prefix: str | None = None,
+  expected_sha256: str | None = None,
+  record_path: str | None = None,
+  progress: bool = True,
+  timeout: float = 60.0,
+) -> str:
   """Downloads `url` to `dest` atomically after verifying it; returns its sha256.
 
   `sha256_prefix` (published) and `expected_sha256` (recorded earlier) are checked when given;
@@ -240,8 +270,9 @@ def download(url: str, dest: str, *, sha256_prefix: str | None = None,
   """
   directory = os.path.dirname(os.path.abspath(dest))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(dest) + '.', suffix='.part',
-                             dir=directory)
+  fd, tmp = tempfile.mkstemp(
+    prefix='.' + os.path.basename(dest) + '.', suffix='.part', dir=directory
+  )
   kept = f'nothing was kept in {directory}; rerun to retry'
   try:
     with os.fdopen(fd, 'wb') as f:
@@ -256,9 +287,11 @@ def download(url: str, dest: str, *, sha256_prefix: str | None = None,
         length = response.headers.get('Content-Length')
         chunked = 'chunked' in (response.headers.get('Transfer-Encoding') or '').lower()
         if length is None and not chunked:
-          raise DownloadError(f'{url}: the server states no Content-Length, so an interrupted '
-                              f'transfer could not be told apart; {kept} (place the file by hand '
-                              f'at {dest})')
+          raise DownloadError(
+            f'{url}: the server states no Content-Length, so an interrupted '
+            f'transfer could not be told apart; {kept} (place the file by hand '
+            f'at {dest})'
+          )
         total = int(length) if length is not None else None
         h, received = hashlib.sha256(), 0
         bar = _Progress(total, os.path.basename(dest), progress)
@@ -269,24 +302,30 @@ def download(url: str, dest: str, *, sha256_prefix: str | None = None,
             received += len(chunk)
             bar.update(len(chunk))
         except (OSError, http.client.HTTPException) as e:  # Reset, timeout, IncompleteRead.
-          raise DownloadError(f'download of {url} interrupted after {received} bytes '
-                              f'({type(e).__name__}: {e}); {kept}') from e
+          raise DownloadError(
+            f'download of {url} interrupted after {received} bytes '
+            f'({type(e).__name__}: {e}); {kept}'
+          ) from e
         finally:
           bar.close()
         if total is not None and received != total:
-          raise DownloadError(f'download of {url} interrupted: received {received} of {total} '
-                              f'bytes; {kept}')
+          raise DownloadError(
+            f'download of {url} interrupted: received {received} of {total} bytes; {kept}'
+          )
       f.flush()
       os.fsync(f.fileno())
     digest = h.hexdigest()
     if sha256_prefix is not None and not digest.startswith(sha256_prefix):
-      raise ChecksumError(f'{url}: the downloaded file has sha256 {digest}, but its name says it '
-                          f'starts with {sha256_prefix}; {kept}')
+      raise ChecksumError(
+        f'{url}: the downloaded file has sha256 {digest}, but its name says it '
+        f'starts with {sha256_prefix}; {kept}'
+      )
     if expected_sha256 is not None and digest != expected_sha256:
       raise ChecksumError(
-          f'{url}: the downloaded file has sha256 {digest}, not {expected_sha256} as recorded at '
-          f'the first download in {record_path}; {kept} (if the publisher replaced the file, '
-          f'delete {record_path} to accept the new one)')
+        f'{url}: the downloaded file has sha256 {digest}, not {expected_sha256} as recorded at '
+        f'the first download in {record_path}; {kept} (if the publisher replaced the file, '
+        f'delete {record_path} to accept the new one)'
+      )
     if record_path is not None:
       write_record(record_path, digest, os.path.basename(dest))
     os.replace(tmp, dest)
@@ -296,17 +335,22 @@ def download(url: str, dest: str, *, sha256_prefix: str | None = None,
       os.remove(tmp)
 
 
-def _verify_cached(path: str, prefix: str | None, recorded: str | None,
-                   record_path: str) -> tuple[str, str]:
+def _verify_cached(
+  path: str, prefix: str | None, recorded: str | None, record_path: str
+) -> tuple[str, str]:
   """(sha256, how it was verified) of a cached file; raises ChecksumError when it changed."""
   digest = sha256_file(path)
   fix = f'delete it (and {record_path}) to download it again'
   if prefix is not None and not digest.startswith(prefix):
-    raise ChecksumError(f'{path}: sha256 {digest} does not start with {prefix} as its name says: '
-                        f'the file is corrupt or was replaced; {fix}')
+    raise ChecksumError(
+      f'{path}: sha256 {digest} does not start with {prefix} as its name says: '
+      f'the file is corrupt or was replaced; {fix}'
+    )
   if recorded is not None and digest != recorded:
-    raise ChecksumError(f'{path}: sha256 {digest} differs from {recorded} recorded at the first '
-                        f'download in {record_path}: the file is corrupt or was replaced; {fix}')
+    raise ChecksumError(
+      f'{path}: sha256 {digest} differs from {recorded} recorded at the first '
+      f'download in {record_path}: the file is corrupt or was replaced; {fix}'
+    )
   checks = []
   if prefix is not None:
     checks.append(f'published prefix {prefix}')
@@ -315,8 +359,9 @@ def _verify_cached(path: str, prefix: str | None, recorded: str | None,
   return digest, ('cached; matches ' + ' and '.join(checks)) if checks else 'cached'
 
 
-def fetch(url: str, *, directory: str, progress: bool = True,
-          timeout: float = 60.0) -> tuple[str, str, str, bool]:
+def fetch(
+  url: str, *, directory: str, progress: bool = True, timeout: float = 60.0
+) -> tuple[str, str, str, bool]:
   """(path, sha256, verification, downloaded) of `url` in the cache `directory`."""
   name = file_name_of(url)
   dest = os.path.join(directory, name)
@@ -328,11 +373,19 @@ def fetch(url: str, *, directory: str, progress: bool = True,
     if recorded is None:  # Placed by hand (or cached before records existed): record it now.
       write_record(record_path, digest, name)
       how = (f'published prefix {prefix}; ' if prefix else '') + (
-          f'found in the cache, sha256 recorded at first use in {name}{RECORD_SUFFIX}')
+        f'found in the cache, sha256 recorded at first use in {name}{RECORD_SUFFIX}'
+      )
     return dest, digest, how, False
   logging.info('Downloading %s to %s.', url, dest)
-  digest = download(url, dest, sha256_prefix=prefix, expected_sha256=recorded,
-                    record_path=record_path, progress=progress, timeout=timeout)
+  digest = download(
+    url,
+    dest,
+    sha256_prefix=prefix,
+    expected_sha256=recorded,
+    record_path=record_path,
+    progress=progress,
+    timeout=timeout,
+  )
   if prefix is not None:
     how = f'downloaded; matches the published prefix {prefix}'
   elif recorded is not None:
@@ -352,24 +405,39 @@ def check_model(spec: str, model_cfg: Any, table: Mapping[str, Backbone] | None 
   stage_depths = tuple(model_cfg.get('stage_depths', ()) or ())
   problems = []
   if stage_depths:
-    problems.append(f'config.model.stage_depths={stage_depths} (the named backbones are standard '
-                    f'ResNets)')
+    problems.append(
+      f'config.model.stage_depths={stage_depths} (the named backbones are standard ResNets)'
+    )
   elif int(model_cfg.depth) != bb.depth:
     problems.append(f'config.model.depth={model_cfg.depth}')
   if int(model_cfg.width) != bb.width:
     problems.append(f'config.model.width={model_cfg.width}')
   if problems:
-    fits = [n for n, b in table.items() if b.depth == int(model_cfg.depth)
-            and b.width == int(model_cfg.width)] if not stage_depths else []
+    fits = (
+      [
+        n
+        for n, b in table.items()
+        if b.depth == int(model_cfg.depth) and b.width == int(model_cfg.width)
+      ]
+      if not stage_depths
+      else []
+    )
     instead = ' or '.join(map(repr, fits)) or 'a backbone file of the model\'s shape'
     raise WeightsError(
-        f'config.train.backbone_init={spec!r} is a ResNet-{bb.depth} of width {bb.width} but '
-        f'{" and ".join(problems)}; use {instead}, or {NONE!r} to start from random weights')
+      f'config.train.backbone_init={spec!r} is a ResNet-{bb.depth} of width {bb.width} but '
+      f'{" and ".join(problems)}; use {instead}, or {NONE!r} to start from random weights'
+    )
 
 
-def resolve(spec: str, *, cache_dir: str = '', model: Any = None,
-            table: Mapping[str, Backbone] | None = None, progress: bool = True,
-            timeout: float = 60.0) -> Resolved:
+def resolve(
+  spec: str,
+  *,
+  cache_dir: str = '',
+  model: Any = None,
+  table: Mapping[str, Backbone] | None = None,
+  progress: bool = True,
+  timeout: float = 60.0,
+) -> Resolved:
   """The backbone named by `spec` ('none', a name of `table`, a URL or a local path) as a local
   file, downloaded and verified as docs/design_notes.md says.
 
@@ -384,9 +452,11 @@ def resolve(spec: str, *, cache_dir: str = '', model: Any = None,
   table = BACKBONES if table is None else table
   spec = str(spec).strip()
   if not spec:
-    raise WeightsError(f'config.train.backbone_init is empty: name an ImageNet backbone '
-                       f'({", ".join(table)}), an http(s) URL or a local file, or {NONE!r} to '
-                       f'start from random weights')
+    raise WeightsError(
+      f'config.train.backbone_init is empty: name an ImageNet backbone '
+      f'({", ".join(table)}), an http(s) URL or a local file, or {NONE!r} to '
+      f'start from random weights'
+    )
   if spec == NONE:
     return Resolved(spec, None, verification='random initialisation')
   if model is not None:
@@ -394,20 +464,29 @@ def resolve(spec: str, *, cache_dir: str = '', model: Any = None,
   directory = resolve_cache_dir(cache_dir)
   if spec in table:
     bb = table[spec]
-    path, digest, how, downloaded = fetch(bb.url, directory=directory, progress=progress,
-                                          timeout=timeout)
-    return Resolved(spec, path, name=spec, url=bb.url, sha256=digest, verification=how,
-                    downloaded=downloaded)
+    path, digest, how, downloaded = fetch(
+      bb.url, directory=directory, progress=progress, timeout=timeout
+    )
+    return Resolved(
+      spec, path, name=spec, url=bb.url, sha256=digest, verification=how, downloaded=downloaded
+    )
   if is_url(spec):
-    path, digest, how, downloaded = fetch(spec, directory=directory, progress=progress,
-                                          timeout=timeout)
+    path, digest, how, downloaded = fetch(
+      spec, directory=directory, progress=progress, timeout=timeout
+    )
     return Resolved(spec, path, url=spec, sha256=digest, verification=how, downloaded=downloaded)
   path = os.path.abspath(os.path.expanduser(spec))
   if os.path.isfile(path):
     return Resolved(spec, path, sha256=sha256_file(path), verification='local file, as given')
   if os.path.isdir(path):
-    return Resolved(spec, path, sha256=sha256_dir(path),
-                    verification='local directory, as given (sha256 over its files)')
-  raise WeightsError(f'config.train.backbone_init={spec!r}: not a backbone name '
-                     f'({", ".join(table)}), an http(s) URL, {NONE!r}, or an existing file or '
-                     f'directory')
+    return Resolved(
+      spec,
+      path,
+      sha256=sha256_dir(path),
+      verification='local directory, as given (sha256 over its files)',
+    )
+  raise WeightsError(
+    f'config.train.backbone_init={spec!r}: not a backbone name '
+    f'({", ".join(table)}), an http(s) URL, {NONE!r}, or an existing file or '
+    f'directory'
+  )

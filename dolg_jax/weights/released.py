@@ -32,21 +32,25 @@ from dolg_jax.weights import architecture
 from dolg_jax.weights import converted
 from dolg_jax.weights import torch_format
 
+
 # ----------------------------------------------------------------------------------- public API
-def load_state_dict(path: str | os.PathLike, *,
-                    allow_pickle: bool = False) -> torch_format.StateDict:
+def load_state_dict(
+  path: str | os.PathLike, *, allow_pickle: bool = False
+) -> torch_format.StateDict:
   """The torch state dict (numpy values, no `module.` prefix) of a `.pth`/`.pyth` file."""
   return torch_format.read_torch_state_dict(path, allow_pickle=allow_pickle)
 
 
-def convert_state_dict(sd: torch_format.StateDict, source: Any = '<state dict>'
-                       ) -> tuple[ml_collections.ConfigDict, dict, dict | None]:
+def convert_state_dict(
+  sd: torch_format.StateDict, source: Any = '<state dict>'
+) -> tuple[ml_collections.ConfigDict, dict, dict | None]:
   """(model config, variables {'params','batch_stats'} as numpy, head or None) of a state dict."""
   cfg = architecture.infer_model_config(sd, source)
   head_sd = {k: v for k, v in sd.items() if k.startswith('desc_cls.')}
   body = {k: v for k, v in sd.items() if not k.startswith('desc_cls.')}
-  variables = torch_format.state_dict_to_variables(body, architecture.expected_shapes(cfg),
-                                                   source=source)
+  variables = torch_format.state_dict_to_variables(
+    body, architecture.expected_shapes(cfg), source=source
+  )
   variables.setdefault('batch_stats', {})
   head = None
   if head_sd:
@@ -56,7 +60,8 @@ def convert_state_dict(sd: torch_format.StateDict, source: Any = '<state dict>'
     weight = torch_format.require_key(head_sd, 'desc_cls.weight', source)
     if weight.ndim != 2 or weight.shape[1] != cfg.embedding_dim:
       raise torch_format.ShapeMismatchError(
-          source, [('desc_cls.weight', ('num_classes', cfg.embedding_dim), tuple(weight.shape))])
+        source, [('desc_cls.weight', ('num_classes', cfg.embedding_dim), tuple(weight.shape))]
+      )
     head = {'weight': np.asarray(weight, np.float32)}
     if 'desc_cls.t' in head_sd:
       head['t'] = np.asarray(head_sd['desc_cls.t'], np.float32).reshape(())
@@ -75,12 +80,14 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, allow_pickle: boo
   if os.path.isdir(path):
     if not converted.is_converted_dir(path):
       raise torch_format.CheckpointError(
-          path, f'a directory without {converted.CONFIG_FILE}: not written by '
-          'python -m dolg_jax.convert')
+        path,
+        f'a directory without {converted.CONFIG_FILE}: not written by python -m dolg_jax.convert',
+      )
     cfg, variables = converted.load_converted(path)
   else:
     cfg, variables, _ = convert_state_dict(
-        torch_format.read_torch_state_dict(path, allow_pickle=allow_pickle), path)
+      torch_format.read_torch_state_dict(path, allow_pickle=allow_pickle), path
+    )
   return architecture.build_model(cfg, dtype), architecture.to_jax(variables)
 
 
@@ -109,15 +116,25 @@ def load_head(path: str | os.PathLike) -> dict | None:
   return None if head is None else {k: jnp.asarray(v) for k, v in head.items()}
 
 
-def convert_file(input_path: str, output_dir: str, *, include_head: bool = True,
-                 overwrite: bool = False, allow_pickle: bool = False) -> dict:
+def convert_file(
+  input_path: str,
+  output_dir: str,
+  *,
+  include_head: bool = True,
+  overwrite: bool = False,
+  allow_pickle: bool = False,
+) -> dict:
   """Converts `input_path` into `output_dir`; returns a summary dict (config, counts)."""
   if os.path.exists(os.path.join(output_dir, converted.CONFIG_FILE)) and not overwrite:
     raise FileExistsError(f'{output_dir} already holds a converted checkpoint; pass --overwrite')
   sd = torch_format.read_torch_state_dict(input_path, allow_pickle=allow_pickle)
   cfg, variables, head = convert_state_dict(sd, input_path)
-  converted.save_converted(output_dir, cfg, variables, head if include_head else None,
-                           source=os.path.abspath(input_path))
+  converted.save_converted(
+    output_dir, cfg, variables, head if include_head else None, source=os.path.abspath(input_path)
+  )
   n_params = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(variables['params']))
-  return {'model': cfg.to_dict(), 'num_params': n_params,
-          'head_shape': None if head is None or not include_head else tuple(head['weight'].shape)}
+  return {
+    'model': cfg.to_dict(),
+    'num_params': n_params,
+    'head_shape': None if head is None or not include_head else tuple(head['weight'].shape),
+  }

@@ -31,6 +31,7 @@ _IGNORED_SUFFIXES = ('num_batches_tracked',)
 StateDict = dict[str, np.ndarray]
 Path = tuple[str, ...]
 
+
 # ----------------------------------------------------------------------------------------- errors
 class CheckpointError(ValueError):
   """A checkpoint could not be read or does not fit the model; names the file (and keys)."""
@@ -84,8 +85,11 @@ def read_torch_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise CheckpointError(path, 'reading .pth/.pyth files needs torch (pip install torch); '
-                          'converted directories (python -m dolg_jax.convert) do not') from e
+    raise CheckpointError(
+      path,
+      'reading .pth/.pyth files needs torch (pip install torch); '
+      'converted directories (python -m dolg_jax.convert) do not',
+    ) from e
   try:
     obj = torch.load(path, map_location='cpu', weights_only=not allow_pickle)
   except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
@@ -95,33 +99,43 @@ def read_torch_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False
   elif isinstance(obj, Mapping) and 'state_dict' in obj and isinstance(obj['state_dict'], Mapping):
     obj = obj['state_dict']
   if not isinstance(obj, Mapping) or not obj:
-    raise CheckpointError(path, f'not a state dict or a pycls container with "model_state" '
-                          f'(got {type(obj).__name__})')
+    raise CheckpointError(
+      path, f'not a state dict or a pycls container with "model_state" (got {type(obj).__name__})'
+    )
   bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
   if bad:
-    raise CheckpointError(path, f'not a state dict: entries that are not named tensors: '
-                          f'{format_keys(bad)}')
+    raise CheckpointError(
+      path, f'not a state dict: entries that are not named tensors: {format_keys(bad)}'
+    )
   keys = list(obj)
   if all(k.startswith('module.') for k in keys):
-    keys = [k[len('module.'):] for k in keys]
-  return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
-          for k, v in zip(keys, obj.values())}
+    keys = [k[len('module.') :] for k in keys]
+  return {
+    k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
+    for k, v in zip(keys, obj.values())
+  }
 
 
 def _load_failure(path: str, error: Exception, allow_pickle: bool) -> str:
   """Why torch.load failed: a damaged / non-torch file, or a torch file holding Python objects."""
   found = torch_inspect.inspect_file(path)
   if found.damage is not None:
-    return (f'not a torch checkpoint, or a truncated / damaged one ({found.size:,} bytes: '
-            f'{found.damage}); copy or download it again and compare its size and checksum with '
-            'the source')
+    return (
+      f'not a torch checkpoint, or a truncated / damaged one ({found.size:,} bytes: '
+      f'{found.damage}); copy or download it again and compare its size and checksum with '
+      'the source'
+    )
   if found.objects and not allow_pickle:
-    return (f'a torch checkpoint holding Python objects besides tensors '
-            f'({format_keys(list(found.objects), 3)}); unpickling them can run code, so they are '
-            'not read. If you trust the file, convert it once with `python -m dolg_jax.convert '
-            f'--input {path} --output DIR --allow_pickle` and load DIR')
-  return (f'torch cannot read it ({found.size:,} bytes; truncated?): {type(error).__name__}: '
-          f'{str(error).splitlines()[0][:300] if str(error) else ""}')
+    return (
+      f'a torch checkpoint holding Python objects besides tensors '
+      f'({format_keys(list(found.objects), 3)}); unpickling them can run code, so they are '
+      'not read. If you trust the file, convert it once with `python -m dolg_jax.convert '
+      f'--input {path} --output DIR --allow_pickle` and load DIR'
+    )
+  return (
+    f'torch cannot read it ({found.size:,} bytes; truncated?): {type(error).__name__}: '
+    f'{str(error).splitlines()[0][:300] if str(error) else ""}'
+  )
 
 
 # ---------------------------------------------------------------------------- key/layout mapping
@@ -156,7 +170,7 @@ def torch_key_to_flax(key: str, ndim: int) -> Path | None:
   if leaf == 'weight':
     return ('params', *modules, 'scale' if ndim == 1 else 'kernel')
   if leaf in ('running_mean', 'running_var'):
-    return ('batch_stats', *modules, leaf[len('running_'):])
+    return ('batch_stats', *modules, leaf[len('running_') :])
   return ('params', *modules, leaf)
 
 
@@ -209,8 +223,9 @@ def unflatten_tree(flat: Mapping[Path, Any]) -> dict:
   return out
 
 
-def state_dict_to_variables(sd: StateDict, expected: Mapping[Path, tuple], *, source: Any,
-                            reverse_bgr: bool = True) -> dict:
+def state_dict_to_variables(
+  sd: StateDict, expected: Mapping[Path, tuple], *, source: Any, reverse_bgr: bool = True
+) -> dict:
   """Maps torch tensors onto Flax variables and checks them against `expected` path -> shape.
 
   Raises UnknownKeysError, MissingKeysError or ShapeMismatchError (in that order of checking).
@@ -230,8 +245,11 @@ def state_dict_to_variables(sd: StateDict, expected: Mapping[Path, tuple], *, so
     flat[path] = arr
   if unknown:
     raise UnknownKeysError(source, unknown)
-  missing = [flax_path_to_torch(p) for p in expected if p not in flat and
-             not any(m[0] == flax_path_to_torch(p) for m in mismatches)]
+  missing = [
+    flax_path_to_torch(p)
+    for p in expected
+    if p not in flat and not any(m[0] == flax_path_to_torch(p) for m in mismatches)
+  ]
   if missing:
     raise MissingKeysError(source, missing)
   if mismatches:

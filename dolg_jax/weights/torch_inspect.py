@@ -24,21 +24,31 @@ import zlib
 from typing import Any, BinaryIO
 
 # torch.serialization.MAGIC_NUMBER: the first pickle of a legacy (non-zip) torch file.
-LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _ZIP_MAGIC = b'PK\x03\x04'
 # Globals a tensors-only state dict names (torch's own rebuild functions, storages, dtypes, ...).
 _PLAIN_MODULE_PREFIXES = ('torch', 'collections', '_codecs', 'builtins', '__builtin__')
-_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
-                    IndexError, AttributeError, MemoryError, OverflowError, UnicodeDecodeError,
-                    RecursionError)
+_UNPICKLE_ERRORS = (
+  pickle.UnpicklingError,
+  EOFError,
+  ValueError,
+  TypeError,
+  KeyError,
+  IndexError,
+  AttributeError,
+  MemoryError,
+  OverflowError,
+  UnicodeDecodeError,
+  RecursionError,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Inspection:
-  size: int                      # bytes on disk
-  damage: str | None             # what makes it unreadable / not torch; None when intact
-  objects: tuple[str, ...]       # 'module.name' of non-tensor globals its pickle names
-  layout: str                    # 'zip', 'legacy' or 'unknown'
+  size: int  # bytes on disk
+  damage: str | None  # what makes it unreadable / not torch; None when intact
+  objects: tuple[str, ...]  # 'module.name' of non-tensor globals its pickle names
+  layout: str  # 'zip', 'legacy' or 'unknown'
 
 
 class _Inert:
@@ -94,21 +104,25 @@ def _inspect_zip(path: str, size: int) -> Inspection:
     with zipfile.ZipFile(path) as zf:
       pkls = [n for n in zf.namelist() if n == 'data.pkl' or n.endswith('/data.pkl')]
       if not pkls:
-        return Inspection(size, 'a zip archive without data.pkl, so not a torch checkpoint', (),
-                          'zip')
+        return Inspection(
+          size, 'a zip archive without data.pkl, so not a torch checkpoint', (), 'zip'
+        )
       bad = zf.testzip()
       if bad is not None:
         return Inspection(size, f'zip member {bad} fails its CRC check', (), 'zip')
       data = zf.read(pkls[0])
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-    return Inspection(size, f'starts like the zip archive torch.save writes but cannot be opened '
-                      f'as one ({e})', (), 'zip')
+    return Inspection(
+      size,
+      f'starts like the zip archive torch.save writes but cannot be opened as one ({e})',
+      (),
+      'zip',
+    )
   named: set[str] = set()
   try:
     _replay(io.BytesIO(data), named)
   except _UNPICKLE_ERRORS as e:
-    return Inspection(size, f'its data.pkl is damaged ({type(e).__name__}: {e})',
-                      (), 'zip')
+    return Inspection(size, f'its data.pkl is damaged ({type(e).__name__}: {e})', (), 'zip')
   return Inspection(size, None, _objects(named), 'zip')
 
 
@@ -118,17 +132,20 @@ def _inspect_legacy(path: str, size: int) -> Inspection:
     try:
       magic = _replay(f, named)
     except _UNPICKLE_ERRORS:
-      return Inspection(size, 'neither the zip archive nor the pickle that torch.save writes', (),
-                        'unknown')
+      return Inspection(
+        size, 'neither the zip archive nor the pickle that torch.save writes', (), 'unknown'
+      )
     if not isinstance(magic, int) or magic != LEGACY_MAGIC:
-      return Inspection(size, 'a pickle without torch\'s magic number, not written by torch.save',
-                        (), 'unknown')
+      return Inspection(
+        size, 'a pickle without torch\'s magic number, not written by torch.save', (), 'unknown'
+      )
     try:
       for _ in range(4):  # protocol version, system info, the object, its storage keys
         _replay(f, named)
     except _UNPICKLE_ERRORS as e:
-      return Inspection(size, f'a legacy torch file cut short ({type(e).__name__}: '
-                        f'{e})', (), 'legacy')
+      return Inspection(
+        size, f'a legacy torch file cut short ({type(e).__name__}: {e})', (), 'legacy'
+      )
   return Inspection(size, None, _objects(named), 'legacy')
 
 

@@ -19,16 +19,27 @@ from tests.helpers.paths import REPO
 
 # (relative path, format) of the decodable images; nested dirs, mixed-case extensions, PNG.
 IMAGES = (
-    ('img00.jpg', 'JPEG'), ('img01.JPG', 'JPEG'), ('img02.png', 'PNG'), ('img03.Jpeg', 'JPEG'),
-    ('a/img04.jpeg', 'JPEG'), ('a/img05.PNG', 'PNG'), ('a/img06.jpg', 'JPEG'),
-    ('a/b/img07.JPG', 'JPEG'), ('a/b/img08.png', 'PNG'), ('a/b/img09.jpg', 'JPEG'),
-    ('c/img10.tif', 'TIFF'), ('c/img11.bmp', 'BMP'),
+  ('img00.jpg', 'JPEG'),
+  ('img01.JPG', 'JPEG'),
+  ('img02.png', 'PNG'),
+  ('img03.Jpeg', 'JPEG'),
+  ('a/img04.jpeg', 'JPEG'),
+  ('a/img05.PNG', 'PNG'),
+  ('a/img06.jpg', 'JPEG'),
+  ('a/b/img07.JPG', 'JPEG'),
+  ('a/b/img08.png', 'PNG'),
+  ('a/b/img09.jpg', 'JPEG'),
+  ('c/img10.tif', 'TIFF'),
+  ('c/img11.bmp', 'BMP'),
 )
 BAD = ('a/not_an_image.jpg', 'b/truncated.JPG')  # text named .jpg; a JPEG cut in half
 IGNORED = ('notes.txt', 'a/b/.hidden.jpg')  # no image extension; hidden
 LATER = (('a/later0.jpg', 'JPEG'), ('d/later1.png', 'PNG'))  # added after the first index
-PROTOCOL = ('--config.eval.scales=(1.0,)', '--config.eval.batch_size=4',
-            '--config.eval.num_workers=0')
+PROTOCOL = (
+  '--config.eval.scales=(1.0,)',
+  '--config.eval.batch_size=4',
+  '--config.eval.num_workers=0',
+)
 
 
 def image(seed: int) -> np.ndarray:
@@ -44,8 +55,9 @@ def image(seed: int) -> np.ndarray:
       cv2.circle(img, p, int(rng.integers(6, 25)), colour, -1)
     else:
       x0, y0 = (int(v) for v in rng.integers(0, min(h, w) - 10, 2))
-      cv2.rectangle(img, (x0, y0), (x0 + int(rng.integers(8, 40)), y0 + int(rng.integers(8, 40))),
-                    colour, -1)
+      cv2.rectangle(
+        img, (x0, y0), (x0 + int(rng.integers(8, 40)), y0 + int(rng.integers(8, 40))), colour, -1
+      )
   return img
 
 
@@ -63,7 +75,7 @@ def write_folder(root: str) -> str:
   with open(os.path.join(root, IMAGES[0][0]), 'rb') as f:
     data = f.read()
   with open(os.path.join(root, BAD[1]), 'wb') as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   for rel in IGNORED:
     with open(os.path.join(root, rel), 'w') as f:
       f.write('ignored')
@@ -79,9 +91,11 @@ def random_variables(model_cfg, seed: int) -> dict:
   """He-normal kernels, unit BatchNorm, from the shapes alone (`jax.eval_shape`: no init compile,
   which costs tens of seconds on a busy 2-core machine)."""
   from dolg_jax import models  # pylint: disable=import-outside-toplevel
+
   model = models.build_model(model_cfg)
-  shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False),
-                          jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(
+    lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.PRNGKey(0)
+  )
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -100,16 +114,28 @@ def write_checkpoint(path: str, seed: int) -> str:
   """A converted tiny checkpoint (pretrained.save_converted) with random weights."""
   from configs import tiny  # pylint: disable=import-outside-toplevel
   from dolg_jax import pretrained  # pylint: disable=import-outside-toplevel
+
   cfg = tiny.get_config()
   pretrained.save_converted(path, cfg.model, random_variables(cfg.model, seed))
   return path
 
 
-def index_cmd(ckpt: str, images: str, out: str, xla_cache: str, *extra: str,
-              program=('-m', 'dolg_jax.index')) -> list[str]:
-  return [sys.executable, *program, '--config=configs/tiny.py', f'--checkpoint={ckpt}',
-          f'--images={images}', f'--out={out}', '--part_size=3', '--read_workers=2',
-          f'--config.eval.xla_cache_dir={xla_cache}', *PROTOCOL, *extra]
+def index_cmd(
+  ckpt: str, images: str, out: str, xla_cache: str, *extra: str, program=('-m', 'dolg_jax.index')
+) -> list[str]:
+  return [
+    sys.executable,
+    *program,
+    '--config=configs/tiny.py',
+    f'--checkpoint={ckpt}',
+    f'--images={images}',
+    f'--out={out}',
+    '--part_size=3',
+    '--read_workers=2',
+    f'--config.eval.xla_cache_dir={xla_cache}',
+    *PROTOCOL,
+    *extra,
+  ]
 
 
 def env() -> dict:

@@ -13,8 +13,9 @@ def image(seed: int, colour, size: int = 64) -> np.ndarray:
   return np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
 
 
-def write_classes(root: str, counts: dict, *, size: int = 64, seed: int = 0, ext: str = '.jpg'
-                  ) -> dict:
+def write_classes(
+  root: str, counts: dict, *, size: int = 64, seed: int = 0, ext: str = '.jpg'
+) -> dict:
   """Writes counts[name] images into root/name/ (deterministic); returns {name: [paths]}."""
   out = {}
   for k, (name, n) in enumerate(sorted(counts.items())):

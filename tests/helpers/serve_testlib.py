@@ -34,8 +34,13 @@ class Server:
 
   def __init__(self, *args: str, timeout: float = 300):
     self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'dolg_jax.serve', '--port=0', *args], cwd=REPO, env=ctl.env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      [sys.executable, '-m', 'dolg_jax.serve', '--port=0', *args],
+      cwd=REPO,
+      env=ctl.env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
     self.lines: list[str] = []
     self._q: queue.Queue = queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()

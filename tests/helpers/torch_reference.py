@@ -98,8 +98,9 @@ class ResStage(nn.Module):
   def __init__(self, w_in: int, w_out: int, stride: int, d: int, w_b: int):
     super().__init__()
     for i in range(d):
-      self.add_module(f'b{i + 1}', ResBlock(w_in if i == 0 else w_out, w_out,
-                                            stride if i == 0 else 1, w_b))
+      self.add_module(
+        f'b{i + 1}', ResBlock(w_in if i == 0 else w_out, w_out, stride if i == 0 else 1, w_b)
+      )
 
   def forward(self, x):
     for block in self.children():
@@ -151,8 +152,9 @@ class GeneralizedMeanPooling(nn.Module):
 class ASPP(nn.Module):
   """Multi-atrous block: [image pool, 1x1, 3x3 d6, d12, d18] -> concat -> 1x1 -> ReLU. No BN."""
 
-  def __init__(self, in_c: int, dim: int = 512, out_c: int = 1024,
-               rates: Sequence[int] = (6, 12, 18)):
+  def __init__(
+    self, in_c: int, dim: int = 512, out_c: int = 1024, rates: Sequence[int] = (6, 12, 18)
+  ):
     super().__init__()
     branches = [nn.Conv2d(in_c, dim, 1, 1)]
     for r in rates:
@@ -164,8 +166,9 @@ class ASPP(nn.Module):
   def forward(self, x):
     h, w = x.shape[2], x.shape[3]
     # The official code upsamples the 1x1 image-pool output by scale (h, w): a broadcast.
-    outs = [F.interpolate(self.im_pool(x), scale_factor=(h, w), mode='bilinear',
-                          align_corners=False)]
+    outs = [
+      F.interpolate(self.im_pool(x), scale_factor=(h, w), mode='bilinear', align_corners=False)
+    ]
     outs += [branch(x) for branch in self.aspp]
     return self.conv_after(torch.cat(outs, 1))
 
@@ -173,8 +176,14 @@ class ASPP(nn.Module):
 class SpatialAttention2d(nn.Module):
   """Local branch: [ASPP] -> conv1 -> BN -> (L2-normalised features) * softplus(conv2(ReLU(.)))."""
 
-  def __init__(self, in_c: int, dim: int = 1024, with_aspp: bool = False,
-               aspp_dim: int = 512, rates: Sequence[int] = (6, 12, 18)):
+  def __init__(
+    self,
+    in_c: int,
+    dim: int = 1024,
+    with_aspp: bool = False,
+    aspp_dim: int = 512,
+    rates: Sequence[int] = (6, 12, 18),
+  ):
     super().__init__()
     self.with_aspp = with_aspp
     if with_aspp:
@@ -207,10 +216,18 @@ class CurricularHead(nn.Module):
 class DOLGReference(nn.Module):
   """The official DOLG model; `forward` returns `global_feature` (N, 512) before L2 normalisation."""
 
-  def __init__(self, depth: int = 50, width: int = 64, with_aspp: bool = False,
-               gem_p: float = 3.0, gem_p_learnable: bool = True, num_classes: int = 16,
-               embedding_dim: int = 512, fusion_eps: float = 0.0,
-               stage_depths: Sequence[int] = ()):
+  def __init__(
+    self,
+    depth: int = 50,
+    width: int = 64,
+    with_aspp: bool = False,
+    gem_p: float = 3.0,
+    gem_p_learnable: bool = True,
+    num_classes: int = 16,
+    embedding_dim: int = 512,
+    fusion_eps: float = 0.0,
+    stage_depths: Sequence[int] = (),
+  ):
     super().__init__()
     s3_dim, s4_dim = 16 * width, 32 * width
     self.s3_dim, self.s4_dim = s3_dim, s4_dim
@@ -220,8 +237,7 @@ class DOLGReference(nn.Module):
     self.fc_t = nn.Linear(s4_dim, s3_dim, bias=True)
     self.fc = nn.Linear(s4_dim, embedding_dim, bias=True)
     self.globalmodel = ResNetBackbone(depth, width, stage_depths)
-    self.localmodel = SpatialAttention2d(s3_dim, s3_dim, with_aspp=with_aspp,
-                                         aspp_dim=s3_dim // 2)
+    self.localmodel = SpatialAttention2d(s3_dim, s3_dim, with_aspp=with_aspp, aspp_dim=s3_dim // 2)
     self.desc_cls = CurricularHead(embedding_dim, num_classes)
 
   def forward_features(self, x) -> dict[str, torch.Tensor]:
@@ -316,8 +332,14 @@ def to_torchvision_state_dict(backbone_sd: dict[str, torch.Tensor]) -> dict[str,
       stage, block = int(parts[0][1:]), int(parts[1][1:]) - 1
       prefix = [f'layer{stage}', str(block)]
       if parts[2] == 'f':
-        sub = {'a': 'conv1', 'b': 'conv2', 'c': 'conv3',
-               'a_bn': 'bn1', 'b_bn': 'bn2', 'c_bn': 'bn3'}[parts[3]]
+        sub = {
+          'a': 'conv1',
+          'b': 'conv2',
+          'c': 'conv3',
+          'a_bn': 'bn1',
+          'b_bn': 'bn2',
+          'c_bn': 'bn3',
+        }[parts[3]]
         new = prefix + [sub] + parts[4:]
       else:
         new = prefix + ['downsample', {'proj': '0', 'bn': '1'}[parts[2]]] + parts[3:]

@@ -17,15 +17,19 @@ import time
 from dolg_jax.data.synthetic import gldv2_fixture
 from dolg_jax.weights import checkpoint as ckpt_layout
 from tests.helpers.paths import REPO
+
 ROOT = os.path.join(tempfile.gettempdir(), 'dolg_jax_train_tests')
 CACHE_DIR = os.path.join(ROOT, 'xla_cache')
 DATA_DIR = os.path.join(ROOT, 'tiny_gldv2')
 
 # Flags shared by the runs compared with each other (same program => one compilation).
 BASE_FLAGS = (
-    '--config=configs/tiny.py', f'--config.data.data_dir={DATA_DIR}',
-    '--config.train.log_every_steps=1', '--config.train.eval_every_steps=0',
-    '--config.train.checkpoint_every_steps=2', '--config.train.keep_checkpoints=2',
+  '--config=configs/tiny.py',
+  f'--config.data.data_dir={DATA_DIR}',
+  '--config.train.log_every_steps=1',
+  '--config.train.eval_every_steps=0',
+  '--config.train.checkpoint_every_steps=2',
+  '--config.train.keep_checkpoints=2',
 )
 
 # Runs dolg_jax.main with a wrapped training iterator: DOLG_TEST_KILL_AT=k SIGKILLs the process
@@ -62,14 +66,16 @@ main.run()
 
 def env(**extra) -> dict:
   e = dict(os.environ)
-  e.update({
+  e.update(
+    {
       'PYTHONPATH': REPO + os.pathsep + e.get('PYTHONPATH', ''),
       'JAX_PLATFORMS': 'cpu',
       'JAX_COMPILATION_CACHE_DIR': CACHE_DIR,
       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
       'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
       'TF_CPP_MIN_LOG_LEVEL': '2',
-  })
+    }
+  )
   e.pop('XLA_FLAGS', None)
   e.update({k: str(v) for k, v in extra.items()})
   return e
@@ -86,24 +92,38 @@ def main_cmd(workdir: str, *flags: str, wrapped: bool = False) -> list[str]:
   return head + [f'--workdir={workdir}', *BASE_FLAGS, *flags]
 
 
-def run_main(workdir: str, *flags: str, wrapped: bool = False, timeout: float = 600,
-             **env_extra) -> subprocess.CompletedProcess:
-  return subprocess.run(main_cmd(workdir, *flags, wrapped=wrapped), cwd=REPO,
-                        env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+def run_main(
+  workdir: str, *flags: str, wrapped: bool = False, timeout: float = 600, **env_extra
+) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    main_cmd(workdir, *flags, wrapped=wrapped),
+    cwd=REPO,
+    env=env(**env_extra),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
-def start_main(workdir: str, *flags: str, wrapped: bool = False, log_file: str | None = None,
-               **env_extra) -> subprocess.Popen:
+def start_main(
+  workdir: str, *flags: str, wrapped: bool = False, log_file: str | None = None, **env_extra
+) -> subprocess.Popen:
   """Starts a run; output goes to pipes, or to `log_file` (use it when several processes run at
   once: a process blocked on a full pipe would stall the others in their collectives)."""
   out = open(log_file, 'w') if log_file else subprocess.PIPE  # pylint: disable=consider-using-with
-  return subprocess.Popen(main_cmd(workdir, *flags, wrapped=wrapped), cwd=REPO,
-                          env=env(**env_extra), stdout=out,
-                          stderr=subprocess.STDOUT if log_file else subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    main_cmd(workdir, *flags, wrapped=wrapped),
+    cwd=REPO,
+    env=env(**env_extra),
+    stdout=out,
+    stderr=subprocess.STDOUT if log_file else subprocess.PIPE,
+    text=True,
+  )
 
 
-def sigterm_when_logged(proc: subprocess.Popen, workdir: str, step: int,
-                        timeout: float = 400) -> None:
+def sigterm_when_logged(
+  proc: subprocess.Popen, workdir: str, step: int, timeout: float = 400
+) -> None:
   """Sends SIGTERM to `proc` once metrics.jsonl holds `step`."""
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:

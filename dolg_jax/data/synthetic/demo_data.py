@@ -28,6 +28,7 @@ from dolg_jax.data.synthetic import gldv2_fixture
 @dataclasses.dataclass(frozen=True)
 class DemoSpec:
   """Sizes of the demo data (defaults: the README demo; tests use smaller ones)."""
+
   num_train_places: int = 120
   train_views: int = 20
   num_query_places: int = 20
@@ -64,13 +65,23 @@ def write_gldv2(manual_dir: str, spec: DemoSpec) -> dict:
       image_id = _image_id('train', p * 1000 + v, spec.seed)
       difficulty = float(rng.uniform(0.1, 1.0))
       occlusion = float(rng.choice([0.0, 0.0, 0.1, 0.25]))
-      img = demo_scenes.render_view(place, int(rng.integers(1 << 31)), size=_size(rng, spec),
-                                    difficulty=difficulty, occlusion=occlusion)
+      img = demo_scenes.render_view(
+        place,
+        int(rng.integers(1 << 31)),
+        size=_size(rng, spec),
+        difficulty=difficulty,
+        occlusion=occlusion,
+      )
       payload[image_id] = demo_scenes.jpeg_bytes(img)
       ids.append(image_id)
     full[landmark] = ids
-  gldv2_fixture.write_layout(manual_dir, full=full, clean=full, payload=payload,
-                             num_shards=max(1, min(8, spec.num_train_places // 20)))
+  gldv2_fixture.write_layout(
+    manual_dir,
+    full=full,
+    clean=full,
+    payload=payload,
+    num_shards=max(1, min(8, spec.num_train_places // 20)),
+  )
   return {'num_images': len(payload), 'num_classes': len(full)}
 
 
@@ -87,8 +98,11 @@ def write_revisited(root: str, name: str, spec: DemoSpec) -> dict:
     return demo_scenes.make_place(2_000_000 + spec.seed * 10_000 + k)
 
   index, groups = [], []
-  kinds = (('easy', spec.easy_views, 0.3, 0.0), ('hard', spec.hard_views, 0.85, 0.15),
-           ('junk', spec.junk_views, 1.0, 0.45))
+  kinds = (
+    ('easy', spec.easy_views, 0.3, 0.0),
+    ('hard', spec.hard_views, 0.85, 0.15),
+    ('junk', spec.junk_views, 1.0, 0.45),
+  )
   for p in range(spec.num_query_places):
     g = {'easy': [], 'hard': [], 'junk': []}
     for kind, count, difficulty, occlusion in kinds:
@@ -98,24 +112,39 @@ def write_revisited(root: str, name: str, spec: DemoSpec) -> dict:
     groups.append(g)
   for d in range(spec.num_distractor_places):
     for _ in range(spec.distractor_views):
-      index.append((f'other{d:03d}_{len(index):05d}', place(spec.num_query_places + d),
-                    float(rng.uniform(0.2, 0.9)), 0.0))
+      index.append(
+        (
+          f'other{d:03d}_{len(index):05d}',
+          place(spec.num_query_places + d),
+          float(rng.uniform(0.2, 0.9)),
+          0.0,
+        )
+      )
   order = rng.permutation(len(index))  # the real lists are not grouped by landmark
   position = np.empty_like(order)
   position[order] = np.arange(len(order))
   imlist = []
   for i in order:
     image_name, pl, difficulty, occlusion = index[i]
-    save(image_name, demo_scenes.render_view(pl, int(rng.integers(1 << 31)), size=_size(rng, spec),
-                                             difficulty=difficulty, occlusion=occlusion))
+    save(
+      image_name,
+      demo_scenes.render_view(
+        pl,
+        int(rng.integers(1 << 31)),
+        size=_size(rng, spec),
+        difficulty=difficulty,
+        occlusion=occlusion,
+      ),
+    )
     imlist.append(image_name)
 
   qimlist, gnd = [], []
   for p in range(spec.num_query_places):
     for q in range(spec.queries_per_place):
       w, h = _size(rng, spec)
-      view = demo_scenes.render_view(place(p), int(rng.integers(1 << 31)), size=(w, h),
-                                     difficulty=0.4)
+      view = demo_scenes.render_view(
+        place(p), int(rng.integers(1 << 31)), size=(w, h), difficulty=0.4
+      )
       # Clutter around the query view: a frame from a place that is not in the benchmark.
       fw, fh = int(w * rng.uniform(1.2, 1.6)), int(h * rng.uniform(1.2, 1.6))
       clutter = demo_scenes.make_place(3_000_000 + spec.seed * 10_000 + p * 10 + q)
@@ -126,10 +155,14 @@ def write_revisited(root: str, name: str, spec: DemoSpec) -> dict:
       save(image_name, frame)
       qimlist.append(image_name)
       g = groups[p]
-      gnd.append({'bbx': [float(x1), float(y1), float(x1 + w), float(y1 + h)],
-                  'easy': sorted(int(position[i]) for i in g['easy']),
-                  'hard': sorted(int(position[i]) for i in g['hard']),
-                  'junk': sorted(int(position[i]) for i in g['junk'])})
+      gnd.append(
+        {
+          'bbx': [float(x1), float(y1), float(x1 + w), float(y1 + h)],
+          'easy': sorted(int(position[i]) for i in g['easy']),
+          'hard': sorted(int(position[i]) for i in g['hard']),
+          'junk': sorted(int(position[i]) for i in g['junk']),
+        }
+      )
   with open(os.path.join(root, f'gnd_{name}.pkl'), 'wb') as f:
     pickle.dump({'imlist': imlist, 'qimlist': qimlist, 'gnd': gnd}, f)
   return {'num_index': len(imlist), 'num_query': len(qimlist)}

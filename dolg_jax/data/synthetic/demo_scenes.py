@@ -24,6 +24,7 @@ CANVAS = 320  # Side of the canvas a place is drawn on before the camera warp.
 @dataclasses.dataclass(frozen=True)
 class Place:
   """Parameters of one place; `draw` renders it on a CANVAS x CANVAS image."""
+
   sky: tuple[tuple[int, int, int], tuple[int, int, int]]
   ground: tuple[int, int, int]
   horizon: int
@@ -37,7 +38,7 @@ class Place:
     ramp = np.linspace(0.0, 1.0, CANVAS, dtype=np.float32)[:, None, None]
     top, bottom = (np.array(c, np.float32) for c in self.sky)
     arr = np.broadcast_to(top * (1 - ramp) + bottom * ramp, (CANVAS, CANVAS, 3)).copy()
-    arr[self.horizon:] = self.ground
+    arr[self.horizon :] = self.ground
     img = Image.fromarray(arr.astype(np.uint8))
     d = ImageDraw.Draw(img)
     x0, y0, x1, y1 = self.facade_box
@@ -47,8 +48,9 @@ class Place:
     for i in range(cols):
       for j in range(rows):
         wx, wy = x0 + i * cw, y0 + j * rh
-        d.rectangle((wx + cw * 0.25, wy + rh * 0.2, wx + cw * 0.75, wy + rh * 0.7),
-                    fill=self.window_color)
+        d.rectangle(
+          (wx + cw * 0.25, wy + rh * 0.2, wx + cw * 0.75, wy + rh * 0.7), fill=self.window_color
+        )
     for kind, box, color in self.shapes:
       if kind == 'ellipse':
         d.ellipse(box, fill=color)
@@ -82,9 +84,16 @@ def make_place(seed: int) -> Place:
     w, h = int(rng.integers(25, 110)), int(rng.integers(25, 130))
     x, y = int(rng.integers(0, CANVAS - w)), int(rng.integers(10, horizon - 10))
     shapes.append((kind, (x, y, x + w, min(y + h, CANVAS - 1)), _color(rng)))
-  return Place(sky=(_color(rng), _color(rng)), ground=_color(rng), horizon=horizon,
-               facade_box=facade, facade_color=_color(rng), window_color=_color(rng),
-               window_grid=(int(rng.integers(2, 7)), int(rng.integers(2, 6))), shapes=tuple(shapes))
+  return Place(
+    sky=(_color(rng), _color(rng)),
+    ground=_color(rng),
+    horizon=horizon,
+    facade_box=facade,
+    facade_color=_color(rng),
+    window_color=_color(rng),
+    window_grid=(int(rng.integers(2, 7)), int(rng.integers(2, 6))),
+    shapes=tuple(shapes),
+  )
 
 
 def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -96,8 +105,9 @@ def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
   return np.linalg.solve(np.asarray(a, np.float64), src.reshape(-1).astype(np.float64))
 
 
-def render_view(place: Place, seed: int, *, size: tuple[int, int], difficulty: float = 0.5,
-                occlusion: float = 0.0) -> Image.Image:
+def render_view(
+  place: Place, seed: int, *, size: tuple[int, int], difficulty: float = 0.5, occlusion: float = 0.0
+) -> Image.Image:
   """One RGB photo of `place` of the given (width, height).
 
   difficulty in [0, 1] scales the camera change (0: frontal, full view; 1: strong perspective, zoom
@@ -119,8 +129,13 @@ def render_view(place: Place, seed: int, *, size: tuple[int, int], difficulty: f
   rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
   src = corners @ rot.T + [cx, cy]
   dst = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64)
-  img = base.transform((w, h), Image.Transform.PERSPECTIVE, _perspective_coeffs(src, dst),
-                       resample=Image.Resampling.BILINEAR, fillcolor=place.ground)
+  img = base.transform(
+    (w, h),
+    Image.Transform.PERSPECTIVE,
+    _perspective_coeffs(src, dst),
+    resample=Image.Resampling.BILINEAR,
+    fillcolor=place.ground,
+  )
   # Lighting.
   img = ImageEnhance.Brightness(img).enhance(1 + rng.uniform(-0.35, 0.35) * (0.3 + difficulty))
   img = ImageEnhance.Contrast(img).enhance(1 + rng.uniform(-0.3, 0.3) * (0.3 + difficulty))

@@ -31,16 +31,20 @@ from dolg_jax import atomic
 from dolg_jax.data import gldv2
 
 DEFAULT_IMAGES_PER_CLASS = (2, 4, 5, 6, 7, 9, 10, 12)
-LAYOUTS = {'flat': ('', ''), 'official': ('train', 'train'),
-           'bucket': ('train', os.path.join('md5sum', 'train'))}  # (shard dir, md5 dir)
+LAYOUTS = {
+  'flat': ('', ''),
+  'official': ('train', 'train'),
+  'bucket': ('train', os.path.join('md5sum', 'train')),
+}  # (shard dir, md5 dir)
 
 
 @dataclasses.dataclass
 class FixtureInfo:
   """What was written (ids are 16 lowercase hex chars, like the official ones)."""
+
   manual_dir: str
-  clean: Dict[int, List[str]]          # landmark_id -> ids in train_clean.csv
-  full: Dict[int, List[str]]           # landmark_id -> ids in train.csv
+  clean: Dict[int, List[str]]  # landmark_id -> ids in train_clean.csv
+  full: Dict[int, List[str]]  # landmark_id -> ids in train.csv
   shards: List[str]
   missing: List[str]
   corrupt: List[str]
@@ -99,12 +103,23 @@ def unique_ids(rng: np.random.Generator) -> Callable[[], str]:
   return new_id
 
 
-def write_fixture(manual_dir: str, *, num_classes: int = 8,
-                  images_per_class: Union[int, Sequence[int]] = DEFAULT_IMAGES_PER_CLASS,
-                  seed: int = 0, num_shards: int = 3, num_missing: int = 2, num_corrupt: int = 2,
-                  num_grayscale: int = 2, num_cmyk: int = 2, num_png: int = 2,
-                  num_noisy_classes: int = 2, size_range: Tuple[int, int] = (48, 160),
-                  quality: int = 90, layout: str = 'flat') -> FixtureInfo:
+def write_fixture(
+  manual_dir: str,
+  *,
+  num_classes: int = 8,
+  images_per_class: Union[int, Sequence[int]] = DEFAULT_IMAGES_PER_CLASS,
+  seed: int = 0,
+  num_shards: int = 3,
+  num_missing: int = 2,
+  num_corrupt: int = 2,
+  num_grayscale: int = 2,
+  num_cmyk: int = 2,
+  num_png: int = 2,
+  num_noisy_classes: int = 2,
+  size_range: Tuple[int, int] = (48, 160),
+  quality: int = 90,
+  layout: str = 'flat',
+) -> FixtureInfo:
   """Writes the fixture; deterministic in its arguments. Returns what was planted where.
 
   Args:
@@ -118,8 +133,11 @@ def write_fixture(manual_dir: str, *, num_classes: int = 8,
     layout: 'flat', 'official' or 'bucket' (see the module docstring); same bytes in each.
   """
   rng = np.random.default_rng(seed)
-  counts = ([images_per_class] * num_classes if isinstance(images_per_class, int)
-            else [images_per_class[i % len(images_per_class)] for i in range(num_classes)])
+  counts = (
+    [images_per_class] * num_classes
+    if isinstance(images_per_class, int)
+    else [images_per_class[i % len(images_per_class)] for i in range(num_classes)]
+  )
   total_classes = num_classes + num_noisy_classes
   landmarks = sorted(int(x) for x in rng.choice(200000, size=total_classes, replace=False))
   order = rng.permutation(total_classes)
@@ -142,8 +160,9 @@ def write_fixture(manual_dir: str, *, num_classes: int = 8,
     raise ValueError(f'{n_bad} planted files but only {len(clean_ids)} clean images')
   bad = [clean_ids[j] for j in rng.permutation(len(clean_ids))[:n_bad]]
   cuts = np.cumsum([num_missing, num_corrupt, num_grayscale, num_cmyk, num_png])
-  missing, corrupt, grayscale, cmyk, png = (list(x) for x in np.split(np.array(bad, dtype=object),
-                                                                     cuts[:-1]))
+  missing, corrupt, grayscale, cmyk, png = (
+    list(x) for x in np.split(np.array(bad, dtype=object), cuts[:-1])
+  )
   kinds = {i: 'grayscale' for i in grayscale}
   kinds.update({i: 'cmyk' for i in cmyk})
   kinds.update({i: 'png' for i in png})
@@ -160,16 +179,20 @@ def write_fixture(manual_dir: str, *, num_classes: int = 8,
       continue
     if image_id in corrupt:
       good = _encode(img, 'rgb', quality)
-      payload[image_id] = (good[:len(good) // 2] if corrupt.index(image_id) % 2 == 0
-                           else b'<html>403 Forbidden</html>' + bytes(rng.integers(0, 256, 64,
-                                                                                  dtype=np.uint8)))
+      payload[image_id] = (
+        good[: len(good) // 2]
+        if corrupt.index(image_id) % 2 == 0
+        else b'<html>403 Forbidden</html>' + bytes(rng.integers(0, 256, 64, dtype=np.uint8))
+      )
       continue
     payload[image_id] = _encode(img, kinds.get(image_id, 'rgb'), quality)
 
-  shards = write_layout(manual_dir, full=full, clean=clean, payload=payload,
-                        num_shards=num_shards, layout=layout)
-  return FixtureInfo(manual_dir, clean, full, shards, missing, corrupt, grayscale, cmyk, png,
-                     pixels)
+  shards = write_layout(
+    manual_dir, full=full, clean=clean, payload=payload, num_shards=num_shards, layout=layout
+  )
+  return FixtureInfo(
+    manual_dir, clean, full, shards, missing, corrupt, grayscale, cmyk, png, pixels
+  )
 
 
 def extract_fixture(manual_dir: str, out_dir: str) -> None:
@@ -186,8 +209,15 @@ def extract_fixture(manual_dir: str, out_dir: str) -> None:
           tar.extractall(os.path.join(out_dir, 'train'), filter='data')
 
 
-def write_layout(manual_dir: str, *, full: Dict[int, List[str]], clean: Dict[int, List[str]],
-                 payload: Dict[str, bytes], num_shards: int, layout: str = 'flat') -> List[str]:
+def write_layout(
+  manual_dir: str,
+  *,
+  full: Dict[int, List[str]],
+  clean: Dict[int, List[str]],
+  payload: Dict[str, bytes],
+  num_shards: int,
+  layout: str = 'flat',
+) -> List[str]:
   """Writes images and listings in the official GLDv2 layout; returns the shard paths.
 
   full / clean: landmark_id -> image ids for train.csv / train_clean.csv. payload: id -> file bytes
@@ -229,8 +259,9 @@ def write_layout(manual_dir: str, *, full: Dict[int, List[str]], clean: Dict[int
   return shards
 
 
-def ensure_fixture_dataset(data_dir: str, *, dataset: str = 'gldv2/clean',
-                           manual_dir: Optional[str] = None, **fixture_kwargs) -> gldv2.Gldv2:
+def ensure_fixture_dataset(
+  data_dir: str, *, dataset: str = 'gldv2/clean', manual_dir: Optional[str] = None, **fixture_kwargs
+) -> gldv2.Gldv2:
   """Writes the small fixture (if absent) and prepares it (if absent); returns the builder.
 
   For tests and configs/tiny.py. The fixture's planted missing images are allowed. Safe to call

@@ -33,8 +33,8 @@ class FixtureInfo:
   manual_dir: str
   index_ids: List[str]
   test_ids: List[str]
-  index_landmark: Dict[str, int]     # index id -> landmark (-1: unrelated)
-  test_landmark: Dict[str, int]      # test id -> landmark (-1: ignored query)
+  index_landmark: Dict[str, int]  # index id -> landmark (-1: unrelated)
+  test_landmark: Dict[str, int]  # test id -> landmark (-1: ignored query)
   public: Dict[str, List[str]]
   private: Dict[str, List[str]]
   ignored: List[str]
@@ -59,11 +59,21 @@ def _write_shards(folder: str, ids: List[str], payload: Dict[str, bytes], num_sh
       f.write(f'{digest}  {name}\n')
 
 
-def write_fixture(manual_dir: str, *, num_landmarks: int = 4, index_per_landmark: int = 3,
-                  num_unrelated: int = 5, queries_per_landmark: int = 2, num_ignored: int = 1,
-                  num_missing_test: int = 1, num_index_shards: int = 3, num_test_shards: int = 2,
-                  size_range=(40, 72), seed: int = 0,
-                  landmark_colours: bool = False) -> FixtureInfo:
+def write_fixture(
+  manual_dir: str,
+  *,
+  num_landmarks: int = 4,
+  index_per_landmark: int = 3,
+  num_unrelated: int = 5,
+  queries_per_landmark: int = 2,
+  num_ignored: int = 1,
+  num_missing_test: int = 1,
+  num_index_shards: int = 3,
+  num_test_shards: int = 2,
+  size_range=(40, 72),
+  seed: int = 0,
+  landmark_colours: bool = False,
+) -> FixtureInfo:
   """Writes the fixture (deterministic in its arguments) and returns what is where.
 
   Images are random smooth textures; with `landmark_colours` each shows its landmark's colour
@@ -127,5 +137,15 @@ def write_fixture(manual_dir: str, *, num_landmarks: int = 4, index_per_landmark
   for name, ids in (('index.csv', index_ids), ('test.csv', test_ids)):
     with open(os.path.join(manual_dir, name), 'w') as f:
       f.write('id\n' + ''.join(f'{i}\n' for i in ids))
-  return FixtureInfo(manual_dir, index_ids, test_ids, index_landmark, test_landmark, public,
-                     private, ignored, missing, corrupt)
+  return FixtureInfo(
+    manual_dir,
+    index_ids,
+    test_ids,
+    index_landmark,
+    test_landmark,
+    public,
+    private,
+    ignored,
+    missing,
+    corrupt,
+  )

@@ -22,8 +22,10 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-PALETTE = np.array([[200, 40, 40], [40, 180, 60], [40, 60, 200], [200, 200, 40], [160, 40, 200],
-                    [40, 200, 200]], np.float32)
+PALETTE = np.array(
+  [[200, 40, 40], [40, 180, 60], [40, 60, 200], [200, 200, 40], [160, 40, 200], [40, 200, 200]],
+  np.float32,
+)
 GREY = np.full(3, 128.0, np.float32)
 
 
@@ -38,12 +40,18 @@ def _image(rng, colour, h, w, noise=8.0):
   return img
 
 
-def write_gnd_fixture(root: str, name: str = 'roxford5k', *, num_landmarks: int = 3,
-                      per_landmark: Sequence[int] = (2, 1, 1), num_other: int = 4,
-                      queries_per_landmark: int = 1,
-                      sizes: Sequence[tuple[int, int]] = ((96, 128), (128, 96)),
-                      extra_index: Sequence[tuple[str, Sequence[float]]] = (),
-                      seed: int = 0) -> dict:
+def write_gnd_fixture(
+  root: str,
+  name: str = 'roxford5k',
+  *,
+  num_landmarks: int = 3,
+  per_landmark: Sequence[int] = (2, 1, 1),
+  num_other: int = 4,
+  queries_per_landmark: int = 1,
+  sizes: Sequence[tuple[int, int]] = ((96, 128), (128, 96)),
+  extra_index: Sequence[tuple[str, Sequence[float]]] = (),
+  seed: int = 0,
+) -> dict:
   """Writes a tiny roxford5k/rparis6k-style dataset; returns the gnd dict written.
 
   Per landmark L: per_landmark = (easy, hard, junk) counts of index images of colour L (hard ones
@@ -84,14 +92,18 @@ def write_gnd_fixture(root: str, name: str = 'roxford5k', *, num_landmarks: int 
       img = np.full((h, w, 3), 128.0) + rng.normal(0, 4, (h, w, 3))
       x1, y1 = 10.5 + 3 * qk, 12.7
       x2, y2 = w - 20.3, h - 15.9
-      img[int(y1):int(y2) + 1, int(x1):int(x2) + 1] = PALETTE[lm % len(PALETTE)]
+      img[int(y1) : int(y2) + 1, int(x1) : int(x2) + 1] = PALETTE[lm % len(PALETTE)]
       _save(root, qname, img)
       qimlist.append(qname)
       g = per_lm_idx[lm]
-      gnd.append({'bbx': [x1, y1, x2, y2],
-                  'easy': sorted(int(remap[i]) for i in g['easy']),
-                  'hard': sorted(int(remap[i]) for i in g['hard']),
-                  'junk': sorted(int(remap[i]) for i in g['junk'])})
+      gnd.append(
+        {
+          'bbx': [x1, y1, x2, y2],
+          'easy': sorted(int(remap[i]) for i in g['easy']),
+          'hard': sorted(int(remap[i]) for i in g['hard']),
+          'junk': sorted(int(remap[i]) for i in g['junk']),
+        }
+      )
   cfg = {'imlist': imlist, 'qimlist': qimlist, 'gnd': gnd}
   with open(os.path.join(root, f'gnd_{name}.pkl'), 'wb') as f:
     pickle.dump(cfg, f)
@@ -105,8 +117,14 @@ def _save(root, name, img, rel: Optional[str] = None):
     f.write(jpeg_bytes(img))
 
 
-def write_r1m_fixture(root: str, num_images: int = 6, *, size=(80, 112), seed: int = 1,
-                      colours: Sequence[Optional[Sequence[float]]] = ()) -> list[str]:
+def write_r1m_fixture(
+  root: str,
+  num_images: int = 6,
+  *,
+  size=(80, 112),
+  seed: int = 1,
+  colours: Sequence[Optional[Sequence[float]]] = (),
+) -> list[str]:
   """Writes revisitop1m.txt + jpg/<a>/<b>/<name>.jpg distractors (grey unless `colours[i]` is
   given); returns the list."""
   rng = np.random.default_rng(seed)
