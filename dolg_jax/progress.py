@@ -1,12 +1,12 @@
 """Progress lines with a rate and an ETA, formatted by tqdm (`tqdm.format_meter`).
 
-`Progress(total, bar_format, initial=0)` counts units done (`advance(n)`, `at(n)`); `rate()` is
-the mean rate since the clock started, `eta_s()` the seconds left at that rate; `exclude(seconds)`
-leaves time spent elsewhere (an evaluation) out, `restart(n)` restarts the clock at n (after a
-compiling step). `line(**fields)` is `bar_format` filled with tqdm's fields (`n`, `total`,
-`percentage`, `rate_noinv` = units/s, `remaining` = ETA as [H:]MM:SS or '?', ...) and `fields`. One
-whole line per call, as logs want (not a bar redrawn with carriage returns); `Printer` prints them
-at most every `every` seconds. The clock is ours because it must skip evaluations and compilation.
+`Progress(total, bar_format, initial=0, **meter)` counts units done (`advance(n)`, `at(n)`) towards
+`total` (None: unknown); `rate()` is the mean rate since the clock started, `eta_s()` the seconds
+left; `exclude(seconds)` leaves time spent elsewhere (an evaluation) out, `restart(n)` restarts the
+clock at n. `line(**fields)` is `bar_format` filled with tqdm's fields (`n`, `total`, `percentage`,
+`rate_noinv`, `remaining`, `n_fmt`, `rate_fmt`, ...; `meter` passes tqdm's `unit`, `unit_scale`,
+`unit_divisor`). `Printer` prints whole lines (as logs want, no carriage returns) at most every
+`every` seconds, and the last one on `close()`. The clock is ours: it must skip evaluations.
 """
 
 import sys
@@ -19,8 +19,8 @@ import tqdm
 class Progress:
   """Units done towards `total`, the mean rate since the clock started and the line of both."""
 
-  def __init__(self, total: int, bar_format: str, initial: int = 0):
-    self.total, self.bar_format = total, bar_format
+  def __init__(self, total: Optional[int], bar_format: str, initial: int = 0, **meter):
+    self.total, self.bar_format, self.meter = total, bar_format, meter
     self.restart(initial)
 
   def restart(self, n: int) -> None:
@@ -48,8 +48,13 @@ class Progress:
 
   def eta_s(self) -> float:
     """Seconds left at the mean time per unit since the clock started (the whole elapsed time
-    per unit while none is done)."""
+    per unit while none is done); nan when the total is unknown."""
+    if self.total is None:
+      return float('nan')
     return self.elapsed_s() / max(self.n - self._n0, 1) * (self.total - self.n)
+
+  def done(self) -> bool:
+    return self.total is not None and self.n >= self.total
 
   def line(self, **fields) -> str:
     """`bar_format` with tqdm's fields for the current count and `fields`."""
@@ -61,13 +66,14 @@ class Progress:
       rate=self.rate(),
       initial=self._n0,
       bar_format=self.bar_format,
+      **self.meter,
       **{'percentage': done, **fields},
     )
 
 
 class Printer:
-  """Prints `progress.line()` to `stream` on `update` at most every `every` seconds, and once
-  the total is reached; nothing when not `enabled`."""
+  """Prints `progress.line()` to `stream` on `update` at most every `every` seconds, when the
+  total is reached, and on `close()` unless that count was printed; nothing when not `enabled`."""
 
   def __init__(
     self,
@@ -78,12 +84,21 @@ class Printer:
   ):
     self.progress, self.enabled, self.every = progress, enabled, every
     self.stream = stream or sys.stderr
-    self._last = -float('inf')
+    self._last, self._printed = -float('inf'), None
 
   def update(self, n: int = 1) -> None:
     self.progress.advance(n)
     now = time.perf_counter()
-    done = self.progress.n >= self.progress.total
-    if self.enabled and (now - self._last >= self.every or done):
+    if now - self._last >= self.every or self.progress.done():
       self._last = now
+      self._print()
+
+  def close(self) -> None:
+    """Prints the final count (once) if the last line printed showed another."""
+    if self._printed != self.progress.n:
+      self._print()
+
+  def _print(self) -> None:
+    if self.enabled and self._printed != self.progress.n:
+      self._printed = self.progress.n
       print(self.progress.line(), file=self.stream, flush=True)

@@ -1,5 +1,6 @@
 """dolg_jax.atomic (one atomic-write helper) and dolg_jax.progress (tqdm-formatted lines)."""
 
+import io
 import json
 import os
 import stat
@@ -38,3 +39,14 @@ def test_progress_line_has_rate_and_eta():
   line = p.line()
   assert line.startswith('x 5/10 (50.0%) ') and 'ETA ' in line and '?' not in line
   assert p.eta_s() >= 0
+
+
+def test_unknown_total_and_the_final_line_on_close():
+  out = io.StringIO()
+  printer = progress.Printer(progress.Progress(None, 'got {n}'), every=3600.0, stream=out)
+  printer.update(2)  # the first update prints (nothing printed yet), the next waits `every`
+  printer.update(3)
+  assert printer.progress.eta_s() != printer.progress.eta_s()  # nan: no total, no ETA
+  printer.close()
+  printer.close()  # once
+  assert out.getvalue().splitlines() == ['got 2', 'got 5']

@@ -77,7 +77,7 @@ def checkpoints():
 # ----------------------------------------------------------------------------------- the server
 class _Handler(http.server.BaseHTTPRequestHandler):
   files: dict = {}  # path -> bytes
-  # path -> 'truncate' (close mid-body) | 'reset' (RST mid-body) | 'nolength'
+  # path -> 'truncate' (close mid-body) | 'reset' (RST mid-body) | 'nolength' | 'chunked'
   modes: dict = {}
   hits: dict = {}
 
@@ -90,6 +90,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     mode = self.modes.get(self.path, 'ok')
     self.send_response(200)
     self.send_header('Content-Type', 'application/octet-stream')
+    if mode == 'chunked':  # No Content-Length: HTTP/1.1 chunks mark the end.
+      self.protocol_version = 'HTTP/1.1'
+      self.send_header('Transfer-Encoding', 'chunked')
+      self.end_headers()
+      for i in range(0, len(data), 1 << 16):
+        piece = data[i : i + (1 << 16)]
+        self.wfile.write(b'%x\r\n%s\r\n' % (len(piece), piece))
+      self.wfile.write(b'0\r\n\r\n')
+      self.close_connection = True
+      return
     if mode != 'nolength':
       self.send_header('Content-Length', str(len(data)))
     self.end_headers()
@@ -257,6 +267,18 @@ def test_interrupted_transfer_leaves_nothing_and_a_stale_part_is_never_used(
   server.serve(path, data)
   r = imagenet.resolve(url, cache_dir=str(cache), progress=True)  # Progress bar path too.
   assert r.downloaded and open(r.path, 'rb').read() == data
+
+
+@pytest.mark.parametrize('mode', ['ok', 'chunked'])
+def test_download_prints_whole_progress_lines(server, tmp_path, capsys, mode):
+  data = os.urandom(3 << 20)
+  url = server.serve(f'/progress/{mode}/w.pyth', data, mode=mode)
+  digest = imagenet.download(url, str(tmp_path / 'w.pyth'), progress=True)
+  assert digest == hashlib.sha256(data).hexdigest() and _listing(tmp_path) == ['w.pyth']
+  lines = capsys.readouterr().err.splitlines()
+  assert lines and all(line.startswith('w.pyth: ') for line in lines) and '\r' not in ''.join(lines)
+  # The last line is the whole file: its size and 100% where the server states it.
+  assert lines[-1].startswith('w.pyth: 3.00MB/3.00MB 100% ' if mode == 'ok' else 'w.pyth: 3.00MB ')
 
 
 def test_offline_and_http_errors_say_where_to_put_the_file(server, tmp_path):

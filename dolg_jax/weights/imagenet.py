@@ -17,8 +17,6 @@ import hashlib
 import http.client
 import os
 import re
-import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,10 +25,7 @@ from typing import Any
 
 from absl import logging
 
-try:  # A progress bar when tqdm is installed (it comes with tensorflow-datasets).
-  import tqdm
-except ImportError:  # pragma: no cover - exercised only where tqdm is absent.
-  tqdm = None
+from dolg_jax import atomic, progress as progress_lib
 
 PYCLS_BASE = 'https://dl.fbaipublicfiles.com/pycls/dds_baselines/'
 TORCHVISION_BASE = 'https://download.pytorch.org/models/'
@@ -188,59 +183,20 @@ def read_record(record_path: str) -> str | None:
   return fields[0]
 
 
-def _write_atomic(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(
-    prefix='.' + os.path.basename(path) + '.', suffix='.part', dir=os.path.dirname(path)
-  )
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def write_record(record_path: str, sha256: str, file_name: str) -> None:
-  _write_atomic(record_path, f'{sha256}  {file_name}\n')
+  atomic.write_text(record_path, f'{sha256}  {file_name}\n')
 
 
-class _Progress:
-  """tqdm bar, or a log line at every 10% (every 64 MiB when the size is unknown)."""
-
-  def __init__(self, total: int | None, name: str, enabled: bool):
-    self.total, self.name, self.done, self.next_log = total, name, 0, 0.1
-    self.bar = None
-    if enabled and tqdm is not None:
-      self.bar = tqdm.tqdm(
-        total=total,
-        unit='B',
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=name,
-        file=sys.stderr,
-        leave=True,
-      )
-    self.log = enabled and tqdm is None
-
-  def update(self, n: int) -> None:
-    self.done += n
-    if self.bar is not None:
-      self.bar.update(n)
-    elif self.log:
-      if self.total:
-        while self.done >= self.next_log * self.total and self.next_log <= 1.0:
-          logging.info(
-            '%s: %d%% of %.1f MiB', self.name, round(self.next_log * 100), self.total / 2**20
-          )
-          self.next_log += 0.1
-      elif self.done >= self.next_log * 640 * 2**20:
-        logging.info('%s: %.0f MiB', self.name, self.done / 2**20)
-        self.next_log += 0.1
-
-  def close(self) -> None:
-    if self.bar is not None:
-      self.bar.close()
+def _progress(total: int | None, name: str, enabled: bool) -> progress_lib.Printer:
+  """Lines of bytes received, rate and ETA (no ETA when the size is unknown), every 2 s."""
+  name = name.replace('{', '{{').replace('}', '}}')
+  bar_format = (
+    name + ': {n_fmt}B/{total_fmt}B {percentage:.0f}% {rate_fmt} ETA {remaining}'
+    if total is not None
+    else name + ': {n_fmt}B {rate_fmt}'
+  )
+  meter = {'unit': 'B', 'unit_scale': True, 'unit_divisor': 1024}
+  return progress_lib.Printer(progress_lib.Progress(total, bar_format, **meter), enabled)
 
 
 def _offline(url: str, dest: str, reason: str) -> OfflineError:
@@ -270,51 +226,9 @@ def download(
   """
   directory = os.path.dirname(os.path.abspath(dest))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(
-    prefix='.' + os.path.basename(dest) + '.', suffix='.part', dir=directory
-  )
   kept = f'nothing was kept in {directory}; rerun to retry'
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      request = urllib.request.Request(url, headers={'User-Agent': 'dolg_jax'})
-      try:
-        response = urllib.request.urlopen(request, timeout=timeout)  # pylint: disable=consider-using-with
-      except urllib.error.HTTPError as e:
-        raise _offline(url, dest, f'HTTP {e.code} {e.reason}') from e
-      except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise _offline(url, dest, str(getattr(e, 'reason', e))) from e
-      with response:
-        length = response.headers.get('Content-Length')
-        chunked = 'chunked' in (response.headers.get('Transfer-Encoding') or '').lower()
-        if length is None and not chunked:
-          raise DownloadError(
-            f'{url}: the server states no Content-Length, so an interrupted '
-            f'transfer could not be told apart; {kept} (place the file by hand '
-            f'at {dest})'
-          )
-        total = int(length) if length is not None else None
-        h, received = hashlib.sha256(), 0
-        bar = _Progress(total, os.path.basename(dest), progress)
-        try:
-          while chunk := response.read(_CHUNK):
-            f.write(chunk)
-            h.update(chunk)
-            received += len(chunk)
-            bar.update(len(chunk))
-        except (OSError, http.client.HTTPException) as e:  # Reset, timeout, IncompleteRead.
-          raise DownloadError(
-            f'download of {url} interrupted after {received} bytes '
-            f'({type(e).__name__}: {e}); {kept}'
-          ) from e
-        finally:
-          bar.close()
-        if total is not None and received != total:
-          raise DownloadError(
-            f'download of {url} interrupted: received {received} of {total} bytes; {kept}'
-          )
-      f.flush()
-      os.fsync(f.fileno())
-    digest = h.hexdigest()
+  with atomic.writing(dest, 'wb') as f:  # On any error below, nothing is left.
+    digest = _receive(url, dest, f, kept, progress, timeout)
     if sha256_prefix is not None and not digest.startswith(sha256_prefix):
       raise ChecksumError(
         f'{url}: the downloaded file has sha256 {digest}, but its name says it '
@@ -328,11 +242,47 @@ def download(
       )
     if record_path is not None:
       write_record(record_path, digest, os.path.basename(dest))
-    os.replace(tmp, dest)
-    return digest
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  return digest
+
+
+def _receive(url: str, dest: str, f, kept: str, progress: bool, timeout: float) -> str:
+  """Streams `url` into the open file `f`; returns the sha256 of what was received whole."""
+  request = urllib.request.Request(url, headers={'User-Agent': 'dolg_jax'})
+  try:
+    response = urllib.request.urlopen(request, timeout=timeout)  # pylint: disable=consider-using-with
+  except urllib.error.HTTPError as e:
+    raise _offline(url, dest, f'HTTP {e.code} {e.reason}') from e
+  except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+    raise _offline(url, dest, str(getattr(e, 'reason', e))) from e
+  with response:
+    length = response.headers.get('Content-Length')
+    chunked = 'chunked' in (response.headers.get('Transfer-Encoding') or '').lower()
+    if length is None and not chunked:
+      raise DownloadError(
+        f'{url}: the server states no Content-Length, so an interrupted '
+        f'transfer could not be told apart; {kept} (place the file by hand '
+        f'at {dest})'
+      )
+    total = int(length) if length is not None else None
+    h, received = hashlib.sha256(), 0
+    printer = _progress(total, os.path.basename(dest), progress)
+    try:
+      while chunk := response.read(_CHUNK):
+        f.write(chunk)
+        h.update(chunk)
+        received += len(chunk)
+        printer.update(len(chunk))
+    except (OSError, http.client.HTTPException) as e:  # Reset, timeout, IncompleteRead.
+      raise DownloadError(
+        f'download of {url} interrupted after {received} bytes ({type(e).__name__}: {e}); {kept}'
+      ) from e
+    finally:
+      printer.close()
+    if total is not None and received != total:
+      raise DownloadError(
+        f'download of {url} interrupted: received {received} of {total} bytes; {kept}'
+      )
+  return h.hexdigest()
 
 
 def _verify_cached(
