@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dolg_jax import config_rules as rules
+
 Dtype = Any
 
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -90,10 +92,7 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
-    if self.running_var not in BN_RUNNING_VARS:
-      raise ValueError(
-        f'model.bn_running_var must be one of {BN_RUNNING_VARS}, got {self.running_var!r}'
-      )
+    rules.check_value('model.bn_running_var', self.running_var, rules.one_of(BN_RUNNING_VARS))
     c = x.shape[-1]
     wide = jnp.promote_types(self.dtype, jnp.float32)
     scale = self.param('scale', self.scale_init, (c,), jnp.float32)

@@ -112,13 +112,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     _fail('train.global_batch_size', batch, f'must be divisible by the {process_count} processes')
   accum = _get(config, 'train.grad_accum_steps')
   accum = 1 if accum is _MISSING else accum
-  if batch % (accum * device_count):  # the batch is split over data x model = all devices
-    _fail(
-      'train.global_batch_size',
-      batch,
-      f'must be divisible by train.grad_accum_steps={accum} '
-      f'x {device_count} devices (the batch is split over every mesh axis)',
-    )
+  try:
+    step_lib.check_batch_split(batch, accum, device_count)  # data x model = all devices
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   group = _get(config, 'train.bn_group_size')
   if group not in (_MISSING, 0):
     per_device = _get(config, 'train.bn_mode') == 'per_device'

@@ -149,6 +149,18 @@ def _split_microbatches(x: jax.Array, k: int, mesh: Mesh) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
 
 
+def check_batch_split(global_batch_size: int, grad_accum_steps: int, devices: int) -> None:
+  """Raises ValueError unless the batch splits into `grad_accum_steps` equal micro-batches, each
+  split evenly over `devices` (the batch is split over every mesh axis)."""
+  if global_batch_size % (grad_accum_steps * devices):
+    rules.fail(
+      'train.global_batch_size',
+      global_batch_size,
+      f'must be divisible by train.grad_accum_steps={grad_accum_steps} '
+      f'x {devices} devices (the batch is split over every mesh axis)',
+    )
+
+
 def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
   """Returns jitted `train_step(state, batch, learning_rate) -> (state, metrics)`.
 
@@ -159,11 +171,7 @@ def make_train_step(setup: TrainSetup, state_sharding: TrainState) -> Callable:
   num_classes = setup.num_classes
   t_cfg = config.train
   k = int(t_cfg.grad_accum_steps)
-  if t_cfg.global_batch_size % (k * shd.batch_devices(mesh)):
-    raise ValueError(
-      f'config.train.global_batch_size={t_cfg.global_batch_size} must be divisible '
-      f'by grad_accum_steps ({k}) x devices ({shd.batch_devices(mesh)}).'
-    )
+  check_batch_split(t_cfg.global_batch_size, k, shd.batch_devices(mesh))
   forward = _forward_fn(model, mesh, t_cfg.bn_mode, int(t_cfg.bn_group_size), t_cfg.freeze_bn)
   wide = wide_dtype(models.resolve_dtype(config.compute_dtype))
 
