@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+import ml_collections
 from absl import logging
 
 from dolg_jax import atomic, progress as progress_lib
@@ -346,7 +347,9 @@ def fetch(
 
 
 # ------------------------------------------------------------------------------------- public API
-def check_model(spec: str, model_cfg: Any, table: Mapping[str, Backbone] | None = None) -> None:
+def check_model(
+  spec: str, model_cfg: ml_collections.ConfigDict, table: Mapping[str, Backbone] | None = None
+) -> None:
   """A named backbone must have the model's depth and width (before anything is downloaded)."""
   table = BACKBONES if table is None else table
   if spec not in table:
@@ -383,7 +386,7 @@ def resolve(
   spec: str,
   *,
   cache_dir: str = '',
-  model: Any = None,
+  model: ml_collections.ConfigDict | None = None,
   table: Mapping[str, Backbone] | None = None,
   progress: bool = True,
   timeout: float = 60.0,
