@@ -1,21 +1,10 @@
-"""Content digests of a train state, identical however the state is sharded or how many processes
-hold it.
+"""Content digests of a train state, the same however it is sharded and over how many processes.
 
-Each array leaf gets a 64-bit digest: two uint32 sums over its elements' bit patterns `u_i` (the
-element's bytes as an unsigned integer; bfloat16/float16 widened from 16 bits), where `i` is the
-element's row-major position:
-
-  s1 = sum_i u_i * (2 i + 1)                     mod 2^32
-  s2 = sum_i mix(u_i xor (i * 0x9E3779B9))       mod 2^32   (mix: multiply, xor-shift)
-
-Integer sums modulo 2^32 do not depend on the reduction order, so the digest is computed on the
-global (sharded) array inside one `jit`, with the usual cross-device reduction, and every process
-gets the same value without gathering the array. Any single flipped bit changes s1 (an odd multiple
-of 2^k is never 0 mod 2^32); s2 makes compensating multi-bit changes unlikely. This is a check
-against storage corruption, not a cryptographic hash.
-
-`tree_digests(tree, mesh)` -> {leaf path: 16 hex digits}; `numpy_digest(x)` computes the same
-digest of a host array (for checkpoints read without devices).
+`tree_digests(tree, mesh)` -> {jax.tree_util.keystr(path): 16 hex digits} for every array leaf
+(collective: computed on the global arrays inside one jit, nothing gathered); `numpy_digest(x)`
+gives the same digest of a host array (checkpoints read without devices). A 64-bit check against
+storage corruption, not a cryptographic hash; TypeError for a dtype it cannot digest.
+Design notes: docs/design_notes.md.
 """
 
 import functools

@@ -1,23 +1,13 @@
-"""How every command starts: absl flags, and `--help` that prints the command's flags and exits 0.
+"""How every command starts: absl flags, configs by name, `--help` that exits 0, shared flags.
 
-A command (ARCHITECTURE.md) is a module with `define_flags()`, `main(argv)` and `run()`.
-- Commands on absl's global FLAGS end `run()` with `cli.run_app(main)` (`app.run` arguments pass
-  through): absl prints the module docstring and the module's flags for --help / --helpshort /
-  --helpfull / --helpxml / -? and exits 1; `run_app` makes that exit 0, as a help request is not
-  a failure (a flag error stays exit 1).
-- Commands that parse `argv` into their own `flags.FlagValues` (convert, data.prepare) start
-  `main` with `if cli.help_requested(argv): return cli.print_help(__doc__, fv)`.
-- Commands that compile (main, eval, index) call `enable_compilation_cache(dir)` first, with their
-  config's `train.xla_cache_dir` / `eval.xla_cache_dir` ('' = off).
-- Shared flags: `define_model_flags` (--config, --workdir, --checkpoint of eval / export / index /
-  search), `define_distributed_flags` + `initialize_distributed` (main, index: multi-process runs).
-- Configs by name (`run_app`): `--config=dolg_jax:NAME[:ARG]` is the shipped `configs/NAME.py`
-  (`dolg_jax/configs`, installed with the package), from any directory; any other value is a file
-  path relative to the working directory, as absl takes it. A config flag's default written as
-  `configs/NAME.py` or `dolg_jax:NAME` is the shipped config too.
-- Quiet by default (`run_app`): at absl's default verbosity (0) the log shows this package's records
-  and the warnings of libraries, not their INFO lines nor the warnings in `HARMLESS_WARNINGS`;
-  `--verbosity=1` shows everything.
+A command (ARCHITECTURE.md) has `define_flags()`, `main(argv)` and `run()`, which ends in
+`run_app(main)`: absl's `app.run` with `--config=dolg_jax:NAME[:ARG]` read as the shipped
+`configs/NAME.py`, library logs quiet below `--verbosity=1` (their warnings kept, but for
+`HARMLESS_WARNINGS`) and a help flag exiting 0 (a flag error stays exit 1). Commands with their own
+`flags.FlagValues` (convert, data.prepare) use `help_requested` / `print_help(__doc__, fv)`.
+Shared flags: `define_model_flags` (--config, --workdir, --checkpoint), `define_distributed_flags`
++ `initialize_distributed` (multi-process runs); `enable_compilation_cache(dir)` (main, eval,
+index, serve). Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

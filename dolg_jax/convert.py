@@ -4,14 +4,11 @@
       [--nohead] [--overwrite] [--allow_pickle]
 
 Reads an official pycls `.pyth` container or a raw `.pth` state dict (torch needed here only),
-infers the architecture (see dolg_jax.weights.architecture) and writes into --output:
-  config.json        {"format": "dolg_jax.converted", "version": 1, "source", "has_head",
-                      "model": the inferred c.model fields}
-  variables.msgpack  {'params', 'batch_stats'} (flax.serialization msgpack, float32 numpy)
-  head.msgpack       margin head {'weight': (num_classes, 512), 't': ()} unless --nohead
-Then `dolg_jax.pretrained.load(OUTPUT) -> (model, variables)` and `pretrained.load_head(OUTPUT)`
-read it with no torch import. Exit code 1 and one line on stderr for an unreadable input or an
-existing output without --overwrite.
+infers the architecture (dolg_jax.weights.architecture) and writes --output in the layout of
+dolg_jax.weights.converted: config.json, variables.msgpack and, unless --nohead, head.msgpack;
+`dolg_jax.pretrained.load(OUTPUT)` / `load_head(OUTPUT)` read it with no torch import. Exit code 1
+and one line on stderr for an unreadable input or an existing output without --overwrite; 2 for a
+flag error.
 """
 
 from __future__ import annotations

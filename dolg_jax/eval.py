@@ -9,11 +9,10 @@
    --config.eval.scale_pool=max]                     # SuperGlobal's extraction modules
   ["--config.eval.datasets=('roxford5k','gldv2_retrieval')"]  # + GLDv2 mAP@100 / mP@100
 
-Parses flags and calls `dolg_jax.retrieval.evaluate.run` (the evaluation library the training loop
-also uses); prints the table and where results.json and the reports went. A failure ends with one
-line `FAILED: ...` saying what failed and what to do (exit code 1), as training does. Descriptors
-are cached in OUTPUT_DIR/cache/, so re-running with other search settings (QE, DBA, distractors,
-re-ranking) takes seconds; the extraction modules are part of the cache key (they re-extract).
+Calls `dolg_jax.retrieval.evaluate.run` (the library training also uses) and prints the table and
+where results.json and the reports went; a failure ends with one line `FAILED: ...` (exit code 1).
+Descriptors are cached in OUTPUT_DIR/cache/ (the extraction modules are part of the key), so a
+rerun with other search settings (QE, DBA, distractors, re-ranking) takes seconds.
 """
 
 import os

@@ -4,15 +4,12 @@
   python -m dolg_jax.export --config=configs/r50.py --workdir=DIR --out=EXPORT_DIR
   [--config.eval.gem_plus_p=4.6 ...]           # evaluation's extraction modules, as in eval
 
-`--checkpoint` / `--workdir` take what `dolg_jax.eval` takes (released .pyth/.pth, converted
-directory, our workdir or step directory; the architecture comes from the file as in eval). Writes
-EXPORT_DIR/model.onnx (onnxruntime) and EXPORT_DIR/model.jax_export (jax.export, cpu and cuda):
-float32 RGB images (N, H, W, 3) in [0, 255], N, H, W dynamic (H, W >= 64) -> the (N, D)
-L2-normalised single-scale descriptor; plus EXPORT_DIR/export.json. Both are verified against the
-JAX model on images of several sizes (batch 2 included) before the command ends: the worst
-relative errors are printed; above 1e-4 it fails. Calls `dolg_jax.retrieval.export.run` (see its
-docstring for the contract). A failure ends with one line `FAILED: ...` (exit code 1), as eval
-does.
+`--checkpoint` / `--workdir` take what `dolg_jax.eval` takes. Writes EXPORT_DIR/model.onnx,
+EXPORT_DIR/model.jax_export and EXPORT_DIR/export.json: float32 RGB images (N, H, W, 3) in
+[0, 255] (H, W >= 64) -> the (N, D) L2-normalised single-scale descriptor. Both models are checked
+against the JAX model before the command ends (worst relative errors printed; above 1e-4 it fails).
+Calls `dolg_jax.retrieval.export.run` (the contract); a failure ends with one line `FAILED: ...`
+(exit code 1).
 """
 
 from absl import flags

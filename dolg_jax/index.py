@@ -6,17 +6,13 @@
   # N processes (each reads only its share of the files and writes its own parts):
   python -m dolg_jax.index ... --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I
 
-`--images` is a folder (searched recursively; jpg, jpeg, png, webp, bmp, tif, tiff in any case) or
-a text file with one path per line (relative to its folder). Every file found ends as a row or as
-a line of INDEX_DIR/skipped.csv with its reason (never as a stop); an empty folder gives a valid
-index of 0 images. Rerunning also repairs: a damaged or missing part is extracted again, a
-damaged search structure rebuilt (checksums in the manifest). `--checkpoint` / `--workdir` take what
-`python -m dolg_jax.eval` takes. Descriptors are evaluation's (config.eval: scales, max_side,
-padding, compute dtype, the extraction modules). Rerunning the same command extracts only what is
-missing (after a kill, or for images added later); a changed model, checkpoint or protocol is
-refused (`--replace` moves the old index aside). Parses flags and calls
-`dolg_jax.collection.build.build`; the index format is in dolg_jax/collection/store.py. A failure
-ends with one line `FAILED: ...` (exit code 1), as eval does.
+`--images`: a folder (recursive; jpg, jpeg, png, webp, bmp, tif, tiff in any case) or a text file
+of paths (relative to its folder). Every file found becomes a row or a line of
+INDEX_DIR/skipped.csv with its reason. Rerunning the same command extracts only what is missing
+and repairs damaged parts; a changed model, checkpoint or protocol is refused (`--replace` moves
+the old index aside). `--checkpoint` / `--workdir` as in dolg_jax.eval; descriptors as
+evaluation's (config.eval). Calls `dolg_jax.collection.build.build` (index format:
+dolg_jax/collection/store.py); a failure ends with one line `FAILED: ...` (exit code 1).
 """
 
 import json

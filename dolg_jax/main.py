@@ -2,12 +2,12 @@
 
 Parses flags, starts multi-host JAX when needed and calls `train_and_evaluate(config, workdir)`.
 `--config` is a file or a shipped config by name (`--config=dolg_jax:r101`, from any directory).
-The config is locked: overriding a field that does not exist, or with a value of the wrong type,
-is an error naming it, and so is an override the run would ignore (config_check.check_overrides).
+The config is locked: an override of a missing field, of the wrong type, or one the run would
+ignore (config_check.check_overrides) is an error naming it.
 
 Exit codes: 0 finished; 1 failed (the last line printed starts with 'FAILED:' and says what failed,
-where and what to do); 75 preempted by SIGTERM after saving a checkpoint (rerun to resume; see
-dolg_jax.training.failures).
+where and what to do); 75 preempted by SIGTERM after saving a checkpoint (rerun to resume); see
+docs/faults.md.
 
 Multi-host: on SLURM (srun with several tasks) and on Cloud TPU pods `jax.distributed.initialize()`
 detects the cluster itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N

@@ -1,15 +1,11 @@
 """Profiler traces of a window of loop iterations, readable by TensorBoard's profile plugin (xprof).
 
-`Window(log_dir, start, num)` captures a JAX profiler trace (`jax.profiler.start_trace`) over the
-iterations `start, ..., start + num - 1` of a loop that calls `before(i)` and `after(i, outputs)`
-around iteration `i`. JAX writes `log_dir/plugins/profile/<timestamp>/<host>.xplane.pb` (plus a
-Chrome trace `<host>.trace.json.gz`): `tensorboard --logdir=<log_dir or a parent>` shows it under
-the Profile tab, and xprof opens the .xplane.pb file directly.
-
-`after` blocks on the window's last outputs before stopping, so asynchronously dispatched device
-work of the profiled iterations is in the trace. Only the process with `enabled=True` (process 0 by
-convention) traces. `region(name)` names a part of an iteration in the trace (a TraceAnnotation:
-nearly free when no trace is being captured).
+`Window(log_dir, start, num, enabled)` traces (`jax.profiler.start_trace`) iterations
+[start, start + num) of a loop that calls `before(i)` and `after(i, outputs)` around iteration `i`
+(`after` blocks on the window's last outputs, so their device work is in the trace) into
+`log_dir/plugins/profile/<timestamp>/<host>.xplane.pb` (+ `<host>.trace.json.gz`); only a window
+with `enabled=True` (process 0 by convention) traces. `region(name)` / `step_region(name, step)`
+name parts and steps in the trace (nearly free when none is captured).
 """
 
 from __future__ import annotations
@@ -40,7 +36,8 @@ def _options() -> jax.profiler.ProfileOptions:
 
 
 class Window:
-  """Traces iterations [start, start + num) of a loop; `num <= 0` turns it off."""
+  """Traces iterations [start, start + num) of a loop; `num == 0` turns it off (ValueError when
+  start or num is negative)."""
 
   def __init__(self, log_dir: str, start: int, num: int, enabled: bool = True):
     if int(start) < 0 or int(num) < 0:

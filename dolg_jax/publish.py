@@ -3,18 +3,16 @@
   python -m dolg_jax.publish --index=INDEX_DIR --milvus_uri=URI [--milvus_collection=NAME]
       [--batch_rows=2000] [--milvus_index=AUTOINDEX] [--replace] [--recall_sample=100]
 
-URI is a milvus-lite file (`/data/photos.db`) or a server / cluster (`http://host:19530`; the same
-client code). The collection holds one entity per index row: `id` (the row id, primary key),
-`vector` (the L2-normalised descriptor, inner-product metric), `path` (as indexed), `height`,
-`width`, `bytes`, `sha1`; a collection property records which index it came from (the descriptor
-fingerprint and dimension). Rows go in batches of `--batch_rows` by upsert on the row id, and a
-batch whose ids are all there is skipped: a re-run after a kill resumes and inserts nothing twice;
-images added to the index later are appended by the next run. A collection published from another
-index (model, protocol or dimension) is refused; `--replace` drops and rebuilds it. At the end the
-entity count must equal the index's rows, and recall@100 of Milvus's search against exact search
-over `--recall_sample` of the index's own descriptors is printed and written to the index's
-manifest (`milvus.NAME`). `python -m dolg_jax.serve --backend=milvus` answers from it. A failure
-ends with one line `FAILED: ...` (exit code 1).
+URI: a milvus-lite file (`/data/photos.db`) or a server (`http://host:19530`). The collection
+holds one entity per index row: `id` (the row id, primary key), `vector` (the L2-normalised
+descriptor, inner-product metric), `path` (as indexed, `collection.files.escape`d), `height`,
+`width`, `bytes`, `sha1`; a collection property names the index it came from (descriptor
+fingerprint, dimension). Rows are upserted in batches of `--batch_rows`, skipping batches already
+there, so a rerun resumes and adds images indexed later. A collection of another index is refused
+(`--replace` drops it). The entity count is checked and recall@100 against exact search over
+`--recall_sample` rows is printed and written to the index's manifest (`milvus.NAME`); `python -m
+dolg_jax.serve --backend=milvus` answers from it. A failure ends with one line `FAILED: ...`
+(exit code 1).
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """Device mesh and shardings for training.
 
-One named `Mesh` with two axes:
-
-- `data`: data parallelism.
-- `model`: the margin head's class dimension is split over it (81,313 x 512 for GLDv2-clean), so a
-  large head need not be replicated on every device. Every other parameter is replicated.
-The batch is split over BOTH axes (`BATCH_AXES`, as big_vision does): no parameter but the head
-is split, so a `model` axis of m would otherwise run the same backbone on the same images m times.
-The head's logits are computed by the compiler from the batch-sharded embeddings and the
-class-sharded weight.
-
-The mesh shape comes from `config.mesh` (`data=-1` takes all devices left after `model`).
+`make_mesh(config.mesh)` builds one `Mesh` with the axes `data` and `model` (`data=-1`: all the
+devices left after `model`; ValueError when the sizes do not match the devices). The batch is split
+over both axes (`BATCH_AXES`: `batch_sharding`, `global_batch`). Of the parameters only the margin
+head's class dimension is split, over `model` (`param_shardings`, `head_weight_spec`); everything
+else is replicated. Design notes: docs/design_notes.md.
 """
 
 from typing import Any
@@ -69,8 +63,8 @@ def head_weight_spec() -> P:
 def param_shardings(mesh: Mesh, params: Any) -> Any:
   """Shardings for a {'model': ..., 'head': {'weight': ...}} parameter tree.
 
-  The head weight is split over `model` (its class count must divide by the `model` axis size,
-  checked here); every other parameter is replicated.
+  The head weight is split over `model` (ValueError unless its class count divides by the
+  `model` axis size); every other parameter is replicated.
   """
 
   def spec(path, leaf):
@@ -102,7 +96,8 @@ def host_replicated(tree: Any) -> Any:
 
 
 def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Assembles each process's local batch into one global array sharded over `data`."""
+  """Assembles each process's local batch into one global array per key, its batch dimension
+  split over every mesh axis (`batch_sharding`)."""
   sharding = batch_sharding(mesh)
   return {
     k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

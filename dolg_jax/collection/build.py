@@ -1,36 +1,14 @@
 """Index a collection of images: `build(config, workdir=|checkpoint=, images=, out=, options=)`.
 
-The library behind `python -m dolg_jax.index`. Steps (the on-disk format: collection.store):
-
-1. List the images (`files.list_images`: a folder, recursively, or a list file) and load the model
-   exactly as evaluation does (`retrieval.evaluate.load_model`: our workdir or step directory, a
-   released .pyth/.pth or a converted directory; `config.eval`'s compute dtype and model overrides).
-2. Fingerprint what the descriptors depend on (model key = weights hash + compute dtype + model
-   overrides, the architecture, the extraction protocol `ExtractConfig.key()` from `config.eval`,
-   the decoder, the stored dtype). An existing index with another fingerprint, or another images
-   root, is refused with `store.IndexMismatchError` naming what differs; `replace=True` moves the
-   old index aside (INDEX_DIR.replaced-<old model key>) and starts a new one.
-3. Process 0 writes the manifest (status 'building') and, for the files not in any earlier plan,
-   a new plan (generation) of parts of `part_size` files. Every process then takes every
-   process_count-th part still missing, reads and decodes ONLY the files of its parts (threads),
-   extracts their descriptors with `retrieval.extract.Extractor.extract_own` (the evaluation code,
-   this process's devices, nothing gathered) and writes each part atomically.
-4. Process 0 merges the skipped lists (skipped.csv), builds or extends the FAISS structure from the
-   stored parts (dolg_jax.collection.faiss_index), measures recall@k on a sample and writes the
-   manifest (status 'complete', counts: found = indexed + skipped).
-
-Files are read by `reading.read_image`: every file ends as a row or as a skip with its reason
-(not a regular file, too large, too many pixels by its header, unreadable, corrupt or truncated
-JPEG, not an image), never as a stop, so found = indexed + skipped and a plan naming a file that
-can no longer be read is finished by skipping it. Images are decoded as evaluation decodes them
-and capped to `extract.long_side_cap` (recorded in the manifest; queries get the same cap).
-Before planning, process 0 checks the stored parts (`store.part_problem`) and the search structure
-against the manifest's checksums: a damaged or missing part is extracted again, a damaged
-structure rebuilt from the stored descriptors (with the resolved parameters and training sample it
-was first built with), so the result equals an undamaged run's. Rerunning resumes: plans fix which
-files form each part, so a part redone after `kill -9` has the same files in the same batches as
-before, and the result equals an uninterrupted run's bit for bit. A path already in the index is
-never re-extracted (a file changed in place keeps its old descriptor).
+The library behind `python -m dolg_jax.index` (format: collection.store). Lists the images
+(`files.list_images`), loads the model as evaluation does (`evaluate.load_model`), extracts every
+part not yet stored (parts shared over processes), then process 0 writes skipped.csv, the FAISS
+structure with its recall@k and the manifest (status 'complete', found = indexed + skipped), which
+`build` returns. Unreadable files are skipped with a reason; a rerun resumes and repairs damaged
+parts and structures. Raises ValueError (`Options.check`), `store.IndexMismatchError` (an index
+with another fingerprint or images root; `options.replace` moves it to
+INDEX_DIR.replaced-<old model key>), `store.DamagedIndexError` (a damaged plan), RuntimeError
+(parts still missing: another process failed). Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,13 @@
 r"""The row table of an index, columnar and memory-mapped: `row_table(store, parts) -> RowTable`.
 
-An index of 10^7 images must not become 10^7 Python dicts at start-up. The part CSVs (the index
-format, store.py) stay the record; their rows are kept in one Arrow IPC file, INDEX_DIR/rows.arrow
-(columns path, height, width, bytes, sha1 in row order; one record batch), which is opened
-memory-mapped (no parsing, pages read on use). It is derived data: its schema metadata names the
-parts it holds with each CSV's size and mtime, and a table that does not match the parts asked for
-is rebuilt from the CSVs (pyarrow's CSV reader) and written under a temporary name and renamed (an
-index directory that is not writable keeps the table in memory). Existing indexes are converted
-on first open; `finalize` of the index command writes it as a side effect of opening its rows.
-`paths` and `meta` are sequences over the columns (`paths[i]`, `paths.index(p)`, `meta[i]` a dict
-of strings as csv.DictReader gave); paths the CSV holds escaped (\xNN, not UTF-8) map back to the
-plan's exact names.
+Format: INDEX_DIR/rows.arrow, one Arrow IPC file of one record batch (columns path, height, width,
+bytes, sha1, in row order), derived from the part CSVs (store.py), which stay the record. Its schema
+metadata holds `dolg_jax.parts` ([generation, part, CSV size, CSV mtime_ns, rows] per part) and
+`dolg_jax.escaped` (rows whose CSV path is escaped as \xNN). A table that does not match the parts
+asked for is rebuilt from the CSVs and written atomically (kept in memory where the directory is
+read-only). `RowTable.paths` / `.meta` are sequences over the columns (`meta[i]` a dict of strings
+as csv.DictReader gives; escaped paths map back to the plan's exact names). A missing or unreadable
+part CSV raises `TableError`. Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,13 @@
 """The search structure of a collection index: FAISS (faiss-cpu; faiss-gpu where installed).
 
-Kinds (`Spec.kind`; inner product on L2-normalised descriptors = cosine similarity):
-* 'flat' (default): `IndexFlatIP`, exact. Searched here by blocked float32 matmul + argpartition
-  over the index's own vectors (`IndexFlat.get_xb`, no copy): FAISS's own top-k selection
-  (`IndexFlatIP.search`) is several times slower at k=100 (tools/bench_collection_search.py);
-  ties go to the lower row. Its results equal `IndexFlatIP.search` and brute force.
-* 'ivfpq': `IVF{nlist},PQ{m}x{bits}` (4-bit codes: FAISS's fast-scan `PQ{m}x4fs`, 16x cheaper to
-  train than 8-bit codes and SIMD-scanned) trained on a seeded random sample of the stored
-  descriptors (`train_size`), searched with `nprobe` lists; then, with `refine` > 1, the refine
-  stage: the approximate top k * refine are re-scored exactly from the stored descriptors (the index
-  parts, memory-mapped) and the best k returned, so scores are exact cosine similarities.
-* 'hnsw': `IndexHNSWFlat` (M links, efConstruction, efSearch), exact scores of what it finds.
-
-`build` adds the descriptors block by block (the collection is never loaded whole for IVF-PQ);
-`extend` appends rows added later to a loaded index (no retraining: the manifest records how many
-rows the structure was trained on); `measure_recall` compares the structure's top k with exact top
-k for a sample of stored descriptors used as queries (recall@k = mean |approx ∩ exact| / k), the
-figure recorded in the manifest. Zero parameters mean "automatic" (see `resolve`).
+`Spec.kind` (inner product of L2-normalised descriptors = cosine similarity): 'flat' (default;
+`IndexFlatIP`, exact, searched by blocked matmul + argpartition over its vectors), 'ivfpq'
+(`IVF{nlist},PQ{m}x{bits}`, trained on a seeded sample, `nprobe` lists; with `refine` > 1 the top
+k * refine are re-scored exactly from the stored descriptors) or 'hnsw' (`IndexHNSWFlat`). Zero
+parameters are automatic (`resolve`). `build` / `extend` / `save` / `load` the structure; `search`
+-> (scores, ids), best first, ties to the lower row; `measure_recall` -> the manifest's recall@k
+(mean |approx ∩ exact| / k over a sample of stored rows). Raises ValueError for an unknown kind or
+rows added out of order. Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -45,7 +36,7 @@ class Spec:
   hnsw_m: int = 32  # hnsw: links per node
   ef_construction: int = 80
   ef_search: int = 400
-  train_size: int = 0  # ivfpq: training sample (0: min(n, max(64 nlist, 40 * 2^bits), 262144))
+  train_size: int = 0  # ivfpq: training sample (0: min(n, max(32 nlist, 40 * 2^bits), 131072))
   seed: int = 0
 
   def to_json(self) -> dict:

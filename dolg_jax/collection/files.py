@@ -1,21 +1,13 @@
-"""Which files a collection holds: `list_images(images) -> (root, relative paths)`.
+"""Which files a collection holds: `list_images(images) -> (absolute root, relative paths)`.
 
-`images` is either
-* a folder: searched recursively (symlinked folders are not followed); a file is an image when its
-  extension, in any case, is one of `IMAGE_EXTENSIONS` (jpg, jpeg, png, webp, bmp, tif, tiff);
-  paths are relative to the folder, with '/' separators; hidden files and folders (a name starting
-  with '.') are left out;
-* a text file (UTF-8, a BOM allowed) with one path per line, relative to the file's folder or
-  absolute; each name is taken exactly as written (only the line ending is removed), blank lines
-  and lines starting with '#' are ignored; whatever the extension, every listed file is taken (an
-  unreadable one is skipped when indexed, with its reason). A path is normalised against the root
-  (`a/./b.jpg`, `a/../a/b.jpg` and `ROOT/a/b.jpg` are one file, `a/b.jpg`); one outside the root
-  stays absolute. A line that is not UTF-8 stops the listing with its file and line number.
-
-Names that are not UTF-8 (from a folder) are kept exactly: Python's surrogate escapes, which open
-the same file; `reading.display` prints them. The paths come back sorted (code-point order) and
-without duplicates: the order an index assigns its rows in, whatever order the file system lists
-them in.
+`images` is a folder, searched recursively (symlinked folders not followed, hidden names left out,
+a file taken when its extension, in any case, is in `IMAGE_EXTENSIONS`), or a UTF-8 list file (BOM
+allowed) of one path per line, relative to its folder or absolute, each taken exactly as written
+whatever its extension (blank and '#' lines ignored). Paths are normalised against the root ('/'
+separators; `a/./b.jpg`, `a/../a/b.jpg`, `ROOT/a/b.jpg` are `a/b.jpg`; one outside the root stays
+absolute); names that are not UTF-8 keep Python's surrogate escapes (`escape` prints them as \\xNN).
+They come back sorted (code-point order: the index's row order) and unique. Raises `ListFileError`
+(a list line not UTF-8, naming file and line) and FileNotFoundError (neither folder nor file).
 """
 
 from __future__ import annotations

@@ -4,26 +4,17 @@
   col = query.Collection('INDEX_DIR')
   hits = col.search_images(['q.jpg'], k=10)                  # [[(path, score), ...]] per query
   hits = col.search_images(['q.jpg'], boxes=[(top, left, height, width)], rerank='superglobal')
-  scores, ids = col.search_descriptors(q, k=10)               # (nq, k) each; col.paths[ids]
+  scores, ids = col.search_descriptors(q, k=10)               # (nq, k) each; col.paths[i] per id
   order = query.rerank_candidates(q, candidates)              # SuperGlobal on another system's list
 
-* Query descriptors come from the model and protocol the index was built with: the manifest
-  records the checkpoint (or workdir) and the config; the weights are loaded again and their
-  fingerprint must equal the index's (`store.IndexMismatchError` otherwise; pass `checkpoint=` /
-  `workdir=` when the file moved). An image without a box is extracted exactly as an indexed image
-  (a duplicate of an indexed image scores 1.0); a box (top, left, height, width) in pixels of the
-  EXIF-oriented image crops the query first, as evaluation crops revisitop queries (its crop canvas
-  ladder and `crop_rounding`).
-* Scores are cosine similarities (inner products of L2-normalised descriptors), best first; with
-  IVF-PQ the shortlist is re-scored exactly from the stored descriptors (faiss_index). A score that
-  is not finite (damaged stored descriptors) raises `store.DamagedIndexError`, never a NaN result.
-* Opening verifies the index (`store.IndexStore.verify_for_search`: sizes, parts, the search
-  structure's sha256) and names a damaged file with the command that repairs it. An index of 0
-  images is valid: every search answers 0 results. Query files are read with the index's limits
-  and long-side cap (`reading`, manifest 'protocol'); k must be >= 1.
-* `rerank='superglobal'`: the top M (config.eval.rerank_m of the index's config, at least k) are
-  re-ranked with `retrieval.rerank` (K = rerank_k, beta = rerank_beta) from the stored
-  descriptors; the returned scores stay the cosine similarities of the re-ranked results.
+Query descriptors come from the model and protocol the index was built with (a box, in pixels of
+the EXIF-oriented image, crops the query as evaluation crops revisitop queries); scores are cosine
+similarities, best first; `rerank='superglobal'` re-ranks the top max(config.eval.rerank_m, k)
+from the stored descriptors. `search_to_dir` writes results.json and report.html. Raises
+`store.NotAnIndexError` (no complete index), `store.DamagedIndexError` (a damaged file, a
+non-finite score), `store.IndexMismatchError` (weights or long-side cap differ from the index's;
+pass `checkpoint=` / `workdir=` when the file moved), ValueError (k < 1, an unreadable query, a bad
+box or `rerank`). Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 r"""The on-disk format of a collection index (INDEX_DIR), read and written only through this module.
 
   INDEX_DIR/
-    manifest.json             what the index is (below); written first (status 'building') and
-                              rewritten when a run finishes (status 'complete')
-    plans/plan-GGGGG.json     generation G: {"generation", "part_size", "files": [relative paths]}
-                              -- the files a run found new, sorted; part c holds
-                              files[c * part_size : (c + 1) * part_size]
+    manifest.json             what the index is (below); status 'building', then 'complete'
+    plans/plan-GGGGG.json     generation G: {"generation", "part_size", "files": [relative paths,
+                              sorted]}; part c holds files[c * part_size : (c + 1) * part_size]
     parts/gGGGGG-pCCCCCC.npy          descriptors (n_ok, D), float32 or float16, L2-normalised,
                                       one row per indexed file of the part, in plan order
     parts/gGGGGG-pCCCCCC.skipped.csv  path,reason of the part's files that were not indexed
@@ -13,32 +11,18 @@ r"""The on-disk format of a collection index (INDEX_DIR), read and written only 
                                       of the .npy), written LAST: a part exists when this file does
     skipped.csv               path,reason of every skipped file (all parts; rewritten at the end)
     faiss.index               the search structure over all rows (dolg_jax.collection.faiss_index)
-    rows.arrow                the part CSVs' rows as one memory-mapped Arrow table (derived, rebuilt
-                              when stale: dolg_jax.collection.columns)
+    rows.arrow                the part CSVs' rows as one Arrow table (derived: collection.columns)
 
-Every file is written under a temporary name and renamed into place, so a killed run leaves whole
-parts or none; rerunning redoes exactly the parts that are missing, with the same files in the same
-batches, so the result equals an uninterrupted run's bit for bit. Rows of the index are the parts in
-(generation, part) order; a later generation (images added later) appends rows, so earlier row
-numbers never change. `path` is relative to `images_root` (manifest), with '/' separators; height
-and width are the decoded (EXIF-oriented) image's; sha1 is the file's content hash.
-
-Paths in the CSV tables that are not UTF-8 (file names are bytes) have those bytes written as
-\xNN (`escape`); the plans (JSON) hold them exactly, and `Rows` maps each row back to its plan name.
-
-Damage: the manifest records the size and sha256 of every stored file (`checksums`: parts, plans,
-skipped.csv, faiss.index). `verify_for_search` checks every size, the part set and the search
-structure's sha256 (cheap: one pass over faiss.index per open); `damaged_parts` (the index command,
-before it plans) also checks every part's sha256, or its structure where the manifest has no entry
-yet; a damaged part is removed and extracted again, a damaged structure rebuilt (build.py).
-
-manifest.json: {"format": "dolg_jax.collection", "version": 1, "status", "fingerprint" (what the
-descriptors depend on: the model key -- weights hash, compute dtype, evaluation-time model
-overrides --, the extraction protocol `ExtractConfig.key()`, the decoder and the stored dtype: a
-run whose fingerprint differs is refused with `IndexMismatchError`), "model" (source, checkpoint or
-workdir, the config as JSON, for query-time extraction), "images_root", "counts" (found, indexed,
-skipped, parts), "dim", "faiss" (type, parameters, recall@k on a sample), "versions", "created",
-"updated", "checksums"}.
+Every file is written under a temporary name and renamed. Rows are the parts in (generation, part)
+order (a later generation appends rows). `path` is relative to `images_root`, '/' separators, bytes
+that are not UTF-8 written as \xNN in the CSVs (`files.escape`; plans hold them exactly); height and
+width are the decoded (EXIF-oriented) image's, sha1 the file's. manifest.json: {"format":
+"dolg_jax.collection", "version": 1, "status", "created", "updated", "fingerprint" (model_key,
+architecture, extraction, decoder, descriptor_dtype), "model" (source, checkpoint, workdir, config),
+"images_root", "protocol", "versions", "counts" (found, indexed, skipped, parts, generations),
+"dim", "faiss", "last_run", "checksums" ({relative path: {"bytes", "sha256"}})}. Errors:
+`NotAnIndexError`, `DamagedIndexError` (names the file and the fix), `IndexMismatchError`.
+Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -355,9 +339,7 @@ class IndexStore:
 class Rows:
   """All rows of an index, in row order: paths, metadata and descriptor segments (memory-mapped).
 
-  The row table is columnar and memory-mapped (`columns.row_table`: INDEX_DIR/rows.arrow, built
-  from the part CSVs when missing or stale): `paths` and `meta` are sequences over its columns,
-  never a Python object per row at open.
+  `paths` and `meta` are sequences over `columns.row_table`; raises DamagedIndexError.
   """
 
   def __init__(self, store: IndexStore, parts: Optional[Sequence[tuple[int, int]]] = None):

@@ -1,26 +1,11 @@
-"""Strict readers of the GLDv2 metadata CSVs and the revisitop ground truth; every error names the
-file and line.
+"""Strict readers of the GLDv2 metadata CSVs, our own CSVs and the revisitop ground truth.
 
-  train_clean.csv   landmark_id,images        images: 16-hex ids separated by single spaces
-  train.csv         id,url,landmark_id        one image per row
-  index.csv, test.csv                  id[,...]          (GLDv2 retrieval) one image per row
-  retrieval_solution_v2.1.csv          id,images,Usage   images: 16-hex ids separated by single
-                                                         spaces; Usage Public / Private, or Ignored
-                                                         (images None, not read)
-  exclusion lists   landmark_id and/or id     (ours: what `gldv2 --exclude` leaves out; a row may
-                                              leave one of the two empty)
-  folder labels     path,label                (ours: `folder --labels`; paths relative to the
-                                              folder, each listed once, labels non-empty)
-  folder exclusions label and/or path         (ours: what `folder --exclude` leaves out)
-
-Checked: UTF-8 encoding (a byte order mark is accepted), CSV quoting (`csv` strict mode: a stray
-quote is an error, not a silently merged field), the header's columns, the same number of fields
-on every row as in the header (a comma where a space belongs is caught), image ids of exactly 16
-lowercase hex digits, landmark ids that are non-negative integers, no empty image lists, and no
-id listed twice where each row is one image (index.csv, test.csv, the solution's test ids).
-
-`check_gnd(cfg, path)` checks a revisitop `gnd_<name>.pkl` dict: image lists of strings, one entry
-per query with a 4-number `bbx` and `easy` / `hard` / `junk` lists of valid database indices.
+`read_train_clean` / `read_train` -> (image id, landmark id) pairs; `read_image_ids` (index.csv,
+test.csv); `read_retrieval_solution` -> (public, private, ignored); `read_exclusion`,
+`read_labels`, `read_folder_exclusion` (our exclusion lists and folder labels); `read_lines`;
+`check_gnd(cfg, path)` checks a revisitop gnd_<name>.pkl dict and returns it. A malformed file
+raises `MetadataError` (a ValueError) 'PATH:LINE: what is wrong; what to do'.
+The formats and every check: docs/design_notes.md.
 """
 
 from __future__ import annotations

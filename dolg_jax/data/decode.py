@@ -1,27 +1,13 @@
-"""Image decoding for the input pipelines: any stored bytes -> RGB uint8.
+"""Image decoding for the input pipelines: any stored bytes -> (H, W, 3) uint8 RGB, EXIF orientation
+applied.
 
-Two routes, both returning (H, W, 3) uint8 RGB with the EXIF orientation applied:
-
-* exact (the default, `fast=False`): `cv2.imdecode(bytes, IMREAD_COLOR)` reversed to RGB, i.e. pixel
-  for pixel what the official DOLG code reads with `cv2.imread(path)[..., ::-1]`: libjpeg-turbo's
-  accurate integer DCT and smooth chroma upsampling, EXIF orientations 2-8 applied, grayscale and
-  CMYK JPEGs converted by OpenCV, PNG alpha dropped (not composited), 16-bit PNGs reduced to their
-  high byte. A truncated JPEG gives the decoded part with the missing blocks grey, as `cv2.imread`
-  returns it (`cv2.imdecode` refuses it; libjpeg-turbo's accurate decode through simplejpeg gives
-  the same pixels). Evaluation always uses this route.
-* fast (`fast=True`, training's `config.data.decode` = 'fast'; chosen by measurement, see
-  `dolg_jax.tools.bench_data`): JPEG bytes are decoded by libjpeg-turbo through `simplejpeg` with
-  the fast DCT and upsampling and decode-time DCT downscaling (1/2, 1/4, 1/8) whenever the crop that
-  will be kept is at least twice the output size; the EXIF orientation tag (read with Pillow) is
-  then applied with the same eight transforms OpenCV uses. Pixels differ from the exact route by a
-  few grey levels. Non-JPEG bytes take the exact route.
-
-Bytes OpenCV cannot read (where `cv2.imread` would return None) fall back to Pillow, which also
-handles palette, alpha (composited on white) and 16-bit modes, with `ImageOps.exif_transpose`.
-Crops are resized with OpenCV's bilinear `resize` (about 10x faster than Pillow's at 512x512).
-
-Boxes are `(top, left, height, width)` in ORIGINAL image pixels of the ORIENTED image (the image as
-`image_size` reports it and `decode_rgb` returns it), whatever scale the decoder picks.
+`decode_rgb(data, fast=False)`: by default pixel for pixel `cv2.imread(path)[..., ::-1]` (what the
+official code reads; evaluation always decodes so); `fast=True` decodes JPEGs with simplejpeg's
+fast DCT and DCT-domain downscaling (a few grey levels off). Bytes OpenCV cannot read go to Pillow.
+`decode_crop_resize` decodes a box `(top, left, height, width)` (pixels of the oriented full-size
+image, whatever scale the decoder picks) and resizes it (`resize`, OpenCV); `image_size` reads
+only headers; `check_decodable` gives the reason bytes do not decode cleanly. Bytes that cannot
+be decoded raise `DecodeError`. Both routes in detail: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -137,7 +123,7 @@ def decode_rgb(
   """Decodes image bytes to (H, W, 3) uint8 RGB with the EXIF orientation applied.
 
   With the defaults, the result equals `cv2.imread(path)[..., ::-1]` for the same file, pixel for
-  pixel (see the module docstring).
+  pixel (docs/design_notes.md).
 
   Args:
     data: encoded image (JPEG of any colour space, PNG, or anything OpenCV or Pillow reads).

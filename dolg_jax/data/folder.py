@@ -1,4 +1,4 @@
-"""TFDS builder `folder` (your own labelled images) -> ArrayRecord, as the GLDv2 builder does.
+r"""TFDS builder `folder` (your own labelled images) -> ArrayRecord, as the GLDv2 builder does.
 
   python -m dolg_jax.data.prepare --dataset=folder/NAME --manual_dir=DIR --data_dir=D \
       [--val_fraction=F] [--exclude=FILE] [--labels=CSV] [--allow_missing]

@@ -287,7 +287,9 @@ def prepare(
 
 
 def data_sources(dataset: str, data_dir: str) -> dict:
-  """{'train': source, 'validation': source}: random-access sources of the prepared dataset."""
+  """{'train': source, 'validation': source}: random-access sources of the prepared dataset
+  ('validation' only where val_fraction > 0).
+  """
   return builder(dataset, data_dir).as_data_source()
 
 

@@ -1,28 +1,13 @@
 """TFDS builder `gldv2_retrieval` (GLDv2 retrieval benchmark: index and test sets) -> ArrayRecord.
 
-Reads the official layout (github.com/cvdfoundation/google-landmark) from the manual dir:
-  index.csv                         id[,...]                 (761,757 index images)
-  test.csv                          id[,...]                 (117,577 test queries)
-  retrieval_solution_v2.1.csv       id,images,Usage          (images space-separated; Usage
-                                                              Public / Private, or Ignored with
-                                                              images None)
-  index/images_000.tar ... images_099.tar, index/md5.images_NNN.txt
-  test/images_000.tar ... images_019.tar,  test/md5.images_NNN.txt
-(tar members a/b/c/<id>.jpg) or, instead of or besides the tars, extracted trees
-index/a/b/c/<id>.jpg and test/a/b/c/<id>.jpg.
-
-Splits 'index' and 'test', features {image: original bytes, id: text, index: int64 (row in
-index.csv / test.csv), height, width: int64}. Examples are stored in key order: use `index` to
-place results. The solution CSV is copied next to the data (`load_solution`); summary.json holds
-listed = written + skipped (undecodable, skipped.csv) + missing (missing.csv) per split.
-
-Bad input: listed-but-absent images raise build_plan.MissingImagesError (count, shards searched,
-first ids) unless allow_missing=True; a truncated tar raises tar_index.TruncatedShardError; md5
-mismatches md5_check.ChecksumError (verify_md5=True); malformed CSV rows a
-csv_metadata.MetadataError (a ValueError) naming file and line. (The same classes as
-gldv2.MissingImagesError, gldv2.TruncatedShardError and gldv2.ChecksumError.)
-Reading a dataset that is not prepared raises `NotPreparedError` naming the command that prepares
-it (`python -m dolg_jax.data.prepare --dataset=gldv2_retrieval --manual_dir=M --data_dir=D`).
+`prepare(manual_dir, data_dir)` reads the official index.csv, test.csv, retrieval_solution_v2.1.csv
+and index/, test/ images_NNN.tar (or extracted a/b/c/<id>.jpg trees) and writes splits 'index' and
+'test' of {image: original bytes, id: text, index: int64 row in index.csv / test.csv, height,
+width: int64}, stored in key order (place results by `index`); beside the data: the solution's copy
+(`load_solution`), skipped.csv, missing.csv, summary.json (listed = written + skipped + missing).
+Raises build_plan.MissingImagesError (unless allow_missing), tar_index.TruncatedShardError,
+md5_check.ChecksumError (verify_md5), csv_metadata.MetadataError (a ValueError); reading an
+unprepared dataset, `NotPreparedError` naming the prepare command. Layout: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -301,8 +286,9 @@ def load_summary(data_dir: str) -> dict:
 
 
 def listed_ids(data_dir: str, split: str) -> List[str]:
-  """Ids of index.csv / test.csv in file order (row i = the example with `index` i), from the
-  prepared data's summary of written examples plus missing/skipped ones."""
+  """Ids of index.csv / test.csv by row (item i = the example with `index` i), None for the rows
+  not written (missing or skipped); the row count comes from the prepared data's summary.json.
+  """
   src = data_source(data_dir, split)
   n = load_summary(data_dir)['per_split'][split]['listed']
   out: List[Optional[str]] = [None] * n

@@ -1,31 +1,13 @@
 """Deterministic, resumable, per-process-sharded grain input pipelines for GLDv2.
 
-Training (`make_train_iterator`):
-  source (N records) -> global shuffle, reshuffled every epoch from `seed` -> per-example
-  augmentation with an RNG derived from (seed, epoch, position in the epoch) -> the first
-  N - N % process_count
-  positions of the epoch, every process_count-th from process_index -> batches of per_host_batch
-  (last partial batch of each epoch dropped) -> repeated for num_epochs (None: forever) -> optional
-  prefetch worker processes.
-  Everything is a function of indices, so the batches are identical for any number of workers or
-  read threads, and every process reads a disjoint 1/process_count of each epoch.
-
-State: the returned `TrainIterator` (a `grain.DatasetIterator`) has `get_state()` /
-`set_state(state)`: a small JSON-able dict holding the step; restoring it into a freshly built
-iterator (same data arguments; any num_workers) continues with exactly the next batch. Training
-checkpoints save it as data (`training.checkpointing.IteratorStateHandler`, one file per process),
-not with grain's CheckpointSave / CheckpointRestore (docs/checkpointing.md says why).
-
-Evaluation (`make_eval_iterator`): records in source order, every process_count-th from
-process_index, central square crop resized to image_size; all processes yield the same number of
-batches, the last ones padded with zero images whose `mask` is False. `make_validation_passes`
-gives the same batches as repeatable passes through one iterator (the training loop's periodic
-validation: its workers start once per run).
-
-Decoding (`config.data.decode`, both pipelines): 'exact' reads every image as the official code's
-`cv2.imread` does (full-size accurate decode, EXIF orientation applied); 'fast' uses the fast JPEG
-route of `dolg_jax.data.decode` (fast DCT, DCT-domain downscaling, EXIF orientation applied too).
-Retrieval evaluation (dolg_jax.retrieval.extract) always decodes exactly.
+`make_train_iterator(config, data_source, seed=, per_host_batch=)` -> `TrainIterator` of batches
+{'image': uint8 (B, S, S, 3), 'label': int32 (B,)} (and 'lighting' (B, 3) float32 with the official
+augmentation): reshuffled every epoch, this process's 1/process_count share; `get_state()` /
+`set_state()` resume at exactly the next batch with any number of workers (training checkpoints
+store that state with training.checkpointing.IteratorStateHandler, not grain's CheckpointSave).
+`make_eval_iterator` / `make_validation_passes`: central square crops in source order, the same
+number of batches on every process, padding with `mask` False. Bad config.data values raise
+ValueError (`check_config`). Pipeline order, determinism, decoding: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -99,19 +81,13 @@ def check_config(config) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-  """record -> {'image': (S, S, 3), 'label': int32}.
+  """(index, record) -> {'image': uint8 (S, S, 3), 'label': int32} (+ 'lighting' for 'official').
 
-  `augmentation` (config.data.augmentation):
-  - 'paper' (default): uint8 image; random-resized crop (area in `scale`, log-uniform aspect in
-    `ratio`, decoded at the smallest DCT scale that keeps the crop's resolution) + flip.
-  - 'official': uint8 image + 'lighting' (float32 (3,), [0, 255] scale), the official pycls/DOLG
-    recipe (dolg_jax.data.official_augment.official_train_example): full decode, random-sized
-    crop (area from scale[0] to 1, uniform aspect in `ratio` with the width/height swap) resized
-    in uint8, flip; the PCA lighting offset of std `lighting_std` is added on the device
-    (dolg_jax.training.inputs.device_batch).
-
-  Called with the GLOBAL index of the element in the repeated, shuffled stream; its RNG is
-  Philox seeded from (seed, epoch, index in epoch), so it does not depend on workers or threads.
+  `augmentation` 'paper': random-resized crop (area in `scale`, log-uniform aspect in `ratio`) and
+  flip; 'official': `official_augment.official_train_example` (the pycls/DOLG recipe), whose
+  'lighting' (float32 (3,), [0, 255] scale) is added on the device. `index` is the global position
+  in the repeated, shuffled stream; the RNG is Philox seeded from (seed, epoch, index in epoch).
+  ValueError for 'official' with crop_scale[1] != 1 and for 'paper' with lighting_std != 0.
   """
 
   image_size: int
@@ -278,10 +254,9 @@ class TrainIterator(grain.DatasetIterator):
   """Iterator over the training batches whose state is just the step (portable, exact).
 
   `get_state()` -> {'next_step': n, plus the arguments that define the stream}; `set_state` (on an
-  iterator built with the same arguments) resumes at batch n by random access into the batched
-  MapDataset, so the state does not depend on num_workers or read_threads and a restore spawns
-  workers only from the next batch on. A state saved with different stream arguments (seed,
-  process_index/count, per_host_batch, dataset size, image_size) is refused with a ValueError.
+  iterator built with the same arguments, any num_workers or read_threads) resumes at batch n. A
+  state of other stream arguments (seed, process_index/count, per_host_batch, dataset size,
+  image_size) is refused with a ValueError.
   """
 
   def __init__(self, ds: grain.MapDataset, make_iter, stream: Dict[str, Any]):
@@ -451,10 +426,8 @@ class ValidationPasses:
   """Repeated, identical passes over a validation split through one grain iterator.
 
   `next_pass()` yields the split's `num_batches` batches (the same ones, in the same order, every
-  time). The batched dataset is repeated forever behind one iterator, so its worker processes and
-  read threads are started once per run, not once per evaluation; between evaluations they hold at
-  most their prefetch buffers of the next pass. A pass left unfinished (an evaluation that failed)
-  would leave the stream out of phase: the next pass then starts a fresh iterator at batch 0.
+  time); workers and read threads start once per run. After a pass left unfinished the next pass
+  starts a fresh iterator at batch 0.
   """
 
   def __init__(self, ds: grain.MapDataset, make_iter):

@@ -1,7 +1,8 @@
 """The md5 check of a GLDv2 tar shard against its md5.images_NNN.txt ("<md5>  images_NNN.tar").
 
-The md5 file is looked for beside the shard, then (given the manual dir) in its train/ and
-md5sum/train/ directories; a mismatch raises `ChecksumError` naming both files.
+`verify_md5(shard, manual_dir)` looks for the md5 file beside the shard, then (given the manual
+dir) in it, its train/ and md5sum/train/ (`md5_file_for`); a mismatch raises `ChecksumError`
+naming both files, an absent md5 file FileNotFoundError.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class ChecksumError(RuntimeError):
 
 
 def md5_file_for(shard_path: str, manual_dir: Optional[str] = None) -> Optional[str]:
-  """md5.images_NNN.txt of a shard: beside it, or (manual dir) in train/ or md5sum/train/."""
+  """md5.images_NNN.txt of a shard: beside it, or (manual dir) in it, train/ or md5sum/train/."""
   name = 'md5.' + os.path.basename(shard_path)[: -len('.tar')] + '.txt'
   candidates = [os.path.join(os.path.dirname(shard_path), name)]
   if manual_dir is not None:

@@ -1,4 +1,4 @@
-"""Builds a dataset from its manual download into a TFDS data dir (ArrayRecord, no TensorFlow).
+r"""Builds a dataset from its manual download into a TFDS data dir (ArrayRecord, no TensorFlow).
 
   python -m dolg_jax.data.prepare --dataset=gldv2/clean --manual_dir=M --data_dir=D \
       [--allow_missing] [--verify_md5] [--val_fraction=F] [--exclude=FILE]

@@ -1,28 +1,13 @@
-"""TFDS builders for revisited Oxford / Paris and the R1M distractors (no TensorFlow needed).
+"""TFDS builders `roxford5k`, `rparis6k`, `revisitop1m`, `rdemo` (revisitop layout) -> ArrayRecord.
 
-Manual dirs in the official revisitop layout (github.com/filipradenovic/revisitop):
-
-  roxford5k/  jpg/<name>.jpg  gnd_roxford5k.pkl     (imlist: 4,993 index images, qimlist: 70)
-  rparis6k/   jpg/<name>.jpg  gnd_rparis6k.pkl      (6,322 + 70)
-  revisitop1m/ revisitop1m.txt  jpg/<line>          (one relative path per line, extension included)
-
-`gnd_<name>.pkl` holds {'imlist', 'qimlist', 'gnd': [{'bbx': [x1, y1, x2, y2], 'easy', 'hard',
-'junk'}]}. The builders store the ORIGINAL JPEG bytes and write ArrayRecord:
-
-  split 'index' (all three): image (bytes), id (text), index (int64: position in imlist / the list),
-                             height, width (int64), bbx (float32 [0, 0, width, height])
-  split 'query' (roxford5k, rparis6k): the same with index = position in qimlist and bbx = the
-                             query box from the ground truth (original pixels, x1 y1 x2 y2).
-
-Examples are stored in key order, not list order: use the `index` feature to place results.
-The ground truth pickle is copied next to the data (`load_gnd`). Listed images that are absent stop
-the build with `MissingImagesError` naming how many and the first few (allow_missing=True skips
-them and records them in summary.json). The counts are checked against the ground truth lists
-(and, for the real datasets, the official sizes are reported in summary.json).
-
-Build from the command line: `python -m dolg_jax.data.prepare --dataset=roxford5k --manual_dir=M
---data_dir=D` (also rparis6k, revisitop1m). Reading a dataset that is not prepared under the data
-dir raises `NotPreparedError` with that command (`require_prepared` checks several at once).
+`prepare(name, manual_dir, data_dir)` reads jpg/<name>.jpg and gnd_<name>.pkl (revisitop1m:
+revisitop1m.txt and jpg/<line>) and writes split 'index' (and 'query' where there is a gnd) of
+{image: original bytes, id, index: int64 position in imlist / qimlist / the list, height, width,
+bbx: float32 [x1, y1, x2, y2], the query box or the whole image}, not in list order (place by
+`index`); beside the data: summary.json and the gnd's copy (`load_gnd`). Absent images raise
+`MissingImagesError` (allow_missing: recorded in summary.json instead), a bad gnd
+csv_metadata.MetadataError, reading an unprepared dataset `NotPreparedError` naming the prepare
+command (`require_prepared` checks several). Layouts and sizes: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -46,7 +31,7 @@ NAMES = tuple(OFFICIAL_COUNTS) + ('rdemo',)
 _MAX_IN_MESSAGE = 5
 
 
-# What the manual dir of each dataset holds (for messages; the module docstring has the details).
+# What the manual dir of each dataset holds (for messages; the layouts: docs/design_notes.md).
 MANUAL_LAYOUT = {
   'roxford5k': 'jpg/, gnd_roxford5k.pkl',
   'rparis6k': 'jpg/, gnd_rparis6k.pkl',
@@ -288,7 +273,7 @@ _BUILDERS = {
 
 
 def builder(name: str, data_dir: Optional[str] = None, **kwargs) -> _RevisitopBuilder:
-  """Builder for 'roxford5k' | 'rparis6k' | 'revisitop1m' (kwargs: allow_missing)."""
+  """Builder for 'roxford5k' | 'rparis6k' | 'revisitop1m' | 'rdemo' (kwargs: allow_missing)."""
   if name not in _BUILDERS:
     raise ValueError(f'unknown revisitop dataset {name!r}; expected one of {NAMES}')
   kwargs.setdefault('file_format', 'array_record')
@@ -309,7 +294,7 @@ def data_source(name: str, data_dir: str, split: str):
 
 
 def load_gnd(name: str, data_dir: str) -> dict:
-  """The ground truth pickle copied next to the prepared data (roxford5k / rparis6k)."""
+  """The ground truth pickle copied next to the prepared data (roxford5k / rparis6k / rdemo)."""
   require_prepared([name], data_dir)
   path = os.path.join(os.fspath(builder(name, data_dir).data_path), f'gnd_{name}.pkl')
   return read_gnd_file(path)

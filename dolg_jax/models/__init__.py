@@ -52,6 +52,7 @@ def resolve_dtype(dtype: Any) -> Any:
 
   'float64' (parity checks against float64 references) needs `jax_enable_x64`; the float32
   islands (pooling, descriptor, head, loss) then compute in float64 too (normalize.wide_dtype).
+  ValueError for another name, or for 'float64' without `jax_enable_x64`.
   """
   if isinstance(dtype, str):
     if dtype not in _DTYPES:
@@ -69,8 +70,8 @@ def build_model(model_cfg: ml_collections.ConfigDict | dict, dtype: Any = jnp.fl
   """Builds the DOLG module from the `c.model` config section.
 
   `dtype` is the compute dtype of the convolutions (e.g. jnp.bfloat16 or 'bfloat16'); params, BN
-  statistics, the pooled head and the descriptor stay float32. Unknown fields are an error;
-  missing ones take configs/default.py's values.
+  statistics, the pooled head and the descriptor stay float32. Unknown fields and inconsistent
+  values are a ValueError; missing fields take configs/default.py's values.
   """
   cfg = {**defaults.model_defaults(), **dict(model_cfg)}
   unknown = sorted(set(cfg) - set(MODEL_FIELDS))

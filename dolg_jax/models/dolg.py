@@ -323,15 +323,11 @@ def config_fields(section: str, architecture: bool = False) -> tuple[str, ...]:
 class DOLG(nn.Module):
   """DOLG retrieval model: ResNet trunk + local branch + GeM global branch + fusion + fc.
 
-  See docs/design_notes.md for the parameter tree and the ablation semantics. Call with RGB images
-  in [0, 255], NHWC; returns the float32 descriptor before L2 normalisation. With
-  `return_features=True` returns (descriptor, dict of intermediates) for tests and analysis:
-    'res3', 'res4'   backbone maps (compute dtype), NHWC, strides 16 and 32;
-    'pooled_g'       GeM / average pool of res4 (N, 2048), float32;
-    'f_g'            fc_t(pooled_g) (N, global_dim);
-    'f_l/<branch>'   float32 local map of each branch ('f_l/localmodel', 'f_l/localmodel_res4');
-    'local_vec'      f_o (orthogonal) or avgpool(f_l) (concat, hadamard), mean over branches;
-    'fused'          the input of fc.
+  RGB images in [0, 255], NHWC -> the float32 descriptor before L2 normalisation; with
+  `return_features=True`, (descriptor, intermediates): 'res3', 'res4' (backbone maps, compute
+  dtype, strides 16 and 32), 'pooled_g' (global pool of res4, float32), 'f_g' (fc_t(pooled_g)),
+  'f_l/<branch>' (each local branch's float32 map), 'local_vec' (f_o or avgpool(f_l), mean over
+  branches) and 'fused' (the input of fc). Parameter tree and options: docs/design_notes.md.
   """
 
   # config.model fields (same names; documented and defaulted in configs/default.py only);
@@ -405,7 +401,8 @@ class DOLG(nn.Module):
     """valid_hw: optional (N, 2) int (height, width) of each image inside `images`, a batch of
     top-left anchored canvases padded with anything: the result is then what each unpadded image
     alone gives (up to float rounding), so images of different sizes share one compiled shape.
-    Inference only (BatchNorm batch statistics would see the padding)."""
+    Inference only: ValueError with train=True (BatchNorm batch statistics would see the padding).
+    ValueError (`check`) for an inconsistent configuration."""
     self.check()
     if valid_hw is not None and train:
       raise ValueError(

@@ -1,18 +1,11 @@
 """Margin heads as pure functions: ArcFace (paper) and CurricularFace (released DOLG code).
 
-Both L2-normalise the embeddings and the rows of `weight` (shape (num_classes, dim), torch layout,
-class dimension first so it can be sharded over a 'model' mesh axis) and compute in float32
-(float64 for float64 inputs: `normalize.wide_dtype`), the matmul at `Precision.HIGHEST`.
-
-ArcFace (Deng et al. 2019, insightface with easy_margin=False): for the target class
-  phi = cos(theta + m) where cos(theta) > cos(pi - m), else cos(theta) - m sin(pi - m)
-(keeps the target logit monotonic in theta when theta + m would pass pi); other classes keep
-cos(theta); logits = s * (...).
-
-CurricularFace (Huang et al. 2020, official code; what DOLG's released `Arcface` class computes):
-target logit as ArcFace; with c_t = cos(theta_y + m) (before the fallback), every logit with
-cos > c_t ("hard negative") becomes cos * (t + cos), where t is first updated as
-  t <- t_momentum * mean(cos(theta_y)) + (1 - t_momentum) * t      (t starts at 0, no gradient).
+`arcface_logits(embeddings, weight, labels)` -> logits and `curricularface_logits(..., t)` ->
+(logits, the updated t) take embeddings (N, dim) and the head weight (num_classes, dim) (torch
+layout, the class dimension first so it can be split over the `model` mesh axis), L2-normalise
+both and compute in float32 (float64 for float64 inputs: `normalize.wide_dtype`), the matmul at
+`Precision.HIGHEST`. Also `init_head_weight`, `cosine_logits`, `accuracy`, and `CONFIG_RULES` of
+the `head.*` fields. Design notes: docs/design_notes.md.
 """
 
 import math
@@ -73,7 +66,11 @@ def arcface_logits(
   margin: float = 0.15,
   scale: float = 30.0,
 ) -> jax.Array:
-  """ArcFace logits (N, num_classes), float32. labels: int (N,) class indices."""
+  """ArcFace logits (N, num_classes), float32. labels: int (N,) class indices.
+
+  Target class: s cos(theta + m), or s (cos(theta) - m sin(pi - m)) where cos(theta) <=
+  cos(pi - m) (insightface's easy_margin=False); other classes: s cos(theta).
+  """
   cos = cosine_logits(embeddings, weight)
   onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=jnp.bool_)
   cos_y = jnp.sum(jnp.where(onehot, cos, 0.0), axis=-1, keepdims=True)
@@ -93,8 +90,10 @@ def curricularface_logits(
 ) -> tuple[jax.Array, jax.Array]:
   """CurricularFace logits (N, num_classes) float32 and the updated t (same shape as `t`).
 
-  `t` is the EMA state (torch buffer `desc_cls.t`, shape (1,) or ()); it carries no gradient.
-  The mean target cosine is taken over the whole (global) batch.
+  Target logit as ArcFace's; a logit with cos > cos(theta_y + m) (a hard negative) becomes
+  s cos (t + cos), with t first updated to t_momentum * mean(cos(theta_y)) + (1 - t_momentum) t
+  (the mean over the whole global batch). `t` is the EMA state (torch buffer `desc_cls.t`, shape
+  (1,) or ()); it carries no gradient.
   """
   cos = cosine_logits(embeddings, weight)
   onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=jnp.bool_)

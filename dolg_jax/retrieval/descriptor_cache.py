@@ -1,20 +1,12 @@
 """Descriptors of one prepared split, extracted once and cached on disk.
 
-* `split_descriptors(extractor, name, data_dir, split, cache_dir=..., model_key=..., use_crop=...)`
-  returns the (n, D) unit-norm descriptors of a split of a prepared revisitop-layout dataset
-  (dolg_jax.data.revisitop), in list order.
-* `gldv2_split_descriptors(extractor, data_dir, split, cache_dir=..., model_key=...)` returns
-  (descriptors (n, D), ids) of a split ('index' or 'test') of the prepared GLDv2 retrieval
-  benchmark (dolg_jax.data.gldv2_retrieval, through `gldv2_eval.split_descriptors`).
-
-Both go through `cached(cache_dir, key, compute)`. The cache file name is a digest of everything
-that determines the numbers: the dataset and split, `model_key` (`model_key()`: the weights'
-content hash from `variables_hash`, the compute dtype and the evaluation-time model overrides such
-as SuperGlobal's GeM+ / regional-GeM / ReLU+), whether queries are cropped, and the extraction
-settings (`ExtractConfig.key()`, which holds the scale pooling); a JSON file beside each .npy
-records that key, and `<file>.ids.npy` the image ids where the split has them. Files are written by
-process 0 under a temporary name and moved into place (the ids before the descriptors), so a
-reader never sees a partial entry.
+`split_descriptors(extractor, name, data_dir, split, cache_dir=, model_key=, use_crop=)` -> (n, D)
+unit-norm descriptors of a revisitop-layout split, in list order; `gldv2_split_descriptors(...)` ->
+(descriptors, ids) of a gldv2_retrieval split (ValueError when a cached entry has no ids). Both go
+through `cached(cache_dir, key, compute)`. Files, written by process 0 under temporary names (the
+ids before the descriptors): CACHE_DIR/<dataset>_<split>_<digest of the key>.npy, beside it the
+key as .json and the ids as .ids.npy. The key: dataset, split, `model_key(variables, dtype,
+overrides)`, query cropping and `ExtractConfig.key()`. Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -3,24 +3,13 @@
   apply_fn, variables, source = load_model(config, workdir=... | checkpoint=...)
   out = evaluate_variables(config, apply_fn, variables, output_dir, source=...)
 
-For every dataset of `config.eval.datasets` (prepared TFDS builders under `config.eval.data_dir`,
-see dolg_jax.data.revisitop): extract multi-scale descriptors of the index and query splits (and of
-`config.eval.distractors` when `use_distractors`), cached (dolg_jax.retrieval.descriptor_cache);
-rank by dot product (optional DBA / alpha-QE, or SuperGlobal re-ranking with `eval.rerank`) and
-score the Easy / Medium / Hard protocols (mAP and mP@1,5,10) without and with the distractors
-(dolg_jax.retrieval.scoring); write OUTPUT_DIR/results.json and a visual report
-(OUTPUT_DIR/report_<dataset>.html + .png, in the final order).
-
-`gldv2_retrieval` in `config.eval.datasets`: the GLDv2 retrieval benchmark prepared under
-`config.eval.data_dir` (dolg_jax.data.gldv2_retrieval): descriptors of its test and index splits
-(cached the same way; no query crops), Public / Private mAP@100 and mP@100 (re-ranked as
-configured; `use_distractors` does not apply: its index is the benchmark's). It has no visual
-report (the report shows revisitop queries with their ground truth).
-
-`load_model` reads our training checkpoints (a workdir or a step directory, with the model `config`
-describes) and released/converted weights (the architecture inferred from the file). Both get the
-evaluation-time model overrides of `config.eval` (`model_overrides`: SuperGlobal's GeM+,
-regional-GeM, ReLU+), which are part of the descriptor-cache key.
+Every dataset of `config.eval.datasets` prepared under `config.eval.data_dir` (revisitop ones, with
+`config.eval.distractors` when `use_distractors`; `gldv2_retrieval`) is extracted (descriptors
+cached in OUTPUT_DIR/cache with eval.cache), ranked and scored (dolg_jax.retrieval.scoring); writes
+OUTPUT_DIR/results.json and, for revisitop datasets, report_<dataset>.html + .png. Datasets not
+prepared raise NotPreparedError (`check_datasets`) first. `load_model` reads our checkpoints and
+released/converted weights, with the evaluation-time model overrides (`model_overrides`).
+Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -3,13 +3,12 @@
   summary = run(config, workdir=... | checkpoint=..., out_dir=EXPORT_DIR)
 
 Writes EXPORT_DIR/model.onnx (opset 23, input `images`, output `descriptor`), model.jax_export
-(`jax.export` bytes for cpu and cuda) and export.json (what was exported, verification figures;
-written last, `verified: true` only when both artifacts match). Both take float32 RGB (N, H, W, 3)
-in [0, 255], N, H, W dynamic (H, W >= 64; other shapes fail with `Input shapes do not match the`),
-and return the (N, embedding_dim) float32 L2-normalised descriptor at ONE scale, as evaluation's
-extraction. Both are checked against the JAX model before `run` returns (`ExportMismatchError`
-above `TOLERANCE`); files are written atomically. The full contract and how the ONNX graph is
-made: docs/design_notes.md.
+(`jax.export` bytes for cpu and cuda) and, last, export.json (what was exported and the check
+figures; `verified: true` only when both artifacts match the JAX model, else `ExportMismatchError`
+above `TOLERANCE`). Both take float32 RGB (N, H, W, 3) in [0, 255], N, H, W dynamic (H, W >= 64;
+other shapes fail with `Input shapes do not match the`) and return the (N, embedding_dim) float32
+L2-normalised descriptor at ONE scale, as evaluation's extraction. Files are written atomically.
+Full contract and how the ONNX graph is made: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -187,12 +186,10 @@ def _quiet_converter():
 
 
 def _load_jax_plugins() -> None:
-  """Registers jax2onnx's lowerings of JAX primitives only (its `jax` plugin tree, ~3 s).
-
-  The replayed jaxpr holds nothing else; jax2onnx's own discovery imports every plugin tree,
-  Flax, Equinox, dm_pix and its examples included (~30 s on 2 busy cores, and tracebacks for the
-  dm_pix ones that this JAX no longer supports). Falls back to that discovery where the
-  helpers it uses are missing (another jax2onnx version).
+  """Registers only jax2onnx's lowerings of JAX primitives (its `jax` plugin tree, ~3 s): the
+  replayed jaxpr holds nothing else, while jax2onnx's own discovery imports every plugin tree
+  (Flax, Equinox, dm_pix, examples: ~30 s on 2 busy cores, tracebacks for dm_pix). Without the
+  helpers it uses (another jax2onnx version) it does nothing and that discovery runs instead.
   """
   if getattr(plugin_system, '_already_imported_plugins', True):
     return

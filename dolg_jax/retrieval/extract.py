@@ -48,7 +48,7 @@ class ExtractConfig:
   bucket: int  # 0 = exact sizes (one compile per shape)
   geometric_from: int  # > 0: beyond this side, geometric buckets (0 = never)
   steps_per_octave: int  # geometric bucket density
-  batch_size: int  # per process; padded to powers of two >= device count
+  batch_size: int  # per process; the rows a batch runs at: padded_batch
   num_workers: int  # host threads decoding / cropping / resizing (0 = inline)
   min_side: int  # the model needs H, W >= this
   pad: bool  # exact sizes in padded canvases; apply_fn takes valid_hw

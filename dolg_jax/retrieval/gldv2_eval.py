@@ -1,24 +1,13 @@
 """GLDv2 retrieval evaluation from descriptors: exact top-100 on device, then the official metrics.
 
-`evaluate(query_desc, query_ids, index_desc, index_ids, public, private, k=100, rerank=None)`:
-
-* rows whose id is None (images absent from the prepared data) are dropped from both sides; a
-  dropped query has no prediction and counts 0, as in the official scoring;
-* the top k index images of every query come from the chunked device top-k of
-  `dolg_jax.retrieval.search.topk` (exact, float32 dot products, ties to the lower row);
-* with `rerank={'M': 400, 'K': 9, 'beta': 0.15}` the list is SuperGlobal's
-  (`dolg_jax.retrieval.rerank.superglobal_topm`): the re-ranked top M, then, if k > M, the initial
-  order;
-* Public and Private are scored separately with `metrics.gldv2_map_at_k` and
-  `metrics.gldv2_mean_precisions` (DELF's compute_retrieval_metrics: each subset's predictions
-  against its own solution; ignored queries are in neither).
-
-Returns {'public': {'map@k', 'mp@k', 'num_queries', 'num_predicted'}, 'private': {...},
-'num_index', 'k', 'rerank'} with the metrics as fractions (x100 for the usual percentages).
-
-From a prepared dataset: `split_descriptors(extractor, data_dir, split)` -> (descriptors, ids) in
-one pass over the stored images (cache these), then `evaluate(q, q_ids, x, x_ids,
-*gldv2_retrieval.load_solution(data_dir)[:2], rerank=...)`; `evaluate_prepared` does both.
+`evaluate(query_desc, query_ids, index_desc, index_ids, public, private, k=100, rerank=None)` ->
+{'public': {'map@k', 'mp@k', 'num_queries', 'num_predicted'}, 'private': {...}, 'num_index', 'k',
+'rerank'} (fractions; keys with the value of k, e.g. 'map@100'). Rows whose id is None are dropped
+(a dropped query counts 0); the top k come from `search.topk`, or with `rerank={'M', 'K', 'beta'}`
+from `rerank.superglobal_topm`; Public and Private are scored separately (`metrics.gldv2_map_at_k`,
+`metrics.gldv2_mean_precisions`). ValueError: descriptors that do not match their ids, an empty
+index. `split_descriptors(extractor, data_dir, split)` -> (descriptors, ids) of a prepared split;
+`evaluate_prepared` extracts both splits and evaluates them. Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -86,7 +75,7 @@ def evaluate(
   chunk_size: int = 65536,
   query_chunk: int = 2048,
 ) -> dict:
-  """Private / Public mAP@k and mP@k of the descriptors (see the module docstring)."""
+  """Private / Public mAP@k and mP@k of the descriptors (the dict of the module docstring)."""
   q, qids = _present(query_desc, query_ids, 'queries')
   x, xids = _present(index_desc, index_ids, 'index')
   if not x.shape[0]:

@@ -1,23 +1,12 @@
-"""Revisited Oxford/Paris metrics with the exact semantics of revisitop's `compute_map`.
+"""Retrieval metrics: revisitop's `compute_map` (exact semantics) and the GLDv2 challenge's.
 
-`compute_map(ranks, gnd, kappas)` takes `ranks` of shape (n_db, n_queries) holding database
-indices (column i is the ranking of query i, best first) and `gnd`, a list of dicts with 'ok'
-(positives) and 'junk' (ignored images). For every query:
-
-* the positives' 0-based positions are shifted down by the number of junk images ranked before them
-  (junk is removed from the ranking);
-* AP is the trapezoid rule over recall steps of 1/len(ok): position r of the j-th positive
-  (0-based j) contributes ((j/r if r > 0 else 1) + (j+1)/(r+1)) / (2 len(ok));
-* mP@k uses k clipped to the 1-based position of the last positive found: with p the 1-based
-  positions, kq = min(max(p), k) and P@k = #(p <= kq) / kq;
-* a query without positives gets NaN AP and NaN mP@k and is left out of the means.
-
-The implementation here is vectorised with numpy within each query (a label table lookup of the
-ranking, positions by flatnonzero, the junk shift by searchsorted);
-tests/helpers/revisitop_reference.py holds a loop version mirroring the original code and the tests
-compare both on the real ground truth. `summarize` is shared with the +1M fast path in
-`dolg_jax.retrieval.search`, which produces the same junk-free positions without sorting, so both
-paths give bit-identical numbers.
+`compute_map(ranks, gnd, kappas)`: ranks (n_db, n_queries) of database indices (column i = query
+i's ranking, best first), gnd dicts with 'ok' and 'junk' -> (mAP, aps, mean P@k, P@k per query);
+a query without positives gets NaN and is left out of the means. `compute_protocols(ranks,
+raw_gnd)` scores Easy / Medium / Hard (`protocol_gnd`); `summarize` is shared with the +1M fast
+path of `dolg_jax.retrieval.search` (bit-identical numbers). `gldv2_map_at_k` and
+`gldv2_mean_precisions`: DELF's mAP@k and mean precisions. Bad input raises ValueError.
+The semantics step by step: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -126,7 +115,7 @@ def summarize(
 def compute_map(
   ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10)
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-  """revisitop's compute_map, vectorised. See the module docstring for the semantics.
+  """revisitop's compute_map, vectorised (semantics: docs/design_notes.md).
 
   Args:
     ranks: (n_db, n_queries) int array of database indices (best first per column). It may cover
@@ -218,16 +207,13 @@ def gldv2_map_at_k(
   solution: Mapping[str, Sequence[str] | None],
   k: int = 100,
 ) -> float:
-  """mAP@k of the Google Landmarks v2 retrieval challenge (DELF google_landmarks_dataset/metrics.py
-  MeanAveragePrecision).
+  """mAP@k of the Google Landmarks v2 retrieval challenge (DELF's MeanAveragePrecision).
 
   `predictions` maps a test id to its ranked index ids; `solution` a test id to its relevant index
-  ids, or None for a query that is ignored in scoring (Usage 'Ignored' in the official CSV; see
-  dolg_jax.data.gldv2_retrieval.read_solution). Per query: walk the first k predictions; an id
-  already seen is skipped but its position still counts; at each new relevant id
-  AP += hits / (position + 1); AP /= min(#relevant, k). The mean is over all scored queries of the
-  solution (a query without prediction counts 0). Predictions for ids absent from the solution are
-  an error (as in the official code); predictions for ignored queries are not scored.
+  ids, or None for a query ignored in scoring (Usage 'Ignored'; see
+  dolg_jax.data.gldv2_retrieval.read_solution). The mean is over all scored queries of the
+  solution (a query without prediction counts 0). ValueError for predictions of ids absent from
+  the solution (as in the official code). Semantics: docs/design_notes.md.
   """
   scored = _gldv2_scored(predictions, solution)
   mean_ap = 0.0

@@ -1,19 +1,12 @@
 """Scoring one dataset: ranks (optional DBA / alpha-QE / SuperGlobal), E/M/H tables, +1M, GLDv2.
 
-`score_dataset(q, db, gnd, eval_cfg, distractors)` returns {'base': table, '+1m': table (with
-distractors), 'topk': (scores, indices) of the 10 best per query on the base set, in the final
-(re-ranked when asked) order, with their dot products}; a table maps each protocol ('easy',
-'medium', 'hard') to its mAP, mP@k and per-query APs (None where a query has no positive).
-
-With `eval.rerank='superglobal'` the ranking is `rerank.superglobal` (M, K, beta =
-eval.rerank_m / rerank_k / rerank_beta) on the base set and `rerank.fast_compute_protocols` with
-the distractors (the same numbers as full ranks, without sorting 1M scores). DBA, when set,
-augments the base database first; alpha-QE and re-ranking together are an error (`check_search`).
-
-`score_gldv2(...)` scores the GLDv2 retrieval benchmark (dolg_jax.retrieval.gldv2_eval: Public /
-Private mAP@100 and mP@100, re-ranked as configured) as {'base': {'public': ..., 'private': ...}}.
-
-`format_table(results, search)` prints them in percent; rows scored with re-ranking are marked.
+`score_dataset(q, db, gnd, eval_cfg, distractors)` -> {'base': table, '+1m': table (with
+distractors), 'topk': (dot products, indices) of the 10 best per query on the base set, in the
+final order}; a table maps 'easy' / 'medium' / 'hard' to {'map', 'mp@k', 'aps' (None for a query
+without positives)}. `score_gldv2(...)` -> {'base': {'public': ..., 'private': ...}} (mAP@100,
+mP@100). `format_table` prints them in percent (re-ranked rows end in ' SG'); `flat_maps` flattens
+the mAPs. `check_config` / `check_search` raise ValueError for settings that cannot be honoured
+(alpha-QE with re-ranking; QE or DBA with gldv2_retrieval). Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

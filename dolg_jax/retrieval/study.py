@@ -1,27 +1,13 @@
 """A study table over several runs: our mAP beside the published DOLG numbers.
 
-Input: run directories (training workdirs) holding `manifest.json` (dolg_jax.training.manifest:
-the resolved config, seeds, the dataset record) and a `results.json` of dolg_jax.eval, found at
-WORKDIR/eval/results.json (`python -m dolg_jax.eval --workdir=WORKDIR`), else the latest
-WORKDIR/eval/step_N/results.json (training with `train.eval_retrieval`), else WORKDIR/results.json.
-
-Runs whose configs differ only in `seed` (and in the bookkeeping fields of IGNORED_FIELDS:
-paths, logging, checkpointing, loader workers) and that were evaluated the same way form one row:
-the mean and sample standard deviation (n - 1) over the seeds of every cell. Each row is compared
-with one published row (published_results.json: the paper's R50/R101 table (Table 1, with +1M)
-and ablation table (no +1M), the official README's query-cropped and uncropped 5-scale tables
-(with +1M); Easy is in none of them; cells a source does not give are absent): the one of the
-same depth and paper ablation variant whose protocol differs in the fewest known fields (ties:
-the order of the file, paper first), or the one named by `compare_to`. The table shows the
-deltas to it, the config fields in which the rows differ, and flags every known protocol
-difference: test scales, query cropping, +1M (a run's +1M cells when the source has none),
-training set (dataset name and build options), query expansion / database augmentation.
-
-Our evaluation always crops the queries to their box (dolg_jax.eval extracts the query split with
-use_crop=True), so every run's protocol has query_crop True.
-
-Outputs (`write_study`): study.md, study.csv, study.png (a grouped bar chart drawn with Pillow:
-no plotting dependency), and study.json (the rows as data).
+`write_study(workdirs, out_dir, compare_to='auto')` reads each run directory (its `manifest.json`,
+dolg_jax.training.manifest, and the results.json of dolg_jax.eval: WORKDIR/eval/results.json, else
+the latest WORKDIR/eval/step_N/results.json, else WORKDIR/results.json), groups runs that differ
+only in `seed` and the bookkeeping fields of IGNORED_FIELDS (cells: mean and sample std over the
+seeds), compares each group with one row of published_results.json (`choose_published`, or the
+row `compare_to` names), writes study.md, study.csv, study.png and study.json into out_dir and
+returns the paths and the table. Unusable runs or published data raise `StudyError`. How rows are
+matched and which protocol differences are flagged: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The HTTP layer of the search service: a FastAPI app over a `service.Service`.
+"""The HTTP layer of the search service: `create_app(service)`, a FastAPI app over a `Service`.
 
-Routes (the public contract, /work DESIGN "Search service"):
+Routes (the public contract):
   POST /api/search   multipart: `image` files (one or more), `box` (TOP,LEFT,HEIGHT,WIDTH: one for
                      every image or one per image), `k` (default 100), `rerank` ('' or
                      'superglobal'); or JSON {"descriptors": [[...], ...], "k": K, "rerank": ...}.
@@ -10,10 +10,10 @@ Routes (the public contract, /work DESIGN "Search service"):
   POST /api/reload   picks up a grown index now (it is also picked up when the manifest changes)
   GET  /api/info     index size, dimension, limits (for the page)
   GET  /healthz, GET /metrics (Prometheus text), GET /openapi.json, GET / (the web page)
-Every refused request is a 4xx JSON {"error": "..."} naming the problem: bodies over
---max_upload_mb (413, checked while the body streams in), a missing or wrong bearer token on /api
-with --token (401), undecodable / truncated / empty / oversized uploads, bad boxes, k, descriptors
-and ids. No CORS headers unless `cors_origin` is set.
+Errors are JSON {"error": "..."} naming the problem: 4xx for a refused request (413 a body over
+--max_upload_mb, checked while it streams in, or an oversized upload; 401 no or a wrong bearer
+token on /api with --token; 400 bad uploads, boxes, k, descriptors; 404 ids; 409 a refused
+reload), 503 a damaged index. No CORS headers unless `cors_origin` is set.
 """
 
 from __future__ import annotations

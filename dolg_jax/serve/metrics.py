@@ -1,7 +1,8 @@
 """Prometheus text-format metrics of the search service (`GET /metrics`), thread-safe.
 
-Counters of requests by route and status, a latency histogram per route, a histogram of the
-images per device call (micro-batch sizes), the queue depth and the index size as gauges.
+Counters of requests by route and status and of index reloads, a latency histogram per route, a
+histogram of the images per device call (micro-batch sizes), the queue depth and the index size as
+gauges.
 """
 
 from __future__ import annotations

@@ -1,15 +1,13 @@
 """The search service's state: the opened index, micro-batched extraction + search, reloads.
 
-`Service(index_dir, settings)` opens the index once (`backends.open_collection`: FAISS from the
-index directory, or a Milvus collection published from it), warms the extractor up on the canvas
-shapes the indexed images use (so the first requests compile nothing) and answers:
-* `search_images(images, bbxs, k, rerank)`: decoded query images go through one `MicroBatcher`,
-  whose worker extracts every waiting request's images in one `Extractor.extract_own` call (the
-  index's protocol: results equal `dolg_jax.search` on the same files) and searches them grouped
-  by (k, rerank). Decoding happens in the request's thread, never in the batcher.
-* `search_descriptors(q, k, rerank)`, `image(id, thumb)` (by row id only), `reload()`: opens the
-  index again and swaps it in only when it is complete and verified (a half-written index, e.g. a
-  running `dolg_jax.index`, is never served); a watcher thread does it when the manifest changes.
+`Service(index_dir, settings, checkpoint=, workdir=)` opens the index once
+(`backends.open_collection`: FAISS, or a Milvus collection published from it), compiles the common
+indexed image shapes, and answers `search_images(images, bbxs, k, rerank)` (a future; the images of
+every waiting request share one `Extractor.extract_own` call through a `MicroBatcher`, so results
+equal `dolg_jax.search` on the same files), `search_descriptors(q, k, rerank)`, `image(row, thumb)`
+(by row id only) and `reload()` (swaps in the index only when it is complete and verified; a
+watcher thread reloads when the manifest changes). Refused requests raise `BadRequest` (an HTTP
+status and a message). Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

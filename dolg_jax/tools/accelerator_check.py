@@ -1,30 +1,21 @@
 """One prepared accelerator run: training, extraction and input-pipeline speed in ONE JSON file.
 
-  launch/accelerator_check.sh [OUT_DIR]          # on a machine with one NVIDIA GPU (see there)
+  launch/accelerator_check.sh [--smoke] [OUT_DIR]   # on a machine with one NVIDIA GPU (see there)
   python -m dolg_jax.tools.accelerator_check --output=OUT/accelerator_check.json
       [--torch_result=OUT/torch_reference.json] [--budget_s=480] [--smoke]
 
-Parts (each under its own try/except, so a failing part records its error and the others still
-run; each checks the time left before every measurement, and the file is rewritten after each
-one, so even a killed run leaves what it measured):
-  train        dolg_jax.tools.bench_train.benchmark for every --depths x --batches (per device) at
-               --image_size in the config's compute dtype (bf16) with the config's head
-               (81,313 classes): images/s, images/s per device, TFLOP/s, fraction of peak
-  extraction   retrieval.extract.Extractor (padded canvases, the config's c.eval scales, batch)
-               over --extract_images JPEG files of --extract_hw (ROxf-like 768x1024; JPEG
-               decoding is inside the timed pass, as in an evaluation), random R50 weights, per
-               --extract_dtypes: images/s of real images (tools.bench_eval.time_extraction; with
-               the share of batch slots that held images). Not a projection of a ROxf + RPar
-               run: that has many sizes, 140 query crops and one compilation per canvas used
-               (tools.bench_eval prints those compile counts)
-  pipeline     tools.bench_data.run_pipeline (decode + random-resized crop to --image_size with
-               grain) with --pipeline_workers worker processes (default: every core): images/s
-               and host cores per 1,000 images/s
+Parts (each records its own errors; all share --budget_s; the file is rewritten after every
+measurement, so a killed run keeps what it measured):
+  train        tools.bench_train.benchmark for every --depths x --batches (per device) at
+               --image_size: images/s (also per device), TFLOP/s, fraction of peak
+  extraction   retrieval.extract.Extractor over --extract_images JPEGs of --extract_hw (decoding
+               timed), random weights of the config's model, per --extract_dtypes: images/s
+  pipeline     tools.bench_data.run_pipeline with --pipeline_workers processes: images/s, and
+               host cores per 1,000 images/s
   torch        read from --torch_result (launch/torch_reference_bench.py, run first in its own
-               process: the package does not import the test-only PyTorch reference, and the two
-               frameworks' GPU allocators do not share one process) and the JAX / PyTorch ratio
-               for each (depth, batch) both measured.
-`--smoke`: every part at tiny sizes on CPU (the tiny model of --config=configs/tiny.py, 64 px).
+               process) and the JAX / PyTorch ratio for each (depth, batch) both measured
+`--smoke`: every part at tiny sizes (64 px) on CPU; the launcher's --smoke adds
+--config=configs/tiny.py. Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -1,33 +1,18 @@
-"""Search at scale on synthetic clustered descriptors.
+r"""Search at scale on synthetic clustered descriptors.
 
   python -m dolg_jax.tools.bench_collection_search --n=1000000 --dim=512 --clusters=2000 \
       --queries=200 --k=100 --threads=2 [--methods=numpy,flat,faiss_flat,ivfpq,ivfpq_norefine,hnsw]
 
-Descriptors: `clusters` Gaussian centres in `dim` dimensions, each vector a centre plus isotropic
-noise (`--noise`), L2-normalised; queries are fresh vectors drawn the same way. For each method, in
-one run on the same data: build time, memory (resident-set growth while building, and the bytes
-per vector), per-query latency p50 / p99 (queries searched one at a time), batched latency (all
-queries at once, per query) and recall@k against exact search. Methods:
-  numpy           float32 matmul + argpartition (+ sort of the k), batched in blocks: the baseline
-  flat            the collection's exact search (faiss_index 'flat': IndexFlatIP's vectors,
-                  blocked matmul + argpartition)
-  faiss_flat      IndexFlatIP.search itself (FAISS's own top-k selection)
-  ivfpq           IVF{nlist},PQ{m} trained on a sample, nprobe, + exact refine of k * refine
-  ivfpq_norefine  the same without the refine
-  hnsw            IndexHNSWFlat (M, efConstruction, efSearch)
-The projection to `--project_to` vectors scales memory by the bytes per vector and, for the exact
-methods, latency linearly (a full scan); for IVF-PQ it assumes nlist grows as sqrt(n) with the
-same nprobe (scanned codes grow as sqrt(n)). Figures print as a table and one JSON line.
-
-Measured (2 CPU cores, faiss-cpu 1.15.1, defaults above, 1M x 512, 2000 clusters, 200 queries,
-k=100; p50/p99 one query at a time, batch = all 200 at once):
-  method          build s  memory   p50 ms  p99 ms  batch ms/q  recall@100
-  numpy              -       2 GB    248     743      31.4       1.000   (19-27 ms/q batched in
-  flat (ours)       2.7      2 GB    260     449      35.1       1.000    quieter reruns; flat
-  IndexFlatIP.search 2.7     2 GB    324     352      88.3       1.000    21-25 ms/q)
-  IVF1024,PQ64x4fs  28.4    76 MB   0.13    0.23      0.06      0.369
-   + exact refine x10        (+ stored descriptors) 0.84  1.11  3.51  1.000
-  HNSW32,Flat      319.8   2.2 GB   1.23    1.87      0.52      0.992
+Descriptors: `clusters` Gaussian centres plus isotropic noise (`--noise`), L2-normalised; queries
+are fresh vectors drawn the same way. Per method, on the same data: build time, memory (RSS growth
+while building, bytes per vector), latency p50 / p99 (one query at a time) and batched (all queries
+at once, per query), recall@k against exact search. Methods: numpy (matmul + argpartition, the
+baseline), flat (the collection's exact search, faiss_index 'flat'), faiss_flat
+(IndexFlatIP.search), ivfpq (IVF{nlist},PQ{m} + exact refine of k * refine), ivfpq_norefine, hnsw
+(IndexHNSWFlat). The projection to `--project_to` vectors scales memory by the bytes per vector and
+the batched latency linearly for the exact methods (a full scan), as log n for HNSW, and the p50 as
+sqrt(n) for IVF-PQ (nlist grows as sqrt(n), same nprobe). Prints a table and one JSON line.
+Measurements: docs/design_notes.md.
 """
 
 from __future__ import annotations

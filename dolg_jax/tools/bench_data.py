@@ -4,21 +4,13 @@
       [--height=600 --width=800] [--pipeline_workers=0,2]
 
 Makes textured JPEGs (quality 90) of about the GLDv2 train size, draws the training pipeline's
-random-resized crops (scale 0.25-1, ratio 3/4-4/3), and times in ONE process (images/s per core):
-  naive:            Pillow full decode, crop, resize (Pillow's default filter, bicubic)
-  naive_bilinear:   the same with a bilinear resize
-  fast:             dolg_jax.data.decode.decode_crop_resize(fast=True) (libjpeg-turbo via
-                    simplejpeg with DCT downscaling when the crop allows, OpenCV bilinear resize)
-  exact:            decode_crop_resize's default (config.data.decode='exact'): cv2.imread's
-                    pixels (full accurate decode, EXIF orientation), crop, OpenCV resize
-  alternatives:     Pillow with draft() DCT scaling and a box resize; OpenCV imdecode + resize
-  transform:        the training transforms themselves (grain_pipeline.TrainTransform, exact
-                    decode), with their own crop draws: the default (augmentation='paper') and
-                    the official one (augmentation='official': uint8 crop + resize, lighting
-                    offset beside the image), and the official float32 form it replaced
-                    (official_augment.official_train_image)
-Rounds alternate between methods and the median round is reported, so a busy machine biases all
-methods alike. Also times the parts of the fast path (decode only, resize only).
+random-resized crops (scale 0.25-1, ratio 3/4-4/3) and times, in one process, images/s per core of:
+naive (Pillow decode, crop, bicubic resize), naive_bilinear, fast (`decode_crop_resize(fast=True)`),
+exact (its default, cv2.imread's pixels), alternatives (Pillow draft() + box resize; OpenCV
+imdecode + resize), the training transforms (`grain_pipeline.TrainTransform`, augmentation 'paper'
+and 'official', and `official_augment.official_train_image`) and the parts of the fast path
+(decode only, resize only); the median of alternating rounds is reported. --pipeline_workers also
+times `make_train_iterator` end to end per worker count. Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

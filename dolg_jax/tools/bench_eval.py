@@ -6,13 +6,11 @@ compile counts and bucketed-vs-exact descriptor cosine.
   python -m dolg_jax.tools.bench_eval --checkpoint=r50.pyth   # cosine/throughput with real weights
   [--config.eval.batch_size=4] [--config.eval.compute_dtype=bfloat16] [--extract=False]
 
-Extraction uses the model and the c.eval settings of --config (default configs/default.py, R50);
-its images/s count real images, timed over config.eval.batch_size images by default so that every
-scale's batch is full (`time_extraction` reports the share of batch slots that held an image).
-Search part: real ROxf ground truth (--gnd_dir, default $REVISITOP_GND_DIR, else
-../shared/data/revisitop beside the repository) when present,
-random unit descriptors with positives pulled towards their query; both paths produce the Easy /
-Medium / Hard tables from the same float32 scores and the run checks they are identical.
+Extraction: the model and c.eval settings of --config (default configs/default.py), images/s of
+real images over --extract_images (0: config.eval.batch_size, every scale's batch full). Search: the
+ROxf ground truth in --gnd_dir (default $REVISITOP_GND_DIR, else ../shared/data/revisitop beside the
+repository) when present, else random unit descriptors with positives pulled towards their query;
+both paths' Easy / Medium / Hard tables come from the same float32 scores and are checked identical.
 """
 
 from __future__ import annotations
@@ -227,10 +225,9 @@ def _natural_images(rng, sizes):
 def time_extraction(extractor: ex.Extractor, examples: list) -> dict:
   """Extracts `examples` twice (the first pass compiles) and times the second.
 
-  Counts real images: `images_per_sec` is images / seconds of the second pass; `image_scales` the
-  (image, scale) rows it ran, `batch_slots` the batch rows including padding, `slot_fill` their
-  ratio (1.0: every slot held an image; below, padded slots cost time and images/s is below what
-  full batches reach).
+  Returns `images_per_sec` (real images / seconds of the second pass), `image_scales` (the (image,
+  scale) rows run), `batch_slots` (batch rows including padding), `slot_fill` (their ratio; below
+  1.0 padded slots cost time), `first_pass_s`, `compilations`, `seconds`, `images`.
   """
   n = len(examples)
   t = time.perf_counter()

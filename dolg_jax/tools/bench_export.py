@@ -5,18 +5,13 @@
   [--checkpoint=PATH]   # real weights (torch then times its own random model of the same shape)
   [--torch=False] [--threads=N] [--out=DIR]
 
-One run, in this order: (1) launch/torch_export_bench.py in its own process builds the official
-model (the repository's torch reference, random weights, perturbed BN statistics), saves its state
-dict and times it; (2) that .pth is exported as `python -m dolg_jax.export` does
-(dolg_jax.retrieval.export, verified at 1x64x64); (3) the same image is timed through onnxruntime
-(CPUExecutionProvider), the jitted JAX function the export came from, and the deserialized
-jax.export artifact. Latency is the median of --runs calls of one (1, S, S, 3) image after a
-warm-up call (compilation reported apart); the descriptors of all four are compared (relative
-error to JAX). Without torch (or the launch/ script: an installed package has none) the JAX model
-is randomly initialised. Writes OUT/bench_export.json; prints a table.
-
-Threads: onnxruntime and torch get --threads (default: all cores of this machine); XLA's CPU
-backend uses all cores.
+Runs launch/torch_export_bench.py in its own process (the official torch model, random weights;
+saves and times it), exports that .pth as `python -m dolg_jax.export` does, then times one
+(1, S, S, 3) image through onnxruntime (CPU), the jitted JAX function and the deserialized
+jax.export artifact: the median of --runs calls after a warm-up call (compilation apart), with
+each runtime's relative error to JAX. Without torch (or launch/) the JAX model is randomly
+initialised. onnxruntime and torch use --threads (0: all cores), XLA all cores. Writes
+OUT/bench_export.json and prints a table. Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -3,17 +3,14 @@
   python -m dolg_jax.tools.bench_indexing --config=configs/tiny.py --num_images=256 --size=160,120
   python -m dolg_jax.tools.bench_indexing --config=configs/r50.py --num_images=16 --size=512,384
 
-Writes `num_images` synthetic JPEGs (shapes on colour, quality 90) of WIDTH,HEIGHT into a temporary
-folder and a converted checkpoint of the config's model with random weights (throughput does not
-depend on the values), then measures:
-* the per-image host time split, one image at a time on one thread: read (the file's bytes),
-  decode (the strict JPEG check + `decode_rgb`, as the index reads files), resize (the long-side cap
-  and the bilinear resize to every scale, `extract.prepare_image` + `resize_bilinear`) and device
-  (the model on full padded batches, `Extractor.run_batch`, after compilation), in ms per image;
-* end to end: `collection.build.build` on the whole folder (reader threads, extraction threads,
-  parts, FAISS, recall) after a warm-up build that compiled the same shapes (persistent XLA cache),
-  in images/s.
-Protocol: the config's `eval` section (scales, max_side, padding, batch size, compute dtype).
+Writes `num_images` synthetic JPEGs (quality 90) of WIDTH,HEIGHT and a converted checkpoint of the
+config's model with random weights into --workdir (default: a temporary folder), then prints:
+* the host time per image, one thread, in ms: read, decode (strict JPEG check + `decode_rgb`),
+  resize (long-side cap + `resize_bilinear` to every scale) and device (`Extractor.run_batch` on
+  full padded batches, after compilation);
+* end to end: `collection.build.build` on the folder, after a warm-up build that compiled the same
+  shapes (persistent XLA cache), in images/s; then one JSON line.
+The protocol is the config's `eval` section (scales, max_side, padding, batch size, compute dtype).
 """
 
 from __future__ import annotations

@@ -3,31 +3,14 @@
   python -m dolg_jax.tools.bench_serve [--configs=tiny,r50] [--clients=1,8,32] [--requests=64]
       [--images=48] [--side=160] [--search_calls=3] [--synthetic_rows=10000000] [--out=DIR]
 
-For each config (shipped, random weights: speed does not depend on them): writes `--images`
-synthetic photos, indexes them (`python -m dolg_jax.index`, one scale), starts `python -m
-dolg_jax.serve` twice -- micro-batching on (the defaults) and one request per device call
-(--max_batch_images=1 --max_wait_ms=0) -- and sends `--requests` image searches (k=10) from 1, 8
-and 32 concurrent clients: requests/s, p50/p99 latency, and the speed-up of batching at each
-level; the same queries through `python -m dolg_jax.search`, one process per call, side by side.
-Then (first config) a synthetic index of `--synthetic_rows` rows (the index format: parts, plan,
-flat FAISS; random unit descriptors and metadata, no images): opening its row table from the CSV
-parts (conversion to rows.arrow) and memory-mapped, `serve`'s start-up time (process start to
-the ready line) and RSS, with the search p50 through HTTP (descriptor and image queries). Prints a
-table and one JSON line.
-
-Measured (2 CPU cores shared with other test runs, load average ~6; random weights, one scale,
-48 photos of 160 px, 64 requests per level, k=10; req/s, p50 / p99 ms):
-  config clients  batched               one at a time           speed-up
-  tiny      1      31.2 (  33 /   38)    32.1 (   32 /    38)    0.97x
-  tiny      8      82.6 (  69 /  190)    33.5 (  238 /   264)    2.46x
-  tiny     32     127.5 ( 225 /  282)    32.5 (  926 /  1008)    3.92x
-  r50       1      0.28 (3594 / 4560)    0.28 ( 3781 /  4937)    1.02x
-  r50       8      1.26 (5108 / 9605)    0.30 (27811 / 32471)    4.24x
-  r50      32      4.89 (6535 / 6600)    0.41 (75358 / 78750)   11.82x
-  python -m dolg_jax.search, one process per call: 4.1 s (tiny), 8.4 s (r50) per query.
-  10^7 rows x 16 (610 MB descriptors, flat): row table 0.01 s memory-mapped (conversion from the
-  CSV parts 5.5-15 s, once); serve ready in 9.2 s, RSS 1.3 GB (1.5 GB after searching); exact
-  search p50 through HTTP 376 ms (k=100).
+Per shipped config (random weights): indexes `--images` synthetic photos (`python -m
+dolg_jax.index`, one scale), starts `python -m dolg_jax.serve` with micro-batching (the defaults)
+and with one request per device call (--max_batch_images=1 --max_wait_ms=0), and sends
+`--requests` image searches (k=10) from each `--clients` level: requests/s, p50/p99 latency and the
+batching speed-up, beside `python -m dolg_jax.search` (one process per call). Then, for the first
+config, a synthetic index of `--synthetic_rows` rows (parts, plan, flat FAISS; no images): its row
+table's conversion and memory-mapped open, `serve`'s start-up time and RSS, and the search p50
+through HTTP. Prints a table and one JSON line. Measurements: docs/design_notes.md.
 """
 
 from __future__ import annotations

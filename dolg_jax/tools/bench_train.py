@@ -3,12 +3,11 @@
   python -m dolg_jax.tools.bench_train --config=configs/r50.py --batch=128 [--steps=20] [--warmup=3]
       [--config.compute_dtype=bfloat16] [--config.train.grad_accum_steps=1] [--config.mesh.model=1]
 
-Times the real jitted train step (same code as training: sharded on the config's mesh, donation,
-gradient accumulation, margin head over `config.head.num_classes` classes) on a fixed random
-batch already on the devices, so the input pipeline is excluded. FLOPs come from XLA's cost
-analysis of the compiled step (per device for a partitioned program; multiplied by the device
-count). Peak: the device kind's dense FLOP/s in the config's compute dtype (training/peaks.py;
---peak_tflops to override).
+Times the real jitted train step (sharded on the config's mesh, donation, gradient accumulation,
+margin head over `config.head.num_classes` classes) on a fixed random batch already on the devices
+(no input pipeline). FLOPs: XLA's cost analysis of the compiled step (per device, times the device
+count). Peak: the device kind's dense FLOP/s in the compute dtype (training/peaks.py;
+--peak_tflops overrides).
 """
 
 import time

@@ -4,10 +4,9 @@
       [--config.model.depth=101] [--config.model.use_multi_atrous=False]
 
 Prints the per-image cosine between the float32 and the bfloat16 descriptors (before L2
-normalisation), for the model's own initialisation and after calibrating the BN statistics on the
-batch (one float32 train-mode pass with momentum 0, so every BN normalises its input as in a
-trained network; with the init statistics mean 0 / var 1 activations grow through the stages).
-Images are smooth random RGB images (bilinearly upsampled 16x16 noise) in [0, 255].
+normalisation) of smooth random RGB images, for the model's own initialisation and after
+calibrating the BN statistics on the batch (one float32 train-mode pass with momentum 0).
+Design notes: docs/design_notes.md.
 """
 
 import time

@@ -1,19 +1,13 @@
-"""Orbax checkpoints: train state + per-process input-iterator state, async, keep-N, verified resume
+"""Orbax checkpoints: train state + per-process input-iterator state + run record, verified resume.
 
-Layout: `WORKDIR/checkpoints/<step>/state` (the TrainState pytree, sharded arrays),
-`WORKDIR/checkpoints/<step>/data_iter/process_<i>-of-<n>.json` (each process's grain iterator state,
-captured when the save is requested, so it matches the model state of that step exactly) and
-`WORKDIR/checkpoints/<step>/record/process_<i>-of-<n>.json`: the step, a digest of every state leaf
-(`dolg_jax.checksums`, computed from the arrays in device memory at save), the sha256 of
-this process's iterator state and the run's config.
-
-`restore_verified` restores the newest step whose contents match its record; a step that does not
-is renamed to `<step>.corrupt-<reason>` and the next older one is tried (`NoValidCheckpointError`
-when none verifies). The iterator states are saved and restored as data by `IteratorStateHandler`,
-not by grain's checkpoint handler: why, and the details, in docs/checkpointing.md.
-
-Reading the model variables back for evaluation (and the layout's names) live one layer below, in
-dolg_jax.weights.checkpoint.
+`make_manager(workdir, keep=, async_save=)`, `make_record` and `save` / `finish` (async, the newest
+`keep` steps kept; CheckpointWriteError names the step whose write failed) write
+WORKDIR/checkpoints/<step>/{state, data_iter, record}. `restore_verified` restores the newest step
+that matches its record; a step that does not is renamed to `<step>.corrupt-<reason>` and the next
+older one is tried (NoValidCheckpointError when none verifies; IncompatibleCheckpointError when a
+readable state does not fit the configured model). Layout, the record, and why iterator states go
+through `IteratorStateHandler` rather than grain's handler: docs/checkpointing.md. Reading model
+variables back for evaluation: dolg_jax.weights.checkpoint.
 """
 
 import dataclasses
@@ -377,7 +371,8 @@ def restore_verified(
   """(step, state, iterator_state, record) of the newest step that verifies; None without steps.
 
   `check_record(record)` (optional) runs before a step is restored, e.g. to refuse an incompatible
-  config; its exceptions propagate. Bad steps are moved aside (see the module docstring).
+  config; its exceptions propagate. Bad steps are moved aside (`move_aside`); NoValidCheckpointError
+  when none verifies, IncompatibleCheckpointError when a readable state does not fit the model.
   """
   steps = sorted(manager.orbax.all_steps(), reverse=True)
   if not steps:

@@ -1,16 +1,14 @@
 """The embedded demo as a library: data in, a trained DOLG out, a table that shows it learned.
 
 `run_demo(config, workdir)` (called by `python -m dolg_jax.demo`):
-1. Writes procedural places (dolg_jax.data.synthetic.demo_data) in the official GLDv2 layout
-   (training) and in the revisited-Oxford layout (the 'rdemo' benchmark, disjoint places), then
-   converts both with the real builders (dolg_jax.data.gldv2, dolg_jax.data.revisitop). Done once;
-   cached in `config.demo.root`.
-2. Evaluates the untrained model (the exact initial state of the training run) with the evaluation
-   library (dolg_jax.retrieval.evaluate).
-3. Trains with the real training loop (dolg_jax.training.loop; resumes if the workdir has a
-   checkpoint).
-4. Evaluates the trained checkpoint with the eval binary's code path (`evaluate.run`), and prints
-   both rows in one Easy / Medium / Hard table. Writes WORKDIR/demo_results.json.
+1. writes procedural places (dolg_jax.data.synthetic.demo_data) in the official GLDv2 layout
+   (training) and the revisited-Oxford layout (the 'rdemo' benchmark, disjoint places) under
+   `config.demo.root` and converts them with the real builders, unless already prepared;
+2. evaluates the untrained model (the training run's exact initial state) with the evaluation
+   library (dolg_jax.retrieval.evaluate);
+3. trains with the real training loop (resuming a checkpoint the workdir holds);
+4. evaluates the trained checkpoint as `dolg_jax.eval` does, prints both rows in one
+   Easy / Medium / Hard table and writes WORKDIR/demo_results.json.
 """
 
 from __future__ import annotations

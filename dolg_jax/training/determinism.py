@@ -1,18 +1,10 @@
 """GPU determinism switch (`config.train.deterministic`).
 
-On GPUs some XLA kernels (scatter-add, some reductions, autotuned convolution algorithms) may
-differ bit-wise from run to run. `--xla_gpu_deterministic_ops=true` picks deterministic
-implementations and disables non-deterministic autotuning choices. Cost: the backward pass of
-convolutions and the reductions may be slower; expect roughly 5-30% lower train throughput for
-ResNet-style models (not measured here: no GPU was available). Measure it with
-`python -m dolg_jax.tools.bench_train --config=configs/r50.py --config.train.deterministic=True`
-against the same command without the flag. CPU and TPU runs are deterministic already; the flag
-changes nothing there.
-
-XLA reads `XLA_FLAGS` when the backend starts: `main.py` (and `tools/bench_train.py`) apply the
-switch at entry, before any JAX computation (`apply(..., at_entry=True)`). A later call (the
-training loop used as a library) still adds the flag but warns that it takes effect only if the
-backend has not started yet: JAX has no public API that tells whether it has.
+`apply(deterministic, at_entry=)` adds `--xla_gpu_deterministic_ops=true` to XLA_FLAGS: on GPUs,
+deterministic kernels and autotuning choices, at some cost in speed; CPU and TPU runs are
+deterministic already. XLA reads XLA_FLAGS when its backend starts, so the commands apply it at
+entry (`at_entry=True`: main.py, tools/bench_train.py); a later call still adds the flag but warns
+that a backend already started does not see it. Design notes: docs/design_notes.md.
 """
 
 import os

@@ -1,18 +1,13 @@
-"""One closing line for a fatal error of a training run, and the process exit codes.
+"""One closing line for a fatal error of a run, and the process exit codes.
 
-Exit codes of `python -m dolg_jax.main` (for schedulers and job scripts):
-  0   the run finished (or had nothing left to do);
-  1   it failed: the last line printed (stderr) starts with 'FAILED:' and says what failed, where
-      and what to do;
-  75  preempted (SIGTERM): a checkpoint of the current step was saved; rerun the same command to
-      resume (EX_TEMPFAIL of sysexits.h; launch/slurm_gpu.sbatch requeues the job on it).
-
-`describe(error)` builds the closing line. Errors raised by this package's code (bad config,
-damaged checkpoint or input file, non-finite loss, ...) carry their own message naming the field or
-file and the remedy; OS errors name their file; a full disk is named as such; anything else is
-'unexpected', with the place it was raised, and its traceback is printed above the line.
-`exit_in_one_line(error, where)` is how the other commands (eval, export, index, search) end on
-one: the traceback only for an unexpected error, the line, exit 1.
+Exit codes of `python -m dolg_jax.main` (docs/faults.md): EXIT_OK 0 finished; EXIT_FAILED 1, the
+last line printed (stderr) starts with 'FAILED:'; EXIT_PREEMPTED 75 (EX_TEMPFAIL), SIGTERM after a
+checkpoint of the current step was saved: rerun to resume (launch/slurm_gpu.sbatch requeues).
+`describe(error, workdir)` builds the line: an expected error's own message (raised by this
+package, or an OSError naming its file), a full disk named as such with the remedy, anything else
+'unexpected' with the place it was raised. `exit_in_one_line` / `call_or_exit` end the other
+commands (eval, export, index, search, publish) that way; `quiet_library_tracebacks` drops
+libraries' duplicate tracebacks.
 """
 
 import errno

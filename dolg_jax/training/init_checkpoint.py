@@ -1,28 +1,13 @@
-"""`config.train.init_checkpoint`: start a run from a whole DOLG model (fine-tuning), and the
-fine-tuning fields' checks.
+"""`config.train.init_checkpoint`: start a run from a whole DOLG model (fine-tuning).
 
-PATH is one of
-  * a released DOLG checkpoint: the official `.pyth` container or a raw `.pth` state dict (read with
-    torch; the architecture inferred from the keys, dolg_jax.weights.released);
-  * a directory written by `python -m dolg_jax.convert` (no torch needed);
-  * one of our runs: a workdir (its latest step), its `checkpoints/` directory or one step
-    directory (`checkpoints/<step>`), verified against the step's record.
-
-Every variable the configured model has is loaded (trunk, local branch, fusion, fc, BatchNorm
-statistics, learnable GeM p); the margin head and CurricularFace's `t` too when the checkpoint's
-class count is the dataset's, otherwise the head is initialised as for a fresh run and one log line
-says so. The architecture must be the configured one: before anything is written, a mismatch stops
-the run with a line naming each differing `config.model` field and both values (`prepare`, called
-by the training loop right after the config check).
-
-Starting from a checkpoint is not resuming: the optimizer state and the step start fresh (at 0);
-once the new workdir holds checkpoints, reruns resume from those and PATH is not read again. The
-manifest records which start was used (`start`: init_checkpoint with its path, sha256 and what
-was loaded; backbone_init; or resumed). `train.init_checkpoint` takes precedence over
-`train.backbone_init` (which is then not resolved or downloaded).
-
-The fine-tuning fields (`train.model_lr_multiplier`, `train.head_lr_multiplier`,
-`train.freeze_bn`; applied in dolg_jax.training.state.make_setup) are checked by `validate`.
+PATH: a released `.pyth` / `.pth` (read with torch), a `python -m dolg_jax.convert` directory, or
+one of our runs (a workdir, its `checkpoints/` or a step directory, verified against its record).
+`prepare(config, workdir)` (before anything is written) checks the fine-tuning fields (`validate`)
+and, unless the workdir holds a checkpoint to resume from, `load`s PATH and `check`s its
+architecture; `start(setup, source, rng)` gives the step-0 state (every model variable; the head
+and `t` when the class counts match, else a fresh head) and the manifest's `start` record.
+Errors: InitCheckpointError naming each differing field with both values. Behaviour: README
+(`train.init_checkpoint`). Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
 """Training inputs: opens the configured dataset and builds per-process batch iterators.
 
-`config.data.dataset`:
-- a TFDS name such as 'gldv2/clean' or 'folder/NAME' (your own images, dolg_jax.data.folder)
-  (prepared ArrayRecord, read with grain through `dolg_jax.data.grain_pipeline`); with
-  `config.data.make_fixture` (tiny-style configs only) the dataset is the small GLDv2-format
-  fixture, written and prepared under `data_dir` on first use.
-- 'synthetic': random images with learnable class structure, for benchmarks and smoke tests.
-
-Every iterator yields host-local batches {'image': uint8 (B, S, S, 3), 'label': int32 (B,)} and
-has `get_state()` / `set_state()` (JSON-serialisable) for exact resume. With
-`data.augmentation='official'` the batches also hold 'lighting': float32 (B, 3), the PCA lighting
-offset of each image on the [0, 255] scale; `device_batch` sends the uint8 images and the offsets
-to the devices and adds them there (image.astype(float32) + offset), so that the train step gets
-the official float32 input while the host and the host-to-device copy stay in uint8.
+`open_data(config)` -> Data for `config.data.dataset`: a prepared TFDS name ('gldv2/clean',
+'folder/NAME'; read with grain through `dolg_jax.data.grain_pipeline`; with `data.make_fixture`
+the small GLDv2 fixture, built on first use), FileNotFoundError when it is not prepared; or
+'synthetic'. `train_iterator` yields host-local {'image': uint8 (B, S, S, 3), 'label': int32 (B,)}
+(+ 'lighting': float32 (B, 3) with `data.augmentation='official'`, the PCA lighting offset on the
+[0, 255] scale) and has JSON-serialisable `get_state()` / `set_state()`; `device_batch` makes the
+global batch on the devices (the offset added there); `validation_passes` the validation batches.
 """
 
 import dataclasses

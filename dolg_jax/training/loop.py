@@ -1,22 +1,12 @@
 """`train_and_evaluate(config, workdir)`: the training loop.
 
-One pass per step: next host batch -> global sharded batch -> jitted train step (async dispatch).
-Metrics are fetched from the device only at log / checkpoint / eval boundaries. A checkpoint is
-written only after every loss since the previous check was verified finite, so a NaN/inf loss
-stops the run (NonFiniteLossError) with the last good checkpoint intact.
-
-The phases, in the order `train_and_evaluate` runs them:
-1. `_open_run`: config check, the workdir's lock, mesh, data, model setup, schedule, checkpoint
-   manager, input iterator (a bad start stops here, before anything but the lock is written);
-2. `_initial_state`: the newest verified checkpoint, else train.init_checkpoint, else the ImageNet
-   backbone;
-3. `_Records` / `_write_manifest`: metrics from the device to metrics.jsonl, TensorBoard and the
-   progress line; the manifest once the first step has run;
-4. `_Evaluations`: validation and retrieval evaluation, each compiled once per run, the
-   validation input workers started once per run;
-5. `_train_steps`: the steps, with checkpoints, evaluations and log lines at their boundaries and
-   the preemption agreement;
-6. `_close_run`: pending saves, the manager, input workers and writers, also after a failure.
+Trains from the newest verified checkpoint of `workdir` (else train.init_checkpoint, else the
+ImageNet backbone) and returns the last logged metrics (+ 'preempted': True after a SIGTERM's
+checkpoint). Writes metrics.jsonl, TensorBoard events, manifest.json and checkpoints under
+`workdir`. A checkpoint is written only after every loss since the previous check was verified
+finite, so a NaN/inf stops the run (NonFiniteLossError) with the last good checkpoint intact.
+Its phases, in order: `_open_run`, `_initial_state`, `_Records` / `_write_manifest`,
+`_Evaluations`, `_train_steps`, `_close_run`. Design notes: docs/design_notes.md.
 """
 
 import dataclasses
@@ -62,14 +52,9 @@ def _check_finite(
   restored: int | None = None,
 ) -> None:
   """Raises NonFiniteLossError at the first step whose loss, gradient, parameters or BatchNorm
-  statistics / CurricularFace t are not finite.
-
-  Parameters are checked too: a finite loss with a NaN gradient yields NaN weights that must not be
-  checkpointed; so are the running statistics (BatchNorm keeps the loss finite while the running
-  variance of a diverging activation overflows). When nothing was saved since the state was restored
-  (`restored` = its step), the advice is not about the learning rate: the same recipe reached that
-  state finitely.
-  """
+  statistics / CurricularFace t are not finite; the message names the last good checkpoint and,
+  when nothing was saved since the state was restored (`restored` = its step), points at the
+  data rather than the learning rate."""
   for i, r in enumerate(records):
     if (
       not all(np.isfinite(r[k]) for k in ('loss', 'grad_norm', 'param_norm'))

@@ -1,11 +1,11 @@
 """`WORKDIR/manifest.json`: what a run needs to be reproduced.
 
-Resolved config, git commit and dirty flag, package versions, devices, processes, seeds, the
-dataset's name, version, split sizes and a fingerprint of its files, and (passed in `extra` by the
-loop) the backbone's source: `backbone` = {spec, source, name, url, path, sha256, verification,
-downloaded} (dolg_jax.weights.imagenet.Resolved.record), source 'random initialisation' for
-`backbone_init='none'`. A resumed run appends its own
-entry under `resumes` instead of overwriting the original record.
+`build_manifest(config, seeds=, dataset=, extra=)` -> {created, command, config (resolved), git
+{commit, dirty}, packages, devices, seeds, dataset (name, version, splits, build options, a
+`directory_fingerprint` of its files), env (XLA_FLAGS, ...)} plus the loop's `extra` (start_step,
+total_steps, steps_per_epoch, mesh, `start`, `backbone` = dolg_jax.weights.imagenet.Resolved.record,
+`config_changes`). `write_manifest(workdir, manifest)` writes it atomically; a resumed run appends
+its own entry under `resumes` instead of overwriting the original record.
 """
 
 import datetime

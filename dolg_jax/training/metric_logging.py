@@ -1,10 +1,10 @@
 """Metric outputs: `WORKDIR/metrics.jsonl`, TensorBoard event files and a progress line.
 
-clu 0.0.12's `clu.metric_writers` package cannot be imported without TensorFlow (its __init__
-imports the TF summary writer unconditionally), and we do not install TensorFlow. So the writers
-here follow clu's MetricWriter method names (write_scalars, write_texts, write_hparams, flush,
-close) but are our own: `TensorBoardXWriter` writes event files with tensorboardX and
-`MultiWriter` fans out to it and to absl logging. Only process 0 writes files.
+`JsonlWriter`: one JSON object per logged step (non-finite floats as strings; `truncate_after` on
+resume). `create_writer`: absl logging on every process and, on process 0, TensorBoard events
+in WORKDIR/tensorboard (`TensorBoardXWriter`, tensorboardX), through `MultiWriter`, with clu's
+MetricWriter method names (write_scalars, write_texts, write_hparams, flush, close). `Progress`:
+throughput and ETA. Only process 0 writes files. Design notes: docs/design_notes.md.
 """
 
 import json

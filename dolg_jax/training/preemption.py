@@ -1,26 +1,13 @@
-"""SIGTERM (preemption) handling: the loop saves and exits at a step boundary.
+"""SIGTERM (preemption) handling: the loop saves and exits at a step boundary, every process at the
+same step (the checkpoint is collective).
 
-All processes must stop at the same step (the checkpoint is collective).
-
-- One process: a Python SIGTERM handler sets a flag; `should_stop` reads it.
-- Several processes (`jax.distributed` initialised, JAX's preemption service on, the default):
-  agreement goes through the coordination service, not the devices. `jax.distributed.initialize`
-  starts a preemption sync manager whose notifier catches SIGTERM (its own C handler: we install
-  no Python handler then, which would replace it); a notice on any process reaches every process
-  through the coordinator, which picks the stopping step (the largest step any process has reached,
-  + 1), and `multihost_utils.reached_preemption_sync_point(step)`, called at every step, is True at
-  that step on every process. Until a notice it is a local check: no RPC, no device work, nothing
-  that drains the dispatch queue.
-- Several processes without the preemption service (`jax_enable_preemption_service=False`): the
-  previous scheme, a `process_allgather` of the flags every `sync_every` steps
-  (`config.train.preemption_sync_every_steps`; unused otherwise).
-
-`catch_early_sigterm()` (called by dolg_jax.main before anything slow) remembers a SIGTERM that
-arrives while the run is still starting (imports, `jax.distributed.initialize`, restore,
-compilation): the loop then stops after its first step with a checkpoint and the preempted exit
-code, instead of dying unsaved with 143. In a multi-process run a SIGTERM remembered that way (it
-came before the notifier existed) is re-sent to this process on entering the loop, so that the
-notifier sees it and the other processes stop at the same step.
+`PreemptionHandler(sync_every)`, a context manager with `should_stop(step)` and `request()`: with
+one process a Python SIGTERM handler sets a flag; with several, JAX's preemption sync manager
+(started by `jax.distributed.initialize`) agrees on the step through the coordination service, or,
+with `jax_enable_preemption_service=False`, a `process_allgather` of the flags every `sync_every`
+steps (`train.preemption_sync_every_steps`). `catch_early_sigterm()` (dolg_jax.main, at entry)
+remembers a SIGTERM that arrives while the run starts: the loop then stops after its first step
+with a checkpoint. How the agreement works: docs/multihost.md. Design notes: docs/design_notes.md.
 """
 
 import os

@@ -1,19 +1,13 @@
 """Is a resumed run still the run that wrote the checkpoint? Compares the two configs.
 
-Every checkpoint step records the config that wrote it (dolg_jax.training.checkpointing). On
-resume, `check(saved, new, allow_recipe_change=...)` sorts the differing fields into:
-- state / data stream (always an error): the model's architecture (`model.*`, `head.type`,
-  `head.num_classes`, `train.optimizer`: the shapes and structure of the saved state) and what
-  defines the sequence of training batches (`seed`, `data.dataset`, `data.image_size`, the crop and
-  flip augmentation, `train.global_batch_size`: the saved input position counts batches of that
-  size);
-- recipe (an error unless `train.allow_recipe_change_on_resume=True`): everything else that changes
-  the numbers, e.g. the learning rate and schedule, number of steps / epochs, weight decay,
-  momentum, margin and scale, compute dtype. Allowed changes are returned, and the training loop
-  records them in manifest.json's `resumes` entry (`config_changes`);
-- operational (ignored): logging/checkpoint/eval intervals, input workers and buffers, data paths,
-  the mesh layout, evaluation settings.
-Fields not named here count as recipe (a new field is never ignored silently).
+`check(saved, new, allow_recipe_change=, where=)` sorts the differing fields (`kind`) into 'state'
+(the state's shapes or the batch stream: `model.*`, head type and class count, optimizer, seed,
+dataset, image size, crop and flip augmentation, global batch size: always a ResumeConfigError),
+'operational' (intervals, workers, data paths, mesh, eval settings, ...: ignored) and 'recipe'
+(everything else, e.g. learning rate, schedule, steps, weight decay, margin, compute dtype: a
+ResumeConfigError unless `train.allow_recipe_change_on_resume=True`; a field not listed counts as
+recipe). Returns the allowed changes {field: [old, new]}, which the loop records in manifest.json
+(`resumes[-1].config_changes`).
 """
 
 from typing import Any, Mapping

@@ -1,22 +1,13 @@
 """Learning-rate schedules: the paper's per-step one (default) and the official per-epoch one.
 
-The peak is `base_learning_rate * global_batch_size / 128` (linear scaling rule).
-
-`train.lr_schedule = 'per_step'` (default):
-- warm-up: linear from `warmup_factor` x peak (default 0.1, pycls' WARMUP_FACTOR; 0 = from 0,
-  exclusive) to the peak over `warmup_epochs` epochs, i.e. the first update uses
-  peak * (f + (1 - f) / warmup_steps);
-- then cosine from the peak to 0 over the remaining steps.
-
-`train.lr_schedule = 'per_epoch'` (the official code: pycls `get_epoch_lr`, set once per epoch):
-  e = step // steps_per_epoch, E = the number of epochs,
-  lr = peak * 0.5 * (1 + cos(pi * e / E)) * w(e),
-  w(e) = warmup_factor * (1 - e / W) + e / W for e < W = warmup_epochs, else 1;
-so the learning rate is constant within an epoch, the warm-up starts at `warmup_factor` x the
-cosine value (default and official 0.1; 0 would train the first epoch at learning rate 0, which
-config_check refuses) and the cosine runs over ALL epochs (the warm-up epochs included).
-With `num_train_steps = -1` a per-epoch run trains exactly num_epochs x steps_per_epoch steps
-(whole epochs, as the official loop does).
+`create_learning_rate_fn(train_cfg, steps_per_epoch, total_steps)` -> lr(step), with the peak
+`base_learning_rate * global_batch_size / 128` (`peak_learning_rate`, linear scaling rule):
+- `train.lr_schedule='per_step'`: linear warm-up from `warmup_factor` x peak to the peak over
+  `warmup_epochs`, then cosine from the peak to 0 over the remaining steps;
+- 'per_epoch' (pycls `get_epoch_lr`): constant within an epoch, a cosine over ALL the epochs
+  (warm-up included) times a warm-up factor rising linearly from `warmup_factor`.
+`num_train_steps` (-1: from `train.num_epochs`), `steps_per_epoch`, `check_config` (ValueError
+`config.PATH=VALUE: allowed`). Formulas: docs/design_notes.md.
 """
 
 import math
@@ -145,7 +136,7 @@ def _warmup_factor(train_cfg: ml_collections.ConfigDict) -> float:
 def _per_epoch_fn(
   train_cfg: ml_collections.ConfigDict, steps_per_epoch_: int, total_steps: int
 ) -> Callable[[Any], np.ndarray]:
-  """The official per-epoch schedule (see the module docstring)."""
+  """The official per-epoch schedule (the formula: docs/design_notes.md)."""
   peak = peak_learning_rate(train_cfg)
   factor = _warmup_factor(train_cfg)
   warmup = float(train_cfg.warmup_epochs)

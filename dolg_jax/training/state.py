@@ -2,13 +2,14 @@
 
 State layout (a pytree, saved as one orbax item):
   step         int32 scalar: optimizer updates done.
-  params       {'model': DOLG params, 'head': {'weight': (C_pad, 512)}}; float32 master weights.
+  params       {'model': DOLG params, 'head': {'weight': (C_pad, embedding_dim)}}; float32.
   batch_stats  DOLG BatchNorm running statistics (float32).
-  opt_state    optax SGD(+momentum) state, same sharding as params.
+  opt_state    the optimizer's state (SGD momentum or Adam moments), sharded as params.
   head_t       float32 scalar: CurricularFace's EMA `t` (unused and 0 for ArcFace).
 
 The head's class count is padded up to a multiple of the mesh's `model` axis so the class dimension
 can be split evenly; padded classes are masked out of the softmax by the train step.
+Design notes: docs/design_notes.md.
 """
 
 import dataclasses
@@ -58,10 +59,8 @@ def make_setup(
   """TrainSetup of `config` on `mesh`; `num_classes` (the dataset's) replaces config.head's in a
   copy of the config (the caller's config is not modified).
 
-  Fine-tuning fields: `train.model_lr_multiplier` / `train.head_lr_multiplier` scale the
-  optimizer's update of the model / the margin head (`scale_param_groups`); `train.freeze_bn` is
-  read by the train step (step._forward_fn: BatchNorm with the running statistics, left unchanged).
-  Their defaults (1, 1, False) leave the setup as it is.
+  `train.model_lr_multiplier` / `train.head_lr_multiplier` scale the update of the model / the
+  margin head (`scale_param_groups`); `train.freeze_bn` is read by the train step.
   """
   config = config.copy_and_resolve_references()
   if num_classes is not None:
@@ -78,12 +77,9 @@ def scale_param_groups(
   tx: optax.GradientTransformation, *, model: float, head: float
 ) -> optax.GradientTransformation:
   """`tx` whose update of params['model'] is multiplied by `model` and of params['head'] by
-  `head` (per-group learning-rate multipliers; the state is `tx`'s own, so changing them keeps
-  the checkpoint layout). `tx` itself when both are 1.
-
-  The train step multiplies the update by the step's learning rate, so a group's effective rate is
-  lr x multiplier, weight decay included: as torch's per-group lr for SGD (momentum first) and
-  AdamW.
+  `head` (per-group learning-rate multipliers: a group's rate is lr x multiplier, weight decay
+  included); the state is `tx`'s own, so changing them keeps the checkpoint layout. `tx` itself
+  when both are 1.
   """
   if model == 1 and head == 1:
     return tx
@@ -135,17 +131,12 @@ CONFIG_RULES = {
 
 
 def create_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The optimizer at unit learning rate (`train.optimizer`).
+  """The optimizer at unit learning rate (`train.optimizer`); the train step multiplies its
+  update by the step's learning rate, an argument of the step.
 
   'sgd' (the paper): SGD with momentum, coupled L2 weight decay as in torch.optim.SGD.
-  'adamw': Adam with decoupled weight decay (equals optax.adamw / torch.optim.AdamW); used by the
-  CPU demo, which trains from scratch in minutes.
-
-  The train step multiplies the update by the step's learning rate, which it receives as an
-  argument: torch.optim.SGD applies lr after momentum (also with Nesterov) and AdamW scales both
-  the Adam step and the decay by lr, so this equals `optax.sgd(schedule, ...)` /
-  `optax.adamw(schedule, ...)`, and the compiled step does not depend on the schedule's constants
-  (changing num_train_steps or the lr does not recompile it).
+  'adamw': Adam with decoupled weight decay (optax.adamw / torch.optim.AdamW; the CPU demo's).
+  Weight decay on the parameters of `train.weight_decay_mask`. Design notes: docs/design_notes.md.
   """
   kind = train_cfg.optimizer
   decay = optax.add_decayed_weights(
@@ -229,11 +220,9 @@ def _state_init_fn(setup: TrainSetup) -> Callable:
 def create_train_state(setup: TrainSetup, rng: jax.Array) -> tuple[TrainState, TrainState]:
   """Initialises the state and places it in its mesh shardings. Returns (state, shardings).
 
-  `config.train.init_on_one_device` (default True) runs the jitted initialiser on this process's
-  first device and then reshards (every process computes the same values from the same key): one
-  initialiser program for every mesh layout, compiled once (initialisers dominate compile time
-  on CPU). DOLG's state is small (R101 with the 81,313-class head and momentum: < 1 GB). False:
-  `jax.jit(init, out_shardings=...)` creates every shard in place.
+  `config.train.init_on_one_device` (default True): the jitted initialiser runs on this process's
+  first device, then the state is resharded (every process computes the same values from the same
+  key); False: `jax.jit(init, out_shardings=...)` creates every shard in place.
   """
   init = _state_init_fn(setup)
   shardings = state_shardings(setup.mesh, jax.eval_shape(init, rng))

@@ -1,31 +1,12 @@
 """One run per workdir: a POSIX record lock (fcntl) on `WORKDIR/run.lock`, held by process 0.
 
-`acquire(workdir)` (the training loop calls it right after the config check, before anything else
-is written) takes an exclusive non-blocking `fcntl.lockf` lock on `WORKDIR/run.lock` and writes
-who holds it (host, pid, start time, command line). A second run on the same workdir finds the
-lock taken and raises `WorkdirBusyError` naming the holder, having written nothing (the lock file
-already exists). The kernel (or the NFS / Lustre lock manager) drops the lock when the holding
-process ends in any way, `kill -9` included, so a killed or requeued run never leaves a stale lock:
-the file stays, with the last holder's name, but is free. The lock lasts until the process exits
-(`release(workdir)` ends it earlier, for library use).
-
-Multi-host: only process 0 takes the lock; its outcome (and the refusal line) is broadcast to
-every process at start-up, so all processes of a refused run stop with the same line.
-
-Why POSIX (fcntl) locks and not flock: they are not inherited by forked children (data-loader
-workers cannot keep a dead run's lock alive), and they are what NFS implements natively.
-Filesystems:
-- local disks: exact.
-- NFS (v3 with the NLM lock daemon, v4 built in): the lock is seen by every client. When the
-  holder's node is lost (not just its process), the server frees the lock only when the client's
-  lease expires (NFSv4: the server's lease time, commonly 90 s) or the client reboots; a run
-  restarted on another node before that is refused, naming the lost holder: wait and rerun. An
-  NFS mount with `nolock` (or `local_lock=all`) keeps locks node-local: two runs on different
-  nodes are then not detected.
-- Lustre: cluster-wide only with the client mount option `flock`; `localflock` gives node-local
-  locks (two runs on different nodes are not detected) and `noflock` makes the call fail. When
-  the filesystem refuses locks (ENOLCK, EOPNOTSUPP, ENOSYS) the run goes on without one and logs a
-  warning saying so.
+`acquire(workdir)` (the training loop, right after the config check) takes an exclusive
+non-blocking `fcntl.lockf` lock and writes the holder (JSON: host, pid, start_time, argv) into the
+file. A run that finds it taken raises `WorkdirBusyError` naming the holder on every process (the
+outcome is broadcast), having written nothing. The kernel drops the lock when the holder ends in
+any way (`kill -9` included), so no lock is stale; `release(workdir)` ends it earlier; `holder`
+reads the record. A filesystem that refuses locks (ENOLCK, EOPNOTSUPP, ENOSYS, EINVAL) gives a
+warning and no lock. NFS and Lustre: docs/multihost.md. Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The DOLG architecture of a checkpoint: inferred from torch keys, or stored as JSON.
 
-`infer_model_config(sd)` reads depth (50/101/152 from the number of `s3` blocks, or explicit
-`stage_depths`), stem width, multi-atrous present (`localmodel.aspp.*`), learnable GeM p
-(`pool_g.p`) and the widths of f_g, f_l and the descriptor from an official state dict.
-`expected_shapes(cfg)` gives the Flax variable path -> shape map of the model `cfg` describes,
-without computation. `default_model_config()` is the released-checkpoint architecture.
+`infer_model_config(sd)` reads from an official state dict the depth (50/101/152 from the blocks per
+stage, else explicit `stage_depths`), the stem width, whether the local branch, multi-atrous
+(`localmodel.aspp.*`) and learnable GeM p (`pool_g.p`) are present, and the widths of f_g, f_l, the
+atrous convolutions and the descriptor; it raises `torch_format.CheckpointError` for a state dict it
+cannot map. `expected_shapes(cfg)` gives the Flax variable path -> shape map of the model `cfg`
+describes, without computation. `default_model_config()` is the released-checkpoint architecture.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def infer_backbone(
   """(depth, width, stage_depths) of a pycls-keyed ResNet under `prefix`.
 
   stage_depths is () for the standard depths (50, 101, 152) and the block counts otherwise (then
-  depth is 50 and ignored by the model).
+  depth is 50 and ignored by the model); a stage without blocks raises CheckpointError.
   """
   width = int(torch_format.require_key(sd, f'{prefix}stem.conv.weight', source).shape[0])
   counts = _block_counts(sd, prefix)

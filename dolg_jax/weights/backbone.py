@@ -1,13 +1,10 @@
 """ImageNet initialisation: backbone weights from pycls, torchvision or DOLG checkpoints.
 
-`load_backbone(path)` reads a pycls `R-50-1x64d` / `R-101-1x64d` checkpoint (keys `stem.*`,
-`s{i}.b{j}.*`, classifier `head.fc.*` ignored), a torchvision ResNet-50/101 state dict (`conv1`,
-`bn1`, `layer{i}.{j-1}.conv{1,2,3}/bn{1,2,3}/downsample.{0,1}`, `fc.*` ignored), the backbone of a
-DOLG checkpoint, or a converted directory. pycls trained on BGR images normalised with the BGR
-mean/std, so its stem channels are reversed like DOLG's. torchvision trained on RGB /255 normalised
-with the RGB mean/std, which is exactly our in-model normalisation: its weights are used as they are
-(no reversal) and give torchvision's features. `merge_backbone(variables, backbone)` puts the result
-into freshly initialised model variables.
+`load_backbone(path)` reads a pycls `R-50-1x64d` / `R-101-1x64d` checkpoint, a torchvision
+ResNet-50/101 state dict, the backbone of a DOLG checkpoint or a converted directory, and returns
+{'params': {'globalmodel': ...}, 'batch_stats': ...}; `merge_backbone(variables, backbone)` puts it
+into freshly initialised model variables. Failures raise `torch_format.CheckpointError` (or its
+key and shape kinds, naming the keys as the file does). Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -74,10 +71,9 @@ def _backbone_expected(
 def load_backbone(path: str | os.PathLike) -> dict:
   """ImageNet (or DOLG) backbone weights as {'params': {'globalmodel': ...}, 'batch_stats': ...}.
 
-  Reads pycls (`stem.*`, `s{i}.b{j}.*`; `head.*` ignored; BGR -> stem channels reversed),
-  torchvision (`conv1`, `layer{i}.*`; `fc.*` ignored; RGB, used as is), a DOLG checkpoint
-  (`globalmodel.*`; everything else ignored) or a converted directory. Use `merge_backbone` to put
-  the result into initialised model variables. Depth and width come from the keys.
+  Reads pycls (`stem.*`, `s{i}.b{j}.*`; `head.*` ignored; stem channels reversed), torchvision
+  (`conv1`, `layer{i}.*`; `fc.*` ignored; used as is), DOLG (`globalmodel.*` only) or a converted
+  directory; depth and width come from the keys. Raises CheckpointError (or its key/shape kinds).
   """
   path = os.fspath(path)
   if os.path.isdir(path):

@@ -1,13 +1,12 @@
 """Model variables of our own orbax training checkpoints, for evaluation and export.
 
 Layout (written by dolg_jax.training.checkpointing): `WORKDIR/checkpoints/<step>/state` (the
-TrainState pytree) and `WORKDIR/checkpoints/<step>/data_iter/` (per-process iterator states).
-
-`list_steps(directory)` is the one scan for saved steps; `load_variables(path)` gives
-`{'params', 'batch_stats'}` of the DOLG model from any checkpoint written there, without needing the
-config or the same device count, and checks them against the digests of the step's run record
-(`record/`, see dolg_jax.training.checkpointing): a damaged or unverifiable step raises
-CheckpointCorruptError naming it.
+TrainState pytree), `<step>/data_iter/` (per-process iterator states) and `<step>/record/` (the run
+record: array digests, config). `list_steps(directory)` is the one scan for saved steps;
+`load_variables(path)` gives `{'params', 'batch_stats'}` of the DOLG model from any such step,
+without the config or the same device count, verified against the record's digests;
+`load_state(path)` adds the margin head and the config. A damaged or unverifiable step raises
+`CheckpointCorruptError` naming it; a path without a checkpoint, FileNotFoundError.
 """
 
 from __future__ import annotations
@@ -78,7 +77,7 @@ def _get(tree: Any, key: str) -> Any:
 def load_variables(path: str) -> dict[str, Any]:
   """{'params', 'batch_stats'} of the DOLG model (numpy, host memory) from a checkpoint.
 
-  `path`: a workdir (its latest step), `WORKDIR/checkpoints`, or one step directory.
+  `path`: a workdir (its latest step), `WORKDIR/checkpoints`, a step or its state directory.
   The margin head is not part of the result (evaluation does not use it).
   """
   return load_state(path)[0]
@@ -118,8 +117,8 @@ def _restore_host(state_dir: epath.Path) -> Any:
 
 
 def _verify_host_variables(step_dir: epath.Path, variables: dict[str, Any]) -> dict:
-  """Checks the model's params and batch stats (host arrays) against the step's record; returns
-  the record's config."""
+  """Checks the host arrays (params, batch stats, the head if given) against the step's record;
+  returns the record's config."""
   files = sorted((step_dir / RECORD).glob('process_*.json')) if (step_dir / RECORD).is_dir() else []
   if not files:
     raise CheckpointCorruptError(

@@ -1,21 +1,13 @@
 """Released DOLG weights -> (model, variables): `load(path)`, plus the model config and margin head.
 
-Formats read by `load(path) -> (model, variables)`:
-  * the official pycls container `.pyth` (a dict with "model_state", and possibly "epoch",
-    "optimizer_state", "cfg", ...), read with torch;
-  * a raw torch state dict `.pth` (keys may carry DataParallel's `module.` prefix), read with torch;
-  * a directory written by `python -m dolg_jax.convert` (dolg_jax.weights.converted), read WITHOUT
-    torch.
-
-The architecture is inferred from the keys and shapes (dolg_jax.weights.architecture). The official
-model reads BGR images, ours RGB: the stem conv's input channels are reversed on import, and our
-in-model normalisation (RGB /255, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)) is the
-official BGR normalisation with its channels reordered, so `model.apply(variables, rgb_images)`
-gives the official `global_feature` of the same images.
-
-The margin head (`desc_cls.weight` (classes, 512) and CurricularFace's EMA `desc_cls.t`) is not part
-of the model's variables (the margin is a pure function, see dolg_jax.models.margins); `load_head`
-returns it for fine-tuning.
+`load(path, dtype=, allow_pickle=)` reads the official pycls container `.pyth` ({"model_state",
+...}) or a raw torch state dict `.pth` (DataParallel's `module.` prefix allowed), both with torch,
+or a `python -m dolg_jax.convert` directory (dolg_jax.weights.converted) without torch; the
+architecture is inferred from the keys (weights.architecture). `model.apply(variables,
+rgb_images)` gives the official `global_feature` of the same images. `load_config` gives the
+inferred model config, `load_head` the margin head, `convert_file` writes a converted directory.
+Failures raise `torch_format.CheckpointError` (or one of its kinds). Design notes:
+docs/design_notes.md.
 """
 
 from __future__ import annotations

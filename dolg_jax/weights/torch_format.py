@@ -3,15 +3,12 @@
 `read_torch_state_dict(path)` reads an official pycls container (`{"model_state": ...}`) or a raw
 state dict (DataParallel's `module.` prefix stripped) as float32 numpy arrays; torch is imported
 here only. `state_dict_to_variables(sd, expected)` maps torch names and layouts (conv OIHW -> HWIO,
-Linear (out, in) -> (in, out), BN weight/bias/running_* -> scale/bias and mean/var; the stem's input
-channels reversed for BGR-trained checkpoints) onto Flax variable paths and checks them against the
-expected path -> shape map.
-
-Every failure raises a `CheckpointError` (a ValueError) naming the file and, where it applies, the
-keys: unreadable/truncated file, not a state dict, unknown keys, missing keys, shape mismatches.
-When torch refuses a file, `weights.torch_inspect` (which runs nothing from the file) tells a
-damaged or non-torch file (named with its size) from a torch file holding Python objects besides
-tensors (named, with the `python -m dolg_jax.convert ... --allow_pickle` command for trusted files).
+Linear (out, in) -> (in, out), BN weight/bias/running_* -> scale/bias and mean/var; the stem's
+input channels reversed for BGR-trained checkpoints) onto Flax variable paths, checked against the
+expected path -> shape map. Every failure raises a `CheckpointError` (a ValueError) naming the file
+and keys: `UnknownKeysError`, `MissingKeysError`, `ShapeMismatchError`, or an unreadable file
+(`weights.torch_inspect` says whether it is damaged / not torch or holds Python objects, which
+need `--allow_pickle`, for trusted files only).
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """Why a `.pth`/`.pyth` file did not load: damaged / not torch, or a torch file holding objects.
 
-`inspect_file(path)` looks at a file that `torch.load(weights_only=True)` refused, without running
-any of its code (stdlib only, no torch): the pickles are replayed by an unpickler whose `find_class`
-returns inert stand-ins, so nothing named in the file is imported or called. It tells apart
-
-  * a damaged or non-torch file: empty, a zip archive cut short or failing its CRC, a zip without
-    `data.pkl`, a legacy file without torch's magic number, a pickle cut short or with invalid
-    opcodes (random bytes) -> `Inspection.damage` says what was found;
-  * a complete torch checkpoint (zip `*/data.pkl`, or the legacy pickle sequence) whose pickle
-    names Python objects beyond tensors -> `Inspection.objects` lists them (e.g.
-    `argparse.Namespace`); reading it needs full unpickling (`allow_pickle`), for trusted files
-    only.
+`inspect_file(path) -> Inspection` looks at a file that `torch.load(weights_only=True)` refused,
+stdlib only and running none of its code (pickles are replayed with inert stand-ins for every class
+they name). `Inspection.damage` says what is wrong with a damaged or non-torch file (empty, a zip
+cut short or failing its CRC, no `data.pkl`, no torch magic number, a broken pickle);
+`Inspection.objects` lists the Python objects beyond tensors that a complete torch checkpoint names
+(e.g. `argparse.Namespace`): reading it needs full unpickling (`allow_pickle`), for trusted files
+only.
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
 """The demo's datasets: procedural places written in the real GLDv2 and revisited-Oxford layouts.
 
-Training places and evaluation places are disjoint (as GLDv2 and ROxf are), so the demo measures a
-learned, transferable descriptor rather than memorised classes. The files written here go through
-the real builders (`dolg_jax.data.gldv2`, `dolg_jax.data.revisitop`), nothing demo-specific.
-
-Evaluation ground truth per query place, as in the revisited protocol:
-  easy: mild viewpoint/lighting change, no occlusion;  hard: strong change and some occlusion;
-  junk: extreme change with a large occluder (ignored by every protocol, as revisitop's junk is).
-  Index images of places without a query are
-  distractors. Each query is a view pasted into a cluttered frame; its `bbx` marks the view.
+`write_gldv2(manual_dir, spec)` writes the training places as GLDv2 (train.csv, train_clean.csv,
+tar shards, md5 files); `write_revisited(root, name, spec)` writes other, disjoint places as
+root/jpg/<name>.jpg and root/gnd_<name>.pkl: per query place easy / hard / junk index views, then
+distractor places; each query is a view pasted into a cluttered frame, its `bbx` marking the view.
+`DemoSpec` holds the sizes. Nothing demo-specific reads them: they go through the real builders
+(`dolg_jax.data.gldv2`, `dolg_jax.data.revisitop`). Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,13 @@
 """A small, deterministic GLDv2 in the exact official layout, with planted bad files.
 
-Layout written to `manual_dir` (`layout`):
-  train.csv (id,url,landmark_id), train_clean.csv (landmark_id,images), and
-  'flat':     images_000.tar ... (members a/b/c/<id>.jpg), md5.images_000.txt ...
-              ("<md5>  images_000.tar");
-  'official': train/images_NNN.tar, train/md5.images_NNN.txt (the official download script);
-  'bucket':   train/images_NNN.tar, md5sum/train/md5.images_NNN.txt (the public bucket's paths).
-`extract_fixture` writes the extracted tree train/a/b/c/<id>.jpg instead.
-
-Planted (all listed in both CSVs): `missing` ids (in no tar), `corrupt` ids (a truncated JPEG and
-non-image bytes), `grayscale` and `cmyk` JPEGs, and `png` ids (PNG bytes named .jpg). Images are
-smooth random colour fields of varied sizes, so decoded pixels can be compared with the source.
+`write_fixture(manual_dir, layout=...)` writes train.csv (id,url,landmark_id), train_clean.csv
+(landmark_id,images) and shards of members a/b/c/<id>.jpg: 'flat' images_NNN.tar and
+md5.images_NNN.txt side by side; 'official' (the download script's) train/images_NNN.tar and
+train/md5.images_NNN.txt; 'bucket' (the public bucket's) train/images_NNN.tar and
+md5sum/train/md5.images_NNN.txt; `extract_fixture` the tree train/a/b/c/<id>.jpg. Planted
+(listed in both CSVs): `missing` ids (in no tar), `corrupt` ids (a truncated JPEG, non-image
+bytes), `grayscale` and `cmyk` JPEGs, `png` ids (PNG bytes named .jpg). Images are smooth random
+colour fields of varied sizes, so decoded pixels can be compared with the source.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """A small, deterministic GLDv2 retrieval benchmark (index + test) in the exact official layout.
 
-Written to `manual_dir`:
-  index.csv (id), test.csv (id), retrieval_solution_v2.1.csv (id,images,Usage),
-  index/images_000.tar .. (members a/b/c/<id>.jpg) + index/md5.images_NNN.txt,
-  test/images_000.tar .. + test/md5.images_NNN.txt.
-
-Index images belong to `num_landmarks` landmarks (plus unrelated ones); each test query shows one
-landmark and its solution lists that landmark's index images. Queries alternate Public / Private;
-`num_ignored` queries are Usage Ignored with images None (as in the official file). Planted:
-`num_missing_test` test images absent from every tar, one undecodable index image (listed in the
-solution of no query). The returned FixtureInfo says which image shows which landmark, so tests
-can make descriptors with a known mAP@100.
+`write_fixture(manual_dir, ...)` writes index.csv and test.csv (id), retrieval_solution_v2.1.csv
+(id,images,Usage), index/ and test/ images_NNN.tar (members a/b/c/<id>.jpg) with their
+md5.images_NNN.txt. Each test query shows one of `num_landmarks` landmarks and its solution lists
+that landmark's index images (the others are unrelated); queries alternate Public / Private,
+`num_ignored` are Usage Ignored (images None). Planted: `num_missing_test` test images in no tar,
+one undecodable index image (in no query's solution). The returned FixtureInfo says which image
+shows which landmark, so tests can make descriptors with a known mAP@100.
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
 """Small revisitop datasets in the exact official layouts, for tests and demos.
 
-`write_gnd_fixture(root, name, ...)` writes root/jpg/<name>.jpg and root/gnd_<name>.pkl with the
-structure of the real ground truth
-({'imlist', 'qimlist', 'gnd': [{'bbx', 'easy', 'hard', 'junk'}]}).
-Images are small JPEGs: each "landmark" has a colour; its easy index images show that colour, hard
-ones 60% colour + 40% grey, junk ones 30% colour + 70% grey (plus pixel noise); queries show the
-colour inside their box and grey outside. So a mean-colour descriptor of the query CROP ranks
-easy, then hard, then junk images of its landmark before grey distractors (tests rely on it).
-`extra_index` adds named index images of given colours (outside every landmark).
-`write_r1m_fixture(root, n)` writes
-revisitop1m.txt and the jpg/ tree (nested directories like the real one).
+`write_gnd_fixture(root, name, ...)` writes root/jpg/<name>.jpg and root/gnd_<name>.pkl
+({'imlist', 'qimlist', 'gnd': [{'bbx', 'easy', 'hard', 'junk'}]}); `write_r1m_fixture(root, n)`
+writes revisitop1m.txt and the jpg/ tree (nested directories like the real one). Each landmark has
+a colour: easy index images show it, hard ones 60% colour + 40% grey, junk ones 30% + 70% (plus
+pixel noise); queries show it inside their box and grey outside, so a mean-colour descriptor of the
+query CROP ranks easy, hard, then junk images of its landmark before grey distractors (tests rely
+on it). `extra_index` adds named index images of given colours (outside every landmark).
 """
 
 from __future__ import annotations
