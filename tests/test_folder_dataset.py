@@ -294,6 +294,7 @@ def test_prepare_command(built, tmp_path, capsys):
   assert 'dataset: folder/cmd (config.data.dataset), 4 classes' in out.out
   assert 'folder/cmd: 4 classes; listed 23 = written 15 + skipped 8 + missing 0' in out.out
   assert out.err.count('warning: ') == 5 and 'warning: symlink loop' in out.err
+  assert 'Downloading and preparing' not in out.out + out.err  # TFDS' status lines: absl INFO
   assert prepare.main(argv) == 0  # again: already prepared, same summary
   assert 'already prepared' in capsys.readouterr().out
   assert prepare.main(argv[:-1] + ['--val_fraction=0.5']) == 1

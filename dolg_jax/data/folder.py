@@ -34,6 +34,7 @@ from dolg_jax.data import class_split
 from dolg_jax.data import csv_metadata
 from dolg_jax.data import decode
 from dolg_jax.data import side_files
+from dolg_jax.data import quiet_builder
 
 PREFIX = 'folder/'
 CLASS_COLUMN = 'class_name'
@@ -422,7 +423,7 @@ class FolderConfig(tfds.core.BuilderConfig):
     self.options = options
 
 
-class Folder(tfds.core.GeneratorBasedBuilder):
+class Folder(quiet_builder.LoggedStatus, tfds.core.GeneratorBasedBuilder):
   """Labelled images from a folder tree or a labels CSV; original bytes, contiguous labels."""
 
   VERSION = tfds.core.Version('1.0.0')

@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from dolg_jax.data import decode
 from dolg_jax.data import gldv2_config
+from dolg_jax.data import quiet_builder
 from dolg_jax.data.build_plan import (
   SPLITS,
   UNASSIGNED,
@@ -137,7 +138,7 @@ def make_plan(
   )
 
 
-class Gldv2(tfds.core.GeneratorBasedBuilder):
+class Gldv2(quiet_builder.LoggedStatus, tfds.core.GeneratorBasedBuilder):
   """Google Landmarks Dataset v2 (train), original JPEG bytes, contiguous labels."""
 
   VERSION = tfds.core.Version('1.0.0')

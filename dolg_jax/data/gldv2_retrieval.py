@@ -27,6 +27,7 @@ from dolg_jax.data import decode
 from dolg_jax.data import build_plan
 from dolg_jax.data import md5_check
 from dolg_jax.data import tar_index
+from dolg_jax.data import quiet_builder
 
 SPLITS = ('index', 'test')
 SOLUTION_FILE = 'retrieval_solution_v2.1.csv'
@@ -83,7 +84,7 @@ def _locate(
   return locations, [os.path.basename(s) for s in shards], tree
 
 
-class Gldv2Retrieval(tfds.core.GeneratorBasedBuilder):
+class Gldv2Retrieval(quiet_builder.LoggedStatus, tfds.core.GeneratorBasedBuilder):
   """GLDv2 retrieval benchmark: index (761,757) and test (117,577) images, original bytes."""
 
   VERSION = tfds.core.Version('1.0.0')

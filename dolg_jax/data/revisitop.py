@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 
 from dolg_jax.data import csv_metadata
 from dolg_jax.data import decode
+from dolg_jax.data import quiet_builder
 
 OFFICIAL_COUNTS = {'roxford5k': (4993, 70), 'rparis6k': (6322, 70), 'revisitop1m': (1001001, 0)}
 # 'rdemo': the embedded demo's benchmark (dolg_jax.demo), same layout, no official size.
@@ -127,7 +128,9 @@ def _check_present(name, root, relpaths, allow_missing):
   return missing
 
 
-class _RevisitopBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _RevisitopBuilder(
+  quiet_builder.LoggedStatus, tfds.core.GeneratorBasedBuilder, skip_registration=True
+):
   """Shared logic; subclasses set the name via their class name."""
 
   VERSION = tfds.core.Version('1.0.0')

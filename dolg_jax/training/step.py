@@ -1,31 +1,12 @@
 """The pure train step (and eval step), jitted once with explicit shardings on the mesh.
 
-Numerics: the model computes in `config.compute_dtype` (bf16 by default) from float32 master
-weights; descriptors, margin logits (matmul at `Precision.HIGHEST`, in training and validation
-alike), the loss and the optimizer update are float32. With `compute_dtype='float64'` (64-bit JAX,
-for parity checks against float64 references) and float64 state, all of it is float64.
-`tests/test_official_training.py` holds this step to the official trainer's numbers.
-
-BatchNorm: `config.train.bn_mode`
-- 'global' (default): statistics over the whole global (micro)batch; under `jax.jit` the batch mean
-  of a `data`-sharded array is a cross-device reduction inserted by the compiler.
-- 'per_device': statistics over each device's shard only (what the PyTorch reference did with one
-  BN per GPU), via `jax.shard_map` around the model; running statistics are averaged over devices.
-The batch is split over every mesh axis (`sharding.BATCH_AXES`: data and model), so "devices" here
-means all of them.
-`config.train.bn_group_size` = g > 0 (either mode): statistics over each group of g consecutive
-images of the (device's) batch, via `jax.vmap` over the groups; running statistics are averaged over
-the groups. The official run had 8 images per GPU (batch 64 on 8 GPUs): g = 8 gives those
-statistics on any number of devices. (PyTorch DDP keeps rank 0's running statistics; we average.)
-
-Gradient accumulation: `config.train.grad_accum_steps` = k splits the global batch into k
-microbatches (each still spread over all devices), sums their gradients in float32 in a
-`lax.scan`, and applies one update. BN statistics are per microbatch, threaded through the scan.
-CurricularFace's `t` takes ONE EMA step per optimizer step from the whole batch, as without
-accumulation: every microbatch starts from the step's `t`, and the new `t` is the mean of the
-microbatches' updates, i.e. `t_momentum * mean_batch(cos theta_y) + (1 - t_momentum) * t`. Each
-microbatch's hard negatives are weighted with its own update of `t` (the official code uses the
-whole batch's; the two differ by `t_momentum` x the difference of the means, 0.01 x).
+`make_train_step(setup, state_sharding)` returns `train_step(state, batch, lr) -> (state, metrics)`
+(state donated); `check_batch_split` is the batch rule config_check also applies. The model
+computes in `config.compute_dtype` from float32 master weights; logits, loss and update are
+float32 (all float64 with `compute_dtype='float64'`). BatchNorm statistics follow
+`config.train.bn_mode` ('global' | 'per_device') and `bn_group_size`; `grad_accum_steps` = k sums
+k micro-batch gradients in one update. `tests/test_official_training.py` holds this step to the
+official trainer's numbers. Numerics, BatchNorm modes, accumulation: docs/design_notes.md.
 """
 
 from typing import Callable
