@@ -43,7 +43,7 @@ def get_config():
   t.num_train_steps = 1500
   t.warmup_epochs = 1
   t.weight_decay = 1e-4
-  t.log_every_steps = 50
+  t.log_every_steps = 150         # ten progress lines: the demo fits on one screen
   t.checkpoint_every_steps = 500
   t.keep_checkpoints = 1
   t.eval_every_steps = 0          # the demo evaluates retrieval itself, before and after training

@@ -25,7 +25,6 @@ import stat
 import unicodedata
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -34,7 +33,7 @@ from dolg_jax.data import class_split
 from dolg_jax.data import csv_metadata
 from dolg_jax.data import decode
 from dolg_jax.data import side_files
-from dolg_jax.data import quiet_builder
+from dolg_jax.data.builder_mixin import PackagedBuilder
 
 PREFIX = 'folder/'
 CLASS_COLUMN = 'class_name'
@@ -423,7 +422,7 @@ class FolderConfig(tfds.core.BuilderConfig):
     self.options = options
 
 
-class Folder(quiet_builder.LoggedStatus, tfds.core.GeneratorBasedBuilder):
+class Folder(PackagedBuilder, tfds.core.GeneratorBasedBuilder):
   """Labelled images from a folder tree or a labels CSV; original bytes, contiguous labels."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -432,11 +431,6 @@ class Folder(quiet_builder.LoggedStatus, tfds.core.GeneratorBasedBuilder):
   Put one sub-folder per class into the manual dir (or pass a labels CSV with path,label rows), and
   build with python -m dolg_jax.data.prepare --dataset=folder/NAME --manual_dir=DIR --data_dir=D.
   """
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)  # As gldv2: TFDS' default probes importlib_resources.
 
   def __init__(self, **kwargs):
     self._skipped: List[Tuple[build_plan.Record, str]] = []

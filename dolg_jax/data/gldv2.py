@@ -15,13 +15,12 @@ import csv
 import os
 from typing import Dict, List, Optional, Tuple
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 from dolg_jax.data import decode
 from dolg_jax.data import gldv2_config
-from dolg_jax.data import quiet_builder
+from dolg_jax.data.builder_mixin import PackagedBuilder
 from dolg_jax.data.build_plan import (
   SPLITS,
   UNASSIGNED,
@@ -138,7 +137,7 @@ def make_plan(
   )
 
 
-class Gldv2(quiet_builder.LoggedStatus, tfds.core.GeneratorBasedBuilder):
+class Gldv2(PackagedBuilder, tfds.core.GeneratorBasedBuilder):
   """Google Landmarks Dataset v2 (train), original JPEG bytes, contiguous labels."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -150,12 +149,6 @@ class Gldv2(quiet_builder.LoggedStatus, tfds.core.GeneratorBasedBuilder):
   dir: train.csv, train_clean.csv, images_000.tar ... images_499.tar and md5.images_NNN.txt (or an
   extracted tree train/a/b/c/<id>.jpg).
   """
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS' default probes `importlib_resources` (not installed) for builders inside packages.
-    return epath.Path(__file__)
 
   def __init__(self, *, allow_missing: bool = False, verify_md5: bool = False, **kwargs):
     self._allow_missing = allow_missing

@@ -18,7 +18,6 @@ import os
 import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -27,7 +26,7 @@ from dolg_jax.data import decode
 from dolg_jax.data import build_plan
 from dolg_jax.data import md5_check
 from dolg_jax.data import tar_index
-from dolg_jax.data import quiet_builder
+from dolg_jax.data.builder_mixin import PackagedBuilder
 
 SPLITS = ('index', 'test')
 SOLUTION_FILE = 'retrieval_solution_v2.1.csv'
@@ -84,7 +83,7 @@ def _locate(
   return locations, [os.path.basename(s) for s in shards], tree
 
 
-class Gldv2Retrieval(quiet_builder.LoggedStatus, tfds.core.GeneratorBasedBuilder):
+class Gldv2Retrieval(PackagedBuilder, tfds.core.GeneratorBasedBuilder):
   """GLDv2 retrieval benchmark: index (761,757) and test (117,577) images, original bytes."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -94,11 +93,6 @@ class Gldv2Retrieval(quiet_builder.LoggedStatus, tfds.core.GeneratorBasedBuilder
   manual dir: index.csv, test.csv, retrieval_solution_v2.1.csv, index/images_000.tar ..
   images_099.tar, test/images_000.tar .. images_019.tar and their md5.images_NNN.txt files.
   """
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
 
   def __init__(self, *, allow_missing: bool = False, verify_md5: bool = False, **kwargs):
     self._allow_missing = allow_missing

@@ -18,13 +18,12 @@ import pickle
 import shutil
 from typing import Iterator, Optional, Sequence
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 from dolg_jax.data import csv_metadata
 from dolg_jax.data import decode
-from dolg_jax.data import quiet_builder
+from dolg_jax.data.builder_mixin import PackagedBuilder
 
 OFFICIAL_COUNTS = {'roxford5k': (4993, 70), 'rparis6k': (6322, 70), 'revisitop1m': (1001001, 0)}
 # 'rdemo': the embedded demo's benchmark (dolg_jax.demo), same layout, no official size.
@@ -128,19 +127,12 @@ def _check_present(name, root, relpaths, allow_missing):
   return missing
 
 
-class _RevisitopBuilder(
-  quiet_builder.LoggedStatus, tfds.core.GeneratorBasedBuilder, skip_registration=True
-):
+class _RevisitopBuilder(PackagedBuilder, tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared logic; subclasses set the name via their class name."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   SPLITS: tuple[str, ...] = ('index', 'query')
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
 
   def __init__(self, *, allow_missing: bool = False, **kwargs):
     self._allow_missing = allow_missing
