@@ -12,6 +12,37 @@ import ml_collections
 
 MISSING = object()
 
+# Config fields that change neither what a run computes nor its state: paths, loaders, logging,
+# checkpoint and evaluation cadence, profiling. Runs that differ only in these are the same run
+# (`retrieval.study` groups them); a resume may change them (`training.resume_check`).
+OPERATIONAL_FIELDS = frozenset(
+  {
+    'data.data_dir',
+    'data.make_fixture',
+    'data.num_workers',
+    'data.prefetch_buffer_size',
+    'data.read_threads',
+    'data.worker_buffer_size',
+    'eval.data_dir',
+    'eval.output_dir',
+    'eval.xla_cache_dir',
+    'eval.batch_size',
+    'eval.report_queries',
+    'eval.search_chunk_size',
+    'train.log_every_steps',
+    'train.checkpoint_every_steps',
+    'train.keep_checkpoints',
+    'train.async_checkpointing',
+    'train.preemption_sync_every_steps',
+    'train.eval_every_steps',
+    'train.eval_batches',
+    'train.eval_retrieval',
+    'train.init_on_one_device',
+    'train.allow_recipe_change_on_resume',
+    'train.profile_steps',
+  }
+)
+
 
 class Rule(NamedTuple):
   allowed: str  # 'must be ...', the end of the error message

@@ -3,11 +3,11 @@
 `write_study(workdirs, out_dir, compare_to='auto')` reads each run directory (its `manifest.json`,
 dolg_jax.training.manifest, and the results.json of dolg_jax.eval: WORKDIR/eval/results.json, else
 the latest WORKDIR/eval/step_N/results.json, else WORKDIR/results.json), groups runs that differ
-only in `seed` and the bookkeeping fields of IGNORED_FIELDS (cells: mean and sample std over the
-seeds), compares each group with one row of published_results.json (`choose_published`, or the
-row `compare_to` names), writes study.md, study.csv, study.png and study.json into out_dir and
-returns the paths and the table. Unusable runs or published data raise `StudyError`. How rows are
-matched and which protocol differences are flagged: docs/design_notes.md.
+only in IGNORED_FIELDS (`seed` and `config_rules.OPERATIONAL_FIELDS`; cells: mean and sample std
+over the seeds), compares each group with one row of published_results.json (`choose_published`,
+or the row `compare_to` names), writes study.md, study.csv, study.png and study.json into out_dir
+and returns the paths and the table. Unusable runs or published data raise `StudyError`. How rows
+are matched and which protocol differences are flagged: docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dolg_jax import config_rules as rules
+
 PUBLISHED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'published_results.json')
 DATASETS = ('roxford5k', 'rparis6k')
 DATASET_LABELS = {'roxford5k': 'ROxf', 'rparis6k': 'RPar'}
@@ -33,31 +35,8 @@ PROTOCOLS = ('easy', 'medium', 'hard')
 CELLS = tuple((d, s, p) for s in SETTINGS for d in DATASETS for p in PROTOCOLS)
 OUR_QUERY_CROP = True
 
-# Config fields that do not change what a run computes (paths, logging, checkpoints, loaders).
-IGNORED_FIELDS = (
-  'seed',
-  'data.data_dir',
-  'data.num_workers',
-  'data.prefetch_buffer_size',
-  'data.read_threads',
-  'data.worker_buffer_size',
-  'data.make_fixture',
-  'eval.data_dir',
-  'eval.output_dir',
-  'eval.xla_cache_dir',
-  'eval.batch_size',
-  'eval.report_queries',
-  'eval.search_chunk_size',
-  'train.log_every_steps',
-  'train.checkpoint_every_steps',
-  'train.keep_checkpoints',
-  'train.async_checkpointing',
-  'train.preemption_sync_every_steps',
-  'train.eval_every_steps',
-  'train.eval_batches',
-  'train.eval_retrieval',
-  'train.init_on_one_device',
-)
+# Runs that differ only in these fields are repeats of one run (cells: mean and std over them).
+IGNORED_FIELDS = rules.OPERATIONAL_FIELDS | {'seed'}
 _STEP_DIR = re.compile(r'step_(\d+)$')
 
 

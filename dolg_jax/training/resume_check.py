@@ -12,6 +12,8 @@ recipe). Returns the allowed changes {field: [old, new]}, which the loop records
 
 from typing import Any, Mapping
 
+from dolg_jax import config_rules as rules
+
 STATE_OR_STREAM_PREFIXES = ('model.',)
 STATE_OR_STREAM = frozenset(
   {
@@ -28,30 +30,11 @@ STATE_OR_STREAM = frozenset(
   }
 )
 OPERATIONAL_PREFIXES = ('eval.', 'mesh.', 'demo.')
-OPERATIONAL = frozenset(
-  {
-    'data.data_dir',
-    'data.make_fixture',
-    'data.num_workers',
-    'data.prefetch_buffer_size',
-    'data.read_threads',
-    'data.worker_buffer_size',
-    'train.log_every_steps',
-    'train.checkpoint_every_steps',
-    'train.keep_checkpoints',
-    'train.async_checkpointing',
-    'train.preemption_sync_every_steps',
-    'train.eval_every_steps',
-    'train.eval_batches',
-    'train.eval_retrieval',
-    'train.backbone_init',
-    'train.init_checkpoint',
-    'train.deterministic',
-    'train.init_on_one_device',
-    'train.allow_recipe_change_on_resume',
-    'train.profile_steps',
-  }
-)
+OPERATIONAL = rules.OPERATIONAL_FIELDS | {
+  'train.backbone_init',  # the start of a fresh run: a resume restores its checkpoint instead
+  'train.init_checkpoint',
+  'train.deterministic',  # XLA's determinism flags: the same numbers up to reduction order
+}
 
 
 class ResumeConfigError(ValueError):
