@@ -23,14 +23,13 @@ import time
 from absl import flags
 import cv2
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 from PIL import Image
 
 from dolg_jax import cli
-from dolg_jax import models
 from dolg_jax import pretrained
+from dolg_jax.models import random_weights
 from dolg_jax.collection import build as build_lib
 from dolg_jax.collection import faiss_index
 from dolg_jax.data import decode
@@ -48,28 +47,6 @@ def define_flags() -> None:
   flags.DEFINE_string(
     'workdir', None, 'Where images, checkpoint and index go (default: a temporary directory).'
   )
-
-
-def random_variables(model_cfg, seed: int = 0):
-  model = models.build_model(model_cfg)
-  shapes = jax.eval_shape(
-    lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.PRNGKey(0)
-  )
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    if 'kernel' in name:
-      return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))).astype(
-        leaf.dtype
-      )
-    if 'scale' in name or 'var' in name:
-      return np.ones(leaf.shape, leaf.dtype)
-    if name == "['p']":
-      return np.full(leaf.shape, 3.0, leaf.dtype)
-    return np.zeros(leaf.shape, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def write_images(folder: str, n: int, width: int, height: int) -> list[str]:
@@ -134,7 +111,7 @@ def main(argv):
   folder = os.path.join(work, 'images')
   paths = write_images(folder, FLAGS.num_images, width, height)
   ckpt = os.path.join(work, 'checkpoint')
-  pretrained.save_converted(ckpt, config.model, random_variables(config.model))
+  pretrained.save_converted(ckpt, config.model, random_weights.random_variables(config.model))
   apply_fn, variables, _ = evaluate.load_model(config, checkpoint=ckpt)
   cfg = extract_lib.from_config(config.eval)
   extractor = extract_lib.Extractor(apply_fn, variables, cfg)

@@ -28,14 +28,12 @@ import time
 
 from absl import flags
 import cv2
-import jax
-import jax.numpy as jnp
 import numpy as np
 import requests
 
 from dolg_jax import cli
-from dolg_jax import models
 from dolg_jax import pretrained
+from dolg_jax.models import random_weights
 from dolg_jax.collection import build
 from dolg_jax.collection import columns
 from dolg_jax.collection import faiss_index
@@ -90,25 +88,7 @@ def photos(root: str, n: int, side: int) -> list[str]:
 
 def checkpoint(name: str, path: str) -> str:
   cfg = __import__(f'dolg_jax.configs.{name}', fromlist=['get_config']).get_config()
-  model = models.build_model(cfg.model)
-  shapes = jax.eval_shape(
-    lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.PRNGKey(0)
-  )
-  rng = np.random.default_rng(0)
-
-  def fill(p, leaf):
-    key = jax.tree_util.keystr(p[-1:])
-    if 'kernel' in key:
-      return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))).astype(
-        leaf.dtype
-      )
-    return (
-      np.ones(leaf.shape, leaf.dtype)
-      if ('scale' in key or 'var' in key)
-      else np.zeros(leaf.shape, leaf.dtype)
-    )
-
-  pretrained.save_converted(path, cfg.model, jax.tree_util.tree_map_with_path(fill, shapes))
+  pretrained.save_converted(path, cfg.model, random_weights.random_variables(cfg.model))
   return path
 
 

@@ -10,8 +10,6 @@ import subprocess
 import sys
 
 import cv2
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -87,36 +85,14 @@ def add_later(root: str) -> None:
     save(os.path.join(root, rel), image(100 + i), fmt)
 
 
-def random_variables(model_cfg, seed: int) -> dict:
-  """He-normal kernels, unit BatchNorm, from the shapes alone (`jax.eval_shape`: no init compile,
-  which costs tens of seconds on a busy 2-core machine)."""
-  from dolg_jax import models  # pylint: disable=import-outside-toplevel
-
-  model = models.build_model(model_cfg)
-  shapes = jax.eval_shape(
-    lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.PRNGKey(0)
-  )
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    if 'kernel' in name:
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)).astype(leaf.dtype)
-    if 'scale' in name or 'var' in name:
-      return np.ones(leaf.shape, leaf.dtype)
-    return np.zeros(leaf.shape, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def write_checkpoint(path: str, seed: int) -> str:
   """A converted tiny checkpoint (pretrained.save_converted) with random weights."""
   from configs import tiny  # pylint: disable=import-outside-toplevel
   from dolg_jax import pretrained  # pylint: disable=import-outside-toplevel
+  from dolg_jax.models import random_weights  # pylint: disable=import-outside-toplevel
 
   cfg = tiny.get_config()
-  pretrained.save_converted(path, cfg.model, random_variables(cfg.model, seed))
+  pretrained.save_converted(path, cfg.model, random_weights.random_variables(cfg.model, seed))
   return path
 
 
