@@ -23,6 +23,7 @@ from pyarrow import compute as pc
 from pyarrow import csv as pa_csv
 from pyarrow import ipc
 
+from dolg_jax import atomic
 from dolg_jax.collection import files as files_lib
 
 TABLE_FILE = 'rows.arrow'
@@ -92,17 +93,15 @@ def _open(path: str, key: list) -> Optional[pa.Table]:
 
 
 def _write(path: str, table: pa.Table, key: list, escaped: list) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
   schema = SCHEMA.with_metadata(
     {KEY: json.dumps(key).encode(), ESCAPED: json.dumps(escaped).encode()}
   )
   try:
-    with pa.OSFile(tmp, 'wb') as f, ipc.new_file(f, schema) as w:
-      w.write_table(table.replace_schema_metadata(schema.metadata), max_chunksize=1 << 62)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+      with pa.OSFile(tmp, 'wb') as f, ipc.new_file(f, schema) as w:
+        w.write_table(table.replace_schema_metadata(schema.metadata), max_chunksize=1 << 62)
   except OSError:  # a read-only index: the table stays in memory
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    pass
 
 
 class Column(Sequence):
