@@ -10,12 +10,15 @@ http://host:19530); it refuses a collection that does not hold exactly this inde
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from pymilvus import MilvusClient
 
 from dolg_jax.collection import query
+
+if TYPE_CHECKING:  # service imports this module
+  from dolg_jax.serve.service import Settings
 
 BACKENDS = ('faiss', 'milvus')
 DEFAULT_COLLECTION = 'dolg_jax'
@@ -104,7 +107,11 @@ class MilvusCollection(query.Collection):
 
 
 def open_collection(
-  index_dir: str, settings: Any, *, checkpoint: Optional[str] = None, workdir: Optional[str] = None
+  index_dir: str,
+  settings: Settings,
+  *,
+  checkpoint: Optional[str] = None,
+  workdir: Optional[str] = None,
 ) -> query.Collection:
   if settings.backend not in BACKENDS:
     raise ValueError(f'backend must be one of {BACKENDS}; got {settings.backend!r}')
