@@ -3,6 +3,7 @@
 
 import logging
 import os
+import re
 import subprocess
 
 from absl import logging as absl_logging
@@ -41,7 +42,10 @@ def test_a_tiny_run_prints_its_own_lines_only(tmp_path):
   output = proc.stdout + proc.stderr
   noise = [l for l in output.splitlines() if any(s in l for s in LIBRARY_LINES)]
   assert not noise, '\n'.join(noise[:20])
-  assert 'step 2/2 (100.0%)' in proc.stdout  # the progress line
+  # The progress line, with the validation accuracy at a validation step.
+  assert re.search(
+    r'^step 2/2 \(100\.0%\) loss .* \| val_accuracy [01]\.\d{3}$', proc.stdout, re.M
+  ), proc.stdout
   assert 'loop.py' in proc.stderr and 'Mesh ' in proc.stderr  # our INFO lines
   assert len(output.splitlines()) < 20, output
 

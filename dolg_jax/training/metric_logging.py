@@ -160,12 +160,16 @@ class Progress:
     }
 
   def line(self, step: int, metrics: Mapping[str, Any]) -> str:
+    """The progress line; at a validation step also its accuracy (`val_accuracy`)."""
     eta = int(metrics.get('eta_s', 0))
     self._steps.at(step)
-    return self._steps.line(
+    line = self._steps.line(
       loss=metrics['loss'],
       accuracy=metrics['accuracy'],
       learning_rate=metrics['learning_rate'],
       images_per_sec=metrics['images_per_sec'],
       eta=f'{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}',
     )
+    if 'val_accuracy' in metrics:
+      line += f' | val_accuracy {float(metrics["val_accuracy"]):.3f}'
+    return line
