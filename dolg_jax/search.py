@@ -2,11 +2,13 @@
 
   python -m dolg_jax.search --index=INDEX_DIR --query=PATH [--query=PATH ...]
       [--box=TOP,LEFT,HEIGHT,WIDTH] [--k=100] [--rerank=superglobal] [--out=OUT_DIR]
+      [--noreport] [--checkpoint=PATH | --workdir=DIR]   # weights, when they moved
 
 Writes OUT_DIR/results.json (default OUT_DIR: INDEX_DIR/search)
   {"index": INDEX_DIR, "queries": [{"query": PATH, "results": [{"path": PATH_AS_INDEXED,
    "score": FLOAT}, ...]}, ...]}
-(k results per query, best first, score = cosine similarity) and OUT_DIR/report.html. Queries are
+(k results per query, best first, score = cosine similarity) and OUT_DIR/report.html (unless
+--noreport). Queries are
 described with the model and protocol the index was built with; `--box` crops them (one box for
 all, or one per query); `--rerank=superglobal` re-ranks the top M with the stored descriptors.
 Calls `dolg_jax.collection.query.search_to_dir`; a failure ends with one line `FAILED: ...` (exit

@@ -390,6 +390,8 @@ def test_deleted_and_truncated_parts_are_named_and_extracted_again(env, clean):
     f.truncate(os.path.getsize(npy) // 2)
   with pytest.raises(store_lib.DamagedIndexError, match=r'g00000-p000001\.\S+ is missing'):
     query.Collection(out)
+  with pytest.raises(store_lib.DamagedIndexError, match=r'g00000-p000001\.csv is missing'):
+    store_lib.Rows(store, parts=[(0, 0), (0, 1)])  # the row table's own check of the parts asked
   proc = _index(env, out)
   assert proc.returncode == 0, ct.explain(proc)
   assert 'p000003.npy differs from its checksum' in proc.stderr

@@ -47,7 +47,11 @@ class TableError(ValueError):
 def _key(store, parts) -> list:
   out = []
   for g, p in parts:
-    st = os.stat(store.part_base(g, p) + '.csv')
+    path = store.part_base(g, p) + '.csv'
+    try:
+      st = os.stat(path)
+    except FileNotFoundError:
+      raise TableError(f'{path} is missing') from None
     out.append([g, p, st.st_size, st.st_mtime_ns])
   return out
 

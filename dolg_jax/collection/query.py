@@ -10,7 +10,8 @@
 Query descriptors come from the model and protocol the index was built with (a box, in pixels of
 the EXIF-oriented image, crops the query as evaluation crops revisitop queries); scores are cosine
 similarities, best first; `rerank='superglobal'` re-ranks the top max(config.eval.rerank_m, k)
-from the stored descriptors. `search_to_dir` writes results.json and report.html. Raises
+from the stored descriptors. `search_to_dir` writes results.json and report.html (unless
+`report=False`). Raises
 `store.NotAnIndexError` (no complete index), `store.DamagedIndexError` (a damaged file, a
 non-finite score), `store.IndexMismatchError` (weights or long-side cap differ from the index's;
 pass `checkpoint=` / `workdir=` when the file moved), ValueError (k < 1, an unreadable query, a bad

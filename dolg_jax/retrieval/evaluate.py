@@ -6,7 +6,8 @@
 Every dataset of `config.eval.datasets` prepared under `config.eval.data_dir` (revisitop ones, with
 `config.eval.distractors` when `use_distractors`; `gldv2_retrieval`) is extracted (descriptors
 cached in OUTPUT_DIR/cache with eval.cache), ranked and scored (dolg_jax.retrieval.scoring); writes
-OUTPUT_DIR/results.json and, for revisitop datasets, report_<dataset>.html + .png. Datasets not
+OUTPUT_DIR/results.json and, for revisitop datasets with `eval.report_queries` > 0,
+report_<dataset>.html + .png (process 0 writes). Datasets not
 prepared raise NotPreparedError (`check_datasets`) first. `load_model` reads our checkpoints and
 released/converted weights, with the evaluation-time model overrides (`model_overrides`).
 Design notes: docs/design_notes.md.

@@ -13,7 +13,9 @@ Routes (the public contract):
 Errors are JSON {"error": "..."} naming the problem: 4xx for a refused request (413 a body over
 --max_upload_mb, checked while it streams in, or an oversized upload; 401 no or a wrong bearer
 token on /api with --token; 400 bad uploads, boxes, k, descriptors; 404 ids; 409 a refused
-reload), 503 a damaged index. No CORS headers unless `cors_origin` is set.
+reload; 410 an indexed file no longer readable; 415 a body neither multipart nor JSON; 422
+malformed parameters), 503 a damaged index, 500 an unexpected fault (the process stays up). No
+CORS headers unless `cors_origin` is set.
 """
 
 from __future__ import annotations

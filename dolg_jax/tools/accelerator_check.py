@@ -14,8 +14,8 @@ measurement, so a killed run keeps what it measured):
                host cores per 1,000 images/s
   torch        read from --torch_result (launch/torch_reference_bench.py, run first in its own
                process) and the JAX / PyTorch ratio for each (depth, batch) both measured
-`--smoke`: every part at tiny sizes (64 px) on CPU; the launcher's --smoke adds
---config=configs/tiny.py. Design notes: docs/design_notes.md.
+`--smoke`: every part at tiny sizes (64 px, meant for CPU); the launcher's --smoke also sets
+JAX_PLATFORMS=cpu and --config=configs/tiny.py. Design notes: docs/design_notes.md.
 """
 
 from __future__ import annotations

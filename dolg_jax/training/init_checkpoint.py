@@ -4,8 +4,9 @@ PATH: a released `.pyth` / `.pth` (read with torch), a `python -m dolg_jax.conve
 one of our runs (a workdir, its `checkpoints/` or a step directory, verified against its record).
 `prepare(config, workdir)` (before anything is written) checks the fine-tuning fields (`validate`)
 and, unless the workdir holds a checkpoint to resume from, `load`s PATH and `check`s its
-architecture; `start(setup, source, rng)` gives the step-0 state (every model variable; the head
-and `t` when the class counts match, else a fresh head) and the manifest's `start` record.
+architecture; `start(setup, source, rng)` gives (the step-0 state: every model variable, the head
+and `t` when the class counts match, else a fresh head; its shardings; the manifest's `start`
+record).
 Errors: InitCheckpointError naming each differing field with both values. Behaviour: README
 (`train.init_checkpoint`). Design notes: docs/design_notes.md.
 """

@@ -60,7 +60,8 @@ def make_setup(
   copy of the config (the caller's config is not modified).
 
   `train.model_lr_multiplier` / `train.head_lr_multiplier` scale the update of the model / the
-  margin head (`scale_param_groups`); `train.freeze_bn` is read by the train step.
+  margin head (`scale_param_groups`); with `train.freeze_bn` the train step's BatchNorm uses its
+  running statistics and keeps them.
   """
   config = config.copy_and_resolve_references()
   if num_classes is not None:

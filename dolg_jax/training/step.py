@@ -4,8 +4,9 @@
 (state donated); `check_batch_split` is the batch rule config_check also applies. The model
 computes in `config.compute_dtype` from float32 master weights; logits, loss and update are
 float32 (all float64 with `compute_dtype='float64'`). BatchNorm statistics follow
-`config.train.bn_mode` ('global' | 'per_device') and `bn_group_size`; `grad_accum_steps` = k sums
-k micro-batch gradients in one update. `tests/test_official_training.py` holds this step to the
+`config.train.bn_mode` ('global' | 'per_device') and `bn_group_size` (with `train.freeze_bn`:
+the running statistics, kept); `grad_accum_steps` = k averages the gradients of k micro-batches
+into one update. `tests/test_official_training.py` holds this step to the
 official trainer's numbers. Numerics, BatchNorm modes, accumulation: docs/design_notes.md.
 """
 
