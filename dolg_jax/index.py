@@ -124,7 +124,7 @@ def main(argv):
       out=FLAGS.out,
       options=options_from_flags(),
     )
-  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+  except Exception as e:  # noqa: BLE001  # every fatal error ends in one line
     failures.exit_in_one_line(e, FLAGS.out)
   if jax.process_index() == 0:
     c = out['counts']

@@ -88,7 +88,7 @@ def main(argv):
   failures.quiet_library_tracebacks()
   try:
     result = loop.train_and_evaluate(config, FLAGS.workdir)
-  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+  except Exception as e:  # noqa: BLE001  # every fatal error ends in one line
     if failures.is_expected(e) or failures.is_disk_full(e):
       logging.debug('%s', ''.join(traceback.format_exception(e)))
     else:
@@ -106,7 +106,7 @@ def _exit(line: str | None, code: int) -> None:
   if line:
     print(line, file=sys.stderr)
   sys.stderr.flush()
-  os._exit(code)  # pylint: disable=protected-access
+  os._exit(code)
 
 
 def run() -> None:

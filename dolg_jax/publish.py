@@ -230,7 +230,7 @@ def main(argv):
       recall_sample=FLAGS.recall_sample,
       progress=lambda s: print(s, flush=True),
     )
-  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+  except Exception as e:  # noqa: BLE001  # every fatal error ends in one line
     failures.exit_in_one_line(e, FLAGS.milvus_uri)
   print(
     f'published {out["rows"]} rows ({out["inserted"]} new) to {out["collection"]!r} at '

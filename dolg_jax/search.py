@@ -99,7 +99,7 @@ def main(argv):
       workdir=FLAGS.workdir,
       report=FLAGS.report,
     )
-  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+  except Exception as e:  # noqa: BLE001  # every fatal error ends in one line
     failures.exit_in_one_line(e, out_dir)
   for q in out['queries']:
     top = q['results'][:3]

@@ -25,10 +25,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import numpy as np  # pylint: disable=wrong-import-position
-import torch  # pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from tests.helpers import torch_reference  # pylint: disable=wrong-import-position
+from tests.helpers import torch_reference  # noqa: E402
 
 
 def main():

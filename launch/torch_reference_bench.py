@@ -24,10 +24,10 @@ import traceback
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import torch  # pylint: disable=wrong-import-position
-import torch.nn.functional as F  # pylint: disable=wrong-import-position
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from tests.helpers import torch_reference  # pylint: disable=wrong-import-position
+from tests.helpers import torch_reference  # noqa: E402
 
 SMOKE = {
   'batches': '2',
@@ -150,7 +150,7 @@ def main():
         else:
           try:
             entry = bench(depth, batch, args, device)
-          except Exception as e:  # pylint: disable=broad-except  # Recorded; the others go on.
+          except Exception as e:  # noqa: BLE001  # Recorded; the others go on.
             entry.update(
               {
                 'error': f'{type(e).__name__}: {e}'.splitlines()[0][:500],

@@ -169,7 +169,7 @@ def test_mismatch_is_detected_and_ends_in_one_failed_line(exported, tmp_path, mo
     onnx_bytes = f.read()
 
   class Stale:  # the earlier export's ONNX model stands in for this one's
-    def SerializeToString(self):  # pylint: disable=invalid-name
+    def SerializeToString(self):
       return onnx_bytes
 
   monkeypatch.setattr(export_lib, 'export_onnx', lambda fn, spec=None: Stale())

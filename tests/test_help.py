@@ -155,7 +155,7 @@ def test_help_exits_0_and_lists_the_flags(module, helps):
   assert res['rc'] == 0, f'{module} --help exited {res["rc"]}:\n{res["output"][-3000:]}'
   out = res['output']
   # absl's listing: one `  --name: help` (`--[no]name:` for booleans) line per flag.
-  listed = lambda name: re.search(rf'^\s+--(\[no\])?{name}:', out, re.MULTILINE)  # noqa: E731
+  listed = lambda name: re.search(rf'^\s+--(\[no\])?{name}:', out, re.MULTILINE)
   absent = [n for n in info['flags'] if not listed(re.escape(n))]
   assert not absent, f'{module} --help does not list {absent}:\n{out[-3000:]}'
   if not info['flags']:  # Flags defined elsewhere (a shared helper): at least some are listed.

@@ -81,7 +81,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   modes: dict = {}
   hits: dict = {}
 
-  def do_GET(self):  # pylint: disable=invalid-name
+  def do_GET(self):
     self.hits[self.path] = self.hits.get(self.path, 0) + 1
     data = self.files.get(self.path)
     if data is None:

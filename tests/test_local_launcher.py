@@ -37,7 +37,7 @@ def shim(tmp_path_factory):
 
 
 def launch(shim, workdir, log, **env_extra) -> subprocess.Popen:
-  out = open(log, 'a')  # pylint: disable=consider-using-with
+  out = open(log, 'a')
   return subprocess.Popen(
     ['bash', LAUNCHER, '2', 'configs/tiny.py', workdir, *FLAGS],
     env=tl.env(PYTHON=shim, **env_extra),

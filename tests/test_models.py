@@ -134,8 +134,8 @@ def _torch_reference_sizes(depth, with_aspp, num_classes=1):
   """Element counts of the official model's parameters, built by the PyTorch reference
   (tests/helpers/torch_reference.py) on the meta device (shapes only, no memory); the margin
   head's weight separately."""
-  import torch  # pylint: disable=import-outside-toplevel  # test-only dependency
-  from tests.helpers import torch_reference as ref_lib  # pylint: disable=import-outside-toplevel
+  import torch  # test-only dependency
+  from tests.helpers import torch_reference as ref_lib
 
   with torch.device('meta'):
     model = ref_lib.DOLGReference(

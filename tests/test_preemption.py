@@ -27,7 +27,7 @@ def test_sigterm_while_starting_reaches_the_loop():
     with preemption.PreemptionHandler() as handler:
       assert handler.should_stop(1)
   finally:
-    preemption._EARLY.clear()  # pylint: disable=protected-access
+    preemption._EARLY.clear()
     signal.signal(signal.SIGTERM, previous)
 
 

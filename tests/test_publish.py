@@ -83,7 +83,7 @@ def published(env):
 
 
 def test_killed_publish_resumes_without_duplicates(published):
-  from dolg_jax.collection import store  # pylint: disable=import-outside-toplevel
+  from dolg_jax.collection import store
 
   n = len(store.Rows(store.IndexStore(published['index'])))
   assert f'published {n} rows' in published['resumed_output'], published['resumed_output']
@@ -98,7 +98,7 @@ def test_killed_publish_resumes_without_duplicates(published):
 
 
 def test_serve_milvus_equals_faiss_exact(published):
-  from dolg_jax.collection import query  # pylint: disable=import-outside-toplevel
+  from dolg_jax.collection import query
 
   col = query.Collection(published['index'])
   server = stl.Server(
@@ -134,9 +134,9 @@ def test_serve_milvus_equals_faiss_exact(published):
 
 
 def test_another_index_is_refused_and_replace_rebuilds(published, tmp_path):
-  from dolg_jax import publish  # pylint: disable=import-outside-toplevel
-  from dolg_jax.collection import store  # pylint: disable=import-outside-toplevel
-  from pymilvus import MilvusClient  # pylint: disable=import-outside-toplevel
+  from dolg_jax import publish
+  from dolg_jax.collection import store
+  from pymilvus import MilvusClient
 
   uri = str(tmp_path / 'other.db')
   publish.publish(published['index'], uri, 'photos', batch_rows=100)

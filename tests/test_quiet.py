@@ -63,7 +63,7 @@ def verbosity():
 
 
 def test_the_filter_keeps_ours_and_library_warnings_that_mean_something(verbosity):
-  keep = cli._QuietLibraries().filter  # pylint: disable=protected-access
+  keep = cli._QuietLibraries().filter
   verbosity(0)
   ours = logging.LogRecord(
     'absl',

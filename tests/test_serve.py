@@ -34,7 +34,7 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def collection(served):
-  from dolg_jax.collection import query  # pylint: disable=import-outside-toplevel
+  from dolg_jax.collection import query
 
   return query.Collection(served['index'])
 
@@ -352,7 +352,7 @@ def test_reload_picks_up_added_images_then_sigterm_stops_cleanly(served):
     got = requests.get(url + '/healthz', timeout=30).json()['images']
     if got == before + len(ctl.LATER):
       break
-    import time  # pylint: disable=import-outside-toplevel
+    import time
 
     time.sleep(0.1)
   assert got == before + len(ctl.LATER), server.output()[-3000:]

@@ -203,9 +203,7 @@ def test_published_data_has_sources_and_the_verified_numbers():
   data = study.load_published()
   rows = {r['id']: r for r in data['rows']}
   mh = lambda r, s='base': [
-    r['map'][d][s][p]
-    for d in ('roxford5k', 'rparis6k')  # noqa: E731
-    for p in ('medium', 'hard')
+    r['map'][d][s][p] for d in ('roxford5k', 'rparis6k') for p in ('medium', 'hard')
   ]
   assert mh(rows['paper_r50']) == [80.5, 58.82, 89.81, 77.7]
   assert mh(rows['paper_r50'], '+1m') == [76.58, 52.21, 80.79, 62.83]

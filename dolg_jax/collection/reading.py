@@ -155,7 +155,7 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Optional[np.ndarray], Op
     img = decode.decode_rgb(data)
   except decode.DecodeError as e:
     return None, f'not a decodable image: {e}'
-  except Exception as e:  # pylint: disable=broad-except  # any decoder failure is this file's
+  except Exception as e:  # noqa: BLE001  # any decoder failure is this file's
     return None, f'not a decodable image: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
   if img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
     return None, f'decoded to unexpected shape {img.shape}'

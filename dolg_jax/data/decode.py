@@ -47,7 +47,7 @@ def exif_orientation(data: bytes) -> int:
   try:
     with Image.open(io.BytesIO(data)) as im:
       value = im.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-  except Exception:  # pylint: disable=broad-except  # No readable EXIF: no transform, as OpenCV.
+  except Exception:  # noqa: BLE001  # No readable EXIF: no transform, as OpenCV.
     return 1
   try:
     value = int(value)

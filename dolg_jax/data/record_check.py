@@ -34,14 +34,14 @@ def verify_file(path: str, expected: int | None, features=None) -> str | None:
     return 'missing'
   try:
     reader = array_record_module.ArrayRecordReader(path)
-  except Exception as e:  # pylint: disable=broad-except  # reported per file
+  except Exception as e:  # noqa: BLE001  # reported per file
     return f'cannot be opened ({errors.first_line(e, limit=300)})'
   try:
     n = reader.num_records()
     for start in range(0, n, _CHUNK):
       try:
         records = reader.read(start, min(n, start + _CHUNK))
-      except Exception as e:  # pylint: disable=broad-except  # reported per file
+      except Exception as e:  # noqa: BLE001  # reported per file
         return (
           f'records {start}..{min(n, start + _CHUNK) - 1} unreadable '
           f'({errors.first_line(e, limit=300)})'
@@ -50,7 +50,7 @@ def verify_file(path: str, expected: int | None, features=None) -> str | None:
         for k, record in enumerate(records):
           try:
             features.deserialize_example_np(record)
-          except Exception as e:  # pylint: disable=broad-except  # reported per file
+          except Exception as e:  # noqa: BLE001  # reported per file
             return f'record {start + k} does not decode ({errors.first_line(e, limit=300)})'
   finally:
     reader.close()
@@ -88,15 +88,15 @@ class NamedSource:
   def _where(self, index: int) -> str:
     inner = getattr(self._source, 'data_source', None)
     try:
-      reader, position = inner._reader_idx_and_position(index)  # pylint: disable=protected-access
-      return f'{inner._paths[reader]} (record {position})'  # pylint: disable=protected-access
-    except Exception:  # pylint: disable=broad-except  # the name is a courtesy; fall back
+      reader, position = inner._reader_idx_and_position(index)
+      return f'{inner._paths[reader]} (record {position})'
+    except Exception:  # noqa: BLE001  # the name is a courtesy; fall back
       return f'a file of {self._dataset} in {self._data_dir}'
 
   def __getitem__(self, index):
     try:
       return self._source[index]
-    except Exception as e:  # pylint: disable=broad-except  # re-raised naming the file
+    except Exception as e:  # re-raised naming the file
       raise DamagedRecordError(
         f'reading example {int(index)} from {self._where(int(index))} failed: '
         f'{errors.first_line(e, limit=300)}. The prepared data is damaged: run '

@@ -55,7 +55,7 @@ def torch_linear_inits(fan_in: int):
   the official DOLG model start from: its init_weights is applied to the ResNet trunk only.
   """
   bound = 1.0 / math.sqrt(fan_in)
-  uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(  # pylint: disable=g-long-lambda
+  uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
     key, shape, dtype, -bound, bound
   )
   return uniform, uniform

@@ -197,7 +197,7 @@ def _load_jax_plugins() -> None:
   if import_tree is None:
     return
   import_tree(pathlib.Path(plugin_system.__file__).parent / 'jax', 'jax2onnx.plugins.jax')
-  plugin_system._already_imported_plugins = True  # pylint: disable=protected-access
+  plugin_system._already_imported_plugins = True
 
 
 def export_onnx(fn: Callable, spec: Optional[jax.ShapeDtypeStruct] = None) -> onnx.ModelProto:

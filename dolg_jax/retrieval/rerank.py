@@ -202,7 +202,7 @@ def fast_compute_protocols(
   positions = superglobal_positions(queries, db, items, M, K, beta, chunk_size, method=method)
   out = {}
   for p in metrics.PROTOCOLS:
-    mp, aps, pr, prs = search._summarize_from_positions(  # pylint: disable=protected-access
+    mp, aps, pr, prs = search._summarize_from_positions(
       metrics.protocol_gnd(gnd_raw, p), items, positions, n, kappas
     )
     out[p] = {'map': mp, 'aps': aps, 'mp': pr, 'prs': prs, 'kappas': tuple(kappas)}

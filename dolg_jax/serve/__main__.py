@@ -128,7 +128,7 @@ def main(argv):
       FLAGS.index, settings, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir
     )
     sock = bind(settings.host, settings.port)
-  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+  except Exception as e:  # noqa: BLE001  # every fatal error ends in one line
     failures.exit_in_one_line(e, None)
   host, port = sock.getsockname()[:2]
   shown = f'[{host}]' if ':' in host else host
@@ -153,7 +153,7 @@ def main(argv):
     svc.close()
   print('stopped', flush=True)
   sys.stdout.flush()
-  os._exit(0)  # pylint: disable=protected-access  # no waiting on library threads at exit
+  os._exit(0)  # no waiting on library threads at exit
 
 
 def run() -> None:

@@ -216,7 +216,7 @@ def create_app(svc: service_lib.Service) -> FastAPI:
   async def reload():
     try:
       return await run_in_threadpool(svc.reload)
-    except Exception as e:  # pylint: disable=broad-except  # the old index stays served
+    except Exception as e:  # noqa: BLE001  # the old index stays served
       return error(409, f'not reloaded (still serving {len(svc)} images): {type(e).__name__}: {e}')
 
   @api.get('/api/image/{row}')

@@ -87,7 +87,7 @@ class MicroBatcher:
       self._on_batch(sum(n for _, n, _ in taken))
       try:
         results = list(self._process([job for job, _, _ in taken]))
-      except Exception as e:  # pylint: disable=broad-except  # every job of the batch gets it
+      except Exception as e:  # noqa: BLE001  # every job of the batch gets it
         results = [e] * len(taken)
       for (_, _, fut), res in zip(taken, results):
         if isinstance(res, BaseException):

@@ -237,7 +237,7 @@ class Service:
       try:
         q = np.stack([by_row[e] for e in members])
         scores, ids = col.search_descriptors(q, k, rerank)
-      except Exception as err:  # pylint: disable=broad-except  # answered to those jobs only
+      except Exception as err:  # noqa: BLE001  # answered to those jobs only
         for e in members:
           rows[e] = err
         continue
@@ -333,7 +333,7 @@ class Service:
         new.manifest['fingerprint'] == old.manifest['fingerprint']
         and new.manifest['model'] == old.manifest['model']
       ):
-        new._extractor = old._extractor  # pylint: disable=protected-access  # same model
+        new._extractor = old._extractor  # same model
       else:
         new.extractor()
       before = len(old)
@@ -353,7 +353,7 @@ class Service:
         continue
       try:
         self.reload()
-      except Exception as e:  # pylint: disable=broad-except  # keep serving the old index
+      except Exception as e:  # noqa: BLE001  # keep serving the old index
         self.last_reload_error = f'{type(e).__name__}: {e}'
         log.info('not reloading %s yet: %s', self.index_dir, self.last_reload_error)
 

@@ -131,7 +131,7 @@ def train_part(
           res = bench_train.benchmark(c, per_device * jax.device_count(), steps, warmup)
           res['images_per_sec_per_device'] = res['images_per_sec'] / res['devices']
           entry.update(res)
-        except Exception as e:  # pylint: disable=broad-except  # Recorded; the others go on.
+        except Exception as e:  # noqa: BLE001  # Recorded; the others go on.
           entry.update(_error(e))
       out.append(entry)
       save()
@@ -186,7 +186,7 @@ def extraction_part(
         variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
         apply = lambda v, x, valid_hw=None, m=model: m.apply(v, x, train=False, valid_hw=valid_hw)
         entry.update(bench_eval.time_extraction(ex.Extractor(apply, variables, cfg), examples))
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:  # noqa: BLE001
         entry.update(_error(e))
     out.append(entry)
     save()
@@ -216,7 +216,7 @@ def pipeline_part(
         'cores_per_1000_images_per_sec': 1000.0 * cores / ips,
       }
     )
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001
     entry.update(_error(e))
   return entry
 
@@ -287,7 +287,7 @@ def run_check(
     try:
       with open(torch_result) as f:
         result['torch'] = json.load(f)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001
       result['torch'] = _error(e)
   # No measurement starts after its part's deadline: training's is at 65% of the budget,
   # extraction's at 90%; the pipeline takes the rest.

@@ -185,7 +185,7 @@ def save(manager: Manager, step: int, state: Any, iterator_state: Any, record: d
       ),
       force=True,
     )
-  except Exception as e:  # pylint: disable=broad-except  # re-raised with the step and path
+  except Exception as e:  # re-raised with the step and path
     raise _write_error(manager, step, e) from e
   manager.pending_step = step
 
@@ -194,7 +194,7 @@ def finish(manager: Manager) -> None:
   """Waits for the pending async save; a failure is a CheckpointWriteError naming its step."""
   try:
     manager.orbax.wait_until_finished()
-  except Exception as e:  # pylint: disable=broad-except  # re-raised with the step and path
+  except Exception as e:  # re-raised with the step and path
     raise _write_error(manager, manager.pending_step, e) from e
 
 
@@ -316,7 +316,7 @@ def _restore_local(
         **{STATE: ocp.args.StandardRestore(abstract_state), DATA_ITER: IteratorStateRestore()}
       ),
     )
-  except Exception as e:  # pylint: disable=broad-except  # classified as corruption
+  except Exception as e:  # classified as corruption
     raise CheckpointCorruptError(
       os.fspath(step_dir), 'unreadable', f'restoring failed: {errors.first_line(e)}'
     ) from e

@@ -18,11 +18,11 @@ import threading
 import traceback
 from typing import Callable, NoReturn, TypeVar
 
-_T = TypeVar('_T')
-
 from absl import logging as absl_logging
 
 from dolg_jax import errors
+
+_T = TypeVar('_T')
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -136,7 +136,7 @@ def quiet_library_tracebacks() -> None:
     if not _is_secondary(args.exc_value):
       thread_hook(args)
 
-  quiet_excepthook._dolg_quiet = True  # pylint: disable=protected-access
+  quiet_excepthook._dolg_quiet = True
   sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
   threading.excepthook = quiet_thread_hook
 
@@ -155,5 +155,5 @@ def call_or_exit(fn: Callable[[], _T], where: str | None) -> _T:
   """`fn()`; any exception ends the command in one line (`exit_in_one_line`)."""
   try:
     return fn()
-  except Exception as e:  # pylint: disable=broad-except  # every fatal error ends in one line
+  except Exception as e:  # noqa: BLE001  # every fatal error ends in one line
     exit_in_one_line(e, where)

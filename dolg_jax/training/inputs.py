@@ -177,7 +177,7 @@ def _open_tfds(config: ml_collections.ConfigDict) -> Data:
     if jax.process_index() == 0:
       try:
         gldv2_fixture.ensure_fixture_dataset(data_dir, dataset=d.dataset)
-      except Exception as e:  # pylint: disable=broad-except  # re-raised below, after telling the others
+      except Exception as e:  # noqa: BLE001  # re-raised below, after telling the others
         error = e
     if jax.process_count() > 1:
       # Every process learns whether process 0 succeeded (instead of waiting for it forever).

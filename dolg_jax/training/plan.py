@@ -44,7 +44,7 @@ def topology_devices(name: str) -> list:
     )
   try:
     return list(topologies.get_topology_desc(topology_name=name, platform='tpu').devices)
-  except Exception as e:  # pylint: disable=broad-except  # libtpu's errors name the bad topology.
+  except Exception as e:  # libtpu's errors name the bad topology.
     raise PlanError(
       f'--topology={name}: libtpu cannot describe it ({e}); use a name such as '
       "'v5e:2x4', 'v4:2x2x2', 'v5p:2x2x2' or 'v6e:4x4'."
@@ -55,7 +55,7 @@ def device_memory_bytes(device) -> int | None:
   """The allocator's limit on a live accelerator; the kind's HBM for compile-only TPU devices."""
   try:
     stats = device.memory_stats()
-  except Exception:  # pylint: disable=broad-except  # Compile-only devices cannot be queried.
+  except Exception:  # noqa: BLE001  # Compile-only devices cannot be queried.
     stats = None
   if stats and stats.get('bytes_limit'):
     return int(stats['bytes_limit'])
@@ -320,7 +320,7 @@ def max_batch(
             'peak_memory_bytes_per_device': p['peak_memory_bytes_per_device'],
           }
         )
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         if not _is_oom(e):
           raise
         fits_cache[units] = False

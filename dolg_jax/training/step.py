@@ -267,7 +267,7 @@ def train_flops_per_step(compiled) -> float | None:
   """FLOPs of one compiled step from XLA's cost analysis (None when unavailable)."""
   try:
     cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # Some backends do not implement it.
+  except Exception:  # noqa: BLE001  # Some backends do not implement it.
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None

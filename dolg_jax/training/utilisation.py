@@ -37,7 +37,7 @@ def train_step_flops(train_step: Callable, *args) -> float | None:
   try:
     lowered = train_step.lower(*args)
     per_device = step_lib.train_flops_per_step(lowered.compile())
-  except Exception as e:  # pylint: disable=broad-except  # Utilisation is reported without FLOPs.
+  except Exception as e:  # noqa: BLE001  # Utilisation is reported without FLOPs.
     logging.warning('No XLA cost analysis of the train step (%s): no TFLOP/s in the logs.', e)
     return None
   flops = per_device * jax.device_count() if per_device else step_lib.train_flops_per_step(lowered)

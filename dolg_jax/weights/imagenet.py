@@ -250,7 +250,7 @@ def _receive(url: str, dest: str, f, kept: str, progress: bool, timeout: float) 
   """Streams `url` into the open file `f`; returns the sha256 of what was received whole."""
   request = urllib.request.Request(url, headers={'User-Agent': 'dolg_jax'})
   try:
-    response = urllib.request.urlopen(request, timeout=timeout)  # pylint: disable=consider-using-with
+    response = urllib.request.urlopen(request, timeout=timeout)
   except urllib.error.HTTPError as e:
     raise _offline(url, dest, f'HTTP {e.code} {e.reason}') from e
   except (urllib.error.URLError, OSError, http.client.HTTPException) as e:

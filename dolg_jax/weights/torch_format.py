@@ -80,7 +80,7 @@ def read_torch_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False
   if not os.path.isfile(path):
     raise CheckpointError(path, 'no such file')
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
   except ImportError as e:
     raise CheckpointError(
       path,

@@ -87,9 +87,9 @@ def add_later(root: str) -> None:
 
 def write_checkpoint(path: str, seed: int) -> str:
   """A converted tiny checkpoint (pretrained.save_converted) with random weights."""
-  from configs import tiny  # pylint: disable=import-outside-toplevel
-  from dolg_jax import pretrained  # pylint: disable=import-outside-toplevel
-  from dolg_jax.models import random_weights  # pylint: disable=import-outside-toplevel
+  from configs import tiny
+  from dolg_jax import pretrained
+  from dolg_jax.models import random_weights
 
   cfg = tiny.get_config()
   pretrained.save_converted(path, cfg.model, random_weights.random_variables(cfg.model, seed))

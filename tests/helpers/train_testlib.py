@@ -110,7 +110,7 @@ def start_main(
 ) -> subprocess.Popen:
   """Starts a run; output goes to pipes, or to `log_file` (use it when several processes run at
   once: a process blocked on a full pipe would stall the others in their collectives)."""
-  out = open(log_file, 'w') if log_file else subprocess.PIPE  # pylint: disable=consider-using-with
+  out = open(log_file, 'w') if log_file else subprocess.PIPE
   return subprocess.Popen(
     main_cmd(workdir, *flags, wrapped=wrapped),
     cwd=REPO,

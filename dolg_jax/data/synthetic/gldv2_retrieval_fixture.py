@@ -48,7 +48,7 @@ def _write_shards(folder: str, ids: List[str], payload: Dict[str, bytes], num_sh
         for k, image_id in enumerate(ids):
           if k % num_shards == s and image_id in payload:
             member = f'{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg'
-            gldv2_fixture._add_member(tar, member, payload[image_id])  # pylint: disable=protected-access
+            gldv2_fixture._add_member(tar, member, payload[image_id])
     with open(path, 'rb') as f:
       digest = hashlib.md5(f.read()).hexdigest()
     with open(os.path.join(folder, f'md5.images_{s:03d}.txt'), 'w') as f:
@@ -86,7 +86,7 @@ def write_fixture(
       palette = revisitop_fixture.PALETTE
       colour = palette[lm % len(palette)] if lm >= 0 else revisitop_fixture.GREY
       return revisitop_fixture.jpeg_bytes(colour + rng.normal(0, 8.0, (h, w, 3)), 90)
-    return gldv2_fixture._encode(gldv2_fixture._smooth_image(rng, h, w), 'rgb', 90)  # pylint: disable=protected-access
+    return gldv2_fixture._encode(gldv2_fixture._smooth_image(rng, h, w), 'rgb', 90)
 
   index_landmark = {}
   for lm in range(num_landmarks):
