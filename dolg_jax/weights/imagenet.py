@@ -21,7 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import ml_collections
 from absl import logging
@@ -246,7 +246,7 @@ def download(
   return digest
 
 
-def _receive(url: str, dest: str, f, kept: str, progress: bool, timeout: float) -> str:
+def _receive(url: str, dest: str, f: IO[bytes], kept: str, progress: bool, timeout: float) -> str:
   """Streams `url` into the open file `f`; returns the sha256 of what was received whole."""
   request = urllib.request.Request(url, headers={'User-Agent': 'dolg_jax'})
   try:
