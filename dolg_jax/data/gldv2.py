@@ -20,42 +20,23 @@ import tensorflow_datasets as tfds
 
 from dolg_jax.data import decode
 from dolg_jax.data import gldv2_config
+from dolg_jax.data import tar_index
 from dolg_jax.data.builder_mixin import PackagedBuilder
-from dolg_jax.data.build_plan import (
-  SPLITS,
-  UNASSIGNED,
-  BuildPlan,
-  Exclusion,
-  Location,
-  MissingImagesError,
-  Record,
-)
+from dolg_jax.data.build_plan import SPLITS, UNASSIGNED, BuildPlan, Exclusion, MissingImagesError
+from dolg_jax.data.build_plan import Record
 from dolg_jax.data.class_split import split_per_class
-from dolg_jax.data.gldv2_config import Gldv2Config, resolve_config
+from dolg_jax.data.gldv2_config import resolve_config
 from dolg_jax.data.gldv2_listing import exclude_pairs, read_exclusion, read_listing
-from dolg_jax.data.md5_check import ChecksumError, verify_md5
-from dolg_jax.data.side_files import SIDE_FILES, format_summary, write_side_files
-from dolg_jax.data.tar_index import (
-  TruncatedShardError,
-  describe_shards,
-  find_shards,
-  index_shard,
-  read_bytes,
-)
+from dolg_jax.data.md5_check import ChecksumError
+from dolg_jax.data.side_files import format_summary, write_side_files
+from dolg_jax.data.tar_index import TruncatedShardError, describe_shards, index_shard, read_bytes
 
 # The builder's API, and the names its callers and tests use from here (defined in the modules
 # above: build_plan, class_split, gldv2_config, gldv2_listing, md5_check, side_files, tar_index).
 __all__ = [
-  'BuildPlan',
   'ChecksumError',
-  'Exclusion',
   'Gldv2',
-  'Gldv2Config',
-  'Location',
   'MissingImagesError',
-  'Record',
-  'SIDE_FILES',
-  'SPLITS',
   'TruncatedShardError',
   'UNASSIGNED',
   'builder',
@@ -96,24 +77,15 @@ def make_plan(
   if exclusion is not None:
     pairs, excluded = exclude_pairs(pairs, exclusion)
   records, landmark_ids = split_per_class(pairs, val_fraction, seed)
-  shards = find_shards(manual_dir)
-  locations: Dict[str, Location] = {}
-  for shard in shards:
-    if check_md5:
-      verify_md5(shard, manual_dir)
-    for image_id, loc in index_shard(shard).items():
-      locations.setdefault(image_id, loc)
   extracted = os.path.join(manual_dir, 'train')
   extracted_dir = extracted if os.path.isdir(extracted) else None
+  locations, shards = tar_index.locate(
+    (r.id for r in records), manual_dir, extracted_dir, check_md5=check_md5, md5_dir=manual_dir
+  )
   missing = []
   for rec in records:
-    loc = locations.get(rec.id)
-    if loc is None and extracted_dir is not None and len(rec.id) >= 3:
-      path = os.path.join(extracted_dir, rec.id[0], rec.id[1], rec.id[2], rec.id + '.jpg')
-      if os.path.isfile(path):
-        loc = Location(path)
-    rec.location = loc
-    if loc is None:
+    rec.location = locations.get(rec.id)
+    if rec.location is None:
       missing.append(rec)
   shard_names = [os.path.relpath(s, manual_dir) for s in shards]
   if missing and not allow_missing:
@@ -200,23 +172,16 @@ class Gldv2(PackagedBuilder, tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str):
     plan = self._plan
     todo = [r for r in plan.records if r.split == split and r.location is not None]
-    todo.sort(key=lambda r: (r.location.path, r.location.offset))  # Sequential reads.
-    handles: Dict[str, object] = {}
-    try:
-      for rec in todo:
-        data = read_bytes(rec.location, handles)
-        reason = decode.check_decodable(data)
-        if reason is not None:
-          self._skipped.append((rec, reason))
-          continue
-        self._written[split] += 1
-        yield (
-          rec.id,
-          {'image': data, 'label': rec.label, 'landmark_id': rec.class_key, 'id': rec.id},
-        )
-    finally:
-      for f in handles.values():
-        f.close()
+    for rec, data in tar_index.read_in_order((r, r.location) for r in todo):
+      reason = decode.check_decodable(data)
+      if reason is not None:
+        self._skipped.append((rec, reason))
+        continue
+      self._written[split] += 1
+      yield (
+        rec.id,
+        {'image': data, 'label': rec.label, 'landmark_id': rec.class_key, 'id': rec.id},
+      )
 
   def _download_and_prepare(self, dl_manager, download_config):
     super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)

@@ -16,7 +16,7 @@ import csv
 import json
 import os
 import shutil
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -24,7 +24,6 @@ import tensorflow_datasets as tfds
 from dolg_jax.data import csv_metadata
 from dolg_jax.data import decode
 from dolg_jax.data import build_plan
-from dolg_jax.data import md5_check
 from dolg_jax.data import tar_index
 from dolg_jax.data.builder_mixin import PackagedBuilder
 
@@ -56,31 +55,6 @@ def read_solution(path: str) -> Tuple[Dict[str, List[str]], Dict[str, List[str]]
       f'{path} not found: the manual dir must hold the official {SOLUTION_FILE} (id,images,Usage)'
     )
   return csv_metadata.read_retrieval_solution(path)
-
-
-def _locate(
-  manual_dir: str, split: str, ids: Sequence[str], check_md5: bool
-) -> Tuple[Dict[str, build_plan.Location], List[str], Optional[str]]:
-  """Locations of the listed ids in <split>/images_NNN.tar or the tree <split>/a/b/c/<id>.jpg."""
-  sub = os.path.join(manual_dir, split)
-  shards = tar_index.find_shards(sub) if os.path.isdir(sub) else []
-  found: Dict[str, build_plan.Location] = {}
-  for shard in shards:
-    if check_md5:
-      md5_check.verify_md5(shard)
-    for image_id, loc in tar_index.index_shard(shard).items():
-      found.setdefault(image_id, loc)
-  tree = sub if os.path.isdir(sub) else None
-  locations = {}
-  for image_id in ids:
-    loc = found.get(image_id)
-    if loc is None and tree is not None and len(image_id) >= 3:
-      path = os.path.join(tree, image_id[0], image_id[1], image_id[2], image_id + '.jpg')
-      if os.path.isfile(path):
-        loc = build_plan.Location(path)
-    if loc is not None:
-      locations[image_id] = loc
-  return locations, [os.path.basename(s) for s in shards], tree
 
 
 class Gldv2Retrieval(PackagedBuilder, tfds.core.GeneratorBasedBuilder):
@@ -127,7 +101,10 @@ class Gldv2Retrieval(PackagedBuilder, tfds.core.GeneratorBasedBuilder):
     searched = {}
     for split in SPLITS:
       ids = read_ids(os.path.join(root, f'{split}.csv'))
-      loc, shards, tree = _locate(root, split, ids, self._verify_md5)
+      sub = os.path.join(root, split)
+      tree = sub if os.path.isdir(sub) else None
+      loc, shard_paths = tar_index.locate(ids, sub, tree, check_md5=self._verify_md5)
+      shards = [os.path.basename(p) for p in shard_paths]
       self._ids[split], self._loc[split] = ids, loc
       self._missing[split] = [i for i in ids if i not in loc]
       searched[split] = {'shards': shards, 'extracted_dir': tree}
@@ -165,24 +142,17 @@ class Gldv2Retrieval(PackagedBuilder, tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str):
     order = {image_id: i for i, image_id in enumerate(self._ids[split])}
-    todo = sorted(self._loc[split].items(), key=lambda kv: (kv[1].path, kv[1].offset))
-    handles: Dict[str, object] = {}
-    try:
-      for image_id, loc in todo:
-        data = tar_index.read_bytes(loc, handles)
-        reason = decode.check_decodable(data)
-        if reason is not None:
-          self._skipped[split].append((image_id, reason))
-          continue
-        h, w = decode.image_size(data)
-        self._written[split] += 1
-        yield (
-          image_id,
-          {'image': data, 'id': image_id, 'index': order[image_id], 'height': h, 'width': w},
-        )
-    finally:
-      for f in handles.values():
-        f.close()
+    for image_id, data in tar_index.read_in_order(self._loc[split].items()):
+      reason = decode.check_decodable(data)
+      if reason is not None:
+        self._skipped[split].append((image_id, reason))
+        continue
+      h, w = decode.image_size(data)
+      self._written[split] += 1
+      yield (
+        image_id,
+        {'image': data, 'id': image_id, 'index': order[image_id], 'height': h, 'width': w},
+      )
 
   def _download_and_prepare(self, dl_manager, download_config):
     super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)

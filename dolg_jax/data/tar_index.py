@@ -2,7 +2,9 @@
 
 `index_shard` maps each image id (a member's file name without .jpg) to its `Location` (offset and
 size in the tar) and raises `TruncatedShardError` naming the shard when the tar is cut short;
-`read_bytes` reads a `Location` (a member or a whole file).
+`read_bytes` reads a `Location` (a member or a whole file). `locate(ids, shard_dir, tree_dir, ...)`
+finds listed ids in the shards of a folder, else in an extracted tree a/b/c/<id>.jpg;
+`read_in_order(items)` reads (key, Location) pairs in file order.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import glob
 import os
 import re
 import tarfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from dolg_jax.data import md5_check
 from dolg_jax.data.build_plan import Location
 
 SHARD_DIRS = ('', 'train')  # Flat layout; official download script and public bucket.
@@ -113,3 +116,44 @@ def read_bytes(loc: Location, handles: Dict[str, object]) -> bytes:
       f'{loc.offset}; re-download {name})'
     )
   return data
+
+
+def locate(
+  ids: Iterable[str],
+  shard_dir: str,
+  tree_dir: Optional[str],
+  *,
+  check_md5: bool,
+  md5_dir: Optional[str] = None,
+) -> Tuple[Dict[str, Location], List[str]]:
+  """({id: Location} of the ids found, the shard paths searched). An id is looked up in the shards
+  of `shard_dir` (`find_shards`; md5-verified when `check_md5`, see `md5_check.verify_md5`), then
+  as `tree_dir`/a/b/c/<id>.jpg; ids found nowhere are left out."""
+  shards = find_shards(shard_dir) if os.path.isdir(shard_dir) else []
+  found: Dict[str, Location] = {}
+  for shard in shards:
+    if check_md5:
+      md5_check.verify_md5(shard, md5_dir)
+    for image_id, loc in index_shard(shard).items():
+      found.setdefault(image_id, loc)
+  locations = {}
+  for image_id in ids:
+    loc = found.get(image_id)
+    if loc is None and tree_dir is not None and len(image_id) >= 3:
+      path = os.path.join(tree_dir, image_id[0], image_id[1], image_id[2], image_id + '.jpg')
+      if os.path.isfile(path):
+        loc = Location(path)
+    if loc is not None:
+      locations[image_id] = loc
+  return locations, shards
+
+
+def read_in_order(items: Iterable[Tuple[Hashable, Location]]) -> Iterator[Tuple[Hashable, bytes]]:
+  """(key, bytes) of each (key, Location), read in (file, offset) order; files closed at the end."""
+  handles: Dict[str, object] = {}
+  try:
+    for key, loc in sorted(items, key=lambda kv: (kv[1].path, kv[1].offset)):
+      yield key, read_bytes(loc, handles)
+  finally:
+    for f in handles.values():
+      f.close()
