@@ -233,7 +233,7 @@ def test_decode_route_is_the_config_field_and_both_routes_apply_exif_orientation
   assert 0 < diff.mean() < 4.0  # The fast route: different decoder, same oriented picture.
   cfg = _config(24)
   cfg.data.decode = 'cv2'
-  with pytest.raises(ValueError, match=r"config.data.decode must be one of \('exact', 'fast'\)"):
+  with pytest.raises(ValueError, match=r"config.data.decode='cv2': must be one of 'exact', 'fast'"):
     pipeline.make_eval_iterator(cfg, records, process_index=0, process_count=1, per_host_batch=4)
   with pytest.raises(ValueError, match='config.data.decode'):
     pipeline.make_train_iterator(

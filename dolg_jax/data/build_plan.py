@@ -9,6 +9,8 @@ leave out before the split (`exclude_pairs`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from typing import Hashable, List, Optional, Sequence, Tuple
 
 SPLITS = ('train', 'validation')
@@ -82,3 +84,12 @@ def exclude_pairs(
     'classes_removed': len(listed - kept_classes),
     'excluded_classes_not_listed': len(exclusion.class_keys - listed),
   }
+
+
+def file_sha256(path: str, what: str) -> str:
+  """The sha256 of a listed input file (`what`: 'labels file', 'exclusion list', ...), recorded in
+  the build options; FileNotFoundError naming it when it is absent."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} {path} not found')
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()

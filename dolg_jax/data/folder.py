@@ -204,10 +204,7 @@ def scan_folder(
 
 
 def read_labels(path: str) -> Labels:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'labels file {path} not found')
-  with open(path, 'rb') as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
+  digest = build_plan.file_sha256(path, 'labels file')
   return Labels(path, digest, tuple(csv_metadata.read_labels(path)))
 
 
@@ -239,10 +236,7 @@ def list_labelled(manual_dir: str, labels: Labels) -> Tuple[list, list, list]:
 
 def read_exclusion(path: str) -> build_plan.Exclusion:
   """An exclusion list: a CSV with a `label` and/or a `path` column (csv_metadata)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'exclusion list {path} not found')
-  with open(path, 'rb') as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
+  digest = build_plan.file_sha256(path, 'exclusion list')
   labels, paths = csv_metadata.read_folder_exclusion(path)
   return build_plan.Exclusion(path, digest, frozenset(_nfc(l) for l in labels), paths)
 

@@ -65,12 +65,7 @@ BUILDER_CONFIGS = [
   ),
 ]
 # Named configs: listing and validation fraction.
-NAMED_CONFIGS = {
-  'clean': ('clean', 0.2),
-  'full': ('full', 0.2),
-  'clean_all': ('clean', 0.0),
-  'full_all': ('full', 0.0),
-}
+NAMED_CONFIGS = {c.name: (c.subset, c.val_fraction) for c in BUILDER_CONFIGS}
 _SUFFIX_RE = re.compile(r'-(val(?P<val>\d+(\.\d+)?)|ex(?P<ex>[0-9a-f]{12}))')
 
 

@@ -7,7 +7,6 @@ strictly by csv_metadata (errors name the file and line).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import List, Sequence, Tuple
 
@@ -38,10 +37,7 @@ def read_listing(manual_dir: str, subset: str) -> List[Tuple[str, int]]:
 
 def read_exclusion(path: str) -> Exclusion:
   """Reads an exclusion list (class keys: landmark ids; image ids)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'exclusion list {path} not found')
-  with open(path, 'rb') as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
+  digest = build_plan.file_sha256(path, 'exclusion list')
   landmarks, images = csv_metadata.read_exclusion(path)
   return Exclusion(path, digest, landmarks, images)
 

@@ -37,10 +37,21 @@ def _data_config(config):
 
 def fast_decode(cfg) -> bool:
   """True for `config.data.decode` = 'fast', False for 'exact'; anything else is an error."""
-  route = cfg.decode
-  if route not in DECODE_ROUTES:
-    raise ValueError(f'config.data.decode must be one of {DECODE_ROUTES}, got {route!r}')
-  return route == 'fast'
+  return rules.check_value('data.decode', cfg.decode, CONFIG_RULES['data.decode']) == 'fast'
+
+
+def _crop_range(max_: float) -> rules.Rule:
+  """(min, max) with 0 < min <= max (<= `max_`)."""
+  bound = ' <= 1' if max_ == 1 else ''
+  return rules.Rule(
+    f'must be (min, max) with 0 < min <= max{bound}',
+    lambda v: (
+      isinstance(v, (tuple, list))
+      and len(v) == 2
+      and all(map(rules.is_number, v))
+      and 0.0 < v[0] <= v[1] <= max_
+    ),
+  )
 
 
 AUGMENTATIONS = ('paper', 'official')
@@ -49,6 +60,8 @@ CONFIG_RULES = {
   'data.decode': rules.one_of(DECODE_ROUTES),
   'data.image_size': rules.POSITIVE_INT,
   'data.random_flip': rules.BOOL,
+  'data.crop_scale': _crop_range(1.0),
+  'data.crop_ratio': _crop_range(float('inf')),
   **{
     f'data.{f}': rules.NON_NEGATIVE_INT
     for f in ('num_workers', 'prefetch_buffer_size', 'read_threads', 'worker_buffer_size')
@@ -59,24 +72,6 @@ CONFIG_RULES = {
 def check_config(config) -> None:
   """ValueError `config.PATH=VALUE: allowed` for a data field the pipeline cannot use."""
   rules.check(config, CONFIG_RULES)
-  for path in ('data.crop_scale', 'data.crop_ratio'):
-    v = rules.get(config, path)
-    if v is rules.MISSING:
-      continue
-    if (
-      not isinstance(v, (tuple, list))
-      or len(v) != 2
-      or not all(map(rules.is_number, v))
-      or not 0.0 < v[0] <= v[1]
-      or (path == 'data.crop_scale' and v[1] > 1)
-    ):
-      rules.fail(
-        path,
-        v,
-        'must be (min, max) with 0 < min <= max <= 1'
-        if path == 'data.crop_scale'
-        else 'must be (min, max) with 0 < min <= max',
-      )
 
 
 @dataclasses.dataclass(frozen=True)

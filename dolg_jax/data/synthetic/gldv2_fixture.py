@@ -206,6 +206,31 @@ def extract_fixture(manual_dir: str, out_dir: str) -> None:
           tar.extractall(os.path.join(out_dir, 'train'), filter='data')
 
 
+def write_shards(
+  shard_dir: str, md5_dir: str, ids: List[str], payload: Dict[str, bytes], num_shards: int
+) -> List[str]:
+  """images_NNN.tar in `shard_dir` (id k in shard k % num_shards, as a/b/c/<id>.jpg; ids absent
+  from `payload` in none) and md5.images_NNN.txt in `md5_dir`; returns the shard paths."""
+  os.makedirs(shard_dir, exist_ok=True)
+  os.makedirs(md5_dir, exist_ok=True)
+  shards = []
+  for s in range(num_shards):
+    name = f'images_{s:03d}.tar'
+    path = os.path.join(shard_dir, name)
+    with atomic.writing(path) as tmp:
+      with tarfile.open(fileobj=tmp, mode='w', format=tarfile.USTAR_FORMAT) as tar:
+        for k, image_id in enumerate(ids):
+          if k % num_shards == s and image_id in payload:
+            member = f'{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg'
+            _add_member(tar, member, payload[image_id])
+    with open(path, 'rb') as f:
+      digest = hashlib.md5(f.read()).hexdigest()
+    with open(os.path.join(md5_dir, f'md5.images_{s:03d}.txt'), 'w') as f:
+      f.write(f'{digest}  {name}\n')
+    shards.append(path)
+  return shards
+
+
 def write_layout(
   manual_dir: str,
   *,
@@ -225,24 +250,8 @@ def write_layout(
   if layout not in LAYOUTS:
     raise ValueError(f'unknown fixture layout {layout!r}; known: {sorted(LAYOUTS)}')
   shard_dir, md5_dir = (os.path.join(manual_dir, d) for d in LAYOUTS[layout])
-  os.makedirs(shard_dir, exist_ok=True)
-  os.makedirs(md5_dir, exist_ok=True)
   all_ids = [(i, lm) for lm, ids in full.items() for i in ids]
-  shards = []
-  for s in range(num_shards):
-    name = f'images_{s:03d}.tar'
-    path = os.path.join(shard_dir, name)
-    with atomic.writing(path) as tmp:
-      with tarfile.open(fileobj=tmp, mode='w', format=tarfile.USTAR_FORMAT) as tar:
-        for k, (image_id, _) in enumerate(all_ids):
-          if k % num_shards == s and image_id in payload:
-            member = f'{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg'
-            _add_member(tar, member, payload[image_id])
-    with open(path, 'rb') as f:
-      digest = hashlib.md5(f.read()).hexdigest()
-    with open(os.path.join(md5_dir, f'md5.images_{s:03d}.txt'), 'w') as f:
-      f.write(f'{digest}  {name}\n')
-    shards.append(path)
+  shards = write_shards(shard_dir, md5_dir, [i for i, _ in all_ids], payload, num_shards)
   # The CSVs last: their presence marks a complete fixture (see ensure_fixture_dataset).
   with open(os.path.join(manual_dir, 'train_clean.csv'), 'w', newline='') as f:
     f.write('landmark_id,images\n')

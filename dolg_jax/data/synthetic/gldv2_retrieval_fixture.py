@@ -12,14 +12,11 @@ shows which landmark, so tests can make descriptors with a known mAP@100.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-import tarfile
 from typing import Dict, List
 
 import numpy as np
 
-from dolg_jax import atomic
 from dolg_jax.data.synthetic import gldv2_fixture
 from dolg_jax.data.synthetic import revisitop_fixture
 
@@ -36,23 +33,6 @@ class FixtureInfo:
   ignored: List[str]
   missing_test: List[str]
   corrupt_index: List[str]
-
-
-def _write_shards(folder: str, ids: List[str], payload: Dict[str, bytes], num_shards: int) -> None:
-  os.makedirs(folder, exist_ok=True)
-  for s in range(num_shards):
-    name = f'images_{s:03d}.tar'
-    path = os.path.join(folder, name)
-    with atomic.writing(path) as tmp:
-      with tarfile.open(fileobj=tmp, mode='w', format=tarfile.USTAR_FORMAT) as tar:
-        for k, image_id in enumerate(ids):
-          if k % num_shards == s and image_id in payload:
-            member = f'{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg'
-            gldv2_fixture._add_member(tar, member, payload[image_id])
-    with open(path, 'rb') as f:
-      digest = hashlib.md5(f.read()).hexdigest()
-    with open(os.path.join(folder, f'md5.images_{s:03d}.txt'), 'w') as f:
-      f.write(f'{digest}  {name}\n')
 
 
 def write_fixture(
@@ -116,8 +96,12 @@ def write_fixture(
 
   public, private, ignored = {}, {}, []
   os.makedirs(manual_dir, exist_ok=True)
-  _write_shards(os.path.join(manual_dir, 'index'), index_ids, payload, num_index_shards)
-  _write_shards(os.path.join(manual_dir, 'test'), test_ids, payload, num_test_shards)
+  for split, ids, n in (
+    ('index', index_ids, num_index_shards),
+    ('test', test_ids, num_test_shards),
+  ):
+    folder = os.path.join(manual_dir, split)  # md5 files beside the shards
+    gldv2_fixture.write_shards(folder, folder, ids, payload, n)
   rows = []
   for k, t in enumerate(test_ids):
     lm = test_landmark[t]
