@@ -28,7 +28,7 @@ from pymilvus import DataType
 from pymilvus import MilvusClient
 
 from dolg_jax import cli
-from dolg_jax.collection import files as files_lib
+from dolg_jax.collection import faiss_index
 from dolg_jax.collection import store as store_lib
 from dolg_jax.serve import backends
 from dolg_jax.training import failures
@@ -69,22 +69,6 @@ def _count_range(cl, name: str, a: int, b: int) -> int:
   return int(got[0]['count(*)'])
 
 
-def exact_top(rows: store_lib.Rows, q: np.ndarray, k: int) -> np.ndarray:
-  """Row ids (nq, k) of the exact inner-product top k, block by block over the stored rows."""
-  best_s = np.full((len(q), 0), -np.inf, np.float32)
-  best_i = np.zeros((len(q), 0), np.int64)
-  for start, block in rows.iter_blocks():
-    s = q @ block.T
-    cat_s = np.concatenate([best_s, s], axis=1)
-    cat_i = np.concatenate(
-      [best_i, np.broadcast_to(start + np.arange(block.shape[0]), s.shape)], axis=1
-    )
-    keep = np.argsort(-cat_s, axis=1, kind='stable')[:, :k]
-    best_s = np.take_along_axis(cat_s, keep, axis=1)
-    best_i = np.take_along_axis(cat_i, keep, axis=1)
-  return best_i
-
-
 def publish(
   index_dir: str,
   uri: str,
@@ -112,9 +96,11 @@ def publish(
   rows = store_lib.Rows(store)
   n, dim = len(rows), rows.dim or int(manifest.get('dim') or 0)
   want = backends.identity(manifest)
-  cl = backends.client(uri)
-  if cl.has_collection(name):
-    backends.load(cl, name)
+  cl = MilvusClient(uri)
+  exists = cl.has_collection(name)
+  got, count = None, 0  # the collection's identity property and entity count
+  if exists:
+    cl.load_collection(name)  # a reopened collection starts released
     got = backends.published_identity(cl, name)
     count = backends.row_count(cl, name)
     problem = None
@@ -132,45 +118,39 @@ def publish(
     if problem:
       say(f'dropping {name!r} ({problem})')
       cl.drop_collection(name)
-  if not cl.has_collection(name):
+      exists, got, count = False, None, 0
+  if not exists:
     if not n:
       raise ValueError(f'{store.path} holds 0 images: nothing to publish')
     params = cl.prepare_index_params()
     extra = {'M': 16, 'efConstruction': 200} if index_type == 'HNSW' else {}
     params.add_index('vector', index_type=index_type, metric_type='IP', params=extra)
     cl.create_collection(name, schema=_schema(MilvusClient, dim), index_params=params)
-  if backends.published_identity(cl, name) is None:
+  if got is None:
     cl.alter_collection_properties(
       name, properties={backends.IDENTITY_PROPERTY: json.dumps(want, sort_keys=True)}
     )
   t0 = time.perf_counter()
   inserted = 0
-  if backends.row_count(cl, name) != n:
+  if count != n:
+    table = rows.table.table  # path (as the CSV holds it: escaped), height, width, bytes, sha1
     for a in range(0, n, batch_rows):
       b = min(n, a + batch_rows)
-      present = _count_range(cl, name, a, b)
+      present = _count_range(cl, name, a, b) if count else 0  # an empty collection holds none
       if present == b - a:
         continue
       vec = rows.take(np.arange(a, b))
       cl.upsert(
         name,
         [
-          {
-            'id': i,
-            'vector': v.tolist(),
-            'path': files_lib.escape(m['path']),
-            'height': int(m['height']),
-            'width': int(m['width']),
-            'bytes': int(m['bytes']),
-            'sha1': m['sha1'],
-          }
-          for i, v, m in zip(range(a, b), vec, rows.meta[a:b])
+          dict(m, id=i, vector=v.tolist())
+          for i, v, m in zip(range(a, b), vec, table.slice(a, b - a).to_pylist())
         ],
       )
       inserted += b - a - present
       say(f'batch {a}..{b} of {n}')
     cl.flush(name)
-  count = backends.row_count(cl, name)
+    count = backends.row_count(cl, name)
   if count != n:
     raise store_lib.DamagedIndexError(
       f'Milvus collection {name!r} holds {count} rows after '
@@ -180,24 +160,19 @@ def publish(
   sample = np.random.default_rng(0).choice(n, size=s, replace=False)
   q = rows.take(np.sort(sample))
   k = min(RECALL_K, n)
-  exact = exact_top(rows, q, k)
-  hits = cl.search(
-    name,
-    data=q.tolist(),
-    limit=k,
-    output_fields=['id'],
-    search_params={'metric_type': 'IP'},
-    consistency_level='Strong',
-  )
-  recall = (
-    float(
-      np.mean(
-        [len({int(h['id']) for h in got} & set(e.tolist())) / k for got, e in zip(hits, exact)]
-      )
+  recall = 1.0
+  if s:
+    _, exact = faiss_index.exact_topk(q, rows.iter_blocks(), k)
+    hits = cl.search(
+      name,
+      data=q.tolist(),
+      limit=k,
+      output_fields=['id'],
+      search_params={'metric_type': 'IP'},
+      consistency_level='Strong',
     )
-    if s
-    else 1.0
-  )
+    approx = np.asarray([[int(h['id']) for h in one[:k]] + [-1] * (k - len(one)) for one in hits])
+    recall = faiss_index.recall_at_k(approx, exact)
   summary = {
     'uri': uri,
     'rows': n,

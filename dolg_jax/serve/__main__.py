@@ -45,8 +45,11 @@ def define_flags() -> None:
     'token', _D.token, 'If set, every /api call needs Authorization: Bearer TOKEN (else 401).'
   )
   flags.DEFINE_string('cors_origin', _D.cors_origin, 'Origin allowed by CORS (default: none).')
-  flags.DEFINE_string('checkpoint', None, 'The checkpoint the index was built with, if it moved.')
-  flags.DEFINE_string('workdir', None, 'The same for a training workdir.')
+  cli.define_model_flags(
+    config=False,
+    checkpoint_help='The checkpoint the index was built with, if it moved.',
+    workdir_help='The same for a training workdir.',
+  )
   flags.DEFINE_enum(
     'backend',
     _D.backend,

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from dolg_jax.collection import query
 from dolg_jax.collection import store as store_lib
 from dolg_jax.serve import page
 from dolg_jax.serve import service as service_lib
@@ -106,8 +107,8 @@ class Guard:
       await resp(scope, receive, send_wrapped)
 
     try:
+      headers = dict(scope.get('headers') or [])
       if self.token and scope['path'].startswith('/api'):
-        headers = dict(scope.get('headers') or [])
         auth = headers.get(b'authorization', b'').decode('latin-1')
         if not hmac.compare_digest(auth.encode(), f'Bearer {self.token}'.encode()):
           return await respond(
@@ -118,7 +119,7 @@ class Guard:
               {'WWW-Authenticate': 'Bearer'},
             )
           )
-      length = dict(scope.get('headers') or []).get(b'content-length')
+      length = headers.get(b'content-length')
       if length is not None and length.isdigit() and int(length) > self.max_bytes:
         return await respond(
           error(
@@ -206,7 +207,7 @@ def create_app(svc: service_lib.Service) -> FastAPI:
       'max_k': settings.max_k,
       'max_queries': settings.max_queries,
       'max_upload_mb': settings.max_upload_mb,
-      'rerankers': ['', 'superglobal'],
+      'rerankers': list(query.RERANKERS),
       'backend': settings.backend,
       'generation': svc.generation,
       'last_reload_error': svc.last_reload_error,

@@ -31,15 +31,6 @@ def identity(manifest: dict) -> dict:
   return {'fingerprint': manifest['fingerprint'], 'dim': manifest.get('dim')}
 
 
-def client(uri: str):
-  return MilvusClient(uri)
-
-
-def load(cl, name: str) -> None:
-  """Loads a collection for search and query (a reopened collection starts released)."""
-  cl.load_collection(name)
-
-
 def published_identity(cl, name: str) -> Optional[dict]:
   props = cl.describe_collection(name).get('properties') or {}
   raw = props.get(IDENTITY_PROPERTY)
@@ -61,13 +52,13 @@ class MilvusCollection(query.Collection):
         '--backend=milvus needs --milvus_uri (a milvus-lite file or http://host:19530)'
       )
     self.milvus_uri, self.milvus_collection = uri, name
-    self.client = client(uri)
+    self.client = MilvusClient(uri)
     if not self.client.has_collection(name):
       raise ValueError(
         f'{uri} has no collection {name!r}: run python -m dolg_jax.publish '
         f'--index={index_dir} --milvus_uri={uri} --milvus_collection={name}'
       )
-    load(self.client, name)
+    self.client.load_collection(name)  # a reopened collection starts released
     got, want = published_identity(self.client, name), identity(self.manifest)
     if got != want:
       raise ValueError(

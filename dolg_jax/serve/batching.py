@@ -43,10 +43,6 @@ class MicroBatcher:
     self._thread = threading.Thread(target=self._loop, name='micro-batcher', daemon=True)
     self._thread.start()
 
-  @property
-  def depth(self) -> int:
-    return self._waiting_images
-
   def submit(self, job: Any, n_images: int = 1) -> futures.Future:
     fut: futures.Future = futures.Future()
     with self._cv:

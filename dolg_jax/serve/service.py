@@ -92,23 +92,23 @@ class Service:
     *,
     checkpoint: Optional[str] = None,
     workdir: Optional[str] = None,
-    metrics: Optional[metrics_lib.Metrics] = None,
-    warmup: bool = True,
   ):
     self.index_dir = index_dir
     self.settings = settings
-    self.metrics = metrics or metrics_lib.Metrics()
+    self.metrics = metrics_lib.Metrics()
     self._model_paths = {'checkpoint': checkpoint, 'workdir': workdir}
     self._reload_lock = threading.Lock()
     self._signature = _manifest_signature(index_dir)
     self._failed_signature: Optional[tuple] = None
     self.last_reload_error: Optional[str] = None
     self.generation = 0
+    # Thumbnails by (generation, row id), per service: no key holds a Collection, so a reload
+    # frees the old index (reload() also clears the cache).
+    self._thumb = functools.lru_cache(maxsize=4096)(self._thumb_uncached)
     self.col = self._open()
     self.col.extractor()  # loads the model once, checks its fingerprint
     self.metrics.images = len(self.col)
-    if warmup:
-      self.warm_up()
+    self.warm_up()
     self._arriving = 0  # search requests being read or decoded (not yet in the batcher)
     self._arriving_lock = threading.Lock()
     self.batcher = batching.MicroBatcher(
@@ -267,8 +267,8 @@ class Service:
       raise BadRequest(
         f'at most {self.settings.max_queries} descriptors per request; got {arr.shape[0]}'
       )
-    if not np.isfinite(arr).all():
-      raise BadRequest('descriptors must be finite numbers')
+    # Shape and unit norm are this service's checks; a NaN (whose norm passes the test below) is
+    # refused by Collection.search_descriptors (its ValueError is a 400).
     norms = np.linalg.norm(arr, axis=1)
     bad = np.flatnonzero(np.abs(norms - 1) > self.settings.unit_tolerance)
     if bad.size:
@@ -283,23 +283,22 @@ class Service:
 
   def image(self, row: int, thumb: bool) -> tuple[bytes, str]:
     """(bytes, content type) of an indexed image by row id (BadRequest 404 for another id)."""
-    col = self.col
-    if not 0 <= row < len(col):
-      raise BadRequest(f'no image with id {row}: the index holds ids 0..{len(col) - 1}', 404)
     if thumb:
-      return self._thumb(col, self.generation, row)
-    return self._image(col, row, False)
+      return self._thumb(self.generation, row)
+    return self._image(self.col, row, False)
 
-  @functools.lru_cache(maxsize=4096)
-  def _thumb(self, col, generation: int, row: int) -> tuple[bytes, str]:
-    del generation  # part of the cache key
-    return self._image(col, row, True)
+  def _thumb_uncached(self, generation: int, row: int) -> tuple[bytes, str]:
+    del generation  # the cache key: a reload makes new keys
+    return self._image(self.col, row, True)
 
   def _image(self, col, row: int, thumb: bool) -> tuple[bytes, str]:
+    if not 0 <= row < len(col):
+      raise BadRequest(f'no image with id {row}: the index holds ids 0..{len(col) - 1}', 404)
     path = os.path.join(col.root, col.paths[row])
     data, reason = reading.read_bytes(path, col.limits.max_bytes)
-    if reason is None and not thumb and _content_type(data):
-      return data, _content_type(data)
+    kind = None if reason is not None or thumb else _content_type(data)
+    if kind:
+      return data, kind
     img = None
     if reason is None:
       img, reason = reading.decode_image(data, col.limits.max_pixels)
@@ -339,6 +338,7 @@ class Service:
       before = len(old)
       self.col = new
       self.generation += 1
+      self._thumb.cache_clear()
       self._signature = sig
       self.last_reload_error = None
       self.metrics.images = len(new)

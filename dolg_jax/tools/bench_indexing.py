@@ -49,8 +49,8 @@ def define_flags() -> None:
   )
 
 
-def write_images(folder: str, n: int, width: int, height: int) -> list[str]:
-  rng = np.random.default_rng(0)
+def write_images(folder: str, n: int, width: int, height: int, seed: int = 0) -> list[str]:
+  rng = np.random.default_rng(seed)
   os.makedirs(folder, exist_ok=True)
   paths = []
   for i in range(n):

@@ -27,7 +27,6 @@ import threading
 import time
 
 from absl import flags
-import cv2
 import numpy as np
 import requests
 
@@ -38,6 +37,7 @@ from dolg_jax.collection import build
 from dolg_jax.collection import columns
 from dolg_jax.collection import faiss_index
 from dolg_jax.collection import store as store_lib
+from dolg_jax.tools import bench_indexing
 
 FLAGS = flags.FLAGS
 READY = re.compile(r'^serving .* \((\d+) images\) on (http://\S+)$')
@@ -64,26 +64,18 @@ def _env() -> dict:
   )
 
 
+PHOTO_ASPECTS = (1.0, 0.8, 0.6)  # width / height: the photos come in three sizes
+
+
 def photos(root: str, n: int, side: int) -> list[str]:
-  rng = np.random.default_rng(0)
-  out = []
-  for i in range(n):
-    h, w = side, int(side * rng.uniform(0.6, 1.0))
-    img = np.zeros((h, w, 3), np.uint8)
-    img[:] = rng.integers(0, 256, 3)
-    for _ in range(6):
-      c = tuple(int(v) for v in rng.integers(0, 256, 3))
-      cv2.circle(
-        img,
-        (int(rng.integers(0, w)), int(rng.integers(0, h))),
-        int(rng.integers(5, side // 3)),
-        c,
-        -1,
-      )
-    path = os.path.join(root, f'p{i:04d}.jpg')
-    cv2.imwrite(path, img)
-    out.append(path)
-  return out
+  """`n` synthetic JPEG photos `side` high (bench_indexing's), in PHOTO_ASPECTS widths, the
+  sizes interleaved (as requests of mixed sizes arrive)."""
+  groups = []
+  for g, aspect in enumerate(PHOTO_ASPECTS):
+    w = max(1, int(side * aspect))
+    count = n // len(PHOTO_ASPECTS) + (g < n % len(PHOTO_ASPECTS))
+    groups.append(bench_indexing.write_images(os.path.join(root, f'w{w}'), count, w, side, seed=g))
+  return [p for i in range(max(map(len, groups))) for group in groups for p in group[i : i + 1]]
 
 
 def checkpoint(name: str, path: str) -> str:
