@@ -45,9 +45,6 @@ def define_flags() -> None:
   cli.define_distributed_flags()
 
 
-cluster_detected = cli.cluster_detected  # tests and launch/ use it by this name
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing; a --config.<path> override of a missing field exits naming the field."""
   try:

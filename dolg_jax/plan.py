@@ -12,7 +12,6 @@ optimizer state), device_kind, device_memory_bytes, fits, ... (dolg_jax.training
 import json
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -24,9 +23,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the command-line flags (at entry only, so importing this module defines none)."""
-  config_flags.DEFINE_config_file(
-    'config', None, 'Training config file (configs/*.py).', lock_config=True
-  )
+  config_flags.DEFINE_config_file('config', None, cli.CONFIG_HELP, lock_config=True)
   flags.DEFINE_bool('max_batch', False, 'Also find the largest per-device batch that fits.')
   flags.DEFINE_integer('max_batch_limit', 4096, 'Largest per-device batch tried by --max_batch.')
   flags.DEFINE_string(
@@ -43,17 +40,14 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.config is None:
-    raise app.UsageError('--config is required.')
+  config = cli.required_config(argv)
   try:
     devices = plan_lib.topology_devices(FLAGS.topology) if FLAGS.topology else None
-    out = plan_lib.plan(FLAGS.config, devices, memory_bytes=FLAGS.device_memory_bytes)
+    out = plan_lib.plan(config, devices, memory_bytes=FLAGS.device_memory_bytes)
     if FLAGS.max_batch:
       out.update(
         plan_lib.max_batch(
-          FLAGS.config, devices, memory_bytes=FLAGS.device_memory_bytes, limit=FLAGS.max_batch_limit
+          config, devices, memory_bytes=FLAGS.device_memory_bytes, limit=FLAGS.max_batch_limit
         )
       )
   except plan_lib.PlanError as e:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dolg_jax import main
+from dolg_jax import cli
 
 from tests.helpers.paths import REPO
 
@@ -44,9 +44,9 @@ def test_typo_hint_suggests_the_field(tmp_path):
 
 
 def test_cluster_detection():
-  assert not main.cluster_detected({})
-  assert not main.cluster_detected({'SLURM_NTASKS': '1', 'SLURM_STEP_ID': '0'})
-  assert not main.cluster_detected({'SLURM_NTASKS': '4'})  # sbatch shell, not an srun step
-  assert main.cluster_detected({'SLURM_NTASKS': '4', 'SLURM_STEP_ID': '0'})
-  assert main.cluster_detected({'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'})
-  assert not main.cluster_detected({'TPU_WORKER_HOSTNAMES': 'localhost'})
+  assert not cli.cluster_detected({})
+  assert not cli.cluster_detected({'SLURM_NTASKS': '1', 'SLURM_STEP_ID': '0'})
+  assert not cli.cluster_detected({'SLURM_NTASKS': '4'})  # sbatch shell, not an srun step
+  assert cli.cluster_detected({'SLURM_NTASKS': '4', 'SLURM_STEP_ID': '0'})
+  assert cli.cluster_detected({'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'})
+  assert not cli.cluster_detected({'TPU_WORKER_HOSTNAMES': 'localhost'})

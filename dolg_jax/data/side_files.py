@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
 import logging
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
+from dolg_jax import atomic
 from dolg_jax.data.build_plan import SPLITS, UNASSIGNED, BuildPlan, Record
 
 SIDE_FILES = ('label_map.csv', 'skipped.csv', 'missing.csv', 'summary.json')
@@ -40,17 +40,19 @@ def write_side_files(
   counts = {s: collections.Counter() for s in splits}
   for rec in plan.records:
     counts[rec.split][rec.label] += 1
-  with open(os.path.join(out_dir, 'label_map.csv'), 'w', newline='', encoding='utf-8') as f:
+  with atomic.writing(
+    os.path.join(out_dir, 'label_map.csv'), 'w', newline='', encoding='utf-8'
+  ) as f:
     w = csv.writer(f)
     w.writerow(['label', class_column, 'num_train_listed', 'num_validation_listed'])
     for label, key in enumerate(plan.class_keys):
       w.writerow([label, key, counts['train'][label], counts['validation'][label]])
-  with open(os.path.join(out_dir, 'skipped.csv'), 'w', newline='', encoding='utf-8') as f:
+  with atomic.writing(os.path.join(out_dir, 'skipped.csv'), 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
     w.writerow(['id', class_column, 'split', 'reason'])
     for rec, reason in skipped:
       w.writerow([rec.id, rec.class_key, rec.split, reason])
-  with open(os.path.join(out_dir, 'missing.csv'), 'w', newline='', encoding='utf-8') as f:
+  with atomic.writing(os.path.join(out_dir, 'missing.csv'), 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
     w.writerow(['id', class_column, 'split'])
     for rec in plan.missing:
@@ -87,8 +89,7 @@ def write_side_files(
     per = summary['per_split'][s]
     if per['listed'] != per['written'] + per['skipped'] + per['missing']:
       raise AssertionError(f'{name} summary does not add up for split {s}: {per}')
-  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  atomic.write_json(os.path.join(out_dir, 'summary.json'), summary, indent=1)
   logging.info('%s summary: %s', name, format_summary(summary))
   return summary
 

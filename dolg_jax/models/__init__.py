@@ -22,7 +22,7 @@ ARCHITECTURE_FIELDS = config_fields('model', architecture=True)
 
 # The rules of the c.model fields (and the compute dtypes' choices).
 CONFIG_RULES = {
-  'model.depth': rules.one_of(tuple(sorted(resnet.STAGE_DEPTHS))),
+  'model.depth': resnet.DEPTH_RULE,
   **{f'model.{name}': rule for name, rule in dolg_lib.CHOICE_RULES.items()},
   **{
     f'model.{f}': rules.POSITIVE_INT
@@ -78,8 +78,7 @@ def build_model(model_cfg: ml_collections.ConfigDict | dict, dtype: Any = jnp.fl
   if unknown:
     raise ValueError(f'unknown model config field(s) {unknown}; known: {MODEL_FIELDS}')
   for key in ('stage_depths', 'atrous_rates'):
-    if key in cfg:
-      cfg[key] = tuple(int(v) for v in cfg[key])
+    cfg[key] = tuple(int(v) for v in cfg[key])
   model = DOLG(**cfg, dtype=resolve_dtype(dtype))
   model.check()
   return model

@@ -42,7 +42,7 @@ DENSE_INITS = ('pycls', 'torch')
 CHOICE_RULES = {
   'fusion': rules.one_of(FUSIONS),
   'dense_init': rules.one_of(DENSE_INITS),
-  'bn_running_var': rules.one_of(resnet.BN_RUNNING_VARS),
+  'bn_running_var': resnet.RUNNING_VAR_RULE,
   'global_pool': rules.one_of(GLOBAL_POOLS),
   'local_stage': rules.one_of(LOCAL_STAGES),
 }

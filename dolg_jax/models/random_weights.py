@@ -30,7 +30,7 @@ def random_variables(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> dic
     if 'scale' in name or 'var' in name:
       return np.ones(leaf.shape, leaf.dtype)
     if name == "['p']":
-      return np.full(leaf.shape, float(model_cfg.gem_p), leaf.dtype)
+      return np.full(leaf.shape, float(model.gem_p), leaf.dtype)
     return np.zeros(leaf.shape, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)

@@ -24,6 +24,7 @@ from dolg_jax import config_rules as rules
 Dtype = Any
 
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+DEPTH_RULE = rules.one_of(tuple(sorted(STAGE_DEPTHS)))
 
 # pycls init: normal(0, sqrt(2 / fan_out)) where fan_out = kh * kw * out_channels.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -69,6 +70,7 @@ def max_pool_torch(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
 
 
 BN_RUNNING_VARS = ('unbiased', 'biased')
+RUNNING_VAR_RULE = rules.one_of(BN_RUNNING_VARS)
 
 
 class BatchNorm(nn.Module):
@@ -92,7 +94,7 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
-    rules.check_value('model.bn_running_var', self.running_var, rules.one_of(BN_RUNNING_VARS))
+    rules.check_value('model.bn_running_var', self.running_var, RUNNING_VAR_RULE)
     c = x.shape[-1]
     wide = jnp.promote_types(self.dtype, jnp.float32)
     scale = self.param('scale', self.scale_init, (c,), jnp.float32)
@@ -301,9 +303,7 @@ class ResNet(nn.Module):
       if len(self.stage_depths) != 4:
         raise ValueError(f'model.stage_depths must have 4 entries, got {self.stage_depths!r}')
       return tuple(int(d) for d in self.stage_depths)
-    if self.depth not in STAGE_DEPTHS:
-      raise ValueError(f'model.depth must be one of {sorted(STAGE_DEPTHS)}, got {self.depth!r}')
-    return STAGE_DEPTHS[self.depth]
+    return STAGE_DEPTHS[rules.check_value('model.depth', self.depth, DEPTH_RULE)]
 
   @nn.compact
   def __call__(

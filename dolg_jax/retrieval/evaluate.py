@@ -15,7 +15,6 @@ Design notes: docs/design_notes.md.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Optional
@@ -23,6 +22,7 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections
 
+from dolg_jax import atomic
 from dolg_jax import models
 from dolg_jax import profiling
 from dolg_jax.data import gldv2_retrieval
@@ -267,8 +267,7 @@ def evaluate_variables(
   }
   if jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, 'results.json'), 'w') as f:
-      json.dump(out, f, indent=1)
+    atomic.write_json(os.path.join(output_dir, 'results.json'), out, indent=1)
   out['table'] = scoring.format_table(results, search_cfg)
   if overrides or cfg.scale_pool != 'mean':  # SuperGlobal's extraction modules: say they are on
     out['table'] += (

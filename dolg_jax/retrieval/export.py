@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import pathlib
-import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -36,6 +34,7 @@ import onnxruntime
 
 from dolg_jax import atomic
 from dolg_jax import models
+from dolg_jax import versions
 from dolg_jax.models.normalize import l2_normalize
 from dolg_jax.retrieval import evaluate
 
@@ -313,15 +312,8 @@ def verify(
   return {'shapes': rows, 'worst': worst}
 
 
-def _versions() -> dict:
-  return {
-    'python': sys.version.split()[0],
-    'jax': jax.__version__,
-    'jax2onnx': getattr(jax2onnx, '__version__', 'unknown'),
-    'onnx': onnx.__version__,
-    'onnxruntime': onnxruntime.__version__,
-    'numpy': np.__version__,
-  }
+# Recorded in export.json (with Python's version).
+_PACKAGES = ('jax', 'jaxlib', 'jax2onnx', 'onnx', 'onnxruntime', 'numpy')
 
 
 def export_model(
@@ -380,13 +372,13 @@ def export_model(
       'onnx_opset': ONNX_OPSET,
       'tolerance': tolerance,
       'verification': checks,
-      'versions': _versions(),
+      'versions': versions.package_versions(_PACKAGES),
       'seconds': {'jax_export': round(t1 - t0, 2), 'onnx': round(t2 - t1, 2)},
     }
   )
   bad = {k: v for k, v in checks['worst'].items() if not v <= tolerance}
   summary['verified'] = not bad
-  atomic.write_bytes(summary_path, json.dumps(summary, indent=2, sort_keys=True).encode())
+  atomic.write_json(summary_path, summary, indent=2, sort_keys=True)
   if bad:
     worst = ', '.join(f'{k} {v:.2e}' for k, v in bad.items())
     raise ExportMismatchError(

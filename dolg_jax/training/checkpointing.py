@@ -135,8 +135,8 @@ class Manager:
 
 def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> Manager:
   """The Manager of `workdir`'s checkpoints; every save is requested explicitly by the loop."""
-  if keep < 1:  # orbax would delete every step, the newest included.
-    raise ValueError(f'config.train.keep_checkpoints={keep}: must be >= 1 (checkpoints kept)')
+  # keep < 1: orbax would delete every step, the newest included.
+  rules.check_value('train.keep_checkpoints', keep, CONFIG_RULES['train.keep_checkpoints'])
   options = ocp.CheckpointManagerOptions(
     max_to_keep=keep,
     create=True,

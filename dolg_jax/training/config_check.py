@@ -15,7 +15,8 @@ configs) are not checked.
 ignore: `train.num_epochs` while `train.num_train_steps` (not -1) sets the run's length.
 """
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Iterator, Mapping
 
 import ml_collections
 
@@ -61,67 +62,68 @@ _OWNER_CHECKS = (
   scoring.check_config,
 )
 
-_MISSING = rules.MISSING
-_get = rules.get
 
-
-def _fail(path: str, value: Any, allowed: str) -> None:
+@contextlib.contextmanager
+def _as_config_error() -> Iterator[None]:
+  """The owners' and the rules' one-line ValueErrors as a ConfigError."""
   try:
-    rules.fail(path, value, allowed)
+    yield
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
 
 def _owners_check(config: ml_collections.ConfigDict) -> None:
-  """Every owner's rules and checks; their ValueError as a ConfigError."""
-  try:
-    rules.check(config, _RUN_RULES)
-    for check in _OWNER_CHECKS:
-      check(config)
-    if 'train' in config and 'init_checkpoint' in config.train:
-      init_checkpoint.validate(config)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  """Every owner's rules and checks."""
+  rules.check(config, _RUN_RULES)
+  for check in _OWNER_CHECKS:
+    check(config)
+  if 'train' in config and 'init_checkpoint' in config.train:
+    init_checkpoint.validate(config)
 
 
 def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int) -> None:
   """Raises ConfigError at the first field the training run cannot use."""
-  _owners_check(config)
+  with _as_config_error():
+    _owners_check(config)
+    _split_checks(config, device_count, process_count)
+
+
+def _split_checks(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> None:
+  """The mesh, the batch and the BatchNorm groups against the device and process counts."""
   t = config.train
 
   # Mesh and batch divisibility.
-  mesh_model = _get(config, 'mesh.model')
-  mesh_data = _get(config, 'mesh.data')
-  if mesh_model is not _MISSING:
+  mesh_model = rules.get(config, 'mesh.model')
+  mesh_data = rules.get(config, 'mesh.data')
+  if mesh_model is not rules.MISSING:
     if not rules.is_int(mesh_model) or mesh_model < 1 or device_count % mesh_model:
-      _fail(
+      rules.fail(
         'mesh.model', mesh_model, f'must be an integer >= 1 dividing the {device_count} devices'
       )
-  model_axis = mesh_model if mesh_model is not _MISSING else 1
-  if mesh_data is not _MISSING:
+  model_axis = mesh_model if mesh_model is not rules.MISSING else 1
+  if mesh_data is not rules.MISSING:
     if not rules.is_int(mesh_data) or (mesh_data != -1 and mesh_data < 1):
-      _fail('mesh.data', mesh_data, 'must be -1 (all devices / mesh.model) or an integer >= 1')
+      rules.fail('mesh.data', mesh_data, 'must be -1 (all devices / mesh.model) or an integer >= 1')
     if mesh_data != -1 and mesh_data * model_axis != device_count:
-      _fail(
+      rules.fail(
         'mesh.data',
         mesh_data,
         f'times mesh.model={model_axis} must equal the {device_count} devices (or use -1)',
       )
   batch = t.global_batch_size
   if batch % process_count:
-    _fail('train.global_batch_size', batch, f'must be divisible by the {process_count} processes')
-  accum = _get(config, 'train.grad_accum_steps')
-  accum = 1 if accum is _MISSING else accum
-  try:
-    step_lib.check_batch_split(batch, accum, device_count)  # data x model = all devices
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  group = _get(config, 'train.bn_group_size')
-  if group not in (_MISSING, 0):
-    per_device = _get(config, 'train.bn_mode') == 'per_device'
+    rules.fail(
+      'train.global_batch_size', batch, f'must be divisible by the {process_count} processes'
+    )
+  accum = rules.get(config, 'train.grad_accum_steps')
+  accum = 1 if accum is rules.MISSING else accum
+  step_lib.check_batch_split(batch, accum, device_count)  # data x model = all devices
+  group = rules.get(config, 'train.bn_group_size')
+  if group not in (rules.MISSING, 0):
+    per_device = rules.get(config, 'train.bn_mode') == 'per_device'
     split = batch // accum // (device_count if per_device else 1)
     if split % group:
-      _fail(
+      rules.fail(
         'train.bn_group_size',
         group,
         f'must divide the {split} images each BatchNorm call sees (train.global_batch_size / '
@@ -132,19 +134,20 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
 def check_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
   """Raises ConfigError when a command-line override (`overrides`: field path -> value, as
   `config_flags.get_override_values` gives them) would have no effect on the run."""
-  steps = _get(config, 'train.num_train_steps')
-  if 'train.num_epochs' in overrides and steps not in (_MISSING, -1):
+  steps = rules.get(config, 'train.num_train_steps')
+  if 'train.num_epochs' in overrides and steps not in (rules.MISSING, -1):
     epochs = overrides['train.num_epochs']
     where = (
       'also on the command line'
       if 'train.num_train_steps' in overrides
       else 'set by the config file'
     )
-    _fail(
-      'train.num_epochs',
-      epochs,
-      f'ignored: config.train.num_train_steps={steps} ({where}) '
-      'sets the run\'s length, num_epochs counts only with num_train_steps=-1. Add '
-      f'--config.train.num_train_steps=-1 to train {epochs} epochs, or drop '
-      '--config.train.num_epochs',
-    )
+    with _as_config_error():
+      rules.fail(
+        'train.num_epochs',
+        epochs,
+        f'ignored: config.train.num_train_steps={steps} ({where}) '
+        'sets the run\'s length, num_epochs counts only with num_train_steps=-1. Add '
+        f'--config.train.num_train_steps=-1 to train {epochs} epochs, or drop '
+        '--config.train.num_epochs',
+      )

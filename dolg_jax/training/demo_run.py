@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from dolg_jax import atomic
 from dolg_jax import models
 from dolg_jax.data import gldv2
 from dolg_jax.data import revisitop
@@ -133,8 +133,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     'seconds': {'data': t_data, 'train': t_train, 'total': time.time() - t0},
     'num_train_steps': config.train.num_train_steps,
   }
-  with open(os.path.join(workdir, 'demo_results.json'), 'w') as f:
-    json.dump(out, f, indent=1)
+  atomic.write_json(os.path.join(workdir, 'demo_results.json'), out, indent=1)
   print('\n' + format_table(rows) + '\n', flush=True)
   _say(
     f'done in {out["seconds"]["total"]:.0f}s (data {t_data:.0f}s, training {t_train:.0f}s); '

@@ -2,11 +2,11 @@
 
 PATH: a released `.pyth` / `.pth` (read with torch), a `python -m dolg_jax.convert` directory, or
 one of our runs (a workdir, its `checkpoints/` or a step directory, verified against its record).
-`prepare(config, workdir)` (before anything is written) checks the fine-tuning fields (`validate`)
-and, unless the workdir holds a checkpoint to resume from, `load`s PATH and `check`s its
-architecture; `start(setup, source, rng)` gives (the step-0 state: every model variable, the head
-and `t` when the class counts match, else a fresh head; its shardings; the manifest's `start`
-record).
+`validate(config)` checks the fine-tuning fields (config_check runs it); `prepare(config,
+workdir)` (before anything is written), unless the workdir holds a checkpoint to resume from,
+`load`s PATH and `check`s its architecture; `start(setup, source, rng)` gives (the step-0 state:
+every model variable, the head and `t` when the class counts match, else a fresh head; its
+shardings; the manifest's `start` record).
 Errors: InitCheckpointError naming each differing field with both values. Behaviour: README
 (`train.init_checkpoint`). Design notes: docs/design_notes.md.
 """
@@ -220,10 +220,9 @@ def check(source: Source, model_cfg: ml_collections.ConfigDict) -> None:
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> Source | None:
-  """Checks the fine-tuning fields and, when the run starts from an init checkpoint (it is set
-  and `workdir` holds no checkpoint to resume from), reads and checks it. Call before anything is
-  written. None when there is nothing to read."""
-  validate(config)
+  """When the run starts from an init checkpoint (it is set and `workdir` holds no checkpoint to
+  resume from), reads it and checks its architecture. Call after `config_check.validate` (which
+  runs `validate`) and before anything is written. None when there is nothing to read."""
   spec = config.train.init_checkpoint
   if not spec:
     return None

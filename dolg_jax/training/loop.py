@@ -318,7 +318,7 @@ class _Records:
     self.jsonl.write(record)
     self.last_logged = record
     if self.is_primary:
-      print(progress.line(step, record), flush=True)
+      print(progress.line(record), flush=True)
 
   def close(self) -> None:
     self.writer.flush()

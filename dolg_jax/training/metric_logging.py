@@ -133,7 +133,6 @@ class Progress:
   clock started), on `dolg_jax.progress.Progress`."""
 
   def __init__(self, total_steps: int, start_step: int, images_per_step: int):
-    self.total = total_steps
     self.images_per_step = images_per_step
     self._steps = progress_lib.Progress(total_steps, TRAIN_PROGRESS, initial=start_step)
     self._t, self._step = time.perf_counter(), start_step
@@ -159,10 +158,10 @@ class Progress:
       'eta_s': self._steps.eta_s(),
     }
 
-  def line(self, step: int, metrics: Mapping[str, Any]) -> str:
-    """The progress line; at a validation step also its accuracy (`val_accuracy`)."""
+  def line(self, metrics: Mapping[str, Any]) -> str:
+    """The progress line at the step of the last `update`; at a validation step also its accuracy
+    (`val_accuracy`)."""
     eta = int(metrics.get('eta_s', 0))
-    self._steps.at(step)
     line = self._steps.line(
       loss=metrics['loss'],
       accuracy=metrics['accuracy'],

@@ -43,17 +43,16 @@ CONFIG_RULES = {
   'train.base_learning_rate': rules.POSITIVE,
   'train.warmup_epochs': rules.NON_NEGATIVE,
   'train.warmup_factor': rules.CLOSED_UNIT_INTERVAL,
+  'train.num_train_steps': rules.Rule(
+    'must be an integer >= 1, or -1 (from num_epochs)',
+    lambda v: rules.is_int(v) and (v >= 1 or v == -1),
+  ),
 }
-_STEPS = rules.Rule(
-  'must be an integer >= 1, or -1 (from num_epochs)',
-  lambda v: rules.is_int(v) and (v >= 1 or v == -1),
-)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """ValueError `config.PATH=VALUE: allowed` for a schedule field (the run's length included)."""
   rules.check(config, CONFIG_RULES)
-  rules.check(config, {'train.num_train_steps': _STEPS})
   epochs = rules.get(config, 'train.num_epochs')
   if (
     rules.get(config, 'train.num_train_steps') == -1
@@ -89,7 +88,9 @@ def num_train_steps(train_cfg: ml_collections.ConfigDict, num_train_examples: in
   """
   if train_cfg.num_train_steps > 0:
     return int(train_cfg.num_train_steps)
-  rules.check_value('train.num_train_steps', train_cfg.num_train_steps, _STEPS)
+  rules.check_value(
+    'train.num_train_steps', train_cfg.num_train_steps, CONFIG_RULES['train.num_train_steps']
+  )
   if schedule_kind(train_cfg) == 'per_epoch':
     return int(
       math.ceil(

@@ -114,7 +114,7 @@ def weight_decay_mask(kind: str) -> Callable[[Any], Any] | None:
     return None
   if kind == 'kernels':
     return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  rules.check_value('train.weight_decay_mask', kind, CONFIG_RULES['train.weight_decay_mask'])
+  rules.fail('train.weight_decay_mask', kind, CONFIG_RULES['train.weight_decay_mask'].allowed)
 
 
 OPTIMIZERS = ('sgd', 'adamw')
@@ -151,7 +151,7 @@ def create_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTran
     return optax.chain(
       optax.scale_by_adam(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2), decay, optax.scale(-1.0)
     )
-  rules.check_value('train.optimizer', kind, CONFIG_RULES['train.optimizer'])
+  rules.fail('train.optimizer', kind, CONFIG_RULES['train.optimizer'].allowed)
 
 
 def init_variables(

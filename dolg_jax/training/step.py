@@ -58,7 +58,7 @@ def head_logits(
       t_momentum=head_cfg.t_momentum,
     )
   else:
-    raise ValueError(f'config.head.type must be one of {margins.HEAD_TYPES}, got {head_cfg.type!r}')
+    rules.fail('head.type', head_cfg.type, margins.CONFIG_RULES['head.type'].allowed)
   return _mask_padded_classes(widen(logits), num_classes), new_t
 
 

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
+from dolg_jax import atomic
 from dolg_jax.weights import architecture
 from dolg_jax.weights import torch_format
 
@@ -42,12 +43,13 @@ def save_converted(
   """Writes config.json, variables.msgpack and (if given) head.msgpack into `out_dir`."""
   os.makedirs(out_dir, exist_ok=True)
   np_vars = jax.tree.map(np.asarray, dict(variables))
-  with open(os.path.join(out_dir, VARIABLES_FILE), 'wb') as f:
-    f.write(serialization.msgpack_serialize(np_vars))
+  atomic.write_bytes(
+    os.path.join(out_dir, VARIABLES_FILE), serialization.msgpack_serialize(np_vars)
+  )
   head_path = os.path.join(out_dir, HEAD_FILE)
   if head is not None:
-    with open(head_path, 'wb') as f:
-      f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(head))))
+    head_np = jax.tree.map(np.asarray, dict(head))
+    atomic.write_bytes(head_path, serialization.msgpack_serialize(head_np))
   elif os.path.exists(head_path):
     os.remove(head_path)  # a stale head from an earlier conversion
   meta = {
@@ -57,8 +59,7 @@ def save_converted(
     'has_head': head is not None,
     'model': architecture.config_to_json(cfg),
   }
-  with open(os.path.join(out_dir, CONFIG_FILE), 'w') as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
+  atomic.write_json(os.path.join(out_dir, CONFIG_FILE), meta, indent=2, sort_keys=True)
 
 
 def read_converted_meta(path: str) -> dict:
