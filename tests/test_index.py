@@ -8,7 +8,8 @@
 - kill -9 half-way through a part, then the same command: the index equals an uninterrupted run's
   bit for bit (parts, plans, skipped.csv, faiss.index);
 - images added later are appended (only they are extracted; earlier parts untouched);
-- a changed model is refused with a named error, and --replace builds a new index;
+- a changed model is refused with a named error, and --replace builds a new index; so is an index
+  whose long-side cap differs (or is not recorded), with nothing written;
 - two processes (jax.distributed on 127.0.0.1): each reads only the files of its own parts, and the
   merged index equals the one-process index bit for bit;
 - damage: bytes overwritten in faiss.index, a deleted part, a truncated part, a damaged manifest and
@@ -241,13 +242,13 @@ def test_changed_model_is_refused_and_replace_builds_anew(env, clean):
   assert ct.index_files(os.path.join(env['root'], aside[0])) == before
 
 
-def test_changed_protocol_is_refused(env, clean):
+def _config_and_options():
+  """The config and options `clean` was built with (the index command's, in-process)."""
   from configs import tiny
   from dolg_jax.collection import build
 
   cfg = tiny.get_config()
   cfg.eval.scales = (1.0,)
-  cfg.eval.max_side = 80  # another protocol
   opts = build.Options(
     part_size=3,
     descriptor_dtype='float32',
@@ -257,8 +258,67 @@ def test_changed_protocol_is_refused(env, clean):
     recall_k=10,
     recall_sample=5,
   )
+  return cfg, opts
+
+
+def test_changed_protocol_is_refused(env, clean):
+  from dolg_jax.collection import build
+
+  cfg, opts = _config_and_options()
+  cfg.eval.max_side = 80  # another protocol
   with pytest.raises(store_lib.IndexMismatchError, match='extraction.max_side'):
     build.build(cfg, checkpoint=env['ckpt'], images=env['folder'], out=clean[0], options=opts)
+
+
+def _tree(out):
+  """{relative path: bytes} of every file under an index directory (the manifest included)."""
+  files = {}
+  for folder, _, names in os.walk(out):
+    for name in names:
+      with open(os.path.join(folder, name), 'rb') as f:
+        files[os.path.relpath(os.path.join(folder, name), out)] = f.read()
+  return files
+
+
+@pytest.mark.parametrize('recorded', ['another', 'none'])
+def test_changed_long_side_cap_is_refused_and_nothing_is_written(env, clean, recorded):
+  """An index whose descriptors were capped otherwise (a recorded cap this version does not apply,
+  or none recorded: an index from before caps, max_side 0) is never appended to or searched."""
+  from dolg_jax.collection import build, query
+
+  out = _damaged_copy(env, clean, f'cap_{recorded}')
+  m = _manifest(out)
+  cap = m['protocol']['long_side_cap']
+  assert cap == 8192  # scale 1.0: the largest side
+  if recorded == 'another':
+    m['protocol']['long_side_cap'] = cap - 1
+  else:
+    del m['protocol']['long_side_cap']
+  store_lib.IndexStore(out).write_manifest(m)
+  before = _tree(out)
+  cfg, opts = _config_and_options()
+  with pytest.raises(store_lib.IndexMismatchError, match=r'protocol\.long_side_cap.*--replace'):
+    build.build(cfg, checkpoint=env['ckpt'], images=env['folder'], out=out, options=opts)
+  assert _tree(out) == before  # nothing written, the manifest included
+  col = query.Collection(out)  # the stored descriptors can still be searched by descriptor ...
+  with pytest.raises(store_lib.IndexMismatchError, match=r'protocol\.long_side_cap.*--replace'):
+    col.extractor()  # ... but never by query images described another way
+  assert _tree(out) == before
+
+
+def test_long_side_cap_of_an_index_from_before_caps():
+  fp = {'extraction': {'max_side': 1024}}
+  assert store_lib.long_side_cap_problem({'protocol': {'long_side_cap': 1024}}, 1024) is None
+  assert 'long_side_cap=1000' in store_lib.long_side_cap_problem(
+    {'protocol': {'long_side_cap': 1000}, 'fingerprint': fp}, 1024
+  )
+  # no cap recorded: the code of that time capped at max_side alone
+  assert store_lib.long_side_cap_problem({'protocol': {}, 'fingerprint': fp}, 1024) is None
+  for max_side, cap in ((1024, 1000), (0, 5793)):  # max_side above the cap, or none: unknown
+    got = store_lib.long_side_cap_problem(
+      {'fingerprint': {'extraction': {'max_side': max_side}}}, cap
+    )
+    assert 'records no protocol.long_side_cap' in got and f'max_side={max_side}' in got
 
 
 def _free_port() -> int:

@@ -108,7 +108,8 @@ def test_mid_epoch_resume_continues_with_the_next_batch(source):
 
 
 def test_orbax_checkpoint_of_iterator_state(source, tmp_path):
-  ocp = pytest.importorskip('orbax.checkpoint')
+  import orbax.checkpoint as ocp
+
   cfg = _config()
   kwargs = dict(seed=7, process_index=0, process_count=1, per_host_batch=4)
   straight = _batches(pipeline.make_train_iterator(cfg, source, **kwargs), 6)

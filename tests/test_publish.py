@@ -16,9 +16,6 @@ from tests.helpers import collection_testlib as ctl
 from tests.helpers import serve_testlib as stl
 from tests.helpers.paths import REPO
 
-pytest.importorskip('pymilvus', reason='pymilvus is not installed')
-pytest.importorskip('milvus_lite', reason='milvus-lite is not installed')
-
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):

@@ -4,7 +4,6 @@
 import logging
 import os
 import re
-import subprocess
 
 from absl import logging as absl_logging
 import pytest
@@ -26,17 +25,11 @@ LIBRARY_LINES = (
 
 def test_a_tiny_run_prints_its_own_lines_only(tmp_path):
   tl.ensure_fixture()
-  env = tl.env()
-  env.pop('JAX_PLATFORMS')  # JAX probes its platforms (the TPU probe logs at INFO)
-  proc = subprocess.run(
-    tl.main_cmd(
-      str(tmp_path / 'run'), '--config.train.num_train_steps=2', '--config.train.eval_every_steps=2'
-    ),
-    cwd=tl.REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  proc = tl.run_main(
+    str(tmp_path / 'run'),
+    '--config.train.num_train_steps=2',
+    '--config.train.eval_every_steps=2',
+    JAX_PLATFORMS='',  # unset: JAX probes its platforms (the TPU probe logs at INFO)
   )
   assert proc.returncode == 0, tl.explain(proc)
   output = proc.stdout + proc.stderr

@@ -99,7 +99,8 @@ def test_gradient_accumulation_equals_full_batch():
 )
 def test_optimizer_matches_torch_with_a_changing_learning_rate(optimizer, nesterov, rtol, atol):
   """Unit-lr optax chain x the step's lr == torch.optim.SGD / AdamW with that lr each step."""
-  torch = pytest.importorskip('torch')
+  import torch
+
   cfg = ml_collections.ConfigDict(
     dict(
       optimizer=optimizer,

@@ -88,10 +88,6 @@ class Options:
 # ----------------------------------------------------------------------------- helpers
 
 
-def package_versions() -> dict[str, str]:
-  return versions.package_versions(_PACKAGES)
-
-
 def architecture(apply_fn: Callable) -> dict:
   """The extraction module's attributes (what the weights hash does not say)."""
   model = getattr(apply_fn, 'model', None)
@@ -195,12 +191,18 @@ def extract_part(
 # ----------------------------------------------------------------------------- build
 
 
-def _check_existing(store: store_lib.IndexStore, fp: dict, root: str, replace: bool) -> bool:
-  """True when an existing index must be moved aside (replace); raises on a mismatch otherwise."""
+def _check_existing(
+  store: store_lib.IndexStore, fp: dict, cap: int, root: str, replace: bool
+) -> bool:
+  """True when an existing index must be moved aside (replace); raises on a mismatch otherwise
+  (fingerprint, long-side cap `cap`: store.long_side_cap_problem, images root)."""
   if not store.exists():
     return False
   old = store.manifest()
   diff = store_lib.fingerprint_diff(old['fingerprint'], fp)
+  cap_problem = store_lib.long_side_cap_problem(old, cap)
+  if cap_problem:
+    diff.append('protocol.long_side_cap')
   if old.get('images_root') != root:
     diff.append('images_root')
   if not diff:
@@ -211,9 +213,10 @@ def _check_existing(store: store_lib.IndexStore, fp: dict, root: str, replace: b
   raise store_lib.IndexMismatchError(
     f'{store.path} was built with another {detail} (index: model '
     f'{old["fingerprint"]["model_key"]}, images {old.get("images_root")}; this run: model '
-    f'{fp["model_key"]}, images {root}); '
-    'nothing was mixed into it. Pass --replace to move the old index aside and build a new one, '
-    'or choose another --out.'
+    f'{fp["model_key"]}, images {root}'
+    + (f'; {cap_problem}' if cap_problem else '')
+    + '); nothing was mixed into it. Pass --replace to move the old index aside and build a new '
+    'one, or choose another --out.'
   )
 
 
@@ -235,7 +238,7 @@ def build(
   apply_fn, variables, source = evaluate.load_model(config, workdir=workdir, checkpoint=checkpoint)
   cfg = extract_lib.from_config(config.eval)
   fp = fingerprint(config, apply_fn, variables, cfg, options.descriptor_dtype)
-  move_aside = _check_existing(store, fp, root, options.replace)
+  move_aside = _check_existing(store, fp, extract_lib.long_side_cap(cfg), root, options.replace)
   _barrier('collection_checked')
   new_files: list[str] = []
   verified: dict = {}  # part digests checked by repair (process 0)
@@ -263,14 +266,14 @@ def build(
       {
         'status': 'building',
         'updated': _now(),
-        'versions': package_versions(),
+        'versions': versions.package_versions(_PACKAGES),
         'model': {
           'source': source,
           'workdir': os.path.abspath(workdir) if workdir else None,
           'checkpoint': os.path.abspath(checkpoint) if checkpoint else None,
           'config': json.loads(config.to_json()),
         },
-        'protocol': protocol(config, cfg, options),
+        'protocol': protocol(config, cfg, fp, options),
       }
     )
     store.write_manifest(manifest)
@@ -315,15 +318,16 @@ def build(
 
 
 def protocol(
-  config: ml_collections.ConfigDict, cfg: extract_lib.ExtractConfig, options: Options
+  config: ml_collections.ConfigDict, cfg: extract_lib.ExtractConfig, fp: dict, options: Options
 ) -> dict:
-  """The manifest's 'protocol': how descriptors are made (queries follow it)."""
+  """The manifest's 'protocol': how descriptors are made (queries follow it); `fp`: this run's
+  `fingerprint`, whose extraction, decoder and descriptor dtype it repeats."""
   return {
-    'extraction': json.loads(json.dumps(cfg.key())),
-    'decoder': DECODER,
+    'extraction': fp['extraction'],
+    'decoder': fp['decoder'],
     'compute_dtype': evaluate.eval_dtype(config),
     'model_overrides': evaluate.model_overrides(config),
-    'descriptor_dtype': options.descriptor_dtype,
+    'descriptor_dtype': fp['descriptor_dtype'],
     'long_side_cap': extract_lib.long_side_cap(cfg),
     'max_pixels': options.limits.max_pixels,
     'max_file_mb': options.limits.max_file_mb,
@@ -332,15 +336,17 @@ def protocol(
 
 def repair(store: store_lib.IndexStore, manifest: dict) -> dict:
   """Uncommits every damaged or incomplete part (extracted again by this run); returns the
-  recorded digests of the part files it verified (finalize does not hash them again)."""
+  recorded digests of the plans and part files it verified (finalize does not hash them again)."""
   recorded = manifest.get('checksums')
-  for rel, want in sorted((recorded or {}).items()):
-    if rel.startswith('plans/') and store_lib.file_digest(os.path.join(store.path, rel)) != want:
-      raise store_lib.DamagedIndexError(
-        f'{os.path.join(store.path, rel)} differs from its checksum in {store_lib.MANIFEST} '
-        f'(a plan fixes which files form each part); {store_lib.UNREPAIRABLE}'
-      )
   verified = {}
+  for rel, want in sorted((recorded or {}).items()):
+    if rel.startswith('plans/'):
+      if store_lib.file_digest(os.path.join(store.path, rel)) != want:
+        raise store_lib.DamagedIndexError(
+          f'{os.path.join(store.path, rel)} differs from its checksum in {store_lib.MANIFEST} '
+          f'(a plan fixes which files form each part); {store_lib.UNREPAIRABLE}'
+        )
+      verified[rel] = want
   for g, p in store.committed_parts():
     problem = store.part_problem(g, p, recorded)
     if problem:
@@ -356,8 +362,8 @@ def repair(store: store_lib.IndexStore, manifest: dict) -> dict:
 def finalize(
   store: store_lib.IndexStore, options: Options, last_run: dict, verified: Optional[dict] = None
 ) -> dict:
-  """Counts, skipped.csv, the FAISS structure and its recall, checksums (`verified`: part digests
-  `repair` checked this run), manifest status 'complete'."""
+  """Counts, skipped.csv, the FAISS structure and its recall, checksums (`verified`: plan and part
+  digests `repair` checked this run), manifest status 'complete'."""
   manifest = store.manifest()
   parts = store.all_parts()
   missing = [(g, p) for g, p, _ in parts if not store.is_committed(g, p)]
@@ -393,7 +399,8 @@ def finalize(
       options,
       reusable=_faiss_reusable(store, old, parts_sums),
     )
-  sums = store.checksums(committed, parts_sums)  # with skipped.csv and faiss.index as written now
+  # plans: those repair verified as they are; skipped.csv and faiss.index as written now
+  sums = store.checksums(committed, {**(verified or {}), **parts_sums})
   manifest.update(
     {
       'status': 'complete',
@@ -409,21 +416,22 @@ def finalize(
   return manifest
 
 
-def _faiss_reusable(store: store_lib.IndexStore, old: dict, sums: dict) -> bool:
-  """Whether faiss.index may be extended: undamaged (its recorded sha256; an index from before
-  checksums: trusted) and every part it was built from unchanged."""
+def _faiss_reusable(store: store_lib.IndexStore, old: dict, sums: dict) -> Optional[bytes]:
+  """faiss.index's bytes (read once, for `build_faiss` to load) when it may be extended:
+  undamaged (its recorded sha256; an index from before checksums: trusted) and every part it was
+  built from unchanged; else None."""
   if not os.path.exists(store.faiss_path):
-    return False
-  if store_lib.FAISS_FILE in old and (
-    store_lib.file_digest(store.faiss_path) != old[store_lib.FAISS_FILE]
-  ):
+    return None
+  try:
+    data = store.read_faiss(old)
+  except store_lib.DamagedIndexError:
     print(
       f'index: repairing {store.faiss_path}: it differs from its checksum; rebuilt from the '
       'stored descriptors',
       file=sys.stderr,
     )
-    return False
-  return all(old[rel] == sums.get(rel) for rel in old if rel.startswith('parts/'))
+    return None
+  return data if all(old[rel] == sums.get(rel) for rel in old if rel.startswith('parts/')) else None
 
 
 def build_faiss(
@@ -432,19 +440,19 @@ def build_faiss(
   spec: faiss_index.Spec,
   old: Optional[dict],
   options: Options,
-  reusable: bool = True,
+  reusable: Optional[bytes] = None,
 ) -> dict:
-  """Extends the existing structure when it is `reusable`, has the same spec and a prefix of the
-  rows; else builds it anew (a rebuild of the same spec keeps its resolved parameters and training
-  sample). Returns the manifest's 'faiss' entry."""
+  """Extends the existing structure when it is `reusable` (its bytes: `_faiss_reusable`), has the
+  same spec and a prefix of the rows; else builds it anew (a rebuild of the same spec keeps its
+  resolved parameters and training sample). Returns the manifest's 'faiss' entry."""
   n, d = len(rows), rows.dim
   t0 = time.perf_counter()
   index = None
   same = bool(old) and old.get('requested') == spec.to_json()
-  if same and reusable:
+  if same and reusable is not None:
     resolved = faiss_index.Spec(**old['spec'])
     try:
-      loaded = faiss_index.load(store.faiss_path, resolved)
+      loaded = faiss_index.deserialize(reusable, resolved)
     except RuntimeError as e:  # unreadable (an index from before checksums): rebuilt
       print(
         f'index: repairing {store.faiss_path}: {str(e).splitlines()[0]}; rebuilt from the '

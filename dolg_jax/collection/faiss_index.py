@@ -4,10 +4,11 @@
 `IndexFlatIP`, exact, searched by blocked matmul + argpartition over its vectors), 'ivfpq'
 (`IVF{nlist},PQ{m}x{bits}`, trained on a seeded sample, `nprobe` lists; with `refine` > 1 the top
 k * refine are re-scored exactly from the stored descriptors) or 'hnsw' (`IndexHNSWFlat`). Zero
-parameters are automatic (`resolve`). `build` / `extend` / `save` / `load` the structure; `search`
--> (scores, ids), best first, ties to the lower row; `measure_recall` -> the manifest's recall@k
-(mean |approx ∩ exact| / k over a sample of stored rows). Raises ValueError for an unknown kind or
-rows added out of order. Design notes: docs/design_notes.md.
+parameters are automatic (`resolve`). `build` / `extend` / `save` / `load` (`deserialize`: from its
+bytes) the structure; `search` -> (scores, ids), best first, ties to the lower row;
+`measure_recall` -> the manifest's recall@k (mean |approx ∩ exact| / k over a sample of stored
+rows). Raises ValueError for an unknown kind or rows added out of order. Design notes:
+docs/design_notes.md.
 """
 
 from __future__ import annotations
@@ -155,6 +156,22 @@ def save(index, path: str) -> None:
 def load(path: str, spec: Spec, mmap: bool = False):
   flags = faiss.IO_FLAG_MMAP if mmap else 0
   index = faiss.read_index(path, flags)
+  configure(index, spec)
+  return index
+
+
+def deserialize(data: bytes, spec: Spec):
+  """The structure `save` wrote, from its bytes (read and checked by the caller), copied into
+  the index block by block (faiss.deserialize_index would copy the whole of `data` first)."""
+  view, pos = memoryview(data), 0
+
+  def read(n: int) -> bytes:
+    nonlocal pos
+    chunk = bytes(view[pos : pos + n])
+    pos += len(chunk)
+    return chunk
+
+  index = faiss.read_index(faiss.PyCallbackIOReader(read))
   configure(index, spec)
   return index
 

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import ml_collections
 import numpy as np
 
+from dolg_jax import atomic
 from dolg_jax.collection import build as build_lib
 from dolg_jax.collection import faiss_index
 from dolg_jax.collection import files as files_lib
@@ -86,6 +87,10 @@ def check_k(k: int) -> None:
 class Collection:
   """An opened index: search by descriptors or by images, re-rank (module docstring)."""
 
+  # False in a subclass whose `candidates` never search FAISS: faiss.index is then neither
+  # loaded nor hashed (its size is still checked), and `index` / `spec` stay None.
+  searches_faiss = True
+
   def __init__(
     self,
     index_dir: str,
@@ -102,13 +107,22 @@ class Collection:
         f'{self.store.path}: the index is not complete (status {self.manifest.get("status")!r}'
         '); rerun the index command that built it'
       )
-    self.store.verify_for_search(self.manifest)
-    self.rows = store_lib.Rows(self.store)
+    load = self.searches_faiss and bool(self.manifest.get('faiss'))
+    # faiss.index is read once: hashed as it is loaded (streamed first where it is memory-mapped)
+    self.store.verify_for_search(self.manifest, faiss=load and mmap_faiss)
     self.spec, self.index = None, None
-    if self.manifest.get('faiss'):
+    if load:
       self.spec = faiss_index.Spec(**self.manifest['faiss']['spec'])
-      self.index = faiss_index.load(self.store.faiss_path, self.spec, mmap=mmap_faiss)
-    if (self.index.ntotal if self.index is not None else 0) != len(self.rows):
+      if mmap_faiss:
+        self.index = faiss_index.load(self.store.faiss_path, self.spec, mmap=True)
+      else:
+        data = self.store.read_faiss(self.manifest.get('checksums'))
+        self.index = faiss_index.deserialize(data, self.spec)
+        del data
+    self.rows = store_lib.Rows(self.store)
+    if self.searches_faiss and (
+      (self.index.ntotal if self.index is not None else 0) != len(self.rows)
+    ):
       raise store_lib.DamagedIndexError(
         f'{self.store.faiss_path} does not hold the {len(self.rows)} rows of the parts; '
         f'{store_lib.REPAIR}'
@@ -150,12 +164,11 @@ class Collection:
           f'the model at {paths} differs from the one {self.store.path} was built with '
           f'({", ".join(diff)}): pass the checkpoint the index was built with'
         )
-      cap = self.manifest.get('protocol', {}).get('long_side_cap')
-      if cap is not None and cap != extract_lib.long_side_cap(cfg):
+      problem = store_lib.long_side_cap_problem(self.manifest, extract_lib.long_side_cap(cfg))
+      if problem:
         raise store_lib.IndexMismatchError(
-          f'{self.store.path} capped long sides at {cap} pixels, this version at '
-          f'{extract_lib.long_side_cap(cfg)}: rebuild the index (--replace) or use the version '
-          'that built it'
+          f'{self.store.path}: {problem}: rebuild the index (python -m dolg_jax.index --replace) '
+          'or use the version that built it'
         )
       self._extractor = extract_lib.Extractor(apply_fn, variables, cfg)
     return self._extractor
@@ -194,7 +207,7 @@ class Collection:
       raise ValueError(f'rerank must be one of {RERANKERS}; got {rerank!r}')
     check_k(k)
     q = np.asarray(queries, np.float32)
-    if self.index is None:  # an index of 0 images
+    if not len(self):  # an index of 0 images
       return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
     if q.ndim != 2 or q.shape[1] != self.rows.dim:
       raise ValueError(f'queries must be (n, {self.rows.dim}); got {q.shape}')
@@ -225,17 +238,17 @@ class Collection:
         f'the search structure returned fewer than M={m} candidates; raise '
         'nprobe / ef_search when building the index'
       )
-    self.rows.take(top)  # raises on damaged (non-finite) candidates before they are re-ranked
-    new = rerank_lib.rerank_heads(q, self.rows.segments, top, p['K'], p['beta'])[:, : min(k, m)]
-    scores = np.einsum('qd,qkd->qk', q, self.rows.take(new)).astype(np.float32)
-    return scores, new
+    cand = self.rows.take(top)  # (nq, m, D), once; raises on damaged (non-finite) candidates
+    pos = rerank_candidates(q, cand, p['K'], p['beta'])[:, : min(k, m)]
+    scores = np.einsum('qd,qkd->qk', q, np.take_along_axis(cand, pos[..., None], 1))
+    return scores.astype(np.float32), np.take_along_axis(top, pos, 1)
 
   def search_images(
     self, paths: Sequence[str], boxes=None, k: int = 100, rerank: str = ''
   ) -> list[list[tuple[str, float]]]:
     """Per query: [(path as indexed, cosine similarity), ...] best first."""
     check_k(k)
-    if self.index is None:  # an index of 0 images: the queries are still read (named errors)
+    if not len(self):  # an index of 0 images: the queries are still read (named errors)
       for p in paths:
         if (reason := reading.read_image(p, self.limits).reason) is not None:
           raise ValueError(f'query {files_lib.escape(p)}: {reason}')
@@ -274,7 +287,7 @@ def search_to_dir(
     ],
   }
   os.makedirs(out_dir, exist_ok=True)
-  store_lib.atomic_write_json(os.path.join(out_dir, 'results.json'), out)
+  atomic.write_json(os.path.join(out_dir, 'results.json'), out, **store_lib.JSON_STYLE)
   if report:
     html_report.write(out_dir, index_dir, col.root, out['queries'], boxes, limits=col.limits)
   return out

@@ -48,7 +48,8 @@ VERSION = 1
 MANIFEST = 'manifest.json'
 SKIPPED = 'skipped.csv'
 FAISS_FILE = 'faiss.index'
-META_FIELDS = ('path', 'height', 'width', 'bytes', 'sha1')
+META_FIELDS = tuple(columns.SCHEMA.names)  # path, height, width, bytes, sha1
+JSON_STYLE = {'indent': 1, 'sort_keys': True}  # the manifest's and the plans' (plans are hashed)
 _PART_RE = re.compile(r'^g(\d{5})-p(\d{6})\.csv$')
 
 
@@ -90,14 +91,6 @@ def file_digest(path: str) -> dict:
   return {'bytes': os.path.getsize(path), 'sha256': h.hexdigest()}
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  atomic.write_bytes(path, data)
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-  atomic.write_json(path, obj, indent=1, sort_keys=True)
-
-
 def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator='\n')
@@ -112,6 +105,29 @@ def _read_csv(path: str) -> list[dict]:
       return list(csv.DictReader(f))
   except (UnicodeDecodeError, csv.Error) as e:
     raise DamagedIndexError(f'{path} is damaged ({e}); {REPAIR}') from None
+
+
+def long_side_cap_problem(manifest: dict, cap: int) -> Optional[str]:
+  """Why the index's descriptors were not extracted with the long-side cap `cap` (this version's
+  `extract.long_side_cap` of the index's extraction config), or None when they were. An index that
+  records no protocol.long_side_cap predates the cap: it capped long sides at extraction.max_side
+  alone (0 = none), which is `cap` only where max_side is set and equal to it."""
+  recorded = (manifest.get('protocol') or {}).get('long_side_cap')
+  if recorded is not None:
+    if recorded == cap:
+      return None
+    return (
+      f'its {MANIFEST} records protocol.long_side_cap={recorded} pixels, this version caps '
+      f'long sides at {cap}'
+    )
+  max_side = ((manifest.get('fingerprint') or {}).get('extraction') or {}).get('max_side') or 0
+  if max_side and max_side == cap:
+    return None
+  return (
+    f'its {MANIFEST} records no protocol.long_side_cap (an index from before long sides were '
+    f'capped to fit every scale: it capped them at extraction.max_side={max_side}, 0 = none), this '
+    f'version caps them at {cap} pixels'
+  )
 
 
 def fingerprint_diff(old: dict, new: dict) -> list[str]:
@@ -156,7 +172,7 @@ class IndexStore:
 
   def write_manifest(self, manifest: dict) -> None:
     os.makedirs(self.path, exist_ok=True)
-    atomic_write_json(self.manifest_path, manifest)
+    atomic.write_json(self.manifest_path, manifest, **JSON_STYLE)
 
   def plans(self) -> list[dict]:
     out = []
@@ -174,7 +190,7 @@ class IndexStore:
     gen = len(self.plans())
     plan = {'generation': gen, 'part_size': int(part_size), 'files': list(files)}
     os.makedirs(self.plans_dir, exist_ok=True)
-    atomic_write_json(os.path.join(self.plans_dir, f'plan-{gen:05d}.json'), plan)
+    atomic.write_json(os.path.join(self.plans_dir, f'plan-{gen:05d}.json'), plan, **JSON_STYLE)
     return plan
 
   @staticmethod
@@ -211,9 +227,9 @@ class IndexStore:
     base = self.part_base(gen, part)
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(descriptors))
-    atomic_write_bytes(base + '.npy', buf.getvalue())
-    atomic_write_bytes(base + '.skipped.csv', _csv_bytes(('path', 'reason'), skipped))
-    atomic_write_bytes(
+    atomic.write_bytes(base + '.npy', buf.getvalue())
+    atomic.write_bytes(base + '.skipped.csv', _csv_bytes(('path', 'reason'), skipped))
+    atomic.write_bytes(
       base + '.csv', _csv_bytes(META_FIELDS, ([r[k] for k in META_FIELDS] for r in rows))
     )
 
@@ -262,19 +278,23 @@ class IndexStore:
     }
 
   def checksums(self, parts: Sequence[tuple[int, int]], known: Optional[dict] = None) -> dict:
-    """`part_checksums` plus the plans, skipped.csv and faiss.index (the manifest's 'checksums')."""
+    """`part_checksums` plus the plans, skipped.csv and faiss.index (the manifest's 'checksums');
+    parts and plans in `known` are taken from it, skipped.csv and faiss.index always hashed."""
+    known = known or {}
     out = self.part_checksums(parts, known)
     for name in sorted(os.listdir(self.plans_dir)) if os.path.isdir(self.plans_dir) else []:
       if name.startswith('plan-') and name.endswith('.json'):
-        out[f'plans/{name}'] = file_digest(os.path.join(self.plans_dir, name))
+        rel = f'plans/{name}'
+        out[rel] = known.get(rel) or file_digest(os.path.join(self.plans_dir, name))
     for name in (SKIPPED, FAISS_FILE):
       if os.path.exists(os.path.join(self.path, name)):
         out[name] = file_digest(os.path.join(self.path, name))
     return out
 
-  def verify_for_search(self, manifest: dict) -> None:
-    """Sizes of every recorded file, the set of parts, and faiss.index's sha256 (module
-    docstring); raises DamagedIndexError naming the first damaged file and the fix."""
+  def verify_for_search(self, manifest: dict, faiss: bool = True) -> None:
+    """Sizes of every recorded file, the set of parts, and (`faiss`) faiss.index's sha256 (module
+    docstring); raises DamagedIndexError naming the first damaged file and the fix. A reader that
+    loads faiss.index passes faiss=False and reads it with `read_faiss` (read once, hashed)."""
     recorded = manifest.get('checksums')
     if recorded is None:
       return  # an index written before checksums were recorded
@@ -293,10 +313,30 @@ class IndexStore:
       raise DamagedIndexError(
         f'{os.path.join(self.path, extra[0])} is not in {MANIFEST} (an unfinished run?); {REPAIR}'
       )
-    if FAISS_FILE in recorded and file_digest(self.faiss_path) != recorded[FAISS_FILE]:
-      raise DamagedIndexError(
-        f'{self.faiss_path} is damaged (its sha256 differs from {MANIFEST}); {REPAIR}'
-      )
+    if faiss and FAISS_FILE in recorded and file_digest(self.faiss_path) != recorded[FAISS_FILE]:
+      raise self._faiss_damaged()
+
+  def _faiss_damaged(self) -> DamagedIndexError:
+    return DamagedIndexError(
+      f'{self.faiss_path} is damaged (its sha256 differs from {MANIFEST}); {REPAIR}'
+    )
+
+  def read_faiss(self, recorded: Optional[dict]) -> bytes:
+    """faiss.index's bytes, read once and checked against its sha256 in `recorded` (the
+    manifest's checksums; not checked where they do not hold it: an index from before
+    checksums); raises DamagedIndexError (missing, or differs)."""
+    try:
+      with open(self.faiss_path, 'rb') as f:
+        data = f.read()
+    except FileNotFoundError:
+      raise DamagedIndexError(f'{self.faiss_path} is missing; {REPAIR}') from None
+    want = (recorded or {}).get(FAISS_FILE)
+    if want is not None and want != {
+      'bytes': len(data),
+      'sha256': hashlib.sha256(data).hexdigest(),
+    }:
+      raise self._faiss_damaged()
+    return data
 
   def committed_parts(self) -> list[tuple[int, int]]:
     """(generation, part) of the parts on disk, in row order."""
@@ -325,7 +365,7 @@ class IndexStore:
       raise DamagedIndexError(f'{path} is damaged ({e}); {REPAIR}') from None
 
   def write_skipped(self, skipped: Iterable[tuple[str, str]]) -> None:
-    atomic_write_bytes(os.path.join(self.path, SKIPPED), _csv_bytes(('path', 'reason'), skipped))
+    atomic.write_bytes(os.path.join(self.path, SKIPPED), _csv_bytes(('path', 'reason'), skipped))
 
   def read_skipped(self) -> list[dict]:
     path = os.path.join(self.path, SKIPPED)

@@ -45,6 +45,8 @@ def row_count(cl, name: str) -> int:
 class MilvusCollection(query.Collection):
   """A query.Collection whose candidates come from Milvus (module docstring)."""
 
+  searches_faiss = False  # faiss.index is neither read nor hashed
+
   def __init__(self, index_dir: str, uri: str, name: str, **kw: Any):
     super().__init__(index_dir, **kw)
     if not uri:
