@@ -24,13 +24,15 @@ from absl import logging as absl_logging
 import jax
 from ml_collections.config_flags import config_flags
 
+from dolg_jax import defaults
+
 # The flags defined here (define_*_flags) belong to the calling command: its --help lists them.
 flags.disclaim_key_flags()
 
 HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-CONFIGS_DIR = os.path.join(PACKAGE_DIR, 'configs')  # the repository's configs/ (a link there)
+CONFIGS_DIR = defaults.CONFIGS_DIR  # the repository's configs/ (a link there)
 SHIPPED = 'dolg_jax:'
 CONFIG_HELP = (
   'Config: a file relative to the working directory (configs/r101.py; FILE.py:ARG '

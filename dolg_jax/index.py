@@ -114,9 +114,10 @@ def main(argv):
       raise app.UsageError(f'--{name} is required.')
   cli.enable_compilation_cache(config.eval.xla_cache_dir)  # executables persist across runs
   failures.quiet_library_tracebacks()
-  try:
+
+  def build() -> dict:
     cli.initialize_distributed_from_flags()
-    out = build_lib.build(
+    return build_lib.build(
       config,
       workdir=FLAGS.workdir,
       checkpoint=FLAGS.checkpoint,
@@ -124,8 +125,8 @@ def main(argv):
       out=FLAGS.out,
       options=options_from_flags(),
     )
-  except Exception as e:  # noqa: BLE001  # every fatal error ends in one line
-    failures.exit_in_one_line(e, FLAGS.out)
+
+  out = failures.call_or_exit(build, FLAGS.out)
   if jax.process_index() == 0:
     c = out['counts']
     run = out.get('last_run', {})

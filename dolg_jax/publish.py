@@ -194,8 +194,8 @@ def main(argv):
   if not FLAGS.index or not FLAGS.milvus_uri:
     raise app.UsageError('--index and --milvus_uri are required.')
   failures.quiet_library_tracebacks()
-  try:
-    out = publish(
+  out = failures.call_or_exit(
+    lambda: publish(
       FLAGS.index,
       FLAGS.milvus_uri,
       FLAGS.milvus_collection,
@@ -204,9 +204,9 @@ def main(argv):
       replace=FLAGS.replace,
       recall_sample=FLAGS.recall_sample,
       progress=lambda s: print(s, flush=True),
-    )
-  except Exception as e:  # noqa: BLE001  # every fatal error ends in one line
-    failures.exit_in_one_line(e, FLAGS.milvus_uri)
+    ),
+    FLAGS.milvus_uri,
+  )
   print(
     f'published {out["rows"]} rows ({out["inserted"]} new) to {out["collection"]!r} at '
     f'{out["uri"]} in {out["seconds"]:.1f} s; recall@{RECALL_K} of {out["index_type"]} on '

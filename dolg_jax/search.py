@@ -87,8 +87,8 @@ def main(argv):
   boxes = parse_boxes(FLAGS.box, len(FLAGS.query))
   out_dir = FLAGS.out or os.path.join(FLAGS.index, 'search')
   failures.quiet_library_tracebacks()
-  try:
-    out = query.search_to_dir(
+  out = failures.call_or_exit(
+    lambda: query.search_to_dir(
       FLAGS.index,
       FLAGS.query,
       boxes,
@@ -98,9 +98,9 @@ def main(argv):
       checkpoint=FLAGS.checkpoint,
       workdir=FLAGS.workdir,
       report=FLAGS.report,
-    )
-  except Exception as e:  # noqa: BLE001  # every fatal error ends in one line
-    failures.exit_in_one_line(e, out_dir)
+    ),
+    out_dir,
+  )
   for q in out['queries']:
     top = q['results'][:3]
     print(

@@ -225,9 +225,8 @@ class IndexStore:
       raise ValueError(f'{descriptors.shape[0]} descriptors for {len(rows)} rows')
     os.makedirs(self.parts_dir, exist_ok=True)
     base = self.part_base(gen, part)
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(descriptors))
-    atomic.write_bytes(base + '.npy', buf.getvalue())
+    with atomic.writing(base + '.npy') as f:
+      np.save(f, np.ascontiguousarray(descriptors))
     atomic.write_bytes(base + '.skipped.csv', _csv_bytes(('path', 'reason'), skipped))
     atomic.write_bytes(
       base + '.csv', _csv_bytes(META_FIELDS, ([r[k] for k in META_FIELDS] for r in rows))
