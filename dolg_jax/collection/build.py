@@ -88,19 +88,6 @@ class Options:
 # ----------------------------------------------------------------------------- helpers
 
 
-def architecture(apply_fn: Callable) -> dict:
-  """The extraction module's attributes (what the weights hash does not say)."""
-  model = getattr(apply_fn, 'model', None)
-  if model is None:
-    return {}
-  out = {}
-  for f in models.MODEL_FIELDS + evaluate.MODEL_OVERRIDES:
-    if hasattr(model, f):
-      v = getattr(model, f)
-      out[f] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
 def fingerprint(
   config: ml_collections.ConfigDict,
   apply_fn: Callable,
@@ -113,7 +100,7 @@ def fingerprint(
     'model_key': descriptor_cache.model_key(
       variables, evaluate.eval_dtype(config), evaluate.model_overrides(config)
     ),
-    'architecture': architecture(apply_fn),
+    'architecture': models.architecture_record(apply_fn.model),  # what the hash does not say
     'extraction': json.loads(json.dumps(cfg.key())),
     'decoder': DECODER,
     'descriptor_dtype': descriptor_dtype,

@@ -36,6 +36,10 @@ CONFIG_RULES = {
   'model.bn_epsilon': rules.POSITIVE,
   'model.fusion_eps': rules.NON_NEGATIVE,
   'model.bn_momentum': rules.UNIT_INTERVAL,
+  # The evaluation-time overrides of DOLG attributes (EVAL_FIELDS; DOLG.check checks the model).
+  'eval.regional_gem': rules.BOOL,
+  'eval.gem_plus_p': rules.NON_NEGATIVE,
+  'eval.relu_plus': rules.NON_NEGATIVE,
 }
 
 _DTYPES = {
@@ -84,6 +88,16 @@ def build_model(model_cfg: ml_collections.ConfigDict | dict, dtype: Any = jnp.fl
   return model
 
 
+def architecture_record(model: DOLG) -> dict[str, Any]:
+  """{field: value} of the module's MODEL_FIELDS and EVAL_FIELDS, sequences as lists (JSON-able,
+  and equal to itself read back from JSON): export.json's 'model' and an index's architecture."""
+  out = {}
+  for f in MODEL_FIELDS + EVAL_FIELDS:
+    v = getattr(model, f)
+    out[f] = list(v) if isinstance(v, (tuple, list)) else v
+  return out
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """ValueError `config.PATH=VALUE: allowed` for a model field or compute dtype it cannot use."""
   rules.check(config, CONFIG_RULES)
@@ -118,6 +132,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 __all__ = [
   'DOLG',
   'ResNet',
+  'architecture_record',
   'build_model',
   'margins',
   'resolve_dtype',

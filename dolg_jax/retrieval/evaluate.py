@@ -190,7 +190,7 @@ def evaluate_variables(
   `variables` and built for this config (`RunEvaluator`); by default a new one.
   """
   e = config.eval
-  scoring.check_search(e)
+  scoring.check_config(config)
   data_dir = os.path.expanduser(e.data_dir)
   check_datasets(config)
   cfg = extract_lib.from_config(e)

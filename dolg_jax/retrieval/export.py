@@ -95,10 +95,9 @@ def jax_input_spec() -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def export_jax(fn: Callable, spec: Optional[jax.ShapeDtypeStruct] = None) -> bytes:
-  """`jax.export` of `fn` for PLATFORMS with the symbolic input, serialized."""
-  spec = jax_input_spec() if spec is None else spec
-  exported = jax.export.export(jax.jit(fn), platforms=PLATFORMS)(spec)
+def export_jax(fn: Callable) -> bytes:
+  """`jax.export` of `fn` for PLATFORMS with the symbolic input (`jax_input_spec`), serialized."""
+  exported = jax.export.export(jax.jit(fn), platforms=PLATFORMS)(jax_input_spec())
   return bytes(exported.serialize())
 
 
@@ -199,9 +198,10 @@ def _load_jax_plugins() -> None:
   plugin_system._already_imported_plugins = True
 
 
-def export_onnx(fn: Callable, spec: Optional[jax.ShapeDtypeStruct] = None) -> onnx.ModelProto:
-  """The ONNX model of `fn` (dynamic N, H, W), via a traced jaxpr (docs/design_notes.md)."""
-  spec = input_spec() if spec is None else spec
+def export_onnx(fn: Callable) -> onnx.ModelProto:
+  """The ONNX model of `fn` (dynamic N, H, W: `input_spec`), via a traced jaxpr
+  (docs/design_notes.md)."""
+  spec = input_spec()
   closed = jax.make_jaxpr(fn)(spec)
 
   def replayed(images):
@@ -333,11 +333,10 @@ def export_model(
   summary_path = os.path.join(out_dir, SUMMARY_FILE)
   if os.path.exists(summary_path):  # an earlier export's record must not vouch for this one
     os.remove(summary_path)
-  spec = input_spec()
   t0 = time.perf_counter()
   atomic.write_bytes(os.path.join(out_dir, JAX_EXPORT_FILE), export_jax(fn))
   t1 = time.perf_counter()
-  model = export_onnx(fn, spec)
+  model = export_onnx(fn)
   atomic.write_bytes(os.path.join(out_dir, ONNX_FILE), model.SerializeToString())
   t2 = time.perf_counter()
   log(f'wrote {JAX_EXPORT_FILE} ({t1 - t0:.1f} s) and {ONNX_FILE} ({t2 - t1:.1f} s) in {out_dir}')
@@ -407,9 +406,7 @@ def run(
   info = {
     'source': source,
     'compute_dtype': 'float32',
-    'model': {
-      k: _jsonable(getattr(apply_fn.model, k)) for k in models.MODEL_FIELDS + models.EVAL_FIELDS
-    },
+    'model': models.architecture_record(apply_fn.model),
     'overrides': evaluate.model_overrides(config),
   }
   return export_model(
@@ -420,7 +417,3 @@ def run(
     info=info,
     log=log,
   )
-
-
-def _jsonable(v):
-  return [_jsonable(x) for x in v] if isinstance(v, (tuple, list)) else v

@@ -56,6 +56,10 @@ class ExtractConfig:
   crop_canvas_steps_per_octave: int  # the same for query crops, which come in every size
   scale_pool: str  # 'mean' (official) | 'max' (SuperGlobal scale-GeM)
 
+  def __post_init__(self):
+    # Checked here, once: pooling reads any other value as 'mean'.
+    rules.check_value('eval.scale_pool', self.scale_pool, CONFIG_RULES['eval.scale_pool'])
+
   def key(self) -> dict:
     """What determines the descriptors (for caching)."""
     d = dataclasses.asdict(self) | {'scales': [float(s) for s in self.scales]}
@@ -89,9 +93,7 @@ CONFIG_RULES = {
   'eval.max_side': rules.NON_NEGATIVE_INT,
   'eval.bucket': rules.NON_NEGATIVE_INT,
   'eval.pad': rules.BOOL,
-  'eval.regional_gem': rules.BOOL,
-  'eval.gem_plus_p': rules.NON_NEGATIVE,
-  'eval.relu_plus': rules.NON_NEGATIVE,
+  'eval.scale_pool': rules.one_of(SCALE_POOLS),
 }
 
 
@@ -379,20 +381,18 @@ class Extractor:
       (every process then reads every example's bytes: prefer `presharded`).
     num: when given, every index must be in [0, num).
     """
-    cfg = self.cfg
-    if cfg.scale_pool not in SCALE_POOLS:
-      raise ValueError(f'eval.scale_pool must be one of {SCALE_POOLS}; got {cfg.scale_pool!r}')
     run = _OwnExtraction(self, progress)
     for idx, scaled in ordered_map(
-      self._scaled_images, _own_examples(examples, presharded, num), cfg.num_workers
+      self.scaled_images, _own_examples(examples, presharded, num), self.cfg.num_workers
     ):
       run.add(idx, scaled)
     return run.finish()
 
-  def _scaled_images(
+  def scaled_images(
     self, item: tuple[int, Mapping[str, Any]]
   ) -> tuple[int, list[tuple[tuple[int, int], np.ndarray]]]:
-    """(index, [(batch key, resized uint8 image) per scale]) of one example."""
+    """(index, [(batch key, resized uint8 image) per scale]) of one (index, example): what
+    `extract_own` batches by key, a full batch being `batch_rows(cfg, n_dev, key)` rows."""
     idx, ex = item
     cfg = self.cfg
     img = prepare_image(ex['image'], ex.get('bbx', None), cfg)
@@ -504,7 +504,7 @@ class _OwnExtraction:
 
   def pool(self, i: int, v: np.ndarray) -> None:
     if i not in self.pooled:
-      self.pooled[i] = v.astype(np.float32).copy()
+      self.pooled[i] = v.astype(np.float32)  # a new array (astype copies)
     elif self.use_max:
       self.pooled[i] = np.maximum(self.pooled[i], v)
     else:
@@ -554,7 +554,7 @@ def simulate_shapes(
   for (th, tw), c in counts.items():
     full = batch_rows(cfg, n_dev, (th, tw))
     if c >= full:
-      shapes.add((padded_batch(full, cfg, n_dev, (th, tw)), th, tw))
+      shapes.add((full, th, tw))  # a full batch runs at its own size
     if c % full:
       shapes.add((padded_batch(c % full, cfg, n_dev, (th, tw)), th, tw))
   return shapes

@@ -6,8 +6,9 @@
 Writes `num_images` synthetic JPEGs (quality 90) of WIDTH,HEIGHT and a converted checkpoint of the
 config's model with random weights into --workdir (default: a temporary folder), then prints:
 * the host time per image, one thread, in ms: read, decode (strict JPEG check + `decode_rgb`),
-  resize (long-side cap + `resize_bilinear` to every scale) and device (`Extractor.run_batch` on
-  full padded batches, after compilation);
+  resize (long-side cap + `resize_bilinear` to every scale: `Extractor.scaled_images`) and device
+  (`Extractor.run_batch` on the batches extraction runs, `batch_rows` per shape, after
+  compilation);
 * end to end: `collection.build.build` on the folder, after a warm-up build that compiled the same
   shapes (persistent XLA cache), in images/s; then one JSON line.
 The protocol is the config's `eval` section (scales, max_side, padding, batch size, compute dtype).
@@ -69,10 +70,12 @@ def write_images(folder: str, n: int, width: int, height: int, seed: int = 0) ->
 
 
 def host_split(paths: list[str], extractor: extract_lib.Extractor) -> dict:
+  """Host ms per image of read, decode and resize (`Extractor.scaled_images`), and device ms per
+  image of the batches the extractor runs (`batch_rows` per shape), after compiling their sizes."""
   cfg = extractor.cfg
   t = {'read': 0.0, 'decode': 0.0, 'resize': 0.0, 'device': 0.0}
   by_shape: dict = {}
-  for p in paths:
+  for i, p in enumerate(paths):
     t0 = time.perf_counter()
     with open(p, 'rb') as f:
       data = f.read()
@@ -81,23 +84,26 @@ def host_split(paths: list[str], extractor: extract_lib.Extractor) -> dict:
       decode.check_decodable(data)
     img = decode.decode_rgb(data)
     t2 = time.perf_counter()
-    img = extract_lib.prepare_image(img, None, cfg)
-    for s in cfg.scales:
-      th, tw = extract_lib.target_size(img.shape[0], img.shape[1], s, cfg, extractor.sides)
-      key = extract_lib.batch_key(th, tw, cfg, extractor.canvas)
-      by_shape.setdefault(key, []).append(extract_lib.resize_bilinear(img, th, tw))
+    for key, im in extractor.scaled_images((i, {'image': img}))[1]:
+      by_shape.setdefault(key, []).append(im)
     t3 = time.perf_counter()
     t['read'] += t1 - t0
     t['decode'] += t2 - t1
     t['resize'] += t3 - t2
-  bs = cfg.batch_size
-  for shape, ims in by_shape.items():  # compile every shape first (not timed)
-    extractor.run_batch(ims[:bs], shape if cfg.pad else None).block_until_ready()
-  for shape, ims in by_shape.items():
-    for a in range(0, len(ims), bs):
-      t0 = time.perf_counter()
-      extractor.run_batch(ims[a : a + bs], shape if cfg.pad else None).block_until_ready()
-      t['device'] += time.perf_counter() - t0
+  batches = []
+  for key, ims in by_shape.items():
+    rows = extract_lib.batch_rows(cfg, extractor.n_dev, key)
+    batches += [(key, ims[a : a + rows]) for a in range(0, len(ims), rows)]
+  compiled = set()
+  for key, ims in batches:  # compile every batch shape first (not timed)
+    shape = (extract_lib.padded_batch(len(ims), cfg, extractor.n_dev, key), *key)
+    if shape not in compiled:
+      compiled.add(shape)
+      extractor.run_batch(ims, key if cfg.pad else None).block_until_ready()
+  for key, ims in batches:
+    t0 = time.perf_counter()
+    extractor.run_batch(ims, key if cfg.pad else None).block_until_ready()
+    t['device'] += time.perf_counter() - t0
   return {k: 1000 * v / len(paths) for k, v in t.items()}
 
 
