@@ -12,7 +12,6 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -25,7 +24,6 @@ from dolg_jax.collection import query
 from dolg_jax.collection import store as store_lib
 from dolg_jax.retrieval import rerank
 from tests.helpers import collection_testlib as ct
-from tests.helpers.paths import REPO
 
 K = 5
 
@@ -65,7 +63,7 @@ def _search(built, *args, out):
     f'--out={out}',
     *args,
   ]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ct.env())
+  proc = ct.run(cmd)
   assert proc.returncode == 0, ct.explain(proc)
   with open(os.path.join(out, 'results.json')) as f:
     return json.load(f)
@@ -189,15 +187,7 @@ def test_ivfpq_recall_is_measured_and_refine_restores_it():
 def test_index_structure_rebuilt_as_ivfpq_records_recall(built, collection, tmp_path):
   out = str(tmp_path / 'ivfpq_index')
   shutil.copytree(built['index'], out)
-  opts = build.Options(
-    part_size=3,
-    descriptor_dtype='float32',
-    replace=False,
-    read_workers=0,
-    faiss=faiss_index.Spec(kind='ivfpq'),
-    recall_k=5,
-    recall_sample=12,
-  )
+  opts = ct.options(faiss=faiss_index.Spec(kind='ivfpq'), recall_k=5, recall_sample=12)
   m = build.finalize(store_lib.IndexStore(out), opts, {})
   assert m['faiss']['type'].startswith('IVF') and 'refine' in m['faiss']['type']
   assert m['faiss']['recall'] == pytest.approx(

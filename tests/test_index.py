@@ -86,14 +86,7 @@ def _index(env, out, *extra, images=None, ckpt=None, wrapped=False, extra_env=No
   cmd = ct.index_cmd(
     ckpt or env['ckpt'], images or env['folder'], out, env['xla'], *extra, program=program
   )
-  return subprocess.run(
-    cmd,
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(ct.env(), **(extra_env or {})),
-  )
+  return ct.run(cmd, extra_env=extra_env)
 
 
 @pytest.fixture(scope='module')
@@ -245,20 +238,10 @@ def test_changed_model_is_refused_and_replace_builds_anew(env, clean):
 def _config_and_options():
   """The config and options `clean` was built with (the index command's, in-process)."""
   from configs import tiny
-  from dolg_jax.collection import build
 
   cfg = tiny.get_config()
   cfg.eval.scales = (1.0,)
-  opts = build.Options(
-    part_size=3,
-    descriptor_dtype='float32',
-    faiss=build.faiss_index.Spec(),
-    replace=False,
-    read_workers=0,
-    recall_k=10,
-    recall_sample=5,
-  )
-  return cfg, opts
+  return cfg, ct.options()
 
 
 def test_changed_protocol_is_refused(env, clean):
@@ -476,19 +459,14 @@ def test_overwritten_part_and_manifest_are_named_never_nan(env, clean):
     col.search_descriptors(q, k=5, rerank='superglobal')  # never a NaN score
   with open(os.path.join(out, 'manifest.json'), 'r+b') as f:  # a truncated manifest
     f.truncate(100)
-  proc = subprocess.run(
+  proc = ct.run(
     [
       sys.executable,
       '-m',
       'dolg_jax.search',
       f'--index={out}',
       f'--query={os.path.join(env["folder"], "img00.jpg")}',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=ct.env(),
+    ]
   )
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]

@@ -9,12 +9,10 @@ file under two names. Damage and repair of an index: tests/test_index.py.
 """
 
 import codecs
+import functools
 import json
 import os
-import struct
-import subprocess
 import sys
-import zlib
 
 import cv2
 import numpy as np
@@ -24,7 +22,6 @@ from dolg_jax.collection import files
 from dolg_jax.collection import reading
 from dolg_jax.collection import store as store_lib
 from tests.helpers import collection_testlib as ct
-from tests.helpers.paths import REPO
 
 NON_UTF8 = os.fsdecode(b'caf\xe9 \xff.jpg')  # Latin-1 bytes: not UTF-8
 SPACED = ' spaced name .jpg'
@@ -42,41 +39,25 @@ PEAK_RSS_WRAPPER = (
 )
 
 
-def png_bomb(path: str, side: int) -> None:
-  """A valid 1-bit greyscale PNG of side x side zero pixels (a few kB: zlib of zero rows)."""
-
-  def chunk(kind, data):
-    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
-
-  row = b'\x00' * (1 + (side + 7) // 8)
-  z = zlib.compressobj(9)
-  idat = b''.join(z.compress(row) for _ in range(side)) + z.flush()
-  with open(path, 'wb') as f:
-    header = struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0)
-    f.write(
-      b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', idat) + chunk(b'IEND', b'')
-    )
-
-
 def camera_photo(path: str) -> None:
   """A 6000x4000 JPEG (24 MP, the size of an ordinary camera photo)."""
   img = cv2.resize(ct.image(3), (6000, 4000), interpolation=cv2.INTER_LINEAR)
   cv2.imwrite(path, img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
-def _index_cmd(env, images, out, *extra):
-  return [
-    sys.executable,
-    '-m',
-    'dolg_jax.index',
-    '--config=configs/tiny.py',
-    f'--checkpoint={env["ckpt"]}',
-    f'--images={images}',
-    f'--out={out}',
-    '--part_size=2',
-    f'--config.eval.xla_cache_dir={env["xla"]}',
+def _index_cmd(env, images, out, *extra, program=('-m', 'dolg_jax.index')):
+  """The index command with the config's protocol (three scales), parts of 2, default readers."""
+  return ct.index_cmd(
+    env['ckpt'],
+    images,
+    out,
+    env['xla'],
     *extra,
-  ]
+    program=program,
+    part_size=2,
+    read_workers=None,
+    protocol=(),
+  )
 
 
 @pytest.fixture(scope='module')
@@ -103,14 +84,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope='module')
 def odd_index(env):
   out = str(env['root'] / 'index')
-  proc = subprocess.run(
-    _index_cmd(env, env['folder'], out),
-    cwd=REPO,
-    env=ct.env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  proc = ct.run(_index_cmd(env, env['folder'], out), 600)
   assert proc.returncode == 0, ct.explain(proc)
   return out, proc
 
@@ -149,7 +123,7 @@ def test_camera_photo_and_non_utf8_name_are_found_by_themselves(env, odd_index):
   out, _ = odd_index
   res = str(env['root'] / 'search')
   queries = [os.path.join(env['folder'], 'camera.jpg'), os.path.join(env['folder'], NON_UTF8)]
-  proc = subprocess.run(
+  proc = ct.run(
     [
       sys.executable,
       '-m',
@@ -159,11 +133,7 @@ def test_camera_photo_and_non_utf8_name_are_found_by_themselves(env, odd_index):
       '--k=3',
       f'--out={res}',
     ],
-    cwd=REPO,
-    env=ct.env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
+    600,
   )
   assert proc.returncode == 0, ct.explain(proc)
   with open(os.path.join(res, 'results.json')) as f:
@@ -182,14 +152,15 @@ def test_pixel_bomb_is_skipped_with_bounded_memory(env):
   folder = env['root'] / 'bomb'
   folder.mkdir()
   ct.save(str(folder / 'small.png'), ct.image(5), 'PNG')
-  png_bomb(str(folder / 'bomb.png'), 20000)  # 400 MP; 1.2 GB decoded
+  (folder / 'bomb.png').write_bytes(ct.png_bomb(20000))  # 400 MP; 1.2 GB decoded
   assert os.path.getsize(folder / 'bomb.png') < 100_000
   out = str(env['root'] / 'bomb_index')
-  cmd = _index_cmd(env, str(folder), out, '--config.eval.scales=(1.0,)')
   # The process's own high-water mark (VmHWM of its memory after exec; ru_maxrss would also
   # count the pytest process it was forked from), printed by the process as it exits.
-  cmd[1:3] = ['-c', PEAK_RSS_WRAPPER]
-  proc = subprocess.run(cmd, cwd=REPO, env=ct.env(), capture_output=True, text=True, timeout=300)
+  cmd = _index_cmd(
+    env, str(folder), out, '--config.eval.scales=(1.0,)', program=('-c', PEAK_RSS_WRAPPER)
+  )
+  proc = ct.run(cmd, 300)
   assert proc.returncode == 0, ct.explain(proc)
   peak_mib = int(proc.stderr.rsplit('VmHWM_kB=', 1)[1].split()[0]) / 1024
   print(f'peak RSS of the indexing process with a 20000x20000 PNG: {peak_mib:.0f} MiB')
@@ -248,20 +219,7 @@ def test_list_files_exact_names_bom_duplicates_and_encoding(tmp_path):
     files.list_images(str(lst))
 
 
-def _options(**kw):
-  from dolg_jax.collection import build
-
-  base = dict(
-    part_size=2,
-    descriptor_dtype='float32',
-    faiss=build.faiss_index.Spec(),
-    replace=False,
-    read_workers=0,
-    recall_k=10,
-    recall_sample=5,
-    progress=False,
-  )
-  return build.Options(**(base | kw))
+_options = functools.partial(ct.options, part_size=2, progress=False)
 
 
 def _tiny_config():
@@ -327,7 +285,7 @@ def test_bad_options_are_refused_before_anything_is_written(env, tmp_path):
 
 
 def test_search_k_is_checked(env, odd_index):
-  proc = subprocess.run(
+  proc = ct.run(
     [
       sys.executable,
       '-m',
@@ -336,11 +294,7 @@ def test_search_k_is_checked(env, odd_index):
       f'--query={os.path.join(env["folder"], "img0.jpg")}',
       '--k=0',
     ],
-    cwd=REPO,
-    env=ct.env(),
-    capture_output=True,
-    text=True,
-    timeout=120,
+    120,
   )
   assert proc.returncode == 1
   assert '--k must be >= 1; got 0' in proc.stderr

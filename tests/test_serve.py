@@ -6,8 +6,6 @@ index, and a clean stop on SIGTERM."""
 import concurrent.futures
 import os
 import shutil
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -130,26 +128,6 @@ def _metric(text, name):
   return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + ' ')))
 
 
-def _png_bomb(side=20000):
-  """A 1-bit greyscale PNG of side x side zero pixels: a few kB on disk, 400M pixels."""
-
-  def chunk(kind, data):
-    return (
-      struct.pack('>I', len(data))
-      + kind
-      + data
-      + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
-    )
-
-  rows = zlib.compress(b'\0' * ((side // 8 + 1) * side), 9)
-  return (
-    b'\x89PNG\r\n\x1a\n'
-    + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0))
-    + chunk(b'IDAT', rows)
-    + chunk(b'IEND', b'')
-  )
-
-
 def _chunked_multipart():
   yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n\r\n'
   for _ in range(40):
@@ -159,7 +137,7 @@ def _chunked_multipart():
 def test_bad_input_is_a_4xx_json_naming_the_problem(served, collection):
   dim = collection.rows.dim
   jpeg = upload(served, 'img00.jpg')[1]
-  bomb = _png_bomb()
+  bomb = ctl.png_bomb()
   assert len(bomb) < 200_000
   peak_before = _peak_kb(served)
   one = lambda name, data, **fields: post(served, files={'image': (name, data)}, data=fields)

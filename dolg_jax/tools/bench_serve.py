@@ -18,8 +18,10 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,7 @@ import numpy as np
 import requests
 
 from dolg_jax import cli
+from dolg_jax import defaults
 from dolg_jax import pretrained
 from dolg_jax.models import random_weights
 from dolg_jax.collection import build
@@ -79,40 +82,72 @@ def photos(root: str, n: int, side: int) -> list[str]:
 
 
 def checkpoint(name: str, path: str) -> str:
-  cfg = __import__(f'dolg_jax.configs.{name}', fromlist=['get_config']).get_config()
+  cfg = defaults.shipped_config(name)
   pretrained.save_converted(path, cfg.model, random_weights.random_variables(cfg.model))
   return path
 
 
 class Server:
-  def __init__(self, *args: str):
+  """`python -m dolg_jax.serve --port=0 ARGS` until `stop()`: `url` and `images` from its ready
+  line, `startup_s` to it, every output line in `lines`. Raises `NotReady` (after stopping it)
+  when the process ends, or `timeout` seconds pass (None: no limit), before the ready line."""
+
+  NotReady: type[Exception] = RuntimeError
+
+  def __init__(
+    self, *args: str, timeout: float | None = None, env: dict | None = None, cwd: str | None = None
+  ):
     t0 = time.perf_counter()
     self.proc = subprocess.Popen(
       [sys.executable, '-m', 'dolg_jax.serve', '--port=0', *args],
-      env=_env(),
+      cwd=cwd,
+      env=_env() if env is None else env,
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
     )
-    self.lines, self.url = [], None
-    for line in self.proc.stdout:
-      self.lines.append(line)
+    self.lines: list[str] = []
+    self._q: queue.Queue = queue.Queue()
+    threading.Thread(target=self._read, daemon=True).start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    self.url, self.images = None, None
+    while self.url is None:
+      try:
+        wait = None if deadline is None else max(0.1, deadline - time.monotonic())
+        line = self._q.get(timeout=wait)
+      except queue.Empty:
+        line = None
+      if line is None:
+        self.stop()
+        raise self.NotReady('the server did not get ready:\n' + ''.join(self.lines[-60:]))
       m = READY.match(line.strip())
       if m:
-        self.url = m.group(2)
-        break
-    if self.url is None:
-      raise RuntimeError('serve did not start:\n' + ''.join(self.lines[-40:]))
+        self.images, self.url = int(m.group(1)), m.group(2)
     self.startup_s = time.perf_counter() - t0
-    threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+  def _read(self) -> None:
+    for line in self.proc.stdout:
+      self.lines.append(line)
+      self._q.put(line)
+    self._q.put(None)
+
+  def output(self) -> str:
+    return ''.join(self.lines)
 
   def rss_mb(self) -> float:
     with open(f'/proc/{self.proc.pid}/status') as f:
       return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) / 1024
 
-  def stop(self) -> None:
-    self.proc.terminate()
-    self.proc.wait(120)
+  def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+    """Sends `sig` and waits `timeout` seconds (then kills it); the return code."""
+    if self.proc.poll() is None:
+      self.proc.send_signal(sig)
+      try:
+        self.proc.wait(timeout)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    return self.proc.returncode
 
 
 def load(url: str, files: list[str], clients: int, requests_n: int) -> dict:
@@ -189,7 +224,7 @@ def bench_config(name: str, work: str) -> tuple[dict, str, str]:
       for c in FLAGS.clients:
         out['levels'].setdefault(c, {})[mode] = load(server.url, files, int(c), FLAGS.requests)
     finally:
-      server.stop()
+      server.stop(timeout=120)
   for c, lv in out['levels'].items():
     lv['speedup'] = lv['batched']['rps'] / lv['one_at_a_time']['rps']
   times = []
@@ -289,7 +324,7 @@ def bench_synthetic(base: str, work: str, query_file: str) -> dict:
     info['image_search_p50_ms'] = 1000 * float(np.median(lat))
     info['serve_rss_after_mb'] = server.rss_mb()
   finally:
-    server.stop()
+    server.stop(timeout=120)
   return info
 
 

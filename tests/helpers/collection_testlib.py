@@ -1,13 +1,16 @@
 """Shared pieces of the collection tests: a tiny converted checkpoint, a folder of small images in
-every layout the index must handle, and the index command run as a subprocess.
+every layout the index must handle, a PNG pixel bomb, the build options and the index command run
+as a subprocess.
 
 Images are 65-96 px and the protocol one scale, so every image runs in one 96x96 canvas: one
 compilation per process, shared between processes through a persistent XLA cache directory.
 """
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import cv2
 import numpy as np
@@ -96,9 +99,49 @@ def write_checkpoint(path: str, seed: int) -> str:
   return path
 
 
+def png_bomb(side: int = 20000) -> bytes:
+  """A valid 1-bit greyscale PNG of side x side zero pixels (a few kB: zlib of zero rows)."""
+
+  def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+  row = b'\x00' * (1 + (side + 7) // 8)  # the filter byte, then the row's bits
+  z = zlib.compressobj(9)
+  idat = b''.join(z.compress(row) for _ in range(side)) + z.flush()
+  header = struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0)
+  return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', idat) + chunk(b'IEND', b'')
+
+
+def options(**overrides):
+  """build.Options of the in-process builds: parts of 3 (as index_cmd's), float32, flat FAISS,
+  files read in the calling thread, recall@10 over 5 queries; `overrides` replace fields."""
+  from dolg_jax.collection import build
+
+  base = dict(
+    part_size=3,
+    descriptor_dtype='float32',
+    faiss=build.faiss_index.Spec(),
+    replace=False,
+    read_workers=0,
+    recall_k=10,
+    recall_sample=5,
+  )
+  return build.Options(**(base | overrides))
+
+
 def index_cmd(
-  ckpt: str, images: str, out: str, xla_cache: str, *extra: str, program=('-m', 'dolg_jax.index')
+  ckpt: str,
+  images: str,
+  out: str,
+  xla_cache: str,
+  *extra: str,
+  program=('-m', 'dolg_jax.index'),
+  part_size: int = 3,
+  read_workers: int | None = 2,
+  protocol=PROTOCOL,
 ) -> list[str]:
+  """The index command; `read_workers=None` leaves the command's default, `protocol=()` the
+  config's (three scales)."""
   return [
     sys.executable,
     *program,
@@ -106,10 +149,10 @@ def index_cmd(
     f'--checkpoint={ckpt}',
     f'--images={images}',
     f'--out={out}',
-    '--part_size=3',
-    '--read_workers=2',
+    f'--part_size={part_size}',
+    *([] if read_workers is None else [f'--read_workers={read_workers}']),
     f'--config.eval.xla_cache_dir={xla_cache}',
-    *PROTOCOL,
+    *protocol,
     *extra,
   ]
 
@@ -118,8 +161,15 @@ def env() -> dict:
   return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
 
 
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env())
+def run(cmd: list[str], timeout: int = 300, extra_env=None) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    cmd,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=dict(env(), **(extra_env or {})),
+  )
 
 
 def explain(proc: subprocess.CompletedProcess) -> str:

@@ -2,18 +2,11 @@
 (`python -m dolg_jax.serve --port=0`) as a subprocess, ready when it prints its ready line."""
 
 import os
-import queue
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 
+from dolg_jax.tools import bench_serve
 from tests.helpers import collection_testlib as ctl
 from tests.helpers.paths import REPO
 
-READY = re.compile(r'^serving .* \((\d+) images\) on (http://\S+)$')
 XSS_NAME = '<img src=x onerror=alert(1)>.jpg'
 
 
@@ -29,50 +22,11 @@ def build_index(root: str) -> dict:
   return {'images': images, 'ckpt': ckpt, 'index': out, 'cache': cache}
 
 
-class Server:
-  """`python -m dolg_jax.serve ARGS --port=0` until `stop()`; `url` once it is ready."""
+class Server(bench_serve.Server):
+  """bench_serve's server in the repository with the tests' environment (CPU); not ready within
+  `timeout` seconds fails the test."""
+
+  NotReady = AssertionError
 
   def __init__(self, *args: str, timeout: float = 300):
-    self.proc = subprocess.Popen(
-      [sys.executable, '-m', 'dolg_jax.serve', '--port=0', *args],
-      cwd=REPO,
-      env=ctl.env(),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    self.lines: list[str] = []
-    self._q: queue.Queue = queue.Queue()
-    threading.Thread(target=self._read, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    self.url, self.images = None, None
-    while self.url is None:
-      try:
-        line = self._q.get(timeout=max(0.1, deadline - time.monotonic()))
-      except queue.Empty:
-        line = None
-      if line is None:
-        self.stop()
-        raise AssertionError('the server did not get ready:\n' + ''.join(self.lines[-60:]))
-      m = READY.match(line.strip())
-      if m:
-        self.images, self.url = int(m.group(1)), m.group(2)
-
-  def _read(self) -> None:
-    for line in self.proc.stdout:
-      self.lines.append(line)
-      self._q.put(line)
-    self._q.put(None)
-
-  def output(self) -> str:
-    return ''.join(self.lines)
-
-  def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
-    if self.proc.poll() is None:
-      self.proc.send_signal(sig)
-      try:
-        self.proc.wait(timeout)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
-    return self.proc.returncode
+    super().__init__(*args, timeout=timeout, env=ctl.env(), cwd=REPO)
