@@ -281,10 +281,10 @@ def test_closing_line_classification():
   except ValueError as e:
     unexpected = e
   assert failures.describe(unexpected, '/w').startswith('FAILED: unexpected ValueError: config.x=1')
-  from dolg_jax.training import config_check
+  from dolg_jax import config_rules
 
   try:
-    config_check._fail('train.x', 0, 'must be >= 1')
+    config_rules.fail('train.x', 0, 'must be >= 1')
   except ValueError as e:
     ours = e
   assert failures.is_expected(ours)
